@@ -1,0 +1,606 @@
+"""Turn one run's raw files into summary.json, summary.md and PNG plots.
+
+Inputs in the run folder (written by ``loadtest.run``):
+    timeseries.jsonl          one line per second from the Locust user (loadtest/locustfile.py)
+    metrics_timeseries.jsonl  the proxy's /metrics and the origin's /__stats, sampled each second
+    locust_stats.csv          Locust's own aggregate numbers
+    run.json                  scenario parameters, fault window, scrapes before/after
+
+``python -m loadtest.report RUN_DIR`` rebuilds the summary and plots of an existing run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from loadtest import metrics as M
+
+H0 = 0.02
+G = 1.04
+
+OK_CLASSES = {"ok", "purge_ok"}
+ALWAYS_UNEXPECTED = {"err_cached", "http_4xx", "client_error", "purge_refused", "purge_error"}
+
+# colours per X-Cache value (stable across plots)
+XCACHE_COLORS = {
+    "HIT-L1": "#1b9e77", "HIT-L2": "#66a61e", "HIT-L3": "#a6d854",
+    "REVALIDATED": "#7570b3", "STALE-L1": "#e6ab02", "STALE-L2": "#f0c75e", "STALE-L3": "#fde39c",
+    "MISS": "#d95f02", "BYPASS": "#999999", "ERROR": "#e7298a", "(no X-Cache)": "#444444",
+}
+
+
+def bucket_value(b: int) -> float:
+    return H0 * G ** (b + 0.5)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line after a kill
+    return out
+
+
+def merge_hist(lines: list[dict[str, Any]]) -> Counter[int]:
+    h: Counter[int] = Counter()
+    for ln in lines:
+        for k, v in ln.get("hist", {}).items():
+            h[int(k)] += v
+    return h
+
+
+def hist_pct(h: Counter[int], p: float) -> float:
+    n = sum(h.values())
+    if not n:
+        return 0.0
+    rank = math.ceil(p / 100.0 * n)
+    acc = 0
+    for b in sorted(h):
+        acc += h[b]
+        if acc >= rank:
+            return bucket_value(b)
+    return bucket_value(max(h))
+
+
+def latency_block(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    h = merge_hist(lines)
+    n = sum(ln.get("n", 0) for ln in lines)
+    secs = len({ln["t"] for ln in lines}) or 1
+    cls: Counter[str] = Counter()
+    xc: Counter[str] = Counter()
+    for ln in lines:
+        cls.update(ln.get("cls", {}))
+        xc.update(ln.get("xcache", {}))
+    return {
+        "seconds": secs,
+        "get_requests": n,
+        "rps": round(n / secs, 1),
+        "p50_ms": round(hist_pct(h, 50), 2),
+        "p95_ms": round(hist_pct(h, 95), 2),
+        "p99_ms": round(hist_pct(h, 99), 2),
+        "max_ms": round(max((ln.get("max", 0.0) for ln in lines), default=0.0), 2),
+        "worst_second_p99_ms": round(max((ln.get("p99", 0.0) for ln in lines), default=0.0), 2),
+        "classes": dict(cls),
+        "x_cache": dict(xc),
+    }
+
+
+def locust_aggregate(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "locust_stats.csv"
+    if not p.exists():
+        return {}
+    with p.open() as f:
+        for row in csv.DictReader(f):
+            if row.get("Name") == "Aggregated":
+                def num(k: str) -> float | None:
+                    try:
+                        return float(row[k])
+                    except (KeyError, ValueError, TypeError):
+                        return None
+                return {
+                    "requests": num("Request Count"), "failures": num("Failure Count"),
+                    "rps": num("Requests/s"), "avg_ms": num("Average Response Time"),
+                    "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"),
+                    "max_ms": num("Max Response Time"),
+                }
+    return {}
+
+
+def metric_summary(before: dict[M.Sample, float], after: dict[M.Sample, float]) -> dict[str, Any]:
+    d = M.diff(before, after)
+    lookups: dict[str, dict[str, float]] = {}
+    for s, v in M.select(d, "tierproxy_tier_lookups_total").items():
+        lab = dict(s[1])
+        lookups.setdefault(lab.get("tier", "?"), {})[lab.get("outcome", "?")] = v
+    return {
+        "responses_by_cache": M.by_label(d, "tierproxy_responses_total", "cache"),
+        "responses_by_status_class": M.by_label(d, "tierproxy_responses_total", "status_class"),
+        "tier_lookups": lookups,
+        "origin_fetches": M.by_label(d, "tierproxy_origin_fetches_total", "outcome"),
+        "stale_served": M.by_label(d, "tierproxy_stale_served_total", "reason"),
+        "backfills": {f"{k}": v for k, v in _two_label(d, "tierproxy_backfills_total", "tier", "outcome").items()},
+        "coalesced_waiters": M.total(d, "tierproxy_coalesced_waiters_total"),
+        "origin_fetch_p99_s": M.histogram_quantile(d, "tierproxy_origin_fetch_seconds", 0.99),
+        "tier_get_ms": {tier: _quantiles_ms(d, "tierproxy_tier_op_seconds", tier=tier, op="get")
+                        for tier in ("l1", "l2", "l3")},
+        "gauges_at_end": {M.key_str(s): v for s, v in after.items()
+                          if not s[0].endswith(("_total", "_bucket", "_count", "_sum", "_created"))},
+        "counters_delta": M.compact(M.counters_only(d)),
+    }
+
+
+def _quantiles_ms(d: dict[M.Sample, float], name: str, **match: str) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for q in (0.5, 0.99):
+        v = M.histogram_quantile(d, name, q, **match)
+        out[f"p{int(q * 100)}"] = round(v * 1000, 3) if v is not None else None
+    return out
+
+
+def _two_label(d: dict[M.Sample, float], name: str, a: str, b: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s, v in M.select(d, name).items():
+        lab = dict(s[1])
+        out[f"{lab.get(a, '?')}/{lab.get(b, '?')}"] = out.get(f"{lab.get(a, '?')}/{lab.get(b, '?')}", 0) + v
+    return out
+
+
+def cpu_series(mts: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per process: (time, CPU % of one core) between consecutive samples."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for a, b in zip(mts, mts[1:]):
+        ca, cb = a.get("cpu_s") or {}, b.get("cpu_s") or {}
+        dt = b["t"] - a["t"]
+        if dt <= 0:
+            continue
+        for name in cb:
+            if name in ca:
+                out.setdefault(name, []).append((b["t"], max(0.0, (cb[name] - ca[name]) / dt * 100)))
+    return out
+
+
+def load_samples(raw: dict[str, float] | None) -> dict[M.Sample, float]:
+    """summary files store scrapes as {"name{labels}": value}; turn them back into samples."""
+    if not raw:
+        return {}
+    return M.parse("\n".join(f"{k} {v}" for k, v in raw.items()))
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    run = json.loads((run_dir / "run.json").read_text())
+    lines = read_jsonl(run_dir / "timeseries.jsonl")
+    fault = run.get("fault_window")  # [start_epoch, end_epoch] or None
+    grace = float(run.get("error_grace_s", 0))
+
+    def in_fault(t: int, extra: float = 0.0) -> bool:
+        return bool(fault) and fault[0] - 1 <= t <= fault[1] + extra
+
+    cls_all: Counter[str] = Counter()
+    expected: Counter[str] = Counter()
+    unexpected: Counter[str] = Counter()
+    for ln in lines:
+        for c, v in ln.get("cls", {}).items():
+            cls_all[c] += v
+            if c in OK_CLASSES:
+                continue
+            if c == "err_uncached" and run.get("uncached_errors_expected_in_fault") and in_fault(ln["t"], grace):
+                expected[c] += v
+            else:  # ALWAYS_UNEXPECTED, err_uncached outside a fault, anything unknown
+                unexpected[c] += v
+
+    overall = latency_block(lines)
+    requests = sum(cls_all.values())
+    t_first = lines[0]["t"] if lines else 0
+    t_last = lines[-1]["t"] if lines else 0
+    secs = (t_last - t_first + 1) if lines else 0
+    windows: dict[str, Any] = {}
+    if fault and lines:
+        windows["before"] = latency_block([ln for ln in lines if ln["t"] < fault[0]])
+        windows["during"] = latency_block([ln for ln in lines if fault[0] <= ln["t"] < fault[1]])
+        windows["after"] = latency_block([ln for ln in lines if ln["t"] >= fault[1]])
+
+    before = load_samples(run.get("metrics_before"))
+    after = load_samples(run.get("metrics_after"))
+    msum = metric_summary(before, after) if after else {}
+
+    ob, oa = run.get("origin_before") or {}, run.get("origin_after") or {}
+    origin_requests = (oa.get("requests", 0) - ob.get("requests", 0)) if oa else None
+    get_requests = overall["get_requests"]
+    mts = read_jsonl(run_dir / "metrics_timeseries.jsonl")
+    breaker_seen: dict[str, float] = {}
+    for m in mts:
+        for k, v in (m.get("gauges") or {}).items():
+            if k.startswith("tierproxy_breaker_open"):
+                breaker_seen[k] = max(breaker_seen.get(k, 0.0), v)
+
+    cpu: dict[str, dict[str, float]] = {}
+    if lines:
+        for name, pts in cpu_series(mts).items():
+            vals = [v for t, v in pts if t_first <= t <= t_last + 1]
+            if vals:
+                cpu[name] = {"mean": round(sum(vals) / len(vals), 1), "max": round(max(vals), 1)}
+
+    summary: dict[str, Any] = {
+        "scenario": run["scenario"],
+        "description": run.get("description", ""),
+        "started_at": run.get("started_at"),
+        "params": run.get("params", {}),
+        "proxy_env": run.get("proxy_env", {}),
+        "origin_args": run.get("origin_args", []),
+        "duration_s": secs,
+        "requests": requests,
+        "get_requests": get_requests,
+        "purges": sum(v for c, v in cls_all.items() if c.startswith("purge_")),
+        "rps": round(requests / secs, 1) if secs else 0.0,
+        "latency_ms": {k: overall[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
+        "x_cache": overall["x_cache"],
+        "hit_ratio": _hit_ratio(overall["x_cache"]),
+        "outcomes": dict(cls_all),
+        "errors": {"expected": sum(expected.values()), "unexpected": sum(unexpected.values()),
+                   "expected_by_class": dict(expected), "unexpected_by_class": dict(unexpected)},
+        "origin": {
+            "requests": origin_requests,
+            "requests_per_client_get": round(origin_requests / get_requests, 4)
+            if origin_requests is not None and get_requests else None,
+            "by_outcome": _counter_diff(oa.get("by_outcome", {}), ob.get("by_outcome", {})),
+            "max_inflight_per_key": oa.get("max_inflight_per_key"),
+            "overlapping_same_key": (oa.get("overlapping_same_key", 0) - ob.get("overlapping_same_key", 0))
+            if oa else None,
+            "warmup_requests": run.get("origin_warmup_requests"),
+        },
+        "stale_served": msum.get("stale_served", {}),
+        "proxy_metrics": msum,
+        "breaker_open_max": breaker_seen,
+        "cpu_percent": cpu,
+        "fault": {"kind": run.get("fault"), "window_s": run.get("fault_window_rel")} if fault else None,
+        "windows": windows,
+        "locust": locust_aggregate(run_dir),
+        "proxy_exit": run.get("proxy_exit"),
+        "notes": run.get("notes", []),
+    }
+    summary["checks"] = run_checks(summary, run)
+    return summary
+
+
+def _counter_diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0)}
+
+
+def _hit_ratio(xc: dict[str, int]) -> dict[str, float]:
+    n = sum(xc.values())
+    if not n:
+        return {}
+    out = {k: round(v / n, 4) for k, v in sorted(xc.items())}
+    out["any_hit"] = round(sum(v for k, v in xc.items() if k.startswith("HIT")) / n, 4)
+    out["served_from_cache"] = round(
+        sum(v for k, v in xc.items() if k.startswith(("HIT", "STALE")) or k == "REVALIDATED") / n, 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checks: each scenario's expectations, reported (not enforced unless `run --strict`)
+
+def _check(name: str, ok: bool, detail: str) -> dict[str, Any]:
+    return {"name": name, "ok": bool(ok), "detail": detail}
+
+
+def run_checks(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [
+        _check("requests > 0", s["requests"] > 0, f"{s['requests']} requests"),
+        _check("no unexpected errors", s["errors"]["unexpected"] == 0,
+               f"{s['errors']['unexpected']} unexpected {s['errors']['unexpected_by_class']}"),
+        _check("proxy still running at the end", run.get("proxy_alive_at_end", True),
+               f"proxy exit code {run.get('proxy_exit')}"),
+    ]
+    fn = SCENARIO_CHECKS.get(s["scenario"])
+    if fn:
+        out += fn(s, run)
+    return out
+
+
+def _env_f(run: dict[str, Any], name: str, default: float) -> float:
+    try:
+        return float(run.get("proxy_env", {}).get(name, default))
+    except ValueError:
+        return default
+
+
+def _checks_steady(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
+    hr = s["hit_ratio"].get("any_hit", 0.0)
+    return [_check("hit ratio >= 0.9 (warm cache)", hr >= 0.9, f"any_hit={hr}")]
+
+
+def _checks_stampede(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
+    o = s["origin"]
+    keys = int(run["params"]["keys"])
+    max_age = int(run.get("origin_max_age", 60))
+    dur = max(1, s["duration_s"])
+    bound = keys * (math.ceil(dur / max(1, max_age)) + 2)
+    req = o.get("requests") or 0
+    return [
+        _check("origin requests bounded by keys x refreshes", req <= bound,
+               f"origin {req} for {s['get_requests']} client GETs (bound {bound})"),
+        _check("at most one origin request per key at a time (coalescing)",
+               (o.get("max_inflight_per_key") or 0) <= 1,
+               f"max_inflight_per_key={o.get('max_inflight_per_key')}, "
+               f"overlapping={o.get('overlapping_same_key')}"),
+    ]
+
+
+def _checks_origin_outage(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
+    deadline = _env_f(run, "TIERPROXY_REQUEST_DEADLINE", 3.0)
+    during = s["windows"].get("during", {})
+    stale = sum(s.get("stale_served", {}).values())
+    stale_x = sum(v for k, v in during.get("x_cache", {}).items() if k.startswith("STALE"))
+    return [
+        _check("stale copies served during the outage", stale > 0 or stale_x > 0,
+               f"stale_served metric={stale}, STALE-* responses in window={stale_x}"),
+        _check("every answer within the request deadline during the outage",
+               during.get("max_ms", 0) <= deadline * 1000 + 500,
+               f"max={during.get('max_ms')} ms, deadline={deadline * 1000:.0f} ms"),
+        _check("no 5xx for keys that had been cached", s["outcomes"].get("err_cached", 0) == 0,
+               f"err_cached={s['outcomes'].get('err_cached', 0)}, "
+               f"err_uncached={s['outcomes'].get('err_uncached', 0)}"),
+    ]
+
+
+def _checks_redis_outage(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
+    w = s["windows"]
+    before_p99 = w.get("before", {}).get("p99_ms", 0.0)
+    during_p99 = w.get("during", {}).get("p99_ms", 0.0)
+    opened = s["breaker_open_max"].get('tierproxy_breaker_open{tier="l2"}', 0.0)
+    end = s["proxy_metrics"].get("gauges_at_end", {}).get('tierproxy_breaker_open{tier="l2"}')
+    l2_lookups = s["proxy_metrics"].get("tier_lookups", {}).get("l2", {})
+    return [
+        _check("p99 during the freeze <= p99 before + L2 timeout + 25 ms",
+               during_p99 <= before_p99 + _env_f(run, "TIERPROXY_L2_TIMEOUT", 0.1) * 1000 + 25,
+               f"p99 before={before_p99} ms, during={during_p99} ms"),
+        _check("L2 breaker opened during the freeze", opened >= 1, f"max breaker_open{{l2}}={opened}"),
+        _check("L2 breaker closed again after", end == 0, f"breaker_open{{l2}} at end={end}"),
+        _check("L2 hits again after the freeze",
+               w.get("after", {}).get("x_cache", {}).get("HIT-L2", 0) > 0,
+               f"HIT-L2 after={w.get('after', {}).get('x_cache', {}).get('HIT-L2', 0)}, "
+               f"l2 lookups={l2_lookups}"),
+    ]
+
+
+def _checks_tiny_l1(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
+    xc = s["x_cache"]
+    n = sum(xc.values()) or 1
+    lower = (xc.get("HIT-L2", 0) + xc.get("HIT-L3", 0)) / n
+    return [_check("L2+L3 carry a real share (>= 0.3)", lower >= 0.3, f"(HIT-L2+HIT-L3)/GETs={lower:.3f}")]
+
+
+SCENARIO_CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]]] = {
+    "steady": _checks_steady,
+    "smoke": lambda s, r: [],
+    "cold-stampede": _checks_stampede,
+    "origin-outage": _checks_origin_outage,
+    "redis-outage": _checks_redis_outage,
+    "tiny-l1": _checks_tiny_l1,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    run = json.loads((run_dir / "run.json").read_text())
+    lines = read_jsonl(run_dir / "timeseries.jsonl")
+    mts = read_jsonl(run_dir / "metrics_timeseries.jsonl")
+    if not lines:
+        return []
+    t0 = lines[0]["t"]
+    fault = run.get("fault_window")
+    title = f"tierproxy loadtest: {summary['scenario']}"
+    written = []
+
+    def shade(ax: Any, on_top: bool = False) -> None:
+        if not fault:
+            return
+        a, b = fault[0] - t0, fault[1] - t0
+        if on_top:  # over a filled plot: hatch and edges, drawn above the data
+            ax.axvspan(a, b, facecolor="none", edgecolor="#d62728", hatch="//", lw=1.2, zorder=5,
+                       label=f"fault: {run.get('fault')}")
+        else:
+            ax.axvspan(a, b, color="#d62728", alpha=0.12, lw=0, label=f"fault: {run.get('fault')}")
+
+    xs = [ln["t"] - t0 for ln in lines]
+
+    # 1. latency percentiles + throughput
+    cpu = cpu_series(mts)
+    if cpu:
+        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 7.6), sharex=True,
+                                            gridspec_kw={"height_ratios": [3, 1.3, 1.3]})
+    else:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.2), sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 1.4]})
+        ax3 = None
+    for key, style in (("p50", "-"), ("p95", "-"), ("p99", "-"), ("max", ":")):
+        ys = [max(ln.get(key, 0.0), H0) if ln.get("n") else float("nan") for ln in lines]
+        ax1.plot(xs, ys, style, lw=1.4 if key != "max" else 1.0, label=key)
+    ax1.set_yscale("log")
+    fmt = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax1.yaxis.set_major_formatter(fmt)
+    ax1.yaxis.set_minor_formatter(ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else ""))
+    ax1.set_ylabel("latency per second (ms, log)")
+    shade(ax1)
+    ax1.grid(True, which="both", alpha=0.25)
+    ax1.legend(loc="upper left", fontsize=8, ncol=5)
+    ax1.set_title(f"{title} — latency percentiles (GET, client side)")
+    ok = [ln.get("cls", {}).get("ok", 0) for ln in lines]
+    err = [sum(v for c, v in ln.get("cls", {}).items() if c not in OK_CLASSES) for ln in lines]
+    ax2.plot(xs, ok, lw=1.2, label="ok req/s", color="#1f77b4")
+    ax2.plot(xs, err, lw=1.2, label="error req/s", color="#d62728")
+    shade(ax2)
+    ax2.set_ylabel("req/s")
+    ax2.grid(True, alpha=0.25)
+    ax2.legend(loc="upper left", fontsize=8, ncol=3)
+    if ax3 is not None:
+        for name, pts in sorted(cpu.items()):
+            style = {"color": "#000000", "ls": ":"} if name.startswith("host") else {}
+            ax3.plot([t - t0 for t, _ in pts], [v for _, v in pts], lw=1.1, label=name, **style)
+        ax3.axhline(100, color="#888888", lw=0.8, ls="--")
+        ax3.set_ylabel("CPU % (100 = 1 core)")
+        ax3.set_ylim(bottom=0)
+        shade(ax3)
+        ax3.grid(True, alpha=0.25)
+        ax3.legend(loc="upper left", fontsize=8, ncol=4)
+        ax3.set_xlabel("seconds since load start")
+    else:
+        ax2.set_xlabel("seconds since load start")
+    fig.tight_layout()
+    p = run_dir / "latency.png"
+    fig.savefig(p, dpi=80)
+    plt.close(fig)
+    written.append(p.name)
+
+    # 2. X-Cache share per second + tier/origin signals from /metrics
+    cats = [c for c in XCACHE_COLORS if any(ln.get("xcache", {}).get(c) for ln in lines)]
+    others = sorted({c for ln in lines for c in ln.get("xcache", {})} - set(cats))
+    cats += others
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.2), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1.6]})
+    stacks = []
+    for c in cats:
+        stacks.append([ln.get("xcache", {}).get(c, 0) / ln["n"] if ln.get("n") else 0.0 for ln in lines])
+    if stacks:
+        ax1.stackplot(xs, *stacks, labels=cats, colors=[XCACHE_COLORS.get(c, None) for c in cats],
+                      alpha=0.9, step=None)
+    shade(ax1, on_top=True)
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("share of GET responses")
+    ax1.set_title(f"{title} — X-Cache per second (client side)")
+    ax1.legend(loc="lower left", fontsize=8, ncol=min(6, max(1, len(cats) + 1)))
+    ax1.grid(True, alpha=0.25)
+    if len(mts) >= 2:
+        mt = [m["t"] - t0 for m in mts[1:]]
+        series: dict[str, list[float]] = {}
+
+        def rate(name: str, **match: str) -> list[float]:
+            out = []
+            for a, b in zip(mts, mts[1:]):
+                sa, sb = load_samples(a.get("counters")), load_samples(b.get("counters"))
+                dt = max(1e-3, b["t"] - a["t"])
+                out.append(max(0.0, (M.total(sb, name, **match) - M.total(sa, name, **match)) / dt))
+            return out
+
+        def origin_rate() -> list[float]:
+            out = []
+            for a, b in zip(mts, mts[1:]):
+                ra, rb = (a.get("origin") or {}).get("requests"), (b.get("origin") or {}).get("requests")
+                dt = max(1e-3, b["t"] - a["t"])
+                out.append(max(0.0, (rb - ra) / dt) if ra is not None and rb is not None else float("nan"))
+            return out
+
+        series["origin requests/s (origin count)"] = origin_rate()
+        series["stale served/s"] = rate("tierproxy_stale_served_total")
+        for tier in ("l1", "l2", "l3"):
+            for outcome in ("timeout", "error", "skipped"):
+                r = rate("tierproxy_tier_lookups_total", tier=tier, outcome=outcome)
+                if any(v > 0 for v in r):
+                    series[f"{tier} {outcome}/s"] = r
+        for name, ys in series.items():
+            ax2.plot(mt, ys, lw=1.1, label=name)
+        ax2.set_yscale("symlog", linthresh=1)
+        ax2.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax2.set_ylabel("events/s (symlog)")
+        br_any = False
+        axb = ax2.twinx()
+        for tier, col in (("l1", "#555555"), ("l2", "#000000"), ("l3", "#8c564b")):
+            key = f'tierproxy_breaker_open{{tier="{tier}"}}'
+            ys = [(m.get("gauges") or {}).get(key, float("nan")) for m in mts[1:]]
+            if any(v == v and v > 0 for v in ys):
+                br_any = True
+                axb.step(mt, ys, where="post", lw=1.6, ls="--", color=col, label=f"breaker open {tier}")
+        axb.set_ylim(-0.05, 1.5)
+        axb.set_yticks([0, 1])
+        axb.set_ylabel("breaker open" if br_any else "")
+        if br_any:
+            axb.legend(loc="upper right", fontsize=8)
+        else:
+            axb.set_yticks([])
+        ax2.legend(loc="upper left", fontsize=7, ncol=3)
+    else:
+        ax2.text(0.5, 0.5, "no /metrics samples", ha="center", va="center", transform=ax2.transAxes)
+    shade(ax2)
+    ax2.set_xlabel("seconds since load start")
+    ax2.grid(True, alpha=0.25)
+    fig.tight_layout()
+    p = run_dir / "hit_ratio.png"
+    fig.savefig(p, dpi=80)
+    plt.close(fig)
+    written.append(p.name)
+    return written
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    s = summary
+    lat = s["latency_ms"]
+    lines = [
+        f"### {s['scenario']}: {s['description']}",
+        "",
+        "| requests | req/s | p50 ms | p95 ms | p99 ms | max ms | unexpected errors | expected errors | origin requests |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {s['requests']} | {s['rps']} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} "
+        f"| {s['errors']['unexpected']} | {s['errors']['expected']} | {s['origin']['requests']} |",
+        "",
+        "X-Cache: " + ", ".join(f"{k} {v}" for k, v in sorted(s["x_cache"].items(), key=lambda kv: -kv[1])),
+        "",
+    ]
+    if s.get("cpu_percent"):
+        lines += ["CPU % of one core (mean / max): " + ", ".join(
+            f"{k} {v['mean']:.0f} / {v['max']:.0f}" for k, v in sorted(s["cpu_percent"].items())), ""]
+    if s.get("windows"):
+        lines += ["| window | GETs | req/s | p50 ms | p99 ms | max ms | X-Cache |", "|---|---:|---:|---:|---:|---:|---|"]
+        for w in ("before", "during", "after"):
+            b = s["windows"].get(w)
+            if b:
+                xc = ", ".join(f"{k} {v}" for k, v in sorted(b["x_cache"].items(), key=lambda kv: -kv[1])[:5])
+                lines.append(f"| {w} | {b['get_requests']} | {b['rps']} | {b['p50_ms']} | {b['p99_ms']} "
+                             f"| {b['max_ms']} | {xc} |")
+        lines.append("")
+    lines += ["| check | ok | detail |", "|---|---|---|"]
+    for c in s["checks"]:
+        lines.append(f"| {c['name']} | {'yes' if c['ok'] else '**NO**'} | {c['detail']} |")
+    return "\n".join(lines) + "\n"
+
+
+def build(run_dir: Path, plots: bool = True) -> dict[str, Any]:
+    summary = summarize(run_dir)
+    if plots:
+        try:
+            summary["plots"] = plot(run_dir, summary)
+        except ImportError as e:
+            summary["plots"] = []
+            summary["notes"].append(f"plots skipped: {e}")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    (run_dir / "summary.md").write_text(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m loadtest.report RUN_DIR", file=sys.stderr)
+        raise SystemExit(2)
+    s = build(Path(sys.argv[1]))
+    print(markdown(s))

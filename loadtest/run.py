@@ -1,0 +1,532 @@
+"""Run one named load-test scenario end to end and write a report folder.
+
+    python -m loadtest.run steady --duration 60
+    python -m loadtest.run origin-outage
+    python -m loadtest.run --list
+
+One command starts the simulated origin, Redis (if the scenario uses it), the proxy
+(``python -m tierproxy serve``), warms the cache if the scenario says so, runs Locust
+headless for a bounded time, injects the scenario's fault in a window in the middle,
+samples the proxy's /metrics and the origin's /__stats every second, and stops everything
+— also on an error or Ctrl-C. All traffic stays on 127.0.0.1.
+
+The folder (``--out``, default ``loadtest/out/<scenario>-<timestamp>``) then holds:
+    summary.json / summary.md   the numbers and the scenario's checks
+    latency.png                 latency percentiles per second, fault window shaded
+    hit_ratio.png               X-Cache share per second; origin/stale/tier-failure rates, breakers
+    locust.html, locust_*.csv   Locust's own report
+    timeseries.jsonl            per-second client-side data (see loadtest/locustfile.py)
+    metrics_timeseries.jsonl    per-second /metrics counters and gauges, origin counts
+    run.json                    parameters, fault window, the scrapes before and after
+    *.log                       each process's output
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from loadtest import metrics as M
+from loadtest import procs
+from loadtest.procs import LOOPBACK, ProcGroup, StartupError
+
+PURGE_TOKEN = "loadtest-purge-token"
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    duration: int = 60
+    users: int = 50
+    spawn_rate: float = 50
+    rps: float = 1000  # total target rate; 0 = as fast as the users can go
+    keys: int = 10000
+    zipf: float = 1.1
+    purge_ratio: float = 0.001
+    redis: str = "on"  # on | off | auto (on when redis-server exists)
+    sqlite: bool = True
+    l1_max_bytes: int | None = None  # None = the proxy's default
+    proxy_env: dict[str, str] = field(default_factory=dict)
+    origin_args: list[str] = field(default_factory=list)
+    warmup_keys: int = -1  # -1 = every key, 0 = none (cold), N = the N hottest
+    fault: str | None = None  # "origin-hang" | "redis-stop"
+    fault_start: float = 0.35  # fraction of duration (or seconds with --fault-start)
+    fault_length: float = 0.3
+    uncached_errors_expected_in_fault: bool = False
+    client_timeout: float = 10.0
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario(
+        "steady",
+        "warm cache, Zipf keys: throughput, latency percentiles, hit ratio per tier",
+        duration=60, users=50, rps=1500, keys=10000, zipf=1.1,
+        origin_args=["--latency", "lognormal:20,200", "--body-size", "lognormal:2048,32768", "--max-age", "600"],
+    ),
+    Scenario(
+        "cold-stampede",
+        "empty cache, many users on few keys: origin requests vs client requests (coalescing)",
+        duration=30, users=200, spawn_rate=200, rps=1000, keys=20, zipf=0.0, purge_ratio=0.0, warmup_keys=0,
+        origin_args=["--latency", "fixed:300", "--body-size", "fixed:4096", "--max-age", "5"],
+    ),
+    Scenario(
+        "origin-outage",
+        "origin hangs for a window in the middle: stale within the deadline, errors only for never-cached keys",
+        duration=60, users=50, rps=400, keys=4000, zipf=1.0, warmup_keys=1000,
+        origin_args=["--latency", "lognormal:10,80", "--body-size", "lognormal:2048,16384", "--max-age", "3",
+                     "--hang-seconds", "30"],
+        fault="origin-hang", fault_start=0.35, fault_length=0.3, uncached_errors_expected_in_fault=True,
+    ),
+    Scenario(
+        "redis-outage",
+        "Redis frozen (SIGSTOP) for a window, then resumed: latency bump bounded by the L2 timeout, "
+        "breaker opens and closes",
+        duration=60, users=50, rps=1000, keys=5000, zipf=1.1, l1_max_bytes=1 << 20,
+        origin_args=["--latency", "lognormal:10,80", "--body-size", "lognormal:2048,16384", "--max-age", "600"],
+        fault="redis-stop", fault_start=0.35, fault_length=0.3,
+    ),
+    Scenario(
+        "tiny-l1",
+        "L1 much smaller than the working set: L2 and L3 carry the load",
+        duration=60, users=50, rps=1500, keys=10000, zipf=1.0, l1_max_bytes=2 << 20,
+        origin_args=["--latency", "lognormal:10,80", "--body-size", "lognormal:2048,32768", "--max-age", "600"],
+    ),
+    Scenario(
+        "smoke",
+        "CI smoke: a few seconds of steady load at a small rate (keeps the tooling from rotting)",
+        duration=10, users=5, spawn_rate=5, rps=50, keys=200, zipf=1.1, purge_ratio=0.01, redis="auto",
+        origin_args=["--latency", "fixed:2", "--body-size", "fixed:1024", "--max-age", "600"],
+    ),
+]}
+
+
+def log(msg: str) -> None:
+    print(f"[loadtest {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+class Sampler(threading.Thread):
+    """Scrapes /metrics and the origin's /__stats every `interval` seconds into a JSONL file."""
+
+    def __init__(self, metrics_url: str | None, origin_url: str, path: Path, interval: float = 1.0) -> None:
+        super().__init__(daemon=True, name="sampler")
+        self.metrics_url, self.origin_url, self.path, self.interval = metrics_url, origin_url, path, interval
+        self.stop_ev = threading.Event()
+        self.errors = 0
+        self.pids: dict[str, int] = {}  # name -> pid whose CPU time is sampled
+
+    def sample(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"t": time.time()}
+        cpu = {name: cpu_seconds(pid) for name, pid in list(self.pids.items())}
+        cpu["host (all processes)"] = host_busy_seconds()
+        rec["cpu_s"] = {k: v for k, v in cpu.items() if v is not None}
+        if self.metrics_url:
+            try:
+                samples = scrape(self.metrics_url)
+                rec["counters"] = {M.key_str(s): v for s, v in samples.items()
+                                   if s[0].endswith("_total") and s[0].startswith("tierproxy_")}
+                rec["gauges"] = {M.key_str(s): v for s, v in samples.items() if _is_gauge(s[0])}
+            except Exception:
+                self.errors += 1
+        try:
+            rec["origin"] = origin_stats(self.origin_url)
+        except Exception:
+            self.errors += 1
+        return rec
+
+    def run(self) -> None:
+        with self.path.open("a") as f:
+            while not self.stop_ev.is_set():
+                t = time.monotonic()
+                f.write(json.dumps(self.sample(), separators=(",", ":")) + "\n")
+                f.flush()
+                self.stop_ev.wait(max(0.0, self.interval - (time.monotonic() - t)))
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """user+system CPU seconds of a process (all its threads), from /proc; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def host_busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy (not idle/iowait), from /proc/stat; shows outside load."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()
+        vals = [int(x) for x in parts[1:]]
+        return (sum(vals[:8]) - vals[3] - vals[4]) / _TICK  # user..steal minus idle, iowait
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_gauge(name: str) -> bool:
+    return not name.endswith(("_total", "_bucket", "_count", "_sum", "_created"))
+
+
+def scrape(url: str) -> dict[M.Sample, float]:
+    status, body, _ = procs.http_get(url, timeout=2.0)
+    if status != 200:
+        raise RuntimeError(f"{url} answered {status}")
+    return M.parse(body.decode("utf-8", "replace"), prefix="tierproxy_")
+
+
+def origin_stats(base: str) -> dict[str, Any]:
+    status, body, _ = procs.http_get(base + "/__stats", timeout=2.0)
+    if status != 200:
+        raise RuntimeError(f"origin /__stats answered {status}")
+    return json.loads(body)
+
+
+async def _warm(base: str, paths: list[str], concurrency: int = 32) -> dict[str, int]:
+    import aiohttp
+
+    counts: dict[str, int] = {}
+    sem = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=15)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def one(p: str) -> None:
+            async with sem:
+                try:
+                    async with session.get(base + p) as r:
+                        await r.read()
+                        k = f"{r.status} {r.headers.get('X-Cache', '-')}"
+                except Exception as e:  # noqa: BLE001 - counted, reported
+                    k = f"error {type(e).__name__}"
+                counts[k] = counts.get(k, 0) + 1
+
+        await asyncio.gather(*(one(p) for p in paths))
+    return counts
+
+
+def wait_background_drained(metrics_url: str | None, timeout: float = 30.0) -> float | None:
+    if not metrics_url:
+        time.sleep(1.0)
+        return None
+    deadline = time.monotonic() + timeout
+    v = None
+    while time.monotonic() < deadline:
+        try:
+            v = M.total(scrape(metrics_url), "tierproxy_background_tasks")
+            if v == 0:
+                return 0.0
+        except Exception:
+            return None
+        time.sleep(0.2)
+    return v
+
+
+def first_timeseries_second(path: Path, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with path.open() as f:
+                line = f.readline()
+            if line.strip():
+                return int(json.loads(line)["t"])
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+class Fault:
+    def __init__(self, kind: str | None, origin_url: str, redis_proc: procs.Proc | None) -> None:
+        self.kind, self.origin_url, self.redis = kind, origin_url, redis_proc
+        self.active = False
+
+    def apply(self) -> None:
+        if self.kind == "origin-hang":
+            procs.http_post_json(self.origin_url + "/__control", {"hang_rate": 1.0})
+        elif self.kind == "redis-stop":
+            if self.redis is None:
+                raise StartupError("redis-stop fault needs Redis")
+            import signal
+
+            self.redis.send(signal.SIGSTOP)
+        self.active = True
+
+    def revert(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        if self.kind == "origin-hang":
+            procs.http_post_json(self.origin_url + "/__control", {"hang_rate": 0.0})
+        elif self.kind == "redis-stop" and self.redis is not None:
+            import signal
+
+            self.redis.send(signal.SIGCONT)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots: bool = True,
+                 seed: int | None = None, extra_proxy_env: dict[str, str] | None = None,
+                 keep_work: bool = False) -> dict[str, Any]:
+    from loadtest import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    for name in ("timeseries.jsonl", "metrics_timeseries.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    use_redis = sc.redis == "on" or (sc.redis == "auto" and procs.redis_server_path() is not None)
+    lifetime = sc.duration + 300
+    run: dict[str, Any] = {
+        "scenario": sc.name, "description": sc.description,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": {k: v for k, v in asdict(sc).items() if k not in ("name", "description", "proxy_env", "origin_args")},
+        "fault": sc.fault, "fault_window": None, "fault_window_rel": None,
+        "uncached_errors_expected_in_fault": sc.uncached_errors_expected_in_fault,
+        "notes": [],
+        "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+    run["params"]["redis"] = use_redis
+    origin_args = list(sc.origin_args)
+    run["origin_args"] = origin_args
+    with contextlib.suppress(ValueError, IndexError):
+        run["origin_max_age"] = int(origin_args[origin_args.index("--max-age") + 1])
+
+    group = ProcGroup()
+    proxy = None
+    fault = None
+    sampler = None
+    locust = None
+    interrupted = False
+    try:
+        with procs.sigterm_as_interrupt():
+            log(f"scenario {sc.name}: {sc.description}")
+            origin, oport = procs.start_origin(group, out, origin_args, max_lifetime=lifetime)
+            origin_url = f"http://{LOOPBACK}:{oport}"
+            redis = None
+            env: dict[str, str] = {
+                "TIERPROXY_ORIGIN": origin_url,
+                "TIERPROXY_SQLITE_PATH": str(work / "cache.sqlite3") if sc.sqlite else "off",
+                "TIERPROXY_PURGE_TOKEN": PURGE_TOKEN,
+            }
+            if use_redis:
+                redis, rport = procs.start_redis(group, work)
+                env["TIERPROXY_REDIS_URL"] = f"redis://{LOOPBACK}:{rport}/0"
+            if sc.l1_max_bytes is not None:
+                env["TIERPROXY_L1_MAX_BYTES"] = str(sc.l1_max_bytes)
+            env.update(sc.proxy_env)
+            env.update(extra_proxy_env or {})
+            run["proxy_env"] = {k: v for k, v in env.items() if k != "TIERPROXY_PURGE_TOKEN"}
+            run["proxy_cmd"] = procs.proxy_command(proxy_cmd)
+            proxy, pport, aport = procs.start_proxy(group, out, env, cmd_override=proxy_cmd)
+            proxy_url = f"http://{LOOPBACK}:{pport}"
+            metrics_url: str | None = f"http://{LOOPBACK}:{aport}/metrics"
+            try:
+                scrape(metrics_url)
+            except Exception as e:  # noqa: BLE001
+                run["notes"].append(f"/metrics unusable ({e}); summary has client-side numbers only")
+                metrics_url = None
+            log(f"origin {origin_url}, proxy {proxy_url} (admin :{aport})"
+                + (f", redis :{env['TIERPROXY_REDIS_URL'].rsplit(':', 1)[1]}" if use_redis else ", no redis"))
+
+            nwarm = sc.keys if sc.warmup_keys < 0 else min(sc.warmup_keys, sc.keys)
+            if nwarm:
+                t = time.monotonic()
+                counts = asyncio.run(_warm(proxy_url, [f"/k/{i}" for i in range(nwarm)]))
+                drained = wait_background_drained(metrics_url)
+                run["warmup"] = {"keys": nwarm, "seconds": round(time.monotonic() - t, 2), "answers": counts,
+                                 "background_tasks_after": drained}
+                log(f"warmed {nwarm} keys in {time.monotonic() - t:.1f}s: {counts}")
+            run["origin_warmup_requests"] = origin_stats(origin_url)["requests"]
+            run["metrics_before"] = M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False) if metrics_url else {}
+            run["origin_before"] = origin_stats(origin_url)
+
+            sampler = Sampler(metrics_url, origin_url, out / "metrics_timeseries.jsonl")
+            sampler.pids = {"proxy": proxy.pid, "origin": origin.pid, **({"redis": redis.pid} if redis else {})}
+            sampler.start()
+
+            rps_per_user = (sc.rps / sc.users) if sc.rps > 0 else 0
+            lenv = procs.child_env({
+                "LT_KEYS": str(sc.keys), "LT_PREFIX": "/k/", "LT_ZIPF_S": str(sc.zipf),
+                "LT_RPS_PER_USER": f"{rps_per_user:.6f}", "LT_PURGE_RATIO": str(sc.purge_ratio),
+                "LT_PURGE_TOKEN": PURGE_TOKEN, "LT_CLIENT_TIMEOUT": str(sc.client_timeout),
+                "LT_TIMESERIES": str(out / "timeseries.jsonl"),
+                **({"LT_SEED": str(seed)} if seed is not None else {}),
+            })
+            lcmd = [sys.executable, "-m", "locust", "-f", str(procs.REPO / "loadtest" / "locustfile.py"),
+                    "--headless", "--host", proxy_url, "-u", str(sc.users), "-r", str(sc.spawn_rate),
+                    "-t", f"{sc.duration}s", "--stop-timeout", "5", "--csv", str(out / "locust"),
+                    "--csv-full-history", "--html", str(out / "locust.html"), "--only-summary",
+                    "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+            log(f"locust: {sc.users} users, target {sc.rps or 'max'} req/s, {sc.keys} keys zipf s={sc.zipf}, "
+                f"{sc.duration}s" + (f", fault {sc.fault}" if sc.fault else ""))
+            launch = time.time()
+            locust = group.start("locust", lcmd, out / "locust.log", env=lenv)
+            sampler.pids["locust"] = locust.pid
+            t0 = first_timeseries_second(out / "timeseries.jsonl", 30)
+            if t0 is None:
+                raise StartupError(f"locust produced no data within 30s; log:\n{locust.tail()}")
+            t0 = min(t0, int(time.time()))
+            run["load_start"] = t0
+            hard_stop = launch + sc.duration + 60
+            if sc.fault:
+                fs = sc.fault_start * sc.duration if sc.fault_start < 1 else sc.fault_start
+                fl = sc.fault_length * sc.duration if sc.fault_length < 1 else sc.fault_length
+                fault = Fault(sc.fault, origin_url, redis)
+                _sleep_until(t0 + fs, locust)
+                if locust.alive():
+                    fault.apply()
+                    fstart = time.time()
+                    log(f"fault {sc.fault} on")
+                    _sleep_until(fstart + fl, locust)
+                    fault.revert()
+                    fend = time.time()
+                    log(f"fault {sc.fault} off")
+                    run["fault_window"] = [fstart, fend]
+                    run["fault_window_rel"] = [round(fstart - t0, 2), round(fend - t0, 2)]
+                    run["error_grace_s"] = float(env.get("TIERPROXY_REQUEST_DEADLINE", 3.0)) + 2
+            while locust.alive() and time.time() < hard_stop:
+                time.sleep(0.2)
+            if locust.alive():
+                run["notes"].append("locust overran its time and was stopped")
+            locust.stop(timeout=15, first=2)  # SIGINT: locust writes its reports on the way out
+            time.sleep(1.0)  # let the last backfills land before the final scrape
+            sampler.stop_ev.set()
+            sampler.join(5)
+            run["metrics_after"] = M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False) if metrics_url else {}
+            run["origin_after"] = origin_stats(origin_url)
+            run["proxy_alive_at_end"] = proxy.alive()
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: stopping everything")
+    finally:
+        if fault is not None:
+            with contextlib.suppress(Exception):
+                fault.revert()
+        if sampler is not None:
+            sampler.stop_ev.set()
+        if locust is not None and locust.alive():
+            locust.stop(timeout=10, first=2)
+        if proxy is not None:
+            run.setdefault("proxy_alive_at_end", proxy.alive())
+            rc_before = proxy.popen.poll()
+            run["proxy_exit"] = rc_before
+        group.stop_all()
+        if proxy is not None and run.get("proxy_exit") is None:
+            run["proxy_exit_on_stop"] = proxy.popen.returncode
+        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    if interrupted:
+        raise KeyboardInterrupt
+    summary = report.build(out, plots=plots)
+    return summary
+
+
+def _sleep_until(t: float, proc: procs.Proc) -> None:
+    while time.time() < t and proc.alive():
+        time.sleep(min(0.1, max(0.0, t - time.time())))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_env_pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--proxy-env wants NAME=VALUE, got {it!r}")
+        out[k] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS))
+    ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    ap.add_argument("--duration", type=int, help="seconds of load (bounded: at most 3600)")
+    ap.add_argument("--users", type=int)
+    ap.add_argument("--rps", type=float, help="total target request rate (0 = as fast as possible)")
+    ap.add_argument("--keys", type=int, help="key space size")
+    ap.add_argument("--zipf", type=float, help="Zipf exponent (0 = uniform)")
+    ap.add_argument("--purge-ratio", type=float)
+    ap.add_argument("--warmup-keys", type=int, help="-1 all, 0 none, N hottest")
+    ap.add_argument("--redis", choices=("on", "off", "auto"))
+    ap.add_argument("--sqlite", choices=("on", "off"))
+    ap.add_argument("--l1-max-bytes", type=int)
+    ap.add_argument("--fault-start", type=float, help="seconds after load start (or a fraction < 1)")
+    ap.add_argument("--fault-length", type=float, help="seconds (or a fraction < 1 of the duration)")
+    ap.add_argument("--origin", dest="origin_extra", default="",
+                    help='extra origin flags, e.g. --origin="--latency fixed:50 --max-age 5"')
+    ap.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--proxy-cmd", help="command that starts the proxy (default: python -m tierproxy serve; "
+                    "env LOADTEST_PROXY_CMD)")
+    ap.add_argument("--out", type=Path, help="report folder (default loadtest/out/<scenario>-<time>)")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--keep-work", action="store_true", help="keep the SQLite file etc. in <out>/work")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a scenario check fails")
+    ns = ap.parse_args(argv)
+
+    if ns.list or not ns.scenario:
+        for s in SCENARIOS.values():
+            print(f"{s.name:14s} {s.duration:4d}s  {s.description}")
+        return 0 if ns.list else 2
+    sc = SCENARIOS[ns.scenario]
+    changes: dict[str, Any] = {}
+    for attr, val in (("duration", ns.duration), ("users", ns.users), ("rps", ns.rps), ("keys", ns.keys),
+                      ("zipf", ns.zipf), ("purge_ratio", ns.purge_ratio), ("warmup_keys", ns.warmup_keys),
+                      ("redis", ns.redis), ("l1_max_bytes", ns.l1_max_bytes),
+                      ("fault_start", ns.fault_start), ("fault_length", ns.fault_length)):
+        if val is not None:
+            changes[attr] = val
+    if ns.sqlite is not None:
+        changes["sqlite"] = ns.sqlite == "on"
+    if ns.users is not None:
+        changes["spawn_rate"] = min(max(sc.spawn_rate, ns.users), 1000)
+    if ns.origin_extra:
+        changes["origin_args"] = [*sc.origin_args, *shlex.split(ns.origin_extra)]
+    sc = replace(sc, **changes)
+    if not 1 <= sc.duration <= 3600:
+        ap.error("--duration must be within 1..3600 seconds")
+    if sc.users < 1 or sc.keys < 1:
+        ap.error("--users and --keys must be >= 1")
+    out = ns.out or (procs.REPO / "loadtest" / "out" / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        summary = run_scenario(sc, out, proxy_cmd=ns.proxy_cmd, plots=not ns.no_plots, seed=ns.seed,
+                               extra_proxy_env=parse_env_pairs(ns.proxy_env), keep_work=ns.keep_work)
+    except StartupError as e:
+        log(f"could not run: {e}")
+        return 2
+    except KeyboardInterrupt:
+        log(f"interrupted; partial files in {out}")
+        return 130
+    from loadtest.report import markdown
+
+    print(markdown(summary))
+    log(f"report: {out}")
+    failed = [c for c in summary["checks"] if not c["ok"]]
+    return 1 if (ns.strict and failed) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""``python -m tierproxy serve`` as a real process: configuration errors, start-up failures,
+the admin listener, graceful SIGTERM (in-flight requests finish, backfills are drained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+
+from support.proxy import fetch
+from support.storage import redis_key, sqlite_exclusive_lock, sqlite_row
+from support.wait import wait_for_condition
+
+CACHEABLE = {"Cache-Control": "max-age=300"}
+
+
+def _stderr_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+BAD_ENV = [
+    pytest.param("TIERPROXY_ORIGIN_TIMEOUT", "-1", id="negative-timeout"),
+    pytest.param("TIERPROXY_L2_TIMEOUT", "abc", id="non-number-timeout"),
+    pytest.param("TIERPROXY_ORIGIN", "ftp://x", id="ftp-origin"),
+    pytest.param("TIERPROXY_ORIGIN", None, id="missing-origin"),
+    pytest.param("TIERPROXY_MAX_ENTRY_BYTES", "lots", id="non-number-size"),
+    pytest.param("TIERPROXY_PORT", "http", id="non-number-port"),
+    pytest.param("TIERPROXY_REDIS_URL", "memcached://127.0.0.1:1", id="bad-redis-scheme"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_ENV)
+async def test_bad_configuration_exits_2_with_one_line_naming_the_variable(
+    name, value, spawn_proxy
+):
+    proc = await spawn_proxy(wait_healthy=False, **{name: value})
+
+    code = await proc.wait(15)
+
+    assert code == 2, proc.stderr
+    lines = _stderr_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert name in lines[0], lines[0]
+    if value:
+        assert value in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("which", ["PORT", "ADMIN_PORT"])
+async def test_port_already_taken_stops_start_up_with_a_clear_error(which, spawn_proxy):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = await spawn_proxy(wait_healthy=False, **{which: port})
+
+        code = await proc.wait(15)
+
+    assert code != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert str(port) in proc.stderr or f"TIERPROXY_{which}" in proc.stderr, proc.stderr
+
+
+async def test_unwritable_sqlite_path_stops_start_up_with_a_clear_error(spawn_proxy, tmp_path):
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("I am a file, not a directory")
+    proc = await spawn_proxy(wait_healthy=False, SQLITE_PATH=not_a_dir / "cache.sqlite3")
+
+    code = await proc.wait(15)
+
+    assert code != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "TIERPROXY_SQLITE_PATH" in proc.stderr or str(not_a_dir) in proc.stderr, proc.stderr
+
+
+async def test_served_process_caches_and_admin_listener_is_never_proxied(origin, spawn_proxy):
+    origin.set_default(headers=CACHEABLE)
+    proc = await spawn_proxy()
+
+    async with aiohttp.ClientSession() as session:
+        miss = await fetch(session, "GET", proc.url + "/a")
+        hit = await fetch(session, "GET", proc.url + "/a")
+        health = await fetch(session, "GET", proc.admin_url + "/healthz")
+        ready = await fetch(session, "GET", proc.admin_url + "/readyz")
+        stray = await fetch(session, "GET", proc.admin_url + "/a")
+
+    assert (miss.x_cache, hit.x_cache) == ("MISS", "HIT-L1"), (miss, hit)
+    assert health.status == 200
+    assert ready.status in (200, 503)
+    assert ready.headers["Content-Type"].startswith("application/json"), ready
+    assert stray.status == 404, stray
+    assert origin.count() == 1
+
+
+async def test_sigterm_lets_an_in_flight_request_finish_and_exits_0(origin, spawn_proxy):
+    origin.set("/slow", latency=0.5)
+    proc = await spawn_proxy()
+
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.ensure_future(fetch(session, "GET", proc.url + "/slow"))
+        await wait_for_condition(lambda: origin.count("/slow") == 1, message="origin reached")
+        proc.terminate()
+        response = await in_flight
+
+    assert response.status == 200, response
+    assert response.body == b"origin body for /slow (request 1)"
+    assert await proc.wait(15) == 0, proc.stderr
+
+
+async def test_sigterm_drains_pending_backfills_then_exits_0(
+    origin, spawn_proxy, redis_server, redis_url, redis_client, sqlite_path, fault_proxy
+):
+    origin.set_default(headers=CACHEABLE)
+    slow_redis = await fault_proxy(redis_server.port, mode="delay", delay=0.15)
+    proc = await spawn_proxy(REDIS_URL=slow_redis.url("redis", "/0"), L2_TIMEOUT=2)
+    paths = [f"/d{i}" for i in range(20)]
+
+    async with aiohttp.ClientSession() as session:
+        responses = await asyncio.gather(*(fetch(session, "GET", proc.url + p) for p in paths))
+        assert [r.status for r in responses] == [200] * len(paths), responses
+        proc.terminate()  # at once: the L2 writes (≥ 0.3 s each through the slow link) pend
+        code = await proc.wait(15)
+
+    assert code == 0, proc.stderr
+    missing_l3 = [p for p in paths if sqlite_row(sqlite_path, p) is None]
+    missing_l2 = [p for p in paths if not redis_client.exists(redis_key(p))]
+    assert missing_l3 == [], proc.stderr
+    assert missing_l2 == [], proc.stderr
+
+
+async def test_backfill_pending_on_a_locked_l3_lands_when_drained(
+    origin, make_proxy, sqlite_path
+):
+    origin.set_default(headers=CACHEABLE)
+    proxy = await make_proxy(L1_MAX_BYTES=0)
+    await proxy.get("/warm")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/warm"), message="L3 fill")
+
+    with sqlite_exclusive_lock(sqlite_path):
+        response = await proxy.get("/pending")
+        assert response.status == 200, response
+        assert response.elapsed < 1.0, response  # the client never waits for a backfill
+        assert proxy.state.background.pending >= 1
+        assert sqlite_row(sqlite_path, "/pending") is None
+
+    await proxy.drain(5)
+    assert proxy.state.background.pending == 0
+    assert sqlite_row(sqlite_path, "/pending") is not None

@@ -1,0 +1,139 @@
+"""RFC 9111 storability and freshness, observed end to end.
+
+Uncacheable responses are fetched every time and never reach Redis or SQLite; freshness
+comes from s-maxage, max-age, Expires, else TIERPROXY_DEFAULT_TTL - measured as the moment
+the proxy goes back to the origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+
+import pytest
+
+from support.storage import redis_tier_keys, sqlite_count
+from support.wait import wait_for_condition
+
+NOT_CACHED = {"MISS", "BYPASS"}
+
+UNCACHEABLE = [
+    pytest.param({"headers": {"Cache-Control": "no-store"}}, {}, id="no-store"),
+    pytest.param({"headers": {"Cache-Control": "private, max-age=300"}}, {}, id="private"),
+    pytest.param(
+        {"headers": {"Cache-Control": "max-age=300", "Set-Cookie": "session=abc; Path=/"}},
+        {},
+        id="set-cookie",
+    ),
+    pytest.param(
+        {"headers": {"Cache-Control": "max-age=300"}},
+        {"Authorization": "Bearer secret-token"},
+        id="authorization-without-public",
+    ),
+    pytest.param({"status": 500}, {}, id="status-500"),
+    pytest.param({"status": 503}, {}, id="status-503"),
+    pytest.param({"headers": {"Cache-Control": "max-age=300", "Vary": "*"}}, {}, id="vary-star"),
+]
+
+
+@pytest.mark.parametrize(("rule", "request_headers"), UNCACHEABLE)
+async def test_uncacheable_response_is_fetched_every_time_and_never_stored(
+    rule, request_headers, origin, make_proxy, redis_url, redis_client, sqlite_path
+):
+    origin.set("/u", **rule)
+    proxy = await make_proxy()
+
+    first = await proxy.get("/u", headers=request_headers)
+    second = await proxy.get("/u", headers=request_headers)
+
+    expected_status = rule.get("status", 200)
+    assert (first.status, second.status) == (expected_status, expected_status)
+    assert first.x_cache in NOT_CACHED, first
+    assert second.x_cache in NOT_CACHED, second
+    assert second.body == b"origin body for /u (request 2)"
+    assert origin.count("/u") == 2
+    for name, value in request_headers.items():  # end-to-end request headers reach the origin
+        assert origin.requests[-1].headers.get(name) == value
+    await proxy.settle()
+    assert redis_tier_keys(redis_client) == []
+    assert sqlite_count(sqlite_path) == 0
+
+
+@pytest.mark.parametrize(
+    "cache_control", ["public, max-age=300", "s-maxage=300"], ids=["public", "s-maxage"]
+)
+async def test_authorized_response_is_cached_when_marked_public_or_s_maxage(
+    cache_control, origin, make_proxy
+):
+    origin.set("/auth", headers={"Cache-Control": cache_control})
+    proxy = await make_proxy()
+    auth = {"Authorization": "Bearer t"}
+
+    first = await proxy.get("/auth", headers=auth)
+    second = await proxy.get("/auth", headers=auth)
+
+    assert first.x_cache == "MISS", first
+    assert second.x_cache == "HIT-L1", second
+    assert origin.count("/auth") == 1
+
+
+async def test_response_without_freshness_is_not_stored_when_default_ttl_is_zero(
+    origin, make_proxy, sqlite_path
+):
+    proxy = await make_proxy(DEFAULT_TTL=0)
+
+    first = await proxy.get("/nottl")
+    second = await proxy.get("/nottl")
+
+    assert first.x_cache in NOT_CACHED and second.x_cache in NOT_CACHED, (first, second)
+    assert origin.count("/nottl") == 2
+    await proxy.settle()
+    assert sqlite_count(sqlite_path) == 0
+
+
+def _http_date(offset: float) -> str:
+    return email.utils.formatdate(time.time() + offset, usegmt=True)
+
+
+# (response headers, proxy env, expected lifetime in seconds)
+FRESHNESS = [
+    pytest.param(
+        lambda: {"Cache-Control": "s-maxage=2, max-age=600"}, {}, 2, id="s-maxage-over-max-age"
+    ),
+    pytest.param(
+        lambda: {"Cache-Control": "max-age=2", "Expires": _http_date(600)},
+        {"DEFAULT_TTL": 600},
+        2,
+        id="max-age-over-expires-and-default",
+    ),
+    pytest.param(lambda: {"Expires": _http_date(3)}, {"DEFAULT_TTL": 600}, 3, id="expires"),
+    pytest.param(lambda: {}, {"DEFAULT_TTL": 2}, 2, id="default-ttl"),
+]
+
+
+@pytest.mark.parametrize(("headers", "env", "lifetime"), FRESHNESS)
+async def test_freshness_lifetime_decides_when_the_origin_is_asked_again(
+    headers, env, lifetime, origin, make_proxy
+):
+    origin.set("/fresh", headers=headers())
+    proxy = await make_proxy(**env)
+    loop = asyncio.get_running_loop()
+
+    first = await proxy.get("/fresh")
+    assert first.x_cache == "MISS", first
+    stored = loop.time()
+    served: list[str | None] = []
+
+    async def origin_asked_again() -> bool:
+        response = await proxy.get("/fresh")
+        assert response.status == 200, response
+        served.append(response.x_cache)
+        return origin.count("/fresh") >= 2
+
+    await wait_for_condition(origin_asked_again, timeout=lifetime + 3, interval=0.05)
+    elapsed = loop.time() - stored
+
+    # Second-resolution HTTP dates may shorten a lifetime by up to a second; never lengthen it.
+    assert lifetime - 1.1 <= elapsed <= lifetime + 1.5, (elapsed, served)
+    assert all(x == "HIT-L1" for x in served[:-1]), served

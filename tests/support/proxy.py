@@ -1,0 +1,330 @@
+"""Running tierproxy for tests: in-process (TestServer) and as a real subprocess.
+
+In-process uses only the lead's internal API: ``tierproxy.config.load_settings(env)``,
+``tierproxy.server.build_app(settings)`` and ``app[tierproxy.server.STATE]``.
+The subprocess runs ``python -m tierproxy serve`` configured by env only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDictProxy
+
+from .storage import CacheStatus, parse_cache_status
+
+__all__ = [
+    "Fetched",
+    "ProxyHandle",
+    "SpawnedProxy",
+    "normalise_env",
+    "start_inprocess_proxy",
+    "start_subprocess_proxy",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV_PREFIX = "TIERPROXY_"
+
+
+def normalise_env(overrides: Mapping[str, Any]) -> dict[str, str | None]:
+    """``ORIGIN_TIMEOUT=0.5`` → ``{"TIERPROXY_ORIGIN_TIMEOUT": "0.5"}``; None means unset."""
+    out: dict[str, str | None] = {}
+    for name, value in overrides.items():
+        key = name if name.startswith(ENV_PREFIX) else ENV_PREFIX + name.upper()
+        out[key] = None if value is None else str(value)
+    return out
+
+
+def apply_env(base: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, str]:
+    env = dict(base)
+    for key, value in normalise_env(overrides).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+@dataclass
+class Fetched:
+    """A fully read response plus how long it took (loop clock)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    elapsed: float
+
+    @property
+    def x_cache(self) -> str | None:
+        return self.headers.get("X-Cache")
+
+    @property
+    def cache_status(self) -> CacheStatus | None:
+        members = parse_cache_status(self.headers.get("Cache-Status"))
+        return members[0] if members else None
+
+    @property
+    def age(self) -> int | None:
+        value = self.headers.get("Age")
+        return int(value) if value is not None else None
+
+    def __repr__(self) -> str:  # short, for assertion messages
+        return (
+            f"<Fetched {self.status} X-Cache={self.x_cache!r} "
+            f"Cache-Status={self.headers.get('Cache-Status')!r} Age={self.headers.get('Age')!r} "
+            f"{len(self.body)}B {self.elapsed:.3f}s body={self.body[:80]!r}>"
+        )
+
+
+async def fetch(
+    session_or_client: Any, method: str, url: str, *, timeout: float = 15.0, **kwargs: Any
+) -> Fetched:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with session_or_client.request(
+        method, url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False, **kwargs
+    ) as resp:
+        body = await resp.read()
+        return Fetched(resp.status, resp.headers, body, loop.time() - started)
+
+
+class _ProductionLikeTestServer(TestServer):
+    """TestServer, but with aiohttp's production default ``handler_cancellation=False``.
+
+    The stock TestServer turns handler cancellation on; ``tierproxy serve`` does not, and
+    coalescing/backfill behaviour depends on it (PITFALLS). Shutdown is bounded at 5 s.
+    """
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        kwargs["handler_cancellation"] = False
+        kwargs.setdefault("shutdown_timeout", 5.0)
+        return web.AppRunner(self.app, **kwargs)
+
+
+class ProxyHandle:
+    """One in-process proxy: ``client`` (TestClient), ``url``, ``app``, ``settings``, ``env``."""
+
+    def __init__(
+        self, client: TestClient[Any, Any], app: web.Application, settings: Any, env: dict[str, str]
+    ) -> None:
+        self.client = client
+        self.app = app
+        self.settings = settings
+        self.env = env
+        self.closed = False
+
+    @property
+    def port(self) -> int:
+        port = self.client.port
+        assert port is not None
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state(self) -> Any:
+        import tierproxy.server
+
+        return self.app[tierproxy.server.STATE]
+
+    def tier_names(self) -> list[str]:
+        return [tier.name for tier in self.state.tiers]
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Fetched:
+        return await fetch(self.client, method, path, **kwargs)
+
+    async def get(self, path: str, **kwargs: Any) -> Fetched:
+        return await self.request("GET", path, **kwargs)
+
+    async def head(self, path: str, **kwargs: Any) -> Fetched:
+        return await self.request("HEAD", path, **kwargs)
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait (bounded poll) until no background task (backfill, invalidation) is pending.
+
+        Unlike ``state.background.drain()`` - a shutdown step after which new background
+        tasks are refused - this leaves the proxy fully working.
+        """
+        from .wait import wait_for_condition
+
+        await wait_for_condition(
+            lambda: self.state.background.pending == 0,
+            timeout=timeout,
+            message=lambda: f"background tasks to finish ({self.state.background.pending} left)",
+        )
+
+    async def drain(self, timeout: float = 5.0) -> int:
+        """The shutdown step: stop taking background tasks, wait for running ones."""
+        return int(await self.state.background.drain(timeout))
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        async with asyncio.timeout(30):
+            await self.client.close()
+
+
+async def start_inprocess_proxy(env: Mapping[str, str]) -> ProxyHandle:
+    import tierproxy.config
+    import tierproxy.server
+
+    settings = tierproxy.config.load_settings(dict(env))
+    app = tierproxy.server.build_app(settings)
+    server = _ProductionLikeTestServer(app, host="127.0.0.1")
+    client: TestClient[Any, Any] = TestClient(server)
+    await client.start_server()
+    return ProxyHandle(client, app, settings, dict(env))
+
+
+# -- subprocess -------------------------------------------------------------------------
+
+
+def _int_or(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:  # a deliberately bad value in a config test
+        return default
+
+
+class SpawnedProxy:
+    """``python -m tierproxy serve`` in a subprocess; stderr/stdout go to files."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], env: dict[str, str], logdir: Path, name: str
+    ) -> None:
+        self.proc = proc
+        self.env = env
+        self.stderr_path = logdir / f"{name}.stderr"
+        self.stdout_path = logdir / f"{name}.stdout"
+        self.port = _int_or(env.get("TIERPROXY_PORT"), 8080)
+        self.admin_port = _int_or(env.get("TIERPROXY_ADMIN_PORT"), 8081)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def stdout(self) -> str:
+        try:
+            return self.stdout_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def terminate(self) -> None:
+        """SIGTERM (graceful shutdown)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        """Wait for exit without blocking the loop (in-process origins keep serving)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.proc.poll() is None:
+            if loop.time() >= deadline:
+                raise AssertionError(
+                    f"tierproxy (pid {self.pid}) still running after {timeout}s; "
+                    f"stderr:\n{self.stderr[-3000:]}"
+                )
+            await asyncio.sleep(0.02)
+        return int(self.proc.returncode)
+
+    async def wait_healthy(self, timeout: float = 15.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: object = None
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"tierproxy exited with {self.proc.returncode} before becoming healthy; "
+                        f"stderr:\n{self.stderr[-3000:]}"
+                    )
+                try:
+                    async with session.get(
+                        self.admin_url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)
+                    ) as resp:
+                        last = resp.status
+                        if resp.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    last = exc
+                if loop.time() >= deadline:
+                    raise AssertionError(
+                        f"tierproxy /healthz not 200 within {timeout}s (last: {last!r}); "
+                        f"stderr:\n{self.stderr[-3000:]}"
+                    )
+                await asyncio.sleep(0.05)
+
+    def cleanup(self) -> None:
+        """Always called at teardown: SIGKILL if still alive, reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+_spawn_counter = 0
+
+
+def start_subprocess_proxy(env: Mapping[str, str], logdir: Path, cwd: Path) -> SpawnedProxy:
+    """Start ``python -m tierproxy serve`` with exactly ``env``'s TIERPROXY_* variables."""
+    global _spawn_counter
+    _spawn_counter += 1
+    name = f"tierproxy-{_spawn_counter}-{int(time.time() * 1000) % 100000}"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    full_env.update(env)
+    pythonpath = [str(REPO_ROOT)]
+    if os.environ.get("PYTHONPATH"):
+        pythonpath.append(os.environ["PYTHONPATH"])
+    full_env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    logdir.mkdir(parents=True, exist_ok=True)
+    with open(logdir / f"{name}.stderr", "wb") as err, open(logdir / f"{name}.stdout", "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tierproxy", "serve"],
+            env=full_env,
+            cwd=str(cwd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+    return SpawnedProxy(proc, dict(env), logdir, name)

@@ -1,0 +1,202 @@
+"""Readers/writers for tierproxy's storage layout (DESIGN.md + the lead's internal API).
+
+Cache key material is the normalised ``path?query`` of the request; the L2/L3 id is its
+SHA-256 hex digest; the Redis key is ``"tierproxy:" + id``; SQLite holds
+``entries(key TEXT PRIMARY KEY, value BLOB, size INTEGER, expires_at REAL, accessed_at REAL)``.
+
+The SQLite helpers use the stdlib ``sqlite3`` with a short busy timeout: they are quick
+reads/writes from the test's side while the proxy holds its own connection (WAL mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REDIS_PREFIX",
+    "CacheStatus",
+    "key_id",
+    "parse_cache_status",
+    "redis_key",
+    "redis_tier_keys",
+    "sqlite_count",
+    "sqlite_exclusive_lock",
+    "sqlite_keys",
+    "sqlite_row",
+    "sqlite_set_value",
+]
+
+REDIS_PREFIX = "tierproxy:"
+
+
+def key_id(material: str) -> str:
+    """The L2/L3 id for cache key material such as ``"/a"`` or ``"/a?b=1"``."""
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def redis_key(material: str) -> str:
+    return REDIS_PREFIX + key_id(material)
+
+
+def redis_tier_keys(client: Any) -> list[bytes]:
+    """Every ``tierproxy:*`` key in the (sync redis-py) client's database."""
+    return sorted(client.scan_iter(match=REDIS_PREFIX + "*", count=1000))
+
+
+def _connect(path: Path | str, timeout: float = 2.0) -> sqlite3.Connection:
+    return sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+
+
+def _table_exists(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'entries'"
+    ).fetchone()
+    return row is not None
+
+
+def sqlite_row(path: Path | str, material: str) -> dict[str, Any] | None:
+    """The L3 row for ``material`` as a dict, or None (also when file/table don't exist)."""
+    if not Path(path).exists():
+        return None
+    conn = _connect(path)
+    try:
+        if not _table_exists(conn):
+            return None
+        cur = conn.execute(
+            "SELECT key, value, size, expires_at, accessed_at FROM entries WHERE key = ?",
+            (key_id(material),),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip(("key", "value", "size", "expires_at", "accessed_at"), row))
+    finally:
+        conn.close()
+
+
+def sqlite_keys(path: Path | str) -> list[str]:
+    if not Path(path).exists():
+        return []
+    conn = _connect(path)
+    try:
+        if not _table_exists(conn):
+            return []
+        return sorted(r[0] for r in conn.execute("SELECT key FROM entries"))
+    finally:
+        conn.close()
+
+
+def sqlite_count(path: Path | str) -> int:
+    return len(sqlite_keys(path))
+
+
+def sqlite_set_value(path: Path | str, material: str, value: bytes) -> int:
+    """Overwrite the stored value of ``material``'s row; returns the number of rows changed."""
+    conn = _connect(path)
+    try:
+        cur = conn.execute(
+            "UPDATE entries SET value = ? WHERE key = ?", (value, key_id(material))
+        )
+        return cur.rowcount
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def sqlite_exclusive_lock(path: Path | str, *, acquire_timeout: float = 3.0) -> Iterator[None]:
+    """Hold ``BEGIN EXCLUSIVE`` on a second connection for the duration of the block.
+
+    (PITFALLS: chmod does not lock anything as root; a competing transaction does.)
+    Always rolls back and closes in ``finally``.
+    """
+    conn = _connect(path, timeout=acquire_timeout)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    """One member of an RFC 9211 ``Cache-Status`` list: ``cache; param; key=value``."""
+
+    cache: str
+    params: dict[str, str | bool]
+
+    @property
+    def hit(self) -> bool:
+        return self.params.get("hit") is True
+
+    @property
+    def ttl(self) -> int | None:
+        value = self.params.get("ttl")
+        return int(value) if isinstance(value, str) else None
+
+    @property
+    def detail(self) -> str | None:
+        value = self.params.get("detail")
+        return value if isinstance(value, str) else None
+
+    @property
+    def fwd(self) -> str | None:
+        value = self.params.get("fwd")
+        return value if isinstance(value, str) else None
+
+
+def parse_cache_status(value: str | None) -> list[CacheStatus]:
+    """Parse a ``Cache-Status`` header (simple structured-field list parsing)."""
+    if not value:
+        return []
+    members: list[CacheStatus] = []
+    for member in _split_outside_quotes(value, ","):
+        parts = [p.strip() for p in _split_outside_quotes(member, ";")]
+        if not parts or not parts[0]:
+            continue
+        params: dict[str, str | bool] = {}
+        for part in parts[1:]:
+            if not part:
+                continue
+            name, eq, raw = part.partition("=")
+            if not eq:
+                params[name.strip().lower()] = True
+                continue
+            raw = raw.strip()
+            if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+                raw = raw[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            params[name.strip().lower()] = raw
+        members.append(CacheStatus(parts[0].strip('"'), params))
+    return members
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    out: list[str] = []
+    buf: list[str] = []
+    quoted = False
+    escaped = False
+    for ch in text:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+        elif ch == "\\" and quoted:
+            buf.append(ch)
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+            buf.append(ch)
+        elif ch == sep and not quoted:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    out.append("".join(buf))
+    return out

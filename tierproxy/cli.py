@@ -1,0 +1,144 @@
+"""``tierproxy serve``: settings from env (flags override), both listeners, graceful stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .admin import build_admin_app
+from .config import ConfigError, Settings, load_settings
+from .server import build_app
+from .tiers.sqlite import SQLiteOpenError
+
+__all__ = ["main"]
+
+log = logging.getLogger("tierproxy")
+
+# flag -> env var; env is the primary interface, a flag wins over the environment.
+_FLAGS = {
+    "origin": "TIERPROXY_ORIGIN",
+    "host": "TIERPROXY_HOST",
+    "port": "TIERPROXY_PORT",
+    "admin_port": "TIERPROXY_ADMIN_PORT",
+    "redis_url": "TIERPROXY_REDIS_URL",
+    "sqlite_path": "TIERPROXY_SQLITE_PATH",
+    "log_level": "TIERPROXY_LOG_LEVEL",
+}
+
+
+class StartupError(Exception):
+    """Start-up could not complete; the message is one line for the operator."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierproxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy (configured by TIERPROXY_* env vars)")
+    for flag, env in _FLAGS.items():
+        serve.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar=env, help=f"overrides {env}")
+    return parser
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiohttp's per-request access log is replaced by the proxy's own (issue: operating it).
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str) -> int:
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise StartupError(f"{env_name}={port} on {host}: cannot listen: {reason}", 1) from None
+    # The bound port (0 asks the OS for one): the last address the runner got.
+    addresses = runner.addresses
+    return int(addresses[-1][1]) if addresses else port
+
+
+async def serve(settings: Settings) -> int:
+    app = build_app(settings)
+    admin_app = build_admin_app(app)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
+    try:
+        try:
+            await runner.setup()  # opens tiers and the origin session (cleanup_ctx)
+        except SQLiteOpenError as exc:
+            raise StartupError(str(exc), 2) from None
+        await admin_runner.setup()
+        port = await _start_site(runner, settings.host, settings.port, "TIERPROXY_PORT")
+        admin_port = await _start_site(admin_runner, settings.admin_host, settings.admin_port,
+                                       "TIERPROXY_ADMIN_PORT")
+    except StartupError:
+        await admin_runner.cleanup()
+        await runner.cleanup()
+        raise
+
+    log.info("tierproxy serving %s on http://%s:%d (admin on http://%s:%d)",
+             settings.origin, settings.host, port, settings.admin_host, admin_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests, draining background writes")
+    # Order: stop accepting and finish in-flight requests, drain backfills, close pools
+    # (all inside runner.cleanup via cleanup_ctx); the admin listener goes last.
+    await runner.cleanup()
+    await admin_runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _run(settings: Settings) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        log.info("event loop: asyncio (install tierproxy[uvloop] for uvloop)")
+        return asyncio.run(serve(settings))
+    log.info("event loop: uvloop %s", uvloop.__version__)
+    return uvloop.run(serve(settings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = dict(os.environ)
+    for flag, env_name in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            env[env_name] = value
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        print(f"tierproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    try:
+        return _run(settings)
+    except StartupError as exc:
+        print(f"tierproxy: cannot start: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Entry <-> bytes for the shared tiers (L2, L3): msgpack with a format version.
+
+An entry that cannot be read back exactly — another format version, truncated bytes, a body
+whose length or checksum differs from what was stored, or an entry stored under another key —
+raises :class:`CorruptEntry`; callers treat it as a miss and delete it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import msgpack
+
+from .entry import Entry
+
+__all__ = ["FORMAT_VERSION", "CorruptEntry", "encode", "decode"]
+
+FORMAT_VERSION = 1
+
+
+class CorruptEntry(Exception):
+    """Stored bytes that are not a valid entry for the requested key."""
+
+
+def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    return [item for pair in pairs for item in pair]
+
+
+def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(flat, list) or len(flat) % 2 or not all(isinstance(s, str) for s in flat):
+        raise CorruptEntry("bad header list")
+    return tuple(zip(flat[0::2], flat[1::2], strict=True))
+
+
+def encode(entry: Entry) -> bytes:
+    body = entry.body
+    packed: bytes = msgpack.packb(
+        [
+            FORMAT_VERSION,
+            entry.key,
+            entry.status,
+            _flatten(entry.headers),
+            body,
+            entry.stored_at,
+            entry.fresh_until,
+            entry.stale_until,
+            entry.swr_until,
+            entry.expires_at,
+            entry.etag,
+            entry.last_modified,
+            _flatten(entry.vary),
+            list(entry.tags),
+            len(body),
+            zlib.crc32(body),
+        ],
+        use_bin_type=True,
+    )
+    return packed
+
+
+def decode(data: bytes, key: str) -> Entry:
+    """Decode ``data`` stored for ``key``; raise :class:`CorruptEntry` unless it is exactly that."""
+    try:
+        fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CorruptEntry(f"undecodable: {type(exc).__name__}") from None
+    if not isinstance(fields, list) or not fields or fields[0] != FORMAT_VERSION:
+        raise CorruptEntry("unknown format version")
+    if len(fields) != 16:
+        raise CorruptEntry("wrong field count")
+    (
+        _version,
+        stored_key,
+        status,
+        headers,
+        body,
+        stored_at,
+        fresh_until,
+        stale_until,
+        swr_until,
+        expires_at,
+        etag,
+        last_modified,
+        vary,
+        tags,
+        body_len,
+        crc,
+    ) = fields
+    if stored_key != key:
+        raise CorruptEntry("entry belongs to another key")
+    if not isinstance(body, bytes) or len(body) != body_len or zlib.crc32(body) != crc:
+        raise CorruptEntry("body length or checksum mismatch")
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        raise CorruptEntry("bad status")
+    times = (stored_at, fresh_until, stale_until, swr_until, expires_at)
+    if not all(isinstance(t, (int, float)) for t in times):
+        raise CorruptEntry("bad timestamps")
+    if not (etag is None or isinstance(etag, str)) or not (
+        last_modified is None or isinstance(last_modified, str)
+    ):
+        raise CorruptEntry("bad validators")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise CorruptEntry("bad tags")
+    return Entry(
+        key=key,
+        status=status,
+        headers=_pairs(headers),
+        body=body,
+        stored_at=float(stored_at),
+        fresh_until=float(fresh_until),
+        stale_until=float(stale_until),
+        swr_until=float(swr_until),
+        expires_at=float(expires_at),
+        etag=etag,
+        last_modified=last_modified,
+        vary=_pairs(vary),
+        tags=tuple(tags),
+    )

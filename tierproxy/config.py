@@ -1,0 +1,259 @@
+"""Settings from ``TIERPROXY_*`` environment variables, validated once at start-up.
+
+Every bad value raises :class:`ConfigError` with one line naming the variable, the value and
+what is allowed; the command line turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+__all__ = ["ConfigError", "Settings", "load_settings", "ENV_DEFAULTS"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message is one line for the operator."""
+
+
+# Headers the origin may act on but that are never part of the cache key. Forwarding them
+# would let one client shape a response that every other client is then served
+# (unkeyed-header cache poisoning), so they are dropped unless the operator allows them.
+DEFAULT_UNKEYED_DENYLIST = (
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-host",
+    "forwarded",
+)
+
+ENV_DEFAULTS: dict[str, str] = {
+    "TIERPROXY_HOST": "127.0.0.1",
+    "TIERPROXY_PORT": "8080",
+    "TIERPROXY_ADMIN_HOST": "",  # empty = same as TIERPROXY_HOST
+    "TIERPROXY_ADMIN_PORT": "8081",
+    "TIERPROXY_REDIS_URL": "",
+    "TIERPROXY_SQLITE_PATH": "./tierproxy-cache.sqlite3",
+    "TIERPROXY_L1_TIMEOUT": "0.01",
+    "TIERPROXY_L2_TIMEOUT": "0.1",
+    "TIERPROXY_L3_TIMEOUT": "0.5",
+    "TIERPROXY_L2_WRITE_TIMEOUT": "1.0",
+    "TIERPROXY_L3_WRITE_TIMEOUT": "2.0",
+    "TIERPROXY_ORIGIN_TIMEOUT": "2.0",
+    "TIERPROXY_REQUEST_DEADLINE": "3.0",
+    "TIERPROXY_L1_MAX_BYTES": "268435456",
+    "TIERPROXY_L3_MAX_BYTES": "1073741824",
+    "TIERPROXY_MAX_ENTRY_BYTES": "8388608",
+    "TIERPROXY_DEFAULT_TTL": "60",
+    "TIERPROXY_MAX_STALE": "86400",
+    "TIERPROXY_PURGE_TOKEN": "",
+    "TIERPROXY_BREAKER_FAILURES": "5",
+    "TIERPROXY_BREAKER_COOLDOWN": "5.0",
+    "TIERPROXY_BACKFILL_MAX_TASKS": "256",
+    "TIERPROXY_SHUTDOWN_TIMEOUT": "10.0",
+    "TIERPROXY_ORIGIN_MAX_CONNECTIONS": "100",
+    "TIERPROXY_REDIS_MAX_CONNECTIONS": "64",
+    "TIERPROXY_MAX_BODY_BYTES": "10485760",
+    "TIERPROXY_FORWARD_HEADERS": "",
+    "TIERPROXY_LOG_LEVEL": "INFO",
+    "TIERPROXY_LOG_FORMAT": "text",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    origin: str
+    host: str
+    port: int
+    admin_host: str
+    admin_port: int
+    redis_url: str | None
+    sqlite_path: str | None
+    l1_timeout: float
+    l2_timeout: float
+    l3_timeout: float
+    l2_write_timeout: float
+    l3_write_timeout: float
+    origin_timeout: float
+    request_deadline: float
+    l1_max_bytes: int
+    l3_max_bytes: int
+    max_entry_bytes: int
+    default_ttl: float
+    max_stale: float
+    purge_token: str | None
+    breaker_failures: int
+    breaker_cooldown: float
+    backfill_max_tasks: int
+    shutdown_timeout: float
+    origin_max_connections: int
+    redis_max_connections: int
+    max_body_bytes: int
+    unkeyed_denylist: frozenset[str]
+    log_level: str
+    log_format: str
+
+
+def _parse(
+    env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str
+) -> T:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        raw = ENV_DEFAULTS[name]
+    try:
+        return convert(raw.strip())
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {allowed}") from None
+
+
+def _seconds(positive: bool) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        value = float(raw)
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError(raw)
+        return value
+
+    return convert
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        value = int(raw)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(raw)
+        return value
+
+    return convert
+
+
+def _origin(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(raw)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(raw)
+    parts.port  # noqa: B018 - raises ValueError on a bad port
+    return raw.rstrip("/")
+
+
+def _redis_url(raw: str) -> str | None:
+    if raw in ("", "off"):
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(raw)
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(raw)
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(raw)
+    return level
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("text", "json"):
+        raise ValueError(raw)
+    return raw
+
+
+def _header_list(raw: str) -> frozenset[str]:
+    names = frozenset(n.strip().lower() for n in raw.split(",") if n.strip())
+    if any(not n.replace("-", "").isalnum() for n in names):
+        raise ValueError(raw)
+    return names
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (default: ``os.environ``)."""
+    if env is None:
+        env = os.environ
+    origin_raw = env.get("TIERPROXY_ORIGIN", "").strip()
+    if not origin_raw:
+        raise ConfigError(
+            "TIERPROXY_ORIGIN is required: the origin's base URL, e.g. http://127.0.0.1:9000"
+        )
+    origin = _parse(
+        {"TIERPROXY_ORIGIN": origin_raw},
+        "TIERPROXY_ORIGIN",
+        _origin,
+        "an http:// or https:// base URL without query, e.g. http://127.0.0.1:9000",
+    )
+    timeout = "a positive number of seconds, e.g. 0.25"
+    size = "a whole number of bytes, 0 or more"
+    port = "a port number 0-65535"
+
+    sqlite_raw = env.get("TIERPROXY_SQLITE_PATH") or ENV_DEFAULTS["TIERPROXY_SQLITE_PATH"]
+    sqlite_path = None if sqlite_raw.strip() == "off" else sqlite_raw.strip()
+
+    forward = _parse(
+        env, "TIERPROXY_FORWARD_HEADERS", _header_list, "a comma-separated list of header names"
+    )
+    host = _parse(env, "TIERPROXY_HOST", str, "an address to listen on")
+    settings = Settings(
+        origin=origin,
+        host=host,
+        port=_parse(env, "TIERPROXY_PORT", _integer(0, 65535), port),
+        admin_host=(env.get("TIERPROXY_ADMIN_HOST") or host).strip(),
+        admin_port=_parse(env, "TIERPROXY_ADMIN_PORT", _integer(0, 65535), port),
+        redis_url=_parse(
+            env, "TIERPROXY_REDIS_URL", _redis_url, "a redis://, rediss:// or unix:// URL"
+        ),
+        sqlite_path=sqlite_path,
+        l1_timeout=_parse(env, "TIERPROXY_L1_TIMEOUT", _seconds(True), timeout),
+        l2_timeout=_parse(env, "TIERPROXY_L2_TIMEOUT", _seconds(True), timeout),
+        l3_timeout=_parse(env, "TIERPROXY_L3_TIMEOUT", _seconds(True), timeout),
+        l2_write_timeout=_parse(env, "TIERPROXY_L2_WRITE_TIMEOUT", _seconds(True), timeout),
+        l3_write_timeout=_parse(env, "TIERPROXY_L3_WRITE_TIMEOUT", _seconds(True), timeout),
+        origin_timeout=_parse(env, "TIERPROXY_ORIGIN_TIMEOUT", _seconds(True), timeout),
+        request_deadline=_parse(env, "TIERPROXY_REQUEST_DEADLINE", _seconds(True), timeout),
+        l1_max_bytes=_parse(env, "TIERPROXY_L1_MAX_BYTES", _integer(0), size),
+        l3_max_bytes=_parse(env, "TIERPROXY_L3_MAX_BYTES", _integer(1), "a positive number of bytes"),
+        max_entry_bytes=_parse(
+            env, "TIERPROXY_MAX_ENTRY_BYTES", _integer(1), "a positive number of bytes"
+        ),
+        default_ttl=_parse(
+            env, "TIERPROXY_DEFAULT_TTL", _seconds(False), "seconds, 0 or more (0 = don't store)"
+        ),
+        max_stale=_parse(env, "TIERPROXY_MAX_STALE", _seconds(False), "seconds, 0 or more"),
+        purge_token=(env.get("TIERPROXY_PURGE_TOKEN") or None),
+        breaker_failures=_parse(
+            env, "TIERPROXY_BREAKER_FAILURES", _integer(1, 1_000_000), "a whole number, 1 or more"
+        ),
+        breaker_cooldown=_parse(env, "TIERPROXY_BREAKER_COOLDOWN", _seconds(True), timeout),
+        backfill_max_tasks=_parse(
+            env, "TIERPROXY_BACKFILL_MAX_TASKS", _integer(1, 1_000_000), "a whole number, 1 or more"
+        ),
+        shutdown_timeout=_parse(env, "TIERPROXY_SHUTDOWN_TIMEOUT", _seconds(True), timeout),
+        origin_max_connections=_parse(
+            env, "TIERPROXY_ORIGIN_MAX_CONNECTIONS", _integer(1, 100_000), "a whole number, 1 or more"
+        ),
+        redis_max_connections=_parse(
+            env, "TIERPROXY_REDIS_MAX_CONNECTIONS", _integer(1, 100_000), "a whole number, 1 or more"
+        ),
+        max_body_bytes=_parse(env, "TIERPROXY_MAX_BODY_BYTES", _integer(0), size),
+        unkeyed_denylist=frozenset(DEFAULT_UNKEYED_DENYLIST) - forward,
+        log_level=_parse(env, "TIERPROXY_LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+        log_format=_parse(env, "TIERPROXY_LOG_FORMAT", _log_format, "text or json"),
+    )
+    if settings.purge_token is not None and len(settings.purge_token) < 16:
+        raise ConfigError(
+            "TIERPROXY_PURGE_TOKEN is too short: use at least 16 characters (or unset it)"
+        )
+    return settings

@@ -1,0 +1,431 @@
+"""The read-through orchestrator: tiers in order under timeouts, origin, backfill, stale.
+
+It knows tiers only through :class:`~tierproxy.tiers.base.GuardedTier` and the origin only
+through :class:`~tierproxy.origin.OriginClient`; it returns a result value that the server
+turns into an HTTP response. Caching decisions come from :mod:`tierproxy.policy`.
+
+    lookup L1 -> L2 -> L3 ──fresh──────────────────────────────► Cached(HIT-Lx)
+          │                └─stale─► swr window? ─yes─► Cached(STALE-Lx) + background refresh
+          │                                      └─no──► fetch (conditional) ─┐
+          └─miss──────────────────────────────────────► fetch ─────────────────┤
+                                     304 ► Cached(REVALIDATED)   200 ► Cached(MISS, stored)
+                       timeout/error/5xx ► stale copy usable? ► Cached(STALE-Lx) : 504/502/5xx
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from . import policy
+from .background import BackgroundTasks
+from .entry import Entry
+from .keys import CacheKey
+from .metrics import Metrics
+from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout, upstream_headers
+from .tiers.base import Blob, GuardedTier
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = [
+    "ReadThrough",
+    "ProxyRequest",
+    "Cached",
+    "Forwarded",
+    "Failed",
+    "Result",
+]
+
+log = logging.getLogger("tierproxy.readthrough")
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    method: str
+    key: CacheKey
+    headers: CIMultiDictProxy[str]
+    peer: str | None
+    scheme: str
+    deadline: float  # loop clock
+    body: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---- results: what the server turns into a response ---------------------------------------
+
+
+@dataclass(slots=True)
+class Cached:
+    """Serve this entry."""
+
+    entry: Entry
+    x_cache: str
+    cache_status: str
+
+
+@dataclass(slots=True)
+class Forwarded:
+    """Serve the origin's response as it came (not stored)."""
+
+    response: OriginResponse
+    x_cache: str
+    cache_status: str
+
+
+@dataclass(slots=True)
+class Failed:
+    """Nothing usable: 502 or 504 with a plain-text reason."""
+
+    status: int
+    reason: str
+    x_cache: str
+    cache_status: str
+
+
+Result = Cached | Forwarded | Failed
+
+
+# ---- fetch outcomes, shared between coalesced requests ------------------------------------
+
+
+@dataclass(slots=True)
+class _Stored:
+    entry: Entry
+    revalidated: bool
+
+
+@dataclass(slots=True)
+class _Unstorable:
+    response: OriginResponse
+    reason: str
+
+
+@dataclass(slots=True)
+class _OriginFailed:
+    reason: str  # origin-timeout | origin-error | origin-5xx
+    response: OriginResponse | None = None  # the 5xx, when the origin answered one
+
+
+_Outcome = _Stored | _Unstorable | _OriginFailed
+
+
+def _shareable(outcome: _Outcome) -> bool:
+    if isinstance(outcome, _Stored):
+        return True
+    if isinstance(outcome, _OriginFailed):
+        return outcome.response is None or outcome.response.stream is None
+    return False  # may be private to the requester, or a stream only one client can read
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ReadThrough:
+    def __init__(
+        self,
+        settings: Settings,
+        tiers: list[GuardedTier],
+        origin: OriginClient,
+        background: BackgroundTasks,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.tiers = tiers
+        self.l1 = tiers[0] if tiers and tiers[0].synchronous else None
+        self.async_tiers = [t for t in tiers if not t.synchronous]
+        self.origin = origin
+        self.background = background
+        self.metrics = metrics
+        self.policy = policy.CachePolicy(settings.default_ttl, settings.max_stale)
+        self._inflight: dict[str, asyncio.Future[_Outcome | None]] = {}
+        self._tier_timeouts = {
+            "l1": settings.l1_timeout, "l2": settings.l2_timeout, "l3": settings.l3_timeout,
+        }
+        self._origin_outcomes = {
+            name: metrics.origin_fetches.labels(name)
+            for name in ("ok", "5xx", "timeout", "error")
+        }
+
+    # ---- lookup ---------------------------------------------------------------------------
+
+    async def get(self, req: ProxyRequest) -> Result:
+        """Answer a cacheable GET/HEAD from the fastest tier with a usable copy."""
+        loop = asyncio.get_running_loop()
+        stale: Entry | None = None
+        stale_index = 0
+        entry: Entry | None = None
+        # Index 0 is L1 when present; ``hit_index`` is where the entry was found, so the tiers
+        # before it are the ones to backfill.
+        for index, tier in enumerate(self.tiers):
+            if tier.synchronous:
+                entry = tier.get_now(req.key)
+            else:
+                budget = min(self._tier_timeouts.get(tier.name, tier.read_timeout),
+                             req.deadline - loop.time())
+                started = loop.time()
+                entry = await tier.get(req.key, budget)
+                req.timings[tier.name] = loop.time() - started
+            if entry is None:
+                continue
+            if entry.vary and not policy.vary_matches(entry, req.headers):
+                entry = None
+                continue
+            now = time.time()
+            if now < entry.fresh_until:
+                self._backfill(req.key, entry, index)
+                ttl = math.floor(entry.fresh_until - now)
+                return Cached(entry, f"HIT-{tier.name.upper()}",
+                              f"tierproxy; hit; ttl={ttl}; detail={tier.name}")
+            if now < entry.expires_at:
+                stale, stale_index = entry, index
+                break
+
+        if stale is not None:
+            label = f"STALE-{self.tiers[stale_index].name.upper()}"
+            now = time.time()
+            if now < stale.swr_until:
+                # RFC 5861 §3: serve the stale copy now, refresh it in the background.
+                self._backfill(req.key, stale, stale_index)
+                self._refresh_in_background(req, stale)
+                self.metrics.stale_served.labels("revalidating").inc()
+                ttl = math.floor(stale.fresh_until - now)
+                return Cached(stale, label, f'tierproxy; hit; ttl={ttl}; detail="revalidating"')
+        return await self._fetch_and_answer(req, stale, stale_index)
+
+    # ---- fetch ----------------------------------------------------------------------------
+
+    async def _fetch_and_answer(self, req: ProxyRequest, stale: Entry | None, stale_index: int) -> Result:
+        outcome, collapsed = await self._coalesced_fetch(req, stale)
+        fwd = "stale" if stale is not None else "miss"
+        extra = "; collapsed" if collapsed else ""
+        if isinstance(outcome, _Stored):
+            if outcome.revalidated:
+                return Cached(outcome.entry, "REVALIDATED",
+                              f"tierproxy; fwd={fwd}; fwd-status=304; stored{extra}")
+            return Cached(outcome.entry, "MISS",
+                          f"tierproxy; fwd={fwd}; fwd-status={outcome.entry.status}; stored{extra}")
+        if isinstance(outcome, _Unstorable):
+            status = outcome.response.status
+            return Forwarded(outcome.response, "BYPASS",
+                             f"tierproxy; fwd={fwd}; fwd-status={status}; detail={_quote(outcome.reason)}")
+        # The origin failed: a stale copy within its stale limit beats an error.
+        now = time.time()
+        if stale is not None and now < stale.stale_until:
+            if outcome.response is not None:
+                outcome.response.release()
+            self.metrics.stale_served.labels(outcome.reason).inc()
+            label = f"STALE-{self.tiers[stale_index].name.upper()}"
+            ttl = math.floor(stale.fresh_until - now)
+            return Cached(stale, label, f"tierproxy; hit; ttl={ttl}; detail={_quote(outcome.reason)}")
+        if outcome.response is not None:
+            status = outcome.response.status
+            return Forwarded(outcome.response, "MISS",
+                             f"tierproxy; fwd={fwd}; fwd-status={status}; detail={_quote(outcome.reason)}")
+        status = 504 if outcome.reason == "origin-timeout" else 502
+        return Failed(status, outcome.reason, "MISS",
+                      f"tierproxy; fwd={fwd}; detail={_quote(outcome.reason)}")
+
+    async def _coalesced_fetch(self, req: ProxyRequest, stale: Entry | None) -> tuple[_Outcome, bool]:
+        """One origin fetch per key at a time; concurrent requests wait on the leader's.
+
+        The leader fetches in its own task (so it can stream to its client); waiters get the
+        leader's outcome when it can be shared, else they fetch for themselves.
+        """
+        loop = asyncio.get_running_loop()
+        material = req.key.material
+        leader_future = self._inflight.get(material)
+        if leader_future is not None:
+            self.metrics.coalesced_waiters.inc()
+            try:
+                async with asyncio.timeout(max(0.0, req.deadline - loop.time())):
+                    # shield: one waiter's deadline must not cancel what the others wait on
+                    shared = await asyncio.shield(leader_future)
+            except TimeoutError:
+                return _OriginFailed("origin-timeout"), True
+            if shared is not None:
+                return shared, True
+            return await self._fetch(req, stale), False
+
+        future: asyncio.Future[_Outcome | None] = loop.create_future()
+        self._inflight[material] = future
+        outcome: _Outcome | None = None
+        try:
+            outcome = await self._fetch(req, stale)
+        finally:
+            del self._inflight[material]
+            # None tells waiters to fetch for themselves (also when the leader was cancelled).
+            future.set_result(outcome if outcome is not None and _shareable(outcome) else None)
+        return outcome, False
+
+    async def _fetch(self, req: ProxyRequest, stale: Entry | None) -> _Outcome:
+        loop = asyncio.get_running_loop()
+        budget = min(self.settings.origin_timeout, req.deadline - loop.time())
+        if budget <= 0:
+            self._origin_outcomes["timeout"].inc()
+            return _OriginFailed("origin-timeout")
+        headers = upstream_headers(req.headers, req.peer, req.scheme,
+                                   self.settings.unkeyed_denylist, cacheable=True)
+        if stale is not None:
+            # RFC 9111 §4.3.1: validate the stored response.
+            if stale.etag:
+                headers["If-None-Match"] = stale.etag
+            if stale.last_modified:
+                headers["If-Modified-Since"] = stale.last_modified
+        started = loop.time()
+        try:
+            # A HEAD fills the cache too: fetch the GET it stands for.
+            response = await self.origin.fetch("GET", req.key.material, headers, None, budget,
+                                               self.settings.max_entry_bytes)
+        except OriginTimeout:
+            self._origin_outcomes["timeout"].inc()
+            req.timings["origin"] = loop.time() - started
+            return _OriginFailed("origin-timeout")
+        except OriginError as exc:
+            self._origin_outcomes["error"].inc()
+            req.timings["origin"] = loop.time() - started
+            log.info("origin error for %r: %s", req.key.material[:200], exc)
+            return _OriginFailed("origin-error")
+        elapsed = loop.time() - started
+        req.timings["origin"] = elapsed
+        self.metrics.origin_fetch_seconds.observe(elapsed)
+        if response.status >= 500:
+            self._origin_outcomes["5xx"].inc()
+            return _OriginFailed("origin-5xx", response)
+        self._origin_outcomes["ok"].inc()
+
+        if response.status == 304 and stale is not None:
+            refreshed = policy.freshen(stale, response.headers, req.headers,
+                                       response.request_time, response.response_time, self.policy)
+            if refreshed is None:
+                self._invalidate(req.key)
+                # Still a valid answer for this client, just not storable any more.
+                return _Stored(stale, revalidated=True)
+            self._backfill(req.key, refreshed, len(self.tiers))
+            return _Stored(refreshed, revalidated=True)
+
+        if response.body is None:
+            return _Unstorable(response, "too-large")
+        decision = policy.decide_storage("GET", req.headers, response.status, response.headers,
+                                         response.request_time, response.response_time, self.policy)
+        if not decision.storable:
+            if stale is not None:
+                self._invalidate(req.key)
+            return _Unstorable(response, decision.reason)
+        entry = Entry(
+            key=req.key.material,
+            status=response.status,
+            headers=policy.storable_headers(response.headers),
+            body=response.body,
+            stored_at=decision.stored_at,
+            fresh_until=decision.fresh_until,
+            stale_until=decision.stale_until,
+            swr_until=decision.swr_until,
+            expires_at=decision.expires_at,
+            etag=response.headers.get("ETag"),
+            last_modified=response.headers.get("Last-Modified"),
+            vary=policy.vary_values(response.headers, req.headers),
+            tags=tuple(response.headers.get("Surrogate-Key", "").split()),
+        )
+        self._backfill(req.key, entry, len(self.tiers))
+        return _Stored(entry, revalidated=False)
+
+    def _refresh_in_background(self, req: ProxyRequest, stale: Entry) -> None:
+        loop = asyncio.get_running_loop()
+        background_req = ProxyRequest(
+            method="GET", key=req.key, headers=CIMultiDictProxy(CIMultiDict(req.headers)),
+            peer=req.peer, scheme=req.scheme,
+            deadline=loop.time() + self.settings.origin_timeout,
+        )
+
+        async def refresh() -> None:
+            await self._coalesced_fetch(background_req, stale)
+
+        self.background.spawn("revalidate", refresh)
+
+    # ---- writes ---------------------------------------------------------------------------
+
+    def _backfill(self, key: CacheKey, entry: Entry, upto: int) -> None:
+        """Fill the tiers before index ``upto``: L1 now (memory), the others in the background."""
+        blob: Blob | None = None
+        for tier in self.tiers[:upto]:
+            if tier.synchronous:
+                tier.backend.set_now(key, entry)
+                continue
+            if blob is None:
+                blob = Blob(entry)
+            self._spawn_store(tier, key, entry, blob)
+
+    def _spawn_store(self, tier: GuardedTier, key: CacheKey, entry: Entry, blob: Blob) -> None:
+        counters = self.metrics.backfills
+
+        async def store() -> None:
+            ok = await tier.set(key, entry, blob)
+            counters.labels(tier.name, "completed" if ok else "failed").inc()
+
+        if self.background.spawn(f"backfill-{tier.name}", store):
+            counters.labels(tier.name, "started").inc()
+        else:
+            counters.labels(tier.name, "dropped").inc()
+
+    def _invalidate(self, key: CacheKey) -> None:
+        """Forget ``key`` everywhere (RFC 9111 §4.4); shared tiers in the background."""
+        for tier in self.tiers:
+            if tier.synchronous:
+                tier.backend.remove_now(key)
+                continue
+
+            async def delete(t: GuardedTier = tier) -> None:
+                await t.delete(key)
+
+            self.background.spawn(f"invalidate-{tier.name}", delete)
+
+    def invalidate(self, key: CacheKey) -> None:
+        self._invalidate(key)
+
+    async def purge(self, key: CacheKey) -> dict[str, bool]:
+        """Delete ``key`` from every tier now; {tier: whether it held the key}."""
+        removed: dict[str, bool] = {}
+        for tier in self.tiers:
+            if tier.synchronous:
+                removed[tier.name] = tier.backend.remove_now(key)
+            else:
+                removed[tier.name] = await tier.delete(key)
+        return removed
+
+    # ---- pass-through ----------------------------------------------------------------------
+
+    async def forward(self, req: ProxyRequest) -> Result:
+        """A request the cache does not answer: send it on, stream the answer back."""
+        loop = asyncio.get_running_loop()
+        budget = min(self.settings.origin_timeout, req.deadline - loop.time())
+        headers = upstream_headers(req.headers, req.peer, req.scheme,
+                                   self.settings.unkeyed_denylist, cacheable=False)
+        reason = "method" if req.method not in ("GET", "HEAD") else "bypass"
+        started = loop.time()
+        try:
+            if budget <= 0:
+                raise OriginTimeout("deadline spent")
+            response = await self.origin.fetch(req.method, req.key.material, headers, req.body,
+                                               budget, self.settings.max_entry_bytes)
+        except OriginTimeout:
+            self._origin_outcomes["timeout"].inc()
+            return Failed(504, "origin-timeout", "BYPASS", f'tierproxy; fwd={reason}; detail="origin-timeout"')
+        except OriginError:
+            self._origin_outcomes["error"].inc()
+            return Failed(502, "origin-error", "BYPASS", f'tierproxy; fwd={reason}; detail="origin-error"')
+        finally:
+            req.timings["origin"] = loop.time() - started
+        self._origin_outcomes["5xx" if response.status >= 500 else "ok"].inc()
+        # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
+        if req.method not in ("GET", "HEAD", "OPTIONS", "TRACE") and response.status < 400:
+            self._invalidate(req.key)
+        return Forwarded(response, "BYPASS",
+                         f"tierproxy; fwd={reason}; fwd-status={response.status}")

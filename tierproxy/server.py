@@ -1,0 +1,328 @@
+"""The proxy listener: one aiohttp app whose cleanup_ctx owns every resource.
+
+The handler parses the request into a :class:`~tierproxy.readthrough.ProxyRequest`, asks the
+orchestrator for a result, and writes it; it does no caching logic of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import policy
+from .background import BackgroundTasks
+from .config import Settings
+from .keys import BadTarget, CacheKey, normalise_target
+from .metrics import Metrics
+from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout
+from .readthrough import Cached, Failed, Forwarded, ProxyRequest, ReadThrough, Result
+from .tiers.base import Breaker, GuardedTier, TierBackend
+from .tiers.memory import MemoryTier
+from .tiers.redis import RedisTier
+from .tiers.sqlite import SQLiteTier
+
+__all__ = ["STATE", "ProxyState", "build_app"]
+
+log = logging.getLogger("tierproxy.server")
+
+# Response headers never passed from the origin to the client on a forwarded response.
+_RESPONSE_DROP = ("content-length", "surrogate-key", "surrogate-control")
+
+
+@dataclass(slots=True)
+class ProxyState:
+    settings: Settings
+    metrics: Metrics
+    tiers: list[GuardedTier]
+    origin: OriginClient
+    background: BackgroundTasks
+    readthrough: ReadThrough
+    ready: bool = False
+    inflight: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def tier(self, name: str) -> GuardedTier | None:
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        return None
+
+
+STATE = web.AppKey("tierproxy_state", ProxyState)
+
+
+def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
+    backends: list[tuple[TierBackend, float, float]] = []
+    if settings.l1_max_bytes > 0:
+        backends.append((MemoryTier(settings.l1_max_bytes), settings.l1_timeout, settings.l1_timeout))
+    if settings.redis_url:
+        backends.append((
+            RedisTier(
+                settings.redis_url,
+                socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
+                max_connections=settings.redis_max_connections,
+            ),
+            settings.l2_timeout,
+            settings.l2_write_timeout,
+        ))
+    if settings.sqlite_path:
+        backends.append((
+            SQLiteTier(
+                settings.sqlite_path,
+                max_bytes=settings.l3_max_bytes,
+                read_timeout=settings.l3_timeout,
+                write_timeout=settings.l3_write_timeout,
+            ),
+            settings.l3_timeout,
+            settings.l3_write_timeout,
+        ))
+    return [
+        GuardedTier(
+            backend, read_timeout, write_timeout,
+            Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,
+        )
+        for backend, read_timeout, write_timeout in backends
+    ]
+
+
+def _register_gauges(state: ProxyState) -> None:
+    m = state.metrics
+    m.inflight.set_function(lambda: state.inflight)
+    m.background_tasks.set_function(lambda: state.background.pending)
+    for tier in state.tiers:
+        m.breaker_open.labels(tier.name).set_function(lambda t=tier: float(t.breaker.is_open))
+        m.tier_timeout.labels(tier.name).set(tier.read_timeout)
+        backend = tier.backend
+        if isinstance(backend, MemoryTier):
+            m.l1_bytes.set_function(lambda b=backend: b.bytes)
+            m.l1_entries.set_function(lambda b=backend: len(b))
+        elif isinstance(backend, SQLiteTier):
+            m.l3_bytes.set_function(lambda b=backend: b.bytes)
+            m.l3_entries.set_function(lambda b=backend: b.entries)
+    m.tier_timeout.labels("origin").set(state.settings.origin_timeout)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Open every resource before serving; on the way out drain, then close (in that order)."""
+    state = app[STATE]
+    settings = state.settings
+    opened: list[GuardedTier] = []
+    try:
+        await state.origin.open()
+        for tier in state.tiers:
+            await tier.backend.open()
+            opened.append(tier)
+    except BaseException:
+        for tier in opened:
+            await tier.close()
+        await state.origin.close()
+        raise
+    if settings.redis_url is None:
+        log.info("L2 off: TIERPROXY_REDIS_URL is unset")
+    else:
+        l2 = state.tier("l2")
+        assert l2 is not None and isinstance(l2.backend, RedisTier)
+        try:
+            async with asyncio.timeout(max(1.0, settings.l2_timeout)):
+                await l2.backend.ping()
+            log.info("L2 Redis reachable")
+        except Exception as exc:  # start anyway: L2 is a cache, its breaker handles it
+            log.warning("L2 Redis not reachable at start-up (%r); serving without it until it is",
+                        exc)
+    if settings.sqlite_path is None:
+        log.info("L3 off: TIERPROXY_SQLITE_PATH=off")
+    if settings.l1_max_bytes == 0:
+        log.info("L1 off: TIERPROXY_L1_MAX_BYTES=0")
+    state.ready = True
+    try:
+        yield
+    finally:
+        state.ready = False
+        # Backfills write to the tiers: let them finish (bounded) before the tiers close.
+        await state.background.drain(settings.shutdown_timeout)
+        for tier in state.tiers:
+            try:
+                await tier.close()
+            except Exception as exc:
+                log.warning("closing %s: %r", tier.name, exc)
+        await state.origin.close()
+
+
+def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    """The proxy listener's app. Nothing is opened until the app starts."""
+    metrics = metrics or Metrics()
+    tiers = _make_tiers(settings, metrics)
+    origin = OriginClient(
+        settings.origin,
+        max_connections=settings.origin_max_connections,
+        read_timeout=settings.origin_timeout,
+    )
+    background = BackgroundTasks(settings.backfill_max_tasks, metrics)
+    readthrough = ReadThrough(settings, tiers, origin, background, metrics)
+    state = ProxyState(settings, metrics, tiers, origin, background, readthrough)
+    _register_gauges(state)
+
+    app = web.Application(
+        client_max_size=max(1, settings.max_body_bytes), middlewares=[_unrouted_targets]
+    )
+    app[STATE] = state
+    app.cleanup_ctx.append(_resources)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+@web.middleware
+async def _unrouted_targets(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    # aiohttp's router finds no route for an absolute-form target with an empty path
+    # (``GET http://host:port HTTP/1.1``); RFC 9110 §4.2.3 makes that path "/". Such requests
+    # still reach the proxy handler, which keys (and pins the upstream) as for any other.
+    if request.match_info.http_exception is not None:
+        return await handle(request)
+    return await handler(request)
+
+
+def _plain(status: int, text: str, x_cache: str = "BYPASS", cache_status: str = "tierproxy; fwd=bypass") -> web.Response:
+    return web.Response(
+        status=status, text=text + "\n",
+        headers={"X-Cache": x_cache, "Cache-Status": cache_status},
+    )
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.inflight += 1
+    try:
+        response = await _handle(request, state)
+    finally:
+        state.inflight -= 1
+    return response
+
+
+async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse:
+    method = request.method
+    if method == "CONNECT":
+        return _plain(405, "405 CONNECT is not supported: this is a reverse proxy")
+    try:
+        material = normalise_target(request.raw_path)
+    except BadTarget as exc:
+        return _plain(400, f"400 bad request target: {exc}")
+    key = CacheKey(material)
+    if method == "PURGE":
+        return await _purge(request, state, key)
+
+    loop = asyncio.get_running_loop()
+    req = ProxyRequest(
+        method=method,
+        key=key,
+        headers=request.headers,
+        peer=request.remote,
+        scheme="https" if request.secure else "http",
+        deadline=loop.time() + state.settings.request_deadline,
+    )
+    has_body = request.body_exists
+    if policy.bypass_reason(method, request.headers, has_body) is None:
+        result = await state.readthrough.get(req)
+    else:
+        if has_body:
+            try:
+                req.body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _plain(413, "413 request body too large")
+        result = await state.readthrough.forward(req)
+    return await _respond(request, state, result)
+
+
+async def _respond(request: web.Request, state: ProxyState, result: Result) -> web.StreamResponse:
+    if isinstance(result, Cached):
+        entry = result.entry
+        if policy.client_not_modified(request.headers, entry):
+            headers = CIMultiDict(
+                (name, value) for name, value in entry.headers
+                if name.lower() in policy.NOT_MODIFIED_HEADERS or name.lower() == "last-modified"
+            )
+            status = 304
+            response = web.Response(status=304, headers=headers)
+        else:
+            status = entry.status
+            response = web.Response(status=status, body=entry.body, headers=entry.response_headers)
+        response.headers["Age"] = str(entry.age(time.time()))
+        response.headers["X-Cache"] = result.x_cache
+        response.headers["Cache-Status"] = result.cache_status
+        state.metrics.response(result.x_cache, status)
+        return response
+
+    if isinstance(result, Failed):
+        state.metrics.response(result.x_cache, result.status)
+        text = {
+            "origin-timeout": f"{result.status} origin timed out",
+            "origin-error": f"{result.status} origin refused the connection or sent a broken response",
+        }.get(result.reason, f"{result.status} {result.reason}")
+        return _plain(result.status, text, result.x_cache, result.cache_status)
+
+    assert isinstance(result, Forwarded)
+    origin_response = result.response
+    headers = CIMultiDict(policy.end_to_end(origin_response.headers, _RESPONSE_DROP))
+    headers["X-Cache"] = result.x_cache
+    headers["Cache-Status"] = result.cache_status
+    state.metrics.response(result.x_cache, origin_response.status)
+    if origin_response.body is not None or origin_response.stream is None:
+        return web.Response(status=origin_response.status, body=origin_response.body or b"",
+                            headers=headers)
+    return await _stream(request, state, origin_response, headers)
+
+
+async def _stream(request: web.Request, state: ProxyState, origin_response: OriginResponse,
+                  headers: CIMultiDict[str]) -> web.StreamResponse:
+    """Copy a large or unbounded body chunk by chunk; never hold all of it."""
+    assert origin_response.stream is not None
+    upstream = origin_response.stream
+    response = web.StreamResponse(status=origin_response.status, headers=headers)
+    length = upstream.content_length
+    if length is not None:
+        # Keep the origin's framing so the client can tell a truncated body from a whole one.
+        response.content_length = length
+    try:
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        if origin_response.prefix:
+            await response.write(origin_response.prefix)
+        for _ in range(1 << 40):  # bounded by the body; each read bounded by the origin timeout
+            chunk = await state.origin.read_chunk(upstream)
+            if not chunk:
+                break
+            await response.write(chunk)
+        await response.write_eof()
+    except (OriginError, OriginTimeout) as exc:
+        log.warning("origin body broke off for %s: %s", request.path[:200], exc)
+        # Headers are gone; the only honest signal left is to cut the connection.
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        origin_response.release()
+    return response
+
+
+async def _purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.Response:
+    token = state.settings.purge_token
+    if token is None:
+        return _plain(405, "405 PURGE is disabled: set TIERPROXY_PURGE_TOKEN to enable it")
+    supplied = request.headers.get("Authorization", "")
+    # Constant-time: the comparison must not reveal how much of the token was right.
+    if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
+                               f"Bearer {token}".encode()):
+        return _plain(401, "401 unauthorized")
+    removed = await state.readthrough.purge(key)
+    body = {"key": key.material, "purged": sum(removed.values()), "tiers": removed}
+    return web.Response(status=200, text=json.dumps(body), content_type="application/json",
+                        headers={"X-Cache": "BYPASS", "Cache-Status": "tierproxy; fwd=bypass"})
