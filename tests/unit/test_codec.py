@@ -1,0 +1,64 @@
+"""Entry packing: round trips, and every kind of bad bytes is CorruptEntry, never a crash."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tierproxy import codec
+from tierproxy.entry import Entry
+
+
+def make_entry(**kw) -> Entry:
+    base = dict(key="/a?b=1", status=200, headers=(("Content-Type", "text/plain"), ("X-A", "1")),
+                body=b"hello", stored_at=1.0, fresh_until=2.0, stale_until=3.0, swr_until=2.0,
+                expires_at=4.0, etag='"e"', last_modified=None, vary=(("accept", "x"),),
+                tags=("t1", "t2"))
+    base.update(kw)
+    return Entry(**base)
+
+
+def test_round_trip():
+    entry = make_entry()
+    assert codec.decode(codec.encode(entry), entry.key) == entry
+
+
+@given(body=st.binary(max_size=2048), key=st.text(min_size=1, max_size=50),
+       headers=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=5))
+def test_round_trip_any_body_and_headers(body, key, headers):
+    entry = make_entry(body=body, key=key, headers=tuple(headers))
+    assert codec.decode(codec.encode(entry), key) == entry
+
+
+def test_entry_stored_under_another_key_is_corrupt():
+    with pytest.raises(codec.CorruptEntry, match="another key"):
+        codec.decode(codec.encode(make_entry(key="/a")), "/b")
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, -1])
+def test_truncated_bytes_are_corrupt(cut):
+    data = codec.encode(make_entry())
+    with pytest.raises(codec.CorruptEntry):
+        codec.decode(data[:cut], "/a?b=1")
+
+
+def test_body_changed_in_place_is_corrupt():
+    data = codec.encode(make_entry(body=b"hello world"))
+    tampered = data.replace(b"hello world", b"HELLO world")
+    with pytest.raises(codec.CorruptEntry, match="checksum"):
+        codec.decode(tampered, "/a?b=1")
+
+
+def test_other_format_version_is_corrupt():
+    fields = msgpack.unpackb(codec.encode(make_entry()))
+    fields[0] = codec.FORMAT_VERSION + 1
+    with pytest.raises(codec.CorruptEntry, match="version"):
+        codec.decode(msgpack.packb(fields), "/a?b=1")
+
+
+@given(st.binary(max_size=300))
+def test_garbage_never_raises_anything_but_corrupt_entry(data):
+    with pytest.raises(codec.CorruptEntry):
+        codec.decode(data, "/a?b=1")

@@ -1,0 +1,78 @@
+"""L1: byte bound, LRU eviction, expiry."""
+
+from __future__ import annotations
+
+import time
+
+from tierproxy.entry import Entry
+from tierproxy.keys import CacheKey
+from tierproxy.tiers.base import Breaker
+from tierproxy.tiers.memory import MemoryTier
+
+
+def entry(key: str, size: int = 100, expires_in: float = 60) -> Entry:
+    now = time.time()
+    return Entry(key=key, status=200, headers=(), body=b"x" * size, stored_at=now,
+                 fresh_until=now + expires_in, stale_until=now + expires_in,
+                 swr_until=now + expires_in, expires_at=now + expires_in)
+
+
+def test_byte_bound_holds_and_least_recently_used_goes_first():
+    one = entry("/1").size
+    tier = MemoryTier(max_bytes=one * 3)  # room for exactly three
+    tier.max_entry_bytes = one  # lift the one-eighth cap so three fit
+    for name in ("/1", "/2", "/3"):
+        assert tier.set_now(CacheKey(name), entry(name))
+    assert tier.get_now(CacheKey("/1")) is not None  # /1 is now the most recent
+    tier.set_now(CacheKey("/4"), entry("/4"))
+    assert tier.get_now(CacheKey("/2")) is None
+    assert {k for k in ("/1", "/3", "/4") if tier.get_now(CacheKey(k))} == {"/1", "/3", "/4"}
+    assert tier.bytes <= tier.max_bytes
+    assert tier.bytes == 3 * one
+
+
+def test_bytes_stay_within_bound_under_many_keys():
+    tier = MemoryTier(max_bytes=100_000)
+    for i in range(10_000):
+        tier.set_now(CacheKey(f"/k?{i}"), entry(f"/k?{i}", size=i % 500))
+        assert tier.bytes <= tier.max_bytes
+    assert tier.bytes == sum(e.size for e in tier._entries.values())
+
+
+def test_replacing_a_key_does_not_leak_bytes():
+    tier = MemoryTier(max_bytes=10_000)
+    for size in (10, 500, 20):
+        tier.set_now(CacheKey("/a"), entry("/a", size=size))
+    assert len(tier) == 1
+    assert tier.bytes == entry("/a", size=20).size
+
+
+def test_oversized_entry_is_not_kept():
+    tier = MemoryTier(max_bytes=8_000)
+    assert not tier.set_now(CacheKey("/big"), entry("/big", size=5_000))
+    assert tier.get_now(CacheKey("/big")) is None
+    assert tier.bytes == 0
+
+
+def test_expired_entries_are_dropped_on_lookup():
+    tier = MemoryTier(max_bytes=10_000)
+    tier.set_now(CacheKey("/old"), entry("/old", expires_in=-1))
+    assert tier.get_now(CacheKey("/old")) is None
+    assert tier.bytes == 0
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown():
+    breaker = Breaker(failures_to_open=3, cooldown=0.05)
+    for _ in range(2):
+        breaker.failure()
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.is_open and not breaker.allow()
+    deadline = time.monotonic() + 2
+    while not breaker.allow():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert breaker.state() == "half-open"
+    assert not breaker.allow()  # only one probe at a time
+    breaker.success()
+    assert breaker.state() == "closed" and breaker.allow()
