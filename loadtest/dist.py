@@ -25,7 +25,7 @@ class Dist:
     b: float = 0.0
 
     @classmethod
-    def parse(cls, spec: str | int | float) -> "Dist":
+    def parse(cls, spec: str | float) -> Dist:
         if isinstance(spec, (int, float)):
             return cls._check(cls("fixed", float(spec)), str(spec))
         text = str(spec).strip().lower()
@@ -49,7 +49,7 @@ class Dist:
         raise ValueError(f"bad distribution {spec!r}: want fixed:N, uniform:A,B or lognormal:P50,P99")
 
     @staticmethod
-    def _check(d: "Dist", text: str) -> "Dist":
+    def _check(d: Dist, text: str) -> Dist:
         if d.a < 0 or d.b < 0 or not math.isfinite(d.a) or not math.isfinite(d.b):
             raise ValueError(f"bad distribution {text!r}: values must be finite and >= 0")
         if d.kind == "uniform" and d.b < d.a:

@@ -18,6 +18,7 @@ Configuration (environment variables):
 | LT_CLIENT_TIMEOUT | 10       | seconds before the client gives up on one request                |
 | LT_TIMESERIES     | (unset)  | file to append one JSON line per second to (see below)           |
 | LT_SEED           | (unset)  | seed for the key sampler (per user: seed + user number)          |
+| LT_ERRORS         | (unset)  | file to append details of the first 500 non-ok answers to (JSONL) |
 
 Each time-series line is one wall-clock second: request count, latency percentiles of the
 GETs that finished in that second, a log-bucket latency histogram (so any window's
@@ -31,7 +32,8 @@ class:
                   origin outage, unexpected otherwise
     http_4xx      a 4xx answer to a GET
     client_error  no HTTP answer: connection refused/reset, client timeout
-    purge_ok / purge_refused / purge_error   PURGE answered 2xx or 404 / 401 or 403 / other
+    purge_ok / purge_refused / purge_unavailable / purge_error
+                  PURGE answered 2xx or 404 / 401 or 403 / 503 / anything else
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ PURGE_TOKEN = os.environ.get("LT_PURGE_TOKEN", "")
 CLIENT_TIMEOUT = float(os.environ.get("LT_CLIENT_TIMEOUT", "10"))
 TIMESERIES = os.environ.get("LT_TIMESERIES", "")
 SEED = os.environ.get("LT_SEED", "")
+ERRORS = os.environ.get("LT_ERRORS", "")
+MAX_ERROR_DETAILS = 500
 
 # Latency histogram: bucket b covers [H0 * G**b, H0 * G**(b+1)) milliseconds.
 H0 = 0.02
@@ -100,9 +104,19 @@ class Recorder:
     def __init__(self, path: str) -> None:
         self.path = path
         self.buckets: dict[int, dict[str, Any]] = {}
-        self.seen: set[str] = set()  # keys with a 200 since their last purge (bounded by LT_KEYS)
+        # keys with a 200 since their last purge -> (time, X-Cache) of the first such 200
+        self.seen: dict[str, tuple[float, str | None]] = {}  # bounded by LT_KEYS
         self.purged_at: dict[str, float] = {}  # key -> monotonic time its last PURGE finished
-        self._fh = open(path, "a", buffering=1) if path else None
+        self._fh = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - closed on quit
+        self._errors = open(ERRORS, "a", buffering=1) if ERRORS else None  # noqa: SIM115
+        self._error_count = 0
+
+    def detail(self, **fields: Any) -> None:
+        """Keep what an unexpected answer looked like, so a report can say which key and why."""
+        if self._errors is None or self._error_count >= MAX_ERROR_DETAILS:
+            return
+        self._error_count += 1
+        self._errors.write(json.dumps({"t": round(time.time(), 3), **fields}, default=str) + "\n")
 
     def _bucket(self, sec: int) -> dict[str, Any]:
         b = self.buckets.get(sec)
@@ -154,6 +168,9 @@ class Recorder:
         if self._fh:
             self._fh.close()
             self._fh = None
+        if self._errors:
+            self._errors.close()
+            self._errors = None
 
 
 REC = Recorder(TIMESERIES)
@@ -210,8 +227,8 @@ class ProxyUser(FastHttpUser):
                 cls = "ok"
                 # A GET that started before the key's last PURGE finished may have been served
                 # the copy that PURGE then removed: it doesn't prove a copy exists now.
-                if t0 > REC.purged_at.get(key, 0.0):
-                    REC.seen.add(key)
+                if t0 > REC.purged_at.get(key, 0.0) and key not in REC.seen:
+                    REC.seen[key] = (time.time(), xcache)
                 resp.success()
             elif status >= 500:
                 cls = "err_cached" if key in REC.seen else "err_uncached"
@@ -225,10 +242,16 @@ class ProxyUser(FastHttpUser):
             else:
                 cls = "ok"
                 resp.success()
+        if cls != "ok":
+            first_ok = REC.seen.get(key)
+            REC.detail(cls=cls, method="GET", key=key, status=status, ms=round(ms, 1), x_cache=xcache,
+                       cache_status=resp.headers.get("Cache-Status") if resp.headers else None,
+                       body=(resp.text or "")[:200] if status else str(resp.error)[:200],
+                       first_ok_at=first_ok[0] if first_ok else None, first_ok_x_cache=first_ok[1] if first_ok else None)
         REC.record(ms, cls, xcache, status, nbytes, True)
 
     def purge(self, key: str) -> None:
-        REC.seen.discard(key)
+        REC.seen.pop(key, None)
         REC.purged_at[key] = math.inf  # until it finishes, no GET proves a copy exists
         t0 = time.perf_counter()
         with self.client.request(
@@ -242,9 +265,15 @@ class ProxyUser(FastHttpUser):
             elif status in (401, 403):
                 cls = "purge_refused"
                 resp.failure(f"PURGE refused: {status}")
+            elif status == 503:
+                cls = "purge_unavailable"
+                resp.failure("PURGE answered 503")
             else:
                 cls = "purge_error"
                 resp.failure(f"PURGE answered {status}")
         REC.purged_at[key] = time.perf_counter()
+        if cls != "purge_ok":
+            REC.detail(cls=cls, method="PURGE", key=key, status=status, ms=round(ms, 1),
+                       body=(resp.text or "")[:200] if status else str(resp.error)[:200])
         REC.record(ms, cls, None, status, 0, False)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]  # (name, sorted labels)
 

@@ -93,7 +93,7 @@ class Knobs:
         if self.stale_while_revalidate < 0 or self.stale_if_error < 0:
             raise ValueError("stale_while_revalidate / stale_if_error must be >= 0")
 
-    def update(self, changes: dict[str, Any]) -> "Knobs":
+    def update(self, changes: dict[str, Any]) -> Knobs:
         names = {f.name: f.type for f in fields(self)}
         unknown = sorted(set(changes) - set(names))
         if unknown:
@@ -103,20 +103,20 @@ class Knobs:
             cur = data[k]
             if isinstance(cur, bool):
                 if not isinstance(v, bool):
-                    raise ValueError(f"{k} must be true or false")
+                    raise TypeError(f"{k} must be true or false")
             elif isinstance(cur, int):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-                    raise ValueError(f"{k} must be an integer")
+                    raise TypeError(f"{k} must be an integer")
                 v = int(v)
             elif isinstance(cur, float):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ValueError(f"{k} must be a number")
+                    raise TypeError(f"{k} must be a number")
                 v = float(v)
             else:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k in ("latency", "body_size"):
                     v = f"fixed:{v}"
                 if not isinstance(v, str):
-                    raise ValueError(f"{k} must be a string")
+                    raise TypeError(f"{k} must be a string")
             data[k] = v
         new = Knobs(**data)
         new.validate()
@@ -294,7 +294,7 @@ class Origin:
                 try:
                     changes = await request.json()
                     if not isinstance(changes, dict):
-                        raise ValueError("want a JSON object")
+                        raise TypeError("want a JSON object")
                     reset = bool(changes.pop("reset_stats", False))
                     self.knobs = self.knobs.update(changes)
                 except (ValueError, TypeError) as e:

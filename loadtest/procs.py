@@ -19,8 +19,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -84,7 +85,7 @@ class Proc:
     def stop(self, timeout: float = 5.0, first: int = signal.SIGTERM) -> int | None:
         if self.alive():
             self.send(signal.SIGCONT)  # a SIGSTOPped child would not act on SIGTERM
-            self.signal(first)
+            self.send(first)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -120,10 +121,10 @@ class ProcGroup:
             with contextlib.suppress(Exception):
                 p.stop()
 
-    def __enter__(self) -> "ProcGroup":
+    def __enter__(self) -> ProcGroup:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop_all()
 
 
@@ -134,7 +135,7 @@ class StartupError(RuntimeError):
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes, dict[str, str]]:
     req = urllib.request.Request(url, headers={"User-Agent": "tierproxy-loadtest"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read(), {k: v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
         return e.code, e.read(), {k: v for k, v in e.headers.items()}
@@ -145,7 +146,7 @@ def http_post_json(url: str, payload: dict[str, Any], timeout: float = 2.0) -> A
 
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback only)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -232,6 +233,35 @@ def start_proxy(group: ProcGroup, workdir: Path, env_extra: dict[str, str], name
                     taskset=taskset)
     wait_http(f"http://{LOOPBACK}:{admin}/healthz", p, timeout, name)
     return p, port, admin
+
+
+def host_busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy (not idle/iowait), from /proc/stat; shows outside load."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()
+        vals = [int(x) for x in parts[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        return (sum(vals[:8]) - vals[3] - vals[4]) / tick  # user..steal minus idle, iowait
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
+
+
+def wait_quiet(max_wait: float, threshold_pct: float = 35.0, window: float = 1.0) -> float | None:
+    """Wait up to `max_wait` s until the whole host is less than `threshold_pct` busy (100 = one
+    core) over `window` s — our own children idle, so that is load from elsewhere. Returns the
+    last busy % seen (None where /proc/stat is unreadable)."""
+    deadline = time.monotonic() + max_wait
+    busy = None
+    while True:
+        a = host_busy_seconds()
+        time.sleep(window)
+        b = host_busy_seconds()
+        if a is None or b is None:
+            return None
+        busy = (b - a) / window * 100
+        if busy < threshold_pct or time.monotonic() >= deadline:
+            return round(busy, 1)
 
 
 @contextlib.contextmanager

@@ -12,12 +12,14 @@ Inputs in the run folder (written by ``loadtest.run``):
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loadtest import metrics as M
 
@@ -26,6 +28,8 @@ G = 1.04
 
 OK_CLASSES = {"ok", "purge_ok"}
 ALWAYS_UNEXPECTED = {"err_cached", "http_4xx", "client_error", "purge_refused", "purge_error"}
+# err_uncached (5xx for a never-cached key) and purge_unavailable (PURGE 503) are expected only
+# inside a fault window whose scenario says so
 
 # colours per X-Cache value (stable across plots)
 XCACHE_COLORS = {
@@ -104,7 +108,7 @@ def locust_aggregate(run_dir: Path) -> dict[str, Any]:
     with p.open() as f:
         for row in csv.DictReader(f):
             if row.get("Name") == "Aggregated":
-                def num(k: str) -> float | None:
+                def num(k: str, row: dict[str, str] = row) -> float | None:
                     try:
                         return float(row[k])
                     except (KeyError, ValueError, TypeError):
@@ -160,7 +164,7 @@ def _two_label(d: dict[M.Sample, float], name: str, a: str, b: str) -> dict[str,
 def cpu_series(mts: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     """Per process: (time, CPU % of one core) between consecutive samples."""
     out: dict[str, list[tuple[float, float]]] = {}
-    for a, b in zip(mts, mts[1:]):
+    for a, b in itertools.pairwise(mts):
         ca, cb = a.get("cpu_s") or {}, b.get("cpu_s") or {}
         dt = b["t"] - a["t"]
         if dt <= 0:
@@ -196,6 +200,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             if c in OK_CLASSES:
                 continue
             if c == "err_uncached" and run.get("uncached_errors_expected_in_fault") and in_fault(ln["t"], grace):
+                expected[c] += v
+            elif (c == "purge_unavailable" and run.get("purge_unavailable_expected_in_fault")
+                  and in_fault(ln["t"], grace)):
                 expected[c] += v
             else:  # ALWAYS_UNEXPECTED, err_uncached outside a fault, anything unknown
                 unexpected[c] += v
@@ -267,11 +274,27 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "fault": {"kind": run.get("fault"), "window_s": run.get("fault_window_rel")} if fault else None,
         "windows": windows,
         "locust": locust_aggregate(run_dir),
+        "error_details": _error_details(run_dir, t_first),
         "proxy_exit": run.get("proxy_exit"),
         "notes": run.get("notes", []),
     }
     summary["checks"] = run_checks(summary, run)
     return summary
+
+
+def _error_details(run_dir: Path, t0: int, limit: int = 20) -> list[dict[str, Any]]:
+    """The first non-ok answers (from errors.jsonl), with times relative to the load start;
+    err_cached ones first, since those are the interesting ones."""
+    rows = read_jsonl(run_dir / "errors.jsonl")
+    rows.sort(key=lambda r: (r.get("cls") != "err_cached", r.get("t", 0)))
+    out = []
+    for r in rows[:limit]:
+        r = dict(r)
+        r["t_rel"] = round(r.pop("t", 0) - t0, 2)
+        if r.get("first_ok_at"):
+            r["first_ok_rel"] = round(r.pop("first_ok_at") - t0, 2)
+        out.append(r)
+    return out
 
 
 def _counter_diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -396,6 +419,22 @@ SCENARIO_CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[dict[
 # ---------------------------------------------------------------------------------------------
 # plots
 
+def save_small_png(fig: Any, path: Path, dpi: int = 80) -> None:
+    """Save a figure as a palette PNG (a third of the RGBA size, so plots are commit-sized)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    try:
+        from PIL import Image
+
+        buf.seek(0)
+        img = Image.open(buf).convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        img.save(path, format="PNG", optimize=True)
+    except Exception:  # Pillow missing or too old: keep matplotlib's PNG
+        path.write_bytes(buf.getvalue())
+
+
 def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     import matplotlib
 
@@ -470,7 +509,7 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         ax2.set_xlabel("seconds since load start")
     fig.tight_layout()
     p = run_dir / "latency.png"
-    fig.savefig(p, dpi=80)
+    save_small_png(fig, p)
     plt.close(fig)
     written.append(p.name)
 
@@ -498,7 +537,7 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
 
         def rate(name: str, **match: str) -> list[float]:
             out = []
-            for a, b in zip(mts, mts[1:]):
+            for a, b in itertools.pairwise(mts):
                 sa, sb = load_samples(a.get("counters")), load_samples(b.get("counters"))
                 dt = max(1e-3, b["t"] - a["t"])
                 out.append(max(0.0, (M.total(sb, name, **match) - M.total(sa, name, **match)) / dt))
@@ -506,7 +545,7 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
 
         def origin_rate() -> list[float]:
             out = []
-            for a, b in zip(mts, mts[1:]):
+            for a, b in itertools.pairwise(mts):
                 ra, rb = (a.get("origin") or {}).get("requests"), (b.get("origin") or {}).get("requests")
                 dt = max(1e-3, b["t"] - a["t"])
                 out.append(max(0.0, (rb - ra) / dt) if ra is not None and rb is not None else float("nan"))
@@ -529,7 +568,7 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         for tier, col in (("l1", "#555555"), ("l2", "#000000"), ("l3", "#8c564b")):
             key = f'tierproxy_breaker_open{{tier="{tier}"}}'
             ys = [(m.get("gauges") or {}).get(key, float("nan")) for m in mts[1:]]
-            if any(v == v and v > 0 for v in ys):
+            if any(not math.isnan(v) and v > 0 for v in ys):
                 br_any = True
                 axb.step(mt, ys, where="post", lw=1.6, ls="--", color=col, label=f"breaker open {tier}")
         axb.set_ylim(-0.05, 1.5)
@@ -547,7 +586,7 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     ax2.grid(True, alpha=0.25)
     fig.tight_layout()
     p = run_dir / "hit_ratio.png"
-    fig.savefig(p, dpi=80)
+    save_small_png(fig, p)
     plt.close(fig)
     written.append(p.name)
     return written
@@ -561,8 +600,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "| requests | req/s | p50 ms | p95 ms | p99 ms | max ms | unexpected errors | expected errors | origin requests |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {s['requests']} | {s['rps']} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} "
-        f"| {s['errors']['unexpected']} | {s['errors']['expected']} | {s['origin']['requests']} |",
+        (f"| {s['requests']} | {s['rps']} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} "
+         f"| {s['errors']['unexpected']} | {s['errors']['expected']} | {s['origin']['requests']} |"),
         "",
         "X-Cache: " + ", ".join(f"{k} {v}" for k, v in sorted(s["x_cache"].items(), key=lambda kv: -kv[1])),
         "",
@@ -578,6 +617,16 @@ def markdown(summary: dict[str, Any]) -> str:
                 xc = ", ".join(f"{k} {v}" for k, v in sorted(b["x_cache"].items(), key=lambda kv: -kv[1])[:5])
                 lines.append(f"| {w} | {b['get_requests']} | {b['rps']} | {b['p50_ms']} | {b['p99_ms']} "
                              f"| {b['max_ms']} | {xc} |")
+        lines.append("")
+    unexpected = [d for d in s.get("error_details", []) if d.get("cls") in s["errors"]["unexpected_by_class"]]
+    if unexpected:
+        lines += ["Unexpected answers (first 5; all in summary.json `error_details`, errors.jsonl):", ""]
+        for d in unexpected[:5]:
+            lines.append(f"- t={d.get('t_rel')} s {d.get('method')} {d.get('key')} → {d.get('status')} "
+                         f"({d.get('cls')}, {d.get('ms')} ms, X-Cache {d.get('x_cache')}, "
+                         f"Cache-Status {d.get('cache_status')!r}, body {str(d.get('body', ''))[:80]!r}"
+                         + (f"; first 200 at t={d['first_ok_rel']} s as {d.get('first_ok_x_cache')}"
+                            if d.get("first_ok_rel") is not None else "") + ")")
         lines.append("")
     lines += ["| check | ok | detail |", "|---|---|---|"]
     for c in s["checks"]:

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import shlex
 import shutil
@@ -66,6 +65,7 @@ class Scenario:
     fault_start: float = 0.35  # fraction of duration (or seconds with --fault-start)
     fault_length: float = 0.3
     uncached_errors_expected_in_fault: bool = False
+    purge_unavailable_expected_in_fault: bool = False  # PURGE may answer 503 while a tier is down
     client_timeout: float = 10.0
 
 
@@ -96,7 +96,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
         "breaker opens and closes",
         duration=60, users=50, rps=1000, keys=5000, zipf=1.1, l1_max_bytes=1 << 20,
         origin_args=["--latency", "lognormal:10,80", "--body-size", "lognormal:2048,16384", "--max-age", "600"],
-        fault="redis-stop", fault_start=0.35, fault_length=0.3,
+        fault="redis-stop", fault_start=0.35, fault_length=0.3, purge_unavailable_expected_in_fault=True,
     ),
     Scenario(
         "tiny-l1",
@@ -132,7 +132,7 @@ class Sampler(threading.Thread):
     def sample(self) -> dict[str, Any]:
         rec: dict[str, Any] = {"t": time.time()}
         cpu = {name: cpu_seconds(pid) for name, pid in list(self.pids.items())}
-        cpu["host (all processes)"] = host_busy_seconds()
+        cpu["host (all processes)"] = procs.host_busy_seconds()
         rec["cpu_s"] = {k: v for k, v in cpu.items() if v is not None}
         if self.metrics_url:
             try:
@@ -166,17 +166,6 @@ def cpu_seconds(pid: int) -> float | None:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def host_busy_seconds() -> float | None:
-    """CPU seconds all cores spent busy (not idle/iowait), from /proc/stat; shows outside load."""
-    try:
-        with open("/proc/stat") as f:
-            parts = f.readline().split()
-        vals = [int(x) for x in parts[1:]]
-        return (sum(vals[:8]) - vals[3] - vals[4]) / _TICK  # user..steal minus idle, iowait
     except (OSError, IndexError, ValueError):
         return None
 
@@ -285,13 +274,13 @@ class Fault:
 
 def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots: bool = True,
                  seed: int | None = None, extra_proxy_env: dict[str, str] | None = None,
-                 keep_work: bool = False) -> dict[str, Any]:
+                 keep_work: bool = False, quiet_wait: float = 0.0) -> dict[str, Any]:
     from loadtest import report
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
-    for name in ("timeseries.jsonl", "metrics_timeseries.jsonl"):
+    for name in ("timeseries.jsonl", "metrics_timeseries.jsonl", "errors.jsonl"):
         (out / name).unlink(missing_ok=True)
     use_redis = sc.redis == "on" or (sc.redis == "auto" and procs.redis_server_path() is not None)
     lifetime = sc.duration + 300
@@ -301,6 +290,7 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
         "params": {k: v for k, v in asdict(sc).items() if k not in ("name", "description", "proxy_env", "origin_args")},
         "fault": sc.fault, "fault_window": None, "fault_window_rel": None,
         "uncached_errors_expected_in_fault": sc.uncached_errors_expected_in_fault,
+        "purge_unavailable_expected_in_fault": sc.purge_unavailable_expected_in_fault,
         "notes": [],
         "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
     }
@@ -355,6 +345,12 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
                 run["warmup"] = {"keys": nwarm, "seconds": round(time.monotonic() - t, 2), "answers": counts,
                                  "background_tasks_after": drained}
                 log(f"warmed {nwarm} keys in {time.monotonic() - t:.1f}s: {counts}")
+            if quiet_wait > 0:
+                busy = procs.wait_quiet(quiet_wait)
+                run["host_busy_pct_before_load"] = busy
+                if busy is not None and busy >= 35:
+                    log(f"the machine is busy ({busy:.0f}% of a core outside this run): numbers will be noisy")
+                    run["notes"].append(f"host {busy:.0f}% busy (100 = one core) before the load started")
             run["origin_warmup_requests"] = origin_stats(origin_url)["requests"]
             run["metrics_before"] = M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False) if metrics_url else {}
             run["origin_before"] = origin_stats(origin_url)
@@ -368,7 +364,7 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
                 "LT_KEYS": str(sc.keys), "LT_PREFIX": "/k/", "LT_ZIPF_S": str(sc.zipf),
                 "LT_RPS_PER_USER": f"{rps_per_user:.6f}", "LT_PURGE_RATIO": str(sc.purge_ratio),
                 "LT_PURGE_TOKEN": PURGE_TOKEN, "LT_CLIENT_TIMEOUT": str(sc.client_timeout),
-                "LT_TIMESERIES": str(out / "timeseries.jsonl"),
+                "LT_TIMESERIES": str(out / "timeseries.jsonl"), "LT_ERRORS": str(out / "errors.jsonl"),
                 **({"LT_SEED": str(seed)} if seed is not None else {}),
             })
             lcmd = [sys.executable, "-m", "locust", "-f", str(procs.REPO / "loadtest" / "locustfile.py"),
@@ -411,9 +407,14 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
             time.sleep(1.0)  # let the last backfills land before the final scrape
             sampler.stop_ev.set()
             sampler.join(5)
-            run["metrics_after"] = M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False) if metrics_url else {}
-            run["origin_after"] = origin_stats(origin_url)
             run["proxy_alive_at_end"] = proxy.alive()
+            try:
+                run["metrics_after"] = (M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False)
+                                        if metrics_url else {})
+            except Exception as e:  # noqa: BLE001 - a dead proxy is a finding, not a crash of the tool
+                run["notes"].append(f"final /metrics scrape failed: {e}")
+                run["metrics_after"] = {}
+            run["origin_after"] = origin_stats(origin_url)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")
@@ -480,11 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--proxy-cmd", help="command that starts the proxy (default: python -m tierproxy serve; "
                     "env LOADTEST_PROXY_CMD)")
-    ap.add_argument("--out", type=Path, help="report folder (default loadtest/out/<scenario>-<time>)")
+    ap.add_argument("--out", type=Path, help="report folder (default loadtest/runs/<scenario>-<time>)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--keep-work", action="store_true", help="keep the SQLite file etc. in <out>/work")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a scenario check fails")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="before the load, wait up to this many seconds for the machine to be idle (0 = don't)")
     ns = ap.parse_args(argv)
 
     if ns.list or not ns.scenario:
@@ -510,10 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--duration must be within 1..3600 seconds")
     if sc.users < 1 or sc.keys < 1:
         ap.error("--users and --keys must be >= 1")
-    out = ns.out or (procs.REPO / "loadtest" / "out" / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = ns.out or (procs.REPO / "loadtest" / "runs" / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         summary = run_scenario(sc, out, proxy_cmd=ns.proxy_cmd, plots=not ns.no_plots, seed=ns.seed,
-                               extra_proxy_env=parse_env_pairs(ns.proxy_env), keep_work=ns.keep_work)
+                               extra_proxy_env=parse_env_pairs(ns.proxy_env), keep_work=ns.keep_work,
+                               quiet_wait=ns.quiet_wait)
     except StartupError as e:
         log(f"could not run: {e}")
         return 2

@@ -1,43 +1,119 @@
-"""The admin listener: liveness, readiness, metrics. Nothing here is ever proxied."""
+"""The admin listener: liveness, readiness, metrics and purge. Nothing here is ever proxied.
+
+``GET /healthz`` - liveness: 200 ``ok`` whenever the event loop answers. Restart on failure.
+
+``GET /readyz`` - readiness, JSON, and the rule for it:
+
+* **200** while the proxy listener is serving: from the moment every tier is open until
+  shutdown begins. A tier or the origin being down is *not* a reason to be unready - the proxy
+  still answers, from the other tiers, from stale copies, or with a fast 502/504 - and taking
+  every replica out of a load balancer because Redis or the origin is down (they share both)
+  would turn degraded service into none.
+* **503** only while the proxy cannot serve at all: before start-up has opened the tiers, and
+  from the start of shutdown (while in-flight requests finish and backfills drain).
+
+The body names each tier's state, for people and dashboards, never for the status code:
+
+* ``up`` - working; the last operation succeeded.
+* ``degraded`` - recent consecutive failures (timeouts/errors) below the breaker threshold;
+  for the origin, its last fetch failed (error, timeout or 5xx).
+* ``breaker-open`` - the breaker opened after ``TIERPROXY_BREAKER_FAILURES`` consecutive
+  failures: the tier is skipped (counted as ``skipped``) until a probe after
+  ``TIERPROXY_BREAKER_COOLDOWN`` seconds succeeds (``half-open`` while probing).
+* ``disabled`` - not configured (``TIERPROXY_L1_MAX_BYTES=0``, no ``TIERPROXY_REDIS_URL``,
+  ``TIERPROXY_SQLITE_PATH=off``).
+
+``invalidation`` is the replicas' purge channel: ``connected``, ``connecting`` (L1 is cleared
+when it connects again) or ``disabled`` (no L2).
+
+``GET /metrics`` - Prometheus text format.
+
+``POST /purge`` - ``Authorization: Bearer <TIERPROXY_PURGE_TOKEN>`` and a JSON body
+``{"keys": ["/path?q"], "tags": ["t1"], "soft": false}``: removes the keys and every entry
+tagged (``Surrogate-Key``) with one of the tags from every tier and every replica's L1;
+``"soft": true`` marks them stale instead, so they are revalidated but can still be served if
+the origin fails. 200 with counts; 503 with the same body when a tier or the broadcast failed
+(retry); 400 for a bad body; 401 for a missing or wrong token; 405 when no token is set.
+"""
 
 from __future__ import annotations
+
+import json
+import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .server import STATE, ProxyState
+from .invalidation import PurgeOrder
+from .keys import BadTarget, normalise_target
+from .server import STATE, ProxyState, purge_authorized
 
-__all__ = ["build_admin_app", "readiness"]
+__all__ = ["MAX_PURGE_ITEMS", "build_admin_app", "readiness"]
+
+TIERS = ("l1", "l2", "l3")
+MAX_PURGE_ITEMS = 10_000  # keys + tags in one POST /purge
+_MAX_PURGE_BODY = 4 * 1024 * 1024
 
 
 def _tier_state(state: ProxyState, name: str) -> str:
     tier = state.tier(name)
     if tier is None:
         return "disabled"
-    if tier.breaker.is_open:
-        return "breaker-open"
-    if tier.breaker.failures:
-        return "degraded"
-    return "up"
+    return tier.state()
 
 
 def readiness(state: ProxyState) -> tuple[bool, dict[str, object]]:
-    """Ready while the proxy listener serves. A tier being down is not a reason to be unready:
-    the proxy still answers (from other tiers or the origin), so pulling it from a load
-    balancer would only turn degraded service into none."""
-    tiers = {name: _tier_state(state, name) for name in ("l1", "l2", "l3")}
+    """(ready, body) by the rule in the module docstring."""
+    tiers = {name: _tier_state(state, name) for name in TIERS}
+    tiers["origin"] = "degraded" if state.readthrough.origin_failures else "up"
     body: dict[str, object] = {
         "ready": state.ready,
         "tiers": tiers,
+        "invalidation": state.invalidation.state,
         "inflight": state.inflight,
         "background_tasks": state.background.pending,
     }
     return state.ready, body
 
 
+def _bad(text: str) -> web.Response:
+    return web.json_response({"error": text}, status=400)
+
+
+def _purge_order(payload: Any) -> PurgeOrder | str:
+    """The validated order, or what is wrong with the body."""
+    if not isinstance(payload, dict):
+        return 'expected a JSON object: {"keys": [...], "tags": [...], "soft": false}'
+    unknown = set(payload) - {"keys", "tags", "soft"}
+    if unknown:
+        return f"unknown fields: {sorted(unknown)}"
+    keys, tags, soft = payload.get("keys", []), payload.get("tags", []), payload.get("soft", False)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return '"keys" must be a list of strings such as "/path?q=1"'
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t and " " not in t
+                                             for t in tags):
+        return '"tags" must be a list of non-empty strings without spaces'
+    if not isinstance(soft, bool):
+        return '"soft" must be true or false'
+    if not keys and not tags:
+        return 'nothing to purge: give "keys" and/or "tags"'
+    if len(keys) + len(tags) > MAX_PURGE_ITEMS:
+        return f"at most {MAX_PURGE_ITEMS} keys and tags per request"
+    materials: dict[str, None] = {}
+    for key in keys:
+        if not key.startswith("/"):
+            return f"key {key[:100]!r} must start with '/' (a path, optional query)"
+        try:
+            materials[normalise_target(key)] = None  # the same key a request for it gets
+        except BadTarget as exc:
+            return f"key {key[:100]!r} cannot be used: {exc}"
+    return PurgeOrder(tuple(materials), tuple(dict.fromkeys(tags)), soft, time.time())
+
+
 def build_admin_app(proxy_app: web.Application) -> web.Application:
     state = proxy_app[STATE]
-    app = web.Application()
+    app = web.Application(client_max_size=_MAX_PURGE_BODY)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -50,7 +126,29 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
         return web.Response(body=generate_latest(state.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def purge(request: web.Request) -> web.Response:
+        token = state.settings.purge_token
+        if token is None:
+            return web.json_response(
+                {"error": "purge is disabled: set TIERPROXY_PURGE_TOKEN to enable it"}, status=405
+            )
+        if not purge_authorized(request, token):
+            state.metrics.purge_requests.labels("admin", "unauthorized").inc()
+            return web.json_response({"error": "unauthorized"}, status=401)
+        try:
+            payload = await request.json(loads=json.loads)
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": "body too large"}, status=413)
+        except ValueError:
+            return _bad("body is not JSON")
+        order = _purge_order(payload)
+        if isinstance(order, str):
+            return _bad(order)
+        outcome = await state.invalidation.purge(order, "admin")
+        return web.json_response(outcome.body, status=200 if outcome.ok else 503)
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/purge", purge)
     return app

@@ -15,6 +15,8 @@ from aiohttp import web
 
 from .admin import build_admin_app
 from .config import ConfigError, Settings, load_settings
+from .listener import ProxyRunner
+from .logs import configure as configure_logging
 from .server import build_app
 from .tiers.sqlite import SQLiteOpenError
 
@@ -52,11 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Every record goes through a bounded queue to a logging thread that writes stderr, as
+    # JSON lines or text (tierproxy.logs); the proxy's access log is on tierproxy.access.
+    configure_logging(settings.log_level, settings.log_format)
     # aiohttp's per-request access log is replaced by the proxy's own (issue: operating it).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -76,7 +76,10 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str
 async def serve(settings: Settings) -> int:
     app = build_app(settings)
     admin_app = build_admin_app(app)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    # ProxyRunner: aiohttp's runner plus a header read timeout and 414/431 (tierproxy.listener).
+    runner = ProxyRunner(app, header_timeout=settings.header_timeout,
+                         send_timeout=settings.send_timeout, access_log=None,
+                         shutdown_timeout=settings.shutdown_timeout)
     admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     try:
         try:

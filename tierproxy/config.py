@@ -37,8 +37,27 @@ DEFAULT_UNKEYED_DENYLIST = (
     "x-http-method",
     "x-method-override",
     "x-host",
+    "x-original-host",
+    "x-forwarded-ssl",
+    "x-forwarded-protocol",
+    "x-url-scheme",
+    "front-end-https",
+    "x-original-method",
+    "x-original-uri",
+    "x-forwarded-uri",
+    "x-forwarded-path",
     "forwarded",
+    # Client-supplied client-address claims: the proxy sets X-Forwarded-For from the peer
+    # address; a client's own value is appended only when the operator allows it (e.g. behind
+    # a trusted load balancer), otherwise it is an unkeyed string the origin may reflect.
+    "x-forwarded-for",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
 )
+
+# The longest request-target TIERPROXY_MAX_URL_BYTES may allow (keys.MAX_TARGET_LENGTH).
+MAX_URL_BYTES_LIMIT = 65536
 
 ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_HOST": "127.0.0.1",
@@ -70,6 +89,15 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_FORWARD_HEADERS": "",
     "TIERPROXY_LOG_LEVEL": "INFO",
     "TIERPROXY_LOG_FORMAT": "text",
+    "TIERPROXY_ACCESS_LOG": "on",  # one line per request on tierproxy.access; off for benchmarks
+    # Client-side limits of the HTTP/1.1 listener (tierproxy.listener):
+    "TIERPROXY_MAX_URL_BYTES": "8192",  # longer request-target -> 414
+    "TIERPROXY_MAX_HEADER_BYTES": "8190",  # a longer header name or value -> 431
+    "TIERPROXY_MAX_HEADERS": "100",  # more header lines -> 431
+    "TIERPROXY_HEADER_TIMEOUT": "10.0",  # seconds from a head's first byte to its end -> 408
+    "TIERPROXY_BODY_TIMEOUT": "30.0",  # seconds to receive a request body -> 408
+    "TIERPROXY_KEEPALIVE_TIMEOUT": "75.0",  # idle keep-alive connections are closed after this
+    "TIERPROXY_SEND_TIMEOUT": "30.0",  # a client taking no response bytes this long is cut off
 }
 
 
@@ -105,6 +133,14 @@ class Settings:
     unkeyed_denylist: frozenset[str]
     log_level: str
     log_format: str
+    access_log: bool = True
+    max_url_bytes: int = 8192
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    send_timeout: float = 30.0
 
 
 def _parse(
@@ -171,6 +207,13 @@ def _log_format(raw: str) -> str:
     if raw not in ("text", "json"):
         raise ValueError(raw)
     return raw
+
+
+def _on_off(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("on", "off"):
+        raise ValueError(raw)
+    return value == "on"
 
 
 def _header_list(raw: str) -> frozenset[str]:
@@ -251,6 +294,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         unkeyed_denylist=frozenset(DEFAULT_UNKEYED_DENYLIST) - forward,
         log_level=_parse(env, "TIERPROXY_LOG_LEVEL", _log_level, "DEBUG, INFO, WARNING or ERROR"),
         log_format=_parse(env, "TIERPROXY_LOG_FORMAT", _log_format, "text or json"),
+        access_log=_parse(env, "TIERPROXY_ACCESS_LOG", _on_off, "on or off"),
+        max_url_bytes=_parse(
+            env, "TIERPROXY_MAX_URL_BYTES", _integer(256, MAX_URL_BYTES_LIMIT),
+            f"a whole number of bytes, 256-{MAX_URL_BYTES_LIMIT}",
+        ),
+        max_header_bytes=_parse(
+            env, "TIERPROXY_MAX_HEADER_BYTES", _integer(256, 1_048_576),
+            "a whole number of bytes, 256-1048576",
+        ),
+        max_headers=_parse(
+            env, "TIERPROXY_MAX_HEADERS", _integer(8, 10_000), "a whole number, 8-10000"
+        ),
+        header_timeout=_parse(env, "TIERPROXY_HEADER_TIMEOUT", _seconds(True), timeout),
+        body_timeout=_parse(env, "TIERPROXY_BODY_TIMEOUT", _seconds(True), timeout),
+        keepalive_timeout=_parse(env, "TIERPROXY_KEEPALIVE_TIMEOUT", _seconds(True), timeout),
+        send_timeout=_parse(env, "TIERPROXY_SEND_TIMEOUT", _seconds(True), timeout),
     )
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(

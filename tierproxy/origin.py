@@ -67,7 +67,11 @@ def upstream_headers(
         # partial or conditional one; client validators are answered from the entry instead.
         drop.extend(_CONDITIONALS)
     headers: CIMultiDict[str] = CIMultiDict(end_to_end(request_headers, drop))
-    forwarded_for = request_headers.get("X-Forwarded-For")
+    # A client's own X-Forwarded-For is kept (and appended to) only when the operator allows
+    # it (TIERPROXY_FORWARD_HEADERS, e.g. behind a trusted load balancer).
+    forwarded_for = (
+        None if "x-forwarded-for" in denylist else request_headers.get("X-Forwarded-For")
+    )
     if peer:
         headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
     headers["X-Forwarded-Proto"] = scheme

@@ -22,6 +22,7 @@ __all__ = [
     "parse_cache_control",
     "bypass_reason",
     "decide_storage",
+    "may_share_unstored",
     "end_to_end",
     "vary_values",
     "vary_matches",
@@ -240,13 +241,38 @@ def decide_storage(
     )
 
 
+def may_share_unstored(request_headers: AnyHeaders, response_headers: AnyHeaders) -> bool:
+    """May an origin answer that was not stored (e.g. a 5xx) fetched for one request be handed
+    to other requests for the same key that waited on that fetch?
+
+    Only when nothing in it can be personal: the request carried no credentials, and the
+    response sets no cookie and is not private or no-store. A stored entry needs no such
+    check: it passed :func:`decide_storage`.
+    """
+    if "authorization" in request_headers or "cookie" in request_headers:
+        return False
+    if "set-cookie" in response_headers or "set-cookie2" in response_headers:
+        return False
+    cc = parse_cache_control(response_headers.getall("Cache-Control", ()))
+    return "private" not in cc and "no-store" not in cc
+
+
 def end_to_end(headers: AnyHeaders, extra_drop: Iterable[str] = ()) -> list[tuple[str, str]]:
     """Headers minus hop-by-hop ones and any named in Connection (RFC 9110 §7.6.1)."""
     drop = set(HOP_BY_HOP)
     drop.update(h.lower() for h in extra_drop)
     for value in headers.getall("Connection", ()):
         drop.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    return [
+        (name, value) for name, value in headers.items()
+        if (lname := name.lower()) not in drop and not _is_proxy_field(lname)
+    ]
+
+
+def _is_proxy_field(lname: str) -> bool:
+    # Proxy-* fields concern the hop to a proxy, never the origin or the client; a bare
+    # "Proxy:" request field becomes HTTP_PROXY in CGI-style origins (httpoxy, CVE-2016-5385).
+    return lname.startswith("proxy") and (len(lname) == 5 or lname[5] == "-")
 
 
 def storable_headers(headers: AnyHeaders) -> Headers:

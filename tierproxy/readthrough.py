@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from .entry import Entry
 from .keys import CacheKey
 from .metrics import Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout, upstream_headers
-from .tiers.base import Blob, GuardedTier
+from .tiers.base import Blob, GuardedTier, PurgeUnsupported
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -45,6 +46,30 @@ __all__ = [
 
 log = logging.getLogger("tierproxy.readthrough")
 
+# Surrogate keys kept per entry, and the longest one (Fastly's limits): the tag indexes are
+# bounded by entries x tags, so both are capped; anything past them is not indexed.
+MAX_TAGS_PER_ENTRY = 64
+MAX_TAG_LENGTH = 1024
+# A purge is an operator's request, not the client path: it gets at least this long per tier.
+PURGE_MIN_TIMEOUT = 5.0
+
+# origin_fetches outcome -> the origin's row in the per-tier view (tier_lookups).
+_ORIGIN_LOOKUP = {"ok": "hit", "5xx": "error", "error": "error", "timeout": "timeout",
+                  "skipped": "skipped"}
+
+
+def parse_tags(header: str | None) -> tuple[str, ...]:
+    """``Surrogate-Key: a b c`` -> ("a", "b", "c"): space-separated, de-duplicated, capped."""
+    if not header:
+        return ()
+    tags: dict[str, None] = {}
+    for tag in header.split():
+        if len(tag) <= MAX_TAG_LENGTH:
+            tags[tag] = None
+            if len(tags) >= MAX_TAGS_PER_ENTRY:
+                break
+    return tuple(tags)
+
 
 @dataclass(slots=True)
 class ProxyRequest:
@@ -56,6 +81,7 @@ class ProxyRequest:
     deadline: float  # loop clock
     body: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    request_id: str = ""  # X-Request-ID, forwarded to the origin
 
 
 # ---- results: what the server turns into a response ---------------------------------------
@@ -116,12 +142,24 @@ class _OriginFailed:
 _Outcome = _Stored | _Unstorable | _OriginFailed
 
 
-def _shareable(outcome: _Outcome) -> bool:
+def _shareable(outcome: _Outcome, leader_headers: CIMultiDictProxy[str]) -> bool:
     if isinstance(outcome, _Stored):
-        return True
+        return True  # each waiter still checks the entry's Vary against its own request
     if isinstance(outcome, _OriginFailed):
-        return outcome.response is None or outcome.response.stream is None
+        if outcome.response is None:
+            return True
+        # An unstored 5xx fetched with the leader's credentials may be the leader's alone.
+        return outcome.response.stream is None and policy.may_share_unstored(
+            leader_headers, outcome.response.headers
+        )
     return False  # may be private to the requester, or a stream only one client can read
+
+
+def _usable_by(outcome: _Outcome, req: ProxyRequest) -> bool:
+    """A shared outcome is a waiter's answer only if its Vary values match (RFC 9111 §4.1)."""
+    if isinstance(outcome, _Stored) and outcome.entry.vary:
+        return policy.vary_matches(outcome.entry, req.headers)
+    return True
 
 
 def _quote(value: str) -> str:
@@ -153,6 +191,22 @@ class ReadThrough:
             name: metrics.origin_fetches.labels(name)
             for name in ("ok", "5xx", "timeout", "error")
         }
+        self._origin_lookups = metrics.tier_lookup_counters("origin")
+        self._origin_latency = metrics.tier_op_seconds.labels("origin", "get")
+        #: Consecutive failed origin fetches (0 after any answer below 500): readiness shows
+        #: the origin as degraded while it is non-zero.
+        self.origin_failures = 0
+        # Bumped by every purge: a fetch that began before a purge is served to its client
+        # but not stored, so a purge cannot be undone by a response already on its way.
+        self._purge_generation = 0
+
+    def _origin_outcome(self, outcome: str) -> None:
+        self._origin_outcomes["timeout" if outcome == "skipped" else outcome].inc()
+        self._origin_lookups[_ORIGIN_LOOKUP[outcome]].inc()
+        if outcome == "ok":
+            self.origin_failures = 0
+        else:
+            self.origin_failures += 1
 
     # ---- lookup ---------------------------------------------------------------------------
 
@@ -165,18 +219,19 @@ class ReadThrough:
         # Index 0 is L1 when present; ``hit_index`` is where the entry was found, so the tiers
         # before it are the ones to backfill.
         for index, tier in enumerate(self.tiers):
+            # The tier returns only a copy usable for these request headers (Vary), and
+            # counts the lookup as hit, stale or miss.
             if tier.synchronous:
-                entry = tier.get_now(req.key)
+                entry = tier.get_now(req.key, req.headers)
             else:
                 budget = min(self._tier_timeouts.get(tier.name, tier.read_timeout),
                              req.deadline - loop.time())
-                started = loop.time()
-                entry = await tier.get(req.key, budget)
-                req.timings[tier.name] = loop.time() - started
+                # Durations for logs and histograms use perf_counter: uvloop's loop clock has
+                # millisecond resolution. Deadlines stay on the loop clock.
+                started = time.perf_counter()
+                entry = await tier.get(req.key, budget, req.headers)
+                req.timings[tier.name] = time.perf_counter() - started
             if entry is None:
-                continue
-            if entry.vary and not policy.vary_matches(entry, req.headers):
-                entry = None
                 continue
             now = time.time()
             if now < entry.fresh_until:
@@ -250,7 +305,7 @@ class ReadThrough:
                     shared = await asyncio.shield(leader_future)
             except TimeoutError:
                 return _OriginFailed("origin-timeout"), True
-            if shared is not None:
+            if shared is not None and _usable_by(shared, req):
                 return shared, True
             return await self._fetch(req, stale), False
 
@@ -262,44 +317,52 @@ class ReadThrough:
         finally:
             del self._inflight[material]
             # None tells waiters to fetch for themselves (also when the leader was cancelled).
-            future.set_result(outcome if outcome is not None and _shareable(outcome) else None)
+            future.set_result(
+                outcome if outcome is not None and _shareable(outcome, req.headers) else None
+            )
         return outcome, False
 
     async def _fetch(self, req: ProxyRequest, stale: Entry | None) -> _Outcome:
         loop = asyncio.get_running_loop()
         budget = min(self.settings.origin_timeout, req.deadline - loop.time())
         if budget <= 0:
-            self._origin_outcomes["timeout"].inc()
+            self._origin_outcome("skipped")
             return _OriginFailed("origin-timeout")
+        generation = self._purge_generation
         headers = upstream_headers(req.headers, req.peer, req.scheme,
                                    self.settings.unkeyed_denylist, cacheable=True)
+        if req.request_id:
+            headers["X-Request-ID"] = req.request_id
         if stale is not None:
             # RFC 9111 §4.3.1: validate the stored response.
             if stale.etag:
                 headers["If-None-Match"] = stale.etag
             if stale.last_modified:
                 headers["If-Modified-Since"] = stale.last_modified
-        started = loop.time()
+        started = time.perf_counter()
         try:
             # A HEAD fills the cache too: fetch the GET it stands for.
             response = await self.origin.fetch("GET", req.key.material, headers, None, budget,
                                                self.settings.max_entry_bytes)
         except OriginTimeout:
-            self._origin_outcomes["timeout"].inc()
-            req.timings["origin"] = loop.time() - started
+            self._origin_outcome("timeout")
+            req.timings["origin"] = time.perf_counter() - started
             return _OriginFailed("origin-timeout")
         except OriginError as exc:
-            self._origin_outcomes["error"].inc()
-            req.timings["origin"] = loop.time() - started
+            self._origin_outcome("error")
+            req.timings["origin"] = time.perf_counter() - started
             log.info("origin error for %r: %s", req.key.material[:200], exc)
             return _OriginFailed("origin-error")
-        elapsed = loop.time() - started
+        elapsed = time.perf_counter() - started
         req.timings["origin"] = elapsed
         self.metrics.origin_fetch_seconds.observe(elapsed)
+        self._origin_latency.observe(elapsed)
         if response.status >= 500:
-            self._origin_outcomes["5xx"].inc()
+            self._origin_outcome("5xx")
             return _OriginFailed("origin-5xx", response)
-        self._origin_outcomes["ok"].inc()
+        self._origin_outcome("ok")
+        # Purged while this fetch was on its way: answer the client, store nothing.
+        store = generation == self._purge_generation
 
         if response.status == 304 and stale is not None:
             refreshed = policy.freshen(stale, response.headers, req.headers,
@@ -308,7 +371,8 @@ class ReadThrough:
                 self._invalidate(req.key)
                 # Still a valid answer for this client, just not storable any more.
                 return _Stored(stale, revalidated=True)
-            self._backfill(req.key, refreshed, len(self.tiers))
+            if store:
+                self._backfill(req.key, refreshed, len(self.tiers))
             return _Stored(refreshed, revalidated=True)
 
         if response.body is None:
@@ -332,9 +396,10 @@ class ReadThrough:
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),
             vary=policy.vary_values(response.headers, req.headers),
-            tags=tuple(response.headers.get("Surrogate-Key", "").split()),
+            tags=parse_tags(response.headers.get("Surrogate-Key")),
         )
-        self._backfill(req.key, entry, len(self.tiers))
+        if store:
+            self._backfill(req.key, entry, len(self.tiers))
         return _Stored(entry, revalidated=False)
 
     def _refresh_in_background(self, req: ProxyRequest, stale: Entry) -> None:
@@ -390,15 +455,42 @@ class ReadThrough:
     def invalidate(self, key: CacheKey) -> None:
         self._invalidate(key)
 
-    async def purge(self, key: CacheKey) -> dict[str, bool]:
-        """Delete ``key`` from every tier now; {tier: whether it held the key}."""
-        removed: dict[str, bool] = {}
-        for tier in self.tiers:
-            if tier.synchronous:
-                removed[tier.name] = tier.backend.remove_now(key)
-            else:
-                removed[tier.name] = await tier.delete(key)
-        return removed
+    async def purge(
+        self,
+        keys: Sequence[CacheKey],
+        tags: Sequence[str],
+        soft_at: float | None = None,
+        *,
+        shared: bool = True,
+    ) -> dict[str, int | str]:
+        """Purge ``keys`` and every entry tagged with one of ``tags`` now.
+
+        Hard purge deletes; ``soft_at`` (wall clock) marks the entries stale as of then
+        instead, so they are revalidated and can still be served on origin failure.
+        ``shared=False`` (a purge heard from another replica) skips tiers every replica shares.
+        Returns {tier: entries changed, or "error" / "timeout" / "unsupported"}.
+
+        Slowest tier first: a lookup that runs during the purge can then only find an old copy
+        in a tier that is still to be purged, never backfill a purged tier from an unpurged one.
+        """
+        self._purge_generation += 1
+        results: dict[str, int | str] = {}
+        for tier in reversed(self.tiers):
+            if not shared and tier.backend.shared:
+                continue
+            timeout = max(tier.write_timeout, PURGE_MIN_TIMEOUT)
+            try:
+                results[tier.name] = await tier.purge(keys, tags, soft_at, timeout)
+            except PurgeUnsupported:
+                results[tier.name] = "unsupported"
+            except TimeoutError:
+                log.warning("purge in %s timed out after %.1fs", tier.name, timeout)
+                results[tier.name] = "timeout"
+            except Exception as exc:
+                log.warning("purge in %s failed: %r", tier.name, exc)
+                results[tier.name] = "error"
+        self._purge_generation += 1
+        return dict(reversed(results.items()))
 
     # ---- pass-through ----------------------------------------------------------------------
 
@@ -408,22 +500,25 @@ class ReadThrough:
         budget = min(self.settings.origin_timeout, req.deadline - loop.time())
         headers = upstream_headers(req.headers, req.peer, req.scheme,
                                    self.settings.unkeyed_denylist, cacheable=False)
+        if req.request_id:
+            headers["X-Request-ID"] = req.request_id
         reason = "method" if req.method not in ("GET", "HEAD") else "bypass"
-        started = loop.time()
+        started = time.perf_counter()
         try:
             if budget <= 0:
                 raise OriginTimeout("deadline spent")
             response = await self.origin.fetch(req.method, req.key.material, headers, req.body,
                                                budget, self.settings.max_entry_bytes)
         except OriginTimeout:
-            self._origin_outcomes["timeout"].inc()
+            self._origin_outcome("timeout")
             return Failed(504, "origin-timeout", "BYPASS", f'tierproxy; fwd={reason}; detail="origin-timeout"')
         except OriginError:
-            self._origin_outcomes["error"].inc()
+            self._origin_outcome("error")
             return Failed(502, "origin-error", "BYPASS", f'tierproxy; fwd={reason}; detail="origin-error"')
         finally:
-            req.timings["origin"] = loop.time() - started
-        self._origin_outcomes["5xx" if response.status >= 500 else "ok"].inc()
+            req.timings["origin"] = time.perf_counter() - started
+        self._origin_outcome("5xx" if response.status >= 500 else "ok")
+        self._origin_latency.observe(req.timings["origin"])
         # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
         if req.method not in ("GET", "HEAD", "OPTIONS", "TRACE") and response.status < 400:
             self._invalidate(req.key)

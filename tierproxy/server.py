@@ -14,14 +14,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from . import policy
 from .background import BackgroundTasks
 from .config import Settings
-from .keys import BadTarget, CacheKey, normalise_target
-from .metrics import Metrics
+from .invalidation import Invalidation, PurgeOrder
+from .keys import BadTarget, CacheKey, TargetTooLong, normalise_target
+from .listener import handler_args
+from .logs import AccessLog, dropped_lines, request_id
+from .metrics import BREAKER_STATES, Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout
 from .readthrough import Cached, Failed, Forwarded, ProxyRequest, ReadThrough, Result
 from .tiers.base import Breaker, GuardedTier, TierBackend
@@ -45,6 +49,8 @@ class ProxyState:
     origin: OriginClient
     background: BackgroundTasks
     readthrough: ReadThrough
+    access_log: AccessLog
+    invalidation: Invalidation
     ready: bool = False
     inflight: int = 0
     notes: list[str] = field(default_factory=list)
@@ -57,6 +63,19 @@ class ProxyState:
 
 
 STATE = web.AppKey("tierproxy_state", ProxyState)
+
+
+class _RequestInfo:
+    """What the access log needs from deeper down: the request id and the tier timings."""
+
+    __slots__ = ("rid", "timings")
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.timings: dict[str, float] = {}
+
+
+_INFO = web.RequestKey("tierproxy_request_info", _RequestInfo)
 
 
 def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
@@ -93,21 +112,55 @@ def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
     ]
 
 
+def _breaker_open(tier: GuardedTier) -> Callable[[], float]:
+    return lambda: float(tier.breaker.is_open)
+
+
+def _breaker_in(tier: GuardedTier, breaker_state: str) -> Callable[[], float]:
+    return lambda: float(tier.breaker.state() == breaker_state)
+
+
+def _tier_in(tier: GuardedTier, tier_state: str) -> Callable[[], float]:
+    return lambda: float(tier.state() == tier_state)
+
+
+def _watch_l1(m: Metrics, l1: MemoryTier) -> None:
+    m.l1_bytes.set_function(lambda: l1.bytes)
+    m.l1_entries.set_function(lambda: len(l1))
+
+
+def _watch_l3(m: Metrics, l3: SQLiteTier) -> None:
+    m.l3_bytes.set_function(lambda: l3.bytes)
+    m.l3_entries.set_function(lambda: l3.entries)
+
+
 def _register_gauges(state: ProxyState) -> None:
+    """Gauges read their value at scrape time: nothing on the request path updates them."""
     m = state.metrics
     m.inflight.set_function(lambda: state.inflight)
     m.background_tasks.set_function(lambda: state.background.pending)
+    m.request_deadline.set(state.settings.request_deadline)
+    m.log_dropped.set_function(lambda: float(dropped_lines()))
     for tier in state.tiers:
-        m.breaker_open.labels(tier.name).set_function(lambda t=tier: float(t.breaker.is_open))
+        m.breaker_open.labels(tier.name).set_function(_breaker_open(tier))
+        for breaker_state in BREAKER_STATES:
+            m.breaker_state.labels(tier.name, breaker_state).set_function(
+                _breaker_in(tier, breaker_state)
+            )
+        for tier_state in ("up", "degraded", "breaker-open"):
+            m.tier_state.labels(tier.name, tier_state).set_function(_tier_in(tier, tier_state))
         m.tier_timeout.labels(tier.name).set(tier.read_timeout)
         backend = tier.backend
         if isinstance(backend, MemoryTier):
-            m.l1_bytes.set_function(lambda b=backend: b.bytes)
-            m.l1_entries.set_function(lambda b=backend: len(b))
+            _watch_l1(m, backend)
         elif isinstance(backend, SQLiteTier):
-            m.l3_bytes.set_function(lambda b=backend: b.bytes)
-            m.l3_entries.set_function(lambda b=backend: b.entries)
+            _watch_l3(m, backend)
     m.tier_timeout.labels("origin").set(state.settings.origin_timeout)
+    readthrough = state.readthrough
+    m.tier_state.labels("origin", "up").set_function(lambda: float(not readthrough.origin_failures))
+    m.tier_state.labels("origin", "degraded").set_function(
+        lambda: float(bool(readthrough.origin_failures))
+    )
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -130,10 +183,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     else:
         l2 = state.tier("l2")
         assert l2 is not None and isinstance(l2.backend, RedisTier)
+        state.invalidation.start()  # the replicas' purge channel
         try:
             async with asyncio.timeout(max(1.0, settings.l2_timeout)):
                 await l2.backend.ping()
             log.info("L2 Redis reachable")
+            # Subscribing clears L1 (it may have missed purges): do it before serving.
+            if not await state.invalidation.wait_subscribed(max(1.0, settings.l2_write_timeout)):
+                log.warning("not yet subscribed to the replicas' purge channel; L1 will be "
+                            "cleared when it is")
         except Exception as exc:  # start anyway: L2 is a cache, its breaker handles it
             log.warning("L2 Redis not reachable at start-up (%r); serving without it until it is",
                         exc)
@@ -141,11 +199,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         log.info("L3 off: TIERPROXY_SQLITE_PATH=off")
     if settings.l1_max_bytes == 0:
         log.info("L1 off: TIERPROXY_L1_MAX_BYTES=0")
+    state.access_log.start()  # decided once: the hot path checks one attribute
     state.ready = True
     try:
         yield
     finally:
         state.ready = False
+        # Its purges write to L1/L3: stop listening before the tiers close.
+        await state.invalidation.stop()
         # Backfills write to the tiers: let them finish (bounded) before the tiers close.
         await state.background.drain(settings.shutdown_timeout)
         for tier in state.tiers:
@@ -167,11 +228,17 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     )
     background = BackgroundTasks(settings.backfill_max_tasks, metrics)
     readthrough = ReadThrough(settings, tiers, origin, background, metrics)
-    state = ProxyState(settings, metrics, tiers, origin, background, readthrough)
+    state = ProxyState(
+        settings, metrics, tiers, origin, background, readthrough,
+        AccessLog(settings.access_log), Invalidation(settings, tiers, readthrough, metrics),
+    )
     _register_gauges(state)
 
     app = web.Application(
-        client_max_size=max(1, settings.max_body_bytes), middlewares=[_unrouted_targets]
+        client_max_size=max(1, settings.max_body_bytes), middlewares=[_unrouted_targets],
+        # Request limits every runner applies; tierproxy.listener.ProxyRunner (what
+        # `tierproxy serve` runs) adds the header read timeout and answers 414/431.
+        handler_args=handler_args(settings),
     )
     app[STATE] = state
     app.cleanup_ctx.append(_resources)
@@ -200,11 +267,29 @@ def _plain(status: int, text: str, x_cache: str = "BYPASS", cache_status: str = 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    info = _RequestInfo(request_id(request.headers.get("X-Request-ID")))
+    request[_INFO] = info
+    access_log = state.access_log
+    started = time.perf_counter() if access_log.enabled else 0.0
     state.inflight += 1
     try:
         response = await _handle(request, state)
     finally:
         state.inflight -= 1
+    if not response.prepared:  # a streamed response got it in _respond, before its headers went
+        response.headers["X-Request-ID"] = info.rid
+    if access_log.enabled:
+        access_log.emit(
+            request.method,
+            request.raw_path,
+            response.status,
+            response.headers.get("X-Cache", "-"),
+            response.body_length if response.prepared else response.content_length,
+            time.perf_counter() - started,
+            info.timings,
+            info.rid,
+            request.remote,
+        )
     return response
 
 
@@ -215,12 +300,15 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
     try:
         material = normalise_target(request.raw_path)
     except BadTarget as exc:
+        if isinstance(exc, TargetTooLong):
+            return _plain(414, "414 request target too long")
         return _plain(400, f"400 bad request target: {exc}")
     key = CacheKey(material)
     if method == "PURGE":
         return await _purge(request, state, key)
 
     loop = asyncio.get_running_loop()
+    info = request[_INFO]
     req = ProxyRequest(
         method=method,
         key=key,
@@ -228,18 +316,57 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
         peer=request.remote,
         scheme="https" if request.secure else "http",
         deadline=loop.time() + state.settings.request_deadline,
+        timings=info.timings,
+        request_id=info.rid,
     )
     has_body = request.body_exists
     if policy.bypass_reason(method, request.headers, has_body) is None:
         result = await state.readthrough.get(req)
     else:
         if has_body:
-            try:
-                req.body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                return _plain(413, "413 request body too large")
+            refused = await _read_body(request, state, req)
+            if refused is not None:
+                return refused
         result = await state.readthrough.forward(req)
     return await _respond(request, state, result)
+
+
+async def _read_body(request: web.Request, state: ProxyState, req: ProxyRequest) -> web.Response | None:
+    """Read the body to forward into ``req.body``; or return the response refusing it.
+
+    The body is forwarded re-framed (the origin client sets Content-Length), so no framing
+    the client chose ever reaches the origin; aiohttp's parser already refused conflicting
+    framing with 400.
+    """
+    settings = state.settings
+    transfer_encoding = request.headers.get("Transfer-Encoding")
+    if transfer_encoding is not None:
+        if request.version < HttpVersion11:
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing.
+            return _refuse_body(400, "400 Transfer-Encoding in an HTTP/1.0 request")
+        if transfer_encoding.strip().lower() != "chunked":
+            # Only chunked is decoded here; another coding (e.g. "gzip, chunked") would reach
+            # the origin still applied but no longer declared (RFC 9112 §6.1: 501).
+            return _refuse_body(501, "501 transfer coding not supported: only chunked")
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        return _refuse_body(413, "413 request body too large")  # refused before reading it
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            req.body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _refuse_body(413, "413 request body too large")
+    except TimeoutError:
+        return _refuse_body(408, "408 request body not received in time")
+    except (HttpProcessingError, web.RequestPayloadError):
+        return _refuse_body(400, "400 malformed request body")
+    return None
+
+
+def _refuse_body(status: int, text: str) -> web.Response:
+    response = _plain(status, text)
+    response.force_close()  # the rest of the body is unread: don't reuse the connection
+    return response
 
 
 async def _respond(request: web.Request, state: ProxyState, result: Result) -> web.StreamResponse:
@@ -274,6 +401,7 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
     headers = CIMultiDict(policy.end_to_end(origin_response.headers, _RESPONSE_DROP))
     headers["X-Cache"] = result.x_cache
     headers["Cache-Status"] = result.cache_status
+    headers["X-Request-ID"] = request[_INFO].rid
     state.metrics.response(result.x_cache, origin_response.status)
     if origin_response.body is not None or origin_response.stream is None:
         return web.Response(status=origin_response.status, body=origin_response.body or b"",
@@ -313,16 +441,28 @@ async def _stream(request: web.Request, state: ProxyState, origin_response: Orig
     return response
 
 
+def purge_authorized(request: web.Request, token: str) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time: the comparison must not
+    reveal how much of the token was right. Shared by PURGE and the admin ``POST /purge``."""
+    supplied = request.headers.get("Authorization", "")
+    return hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
+                               f"Bearer {token}".encode())
+
+
 async def _purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.Response:
+    """``PURGE <path>``: the key (the one entry per URL, whatever its Vary variant) from every
+    tier and every replica's L1. ``Soft-Purge: 1`` marks it stale instead of deleting it."""
     token = state.settings.purge_token
     if token is None:
         return _plain(405, "405 PURGE is disabled: set TIERPROXY_PURGE_TOKEN to enable it")
-    supplied = request.headers.get("Authorization", "")
-    # Constant-time: the comparison must not reveal how much of the token was right.
-    if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
-                               f"Bearer {token}".encode()):
+    if not purge_authorized(request, token):
+        state.metrics.purge_requests.labels("proxy", "unauthorized").inc()
         return _plain(401, "401 unauthorized")
-    removed = await state.readthrough.purge(key)
-    body = {"key": key.material, "purged": sum(removed.values()), "tiers": removed}
-    return web.Response(status=200, text=json.dumps(body), content_type="application/json",
+    soft = request.headers.get("Soft-Purge", "0").strip() == "1"
+    outcome = await state.invalidation.purge(
+        PurgeOrder((key.material,), (), soft, time.time()), "proxy"
+    )
+    body = {"key": key.material, **outcome.body}
+    return web.Response(status=200 if outcome.ok else 503, text=json.dumps(body),
+                        content_type="application/json",
                         headers={"X-Cache": "BYPASS", "Cache-Status": "tierproxy; fwd=bypass"})

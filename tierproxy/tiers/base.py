@@ -2,26 +2,43 @@
 
 A backend implements ``get``/``set``/``delete``/``close`` and nothing else. Timeouts, the
 breaker, error -> miss mapping, corrupt-entry handling and metrics live in :class:`GuardedTier`,
-once, so a new tier (memcached, S3) is one small module.
+once, so a new tier (memcached, S3) is one small module. Purging by key works for any backend
+through ``get``/``set``/``delete``; purging by surrogate key (tag) needs the backend's own tag
+index (``purge`` override), and a backend without one reports it as unsupported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import codec
+import msgpack
+from multidict import CIMultiDictProxy
+
+from .. import codec, policy
 from ..entry import Entry
 from ..keys import CacheKey
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
 
-__all__ = ["TierBackend", "BytesBackend", "GuardedTier", "Breaker", "Blob"]
+__all__ = [
+    "Blob",
+    "Breaker",
+    "BytesBackend",
+    "GuardedTier",
+    "PurgeUnsupported",
+    "TierBackend",
+    "decode_unkeyed",
+    "mark_stale",
+    "tag_digest",
+]
 
 log = logging.getLogger("tierproxy.tiers")
 
@@ -42,12 +59,53 @@ class Blob:
         return self._data
 
 
+class PurgeUnsupported(Exception):
+    """The backend cannot do this kind of purge (e.g. it keeps no tag index)."""
+
+
+def tag_digest(tag: str) -> str:
+    """Fixed-length id of a surrogate key: no origin byte reaches a Redis key or SQL text."""
+    return hashlib.sha256(tag.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def mark_stale(entry: Entry, at: float) -> Entry | None:
+    """A soft purge: the entry stops being fresh at ``at`` (and gets no stale-while-revalidate
+    window after it), but keeps its validators and its stale-if-error limit, so the next
+    request revalidates and an origin failure can still be answered with it.
+    None when the entry is already stale by then (nothing to change)."""
+    if entry.fresh_until <= at and entry.swr_until <= at:
+        return None
+    return dataclasses.replace(
+        entry, fresh_until=min(entry.fresh_until, at), swr_until=min(entry.swr_until, at)
+    )
+
+
+def decode_unkeyed(data: bytes, digest: str) -> Entry:
+    """Decode an entry found through an index that holds only its digest (tag purges).
+
+    The key material is read from the entry and must hash to ``digest``; everything else is
+    checked by :func:`codec.decode` as for a keyed lookup.
+    """
+    try:
+        fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        material = fields[1]
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise codec.CorruptEntry(f"undecodable: {type(exc).__name__}") from None
+    if not isinstance(material, str) or CacheKey(material).digest != digest:
+        raise codec.CorruptEntry("entry does not belong to this digest")
+    return codec.decode(data, material)
+
+
 class TierBackend(ABC):
     """A storage backend. Errors propagate; GuardedTier turns them into misses."""
 
     name: str
     #: True when ``get_now`` answers without awaiting (memory): no timeout needed.
     synchronous: bool = False
+    #: True when every replica reads the same storage (Redis): a purge message from another
+    #: replica need not be applied to it again. Local tiers (memory, a per-host SQLite file)
+    #: apply every purge they hear about.
+    shared: bool = False
 
     def get_now(self, key: CacheKey) -> Entry | None:
         raise NotImplementedError
@@ -69,6 +127,28 @@ class TierBackend(ABC):
 
     async def open(self) -> None:
         """Connect / create schema; called once before the first request."""
+
+    async def purge(
+        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
+    ) -> int:
+        """Remove the entries for ``keys`` and ``tags``; with ``soft_at``, mark them stale as of
+        that wall-clock time instead (see :func:`mark_stale`). Returns how many entries changed.
+
+        This default handles keys through ``get``/``set``/``delete``; tags need an index.
+        """
+        if tags:
+            raise PurgeUnsupported(f"{self.name} keeps no surrogate-key index")
+        changed = 0
+        for key in keys:
+            if soft_at is None:
+                changed += bool(await self.delete(key))
+                continue
+            entry = await self.get(key)
+            marked = mark_stale(entry, soft_at) if entry is not None else None
+            if marked is not None:
+                await self.set(key, marked, Blob(marked))
+                changed += 1
+        return changed
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -158,14 +238,37 @@ class GuardedTier:
         self._lookup = metrics.tier_lookup_counters(self.name)
         self._latency = metrics.tier_latency(self.name)
 
-    def get_now(self, key: CacheKey) -> Entry | None:
-        """Synchronous lookup for in-memory tiers: nothing to time out, nothing to break."""
-        entry = self.backend.get_now(key)
-        self._lookup["hit" if entry is not None else "miss"].inc()
-        return entry
+    def _classify(self, entry: Entry | None, headers: CIMultiDictProxy[str] | None) -> Entry | None:
+        """Count one lookup as hit, stale or miss; a copy for other Vary values is a miss."""
+        if entry is not None:
+            now = time.time()
+            if now < entry.expires_at and (
+                headers is None or not entry.vary or policy.vary_matches(entry, headers)
+            ):
+                self._lookup["hit" if now < entry.fresh_until else "stale"].inc()
+                return entry
+        self._lookup["miss"].inc()
+        return None
 
-    async def get(self, key: CacheKey, budget: float) -> Entry | None:
-        """Look ``key`` up within ``budget`` seconds; any failure is a miss, never an error."""
+    def get_now(
+        self, key: CacheKey, headers: CIMultiDictProxy[str] | None = None
+    ) -> Entry | None:
+        """Synchronous lookup for in-memory tiers: nothing to time out, nothing to break.
+
+        Returns only a copy usable for ``headers`` (its Vary values match) and not expired.
+        """
+        started = time.perf_counter()
+        entry = self.backend.get_now(key)
+        self._latency["get"].observe(time.perf_counter() - started)
+        return self._classify(entry, headers)
+
+    async def get(
+        self, key: CacheKey, budget: float, headers: CIMultiDictProxy[str] | None = None
+    ) -> Entry | None:
+        """Look ``key`` up within ``budget`` seconds; any failure is a miss, never an error.
+
+        Like :meth:`get_now`, returns only a copy usable for ``headers``.
+        """
         if not self.breaker.allow():
             self._lookup["skipped"].inc()
             return None
@@ -190,8 +293,7 @@ class GuardedTier:
             return None
         self._latency["get"].observe(time.perf_counter() - started)
         self.breaker.success()
-        self._lookup["hit" if entry is not None else "miss"].inc()
-        return entry
+        return self._classify(entry, headers)
 
     async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> bool:
         return await self._write("set", key, self.backend.set(key, entry, blob))
@@ -220,6 +322,47 @@ class GuardedTier:
         self.breaker.success()
         self.metrics.tier_write_outcomes.labels(self.name, op, "ok").inc()
         return True
+
+    async def purge(
+        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None, timeout: float
+    ) -> int:
+        """Purge keys and tags in this tier (see :meth:`TierBackend.purge`).
+
+        Unlike lookups, a purge is tried even while the breaker is open - an operator asked
+        for it and needs to know whether it happened - but its outcome still feeds the
+        breaker. Raises on failure so the caller can report the tier as not purged.
+        """
+        mode = "soft" if soft_at is not None else "hard"
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                changed = await self.backend.purge(keys, tags, soft_at)
+        except PurgeUnsupported:
+            self.metrics.tier_write_outcomes.labels(self.name, "purge", "unsupported").inc()
+            raise
+        except TimeoutError:
+            self.breaker.failure()
+            self.metrics.tier_write_outcomes.labels(self.name, "purge", "timeout").inc()
+            raise
+        except Exception:
+            self.breaker.failure()
+            self.metrics.tier_write_outcomes.labels(self.name, "purge", "error").inc()
+            raise
+        self._latency["purge"].observe(time.perf_counter() - started)
+        self.breaker.success()
+        self.metrics.tier_write_outcomes.labels(self.name, "purge", "ok").inc()
+        if changed:
+            self.metrics.purged_entries.labels(self.name, mode).inc(changed)
+        return changed
+
+    def state(self) -> str:
+        """Readiness state: ``up``, ``degraded`` (recent failures, breaker still closed) or
+        ``breaker-open`` (open or probing)."""
+        if self.breaker.is_open:
+            return "breaker-open"
+        if self.breaker.failures:
+            return "degraded"
+        return "up"
 
     def _fail(self, outcome: str, key: CacheKey, op: str, exc: BaseException | None = None) -> None:
         was_open = self.breaker.is_open

@@ -1,15 +1,31 @@
-"""L1: a byte-bounded in-process LRU of entries. Lookups never await."""
+"""L1: a byte-bounded in-process LRU of entries. Lookups never await.
+
+A tag -> keys index serves surrogate-key purges. It holds only keys of entries that are in L1
+(every removal and eviction goes through :meth:`MemoryTier._remove`), and each entry's tags
+are counted in the byte bound, so the index is bounded with the entries.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from ..entry import Entry
 from ..keys import CacheKey
-from .base import Blob, TierBackend
+from .base import Blob, TierBackend, mark_stale
 
 __all__ = ["MemoryTier"]
+
+# Bytes charged per tag of an entry on top of the tag's length: the index's set slot and the
+# dict entry, roughly. Untagged entries cost exactly ``entry.size``.
+_TAG_OVERHEAD = 64
+
+
+def _cost(entry: Entry) -> int:
+    if not entry.tags:
+        return entry.size
+    return entry.size + sum(len(tag) + _TAG_OVERHEAD for tag in entry.tags)
 
 
 class MemoryTier(TierBackend):
@@ -22,6 +38,7 @@ class MemoryTier(TierBackend):
         self.max_entry_bytes = max(1, max_bytes // 8)
         self.bytes = 0
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._tags: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -38,30 +55,68 @@ class MemoryTier(TierBackend):
 
     def set_now(self, key: CacheKey, entry: Entry) -> bool:
         self._remove(key.material)
-        if entry.size > self.max_entry_bytes:
+        cost = _cost(entry)
+        if cost > self.max_entry_bytes:
             return False
         self._entries[key.material] = entry
-        self.bytes += entry.size
+        self.bytes += cost
+        for tag in entry.tags:
+            members = self._tags.get(tag)
+            if members is None:
+                self._tags[tag] = {key.material}
+            else:
+                members.add(key.material)
         while self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.size
+            oldest = next(iter(self._entries))
+            self._remove(oldest)
         return True
 
     def _remove(self, material: str) -> bool:
         old = self._entries.pop(material, None)
         if old is None:
             return False
-        self.bytes -= old.size
+        self.bytes -= _cost(old)
+        for tag in old.tags:
+            members = self._tags.get(tag)
+            if members is not None:
+                members.discard(material)
+                if not members:
+                    del self._tags[tag]
         return True
 
     def remove_now(self, key: CacheKey) -> bool:
         return self._remove(key.material)
 
+    def tagged(self, tag: str) -> int:
+        """How many L1 entries carry ``tag``."""
+        return len(self._tags.get(tag, ()))
+
     def clear(self) -> int:
         count = len(self._entries)
         self._entries.clear()
+        self._tags.clear()
         self.bytes = 0
         return count
+
+    def purge_now(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
+        materials = {key.material for key in keys}
+        for tag in tags:
+            materials.update(self._tags.get(tag, ()))
+        changed = 0
+        for material in materials:
+            if soft_at is None:
+                changed += self._remove(material)
+                continue
+            entry = self._entries.get(material)
+            marked = mark_stale(entry, soft_at) if entry is not None else None
+            if marked is not None:
+                # Same size and tags: swap in place, keeping the LRU position.
+                self._entries[material] = marked
+                changed += 1
+        return changed
+
+    async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
+        return self.purge_now(keys, tags, soft_at)
 
     async def get(self, key: CacheKey) -> Entry | None:
         return self.get_now(key)

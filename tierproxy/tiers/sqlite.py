@@ -5,34 +5,48 @@ Two connections in WAL mode: a reader for lookups and a writer that every change
 (``isolation_level=None``) and each change is one statement, so a cancelled write cannot leave
 a transaction - and its lock - open (PITFALLS.md). The total size is kept in ``stats`` by
 triggers, so it stays right when several processes share the file.
+
+Surrogate keys: an entry row carries its tags (sha256 digests, a JSON array) and triggers keep
+``tags(tag, key)`` in step with ``entries`` - rows appear with the entry, change when it is
+overwritten, and go when it is deleted for any reason (purge, expiry sweep, eviction). The
+index is therefore never out of date, and it is maintained by the single statement that writes
+the entry (no multi-statement transaction to leave open on a cancel).
+
+Schema versions (``PRAGMA user_version``): 1 had no tags. Opening a version-1 file adds the
+column and drops its entries, whose tags were never indexed (a tag purge would miss them); a
+cache file is disposable. A file from a newer tierproxy is moved aside like a corrupt one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 
 import aiosqlite
 
+from .. import codec
 from ..entry import Entry
 from ..keys import CacheKey
-from .base import Blob, BytesBackend
+from .base import Blob, BytesBackend, decode_unkeyed, mark_stale, tag_digest
 
 __all__ = ["SQLiteTier", "SQLiteOpenError"]
 
 log = logging.getLogger("tierproxy.tiers")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL,
     size INTEGER NOT NULL,
     expires_at REAL NOT NULL,
-    accessed_at REAL NOT NULL
+    accessed_at REAL NOT NULL,
+    tags TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS entries_accessed ON entries (accessed_at);
 CREATE INDEX IF NOT EXISTS entries_expires ON entries (expires_at);
@@ -49,7 +63,22 @@ END;
 CREATE TRIGGER IF NOT EXISTS entries_upd AFTER UPDATE OF size ON entries BEGIN
     UPDATE stats SET bytes = bytes - old.size + new.size WHERE id = 0;
 END;
+CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, key TEXT NOT NULL,
+                                 PRIMARY KEY (tag, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_key ON tags (key);
+CREATE TRIGGER IF NOT EXISTS entries_tags_ins AFTER INSERT ON entries WHEN new.tags != '[]' BEGIN
+    INSERT OR IGNORE INTO tags (tag, key) SELECT value, new.key FROM json_each(new.tags);
+END;
+CREATE TRIGGER IF NOT EXISTS entries_tags_upd AFTER UPDATE OF tags ON entries BEGIN
+    DELETE FROM tags WHERE key = old.key;
+    INSERT OR IGNORE INTO tags (tag, key) SELECT value, new.key FROM json_each(new.tags);
+END;
+CREATE TRIGGER IF NOT EXISTS entries_tags_del AFTER DELETE ON entries BEGIN
+    DELETE FROM tags WHERE key = old.key;
+END;
 """
+
+_BATCH = 500  # keys per statement: well under SQLite's bound-parameter limit
 
 # Touches (last-access times for LRU eviction) are batched: a read never writes.
 _MAX_PENDING_TOUCHES = 10_000
@@ -60,6 +89,10 @@ _EVICT_BATCH = 200
 
 class SQLiteOpenError(RuntimeError):
     """The L3 file cannot be opened or created; start-up stops with this message."""
+
+
+class _NewerSchema(sqlite3.DatabaseError):
+    """The file was written by a newer tierproxy (treated like a file that is not a database)."""
 
 
 class SQLiteTier(BytesBackend):
@@ -82,7 +115,9 @@ class SQLiteTier(BytesBackend):
         try:
             await self._open()
         except sqlite3.DatabaseError as exc:
-            if "not a database" not in str(exc) and "malformed" not in str(exc):
+            if not isinstance(exc, _NewerSchema) and "not a database" not in str(exc) and (
+                "malformed" not in str(exc)
+            ):
                 await self.close()
                 raise SQLiteOpenError(
                     f"TIERPROXY_SQLITE_PATH={self.path!r}: cannot open the cache file: {exc}"
@@ -120,6 +155,7 @@ class SQLiteTier(BytesBackend):
         )
         await self._writer.execute("PRAGMA journal_mode=WAL")
         await self._writer.execute("PRAGMA synchronous=NORMAL")
+        await self._migrate(self._writer)
         await self._writer.executescript(_SCHEMA)
         await self._writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._reader = await aiosqlite.connect(
@@ -127,6 +163,25 @@ class SQLiteTier(BytesBackend):
         )
         await self._reader.execute("PRAGMA query_only=1")
         await self._refresh_stats()
+
+    @staticmethod
+    async def _migrate(writer: aiosqlite.Connection) -> None:
+        rows = await writer.execute_fetchall("PRAGMA user_version")
+        version = int(next(iter(rows))[0]) if rows else 0
+        if version > SCHEMA_VERSION:
+            raise _NewerSchema(f"schema version {version} is newer than {SCHEMA_VERSION}")
+        columns = {row[1] for row in await writer.execute_fetchall("PRAGMA table_info(entries)")}
+        if columns and "tags" not in columns:
+            log.warning("L3 file has schema version %d: adding the tag index and dropping its "
+                        "entries (their surrogate keys were never indexed)", version)
+            try:
+                await writer.execute(
+                    "ALTER TABLE entries ADD COLUMN tags TEXT NOT NULL DEFAULT '[]'"
+                )
+            except sqlite3.OperationalError as exc:  # another process migrated it first
+                if "duplicate column" not in str(exc):
+                    raise
+            await writer.execute("DELETE FROM entries")
 
     def _interrupt_reader(self) -> None:
         # sqlite3.Connection.interrupt() is thread-safe: it stops a query the worker thread is
@@ -169,11 +224,15 @@ class SQLiteTier(BytesBackend):
         if len(data) > self.max_bytes:
             return
         now = time.time()
+        tags = json.dumps([tag_digest(tag) for tag in entry.tags]) if entry.tags else "[]"
+        # One statement: the triggers index the tags with it (module docstring).
         await writer.execute(
-            "INSERT INTO entries (key, value, size, expires_at, accessed_at) VALUES (?, ?, ?, ?, ?)"
+            "INSERT INTO entries (key, value, size, expires_at, accessed_at, tags)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size,"
-            " expires_at = excluded.expires_at, accessed_at = excluded.accessed_at",
-            (key.digest, data, len(data), entry.expires_at, now),
+            " expires_at = excluded.expires_at, accessed_at = excluded.accessed_at,"
+            " tags = excluded.tags",
+            (key.digest, data, len(data), entry.expires_at, now, tags),
         )
         await self._maintain(now)
 
@@ -217,6 +276,76 @@ class SQLiteTier(BytesBackend):
         if deleted:
             await self._refresh_stats()
         return deleted
+
+    async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
+        writer = self._writer_conn()
+        digests = [key.digest for key in keys]
+        tag_ids = [tag_digest(tag) for tag in tags]
+        changed = 0
+        if soft_at is None:
+            # Each DELETE is one statement; the triggers drop the tag rows and fix the stats.
+            for start in range(0, len(digests), _BATCH):
+                batch = digests[start:start + _BATCH]
+                cursor = await writer.execute(
+                    f"DELETE FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
+                )
+                changed += max(0, cursor.rowcount)
+                await cursor.close()
+            for tag_id in tag_ids:
+                cursor = await writer.execute(
+                    "DELETE FROM entries WHERE key IN (SELECT key FROM tags WHERE tag = ?)",
+                    (tag_id,),
+                )
+                changed += max(0, cursor.rowcount)
+                await cursor.close()
+        else:
+            changed = await self._soft_purge(writer, keys, tag_ids, soft_at)
+        for digest in digests:
+            self._touched.pop(digest, None)
+        await self._refresh_stats()
+        return changed
+
+    async def _soft_purge(
+        self, writer: aiosqlite.Connection, keys: Sequence[CacheKey], tag_ids: list[str],
+        soft_at: float,
+    ) -> int:
+        materials = {key.digest: key.material for key in keys}
+        rows: dict[str, bytes] = {}
+        digests = list(materials)
+        for start in range(0, len(digests), _BATCH):
+            batch = digests[start:start + _BATCH]
+            for digest, value in await writer.execute_fetchall(
+                f"SELECT key, value FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
+            ):
+                rows[str(digest)] = bytes(value)
+        for tag_id in tag_ids:
+            for digest, value in await writer.execute_fetchall(
+                "SELECT key, value FROM entries WHERE key IN (SELECT key FROM tags WHERE tag = ?)",
+                (tag_id,),
+            ):
+                rows[str(digest)] = bytes(value)
+        updates: list[tuple[bytes, int, str, bytes]] = []
+        for digest, data in rows.items():
+            material = materials.get(digest)
+            try:
+                entry = (codec.decode(data, material) if material is not None
+                         else decode_unkeyed(data, digest))
+            except codec.CorruptEntry:
+                continue  # a lookup will find and delete it
+            marked = mark_stale(entry, soft_at)
+            if marked is not None:
+                encoded = codec.encode(marked)
+                updates.append((encoded, len(encoded), digest, data))
+        changed = 0
+        for start in range(0, len(updates), _BATCH):
+            # Compare-and-set on the old value: an entry rewritten meanwhile is left alone.
+            cursor = await writer.executemany(
+                "UPDATE entries SET value = ?, size = ? WHERE key = ? AND value = ?",
+                updates[start:start + _BATCH],
+            )
+            changed += max(0, cursor.rowcount)
+            await cursor.close()
+        return changed
 
     async def close(self) -> None:
         for attr in ("_reader", "_writer"):

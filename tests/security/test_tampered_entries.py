@@ -1,0 +1,131 @@
+"""Issue 4, line 10: corrupted cache content.
+
+An L2/L3 entry carries its key material, its body length and a CRC-32 of the body. One that
+was stored under another key, truncated, or whose body does not match the stored length or
+checksum is detected, deleted, and treated as a miss: a cache never serves one URL's bytes for
+another, nor a damaged body.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from support.storage import redis_key, sqlite_row, sqlite_set_value
+
+# Field positions of tierproxy.codec's format version 1.
+KEY, BODY, BODY_LENGTH, CRC = 1, 4, 14, 15
+
+
+def _fields(blob: bytes) -> list:
+    fields = msgpack.unpackb(blob, raw=False)
+    assert fields[0] == 1, "codec format changed: update the field positions above"
+    return fields
+
+
+def _pack(fields: list) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def _wrong_key(blob: bytes, other: bytes) -> bytes:
+    return other  # another URL's intact entry, stored under this URL's key
+
+
+def _truncated_body(blob: bytes, other: bytes) -> bytes:
+    fields = _fields(blob)
+    fields[BODY] = fields[BODY][:-7]
+    return _pack(fields)
+
+
+def _length_mismatch(blob: bytes, other: bytes) -> bytes:
+    fields = _fields(blob)
+    fields[BODY_LENGTH] += 1
+    return _pack(fields)
+
+
+def _flipped_byte(blob: bytes, other: bytes) -> bytes:
+    fields = _fields(blob)
+    body = bytearray(fields[BODY])
+    body[len(body) // 2] ^= 0x01
+    fields[BODY] = bytes(body)
+    return _pack(fields)
+
+
+def _cut_short(blob: bytes, other: bytes) -> bytes:
+    return blob[: len(blob) // 2]
+
+
+def _key_rewritten(blob: bytes, other: bytes) -> bytes:
+    """A forgery, not damage: another URL's entry with this URL's key written into it."""
+    fields = _fields(other)
+    fields[KEY] = _fields(blob)[KEY]
+    return _pack(fields)
+
+
+TAMPERINGS = [_wrong_key, _truncated_body, _length_mismatch, _flipped_byte, _cut_short]
+
+
+@pytest.fixture(params=["l2", "l3"])
+def tier(request):
+    return request.param
+
+
+@pytest.mark.parametrize("tamper", TAMPERINGS, ids=lambda f: f.__name__.strip("_"))
+async def test_a_tampered_entry_is_a_miss_never_served(
+    tamper, tier, origin, make_proxy, redis_client, sqlite_path
+):
+    # Only the tier under test holds entries (and L1 is off), so a hit can only come from it.
+    env = {"L1_MAX_BYTES": 0}
+    if tier == "l2":
+        env["SQLITE_PATH"] = "off"
+    else:
+        env["REDIS_URL"] = "off"
+    origin.set("/victim", body=b"victim's own bytes " * 20,
+               headers={"Cache-Control": "max-age=600"})
+    origin.set("/other", body=b"someone else's bytes " * 20,
+               headers={"Cache-Control": "max-age=600"})
+    proxy = await make_proxy(**env)
+    await proxy.get("/victim")
+    await proxy.get("/other")
+    await proxy.settle()
+    assert (await proxy.get("/victim")).x_cache == f"HIT-{tier.upper()}"
+
+    if tier == "l2":
+        victim, other = redis_client.get(redis_key("/victim")), redis_client.get(redis_key("/other"))
+        redis_client.set(redis_key("/victim"), tamper(victim, other), keepttl=True)
+    else:
+        victim = bytes(sqlite_row(sqlite_path, "/victim")["value"])
+        other = bytes(sqlite_row(sqlite_path, "/other")["value"])
+        assert sqlite_set_value(sqlite_path, "/victim", tamper(victim, other)) == 1
+    fetches_before = origin.count("/victim")
+
+    response = await proxy.get("/victim")
+    await proxy.settle()
+    again = await proxy.get("/victim")
+
+    assert response.status == 200
+    assert response.body == b"victim's own bytes " * 20, response
+    assert response.x_cache == "MISS", response  # the bad entry was a miss, the origin answered
+    assert origin.count("/victim") == fetches_before + 1
+    # The bad bytes are gone: what is stored now is the victim's own, intact entry.
+    assert again.x_cache == f"HIT-{tier.upper()}" and again.body == response.body
+
+
+def test_the_codec_refuses_each_tampering():
+    from tierproxy.codec import CorruptEntry, decode, encode
+    from tierproxy.entry import Entry
+
+    def entry(key: str, body: bytes) -> Entry:
+        return Entry(key=key, status=200, headers=(("Content-Type", "text/plain"),), body=body,
+                     stored_at=1.0, fresh_until=2.0, stale_until=3.0, swr_until=2.0,
+                     expires_at=4.0)
+
+    victim, other = encode(entry("/victim", b"v" * 100)), encode(entry("/other", b"o" * 100))
+    assert decode(victim, "/victim").body == b"v" * 100
+    for tamper in TAMPERINGS:
+        with pytest.raises(CorruptEntry):
+            decode(tamper(victim, other), "/victim")
+    # A forged entry that names the victim's key is accepted: L2/L3 are the operator's stores,
+    # and the checks are against damage and misrouting, not forgery (see the README's
+    # security model).
+    assert decode(_key_rewritten(victim, other), "/victim").body == b"o" * 100

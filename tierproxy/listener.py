@@ -1,0 +1,266 @@
+"""The proxy's HTTP/1.1 listener: aiohttp's connection handler, hardened for untrusted clients.
+
+aiohttp parses requests with its C parser (llhttp): conflicting framing (Content-Length with
+Transfer-Encoding, duplicate Content-Length, an obfuscated Transfer-Encoding, bad chunk framing)
+is already refused with 400 and the connection closed. What a proxy facing every client needs
+on top, and aiohttp 3.14 does not do:
+
+* A header read timeout (slowloris). A request head must be complete
+  ``TIERPROXY_HEADER_TIMEOUT`` seconds after its first byte (for a connection's first request:
+  after the connection opened); otherwise 408 and the connection is closed. aiohttp only bounds
+  idle keep-alive time, and bytes of an unfinished head do not count as activity for it - but
+  its timer is never shortened by a client trickling a head either, so without this a
+  connection could be held for ``keepalive_timeout`` per request.
+* The right status for over-long input: 414 for the request-target, 431 for a header line or
+  too many header lines (aiohttp answers 400 to all three). Logged at debug, not as an error
+  with a traceback, so a client cannot flood the log.
+* A framing error in a request body that arrives after the handler began reading that body
+  fails the read at once (aiohttp drops the body stream without telling its reader, which
+  then waits until the client goes away); the proxy answers 400.
+* A send timeout (slow read). A client that accepts no bytes for ``TIERPROXY_SEND_TIMEOUT``
+  seconds while its response waits to be written is disconnected. Without it, a client that
+  asks for a streamed response and never reads holds one pooled origin connection for as long
+  as it likes; ``TIERPROXY_ORIGIN_MAX_CONNECTIONS`` such clients stop every cache miss.
+
+The limits themselves are aiohttp's (:func:`handler_args`), so any runner - including a plain
+``web.AppRunner`` - refuses the same requests; only :class:`ProxyRunner` adds the header timeout
+and the exact statuses. This relies on ``RequestHandler`` internals of aiohttp 3.14
+(``_waiter``, ``_request_count``, ``_messages``, ``_current_request``; read, never written);
+tests/security exercise each behaviour, so an aiohttp upgrade that moves them fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+if TYPE_CHECKING:
+    from aiohttp.web_request import BaseRequest
+
+    from .config import Settings
+
+__all__ = ["ProxyRequestHandler", "ProxyRunner", "handler_args"]
+
+log = logging.getLogger("tierproxy.listener")
+
+
+def handler_args(settings: Settings) -> dict[str, Any]:
+    """aiohttp ``RequestHandler`` arguments for the proxy listener."""
+    return {
+        # aiohttp checks the request-target alone against max_line_size ...
+        "max_line_size": settings.max_url_bytes,
+        # ... and a header's name and its value against max_field_size (3.14 counts the two
+        # together only for the first header line; a head is bounded by max_headers x this).
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+        # Idle keep-alive bound; aiohttp's default (3630 s) would let idle connections pile up.
+        "keepalive_timeout": settings.keepalive_timeout,
+        # A proxy forwards a request body as the client encoded it (Content-Encoding and all);
+        # decompressing would also let a small gzip body expand past TIERPROXY_MAX_BODY_BYTES.
+        "auto_decompress": False,
+    }
+
+
+def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field_size: int) -> int:
+    """414 / 431 for over-long input, else 400 (aiohttp reports every parse error as 400)."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if limit == max_line_size and limit != max_field_size:
+            return 414
+        if limit == max_field_size and limit != max_line_size:
+            return 431
+        # Equal limits (an unusual configuration): aiohttp's C parser hands over the
+        # request-target as a bytearray and a header name or value as bytes.
+        return 414 if isinstance(exc.args[0], bytearray) else 431
+    if "Too many headers" in exc.message:
+        return 431
+    return 400
+
+
+class ProxyRequestHandler(RequestHandler):
+    """One client connection. See the module docstring for what it adds to aiohttp's."""
+
+    __slots__ = ("_head_timeout", "_head_timer", "_send_timeout", "_send_timer")
+
+    def __init__(
+        self, manager: web.Server, *, head_timeout: float, send_timeout: float, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timeout = send_timeout
+        self._send_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # A client that connects and sends nothing is cut off like one that trickles a head.
+        self._start_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().connection_lost(exc)
+
+    # asyncio flow control: the transport calls these when its write buffer goes over its
+    # high-water mark (the client is not reading fast enough) and back under the low one.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self._send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or not self.writing_paused:
+            return
+        log.debug("closing a connection from %s: it accepted no response bytes for %.1fs",
+                  self.peername, self._send_timeout)
+        # The writer blocked on this client fails; whatever it streamed from the origin is
+        # released with it.
+        transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and self._waiter is None and self._request_count:
+            # A request is being handled: these bytes are its body (or pipelined requests).
+            super().data_received(data)
+            self._fail_body_read_on_framing_error()
+            return
+        # Between requests (or before the first): these bytes belong to a request head.
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._stop_head_timer()  # a head arrived (or failed to parse: aiohttp answers 400)
+        elif self._head_timer is None and data:  # (aiohttp feeds b"" to resume parsing)
+            self._start_head_timer()
+
+    def _fail_body_read_on_framing_error(self) -> None:
+        request = self._current_request
+        if request is None or not self._messages:
+            return
+        message = self._messages[-1][0]
+        if isinstance(message, _ErrInfo) and not request.content.is_eof():
+            # The parser failed inside this request's body; its reader would wait forever.
+            request.content.set_exception(message.exc)
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(
+            self._head_timeout, self._head_timed_out, self._request_count
+        )
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self, request_count: int) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or self._request_count != request_count:
+            return  # gone, or a head arrived after all
+        log.debug("closing a connection from %s: no complete request head within %.1fs",
+                  self.peername, self._head_timeout)
+        # No response is in flight (no request since the timer started), so a minimal 408
+        # can go straight to the transport before it closes (RFC 9110 §15.5.9).
+        body = b"408 request head not received in time\n"
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionResetError) and request.writer.output_size > 0:
+            # The client went away (or was cut off by the send timeout) mid-response: routine,
+            # not an error worth a traceback per connection.
+            log.debug("client %s gone mid-response: %s", request.remote, exc)
+            raise ConnectionError("client connection lost mid-response")
+        if status != 400 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        # A malformed request is the client's error, not ours: no traceback in the log.
+        status = _client_error_status(exc, self.max_line_size, self.max_field_size)
+        reason = exc.message.split("\n", 1)[0].rstrip(":")[:200] if status == 400 else ""
+        log.debug("refused a malformed request from %s with %d: %s",
+                  request.remote, status, exc.message[:300])
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot answer the parse error")
+        phrase = HTTPStatus(status).phrase
+        text = f"{status} {phrase}: {reason}\n" if reason else f"{status} {phrase}\n"
+        response = web.Response(status=status, text=text)
+        response.force_close()  # the framing of whatever follows is unknown
+        return response
+
+
+class _ProxyServer(web.Server):
+    """aiohttp's low-level server, making :class:`ProxyRequestHandler` connections."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        request_factory: Any,
+        handler_cancellation: bool,
+        loop: asyncio.AbstractEventLoop,
+        head_timeout: float,
+        send_timeout: float,
+        **handler_kwargs: Any,
+    ) -> None:
+        super().__init__(handler, request_factory=request_factory,
+                         handler_cancellation=handler_cancellation, loop=loop, **handler_kwargs)
+        self._proxy_loop = loop
+        self._proxy_handler_kwargs = handler_kwargs
+        self._head_timeout = head_timeout
+        self._send_timeout = send_timeout
+
+    def __call__(self) -> RequestHandler:
+        return ProxyRequestHandler(self, loop=self._proxy_loop, head_timeout=self._head_timeout,
+                                   send_timeout=self._send_timeout, **self._proxy_handler_kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections are :class:`ProxyRequestHandler` s.
+
+    ``header_timeout`` and ``send_timeout`` are ``TIERPROXY_HEADER_TIMEOUT`` and
+    ``TIERPROXY_SEND_TIMEOUT``; every other limit comes from the app's ``handler_args``
+    (:func:`handler_args`).
+    """
+
+    __slots__ = ("_header_timeout", "_send_timeout")
+
+    def __init__(
+        self, app: web.Application, *, header_timeout: float, send_timeout: float, **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+        self._send_timeout = send_timeout
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # runs on_startup, merges the app's handler_args
+        return _ProxyServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            head_timeout=self._header_timeout,
+            send_timeout=self._send_timeout,
+            **server._kwargs,  # the RequestHandler arguments aiohttp assembled
+        )
