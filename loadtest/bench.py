@@ -39,8 +39,7 @@ from typing import Any
 
 from loadtest import metrics as M
 from loadtest import procs
-from loadtest.procs import LOOPBACK, ProcGroup, StartupError
-from loadtest.procs import host_busy_seconds
+from loadtest.procs import LOOPBACK, ProcGroup, StartupError, host_busy_seconds
 
 BENCH_PATH = "/bench/1"
 ALL_TARGETS = ("bare", "bare-asyncio", "l1", "l2", "l3", "nginx")
@@ -235,7 +234,8 @@ def start_targets(group: ProcGroup, work: Path, logs: Path, names: list[str], ns
             procs.wait_http(f"http://{LOOPBACK}:{port}{BENCH_PATH}", p, 15, name)
             out[name] = Target(name, f"http://{LOOPBACK}:{port}{BENCH_PATH}", p)
         elif name in ("l1", "l2", "l3"):
-            env = {"TIERPROXY_ORIGIN": origin_url}
+            # like bare (a) and nginx (e, access_log off): no per-request log line
+            env = {"TIERPROXY_ORIGIN": origin_url, "TIERPROXY_ACCESS_LOG": "off"}
             if name == "l1":
                 env["TIERPROXY_SQLITE_PATH"] = "off"
             elif name == "l2":
@@ -375,8 +375,8 @@ def table(results: dict[str, Any]) -> str:
     ng = rows.get("nginx", {}).get("rps") or None
     l1p99 = rows.get("l1", {}).get("p99_ms")
     ratios = results.get("ratios", {})
-    out = ["| target | req/s | p50 ms | p99 ms | × (a) bare | × (e) nginx | × (a), × (e) per round | served as "
-           "| server CPU | rounds (req/s) |",
+    out = [("| target | req/s | p50 ms | p99 ms | × (a) bare | × (e) nginx | × (a), × (e) per round "
+            "| served as | server CPU | rounds (req/s) |"),
            "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for name, r in rows.items():
         if not r.get("rps"):

@@ -39,7 +39,7 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
+    except Exception:  # noqa: S110, BLE001
         pass
 
 
@@ -61,7 +61,7 @@ class Proc:
         if taskset and shutil.which("taskset"):
             self.cmd = ["taskset", "-c", taskset, *self.cmd]
         self.log_path = log
-        self._log: IO[bytes] = open(log, "ab")
+        self._log: IO[bytes] = open(log, "ab")  # noqa: SIM115
         self.popen = subprocess.Popen(
             self.cmd,
             stdin=subprocess.DEVNULL,
@@ -70,7 +70,7 @@ class Proc:
             env=env if env is not None else child_env(),
             cwd=str(cwd or REPO),
             start_new_session=True,
-            preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+            preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
         self.pid = self.popen.pid
 
@@ -121,7 +121,7 @@ class ProcGroup:
             with contextlib.suppress(Exception):
                 p.stop()
 
-    def __enter__(self) -> ProcGroup:
+    def __enter__(self) -> ProcGroup:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

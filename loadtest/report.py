@@ -199,9 +199,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             cls_all[c] += v
             if c in OK_CLASSES:
                 continue
-            if c == "err_uncached" and run.get("uncached_errors_expected_in_fault") and in_fault(ln["t"], grace):
-                expected[c] += v
-            elif (c == "purge_unavailable" and run.get("purge_unavailable_expected_in_fault")
+            if c == "err_uncached" and run.get("uncached_errors_expected_in_fault") and in_fault(ln["t"], grace) or (c == "purge_unavailable" and run.get("purge_unavailable_expected_in_fault")
                   and in_fault(ln["t"], grace)):
                 expected[c] += v
             else:  # ALWAYS_UNEXPECTED, err_uncached outside a fault, anything unknown
@@ -431,7 +429,7 @@ def save_small_png(fig: Any, path: Path, dpi: int = 80) -> None:
         buf.seek(0)
         img = Image.open(buf).convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
         img.save(path, format="PNG", optimize=True)
-    except Exception:  # Pillow missing or too old: keep matplotlib's PNG
+    except Exception:  # Pillow missing or too old: keep matplotlib's PNG  # noqa: BLE001
         path.write_bytes(buf.getvalue())
 
 

@@ -140,11 +140,11 @@ class Sampler(threading.Thread):
                 rec["counters"] = {M.key_str(s): v for s, v in samples.items()
                                    if s[0].endswith("_total") and s[0].startswith("tierproxy_")}
                 rec["gauges"] = {M.key_str(s): v for s, v in samples.items() if _is_gauge(s[0])}
-            except Exception:
+            except Exception:  # noqa: BLE001
                 self.errors += 1
         try:
             rec["origin"] = origin_stats(self.origin_url)
-        except Exception:
+        except Exception:  # noqa: BLE001
             self.errors += 1
         return rec
 
@@ -220,7 +220,7 @@ def wait_background_drained(metrics_url: str | None, timeout: float = 30.0) -> f
             v = M.total(scrape(metrics_url), "tierproxy_background_tasks")
             if v == 0:
                 return 0.0
-        except Exception:
+        except Exception:  # noqa: BLE001
             return None
         time.sleep(0.2)
     return v
@@ -316,6 +316,8 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
                 "TIERPROXY_ORIGIN": origin_url,
                 "TIERPROXY_SQLITE_PATH": str(work / "cache.sqlite3") if sc.sqlite else "off",
                 "TIERPROXY_PURGE_TOKEN": PURGE_TOKEN,
+                # a line per request would be ~100k lines a minute in proxy.log; --proxy-env to turn on
+                "TIERPROXY_ACCESS_LOG": "off",
             }
             if use_redis:
                 redis, rport = procs.start_redis(group, work)

@@ -25,8 +25,9 @@ on top, and aiohttp 3.14 does not do:
 The limits themselves are aiohttp's (:func:`handler_args`), so any runner - including a plain
 ``web.AppRunner`` - refuses the same requests; only :class:`ProxyRunner` adds the header timeout
 and the exact statuses. This relies on ``RequestHandler`` internals of aiohttp 3.14
-(``_waiter``, ``_request_count``, ``_messages``, ``_current_request``; read, never written);
-tests/security exercise each behaviour, so an aiohttp upgrade that moves them fails loudly.
+(``_waiter``, ``_request_count``, ``_messages``, ``_current_request``; read, never written).
+Without them :class:`ProxyRunner` falls back to aiohttp's own handler with a warning, and
+tests/security fail, so an aiohttp upgrade that moves them cannot go unnoticed.
 """
 
 from __future__ import annotations
@@ -36,18 +37,34 @@ import logging
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
+
+try:  # aiohttp internals this module reads; see internals_available()
+    from aiohttp.web_protocol import _ErrInfo
+except ImportError:  # pragma: no cover - another aiohttp version
+    _ErrInfo = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from aiohttp.web_request import BaseRequest
 
     from .config import Settings
 
-__all__ = ["ProxyRequestHandler", "ProxyRunner", "handler_args"]
+__all__ = ["ProxyRequestHandler", "ProxyRunner", "handler_args", "internals_available"]
 
 log = logging.getLogger("tierproxy.listener")
+
+_INTERNALS = ("_waiter", "_request_count", "_messages", "_current_request", "_loop")
+
+
+def internals_available() -> bool:
+    """Whether this aiohttp has the ``RequestHandler`` internals the hardened handler reads."""
+    slots: set[str] = set()
+    for cls in RequestHandler.__mro__:
+        slots.update(getattr(cls, "__slots__", ()))
+    return _ErrInfo is not None and all(name in slots for name in _INTERNALS)
 
 
 def handler_args(settings: Settings) -> dict[str, Any]:
@@ -255,6 +272,13 @@ class ProxyRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs on_startup, merges the app's handler_args
+        handler_kwargs = getattr(server, "_kwargs", None)  # the RequestHandler arguments
+        if not internals_available() or not isinstance(handler_kwargs, dict):
+            # Still safe (aiohttp's limits and framing checks apply), just not hardened.
+            log.warning("this aiohttp (%s) lacks the internals tierproxy.listener relies on: "
+                        "no header/send timeouts, over-long input gets 400 instead of 414/431",
+                        aiohttp.__version__)
+            return server
         return _ProxyServer(
             server.request_handler,
             request_factory=server.request_factory,
@@ -262,5 +286,5 @@ class ProxyRunner(web.AppRunner):
             loop=asyncio.get_running_loop(),
             head_timeout=self._header_timeout,
             send_timeout=self._send_timeout,
-            **server._kwargs,  # the RequestHandler arguments aiohttp assembled
+            **handler_kwargs,
         )

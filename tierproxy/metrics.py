@@ -182,7 +182,7 @@ class Metrics:
             ["reason"], registry=r,
         )
         self.log_dropped = Gauge(
-            "tierproxy_log_lines_dropped", "Log lines dropped because the log queue was full",
+            "tierproxy_log_lines_dropped", "Log lines dropped because the log buffer was full",
             registry=r,
         )
         self._responses = {

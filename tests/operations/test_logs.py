@@ -169,3 +169,59 @@ async def test_access_record_has_the_tier_timings(origin, make_proxy, redis_url,
     assert hit["cache"] == "HIT-L2" and "l2_ms" in hit and "l3_ms" not in hit
     assert 0 < hit["l2_ms"] < 100 and hit["duration_ms"] >= hit["l2_ms"]
     assert records[1].getMessage().startswith("GET /timed 200 HIT-L2 ")
+
+
+def test_access_line_is_the_same_through_log_records_and_the_direct_path():
+    from tierproxy.logs import AccessRecord, JsonFormatter, TextFormatter
+
+    fields = {"method": "GET", "path": '/a b"\u00e9\n', "status": 200, "cache": "MISS",
+              "bytes": None, "duration_ms": 1.5, "origin_ms": 1.25, "request_id": "r",
+              "client": None}
+    record = logging.LogRecord("tierproxy.access", logging.INFO, "", 0, AccessRecord(fields),
+                               None, None)
+    for formatter in (JsonFormatter(), TextFormatter()):
+        assert formatter.format(record) == formatter.format_access(fields, record.created)
+    parsed = json.loads(JsonFormatter().format(record))
+    assert {k: parsed[k] for k in fields} == fields
+    text = TextFormatter().format(record)
+    assert "\n" not in text and 'GET "/a b\\"\\u00e9\\n" 200 MISS -B 1.5ms origin=1.25ms' in text
+
+
+def test_a_blocked_stderr_never_blocks_the_caller_lines_are_dropped_and_counted():
+    import threading
+    import time
+
+    from tierproxy import logs
+
+    release = threading.Event()
+    written: list[str] = []
+
+    class BlockedStream:
+        def write(self, text: str) -> int:
+            release.wait(10)
+            written.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    handler = logs.BatchingStreamHandler(BlockedStream(), max_lines=100, interval=0.01)
+    handler.setFormatter(logs.TextFormatter())
+    logger = logging.getLogger("tierproxy.test-blocked")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    dropped_before = logs.dropped_lines()
+    try:
+        started = time.perf_counter()
+        for i in range(2000):
+            logger.info("line %d", i)
+        elapsed = time.perf_counter() - started
+    finally:
+        release.set()
+        logger.removeHandler(handler)
+        handler.close()
+    assert elapsed < 1.0, elapsed  # never waited on the stream
+    dropped = logs.dropped_lines() - dropped_before
+    lines = "".join(written).splitlines()
+    assert dropped >= 1700 and len(lines) + dropped == 2000, (dropped, len(lines))

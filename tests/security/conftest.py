@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-
 from support.origin import Origin
 from support.proxy import ProxyHandle, apply_env
 

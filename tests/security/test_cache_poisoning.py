@@ -109,7 +109,7 @@ async def test_a_get_with_a_body_is_passed_through_and_never_cached(echo_origin,
     clean_again = await proxy.get("/search?q=1")
 
     assert fat.x_cache == "BYPASS", fat
-    assert json.loads(fat.body)["body"] == "q=evil"  # the client's own answer, as the origin gave it
+    assert json.loads(fat.body)["body"] == "q=evil"  # the client's own answer, as given
     assert clean.x_cache == "MISS", clean  # the fat answer was not stored ...
     assert json.loads(clean.body)["body"] == ""  # ... and is not what the next client gets
     assert clean_again.x_cache == "HIT-L1"

@@ -11,7 +11,6 @@ import asyncio
 import time
 
 import pytest
-
 from support.wait import wait_for_condition
 
 from .helpers import (
@@ -22,7 +21,6 @@ from .helpers import (
     raw_exchange,
     status_of,
 )
-
 
 UNIQUE_URLS = 10_000
 

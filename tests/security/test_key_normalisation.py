@@ -43,6 +43,10 @@ targets = st.builds(lambda path, query: path + query, paths, queries)
 ORIGIN = "http://127.0.0.1:9000"
 
 
+def _get(target: str) -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+
 def forwarded_url(material: str) -> URL:
     """The URL the origin client builds for key material (tierproxy.origin.OriginClient)."""
     return URL(ORIGIN + material, encoded=True)
@@ -175,8 +179,8 @@ async def test_equivalent_targets_share_one_entry_and_one_forwarded_url(
 ):
     proxy = await make_proxy()
 
-    one = await raw_exchange(proxy.port, f"GET {first} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    two = await raw_exchange(proxy.port, f"GET {second} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    one = await raw_exchange(proxy.port, _get(first))
+    two = await raw_exchange(proxy.port, _get(second))
 
     assert status_of(one) == 200 and status_of(two) == 200
     assert b"X-Cache: HIT-L1" in two, two[:400]

@@ -10,7 +10,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from support.storage import redis_key, sqlite_row
 
 TOKEN = "s3cret-purge-token-0123456789"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-
 from support.storage import redis_key, sqlite_row, sqlite_set_value
 
 # Field positions of tierproxy.codec's format version 1.
@@ -91,7 +90,8 @@ async def test_a_tampered_entry_is_a_miss_never_served(
     assert (await proxy.get("/victim")).x_cache == f"HIT-{tier.upper()}"
 
     if tier == "l2":
-        victim, other = redis_client.get(redis_key("/victim")), redis_client.get(redis_key("/other"))
+        victim = redis_client.get(redis_key("/victim"))
+        other = redis_client.get(redis_key("/other"))
         redis_client.set(redis_key("/victim"), tamper(victim, other), keepttl=True)
     else:
         victim = bytes(sqlite_row(sqlite_path, "/victim")["value"])
