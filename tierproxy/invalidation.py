@@ -48,6 +48,7 @@ log = logging.getLogger("tierproxy.invalidation")
 CHANNEL = "tierproxy:invalidate"
 MESSAGE_VERSION = 1
 _MAX_ITEMS_PER_MESSAGE = 1000  # keys or tags per published message
+_TARGET_MESSAGE_BYTES = 512 * 1024  # what a published message is kept under (roughly)
 _MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger received messages are ignored (and counted)
 
 # Subscriber timing (seconds).
@@ -66,13 +67,24 @@ class PurgeOrder:
     at: float = 0.0  # wall clock: a soft purge marks entries stale as of this time
 
     def chunks(self) -> Iterable[PurgeOrder]:
-        """The order split into messages of bounded size."""
-        for start in range(0, max(len(self.keys), 1), _MAX_ITEMS_PER_MESSAGE):
-            keys = self.keys[start:start + _MAX_ITEMS_PER_MESSAGE]
-            if keys:
-                yield PurgeOrder(keys, (), self.soft, self.at)
-        for start in range(0, len(self.tags), _MAX_ITEMS_PER_MESSAGE):
-            yield PurgeOrder((), self.tags[start:start + _MAX_ITEMS_PER_MESSAGE], self.soft, self.at)
+        """The order split into messages of bounded size (items and bytes)."""
+        for field in ("keys", "tags"):
+            batch: list[str] = []
+            size = 0
+            for item in getattr(self, field):
+                if batch and (len(batch) >= _MAX_ITEMS_PER_MESSAGE
+                              or size + len(item) > _TARGET_MESSAGE_BYTES):
+                    yield self._with(field, tuple(batch))
+                    batch, size = [], 0
+                batch.append(item)
+                size += len(item) + 8
+            if batch:
+                yield self._with(field, tuple(batch))
+
+    def _with(self, field: str, items: tuple[str, ...]) -> PurgeOrder:
+        if field == "keys":
+            return PurgeOrder(items, (), self.soft, self.at)
+        return PurgeOrder((), items, self.soft, self.at)
 
 
 @dataclass(frozen=True, slots=True)

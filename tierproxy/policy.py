@@ -353,7 +353,10 @@ def client_not_modified(request_headers: AnyHeaders | Mapping[str, str], entry: 
             return True
         stored = _weak_etag(entry.etag)
         return any(_weak_etag(tag) == stored for tag in if_none_match.split(","))
-    if_modified_since = _http_date(request_headers.get("If-Modified-Since"))
+    if_modified_since_raw = request_headers.get("If-Modified-Since")
+    if if_modified_since_raw is None or entry.last_modified is None:
+        return False  # the common case: nothing to parse on a plain hit
+    if_modified_since = _http_date(if_modified_since_raw)
     last_modified = _http_date(entry.last_modified)
     if if_modified_since is None or last_modified is None:
         return False

@@ -196,8 +196,9 @@ class ReadThrough:
         #: Consecutive failed origin fetches (0 after any answer below 500): readiness shows
         #: the origin as degraded while it is non-zero.
         self.origin_failures = 0
-        # Bumped by every purge: a fetch that began before a purge is served to its client
-        # but not stored, so a purge cannot be undone by a response already on its way.
+        # Bumped before and after every purge: a copy read or fetched before a purge is served
+        # to its client but not stored, so a purge cannot be undone by a response already on
+        # its way or a backfill still pending (see _backfill).
         self._purge_generation = 0
 
     def _origin_outcome(self, outcome: str) -> None:
@@ -213,6 +214,7 @@ class ReadThrough:
     async def get(self, req: ProxyRequest) -> Result:
         """Answer a cacheable GET/HEAD from the fastest tier with a usable copy."""
         loop = asyncio.get_running_loop()
+        generation = self._purge_generation  # copies read before a purge are not written back
         stale: Entry | None = None
         stale_index = 0
         entry: Entry | None = None
@@ -235,7 +237,7 @@ class ReadThrough:
                 continue
             now = time.time()
             if now < entry.fresh_until:
-                self._backfill(req.key, entry, index)
+                self._backfill(req.key, entry, index, generation)
                 ttl = math.floor(entry.fresh_until - now)
                 return Cached(entry, f"HIT-{tier.name.upper()}",
                               f"tierproxy; hit; ttl={ttl}; detail={tier.name}")
@@ -248,7 +250,7 @@ class ReadThrough:
             now = time.time()
             if now < stale.swr_until:
                 # RFC 5861 §3: serve the stale copy now, refresh it in the background.
-                self._backfill(req.key, stale, stale_index)
+                self._backfill(req.key, stale, stale_index, generation)
                 self._refresh_in_background(req, stale)
                 self.metrics.stale_served.labels("revalidating").inc()
                 ttl = math.floor(stale.fresh_until - now)
@@ -361,8 +363,6 @@ class ReadThrough:
             self._origin_outcome("5xx")
             return _OriginFailed("origin-5xx", response)
         self._origin_outcome("ok")
-        # Purged while this fetch was on its way: answer the client, store nothing.
-        store = generation == self._purge_generation
 
         if response.status == 304 and stale is not None:
             refreshed = policy.freshen(stale, response.headers, req.headers,
@@ -371,8 +371,7 @@ class ReadThrough:
                 self._invalidate(req.key)
                 # Still a valid answer for this client, just not storable any more.
                 return _Stored(stale, revalidated=True)
-            if store:
-                self._backfill(req.key, refreshed, len(self.tiers))
+            self._backfill(req.key, refreshed, len(self.tiers), generation)
             return _Stored(refreshed, revalidated=True)
 
         if response.body is None:
@@ -398,8 +397,7 @@ class ReadThrough:
             vary=policy.vary_values(response.headers, req.headers),
             tags=parse_tags(response.headers.get("Surrogate-Key")),
         )
-        if store:
-            self._backfill(req.key, entry, len(self.tiers))
+        self._backfill(req.key, entry, len(self.tiers), generation)
         return _Stored(entry, revalidated=False)
 
     def _refresh_in_background(self, req: ProxyRequest, stale: Entry) -> None:
@@ -417,8 +415,15 @@ class ReadThrough:
 
     # ---- writes ---------------------------------------------------------------------------
 
-    def _backfill(self, key: CacheKey, entry: Entry, upto: int) -> None:
-        """Fill the tiers before index ``upto``: L1 now (memory), the others in the background."""
+    def _backfill(self, key: CacheKey, entry: Entry, upto: int, generation: int) -> None:
+        """Fill the tiers before index ``upto``: L1 now (memory), the others in the background.
+
+        ``generation`` is the purge generation when ``entry`` was read or fetched: if a purge
+        ran since, the copy may be what was purged, and it is not written back anywhere (the
+        client that asked still gets it). A purge is rare; a skipped backfill costs a miss.
+        """
+        if generation != self._purge_generation:
+            return
         blob: Blob | None = None
         for tier in self.tiers[:upto]:
             if tier.synchronous:
@@ -426,13 +431,24 @@ class ReadThrough:
                 continue
             if blob is None:
                 blob = Blob(entry)
-            self._spawn_store(tier, key, entry, blob)
+            self._spawn_store(tier, key, entry, blob, generation)
 
-    def _spawn_store(self, tier: GuardedTier, key: CacheKey, entry: Entry, blob: Blob) -> None:
+    def _spawn_store(
+        self, tier: GuardedTier, key: CacheKey, entry: Entry, blob: Blob, generation: int
+    ) -> None:
         counters = self.metrics.backfills
 
         async def store() -> None:
+            # A purge since this copy was read may have been for it: don't write it back, and
+            # undo a write that was on its way while the purge ran.
+            if generation != self._purge_generation:
+                counters.labels(tier.name, "superseded").inc()
+                return
             ok = await tier.set(key, entry, blob)
+            if ok and generation != self._purge_generation:
+                await tier.delete(key)
+                counters.labels(tier.name, "superseded").inc()
+                return
             counters.labels(tier.name, "completed" if ok else "failed").inc()
 
         if self.background.spawn(f"backfill-{tier.name}", store):

@@ -431,3 +431,22 @@ async def test_a_cache_file_from_a_newer_version_is_moved_aside(origin, make_pro
     aside = list(sqlite_path.parent.glob(sqlite_path.name + ".corrupt-*"))
     assert [p.name for p in aside if not p.name.endswith(("-wal", "-shm"))], aside
     assert sqlite_row(sqlite_path, "/n") is not None
+
+
+async def test_a_backfill_overtaken_by_a_purge_is_not_left_behind(
+    origin, make_proxy, admin_for, redis_server, redis_url, redis_client
+):
+    origin.set("/sup", headers=CACHEABLE)
+    proxy = await make_proxy(SQLITE_PATH="off", L2_WRITE_TIMEOUT=5)
+    admin = await admin_for(proxy)
+    with redis_server.frozen():
+        assert (await proxy.get("/sup")).x_cache == "MISS"  # its L2 backfill now waits on Redis
+        # A purge heard from another replica meanwhile (local tiers only: no Redis needed).
+        await proxy.state.readthrough.purge([CacheKey("/sup")], [], shared=False)
+    await proxy.settle()
+
+    assert not redis_client.exists(redis_key("/sup"))  # the write that landed was undone
+    m = await admin.metrics()
+    assert by_label(m, "tierproxy_backfills_total", "outcome", tier="l2") == {
+        "started": 1, "superseded": 1,
+    }

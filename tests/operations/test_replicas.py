@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 from support.proxy import fetch
+from support.storage import redis_key
 from support.wait import wait_for_condition
 
 from tierproxy.keys import CacheKey
@@ -31,7 +32,7 @@ async def _ready(proc) -> None:
 
 
 async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
-    origin, spawn_proxy, redis_url, tmp_path
+    origin, spawn_proxy, redis_url, redis_client, tmp_path
 ):
     origin.set_default(headers={**CACHEABLE, "Surrogate-Key": "shared"})
     origin.set("/r", headers=CACHEABLE)
@@ -42,9 +43,8 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
     await _ready(b)
     async with aiohttp.ClientSession() as session:
         assert (await fetch(session, "GET", a.url + "/r")).x_cache == "MISS"
-        await wait_for_condition(
-            lambda: _x_cache(session, b.url + "/r", "HIT-L2"), message="B reads A's L2 copy"
-        )
+        await wait_for_condition(lambda: redis_client.exists(redis_key("/r")), message="A's L2 copy")
+        assert (await fetch(session, "GET", b.url + "/r")).x_cache == "HIT-L2"
         assert (await fetch(session, "GET", b.url + "/r")).x_cache == "HIT-L1"
         before = await scrape_url(b.admin_url)
         assert value(before, "tierproxy_l1_entries") == 1
@@ -72,6 +72,10 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
         # Tags: purge on B, tagged entries leave A's L1.
         for i in range(5):
             await fetch(session, "GET", a.url + f"/tagged/{i}")
+        await wait_for_condition(  # A's backfills done: nothing can re-add them after the purge
+            lambda: all(redis_client.exists(redis_key(f"/tagged/{i}")) for i in range(5)),
+            message="A's tagged entries in L2",
+        )
         tag_purge = await fetch(session, "POST", b.admin_url + "/purge",
                                 json={"tags": ["shared"]}, headers=AUTH)
         assert tag_purge.status == 200, tag_purge
@@ -82,10 +86,6 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
 
         await wait_for_condition(a_l1_empty, message="A's tagged L1 entries purged")
         assert (await fetch(session, "GET", a.url + "/tagged/0")).x_cache == "MISS"
-
-
-async def _x_cache(session, url, expected) -> bool:
-    return (await fetch(session, "GET", url)).x_cache == expected
 
 
 async def test_replica_that_reconnects_clears_its_l1(

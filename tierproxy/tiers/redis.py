@@ -37,7 +37,7 @@ TAG_PREFIX = KEY_PREFIX + "tag:"
 
 # Batches keep every single command (and its reply) small; bounded loops over them.
 _BATCH = 500
-_SOFT_CONCURRENCY = 16
+_SOFT_BATCH = 16
 _MAX_SCAN_ROUNDS = 100_000
 
 # KEYS[1] entry key, KEYS[2..] tag set keys; ARGV: value, TTL ms, digest, entry key prefix.
@@ -139,13 +139,11 @@ class RedisTier(BytesBackend):
         # transaction (no WATCH under timeouts): a backfill racing with it can be overwritten
         # by the stale-marked copy, which only costs one extra revalidation.
         changed = 0
-        semaphore = asyncio.Semaphore(_SOFT_CONCURRENCY)
 
         async def rewrite(name: str, data: bytes) -> bool:
-            async with semaphore:
-                return bool(await self.client.set(name, data, xx=True, keepttl=True))
+            return bool(await self.client.set(name, data, xx=True, keepttl=True))
 
-        for batch in _batches(digests):
+        for batch in _batches(digests, _SOFT_BATCH):  # few at a time: entries can be large
             values = await self.client.mget([KEY_PREFIX + d for d in batch])
             writes: list[tuple[str, bytes]] = []
             for digest, data in zip(batch, values, strict=True):

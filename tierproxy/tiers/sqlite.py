@@ -79,6 +79,7 @@ END;
 """
 
 _BATCH = 500  # keys per statement: well under SQLite's bound-parameter limit
+_SOFT_BATCH = 16  # entries read and rewritten at a time by a soft purge (bounded memory)
 
 # Touches (last-access times for LRU eviction) are batched: a read never writes.
 _MAX_PENDING_TOUCHES = 10_000
@@ -309,42 +310,39 @@ class SQLiteTier(BytesBackend):
         self, writer: aiosqlite.Connection, keys: Sequence[CacheKey], tag_ids: list[str],
         soft_at: float,
     ) -> int:
-        materials = {key.digest: key.material for key in keys}
-        rows: dict[str, bytes] = {}
+        """Rewrite each entry marked stale, a few at a time (entries can be megabytes)."""
+        materials: dict[str, str | None] = {key.digest: key.material for key in keys}
+        for tag_id in tag_ids:
+            for (digest,) in await writer.execute_fetchall(
+                "SELECT key FROM tags WHERE tag = ?", (tag_id,)
+            ):
+                materials.setdefault(str(digest), None)
         digests = list(materials)
-        for start in range(0, len(digests), _BATCH):
-            batch = digests[start:start + _BATCH]
+        changed = 0
+        for start in range(0, len(digests), _SOFT_BATCH):
+            batch = digests[start:start + _SOFT_BATCH]
+            updates: list[tuple[bytes, int, str, bytes]] = []
             for digest, value in await writer.execute_fetchall(
                 f"SELECT key, value FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
             ):
-                rows[str(digest)] = bytes(value)
-        for tag_id in tag_ids:
-            for digest, value in await writer.execute_fetchall(
-                "SELECT key, value FROM entries WHERE key IN (SELECT key FROM tags WHERE tag = ?)",
-                (tag_id,),
-            ):
-                rows[str(digest)] = bytes(value)
-        updates: list[tuple[bytes, int, str, bytes]] = []
-        for digest, data in rows.items():
-            material = materials.get(digest)
-            try:
-                entry = (codec.decode(data, material) if material is not None
-                         else decode_unkeyed(data, digest))
-            except codec.CorruptEntry:
-                continue  # a lookup will find and delete it
-            marked = mark_stale(entry, soft_at)
-            if marked is not None:
-                encoded = codec.encode(marked)
-                updates.append((encoded, len(encoded), digest, data))
-        changed = 0
-        for start in range(0, len(updates), _BATCH):
-            # Compare-and-set on the old value: an entry rewritten meanwhile is left alone.
-            cursor = await writer.executemany(
-                "UPDATE entries SET value = ?, size = ? WHERE key = ? AND value = ?",
-                updates[start:start + _BATCH],
-            )
-            changed += max(0, cursor.rowcount)
-            await cursor.close()
+                data = bytes(value)
+                material = materials.get(str(digest))
+                try:
+                    entry = (codec.decode(data, material) if material is not None
+                             else decode_unkeyed(data, str(digest)))
+                except codec.CorruptEntry:
+                    continue  # a lookup will find and delete it
+                marked = mark_stale(entry, soft_at)
+                if marked is not None:
+                    encoded = codec.encode(marked)
+                    updates.append((encoded, len(encoded), str(digest), data))
+            if updates:
+                # Compare-and-set on the old value: an entry rewritten meanwhile is left alone.
+                cursor = await writer.executemany(
+                    "UPDATE entries SET value = ?, size = ? WHERE key = ? AND value = ?", updates
+                )
+                changed += max(0, cursor.rowcount)
+                await cursor.close()
         return changed
 
     async def close(self) -> None:
