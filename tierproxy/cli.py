@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import asyncio
 import errno
 import logging
@@ -17,7 +18,7 @@ from .admin import build_admin_app
 from .config import ConfigError, Settings, load_settings
 from .listener import ProxyRunner
 from .logs import configure as configure_logging
-from .server import build_app
+from .server import STATE, build_app
 from .tiers.sqlite import SQLiteOpenError
 
 __all__ = ["main"]
@@ -102,6 +103,8 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Unready first, so load balancers stop sending while in-flight requests finish.
+    app[STATE].ready = False
     log.info("stopping: finishing in-flight requests, draining background writes")
     # Order: stop accepting and finish in-flight requests, drain backfills, close pools
     # (all inside runner.cleanup via cleanup_ctx); the admin listener goes last.
@@ -117,7 +120,7 @@ def _run(settings: Settings) -> int:
     except ImportError:
         log.info("event loop: asyncio (install tierproxy[uvloop] for uvloop)")
         return asyncio.run(serve(settings))
-    log.info("event loop: uvloop %s", uvloop.__version__)
+    log.info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
     return uvloop.run(serve(settings))
 
 
