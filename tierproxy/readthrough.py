@@ -30,7 +30,7 @@ from .entry import Entry
 from .keys import CacheKey
 from .metrics import Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout, upstream_headers
-from .tiers.base import Blob, GuardedTier, PurgeUnsupported
+from .tiers.base import Blob, Breaker, GuardedTier, PurgeUnsupported
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -196,6 +196,11 @@ class ReadThrough:
         #: Consecutive failed origin fetches (0 after any answer below 500): readiness shows
         #: the origin as degraded while it is non-zero.
         self.origin_failures = 0
+        # Opens after TIERPROXY_BREAKER_FAILURES consecutive origin failures: while open, a
+        # request holding a stale copy it may serve gets it at once instead of waiting out
+        # the origin timeout; misses still go to the origin, and one request per cooldown
+        # probes it.
+        self.origin_breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown)
         # Bumped before and after every purge: a copy read or fetched before a purge is served
         # to its client but not stored, so a purge cannot be undone by a response already on
         # its way or a backfill still pending (see _backfill).
@@ -206,8 +211,11 @@ class ReadThrough:
         self._origin_lookups[_ORIGIN_LOOKUP[outcome]].inc()
         if outcome == "ok":
             self.origin_failures = 0
+            self.origin_breaker.success()
         else:
             self.origin_failures += 1
+            if outcome != "skipped":  # a spent deadline says nothing about the origin
+                self.origin_breaker.failure()
 
     # ---- lookup ---------------------------------------------------------------------------
 
@@ -260,6 +268,11 @@ class ReadThrough:
     # ---- fetch ----------------------------------------------------------------------------
 
     async def _fetch_and_answer(self, req: ProxyRequest, stale: Entry | None, stale_index: int) -> Result:
+        if stale is not None and time.time() < stale.stale_until and not self.origin_breaker.allow():
+            self.metrics.stale_served.labels("origin-down").inc()
+            ttl = math.floor(stale.fresh_until - time.time())
+            return Cached(stale, f"STALE-{self.tiers[stale_index].name.upper()}",
+                          f'tierproxy; hit; ttl={ttl}; detail="origin-down"')
         outcome, collapsed = await self._coalesced_fetch(req, stale)
         fwd = "stale" if stale is not None else "miss"
         extra = "; collapsed" if collapsed else ""

@@ -289,3 +289,32 @@ async def test_truncated_origin_response_is_never_served_as_complete_or_stored(
     again = await proxy.get("/cut")
     assert again.status == 200 and len(again.body) == size, again
     assert origin.count("/cut") == 2
+
+
+async def test_stale_copies_served_at_once_while_the_origin_breaker_is_open(origin, make_proxy):
+    # After BREAKER_FAILURES consecutive origin failures, a request holding a usable stale copy
+    # no longer waits out the origin timeout; one request per cooldown probes the origin, and
+    # once it answers again copies are refreshed as usual.
+    proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, BREAKER_FAILURES=2,
+                             BREAKER_COOLDOWN=1.0, REDIS_URL=None, SQLITE_PATH="off")
+    stored_at = _short_lived(origin, "/ob")
+    body = await _cache_and_let_expire(proxy, "/ob", stored_at)
+    origin.set("/ob", hang=True)
+    for _ in range(2):  # two timeouts open the breaker
+        slow = await proxy.get("/ob")
+        _assert_stale(slow, tier="l1", detail="origin-timeout", body=body, stored_at=stored_at)
+    asked = origin.count("/ob")
+    fast = await proxy.get("/ob")
+    _assert_stale(fast, tier="l1", detail="origin-down", body=body, stored_at=stored_at)
+    assert fast.elapsed < ORIGIN_TIMEOUT / 2, fast
+    assert origin.count("/ob") == asked  # the origin was not asked at all
+
+    origin.release()
+    origin.set("/ob", body=b"fresh again", headers={"Cache-Control": "max-age=60"})
+    # After the cooldown one request probes, succeeds, and closes the breaker.
+    async def refreshed() -> bool:
+        response = await proxy.get("/ob")
+        return response.body == b"fresh again" and response.x_cache in ("MISS", "REVALIDATED")
+
+    await wait_for_condition(refreshed, timeout=5)
+    assert (await proxy.get("/ob")).x_cache == "HIT-L1"

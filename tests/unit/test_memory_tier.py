@@ -76,3 +76,17 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown
     assert not breaker.allow()  # only one probe at a time
     breaker.success()
     assert breaker.state() == "closed" and breaker.allow()
+
+
+def test_a_probe_that_never_reports_does_not_hold_the_breaker_half_open_for_ever():
+    breaker = Breaker(failures_to_open=1, cooldown=0.05)
+    breaker.failure()
+    deadline = time.monotonic() + 2
+    while not breaker.allow():  # the first probe starts; say it was cancelled mid-call
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not breaker.allow()
+    while not breaker.allow():  # after another cooldown, the next request probes instead
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert breaker.state() == "half-open"

@@ -179,7 +179,7 @@ class Breaker:
     Uses the monotonic clock; never crosses processes.
     """
 
-    __slots__ = ("failures_to_open", "cooldown", "failures", "opened_at", "probing")
+    __slots__ = ("failures_to_open", "cooldown", "failures", "opened_at", "probing", "probe_at")
 
     def __init__(self, failures_to_open: int, cooldown: float) -> None:
         self.failures_to_open = failures_to_open
@@ -187,6 +187,7 @@ class Breaker:
         self.failures = 0
         self.opened_at: float | None = None
         self.probing = False
+        self.probe_at = 0.0
 
     @property
     def is_open(self) -> bool:
@@ -195,9 +196,15 @@ class Breaker:
     def allow(self) -> bool:
         if self.opened_at is None:
             return True
-        if self.probing or time.monotonic() - self.opened_at < self.cooldown:
+        now = time.monotonic()
+        if now - self.opened_at < self.cooldown:
             return False
-        self.probing = True  # half-open: exactly one request finds out whether the tier is back
+        # A probe that never reported (its request was cancelled mid-call) must not keep the
+        # breaker half-open for ever: after another cooldown, the next request probes instead.
+        if self.probing and now - self.probe_at < self.cooldown:
+            return False
+        self.probing = True  # half-open: one request at a time finds out whether it is back
+        self.probe_at = now
         return True
 
     def success(self) -> None:
