@@ -66,7 +66,7 @@ def _tier_state(state: ProxyState, name: str) -> str:
 def readiness(state: ProxyState) -> tuple[bool, dict[str, object]]:
     """(ready, body) by the rule in the module docstring."""
     tiers = {name: _tier_state(state, name) for name in TIERS}
-    tiers["origin"] = "degraded" if state.readthrough.origin_failures else "up"
+    tiers["origin"] = state.readthrough.origin_breaker.health()
     body: dict[str, object] = {
         "ready": state.ready,
         "tiers": tiers,

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -152,17 +151,13 @@ class OriginClient:
                     if len(prefix) > buffer_limit:
                         return OriginResponse(response.status, response.headers, None, response,
                                               bytes(prefix), request_time, response_time)
-        except TimeoutError:
+        except BaseException as exc:  # cancellation included: close, then re-raise below
             if response is not None:
                 response.close()
-            raise OriginTimeout(f"no complete answer within {budget:.3f}s") from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            if response is not None:
-                response.close()
-            raise OriginError(f"{type(exc).__name__}: {exc}") from None
-        except BaseException:
-            if response is not None:
-                response.close()
+            if isinstance(exc, TimeoutError):
+                raise OriginTimeout(f"no complete answer within {budget:.3f}s") from None
+            if isinstance(exc, (aiohttp.ClientError, OSError, ValueError)):
+                raise OriginError(f"{type(exc).__name__}: {exc}") from None
             raise
 
     @staticmethod
@@ -182,7 +177,3 @@ class OriginClient:
             raise OriginTimeout("origin stalled mid-body") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise OriginError(f"{type(exc).__name__}: {exc}") from None
-
-
-def describe(exc: Any) -> str:
-    return f"{type(exc).__name__}: {exc}"

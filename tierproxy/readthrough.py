@@ -177,29 +177,21 @@ class ReadThrough:
     ) -> None:
         self.settings = settings
         self.tiers = tiers
-        self.l1 = tiers[0] if tiers and tiers[0].synchronous else None
-        self.async_tiers = [t for t in tiers if not t.synchronous]
         self.origin = origin
         self.background = background
         self.metrics = metrics
         self.policy = policy.CachePolicy(settings.default_ttl, settings.max_stale)
         self._inflight: dict[str, asyncio.Future[_Outcome | None]] = {}
-        self._tier_timeouts = {
-            "l1": settings.l1_timeout, "l2": settings.l2_timeout, "l3": settings.l3_timeout,
-        }
         self._origin_outcomes = {
             name: metrics.origin_fetches.labels(name)
             for name in ("ok", "5xx", "timeout", "error")
         }
         self._origin_lookups = metrics.tier_lookup_counters("origin")
         self._origin_latency = metrics.tier_op_seconds.labels("origin", "get")
-        #: Consecutive failed origin fetches (0 after any answer below 500): readiness shows
-        #: the origin as degraded while it is non-zero.
-        self.origin_failures = 0
         # Opens after TIERPROXY_BREAKER_FAILURES consecutive origin failures: while open, a
         # request holding a stale copy it may serve gets it at once instead of waiting out
         # the origin timeout; misses still go to the origin, and one request per cooldown
-        # probes it.
+        # probes it. Its failure count is also the origin's readiness state (degraded).
         self.origin_breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown)
         # Bumped before and after every purge: a copy read or fetched before a purge is served
         # to its client but not stored, so a purge cannot be undone by a response already on
@@ -210,12 +202,9 @@ class ReadThrough:
         self._origin_outcomes["timeout" if outcome == "skipped" else outcome].inc()
         self._origin_lookups[_ORIGIN_LOOKUP[outcome]].inc()
         if outcome == "ok":
-            self.origin_failures = 0
             self.origin_breaker.success()
-        else:
-            self.origin_failures += 1
-            if outcome != "skipped":  # a spent deadline says nothing about the origin
-                self.origin_breaker.failure()
+        elif outcome != "skipped":  # a spent deadline says nothing about the origin
+            self.origin_breaker.failure()
 
     # ---- lookup ---------------------------------------------------------------------------
 
@@ -234,8 +223,7 @@ class ReadThrough:
             if tier.synchronous:
                 entry = tier.get_now(req.key, req.headers)
             else:
-                budget = min(self._tier_timeouts.get(tier.name, tier.read_timeout),
-                             req.deadline - loop.time())
+                budget = min(tier.read_timeout, req.deadline - loop.time())
                 # Durations for logs and histograms use perf_counter: uvloop's loop clock has
                 # millisecond resolution. Deadlines stay on the loop clock.
                 started = time.perf_counter()

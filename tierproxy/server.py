@@ -112,16 +112,16 @@ def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
     ]
 
 
-def _breaker_open(tier: GuardedTier) -> Callable[[], float]:
-    return lambda: float(tier.breaker.is_open)
+def _breaker_open(breaker: Breaker) -> Callable[[], float]:
+    return lambda: float(breaker.is_open)
 
 
-def _breaker_in(tier: GuardedTier, breaker_state: str) -> Callable[[], float]:
-    return lambda: float(tier.breaker.state() == breaker_state)
+def _breaker_in(breaker: Breaker, breaker_state: str) -> Callable[[], float]:
+    return lambda: float(breaker.state() == breaker_state)
 
 
-def _tier_in(tier: GuardedTier, tier_state: str) -> Callable[[], float]:
-    return lambda: float(tier.state() == tier_state)
+def _health_is(breaker: Breaker, tier_state: str) -> Callable[[], float]:
+    return lambda: float(breaker.health() == tier_state)
 
 
 def _watch_l1(m: Metrics, l1: MemoryTier) -> None:
@@ -141,14 +141,17 @@ def _register_gauges(state: ProxyState) -> None:
     m.background_tasks.set_function(lambda: state.background.pending)
     m.request_deadline.set(state.settings.request_deadline)
     m.log_dropped.set_function(lambda: float(dropped_lines()))
-    for tier in state.tiers:
-        m.breaker_open.labels(tier.name).set_function(_breaker_open(tier))
+    breakers = [(tier.name, tier.breaker) for tier in state.tiers]
+    breakers.append(("origin", state.readthrough.origin_breaker))
+    for name, breaker in breakers:
+        m.breaker_open.labels(name).set_function(_breaker_open(breaker))
         for breaker_state in BREAKER_STATES:
-            m.breaker_state.labels(tier.name, breaker_state).set_function(
-                _breaker_in(tier, breaker_state)
+            m.breaker_state.labels(name, breaker_state).set_function(
+                _breaker_in(breaker, breaker_state)
             )
         for tier_state in ("up", "degraded", "breaker-open"):
-            m.tier_state.labels(tier.name, tier_state).set_function(_tier_in(tier, tier_state))
+            m.tier_state.labels(name, tier_state).set_function(_health_is(breaker, tier_state))
+    for tier in state.tiers:
         m.tier_timeout.labels(tier.name).set(tier.read_timeout)
         backend = tier.backend
         if isinstance(backend, MemoryTier):
@@ -156,11 +159,6 @@ def _register_gauges(state: ProxyState) -> None:
         elif isinstance(backend, SQLiteTier):
             _watch_l3(m, backend)
     m.tier_timeout.labels("origin").set(state.settings.origin_timeout)
-    readthrough = state.readthrough
-    m.tier_state.labels("origin", "up").set_function(lambda: float(not readthrough.origin_failures))
-    m.tier_state.labels("origin", "degraded").set_function(
-        lambda: float(bool(readthrough.origin_failures))
-    )
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

@@ -223,6 +223,13 @@ class Breaker:
             return "closed"
         return "half-open" if self.probing else "open"
 
+    def health(self) -> str:
+        """Readiness state: ``up``, ``degraded`` (recent failures, breaker still closed) or
+        ``breaker-open`` (open or probing)."""
+        if self.opened_at is not None:
+            return "breaker-open"
+        return "degraded" if self.failures else "up"
+
 
 class GuardedTier:
     """A backend under read/write timeouts and a breaker; every outcome is counted."""
@@ -363,13 +370,8 @@ class GuardedTier:
         return changed
 
     def state(self) -> str:
-        """Readiness state: ``up``, ``degraded`` (recent failures, breaker still closed) or
-        ``breaker-open`` (open or probing)."""
-        if self.breaker.is_open:
-            return "breaker-open"
-        if self.breaker.failures:
-            return "degraded"
-        return "up"
+        """Readiness state, see :meth:`Breaker.health`."""
+        return self.breaker.health()
 
     def _fail(self, outcome: str, key: CacheKey, op: str, exc: BaseException | None = None) -> None:
         was_open = self.breaker.is_open
