@@ -177,8 +177,8 @@ async def make_proxy(
     base = _base_env(request, origin, sqlite_path)
     handles: list[ProxyHandle] = []
 
-    async def factory(**overrides: Any) -> ProxyHandle:
-        handle = await start_inprocess_proxy(apply_env(base, overrides))
+    async def factory(*, hit_path: bool = True, **overrides: Any) -> ProxyHandle:
+        handle = await start_inprocess_proxy(apply_env(base, overrides), hit_path=hit_path)
         handles.append(handle)
         return handle
 

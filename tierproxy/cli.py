@@ -16,9 +16,8 @@ from aiohttp import web
 
 from .admin import build_admin_app
 from .config import ConfigError, Settings, load_settings
-from .listener import ProxyRunner
 from .logs import configure as configure_logging
-from .server import STATE, build_app
+from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
 
 __all__ = ["main"]
@@ -77,10 +76,9 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str
 async def serve(settings: Settings) -> int:
     app = build_app(settings)
     admin_app = build_admin_app(app)
-    # ProxyRunner: aiohttp's runner plus a header read timeout and 414/431 (tierproxy.listener).
-    runner = ProxyRunner(app, header_timeout=settings.header_timeout,
-                         send_timeout=settings.send_timeout, access_log=None,
-                         shutdown_timeout=settings.shutdown_timeout)
+    # aiohttp's runner with hardened connections (tierproxy.listener) that answer fresh L1
+    # hits themselves (tierproxy.hits).
+    runner = make_runner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
     admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
     try:
         try:

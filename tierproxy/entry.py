@@ -38,6 +38,9 @@ class Entry:
         init=False, repr=False, compare=False, hash=False
     )
     size: int = field(init=False, repr=False, compare=False, hash=False)
+    # The status line and stored header lines as HTTP/1.1 bytes, built by the connection
+    # handler's hit path (tierproxy.hits) on the entry's first hit there, then reused.
+    wire_head: bytes | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         headers: CIMultiDict[str] = CIMultiDict(self.headers)

@@ -35,11 +35,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 
 try:  # aiohttp internals this module reads; see internals_available()
@@ -56,7 +58,18 @@ __all__ = ["ProxyRequestHandler", "ProxyRunner", "handler_args", "internals_avai
 
 log = logging.getLogger("tierproxy.listener")
 
-_INTERNALS = ("_waiter", "_request_count", "_messages", "_current_request", "_loop")
+_INTERNALS = ("_waiter", "_request_count", "_messages", "_current_request", "_loop", "_parser",
+              "_buffer_paused", "_keepalive", "_keepalive_handle", "_keepalive_timeout",
+              "_next_keepalive_close_time", "_manager", "_force_close", "_close")
+
+# Bodies up to this size go out in one write with their head; larger ones as two buffers.
+_JOIN_BODY_BYTES = 16 * 1024
+
+
+class HitAnswerer(Protocol):
+    """Answers a parsed request on the spot, or declines (None): see :mod:`tierproxy.hits`."""
+
+    def answer(self, message: RawRequestMessage, remote: str | None) -> tuple[bytes, bytes] | None: ...
 
 
 def internals_available() -> bool:
@@ -103,16 +116,25 @@ def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field
 class ProxyRequestHandler(RequestHandler):
     """One client connection. See the module docstring for what it adds to aiohttp's."""
 
-    __slots__ = ("_head_timeout", "_head_timer", "_send_timeout", "_send_timer")
+    __slots__ = ("_head_timeout", "_head_timer", "_hits", "_remote", "_send_timeout",
+                 "_send_timer")
 
     def __init__(
-        self, manager: web.Server, *, head_timeout: float, send_timeout: float, **kwargs: Any
+        self,
+        manager: web.Server,
+        *,
+        head_timeout: float,
+        send_timeout: float,
+        hits: HitAnswerer | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = head_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timeout = send_timeout
         self._send_timer: asyncio.TimerHandle | None = None
+        self._hits = hits
+        self._remote: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -158,11 +180,80 @@ class ProxyRequestHandler(RequestHandler):
             return
         # Between requests (or before the first): these bytes belong to a request head.
         before = self._request_count
-        super().data_received(data)
+        waiter = self._waiter
+        if self._hits is not None and waiter is not None and not self._messages:
+            # Idle, and start() waits for the next request: parse without waking it, answer
+            # what the hit path can right here, and wake it only for what is left.
+            self._waiter = None
+            try:
+                super().data_received(data)
+            finally:
+                self._waiter = waiter
+            if self._messages:
+                self._answer_hits(self._hits)
+                if self._messages and not waiter.done():
+                    waiter.set_result(None)
+        else:
+            super().data_received(data)
         if self._request_count != before:
             self._stop_head_timer()  # a head arrived (or failed to parse: aiohttp answers 400)
         elif self._head_timer is None and data:  # (aiohttp feeds b"" to resume parsing)
             self._start_head_timer()
+
+    def _answer_hits(self, hits: HitAnswerer) -> None:
+        """Answer queued requests in order while the hit path can; stop at the first it can't.
+
+        Runs only while start() is idle, so no response of the full path is in flight and the
+        order of responses on the connection is the order of the requests.
+        """
+        transport = self.transport
+        messages = self._messages
+        while messages:
+            if (
+                transport is None
+                or transport.is_closing()
+                or self.writing_paused  # the client is not reading: start() waits for it
+                or self._buffer_paused
+                or self._force_close
+                or self._close
+            ):
+                return
+            message, payload = messages[0]
+            if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
+                return
+            try:
+                answer = hits.answer(message, self.remote)
+            except Exception:  # the full path answers it, and reports what is wrong
+                log.exception("hit path failed; the request takes the full path")
+                return
+            if answer is None:
+                return
+            messages.popleft()
+            if self._parser is not None:
+                self._parser.message_consumed()
+            self._manager.requests_count += 1  # type: ignore[union-attr]
+            head, body = answer
+            if len(body) <= _JOIN_BODY_BYTES:
+                transport.write(head + body)
+            else:
+                transport.writelines((head, body))
+            # What start() does after a response: keep-alive from now on, idle-bounded.
+            self._keepalive = True
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    @property
+    def remote(self) -> str | None:
+        """The client's address, as ``request.remote`` gives it."""
+        if self._remote is None:
+            peername = self.peername
+            if isinstance(peername, (list, tuple)):
+                self._remote = str(peername[0])
+            elif peername is not None:
+                self._remote = str(peername)
+        return self._remote
 
     def _fail_body_read_on_framing_error(self) -> None:
         request = self._current_request
@@ -239,6 +330,7 @@ class _ProxyServer(web.Server):
         loop: asyncio.AbstractEventLoop,
         head_timeout: float,
         send_timeout: float,
+        hits: HitAnswerer | None,
         **handler_kwargs: Any,
     ) -> None:
         super().__init__(handler, request_factory=request_factory,
@@ -247,10 +339,12 @@ class _ProxyServer(web.Server):
         self._proxy_handler_kwargs = handler_kwargs
         self._head_timeout = head_timeout
         self._send_timeout = send_timeout
+        self._hits = hits
 
     def __call__(self) -> RequestHandler:
         return ProxyRequestHandler(self, loop=self._proxy_loop, head_timeout=self._head_timeout,
-                                   send_timeout=self._send_timeout, **self._proxy_handler_kwargs)
+                                   send_timeout=self._send_timeout, hits=self._hits,
+                                   **self._proxy_handler_kwargs)
 
 
 class ProxyRunner(web.AppRunner):
@@ -258,17 +352,25 @@ class ProxyRunner(web.AppRunner):
 
     ``header_timeout`` and ``send_timeout`` are ``TIERPROXY_HEADER_TIMEOUT`` and
     ``TIERPROXY_SEND_TIMEOUT``; every other limit comes from the app's ``handler_args``
-    (:func:`handler_args`).
+    (:func:`handler_args`). ``hits``, when given, answers what it can of each request on the
+    connection itself (:mod:`tierproxy.hits`); the app handles the rest.
     """
 
-    __slots__ = ("_header_timeout", "_send_timeout")
+    __slots__ = ("_header_timeout", "_hits", "_send_timeout")
 
     def __init__(
-        self, app: web.Application, *, header_timeout: float, send_timeout: float, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        send_timeout: float,
+        hits: HitAnswerer | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._send_timeout = send_timeout
+        self._hits = hits
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs on_startup, merges the app's handler_args
@@ -286,5 +388,6 @@ class ProxyRunner(web.AppRunner):
             loop=asyncio.get_running_loop(),
             head_timeout=self._header_timeout,
             send_timeout=self._send_timeout,
+            hits=self._hits,
             **handler_kwargs,
         )

@@ -18,10 +18,12 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["BREAKER_STATES", "TIER_OUTCOMES", "X_CACHE_VALUES", "LoopHistogram", "Metrics"]
+__all__ = [
+    "BREAKER_STATES", "TIER_OUTCOMES", "X_CACHE_VALUES", "LoopCounter", "LoopHistogram", "Metrics",
+]
 
 TIER_OUTCOMES = ("hit", "stale", "miss", "timeout", "error", "skipped", "corrupt")
 X_CACHE_VALUES = (
@@ -91,6 +93,49 @@ class LoopHistogram(Collector):
         return [family]
 
 
+class LoopCounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    """A counter updated and scraped on the event loop thread only: no locks.
+
+    For counters on the hit path, where prometheus_client's Counter costs a lock per
+    increment. Exposes ``<name>_total`` like a Counter.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], LoopCounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopCounterChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}")
+            child = self._children[values] = LoopCounterChild()
+        return child
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        return [family]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -123,6 +168,11 @@ class Metrics:
         self.backfills = Counter(
             "tierproxy_backfills", "Background tier writes", ["tier", "outcome"], registry=r
         )
+        self.hit_path_responses = LoopCounter(
+            "tierproxy_hit_path_responses",
+            "Fresh L1 hits answered by the connection handler itself (a subset of responses)",
+            [], registry=r,
+        ).labels()
         self.coalesced_waiters = Counter(
             "tierproxy_coalesced_waiters", "Requests that waited on another request's origin fetch",
             registry=r,

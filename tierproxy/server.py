@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 from aiohttp import HttpVersion11, web
@@ -23,7 +24,8 @@ from .background import BackgroundTasks
 from .config import Settings
 from .invalidation import Invalidation, PurgeOrder
 from .keys import BadTarget, CacheKey, TargetTooLong, normalise_target
-from .listener import handler_args
+from .hits import HitPath
+from .listener import ProxyRunner, handler_args
 from .logs import AccessLog, dropped_lines, request_id
 from .metrics import BREAKER_STATES, Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout
@@ -33,7 +35,7 @@ from .tiers.memory import MemoryTier
 from .tiers.redis import RedisTier
 from .tiers.sqlite import SQLiteTier
 
-__all__ = ["STATE", "ProxyState", "build_app"]
+__all__ = ["STATE", "ProxyState", "build_app", "make_runner"]
 
 log = logging.getLogger("tierproxy.server")
 
@@ -242,6 +244,23 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     app.cleanup_ctx.append(_resources)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def make_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
+    """The runner ``tierproxy serve`` uses for ``app`` (see :func:`build_app`).
+
+    Its connections are hardened (:mod:`tierproxy.listener`) and answer fresh L1 hits
+    themselves (:mod:`tierproxy.hits`); ``kwargs`` go to ``web.AppRunner``.
+    """
+    state = app[STATE]
+    l1 = state.tier("l1")
+    return ProxyRunner(
+        app,
+        header_timeout=state.settings.header_timeout,
+        send_timeout=state.settings.send_timeout,
+        hits=HitPath(state, l1) if l1 is not None else None,
+        **kwargs,
+    )
 
 
 @web.middleware

@@ -230,7 +230,9 @@ async def test_tag_purge_removes_1000_tagged_entries_from_every_tier(
     origin.set_default(headers={**CACHEABLE, "Surrogate-Key": "bulk  catalogue"})
     for i in range(10):
         origin.set(f"/other/{i}", headers={**CACHEABLE, "Surrogate-Key": "other"})
-    proxy = await make_proxy(PURGE_TOKEN=TOKEN, BACKFILL_MAX_TASKS=5000)
+    # Writes get time to spare: this tests purging, not write timeouts on a busy machine.
+    proxy = await make_proxy(PURGE_TOKEN=TOKEN, BACKFILL_MAX_TASKS=5000, L2_WRITE_TIMEOUT=5,
+                             L3_WRITE_TIMEOUT=5)
     admin = await admin_for(proxy)
     bulk = [f"/bulk/{i}?page={i % 7}" for i in range(1000)]
     others = [f"/other/{i}" for i in range(10)]

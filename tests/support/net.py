@@ -11,6 +11,7 @@ from multidict import CIMultiDict
 
 __all__ = [
     "CanaryListener",
+    "RawConnection",
     "RawResponse",
     "free_port",
     "raw_http_exchange",
@@ -130,3 +131,59 @@ async def raw_http_exchange(
     if "chunked" in headers.get("Transfer-Encoding", "").lower():
         body = _decode_chunked(body)
     return RawResponse(int(status), reason[0] if reason else "", headers, body, raw)
+
+
+class RawConnection:
+    """One TCP connection to the proxy; every read is bounded."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1") -> RawConnection:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_until_closed(self, timeout: float = 5.0) -> bytes:
+        """Everything the proxy sends until it closes; AssertionError if it doesn't."""
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await self.reader.read(65536):
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise AssertionError(
+                f"proxy kept the connection open for {timeout}s; got {b''.join(chunks)[:300]!r}"
+            ) from None
+        except ConnectionResetError:
+            pass
+        return b"".join(chunks)
+
+    async def read_response_head(self, timeout: float = 5.0) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self.reader.readuntil(b"\r\n\r\n")
+
+    async def read_response(self, timeout: float = 5.0) -> bytes:
+        """One whole response with a Content-Length body (what the proxy sends for these)."""
+        async with asyncio.timeout(timeout):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            return head + await self.reader.readexactly(length)
+
+    def is_closed_by_peer(self) -> bool:
+        return self.reader.at_eof()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()

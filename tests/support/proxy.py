@@ -102,16 +102,26 @@ async def fetch(
 
 
 class _ProductionLikeTestServer(TestServer):
-    """TestServer, but with aiohttp's production default ``handler_cancellation=False``.
+    """TestServer with the runner ``tierproxy serve`` uses (``tierproxy.server.make_runner``).
 
-    The stock TestServer turns handler cancellation on; ``tierproxy serve`` does not, and
-    coalescing/backfill behaviour depends on it (PITFALLS). Shutdown is bounded at 5 s.
+    Also aiohttp's production default ``handler_cancellation=False``: the stock TestServer
+    turns handler cancellation on; ``tierproxy serve`` does not, and coalescing/backfill
+    behaviour depends on it (PITFALLS). Shutdown is bounded at 5 s. With ``hit_path=False``
+    the runner is aiohttp's plain one, so every request takes the app's full path.
     """
 
+    def __init__(self, app: web.Application, *, hit_path: bool = True, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.hit_path = hit_path
+
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        import tierproxy.server
+
         kwargs["handler_cancellation"] = False
         kwargs.setdefault("shutdown_timeout", 5.0)
-        return web.AppRunner(self.app, **kwargs)
+        if not self.hit_path:
+            return web.AppRunner(self.app, **kwargs)
+        return tierproxy.server.make_runner(self.app, **kwargs)
 
 
 class ProxyHandle:
@@ -180,13 +190,13 @@ class ProxyHandle:
             await self.client.close()
 
 
-async def start_inprocess_proxy(env: Mapping[str, str]) -> ProxyHandle:
+async def start_inprocess_proxy(env: Mapping[str, str], *, hit_path: bool = True) -> ProxyHandle:
     import tierproxy.config
     import tierproxy.server
 
     settings = tierproxy.config.load_settings(dict(env))
     app = tierproxy.server.build_app(settings)
-    server = _ProductionLikeTestServer(app, host="127.0.0.1")
+    server = _ProductionLikeTestServer(app, host="127.0.0.1", hit_path=hit_path)
     client: TestClient[Any, Any] = TestClient(server)
     await client.start_server()
     return ProxyHandle(client, app, settings, dict(env))

@@ -1,0 +1,343 @@
+"""The connection handler's L1 hit path (tierproxy.hits) against the app's full path.
+
+A fresh L1 hit is answered by the connection handler from bytes encoded once per entry; these
+tests hold it to the full path's answer byte for byte, check that everything it is unsure of
+still gets the full path's answer, that pipelined requests keep their order, and that the
+connection's limits (keep-alive, send timeout) still hold for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import re
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from support.net import RawConnection
+
+CACHEABLE = {"Cache-Control": "max-age=300"}
+
+
+def hit_path_count(proxy) -> float:
+    value = proxy.state.metrics.registry.get_sample_value("tierproxy_hit_path_responses_total")
+    return value or 0.0
+
+
+def l1_lookups(proxy, outcome: str) -> float:
+    value = proxy.state.metrics.registry.get_sample_value(
+        "tierproxy_tier_lookups_total", {"tier": "l1", "outcome": outcome})
+    return value or 0.0
+
+
+def get(target: str, extra: bytes = b"") -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: proxy.test\r\n%s\r\n" % (target.encode(), extra)
+
+
+async def one_response(port: int, request: bytes, *, pause: float = 0.05) -> bytes:
+    """Connect, let the connection go idle (``pause``), send ``request``, read one response."""
+    conn = await RawConnection.open(port)
+    try:
+        await asyncio.sleep(pause)
+        await conn.send(request)
+        return await conn.read_response()
+    finally:
+        await conn.close()
+
+
+class RawOrigin:
+    """An origin that sends exactly the header lines it is given (no Date, Server, ... added)."""
+
+    def __init__(self) -> None:
+        self.responses: dict[bytes, bytes] = {}
+        self.count = 0
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set(self, target: str, status_line: bytes, header_lines: list[bytes], body: bytes) -> None:
+        head = status_line + b"\r\n" + b"".join(line + b"\r\n" for line in header_lines)
+        self.responses[target.encode()] = (
+            head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+
+    async def start(self) -> RawOrigin:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(1000):  # bounded: requests per connection
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                self.count += 1
+                target = head.split(b" ", 2)[1]
+                writer.write(self.responses.get(
+                    target, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._server.wait_closed()
+
+
+@pytest.fixture
+async def raw_origin() -> AsyncIterator[RawOrigin]:
+    origin = await RawOrigin().start()
+    try:
+        yield origin
+    finally:
+        await origin.close()
+
+
+STORED = {
+    "typical": (b"HTTP/1.1 200 OK", [
+        b"Content-Type: text/html; charset=utf-8", b"Cache-Control: public, max-age=300",
+        b'ETag: "v1"', b"Last-Modified: Tue, 24 Nov 2026 10:00:00 GMT",
+        b"Date: {now}", b"Server: origin/1.0",
+    ], b"<p>hello</p>" * 40),
+    # aiohttp adds Content-Type, Date and Server when the stored headers lack them.
+    "bare": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300"], b"x" * 100),
+    "empty-body": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300"], b""),
+    "repeated-and-utf8": (b"HTTP/1.1 200 OK", [
+        b"Cache-Control: max-age=300", b"Link: </a.css>; rel=preload",
+        b"Link: </b.js>; rel=preload", "X-Title: caf\u00e9".encode(),
+        b"Surrogate-Key: tag-a tag-b",
+    ], b"body"),
+    "not-found": (b"HTTP/1.1 404 Not Found", [b"Cache-Control: max-age=300",
+                                               b"Content-Type: text/plain"], b"gone"),
+    "redirect": (b"HTTP/1.1 301 Moved Permanently", [b"Cache-Control: max-age=300",
+                                                      b"Location: /elsewhere"], b""),
+    "large": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300",
+                                   b"Content-Type: application/octet-stream"],
+              bytes(range(256)) * 1024),
+}
+
+
+def _mask_clock(response: bytes) -> bytes:
+    # Age, the Cache-Status ttl and a Date the proxy adds tick with the clock: the two
+    # proxies may answer in different seconds.
+    response = re.sub(rb"\r\nAge: \d+\r\n", b"\r\nAge: N\r\n", response)
+    response = re.sub(rb"; ttl=-?\d+", b"; ttl=N", response)
+    return re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: D", response)
+
+
+@pytest.mark.parametrize("name", sorted(STORED))
+async def test_hit_path_answers_byte_for_byte_as_the_full_path(make_proxy, raw_origin, name):
+    status_line, header_lines, body = STORED[name]
+    origin_date = email.utils.formatdate(usegmt=True).encode()
+    header_lines = [line.replace(b"{now}", origin_date) for line in header_lines]
+    target = f"/stored/{name}?q=1"
+    raw_origin.set(target, status_line, header_lines, body)
+    fast = await make_proxy(ORIGIN=raw_origin.url, SQLITE_PATH="off")
+    full = await make_proxy(ORIGIN=raw_origin.url, SQLITE_PATH="off", hit_path=False)
+    request = get(target, b"X-Request-ID: same-id-for-both\r\n")
+    answers = {}
+    for label, proxy in (("fast", fast), ("full", full)):
+        miss = await one_response(proxy.port, request)
+        assert b"\r\nX-Cache: MISS\r\n" in miss, miss[:300]
+        before = hit_path_count(proxy)
+        answers[label] = await one_response(proxy.port, request)
+        assert b"\r\nX-Cache: HIT-L1\r\n" in answers[label], answers[label][:400]
+        assert hit_path_count(proxy) == before + (1 if label == "fast" else 0)
+    assert _mask_clock(answers["fast"]) == _mask_clock(answers["full"])
+    assert answers["fast"].endswith(b"\r\n\r\n" + body)
+    if b"Date: " + origin_date in header_lines:
+        assert b"\r\nDate: " + origin_date + b"\r\n" in answers["fast"]  # the origin's
+    assert b"\r\nX-Request-ID: same-id-for-both\r\n" in answers["fast"]
+    assert raw_origin.count == 2  # one miss per proxy; every hit came from L1
+
+
+async def test_hit_path_gives_each_request_its_own_id_and_a_true_age(make_proxy, origin):
+    origin.set("/a", headers={"Cache-Control": "max-age=300"}, size=64)
+    proxy = await make_proxy(SQLITE_PATH="off")
+    await proxy.get("/a")
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await asyncio.sleep(0.05)
+        await conn.send(get("/a") + get("/a") + get("/a", b"X-Request-ID: bad id\r\n"))
+        heads = [await conn.read_response() for _ in range(3)]
+    finally:
+        await conn.close()
+    ids = [re.search(rb"\r\nX-Request-ID: ([^\r]+)", h).group(1) for h in heads]
+    assert len(set(ids)) == 3 and b"bad id" not in ids, ids  # a bad client id is replaced
+    assert all(b"\r\nX-Cache: HIT-L1\r\n" in h and b"\r\nAge: " in h for h in heads)
+    assert hit_path_count(proxy) == 3
+
+
+DECLINED = {
+    # request bytes after the request line's Host, expected status, expected X-Cache
+    "conditional": (b'If-None-Match: "v1"\r\n', 304, "HIT-L1"),
+    "if-modified-since": (b"If-Modified-Since: Wed, 25 Nov 2099 10:00:00 GMT\r\n", 304, "HIT-L1"),
+    "request-no-store": (b"Cache-Control: no-store\r\n", 200, "BYPASS"),
+    "range": (b"Range: bytes=0-1\r\n", 200, "HIT-L1"),
+    "body": (b"Content-Length: 3\r\n\r\nabc", 200, "BYPASS"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECLINED))
+async def test_requests_the_hit_path_declines_get_the_full_paths_answer(make_proxy, origin, name):
+    origin.set("/d", headers=CACHEABLE, etag='"v1"', last_modified="Tue, 24 Nov 2026 10:00:00 GMT",
+               size=32)
+    proxy = await make_proxy(SQLITE_PATH="off")
+    assert (await proxy.get("/d")).x_cache == "MISS"
+    extra, status, x_cache = DECLINED[name]
+    if extra.endswith(b"abc"):  # a request with a body: the head ends inside ``extra``
+        request = b"GET /d HTTP/1.1\r\nHost: proxy.test\r\n" + extra
+    else:
+        request = get("/d", extra)
+    response = await one_response(proxy.port, request)
+    assert response.startswith(b"HTTP/1.1 %d " % status), response[:200]
+    assert f"\r\nX-Cache: {x_cache}\r\n".encode() in response, response[:400]
+    assert hit_path_count(proxy) == 0
+
+
+async def test_head_http10_and_connection_close_take_the_full_path(make_proxy, origin):
+    origin.set("/h", headers=CACHEABLE, size=50)
+    proxy = await make_proxy(SQLITE_PATH="off")
+    await proxy.get("/h")
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await asyncio.sleep(0.05)
+        await conn.send(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await conn.read_response_head()
+    finally:
+        await conn.close()
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nContent-Length: 50\r\n" in head
+    assert head.endswith(b"\r\n\r\n") and b"HIT-L1" in head
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await asyncio.sleep(0.05)
+        await conn.send(b"GET /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        closing = await conn.read_until_closed()
+    finally:
+        await conn.close()
+    assert b"HIT-L1" in closing and b"\r\nConnection: close\r\n" in closing
+    http10 = await one_response(proxy.port, b"GET /h HTTP/1.0\r\n\r\n")
+    assert http10.startswith(b"HTTP/1.0 200 ") and b"HIT-L1" in http10
+    assert hit_path_count(proxy) == 0
+
+
+async def test_vary_mismatch_and_stale_copies_take_the_full_path(make_proxy, origin):
+    origin.set("/v", headers={**CACHEABLE, "Vary": "Accept-Language"}, size=10)
+    origin.set("/s", headers={"Cache-Control": "max-age=1, stale-while-revalidate=60"}, size=10)
+    proxy = await make_proxy(SQLITE_PATH="off")
+    await proxy.get("/v", headers={"Accept-Language": "de"})
+    await proxy.get("/s")
+    german = await one_response(proxy.port, get("/v", b"Accept-Language: de\r\n"))
+    assert b"HIT-L1" in german and hit_path_count(proxy) == 1
+    french = await one_response(proxy.port, get("/v", b"Accept-Language: fr\r\n"))
+    assert b"\r\nX-Cache: MISS\r\n" in french and hit_path_count(proxy) == 1
+    await asyncio.sleep(1.2)  # /s goes stale (max-age=1)
+    stale = await one_response(proxy.port, get("/s"))
+    assert b"\r\nX-Cache: STALE-L1\r\n" in stale and hit_path_count(proxy) == 1
+
+
+async def test_l1_lookups_are_counted_once_whichever_path_answers(make_proxy, origin):
+    origin.set("/c", headers=CACHEABLE, size=10)
+    proxy = await make_proxy(SQLITE_PATH="off")
+    await proxy.get("/c")  # miss: one L1 miss
+    assert (l1_lookups(proxy, "hit"), l1_lookups(proxy, "miss")) == (0, 1)
+    for _ in range(5):
+        await one_response(proxy.port, get("/c"))
+    await one_response(proxy.port, get("/other"))  # declined by the hit path, a miss once
+    assert hit_path_count(proxy) == 5
+    assert (l1_lookups(proxy, "hit"), l1_lookups(proxy, "miss")) == (5, 2)
+    responses = proxy.state.metrics.registry.get_sample_value(
+        "tierproxy_responses_total", {"cache": "HIT-L1", "status_class": "2xx"})
+    assert responses == 5
+
+
+async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy, origin):
+    for name in ("a", "c"):
+        origin.set(f"/{name}", headers=CACHEABLE, body=f"body {name}".encode())
+    origin.set("/b", headers=CACHEABLE, body=b"body b", latency=0.3)
+    proxy = await make_proxy(SQLITE_PATH="off")
+    await proxy.get("/a")
+    await proxy.get("/c")
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await asyncio.sleep(0.05)
+        await conn.send(get("/a") + get("/b") + get("/c") + get("/a"))
+        responses = [await conn.read_response() for _ in range(4)]
+        # The connection is still usable, and idle again: the next hit takes the hit path.
+        await asyncio.sleep(0.05)
+        await conn.send(get("/c"))
+        responses.append(await conn.read_response())
+    finally:
+        await conn.close()
+    bodies = [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses]
+    assert bodies == [b"body a", b"body b", b"body c", b"body a", b"body c"]
+    caches = [re.search(rb"\r\nX-Cache: ([^\r]+)", r).group(1) for r in responses]
+    assert caches == [b"HIT-L1", b"MISS", b"HIT-L1", b"HIT-L1", b"HIT-L1"]
+    # /a first and /c last came from the hit path; the two after /b from the full path.
+    assert hit_path_count(proxy) == 2
+
+
+async def test_idle_connection_is_closed_after_a_hit_path_answer(make_proxy, origin):
+    origin.set("/k", headers=CACHEABLE, size=10)
+    proxy = await make_proxy(SQLITE_PATH="off", KEEPALIVE_TIMEOUT=0.5)
+    await proxy.get("/k")
+    loop = asyncio.get_running_loop()
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await asyncio.sleep(0.05)
+        await conn.send(get("/k"))
+        assert b"HIT-L1" in await conn.read_response()
+        answered = loop.time()
+        assert await conn.read_until_closed(timeout=5) == b""
+        idle = loop.time() - answered
+    finally:
+        await conn.close()
+    assert hit_path_count(proxy) == 1
+    assert 0.4 <= idle < 3.0, idle
+
+
+async def test_client_that_stops_reading_pipelined_hits_is_cut_off(make_proxy, origin):
+    # 1 MiB a response, 24 pipelined requests (fewer than aiohttp queues before it stops
+    # reading), nothing read: the hit path must stop at the transport's high-water mark, and
+    # the send timeout must cut the connection off, without the proxy ever holding 24 MiB.
+    origin.set("/big", headers=CACHEABLE, size=1 << 20)
+    proxy = await make_proxy(SQLITE_PATH="off", SEND_TIMEOUT=1, L1_MAX_BYTES=64 << 20)
+    await proxy.get("/big")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        await asyncio.sleep(0.05)
+        writer.write(get("/big") * 24)
+        await asyncio.sleep(0.5)
+        # Meanwhile another client is served at once.
+        other = await one_response(proxy.port, get("/big"))
+        assert b"HIT-L1" in other
+        await asyncio.sleep(2.5)  # past the send timeout, still reading nothing
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(1 << 20):
+                    received += chunk
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    answered = received.count(b"HTTP/1.1 200 OK\r\n")
+    assert 1 <= answered < 24, answered  # cut off: kernel buffers held what it got
+    # The hit path stopped once the transport's buffer was over its high-water mark (the
+    # rest waited in the full path for a drain that never came): it never buffered 24 MiB.
+    assert hit_path_count(proxy) <= 8, hit_path_count(proxy)  # some fit in kernel buffers
