@@ -115,7 +115,10 @@ async def test_sigterm_drains_pending_backfills_then_exits_0(
 ):
     origin.set_default(headers=CACHEABLE)
     slow_redis = await fault_proxy(redis_server.port, mode="delay", delay=0.15)
-    proc = await spawn_proxy(REDIS_URL=slow_redis.url("redis", "/0"), L2_TIMEOUT=2)
+    # Lookups and writes get time to spare on the slow link (0.3 s a round trip; a new
+    # redis-py connection for the writes takes several): this tests draining, not timeouts.
+    proc = await spawn_proxy(REDIS_URL=slow_redis.url("redis", "/0"), L2_TIMEOUT=2,
+                             L2_WRITE_TIMEOUT=5)
     paths = [f"/d{i}" for i in range(20)]
 
     async with aiohttp.ClientSession() as session:

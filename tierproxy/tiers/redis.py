@@ -1,10 +1,12 @@
 """L2: Redis, shared by every replica. One pool per process; keys ``tierproxy:<sha256>``.
 
-redis-py's defaults would break the tier budget (PITFALLS.md): socket timeouts are set to the
-tier's write budget, retries are off, and every call still runs under ``asyncio.timeout`` in
-GuardedTier. Current redis-py disconnects a connection whose command was cancelled, so a
-cancelled GET never leaves its reply for the next caller (tests/integration keep a regression
-test for that).
+Lookups (GET) go over one pipelined connection (:mod:`tierproxy.tiers.redis_reads`); writes,
+scripts, purges and pub/sub use redis-py. redis-py's defaults would break the tier budget
+(PITFALLS.md): socket timeouts are set to the tier's write budget, retries are off, and every
+call still runs under ``asyncio.timeout`` in GuardedTier. Current redis-py disconnects a
+connection whose command was cancelled, and the pipelined reader drops a cancelled GET's late
+reply, so a cancelled command never leaves its reply for the next caller (tests/integration
+keep a regression test for that).
 
 Surrogate keys: a tagged entry is written by one Lua script (a single command, so there is no
 pipeline to strand under a timeout) that also adds the entry's digest to one set per tag,
@@ -28,6 +30,7 @@ from redis.backoff import NoBackoff
 from .. import codec
 from ..entry import Entry
 from ..keys import CacheKey
+from . import redis_reads
 from .base import Blob, BytesBackend, decode_unkeyed, mark_stale, tag_digest
 
 __all__ = ["KEY_PREFIX", "TAG_PREFIX", "RedisTier", "redis_key", "tag_key"]
@@ -88,8 +91,13 @@ class RedisTier(BytesBackend):
         )
         self.client: Redis = Redis(connection_pool=self._pool, retry=Retry(NoBackoff(), 0))
         self._set_tagged = self.client.register_script(_SET_TAGGED)
+        # Lookups: one pipelined connection for all of them (tiers/redis_reads.py).
+        self.reads = redis_reads.for_url(url, connect_timeout=socket_timeout,
+                                         stale_after=socket_timeout)
 
     async def get_bytes(self, key: CacheKey) -> bytes | None:
+        if self.reads is not None:
+            return await self.reads.get(redis_key(key).encode())
         value = await self.client.get(redis_key(key))
         return value if isinstance(value, bytes) else None
 
@@ -166,8 +174,13 @@ class RedisTier(BytesBackend):
         return int(await self.client.publish(channel, message))
 
     async def ping(self) -> bool:
+        """Both connections answer: redis-py's (writes) and the pipelined one (lookups)."""
+        if self.reads is not None and not await self.reads.ping():
+            return False
         return bool(await self.client.ping())
 
     async def close(self) -> None:
+        if self.reads is not None:
+            await self.reads.close()
         await self.client.aclose()
         await self._pool.disconnect()

@@ -1,0 +1,190 @@
+"""L2 lookups on one pipelined connection (tierproxy.tiers.redis_reads), against a real Redis.
+
+Frozen (SIGSTOP), killed and restarted Redis: a GET fails within its budget, never gets
+another GET's reply, the waiting queue stays bounded, and the reader comes back by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import redis
+from support.wait import wait_for_condition
+
+from tierproxy.tiers.redis_reads import PipelinedReader, ReadChannelError, for_url
+
+
+def reader_for(url: str, **overrides) -> PipelinedReader:
+    options = {"connect_timeout": 0.5, "stale_after": 0.5, **overrides}
+    if "max_pending" in options:
+        max_pending = options.pop("max_pending")
+        reader = for_url(url, **options)
+        assert reader is not None
+        reader._max_pending = max_pending
+        return reader
+    reader = for_url(url, **options)
+    assert reader is not None
+    return reader
+
+
+async def get_within(reader: PipelinedReader, key: bytes, budget: float) -> bytes | None:
+    async with asyncio.timeout(budget):
+        return await reader.get(key)
+
+
+async def test_concurrent_gets_share_one_connection_and_each_gets_its_own_value(
+    redis_server, redis_url, redis_client
+):
+    values = {f"k{i}".encode(): f"value {i}".encode() * (i + 1) for i in range(200)}
+    redis_client.mset(values)
+    before = redis_client.info("clients")["connected_clients"]
+    reader = reader_for(redis_url)
+    try:
+        got = await asyncio.gather(*(reader.get(key) for key in values))
+        assert got == list(values.values())
+        assert await reader.get(b"missing") is None
+        assert redis_client.info("clients")["connected_clients"] == before + 1
+    finally:
+        await reader.close()
+
+
+async def test_abandoned_gets_never_answer_another_keys_get(redis_server, redis_url, redis_client):
+    redis_client.mset({f"k{i}": f"v{i}" for i in range(100)})
+    reader = reader_for(redis_url, stale_after=30)  # keep the connection: replies come late
+    try:
+        await reader.get(b"k0")  # connected
+        with redis_server.frozen():
+            for _batch in range(10):  # 1,000 GETs that give up mid-command
+                results = await asyncio.gather(
+                    *(get_within(reader, f"k{i}".encode(), 0.02) for i in range(100)),
+                    return_exceptions=True)
+                assert all(isinstance(r, TimeoutError) for r in results), results[:3]
+            assert reader.pending == 1000
+        # After SIGCONT the 1,000 late replies arrive first and are dropped.
+        for _round in range(3):
+            got = await asyncio.gather(*(get_within(reader, f"k{i}".encode(), 5)
+                                         for i in range(100)))
+            assert got == [f"v{i}".encode() for i in range(100)]
+        assert reader.pending == 0
+    finally:
+        await reader.close()
+
+
+async def test_a_connection_that_stops_answering_is_dropped_and_replaced(
+    redis_server, redis_url, redis_client
+):
+    redis_client.set("k", "v")
+    reader = reader_for(redis_url, stale_after=0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await reader.get(b"k") == b"v"
+        with redis_server.frozen():
+            with pytest.raises(TimeoutError):
+                await get_within(reader, b"k", 0.1)
+            await asyncio.sleep(0.4)  # the unanswered GET is now older than stale_after
+            started = loop.time()
+            with pytest.raises(ReadChannelError, match="stopped answering"):
+                await get_within(reader, b"k", 1.0)
+            assert loop.time() - started < 0.1  # failed at once, not after the budget
+            assert reader.pending == 0
+        assert await get_within(reader, b"k", 2.0) == b"v"  # a new connection
+    finally:
+        await reader.close()
+
+
+async def test_waiting_gets_are_bounded_while_redis_is_frozen(redis_server, redis_url, redis_client):
+    redis_client.set("k", "v")
+    reader = reader_for(redis_url, stale_after=30, max_pending=50)
+    try:
+        await reader.get(b"k")
+        with redis_server.frozen():
+            results = await asyncio.gather(*(get_within(reader, b"k", 0.2) for _ in range(80)),
+                                           return_exceptions=True)
+            refused = [r for r in results if isinstance(r, ReadChannelError)]
+            timed_out = [r for r in results if isinstance(r, TimeoutError)]
+            assert (len(timed_out), len(refused)) == (50, 30), results
+            assert reader.pending == 50
+        # After SIGCONT the 50 late replies arrive (and are dropped); then GETs flow again.
+        await wait_for_condition(lambda: reader.pending == 0, timeout=5, message="backlog")
+        assert await get_within(reader, b"k", 5.0) == b"v"
+    finally:
+        await reader.close()
+
+
+async def test_killed_redis_fails_gets_at_once_and_the_reader_reconnects_after_restart(
+    redis_server, redis_url, redis_client
+):
+    redis_client.set("k", "v")
+    reader = reader_for(redis_url)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await reader.get(b"k") == b"v"
+        redis_server.kill()
+        for _ in range(3):
+            started = loop.time()
+            with pytest.raises(ReadChannelError):
+                await get_within(reader, b"k", 2.0)
+            assert loop.time() - started < 0.6  # refused or lost, never the whole budget
+        redis_server.restart()
+        redis.Redis.from_url(redis_url, socket_timeout=2).set("k", "v2")
+        assert await get_within(reader, b"k", 2.0) == b"v2"
+    finally:
+        await reader.close()
+
+
+async def test_database_number_and_password_in_the_url_are_used(
+    redis_server, redis_url, redis_client
+):
+    base = redis_url.rsplit("/", 1)[0]
+    db3 = redis.Redis.from_url(base + "/3", socket_timeout=2)
+    db3.set("k", "in db 3")
+    reader = reader_for(base + "/3")
+    try:
+        assert await reader.get(b"k") == b"in db 3"
+    finally:
+        await reader.close()
+        db3.flushdb()
+
+    password = "pipelined-reader-secret"
+    redis_client.config_set("requirepass", password)
+    try:
+        authed = base.replace("redis://", f"redis://:{password}@") + "/3"
+        redis.Redis.from_url(authed, socket_timeout=2).set("k", "secret value")
+        reader = reader_for(authed)
+        wrong = reader_for(base.replace("redis://", "redis://:not-the-password@") + "/3")
+        try:
+            assert await reader.get(b"k") == b"secret value"
+            with pytest.raises(ReadChannelError):
+                await get_within(wrong, b"k", 2.0)
+        finally:
+            await reader.close()
+            await wrong.close()
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            admin = redis.Redis.from_url(base.replace("redis://", f"redis://:{password}@"),
+                                         socket_timeout=2)
+            admin.flushall()
+            admin.config_set("requirepass", "")
+
+
+def test_tls_urls_stay_on_redis_py():
+    assert for_url("rediss://127.0.0.1:6380/0", connect_timeout=1, stale_after=1) is None
+
+
+def test_reader_runs_on_uvloop(redis_server, redis_url, redis_client):
+    """``tierproxy serve`` runs on uvloop, whose transports are not asyncio.Transport s."""
+    uvloop = pytest.importorskip("uvloop")
+    redis_client.mset({f"u{i}": f"uv {i}" for i in range(50)})
+
+    async def main() -> list[bytes | None]:
+        reader = reader_for(redis_url)
+        try:
+            assert await reader.ping()
+            return await asyncio.gather(*(get_within(reader, f"u{i}".encode(), 2)
+                                          for i in range(50)))
+        finally:
+            await reader.close()
+
+    assert uvloop.run(main()) == [f"uv {i}".encode() for i in range(50)]

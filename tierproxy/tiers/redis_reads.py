@@ -1,0 +1,232 @@
+"""L2 lookups on one pipelined Redis connection: every concurrent GET shares it.
+
+redis-py takes a pooled connection per command and gives it back afterwards (~110 us of CPU a
+GET here, most of an L2 hit's cost besides the HTTP work). Redis answers the commands of one
+connection in the order they were sent (RESP), so lookups need no pool: each GET is written to
+one connection and waits on a future in a FIFO; replies, parsed by hiredis, resolve the futures
+in order (~15 us a GET). Writes, scripts, purges and pub/sub stay on redis-py.
+
+Why this keeps the tier budget (PITFALLS.md):
+
+* A GET that times out or is cancelled keeps its place in the FIFO; its reply, when it comes,
+  is dropped. A late reply can never reach the next caller - the hazard that makes redis-py
+  drop a connection whose command was cancelled.
+* A connection whose oldest unanswered GET is older than ``stale_after`` (a frozen or
+  unreachable Redis) is aborted: every waiter fails at once and the next GET reconnects.
+* At most ``max_pending`` GETs wait on the connection; beyond that a GET fails at once (the
+  tier's breaker then stops sending), so a stalled Redis cannot make the queue grow unbounded.
+* Connecting (and AUTH/SELECT) happens once for all waiters, under ``connect_timeout``.
+
+Only ``redis://`` and ``unix://`` URLs are read this way; for ``rediss://`` (TLS, with its
+certificate options) :func:`for_url` returns None and lookups stay on redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import SSLConnection, parse_url
+
+__all__ = ["PipelinedReader", "ReadChannelError", "for_url"]
+
+_MAX_PENDING = 4096
+
+
+class ReadChannelError(ConnectionError):
+    """The pipelined connection failed or refused the GET (it is a miss, counted as an error)."""
+
+
+def _command(*parts: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        # (future, monotonic time sent): answered strictly in order.
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(ReadChannelError(f"Redis sent a malformed reply: {exc}"))
+                return
+            if reply is False:
+                return
+            if not waiting:
+                self.abort(ReadChannelError("Redis sent a reply nothing asked for"))
+                return
+            future, _ = waiting.popleft()
+            if future.done():  # its caller gave up (timeout, cancellation): drop the reply
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(ReadChannelError(f"Redis error: {reply}"))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail_all(ReadChannelError(f"Redis connection lost: {exc or 'closed'}"))
+
+    def abort(self, exc: ReadChannelError) -> None:
+        self.lost = True
+        self._fail_all(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail_all(self, exc: ReadChannelError) -> None:
+        while self.waiting:
+            future, _ = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(exc)
+
+    def send(self, payload: bytes) -> asyncio.Future[Any]:
+        assert self.transport is not None
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((future, time.monotonic()))
+        self.transport.write(payload)
+        return future
+
+
+class PipelinedReader:
+    """GETs over one pipelined connection to the Redis at ``url`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        path: str | None,
+        db: int,
+        username: str | None,
+        password: str | None,
+        connect_timeout: float,
+        stale_after: float,
+        max_pending: int = _MAX_PENDING,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._path = path
+        self._handshake: list[bytes] = []
+        if password is not None:
+            self._handshake.append(_command(
+                b"AUTH", *((username.encode(),) if username else ()), password.encode()))
+        if db:
+            self._handshake.append(_command(b"SELECT", str(db).encode()))
+        self._connect_timeout = connect_timeout
+        self._stale_after = stale_after
+        self._max_pending = max_pending
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._closed = False
+
+    async def get(self, key: bytes) -> bytes | None:
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._connected()
+        waiting = protocol.waiting
+        if waiting:
+            if len(waiting) >= self._max_pending:
+                raise ReadChannelError(f"{len(waiting)} Redis reads already waiting")
+            if time.monotonic() - waiting[0][1] > self._stale_after:
+                protocol.abort(ReadChannelError(
+                    f"no Redis reply for {self._stale_after:g}s: connection dropped"))
+                raise ReadChannelError("Redis stopped answering; reconnecting on the next read")
+        value = await protocol.send(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key))
+        return value if isinstance(value, bytes) else None
+
+    async def ping(self) -> bool:
+        """Connect now if not connected (start-up), and check that Redis answers."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._connected()
+        return bool(await protocol.send(_command(b"PING")) == b"PONG")
+
+    async def _connected(self) -> _Protocol:
+        if self._closed:
+            raise ReadChannelError("L2 reader is closed")
+        if self._connecting is None:
+            # One connection attempt for every concurrent caller; it outlives any one of them.
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connect_done)
+        attempt = self._connecting
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if attempt.cancelled() and (task is None or not task.cancelling()):
+                raise ReadChannelError("L2 reader closed while connecting") from None
+            raise
+
+    def _connect_done(self, attempt: asyncio.Future[_Protocol]) -> None:
+        self._connecting = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._protocol = attempt.result()
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._path is not None:
+                    _, protocol = await loop.create_unix_connection(_Protocol, self._path)
+                else:
+                    _, protocol = await loop.create_connection(_Protocol, self._host, self._port)
+                try:
+                    for command in self._handshake:
+                        await protocol.send(command)
+                except BaseException:
+                    protocol.abort(ReadChannelError("Redis handshake failed"))
+                    raise
+        except TimeoutError:
+            raise ReadChannelError(
+                f"connecting to Redis took over {self._connect_timeout:g}s") from None
+        except OSError as exc:
+            raise ReadChannelError(f"cannot connect to Redis: {exc}") from None
+        return protocol
+
+    @property
+    def pending(self) -> int:
+        """GETs waiting for a reply (including abandoned ones whose reply is still due)."""
+        return len(self._protocol.waiting) if self._protocol is not None else 0
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.abort(ReadChannelError("L2 reader closed"))
+        self._protocol = None
+
+
+def for_url(url: str, *, connect_timeout: float, stale_after: float) -> PipelinedReader | None:
+    """A reader for ``url``; None for TLS (``rediss://``), which stays on redis-py."""
+    options = parse_url(url)
+    if options.get("connection_class") is SSLConnection:
+        return None
+    return PipelinedReader(
+        host=str(options.get("host", "localhost")),
+        port=int(options.get("port", 6379)),
+        path=options.get("path"),
+        db=int(options.get("db", 0) or 0),
+        username=options.get("username"),
+        password=options.get("password"),
+        connect_timeout=connect_timeout,
+        stale_after=stale_after,
+    )
