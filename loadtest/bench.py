@@ -407,27 +407,29 @@ def table(results: dict[str, Any]) -> str:
             out.append("Saturated (closed loop): " + "; ".join(extra) + ".")
     if any(r.get("paced") for r in rows.values()):
         out += ["", (f"Latency at about {m.get('paced_rps', 0):g} req/s offered over the same "
-                     f"{m['connections']} connections (wrk with a per-connection delay; not saturated):"), "",
-                "| target | req/s | p50 ms | p99 ms | max ms | tier get p50 / p99 ms (proxy's histogram) |",
-                "|---|---:|---:|---:|---:|---|"]
+                     f"{m['connections']} connections (wrk with a per-connection delay; not saturated; "
+                     f"{m['rounds']} interleaved round(s), the round with the median p99 shown):"), "",
+                "| target | req/s | p50 ms | p99 ms | max ms | p99 per round ms | tier get p50 / p99 ms (proxy's histogram) |",
+                "|---|---:|---:|---:|---:|---|---|"]
         for name, r in rows.items():
             pc = r.get("paced")
             if not pc:
                 continue
             tg = pc.get("tier_get_ms") or {}
             tgs = f"{_f(tg.get('p50'))} / {_f(tg.get('p99'))}" if tg else ""
+            per_round = ", ".join(_f(x) for x in pc.get("p99_rounds_ms", []))
             out.append(f"| {LABELS.get(name, name)} | {pc['rps']:.0f} | {_f(pc.get('p50_ms'))} | "
-                       f"{_f(pc.get('p99_ms'))} | {_f(pc.get('max_ms'))} | {tgs} |")
-        p1 = (rows.get("l1", {}).get("paced") or {}).get("p99_ms")
-        if p1 is not None:
-            extra = []
-            for name, lim in (("l2", 2.0), ("l3", 5.0)):
-                p = (rows.get(name, {}).get("paced") or {}).get("p99_ms")
-                if p is not None:
-                    extra.append(f"{name} p99 − l1 p99 = {p - p1:+.2f} ms (goal ≤ {lim:g}) "
-                                 f"{'met' if p - p1 <= lim else 'MISSED'}")
-            if extra:
-                out += ["", "Paced: " + "; ".join(extra) + "."]
+                       f"{_f(pc.get('p99_ms'))} | {_f(pc.get('max_ms'))} | {per_round} | {tgs} |")
+        extra = []
+        for name, lim in (("l2", 2.0), ("l3", 5.0)):
+            pc = rows.get(name, {}).get("paced") or {}
+            gap = pc.get("p99_minus_l1_median_ms")
+            if gap is not None:
+                rounds = ", ".join(f"{g:+.2f}" for g in pc.get("p99_minus_l1_rounds_ms", []))
+                extra.append(f"{name} p99 − l1 p99 = {gap:+.2f} ms, median of rounds ({rounds}) "
+                             f"(goal ≤ {lim:g}) {'met' if gap <= lim else 'MISSED'}")
+        if extra:
+            out += ["", "Paced: " + "; ".join(extra) + "."]
     return "\n".join(out) + "\n"
 
 
@@ -545,19 +547,34 @@ def main(argv: list[str] | None = None) -> int:
                         + (f"  hit share {r['hit_share']:.1%}" if r["hit_share"] is not None else ""))
             paced: dict[str, dict[str, Any]] = {}
             if ns.paced_rps > 0:
+                # Interleaved rounds like the saturated runs: a p99 from one 5-10 s run on a
+                # noisy machine moves by milliseconds, so the table shows the median round and
+                # the goals are judged on the per-round differences to l1.
                 script = pace_script(work, ns.connections, ns.paced_rps)
-                for n in order:
-                    t = targets[n]
-                    before = t.metrics()
-                    r = run_wrk(t.url, ns.duration, ns.connections, ns.threads, wrk_cpu, script)
-                    after = t.metrics()
-                    tier = {"l1": "l1", "l2": "l2", "l3": "l3"}.get(n)
-                    paced[n] = {"rps": r["rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms"),
-                                "max_ms": r.get("max_ms"), "non_2xx": r["non_2xx"],
-                                "hit_share": served_share(before, after, EXPECT[n]),
-                                "tier_get_ms": tier_get_ms(before, after, tier) if tier else {}}
-                    log(f"paced  {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
-                        f"p99 {r.get('p99_ms', 0):6.2f} ms" + (f"  tier get {paced[n]['tier_get_ms']}" if tier else ""))
+                paced_runs: dict[str, list[dict[str, Any]]] = {n: [] for n in order}
+                for rnd in range(ns.rounds):
+                    for n in order:
+                        t = targets[n]
+                        before = t.metrics()
+                        r = run_wrk(t.url, ns.duration, ns.connections, ns.threads, wrk_cpu, script)
+                        after = t.metrics()
+                        tier = {"l1": "l1", "l2": "l2", "l3": "l3"}.get(n)
+                        run = {"rps": r["rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms"),
+                               "max_ms": r.get("max_ms"), "non_2xx": r["non_2xx"],
+                               "hit_share": served_share(before, after, EXPECT[n]),
+                               "tier_get_ms": tier_get_ms(before, after, tier) if tier else {}}
+                        paced_runs[n].append(run)
+                        log(f"paced {rnd + 1} {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
+                            f"p99 {r.get('p99_ms', 0):6.2f} ms" + (f"  tier get {run['tier_get_ms']}" if tier else ""))
+                for n, runs_n in paced_runs.items():
+                    med = sorted(runs_n, key=lambda r: r.get("p99_ms") or 0.0)[len(runs_n) // 2]
+                    paced[n] = {**med, "p99_rounds_ms": [r.get("p99_ms") for r in runs_n]}
+                    if n != "l1" and "l1" in paced_runs:
+                        gaps = [a["p99_ms"] - b["p99_ms"] for a, b in zip(runs_n, paced_runs["l1"])
+                                if a.get("p99_ms") is not None and b.get("p99_ms") is not None]
+                        if gaps:
+                            paced[n]["p99_minus_l1_rounds_ms"] = [round(g, 2) for g in gaps]
+                            paced[n]["p99_minus_l1_median_ms"] = round(statistics.median(gaps), 2)
             for n in order:
                 runs = targets[n].runs
                 med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]

@@ -27,8 +27,12 @@ def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[str]:
     return [item for pair in pairs for item in pair]
 
 
+def _all_str(items: list[Any]) -> bool:
+    return not items or set(map(type, items)) == {str}  # C-level: no generator per item
+
+
 def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(flat, list) or len(flat) % 2 or not all(isinstance(s, str) for s in flat):
+    if not isinstance(flat, list) or len(flat) % 2 or not _all_str(flat):
         raise CorruptEntry("bad header list")
     return tuple(zip(flat[0::2], flat[1::2], strict=True))
 
@@ -100,7 +104,7 @@ def decode(data: bytes, key: str) -> Entry:
         last_modified is None or isinstance(last_modified, str)
     ):
         raise CorruptEntry("bad validators")
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+    if not isinstance(tags, list) or not _all_str(tags):
         raise CorruptEntry("bad tags")
     return Entry(
         key=key,
