@@ -1,27 +1,35 @@
-"""The L1 hit path: fresh L1 hits answered by the connection handler, as stored bytes.
+"""The hit path: fresh cache hits answered by the connection handler, as stored bytes.
 
-A fresh L1 hit needs no I/O, so it need not pay for what aiohttp builds around every request
-(a ``Request``, a task, the router and middleware, a ``Response`` whose headers are merged and
-serialised anew). :class:`HitPath` answers such a request synchronously, from
-:meth:`tierproxy.listener.ProxyRequestHandler.data_received`: it returns the response bytes -
-the entry's status line and stored headers, encoded once per entry (``Entry.wire_head``), plus
-the few header lines that change per request - and the handler writes them to the transport.
+A cache hit need not pay for what aiohttp builds around every request (a ``Request``, a task,
+the router and middleware, a ``Response`` whose headers are merged and serialised anew).
+:class:`HitPath` answers plain GETs from
+:meth:`tierproxy.listener.ProxyRequestHandler.data_received` with the response bytes: the
+entry's status line and stored headers, encoded once per entry (``Entry.wire_head``), plus
+the few header lines that change per request; the handler writes them to the transport.
 
-Anything it is not sure of goes the full way (``None``): another method, a request with a body,
-``Connection: close``, HTTP/1.0, a conditional or ``Cache-Control`` request header, a copy that
-is missing, stale or for other ``Vary`` values, a stored status aiohttp frames specially, the
-proxy not ready. The response is the one the full path sends for the same hit, byte for byte
-but the request id (tests/integration/test_hit_path.py holds the two side by side), and it is
-counted and logged the same way: ``tierproxy_tier_lookups_total{tier="l1",outcome="hit"}``,
-the L1 latency histogram, ``tierproxy_responses_total`` and one access-log line; and also in
-``tierproxy_hit_path_responses_total``.
+* A fresh **L1** copy is answered synchronously, inside ``data_received``.
+* Otherwise, with L2/L3 configured, the handler awaits :meth:`ReadThrough.lookup
+  <tierproxy.readthrough.ReadThrough.lookup>` (the same tiers, budgets and backfills as the
+  full path) and answers a fresh **L2/L3** copy the same way. Anything else - a miss, a stale
+  copy - is handed over to the full path with the lookup's outcome (:class:`Handover`), so
+  the tiers are never asked twice and the request keeps its deadline and request id.
+
+Anything the hit path is not sure of goes the full way from the start: another method, a
+request with a body, ``Connection: close``, HTTP/1.0, a conditional or ``Cache-Control``
+request header, a stored status aiohttp frames specially, the proxy not ready. The response
+is the one the full path sends for the same hit, byte for byte but the request id
+(tests/integration/test_hit_path.py holds the two side by side), and it is counted and logged
+the same way (tier lookups and latency, ``tierproxy_responses_total``, one access-log line),
+and also in ``tierproxy_hit_path_responses_total``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
@@ -30,13 +38,16 @@ from aiohttp.web_response import REASON_PHRASES
 
 from .keys import BadTarget, CacheKey, normalise_target
 from .logs import request_id
+from .readthrough import Lookup, ProxyRequest
 
 if TYPE_CHECKING:
     from .entry import Entry
     from .server import ProxyState
     from .tiers.base import GuardedTier
 
-__all__ = ["HitPath"]
+__all__ = ["Answer", "Handover", "HitPath", "encode_head"]
+
+Answer = tuple[bytes, bytes]  # response head, body
 
 # Request headers that change what a hit answers (RFC 9110 §13 conditionals, RFC 9111 §5.2.1
 # request directives): such requests take the full path, which knows what to do with them.
@@ -51,7 +62,7 @@ _OCTET_STREAM_LINE = b"Content-Type: application/octet-stream\r\n"
 _NO_TIMINGS: dict[str, float] = {}
 # After the stored headers: what the full path adds to a hit, in the order aiohttp writes it.
 _HIT_HEAD = (
-    b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: tierproxy; hit; ttl=%d%s\r\n"
+    b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s\r\n"
     b"X-Request-ID: %s\r\nContent-Length: %d\r\n%s\r\n"
 )
 
@@ -74,22 +85,39 @@ def encode_head(entry: Entry) -> bytes | None:
     return b"".join(lines)
 
 
+class Handover:
+    """A request the hit path looked up but cannot answer: the full path takes it from here."""
+
+    __slots__ = ("found", "req", "started")
+
+    def __init__(self, req: ProxyRequest, found: Lookup, started: float) -> None:
+        self.req = req  # its key, deadline, request id and tier timings so far
+        self.found = found  # what the tiers held (ReadThrough.get resumes from it)
+        self.started = started  # perf_counter at the request's arrival, for the access log
+
+
 class HitPath:
-    """Answers fresh L1 hits for :class:`tierproxy.listener.ProxyRequestHandler`."""
+    """Answers fresh cache hits for :class:`tierproxy.listener.ProxyRequestHandler`."""
 
-    __slots__ = ("_access_log", "_l1", "_label", "_metrics", "_state", "_status_suffix")
+    __slots__ = ("_access_log", "_l1", "_l1_label", "_l1_status", "_looks_further",
+                 "_metrics", "_readthrough", "_state")
 
-    def __init__(self, state: ProxyState, l1: GuardedTier) -> None:
+    def __init__(self, state: ProxyState, l1: GuardedTier | None) -> None:
         self._state = state
         self._l1 = l1
         self._metrics = state.metrics
         self._access_log = state.access_log
-        self._label = f"HIT-{l1.name.upper()}"
-        # What follows "ttl=<n>" in Cache-Status, as the full path writes it.
-        self._status_suffix = f"; detail={l1.name}".encode()
+        self._readthrough = state.readthrough
+        self._looks_further = any(not tier.synchronous for tier in state.tiers)
+        name = l1.name if l1 is not None else "l1"
+        self._l1_label = f"HIT-{name.upper()}"
+        self._l1_status = f"; detail={name}"  # what follows "ttl=<n>" in Cache-Status
 
-    def answer(self, message: RawRequestMessage, remote: str | None) -> tuple[bytes, bytes] | None:
-        """The response head and body for ``message``, or None: take the full path."""
+    def answer(
+        self, message: RawRequestMessage, remote: str | None
+    ) -> Answer | Coroutine[Any, Any, Answer | Handover] | None:
+        """The response for ``message`` (a fresh L1 hit), or a lookup to await (L2/L3, see the
+        module docstring), or None: take the full path."""
         if (
             message.method != "GET"
             or message.version != HttpVersion11
@@ -107,21 +135,68 @@ class HitPath:
         if length is not None and length != "0":
             return None  # a body (a "fat GET") is the full path's to refuse
         try:
-            material = normalise_target(message.path)
+            key = CacheKey(normalise_target(message.path))
         except BadTarget:
             return None
         started = time.perf_counter()
-        now = time.time()
-        entry = self._l1.fresh_now(CacheKey(material), headers, now)
-        if entry is None or entry.status in _SPECIAL_STATUS or entry.status < 200:
+        l1 = self._l1
+        if l1 is not None:
+            now = time.time()
+            entry = l1.peek_fresh(key, headers, now)
+            if entry is not None:
+                if not _answerable(entry):
+                    return None
+                looked_up = time.perf_counter() - started
+                cache_status = f"tierproxy; hit; ttl={math.floor(entry.fresh_until - now)}"
+                answer = self._respond(entry, self._l1_label, cache_status + self._l1_status,
+                                       request_id(headers.get("X-Request-ID")), message.path,
+                                       started, _NO_TIMINGS, remote)
+                if answer is not None:
+                    l1.count_hit(looked_up)
+                return answer
+        if not self._looks_further:
             return None
+        return self._look_further(message, key, started, remote)
+
+    async def _look_further(
+        self, message: RawRequestMessage, key: CacheKey, started: float, remote: str | None
+    ) -> Answer | Handover:
+        state = self._state
+        req = ProxyRequest(
+            method="GET", key=key, headers=message.headers, peer=remote, scheme="http",
+            deadline=asyncio.get_running_loop().time() + state.settings.request_deadline,
+            request_id=request_id(message.headers.get("X-Request-ID")),
+        )
+        state.inflight += 1
+        try:
+            found = await self._readthrough.lookup(req)
+        finally:
+            state.inflight -= 1
+        hit = found.hit
+        if hit is not None and _answerable(hit.entry):
+            answer = self._respond(hit.entry, hit.x_cache, hit.cache_status, req.request_id,
+                                   message.path, started, req.timings, remote)
+            if answer is not None:
+                return answer
+        return Handover(req, found, started)
+
+    def _respond(
+        self,
+        entry: Entry,
+        x_cache: str,
+        cache_status: str,
+        rid: str,
+        path: str,
+        started: float,
+        timings: dict[str, float],
+        remote: str | None,
+    ) -> Answer | None:
         head = entry.wire_head
         if head is None:
             head = encode_head(entry)
             if head is None:
                 return None
             object.__setattr__(entry, "wire_head", head)
-        rid = request_id(headers.get("X-Request-ID"))
         body = entry.body
         stored = entry.response_headers
         # The lines aiohttp adds after ours when the stored headers lack them.
@@ -133,13 +208,19 @@ class HitPath:
         if "Server" not in stored:
             tail += _SERVER_LINE
         response_head = _HIT_HEAD % (
-            head, entry.age(now), self._label.encode(), math.floor(entry.fresh_until - now),
-            self._status_suffix, rid.encode(), len(body), tail,
+            head, entry.age(time.time()), x_cache.encode(), cache_status.encode(),
+            rid.encode(), len(body), tail,
         )
-        self._metrics.response(self._label, entry.status)
-        self._metrics.hit_path_responses.inc()
+        metrics = self._metrics
+        metrics.response(x_cache, entry.status)
+        metrics.hit_path_responses.inc()
         access_log = self._access_log
         if access_log.enabled:
-            access_log.emit("GET", message.path, entry.status, self._label, len(body),
-                            time.perf_counter() - started, _NO_TIMINGS, rid, remote)
+            access_log.emit("GET", path, entry.status, x_cache, len(body),
+                            time.perf_counter() - started, timings, rid, remote)
         return response_head, body
+
+
+def _answerable(entry: Entry) -> bool:
+    # 1xx/204/304 are framed specially by aiohttp (no body, no Content-Length): left to it.
+    return entry.status >= 200 and entry.status not in _SPECIAL_STATUS

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
@@ -64,12 +65,19 @@ _INTERNALS = ("_waiter", "_request_count", "_messages", "_current_request", "_lo
 
 # Bodies up to this size go out in one write with their head; larger ones as two buffers.
 _JOIN_BODY_BYTES = 16 * 1024
+# While the hit path awaits a lookup the connection is not idle: the idle timer's deadline
+# moves this far out (a lookup ends within TIERPROXY_REQUEST_DEADLINE; then it is reset).
+_LOOKUP_KEEPALIVE = 3600.0
 
 
 class HitAnswerer(Protocol):
-    """Answers a parsed request on the spot, or declines (None): see :mod:`tierproxy.hits`."""
+    """Answers a parsed request (see :mod:`tierproxy.hits`): with the response's head and body
+    at once; or with an awaitable that gives them, or else an object for the full path
+    (:meth:`ProxyRequestHandler.take_handover`); or declines (None)."""
 
-    def answer(self, message: RawRequestMessage, remote: str | None) -> tuple[bytes, bytes] | None: ...
+    def answer(
+        self, message: RawRequestMessage, remote: str | None
+    ) -> tuple[bytes, bytes] | Awaitable[tuple[bytes, bytes] | object] | None: ...
 
 
 def internals_available() -> bool:
@@ -116,8 +124,8 @@ def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field
 class ProxyRequestHandler(RequestHandler):
     """One client connection. See the module docstring for what it adds to aiohttp's."""
 
-    __slots__ = ("_head_timeout", "_head_timer", "_hits", "_remote", "_send_timeout",
-                 "_send_timer")
+    __slots__ = ("_handover", "_head_timeout", "_head_timer", "_hits", "_lookup", "_remote",
+                 "_send_timeout", "_send_timer")
 
     def __init__(
         self,
@@ -135,6 +143,10 @@ class ProxyRequestHandler(RequestHandler):
         self._send_timer: asyncio.TimerHandle | None = None
         self._hits = hits
         self._remote: str | None = None
+        # The hit path's lookup in flight (one at a time: responses keep the requests' order),
+        # and what it left for the full path.
+        self._lookup: asyncio.Task[None] | None = None
+        self._handover: tuple[RawRequestMessage, object] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -143,6 +155,9 @@ class ProxyRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
+        if self._lookup is not None:
+            self._lookup.cancel()  # its client is gone
+            self._lookup = None
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -181,18 +196,20 @@ class ProxyRequestHandler(RequestHandler):
         # Between requests (or before the first): these bytes belong to a request head.
         before = self._request_count
         waiter = self._waiter
-        if self._hits is not None and waiter is not None and not self._messages:
-            # Idle, and start() waits for the next request: parse without waking it, answer
-            # what the hit path can right here, and wake it only for what is left.
+        if self._hits is not None and waiter is not None and (
+            not self._messages or self._lookup is not None
+        ):
+            # start() waits for the next request, and no request is queued (or the hit path
+            # is looking one up): parse without waking start(), answer what the hit path can,
+            # and wake start() only for what is left once no lookup is in flight.
             self._waiter = None
             try:
                 super().data_received(data)
             finally:
                 self._waiter = waiter
-            if self._messages:
+            if self._lookup is None and self._messages:
                 self._answer_hits(self._hits)
-                if self._messages and not waiter.done():
-                    waiter.set_result(None)
+                self._wake_for_full_path()
         else:
             super().data_received(data)
         if self._request_count != before:
@@ -229,20 +246,92 @@ class ProxyRequestHandler(RequestHandler):
             if answer is None:
                 return
             messages.popleft()
-            if self._parser is not None:
-                self._parser.message_consumed()
-            self._manager.requests_count += 1  # type: ignore[union-attr]
-            head, body = answer
-            if len(body) <= _JOIN_BODY_BYTES:
-                transport.write(head + body)
-            else:
-                transport.writelines((head, body))
-            # What start() does after a response: keep-alive from now on, idle-bounded.
-            self._keepalive = True
-            close_time = self._loop.time() + self._keepalive_timeout
-            self._next_keepalive_close_time = close_time
-            if self._keepalive_handle is None:
-                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+            if not isinstance(answer, tuple):
+                # A lookup to await. The message is out of the queue meanwhile, so start()
+                # is not woken for what follows it; the idle timer must not close the
+                # connection under it either.
+                self._next_keepalive_close_time = self._loop.time() + _LOOKUP_KEEPALIVE
+                self._lookup = self._loop.create_task(self._finish_lookup(message, payload, answer))
+                return
+            self._write_answer(answer)
+
+    async def _finish_lookup(
+        self,
+        message: RawRequestMessage,
+        payload: Any,
+        pending: Awaitable[tuple[bytes, bytes] | object],
+    ) -> None:
+        try:
+            outcome = await pending
+        except asyncio.CancelledError:
+            raise  # the connection is gone (connection_lost cancels this task)
+        except Exception:
+            log.exception("hit path lookup failed; the request takes the full path")
+            outcome = None
+        self._lookup = None
+        transport = self.transport
+        if isinstance(outcome, tuple):
+            if transport is not None and not transport.is_closing():
+                self._write_answer(outcome)
+        else:
+            # Back to the head of the queue for start(), with what the lookup found.
+            self._handover = (message, outcome) if outcome is not None else None
+            self._messages.appendleft((message, payload))
+        if self._hits is not None and self._messages and self._messages[0][0] is not message:
+            self._answer_hits(self._hits)
+        self._wake_for_full_path()
+        if self._close and self._lookup is None and not self._messages:
+            super().close()  # closing was asked for while the lookup ran (see close())
+
+    def _write_answer(self, answer: tuple[bytes, bytes]) -> None:
+        if self._parser is not None:
+            self._parser.message_consumed()
+        self._manager.requests_count += 1  # type: ignore[union-attr]
+        head, body = answer
+        transport = self.transport
+        assert transport is not None
+        if len(body) <= _JOIN_BODY_BYTES:
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+        # What start() does after a response: keep-alive from now on, idle-bounded.
+        self._keepalive = True
+        close_time = self._loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _wake_for_full_path(self) -> None:
+        """Let start() take the queued requests, unless a hit-path lookup still holds one."""
+        waiter = self._waiter
+        if self._lookup is None and self._messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take_handover(self, headers: object) -> object | None:
+        """What the hit path's lookup left for the request whose parsed headers are
+        ``headers`` (``request.headers``: the parser's object for that one message), if any
+        (:class:`tierproxy.hits.Handover`)."""
+        handover = self._handover
+        if handover is None or handover[0].headers is not headers:
+            return None
+        self._handover = None
+        return handover[1]
+
+    def close(self) -> None:
+        # aiohttp closes a connection whose start() waits for a request at once; one whose
+        # request the hit path is looking up is not idle: it closes when the lookup ends.
+        if self._lookup is not None:
+            self._close = True
+            return
+        super().close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        # A lookup in flight is a request in progress: let it finish (answered, or handed to
+        # start(), which aiohttp's shutdown then waits for) before the connection is closed.
+        lookup = self._lookup
+        if lookup is not None:
+            await asyncio.wait({lookup}, timeout=timeout)
+        await super().shutdown(timeout)
 
     @property
     def remote(self) -> str | None:

@@ -41,6 +41,7 @@ __all__ = [
     "Cached",
     "Forwarded",
     "Failed",
+    "Lookup",
     "Result",
 ]
 
@@ -116,6 +117,16 @@ class Failed:
 
 
 Result = Cached | Forwarded | Failed
+
+
+@dataclass(slots=True)
+class Lookup:
+    """What the tiers held for one request (:meth:`ReadThrough.lookup`)."""
+
+    hit: Cached | None  # a fresh copy, already backfilled into the tiers before it
+    stale: Entry | None  # else the first copy past its freshness but not expired
+    stale_index: int  # the tier it came from
+    generation: int  # the purge generation when the lookup began
 
 
 # ---- fetch outcomes, shared between coalesced requests ------------------------------------
@@ -208,12 +219,34 @@ class ReadThrough:
 
     # ---- lookup ---------------------------------------------------------------------------
 
-    async def get(self, req: ProxyRequest) -> Result:
-        """Answer a cacheable GET/HEAD from the fastest tier with a usable copy."""
+    async def get(self, req: ProxyRequest, found: Lookup | None = None) -> Result:
+        """Answer a cacheable GET/HEAD from the fastest tier with a usable copy.
+
+        ``found`` is the outcome of :meth:`lookup` for this very request when it was already
+        run (tierproxy.hits looks the tiers up before handing a request over).
+        """
+        if found is None:
+            found = await self.lookup(req)
+        if found.hit is not None:
+            return found.hit
+        stale, stale_index, generation = found.stale, found.stale_index, found.generation
+        if stale is not None:
+            label = f"STALE-{self.tiers[stale_index].name.upper()}"
+            now = time.time()
+            if now < stale.swr_until:
+                # RFC 5861 §3: serve the stale copy now, refresh it in the background.
+                self._backfill(req.key, stale, stale_index, generation)
+                self._refresh_in_background(req, stale)
+                self.metrics.stale_served.labels("revalidating").inc()
+                ttl = math.floor(stale.fresh_until - now)
+                return Cached(stale, label, f'tierproxy; hit; ttl={ttl}; detail="revalidating"')
+        return await self._fetch_and_answer(req, stale, stale_index)
+
+    async def lookup(self, req: ProxyRequest) -> Lookup:
+        """The tiers in order, each under its budget: a fresh hit (backfilled into the tiers
+        before it), else the first stale copy still usable, else nothing."""
         loop = asyncio.get_running_loop()
         generation = self._purge_generation  # copies read before a purge are not written back
-        stale: Entry | None = None
-        stale_index = 0
         entry: Entry | None = None
         # Index 0 is L1 when present; ``hit_index`` is where the entry was found, so the tiers
         # before it are the ones to backfill.
@@ -235,23 +268,12 @@ class ReadThrough:
             if now < entry.fresh_until:
                 self._backfill(req.key, entry, index, generation)
                 ttl = math.floor(entry.fresh_until - now)
-                return Cached(entry, f"HIT-{tier.name.upper()}",
-                              f"tierproxy; hit; ttl={ttl}; detail={tier.name}")
+                return Lookup(Cached(entry, f"HIT-{tier.name.upper()}",
+                                     f"tierproxy; hit; ttl={ttl}; detail={tier.name}"),
+                              None, 0, generation)
             if now < entry.expires_at:
-                stale, stale_index = entry, index
-                break
-
-        if stale is not None:
-            label = f"STALE-{self.tiers[stale_index].name.upper()}"
-            now = time.time()
-            if now < stale.swr_until:
-                # RFC 5861 §3: serve the stale copy now, refresh it in the background.
-                self._backfill(req.key, stale, stale_index, generation)
-                self._refresh_in_background(req, stale)
-                self.metrics.stale_served.labels("revalidating").inc()
-                ttl = math.floor(stale.fresh_until - now)
-                return Cached(stale, label, f'tierproxy; hit; ttl={ttl}; detail="revalidating"')
-        return await self._fetch_and_answer(req, stale, stale_index)
+                return Lookup(None, entry, index, generation)
+        return Lookup(None, None, 0, generation)
 
     # ---- fetch ----------------------------------------------------------------------------
 

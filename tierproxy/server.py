@@ -24,7 +24,7 @@ from .background import BackgroundTasks
 from .config import Settings
 from .invalidation import Invalidation, PurgeOrder
 from .keys import BadTarget, CacheKey, TargetTooLong, normalise_target
-from .hits import HitPath
+from .hits import Handover, HitPath
 from .listener import ProxyRunner, handler_args
 from .logs import AccessLog, dropped_lines, request_id
 from .metrics import BREAKER_STATES, Metrics
@@ -253,12 +253,11 @@ def make_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
     themselves (:mod:`tierproxy.hits`); ``kwargs`` go to ``web.AppRunner``.
     """
     state = app[STATE]
-    l1 = state.tier("l1")
     return ProxyRunner(
         app,
         header_timeout=state.settings.header_timeout,
         send_timeout=state.settings.send_timeout,
-        hits=HitPath(state, l1) if l1 is not None else None,
+        hits=HitPath(state, state.tier("l1")) if state.tiers else None,
         **kwargs,
     )
 
@@ -284,13 +283,31 @@ def _plain(status: int, text: str, x_cache: str = "BYPASS", cache_status: str = 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    info = _RequestInfo(request_id(request.headers.get("X-Request-ID")))
+    # A request the connection's hit path already looked up (tierproxy.hits): it keeps its
+    # request id, deadline and tier timings, and the tiers are not asked again.
+    take_handover = getattr(request.protocol, "take_handover", None)
+    handover = take_handover(request.headers) if take_handover is not None else None
+    if isinstance(handover, Handover):
+        info = _RequestInfo(handover.req.request_id)
+        info.timings = handover.req.timings
+    else:
+        handover = None
+        info = _RequestInfo(request_id(request.headers.get("X-Request-ID")))
     request[_INFO] = info
     access_log = state.access_log
     started = time.perf_counter() if access_log.enabled else 0.0
+    if handover is not None:
+        started = handover.started
     state.inflight += 1
     try:
-        response = await _handle(request, state)
+        if handover is None:
+            response = await _handle(request, state)
+        else:
+            req = handover.req
+            req.peer = request.remote
+            req.scheme = "https" if request.secure else "http"
+            result = await state.readthrough.get(req, handover.found)
+            response = await _respond(request, state, result)
     finally:
         state.inflight -= 1
     if not response.prepared:  # a streamed response got it in _respond, before its headers went

@@ -341,3 +341,122 @@ async def test_client_that_stops_reading_pipelined_hits_is_cut_off(make_proxy, o
     # The hit path stopped once the transport's buffer was over its high-water mark (the
     # rest waited in the full path for a drain that never came): it never buffered 24 MiB.
     assert hit_path_count(proxy) <= 8, hit_path_count(proxy)  # some fit in kernel buffers
+
+
+# ---- L2/L3 hits: the hit path awaits the lookup, then answers or hands over ---------------
+
+
+def lookups(proxy, tier: str, outcome: str) -> float:
+    value = proxy.state.metrics.registry.get_sample_value(
+        "tierproxy_tier_lookups_total", {"tier": tier, "outcome": outcome})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("tier", ["l2", "l3"])
+async def test_l2_and_l3_hits_answer_byte_for_byte_as_the_full_path(
+    make_proxy, raw_origin, redis_url, tier
+):
+    status_line, header_lines, body = STORED["repeated-and-utf8"]
+    raw_origin.set("/lower", status_line, header_lines, body)
+    env = {"ORIGIN": raw_origin.url, "L1_MAX_BYTES": 0}
+    if tier == "l3":
+        env["REDIS_URL"] = None
+    writer = await make_proxy(**env)
+    assert b"MISS" in await one_response(writer.port, get("/lower"))
+    await writer.settle()
+    request = get("/lower", b"X-Request-ID: same-id\r\n")
+    fast = await make_proxy(**env)
+    full = await make_proxy(**env, hit_path=False)
+    answers = {}
+    for label, proxy in (("fast", fast), ("full", full)):
+        answers[label] = await one_response(proxy.port, request)
+        expected = f"\r\nX-Cache: HIT-{tier.upper()}\r\n".encode()
+        assert expected in answers[label], answers[label][:400]
+    assert _mask_clock(answers["fast"]) == _mask_clock(answers["full"])
+    assert (hit_path_count(fast), hit_path_count(full)) == (1, 0)
+    assert lookups(fast, tier, "hit") == 1 == lookups(full, tier, "hit")
+    assert raw_origin.count == 1
+
+
+async def test_a_miss_is_handed_over_and_the_tiers_are_asked_once(
+    make_proxy, origin, redis_url
+):
+    origin.set("/m", headers=CACHEABLE, size=20)
+    proxy = await make_proxy(L1_MAX_BYTES=0)
+    response = await one_response(proxy.port, get("/m", b"X-Request-ID: handed-over\r\n"))
+    assert b"\r\nX-Cache: MISS\r\n" in response
+    assert b"\r\nX-Request-ID: handed-over\r\n" in response  # the full path kept its id
+    assert origin.count("/m") == 1
+    assert origin.requests_for("/m")[0].headers["X-Request-ID"] == "handed-over"
+    assert (lookups(proxy, "l2", "miss"), lookups(proxy, "l3", "miss")) == (1, 1)
+    assert hit_path_count(proxy) == 0
+    await proxy.settle()
+    hit = await one_response(proxy.port, get("/m"))
+    assert b"\r\nX-Cache: HIT-L2\r\n" in hit and hit_path_count(proxy) == 1
+    assert (lookups(proxy, "l2", "miss"), lookups(proxy, "l2", "hit")) == (1, 1)
+
+
+async def test_pipelined_requests_keep_their_order_around_a_lookup(make_proxy, origin, redis_url):
+    for name in ("a", "c"):
+        origin.set(f"/{name}", headers=CACHEABLE, body=f"body {name}".encode())
+    origin.set("/b", headers=CACHEABLE, body=b"body b", latency=0.3)
+    writer = await make_proxy(L1_MAX_BYTES=0)
+    await writer.get("/a")
+    await writer.get("/c")
+    await writer.settle()
+    proxy = await make_proxy(L1_MAX_BYTES=0)
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await asyncio.sleep(0.05)
+        await conn.send(get("/a") + get("/b") + get("/c") + get("/a"))
+        responses = [await conn.read_response() for _ in range(4)]
+        await asyncio.sleep(0.05)
+        await conn.send(get("/c"))
+        responses.append(await conn.read_response())
+    finally:
+        await conn.close()
+    bodies = [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses]
+    assert bodies == [b"body a", b"body b", b"body c", b"body a", b"body c"]
+    caches = [re.search(rb"\r\nX-Cache: ([^\r]+)", r).group(1) for r in responses]
+    assert caches == [b"HIT-L2", b"MISS", b"HIT-L2", b"HIT-L2", b"HIT-L2"]
+
+
+async def test_frozen_redis_during_a_lookup_is_waited_out_once(
+    make_proxy, origin, redis_server, redis_url, sqlite_path
+):
+    origin.set("/f", headers=CACHEABLE, size=10)
+    writer = await make_proxy(L1_MAX_BYTES=0)
+    await writer.get("/f")
+    await writer.settle()
+    proxy = await make_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=0.2, BREAKER_FAILURES=100)
+    loop = asyncio.get_running_loop()
+    with redis_server.frozen():
+        started = loop.time()
+        hit = await one_response(proxy.port, get("/f"))  # L2 times out, L3 answers
+        l3_elapsed = loop.time() - started
+        started = loop.time()
+        miss = await one_response(proxy.port, get("/never-cached"))  # handed over
+        miss_elapsed = loop.time() - started
+    assert b"\r\nX-Cache: HIT-L3\r\n" in hit and hit_path_count(proxy) == 1
+    assert b"\r\nX-Cache: MISS\r\n" in miss
+    assert lookups(proxy, "l2", "timeout") == 2  # one per request: never asked twice
+    assert 0.15 <= l3_elapsed < 0.2 + 1.0, l3_elapsed
+    assert 0.15 <= miss_elapsed < 0.2 + 1.0, miss_elapsed  # not two L2 budgets
+
+
+async def test_sigterm_waits_for_a_lookup_in_flight(spawn_proxy, origin, redis_server, redis_url):
+    origin.set("/s", headers=CACHEABLE, size=10)
+    proc = await spawn_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=1.5, SQLITE_PATH="off")
+    assert b"MISS" in await one_response(proc.port, get("/s"))
+    with redis_server.frozen():
+        conn = await RawConnection.open(proc.port)
+        try:
+            await asyncio.sleep(0.05)
+            await conn.send(get("/never-cached"))  # its L2 lookup waits out 1.5 s
+            await asyncio.sleep(0.3)
+            proc.terminate()
+            response = await conn.read_response(timeout=10)
+        finally:
+            await conn.close()
+    assert response.startswith(b"HTTP/1.1 200 ") and b"\r\nX-Cache: MISS\r\n" in response
+    assert await proc.wait(15) == 0, proc.stderr

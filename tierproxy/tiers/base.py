@@ -276,22 +276,24 @@ class GuardedTier:
         self._latency["get"].observe(time.perf_counter() - started)
         return self._classify(entry, headers)
 
-    def fresh_now(self, key: CacheKey, headers: CIMultiDictProxy[str], now: float) -> Entry | None:
-        """A fresh copy usable for ``headers``, counted and timed as a hit; else None.
+    def peek_fresh(self, key: CacheKey, headers: CIMultiDictProxy[str], now: float) -> Entry | None:
+        """A fresh copy usable for ``headers``, else None; counts nothing.
 
-        For the connection handler's hit path (:mod:`tierproxy.hits`): anything but a fresh,
-        usable copy counts nothing here, because the request then takes the full path, whose
+        For the connection handler's hit path (:mod:`tierproxy.hits`): when it answers with
+        the copy it calls :meth:`count_hit`; otherwise the request takes the full path, whose
         :meth:`get_now` counts that lookup once.
         """
-        started = time.perf_counter()
         entry = self.backend.get_now(key)
         if entry is None or now >= entry.fresh_until or (
             entry.vary and not policy.vary_matches(entry, headers)
         ):
             return None
-        self._latency["get"].observe(time.perf_counter() - started)
-        self._lookup["hit"].inc()
         return entry
+
+    def count_hit(self, seconds: float) -> None:
+        """Count one lookup answered from :meth:`peek_fresh`, which took ``seconds``."""
+        self._latency["get"].observe(seconds)
+        self._lookup["hit"].inc()
 
     async def get(
         self, key: CacheKey, budget: float, headers: CIMultiDictProxy[str] | None = None
