@@ -15,7 +15,8 @@ Targets (each serves the same stored bytes for one hot key, ``/bench/1``):
 Every server is started once, on 127.0.0.1 only; the measured runs are interleaved (round 1:
 bare, l1, l2, l3, nginx; round 2: the same ...) so drift on a noisy machine hits all targets
 alike; the table shows the median round. By default the server under test is pinned to CPU 0
-and wrk (with Redis and the origin) to CPU 1 (``--no-pin`` to let the OS place them).
+with Redis (part of the system under test: ``--redis-cpu wrk`` puts it beside the load
+generator instead), and wrk with the origin to CPU 1 (``--no-pin`` to let the OS place them).
 
 Writes ``bench.json`` and ``bench.md`` to ``--out`` (default loadtest/runs/bench-<time>).
 """
@@ -395,7 +396,7 @@ def table(results: dict[str, Any]) -> str:
     m = results["meta"]
     out.append("")
     out.append(f"wrk -t{m['threads']} -c{m['connections']} -d{m['duration']}s, {m['rounds']} interleaved round(s), "
-               f"median round shown (per-round ratios: median of the ratios within each round); body {m['size']} bytes; server pinned to CPU {m['server_cpu']}, "
+               f"median round shown (per-round ratios: median of the ratios within each round); body {m['size']} bytes; server pinned to CPU {m['server_cpu']} (Redis: {m.get('redis_cpu', 'wrk')}), "
                f"wrk to CPU {m['wrk_cpu']}; bare loop: {m['bare_loop']}; {m['cpus']} CPUs, Python {m['python']}.")
     if l1p99 is not None:
         extra = []
@@ -453,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
                          "rate over the same connections (0 = skip)")
     ap.add_argument("--bare-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     ap.add_argument("--no-pin", action="store_true", help="don't pin the server to CPU 0 and wrk to CPU 1")
+    ap.add_argument("--redis-cpu", default="server",
+                    help="where Redis runs: 'server' (default: on the server's CPU - it is part "
+                         "of the system under test, not of the load generator), 'wrk' (beside "
+                         "wrk), a CPU list, or '' (unpinned)")
     ap.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra env for the tierproxy targets")
     ap.add_argument("--proxy-cmd", help="command that starts the proxy (default: python -m tierproxy serve)")
@@ -488,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"threads": ns.threads, "connections": ns.connections, "duration": ns.duration,
                  "paced_rps": ns.paced_rps,
                  "rounds": ns.rounds, "size": ns.size, "server_cpu": server_cpu or "any",
-                 "wrk_cpu": wrk_cpu or "any", "bare_loop": ns.bare_loop, "cpus": os.cpu_count(),
+                 "wrk_cpu": wrk_cpu or "any", "redis_cpu": ns.redis_cpu or "any",
+                 "bare_loop": ns.bare_loop, "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "wrk": subprocess.run(["wrk", "--version"], check=False, capture_output=True, text=True).stdout.split("\n")[0]},
         "targets": {}, "notes": notes,
@@ -507,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
             origin_url = f"http://{LOOPBACK}:{oport}"
             redis_url = None
             if "l2" in names:
-                _, rport = procs.start_redis(group, work, taskset=wrk_cpu)
+                redis_cpu = {"server": server_cpu, "wrk": wrk_cpu}.get(ns.redis_cpu,
+                                                                        ns.redis_cpu or None)
+                _, rport = procs.start_redis(group, work, taskset=redis_cpu)
                 redis_url = f"redis://{LOOPBACK}:{rport}/0"
             targets: dict[str, Target] = {}
             for name in names:

@@ -63,11 +63,10 @@ _INTERNALS = ("_waiter", "_request_count", "_messages", "_current_request", "_lo
               "_buffer_paused", "_keepalive", "_keepalive_handle", "_keepalive_timeout",
               "_next_keepalive_close_time", "_manager", "_force_close", "_close")
 
+_INTERNAL_METHODS = ("_process_keepalive",)  # overridden: must still be what aiohttp calls
+
 # Bodies up to this size go out in one write with their head; larger ones as two buffers.
 _JOIN_BODY_BYTES = 16 * 1024
-# While the hit path awaits a lookup the connection is not idle: the idle timer's deadline
-# moves this far out (a lookup ends within TIERPROXY_REQUEST_DEADLINE; then it is reset).
-_LOOKUP_KEEPALIVE = 3600.0
 
 
 class HitAnswerer(Protocol):
@@ -85,7 +84,11 @@ def internals_available() -> bool:
     slots: set[str] = set()
     for cls in RequestHandler.__mro__:
         slots.update(getattr(cls, "__slots__", ()))
-    return _ErrInfo is not None and all(name in slots for name in _INTERNALS)
+    return (
+        _ErrInfo is not None
+        and all(name in slots for name in _INTERNALS)
+        and all(callable(getattr(RequestHandler, name, None)) for name in _INTERNAL_METHODS)
+    )
 
 
 def handler_args(settings: Settings) -> dict[str, Any]:
@@ -214,7 +217,9 @@ class ProxyRequestHandler(RequestHandler):
             super().data_received(data)
         if self._request_count != before:
             self._stop_head_timer()  # a head arrived (or failed to parse: aiohttp answers 400)
-        elif self._head_timer is None and data:  # (aiohttp feeds b"" to resume parsing)
+        elif self._head_timer is None and data and self._lookup is None:
+            # (aiohttp feeds b"" to resume parsing; while a lookup is in flight the bytes are
+            # pipelined behind a request in progress, as in the first branch: idle-bounded)
             self._start_head_timer()
 
     def _answer_hits(self, hits: HitAnswerer) -> None:
@@ -248,9 +253,8 @@ class ProxyRequestHandler(RequestHandler):
             messages.popleft()
             if not isinstance(answer, tuple):
                 # A lookup to await. The message is out of the queue meanwhile, so start()
-                # is not woken for what follows it; the idle timer must not close the
-                # connection under it either.
-                self._next_keepalive_close_time = self._loop.time() + _LOOKUP_KEEPALIVE
+                # is not woken for what follows it (and the idle timer leaves the connection
+                # alone: _process_keepalive).
                 self._lookup = self._loop.create_task(self._finish_lookup(message, payload, answer))
                 return
             self._write_answer(answer)
@@ -316,6 +320,16 @@ class ProxyRequestHandler(RequestHandler):
             return None
         self._handover = None
         return handover[1]
+
+    def _process_keepalive(self) -> None:
+        if self._lookup is not None:
+            # Not idle: a request is being looked up. Check again a keep-alive period later
+            # (answering it sets the next deadline, as start() does after a response).
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+            return
+        super()._process_keepalive()
 
     def close(self) -> None:
         # aiohttp closes a connection whose start() waits for a request at once; one whose

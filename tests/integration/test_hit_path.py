@@ -460,3 +460,33 @@ async def test_sigterm_waits_for_a_lookup_in_flight(spawn_proxy, origin, redis_s
             await conn.close()
     assert response.startswith(b"HTTP/1.1 200 ") and b"\r\nX-Cache: MISS\r\n" in response
     assert await proc.wait(15) == 0, proc.stderr
+
+
+async def test_idle_timer_spares_a_slow_lookup_and_applies_after_it(
+    make_proxy, origin, redis_server, redis_url
+):
+    # The L2 lookup (Redis frozen, 0.8 s budget) outlasts the 0.3 s keep-alive: the
+    # connection is not idle meanwhile. After the answer, idleness closes it as usual.
+    origin.set("/k", headers=CACHEABLE, size=10)
+    writer = await make_proxy(L1_MAX_BYTES=0)
+    await writer.get("/k")
+    await writer.settle()
+    proxy = await make_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=0.8, KEEPALIVE_TIMEOUT=0.3,
+                             BREAKER_FAILURES=100)
+    loop = asyncio.get_running_loop()
+    conn = await RawConnection.open(proxy.port)
+    try:
+        await asyncio.sleep(0.05)
+        with redis_server.frozen():
+            await conn.send(get("/k"))
+            slow = await conn.read_response(timeout=5)  # L2 times out, L3 answers
+        assert b"\r\nX-Cache: HIT-L3\r\n" in slow and hit_path_count(proxy) == 1
+        await conn.send(get("/k"))  # the connection is still open, and served
+        fast = await conn.read_response()
+        answered = loop.time()
+        assert b"\r\nX-Cache: HIT-L" in fast and hit_path_count(proxy) == 2
+        assert await conn.read_until_closed(timeout=5) == b""
+        idle = loop.time() - answered
+    finally:
+        await conn.close()
+    assert 0.2 <= idle < 2.0, idle
