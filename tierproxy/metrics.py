@@ -140,7 +140,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.tier_lookups = Counter(
+        # The two counters every hit touches are loop-local (no lock per increment).
+        self.tier_lookups = LoopCounter(
             "tierproxy_tier_lookups", "Cache tier lookups by outcome", ["tier", "outcome"], registry=r
         )
         self.tier_op_seconds = LoopHistogram(
@@ -158,7 +159,7 @@ class Metrics:
             "tierproxy_origin_fetch_seconds", "Origin time to response headers",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.responses = Counter(
+        self.responses = LoopCounter(
             "tierproxy_responses", "Responses by X-Cache value and status class",
             ["cache", "status_class"], registry=r,
         )
@@ -241,7 +242,7 @@ class Metrics:
             for cls in STATUS_CLASSES
         }
 
-    def tier_lookup_counters(self, tier: str) -> dict[str, Counter]:
+    def tier_lookup_counters(self, tier: str) -> dict[str, LoopCounterChild]:
         return {outcome: self.tier_lookups.labels(tier, outcome) for outcome in TIER_OUTCOMES}
 
     def tier_latency(self, tier: str) -> dict[str, LoopHistogramChild]:
