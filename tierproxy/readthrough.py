@@ -15,6 +15,7 @@ turns into an HTTP response. Caching decisions come from :mod:`tierproxy.policy`
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import time
@@ -53,6 +54,10 @@ MAX_TAGS_PER_ENTRY = 64
 MAX_TAG_LENGTH = 1024
 # A purge is an operator's request, not the client path: it gets at least this long per tier.
 PURGE_MIN_TIMEOUT = 5.0
+# Purge generations remembered with their keys; a copy older than them is not stored. A key
+# purge of more keys than _PURGE_SCOPE_KEYS is remembered as "any key" (bounded memory).
+_PURGE_LOG = 1024
+_PURGE_SCOPE_KEYS = 256
 
 # origin_fetches outcome -> the origin's row in the per-tier view (tier_lookups).
 _ORIGIN_LOOKUP = {"ok": "hit", "5xx": "error", "error": "error", "timeout": "timeout",
@@ -206,8 +211,13 @@ class ReadThrough:
         self.origin_breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown)
         # Bumped before and after every purge: a copy read or fetched before a purge is served
         # to its client but not stored, so a purge cannot be undone by a response already on
-        # its way or a backfill still pending (see _backfill).
+        # its way or a backfill still pending (see _backfill). The log says what each bump
+        # was for - the keys of a key purge, or None (tags: any key) - so that a purge of one
+        # key does not stop copies of every other key in flight from being stored.
         self._purge_generation = 0
+        self._purge_log: collections.deque[tuple[int, frozenset[str] | None]] = (
+            collections.deque(maxlen=_PURGE_LOG)
+        )
 
     def _origin_outcome(self, outcome: str) -> None:
         self._origin_outcomes["timeout" if outcome == "skipped" else outcome].inc()
@@ -442,10 +452,11 @@ class ReadThrough:
         """Fill the tiers before index ``upto``: L1 now (memory), the others in the background.
 
         ``generation`` is the purge generation when ``entry`` was read or fetched: if a purge
-        ran since, the copy may be what was purged, and it is not written back anywhere (the
-        client that asked still gets it). A purge is rare; a skipped backfill costs a miss.
+        that may have been for this key (a purge of it, or by tag) ran since, the copy may be
+        what was purged, and it is not written back anywhere (the client that asked still
+        gets it). A purge is rare; a skipped backfill costs a miss.
         """
-        if generation != self._purge_generation:
+        if self._purged_since(generation, key):
             return
         blob: Blob | None = None
         for tier in self.tiers[:upto]:
@@ -464,11 +475,11 @@ class ReadThrough:
         async def store() -> None:
             # A purge since this copy was read may have been for it: don't write it back, and
             # undo a write that was on its way while the purge ran.
-            if generation != self._purge_generation:
+            if self._purged_since(generation, key):
                 counters.labels(tier.name, "superseded").inc()
                 return
             ok = await tier.set(key, entry, blob)
-            if ok and generation != self._purge_generation:
+            if ok and self._purged_since(generation, key):
                 await tier.delete(key)
                 counters.labels(tier.name, "superseded").inc()
                 return
@@ -512,7 +523,9 @@ class ReadThrough:
         Slowest tier first: a lookup that runs during the purge can then only find an old copy
         in a tier that is still to be purged, never backfill a purged tier from an unpurged one.
         """
-        self._purge_generation += 1
+        scope = (frozenset(key.material for key in keys)
+                 if not tags and len(keys) <= _PURGE_SCOPE_KEYS else None)
+        self._bump_purge_generation(scope)
         results: dict[str, int | str] = {}
         for tier in reversed(self.tiers):
             if not shared and tier.backend.shared:
@@ -528,8 +541,26 @@ class ReadThrough:
             except Exception as exc:
                 log.warning("purge in %s failed: %r", tier.name, exc)
                 results[tier.name] = "error"
-        self._purge_generation += 1
+        self._bump_purge_generation(scope)
         return dict(reversed(results.items()))
+
+    def _bump_purge_generation(self, scope: frozenset[str] | None) -> None:
+        self._purge_generation += 1
+        self._purge_log.append((self._purge_generation, scope))
+
+    def _purged_since(self, generation: int, key: CacheKey) -> bool:
+        """Whether a purge that began after ``generation`` may have been for ``key``."""
+        if generation == self._purge_generation:
+            return False
+        log = self._purge_log
+        if not log or log[0][0] > generation + 1:
+            return True  # bumps older than the log remembers: assume they were for this key
+        for bumped_to, scope in reversed(log):
+            if bumped_to <= generation:
+                break
+            if scope is None or key.material in scope:
+                return True
+        return False
 
     # ---- pass-through ----------------------------------------------------------------------
 

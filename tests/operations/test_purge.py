@@ -348,6 +348,37 @@ async def test_a_fetch_that_began_before_a_purge_is_not_stored_after_it(origin, 
     assert (await proxy.get("/race")).x_cache == "MISS"
 
 
+async def test_a_purge_of_another_key_does_not_stop_a_fetch_in_flight_from_being_stored(
+    origin, make_proxy, admin_for
+):
+    # Found by the origin-outage scenario: a purge of one key used to keep every copy fetched
+    # meanwhile out of the cache, so such a key had no stale copy in a later origin outage.
+    origin.set("/inflight", headers=CACHEABLE, hang=True)
+    origin.set("/other", headers={**CACHEABLE, "Surrogate-Key": "other-tag"})
+    proxy = await make_proxy(PURGE_TOKEN=TOKEN, REDIS_URL=None)
+    admin = await admin_for(proxy)
+    await proxy.get("/other")
+    pending = asyncio.create_task(proxy.get("/inflight"))
+    await wait_for_condition(lambda: origin.count("/inflight") == 1, message="fetch started")
+    assert (await proxy.request("PURGE", "/other", headers=AUTH)).status == 200
+    response = await admin.purge({"keys": ["/unrelated/1", "/unrelated/2"]})
+    assert response.status == 200, response
+    origin.release()
+    assert (await pending).x_cache == "MISS"
+    assert _in_l1(proxy, "/inflight") is not None
+    await proxy.settle()
+    assert (await proxy.get("/inflight")).x_cache == "HIT-L1"
+
+    # A purge by tag may touch any key: a copy fetched meanwhile is not stored.
+    origin.set("/inflight-2", headers=CACHEABLE, hang=True)
+    pending = asyncio.create_task(proxy.get("/inflight-2"))
+    await wait_for_condition(lambda: origin.count("/inflight-2") == 1, message="fetch started")
+    assert (await admin.purge({"tags": ["other-tag"]})).status == 200
+    origin.release()
+    assert (await pending).x_cache == "MISS"
+    assert _in_l1(proxy, "/inflight-2") is None
+
+
 async def test_purge_reports_503_when_a_tier_cannot_be_purged(
     origin, make_proxy, redis_server, redis_url, redis_client, sqlite_path
 ):
