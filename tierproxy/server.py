@@ -283,31 +283,24 @@ def _plain(status: int, text: str, x_cache: str = "BYPASS", cache_status: str = 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    # A request the connection's hit path already looked up (tierproxy.hits): it keeps its
-    # request id, deadline and tier timings, and the tiers are not asked again.
-    take_handover = getattr(request.protocol, "take_handover", None)
-    handover = take_handover(request.headers) if take_handover is not None else None
-    if isinstance(handover, Handover):
+    handover = _handover(request)
+    if handover is None:
+        info = _RequestInfo(request_id(request.headers.get("X-Request-ID")))
+    else:
         info = _RequestInfo(handover.req.request_id)
         info.timings = handover.req.timings
-    else:
-        handover = None
-        info = _RequestInfo(request_id(request.headers.get("X-Request-ID")))
     request[_INFO] = info
     access_log = state.access_log
-    started = time.perf_counter() if access_log.enabled else 0.0
     if handover is not None:
         started = handover.started
+    else:
+        started = time.perf_counter() if access_log.enabled else 0.0
     state.inflight += 1
     try:
         if handover is None:
             response = await _handle(request, state)
         else:
-            req = handover.req
-            req.peer = request.remote
-            req.scheme = "https" if request.secure else "http"
-            result = await state.readthrough.get(req, handover.found)
-            response = await _respond(request, state, result)
+            response = await _resume(request, state, handover)
     finally:
         state.inflight -= 1
     if not response.prepared:  # a streamed response got it in _respond, before its headers went
@@ -325,6 +318,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
             request.remote,
         )
     return response
+
+
+def _handover(request: web.Request) -> Handover | None:
+    """The hit path's lookup for this request, if the connection's hit path made one
+    (tierproxy.hits): the request keeps its id, deadline and tier timings."""
+    take_handover = getattr(request.protocol, "take_handover", None)
+    handover = take_handover(request.headers) if take_handover is not None else None
+    return handover if isinstance(handover, Handover) else None
+
+
+async def _resume(request: web.Request, state: ProxyState, handover: Handover) -> web.StreamResponse:
+    """A plain GET the hit path looked up and could not answer: go on from its lookup."""
+    req = handover.req
+    req.scheme = "https" if request.secure else "http"  # the hit path cannot tell
+    result = await state.readthrough.get(req, handover.found)
+    return await _respond(request, state, result)
 
 
 async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse:

@@ -138,6 +138,14 @@ class PipelinedReader:
         self._closed = False
 
     async def get(self, key: bytes) -> bytes | None:
+        value = await self._send(_command(b"GET", key))
+        return value if isinstance(value, bytes) else None
+
+    async def ping(self) -> bool:
+        """Connect now if not connected (start-up), and check that Redis answers."""
+        return bool(await self._send(_command(b"PING")) == b"PONG")
+
+    async def _send(self, payload: bytes) -> Any:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connected()
@@ -149,15 +157,7 @@ class PipelinedReader:
                 protocol.abort(ReadChannelError(
                     f"no Redis reply for {self._stale_after:g}s: connection dropped"))
                 raise ReadChannelError("Redis stopped answering; reconnecting on the next read")
-        value = await protocol.send(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key))
-        return value if isinstance(value, bytes) else None
-
-    async def ping(self) -> bool:
-        """Connect now if not connected (start-up), and check that Redis answers."""
-        protocol = self._protocol
-        if protocol is None or protocol.lost:
-            protocol = await self._connected()
-        return bool(await protocol.send(_command(b"PING")) == b"PONG")
+        return await protocol.send(payload)
 
     async def _connected(self) -> _Protocol:
         if self._closed:
