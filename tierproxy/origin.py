@@ -247,15 +247,14 @@ class _OriginConnector(aiohttp.TCPConnector):
             async with asyncio.timeout(max(0.0, wait)):
                 await super()._wait_for_available_connection(key, traces)
         except TimeoutError:
-            raise OriginBusy(
-                f"no free origin connection within {wait:.3f}s"
-            ) from None
-        finally:
-            now = loop.time()
-            when = now + max(0.0, clock.budget - (queued_at - clock.started))
-            if clock.hard_deadline is not None:
-                when = min(when, clock.hard_deadline)
-            clock.timeout.reschedule(when)
+            # The origin clock stays stopped: this propagates at once (aiohttp awaits nothing
+            # on the way out), and a clock restarted in the past could turn it into a timeout.
+            raise OriginBusy(f"no free origin connection within {wait:.3f}s") from None
+        # A connection is free: the origin clock goes on with what was left of the budget.
+        when = loop.time() + max(0.0, clock.budget - (queued_at - clock.started))
+        if clock.hard_deadline is not None:
+            when = min(when, clock.hard_deadline)
+        clock.timeout.reschedule(when)
 
 
 class OriginClient:

@@ -239,6 +239,23 @@ async def test_stalled_pass_through_clients_neither_starve_misses_nor_open_the_o
             sock.close()
 
 
+async def test_waiting_for_a_free_origin_connection_is_not_origin_time(origin, make_proxy):
+    # One origin connection; /first holds it for 1.2 s, /second queues behind it, then its
+    # origin answers in 0.6 s: 1.8 s in all, but only 0.6 s of it is origin time (< 1.5 s).
+    proxy = await make_proxy(ORIGIN_MAX_CONNECTIONS=1, ORIGIN_TIMEOUT=1.5,
+                             ORIGIN_QUEUE_TIMEOUT=3.0, REQUEST_DEADLINE=5.0,
+                             REDIS_URL=None, SQLITE_PATH="off")
+    origin.set("/first", latency=1.2)
+    origin.set("/second", latency=0.6)
+    first = asyncio.create_task(proxy.get("/first"))
+    await wait_for_condition(lambda: origin.count("/first") == 1, timeout=5)
+    second = await proxy.get("/second")
+    assert second.status == 200 and second.x_cache == "MISS", second
+    assert second.elapsed > 1.5, second  # it did wait for the connection
+    assert (await asyncio.wait_for(first, 10)).status == 200
+    assert proxy.state.readthrough.origin_breaker.failures == 0
+
+
 async def test_stale_copy_is_served_when_no_origin_connection_comes_free(origin, make_proxy):
     proxy = await make_proxy(ORIGIN_MAX_CONNECTIONS=1, ORIGIN_TIMEOUT=5.0, REQUEST_DEADLINE=6.0,
                              ORIGIN_QUEUE_TIMEOUT=0.3, REDIS_URL=None, SQLITE_PATH="off")
