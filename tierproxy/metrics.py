@@ -179,7 +179,8 @@ class Metrics:
         self.streams_cut = Counter(
             "tierproxy_streams_cut",
             "Streamed pass-through responses cut off mid-body, by reason (origin-error, "
-            "origin-timeout, stream-timeout, client-gone)", ["reason"], registry=r,
+            "origin-timeout, stream-timeout, client-stalled, client-gone, local-error)",
+            ["reason"], registry=r,
         )
         self.local_errors = Counter(
             "tierproxy_local_errors",

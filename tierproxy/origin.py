@@ -155,8 +155,8 @@ class _OriginProtocol(ResponseHandler):
         self.idle = False  # in the pool, no request outstanding
         self._discarded = discarded
 
-    def discard(self, reason: str, detail: str) -> None:
-        log.warning("origin connection discarded: %s", detail)
+    def discard(self, reason: str, detail: str, level: int = logging.WARNING) -> None:
+        log.log(level, "origin connection discarded: %s", detail)
         if self._discarded is not None:
             self._discarded(reason)
         self.force_close()
@@ -174,9 +174,17 @@ class _OriginProtocol(ResponseHandler):
     def is_connected(self) -> bool:
         if not super().is_connected():
             return False
-        if self.idle and (self.should_close or self._buffer
-                          or (self.transport is not None and _input_pending(self.transport))):
-            self.discard("unread-before-reuse", "unread bytes or EOF on an idle connection")
+        if not self.idle:
+            return True
+        if self.should_close or self._buffer:
+            # Bytes that came after the last response, in the same read as its end.
+            self.discard("unsolicited-bytes", "a response no request asked for, left unread")
+            return False
+        if self.transport is not None and _input_pending(self.transport):
+            # Often just the origin closing an idle connection (a FIN the loop has not read
+            # yet): normal, so not a warning; the connection is not reused either way.
+            self.discard("unread-before-reuse", "unread bytes or EOF on an idle connection",
+                         logging.INFO)
             return False
         return True
 

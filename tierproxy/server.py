@@ -523,6 +523,9 @@ async def _stream(request: web.Request, state: ProxyState, origin_response: Orig
                     request.path[:200], settings.stream_timeout)
     except ConnectionError:
         cut = "client-gone"
+    except Exception:  # tierproxy's own error: logged, and the body is not passed off as whole
+        cut = "local-error"
+        log.exception("local error while streaming %s", request.path[:200])
     finally:
         origin_response.release()
     if cut is not None:
