@@ -3,6 +3,12 @@
 The upstream URL is always ``TIERPROXY_ORIGIN`` + the normalised key material: no client
 byte chooses the host. Redirects are passed back, never followed; bodies are forwarded as the
 origin encoded them (no decompression).
+
+A connection's bytes are never attributed to the wrong response: a pooled connection that
+received bytes no request asked for (or holds unread bytes or an EOF) is closed, not reused,
+and a body delimited by the connection's close is complete only at a clean close
+(:class:`_OriginProtocol`). Waiting for a free pooled connection is bounded by its own
+timeout and is not origin time (:class:`_OriginConnector`, :class:`OriginBusy`).
 """
 
 from __future__ import annotations
