@@ -84,6 +84,10 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_BACKFILL_MAX_TASKS": "256",
     "TIERPROXY_SHUTDOWN_TIMEOUT": "10.0",
     "TIERPROXY_ORIGIN_MAX_CONNECTIONS": "100",
+    # Wait for a free origin connection; never counted as origin time. Past it: stale or 503.
+    "TIERPROXY_ORIGIN_QUEUE_TIMEOUT": "0.5",
+    # A body streamed through (over TIERPROXY_MAX_ENTRY_BYTES) must be sent whole within this.
+    "TIERPROXY_STREAM_TIMEOUT": "300.0",
     "TIERPROXY_REDIS_MAX_CONNECTIONS": "64",
     "TIERPROXY_MAX_BODY_BYTES": "10485760",
     "TIERPROXY_FORWARD_HEADERS": "",
@@ -141,6 +145,8 @@ class Settings:
     body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     send_timeout: float = 30.0
+    origin_queue_timeout: float = 0.5
+    stream_timeout: float = 300.0
 
 
 def _parse(
@@ -310,6 +316,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         body_timeout=_parse(env, "TIERPROXY_BODY_TIMEOUT", _seconds(True), timeout),
         keepalive_timeout=_parse(env, "TIERPROXY_KEEPALIVE_TIMEOUT", _seconds(True), timeout),
         send_timeout=_parse(env, "TIERPROXY_SEND_TIMEOUT", _seconds(True), timeout),
+        origin_queue_timeout=_parse(
+            env, "TIERPROXY_ORIGIN_QUEUE_TIMEOUT", _seconds(True), timeout
+        ),
+        stream_timeout=_parse(env, "TIERPROXY_STREAM_TIMEOUT", _seconds(True), timeout),
     )
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(

@@ -165,6 +165,28 @@ class Metrics:
             "tierproxy_origin_fetch_seconds", "Origin time to response headers",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.origin_connections_discarded = Counter(
+            "tierproxy_origin_connections_discarded",
+            "Pooled origin connections closed instead of reused because bytes no request asked "
+            "for arrived on them (unsolicited-bytes) or were found before reuse "
+            "(unread-before-reuse)", ["reason"], registry=r,
+        )
+        self.origin_busy = Counter(
+            "tierproxy_origin_busy",
+            "Requests that found no free origin connection within TIERPROXY_ORIGIN_QUEUE_TIMEOUT "
+            "(answered stale or 503; not origin failures)", registry=r,
+        )
+        self.streams_cut = Counter(
+            "tierproxy_streams_cut",
+            "Streamed pass-through responses cut off mid-body, by reason (origin-error, "
+            "origin-timeout, stream-timeout, client-stalled, client-gone, local-error)",
+            ["reason"], registry=r,
+        )
+        self.local_errors = Counter(
+            "tierproxy_local_errors",
+            "Unexpected errors in tierproxy's own code on the request path (answered 500; "
+            "never counted against the origin)", ["where"], registry=r,
+        )
         self.responses = LoopCounter(
             "tierproxy_responses", "Responses by X-Cache value and status class",
             ["cache", "status_class"], registry=r,

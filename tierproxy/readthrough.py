@@ -30,7 +30,14 @@ from .background import BackgroundTasks
 from .entry import Entry
 from .keys import CacheKey
 from .metrics import Metrics
-from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout, upstream_headers
+from .origin import (
+    OriginBusy,
+    OriginClient,
+    OriginError,
+    OriginResponse,
+    OriginTimeout,
+    upstream_headers,
+)
 from .tiers.base import Blob, Breaker, GuardedTier, PurgeUnsupported
 
 if TYPE_CHECKING:
@@ -62,6 +69,10 @@ _PURGE_SCOPE_KEYS = 256
 # origin_fetches outcome -> the origin's row in the per-tier view (tier_lookups).
 _ORIGIN_LOOKUP = {"ok": "hit", "5xx": "error", "error": "error", "timeout": "timeout",
                   "skipped": "skipped"}
+
+
+# _OriginFailed reason -> the status when no stale copy can be served (default 502).
+_FAILED_STATUS = {"origin-timeout": 504, "origin-busy": 503, "local-error": 500}
 
 
 def parse_tags(header: str | None) -> tuple[str, ...]:
@@ -162,6 +173,8 @@ def _shareable(outcome: _Outcome, leader_headers: CIMultiDictProxy[str]) -> bool
     if isinstance(outcome, _Stored):
         return True  # each waiter still checks the entry's Vary against its own request
     if isinstance(outcome, _OriginFailed):
+        if outcome.reason == "local-error":
+            return False  # may come from this request's own input: the others try for themselves
         if outcome.response is None:
             return True
         # An unstored 5xx fetched with the leader's credentials may be the leader's alone.
@@ -220,6 +233,21 @@ class ReadThrough:
         )
 
     def _origin_outcome(self, outcome: str) -> None:
+        """Count one origin fetch's outcome; only what the origin did moves its breaker.
+
+        ``skipped`` (the deadline was spent before asking), ``busy`` (no free origin
+        connection within TIERPROXY_ORIGIN_QUEUE_TIMEOUT) and ``local-error`` (tierproxy's
+        own bug) say nothing about the origin: they have their own counters and never count
+        against its breaker.
+        """
+        if outcome == "busy":
+            self.metrics.origin_busy.inc()
+            self._origin_lookups["skipped"].inc()
+            return
+        if outcome == "local-error":
+            self.metrics.local_errors.labels("origin-fetch").inc()
+            self._origin_lookups["error"].inc()
+            return
         self._origin_outcomes["timeout" if outcome == "skipped" else outcome].inc()
         self._origin_lookups[_ORIGIN_LOOKUP[outcome]].inc()
         if outcome == "ok":
@@ -319,7 +347,7 @@ class ReadThrough:
             status = outcome.response.status
             return Forwarded(outcome.response, "MISS",
                              f"tierproxy; fwd={fwd}; fwd-status={status}; detail={_quote(outcome.reason)}")
-        status = 504 if outcome.reason == "origin-timeout" else 502
+        status = _FAILED_STATUS.get(outcome.reason, 502)
         return Failed(status, outcome.reason, "MISS",
                       f"tierproxy; fwd={fwd}; detail={_quote(outcome.reason)}")
 
@@ -378,7 +406,8 @@ class ReadThrough:
         try:
             # A HEAD fills the cache too: fetch the GET it stands for.
             response = await self.origin.fetch("GET", req.key.material, headers, None, budget,
-                                               self.settings.max_entry_bytes)
+                                               self.settings.max_entry_bytes,
+                                               deadline=req.deadline)
         except OriginTimeout:
             self._origin_outcome("timeout")
             req.timings["origin"] = time.perf_counter() - started
@@ -388,6 +417,15 @@ class ReadThrough:
             req.timings["origin"] = time.perf_counter() - started
             log.info("origin error for %r: %s", req.key.material[:200], exc)
             return _OriginFailed("origin-error")
+        except OriginBusy:
+            self._origin_outcome("busy")
+            req.timings["origin"] = time.perf_counter() - started
+            return _OriginFailed("origin-busy")
+        except Exception:  # tierproxy's own error, not the origin's: no breaker, no sharing
+            self._origin_outcome("local-error")
+            req.timings["origin"] = time.perf_counter() - started
+            log.exception("local error while fetching %r from the origin", req.key.material[:200])
+            return _OriginFailed("local-error")
         elapsed = time.perf_counter() - started
         req.timings["origin"] = elapsed
         self.metrics.origin_fetch_seconds.observe(elapsed)
@@ -578,13 +616,21 @@ class ReadThrough:
             if budget <= 0:
                 raise OriginTimeout("deadline spent")
             response = await self.origin.fetch(req.method, req.key.material, headers, req.body,
-                                               budget, self.settings.max_entry_bytes)
+                                               budget, self.settings.max_entry_bytes,
+                                               deadline=req.deadline)
         except OriginTimeout:
             self._origin_outcome("timeout")
             return Failed(504, "origin-timeout", "BYPASS", f'tierproxy; fwd={reason}; detail="origin-timeout"')
         except OriginError:
             self._origin_outcome("error")
             return Failed(502, "origin-error", "BYPASS", f'tierproxy; fwd={reason}; detail="origin-error"')
+        except OriginBusy:
+            self._origin_outcome("busy")
+            return Failed(503, "origin-busy", "BYPASS", f'tierproxy; fwd={reason}; detail="origin-busy"')
+        except Exception:  # tierproxy's own error, not the origin's
+            self._origin_outcome("local-error")
+            log.exception("local error while forwarding %s %r", req.method, req.key.material[:200])
+            return Failed(500, "local-error", "BYPASS", f'tierproxy; fwd={reason}; detail="local-error"')
         finally:
             req.timings["origin"] = time.perf_counter() - started
         self._origin_outcome("5xx" if response.status >= 500 else "ok")

@@ -221,10 +221,13 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     """The proxy listener's app. Nothing is opened until the app starts."""
     metrics = metrics or Metrics()
     tiers = _make_tiers(settings, metrics)
+    discarded = metrics.origin_connections_discarded
     origin = OriginClient(
         settings.origin,
         max_connections=settings.origin_max_connections,
         read_timeout=settings.origin_timeout,
+        queue_timeout=settings.origin_queue_timeout,
+        discarded=lambda reason: discarded.labels(reason).inc(),
     )
     background = BackgroundTasks(settings.backfill_max_tasks, metrics)
     readthrough = ReadThrough(settings, tiers, origin, background, metrics)
@@ -436,8 +439,13 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
         text = {
             "origin-timeout": f"{result.status} origin timed out",
             "origin-error": f"{result.status} origin refused the connection or sent a broken response",
+            "origin-busy": f"{result.status} origin connection pool is busy; retry shortly",
+            "local-error": f"{result.status} internal error in the proxy (logged)",
         }.get(result.reason, f"{result.status} {result.reason}")
-        return _plain(result.status, text, result.x_cache, result.cache_status)
+        failed = _plain(result.status, text, result.x_cache, result.cache_status)
+        if result.status == 503:
+            failed.headers["Retry-After"] = "1"  # RFC 9110 §10.2.3
+        return failed
 
     assert isinstance(result, Forwarded)
     origin_response = result.response
@@ -452,35 +460,79 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
     return await _stream(request, state, origin_response, headers)
 
 
+class _ClientStalled(Exception):
+    """The client took no response bytes for TIERPROXY_SEND_TIMEOUT."""
+
+
+async def _send(response: web.StreamResponse, data: bytes, send_timeout: float) -> None:
+    """Write ``data``; a client that does not take it within ``send_timeout`` is stalled.
+
+    aiohttp waits for the transport to drain (without a bound) when its buffer is full; the
+    hardened listener also cuts such a client off (tierproxy.listener), but this bound holds
+    under any runner, so a stalled client never holds an origin connection longer.
+    """
+    try:
+        async with asyncio.timeout(send_timeout):
+            await response.write(data)
+    except TimeoutError:
+        raise _ClientStalled() from None
+
+
 async def _stream(request: web.Request, state: ProxyState, origin_response: OriginResponse,
                   headers: CIMultiDict[str]) -> web.StreamResponse:
-    """Copy a large or unbounded body chunk by chunk; never hold all of it."""
+    """Copy a large or unbounded body chunk by chunk; never hold all of it.
+
+    Bounded three ways, so that no client holds an origin connection for long: each read
+    from the origin by the origin timeout (an idle bound), each write to the client by
+    TIERPROXY_SEND_TIMEOUT, the whole body by TIERPROXY_STREAM_TIMEOUT. A body that cannot
+    be sent whole ends with the client connection cut (its headers are gone; a clean end
+    would pass a short body off as complete).
+    """
     assert origin_response.stream is not None
+    settings = state.settings
     upstream = origin_response.stream
     response = web.StreamResponse(status=origin_response.status, headers=headers)
     length = upstream.content_length
     if length is not None:
         # Keep the origin's framing so the client can tell a truncated body from a whole one.
         response.content_length = length
+    cut: str | None = None
     try:
-        await response.prepare(request)
-        if request.method == "HEAD":
-            return response
-        if origin_response.prefix:
-            await response.write(origin_response.prefix)
-        for _ in range(1 << 40):  # bounded by the body; each read bounded by the origin timeout
-            chunk = await state.origin.read_chunk(upstream)
-            if not chunk:
-                break
-            await response.write(chunk)
-        await response.write_eof()
+        async with asyncio.timeout(settings.stream_timeout):
+            await response.prepare(request)
+            if request.method == "HEAD":
+                return response
+            if origin_response.prefix:
+                await _send(response, origin_response.prefix, settings.send_timeout)
+            for _ in range(1 << 40):  # bounded by the body, each read by the origin timeout
+                chunk = await state.origin.read_chunk(upstream)
+                if not chunk:
+                    break
+                await _send(response, chunk, settings.send_timeout)
+            await response.write_eof()
     except (OriginError, OriginTimeout) as exc:
+        cut = "origin-timeout" if isinstance(exc, OriginTimeout) else "origin-error"
         log.warning("origin body broke off for %s: %s", request.path[:200], exc)
+    except _ClientStalled:
+        cut = "client-stalled"
+        log.info("client %s took no bytes for %.1fs of a streamed %s; cut off",
+                 request.remote, settings.send_timeout, request.path[:200])
+    except TimeoutError:
+        cut = "stream-timeout"
+        log.warning("streamed body of %s not sent within TIERPROXY_STREAM_TIMEOUT=%.1fs; cut off",
+                    request.path[:200], settings.stream_timeout)
+    except ConnectionError:
+        cut = "client-gone"
+    except Exception:  # tierproxy's own error: logged, and the body is not passed off as whole
+        cut = "local-error"
+        log.exception("local error while streaming %s", request.path[:200])
+    finally:
+        origin_response.release()
+    if cut is not None:
+        state.metrics.streams_cut.labels(cut).inc()
         # Headers are gone; the only honest signal left is to cut the connection.
         if request.transport is not None:
             request.transport.abort()
-    finally:
-        origin_response.release()
     return response
 
 
