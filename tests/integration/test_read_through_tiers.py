@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from support.storage import redis_key, redis_tier_keys, sqlite_count, sqlite_row
 from support.wait import wait_for_condition
 
