@@ -58,9 +58,9 @@ PURGE_MIN_TIMEOUT = 5.0
 # purge of more keys than _PURGE_SCOPE_KEYS is remembered as "any key" (bounded memory).
 _PURGE_LOG = 1024
 _PURGE_SCOPE_KEYS = 256
-# Fetches that ended with an entry to share, remembered for the requests that missed it in the
-# tiers only because they looked before it was stored (see ReadThrough._recent_outcome): at most
-# this many, holding at most this many body bytes, for at most the request deadline.
+# Fetches that ended with an entry to share, remembered for the requests whose lookup began
+# before the fetch completed (see ReadThrough._recent_outcome): at most this many records,
+# holding at most this many bytes of entries, each for at most the request deadline.
 _RECENT_FETCHES = 1024
 _RECENT_FETCH_BYTES = 64 * 1024 * 1024
 # A waiter whose shared answer was not its own waits for the next fetch of the key, one fetch
@@ -224,12 +224,8 @@ class ReadThrough:
         self._recent_bytes = 0
         self._completed = 0
         # Records matter only when a lookup awaits (an L2/L3 tier): an L1-only lookup cannot
-        # overlap a fetch, and L1 holds the entry (if it fits) before the fetch returns. A
-        # record answers requests that began looking before the fetch completed, or until
-        # the slowest backfill could have landed (_recent_hold after it).
-        asynchronous = [tier for tier in tiers if not tier.synchronous]
-        self._record_fetches = bool(asynchronous)
-        self._recent_hold = max((tier.write_timeout for tier in asynchronous), default=0.0)
+        # overlap a fetch.
+        self._record_fetches = any(not tier.synchronous for tier in tiers)
         self._origin_outcomes = {
             name: metrics.origin_fetches.labels(name)
             for name in ("ok", "5xx", "timeout", "error")
@@ -365,9 +361,9 @@ class ReadThrough:
     ) -> tuple[_Outcome, bool]:
         """One origin fetch per key at a time, covering lookup -> fetch -> store.
 
-        A request gets, in this order: the entry of a fetch that completed after its lookup
-        began (or so recently that the tiers may not hold it yet: _recent_outcome); else the
-        outcome of the fetch in flight for its key, when it can be shared; else it fetches.
+        A request gets, in this order: the entry of a fetch of its key that completed after
+        its lookup began (_recent_outcome); else the outcome of the fetch in flight for its
+        key, when it can be shared; else it fetches.
         The leader fetches in its own task (so it can stream to its client). A waiter whose
         shared outcome is not its own (private, Set-Cookie, another Vary variant; or the
         leader gave up) waits for the next fetch of the key: one waiter leads it, the others
@@ -463,25 +459,20 @@ class ReadThrough:
             self._recent_bytes -= record.outcome.entry.size
 
     def _recent_outcome(self, req: ProxyRequest, since: int) -> _Stored | None:
-        """The entry of a fetch of ``req``'s key that ``req``'s lookup could not have found.
-
-        That is a fetch that completed after the lookup began (``since``: the count of
-        completed fetches then), or one that completed before it but so recently that its
-        backfill into L2/L3 may still be on its way (within the slowest tier's write
-        timeout): a lookup missing the entry in the tiers then says nothing. Never an entry
-        purged or invalidated since, nor one past its freshness or for other Vary values.
+        """The entry of a fetch of ``req``'s key that completed after ``req``'s lookup began
+        (``since``: the count of remembered fetches then), so the lookup may have looked in
+        each tier before the entry was stored there. Like a waiter on that fetch, ``req``
+        gets it; but never an entry purged since, past its freshness or for other Vary values.
         """
         if not self._recent:
             return None
         now = asyncio.get_running_loop().time()
         self._prune_recent(now)
         record = self._recent.get(req.key.material)
-        if record is None:
+        if record is None or record.seq <= since:
             return None
         if self._purged_since(record.generation, req.key):
             self._forget_recent(req.key)
-            return None
-        if record.seq <= since and now - record.at > self._recent_hold:
             return None
         entry = record.outcome.entry
         if time.time() >= entry.fresh_until or not _usable_by(record.outcome, req):
@@ -623,7 +614,6 @@ class ReadThrough:
 
     def _invalidate(self, key: CacheKey) -> None:
         """Forget ``key`` everywhere (RFC 9111 §4.4); shared tiers in the background."""
-        self._forget_recent(key)  # its recent fetch (if any) is nobody's answer any more
         for tier in self.tiers:
             if tier.synchronous:
                 tier.backend.remove_now(key)
