@@ -143,3 +143,28 @@ async def test_a_waiter_past_its_deadline_gives_up_while_the_queue_goes_on(origi
     assert statuses[0] == 200 and statuses[-1] == 504, results
     assert all(r.elapsed < 3.0 for r in results), results
     assert origin.peak_concurrency("/queue") == 1
+
+
+async def test_after_an_unshareable_answer_one_waiter_fetches_and_the_others_share_its_entry(
+    origin, make_proxy
+):
+    """Alice's request carries credentials, so her answer is hers alone (RFC 9111 §3.5): the
+    clients waiting on her fetch send one more fetch between them, and share its entry."""
+    origin.set("/report", headers={"Cache-Control": "max-age=60"}, latency=0.3)
+    proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off")
+
+    alice_task = asyncio.create_task(
+        proxy.get("/report", headers={"Authorization": "Bearer alice-token"})
+    )
+    await wait_for_condition(lambda: origin.count("/report") == 1, message="alice's fetch")
+    others = await asyncio.gather(*(proxy.get("/report") for _ in range(4)))
+    alice = await alice_task
+
+    assert alice.status == 200 and alice.x_cache == "BYPASS", alice
+    assert [r.status for r in others] == [200] * 4, others
+    assert {r.body for r in others} == {b"origin body for /report (request 2)"}
+    assert sorted(_collapsed(r) for r in others) == [False, True, True, True], others
+    assert origin.count("/report") == 2
+    assert origin.peak_concurrency("/report") == 1
+    assert [r.headers.get("Authorization") for r in origin.requests] == ["Bearer alice-token",
+                                                                         None]
