@@ -65,6 +65,14 @@ PURGE_MIN_TIMEOUT = 5.0
 # purge of more keys than _PURGE_SCOPE_KEYS is remembered as "any key" (bounded memory).
 _PURGE_LOG = 1024
 _PURGE_SCOPE_KEYS = 256
+# Fetches that ended with an entry to share, remembered for the requests whose lookup began
+# before the fetch completed (see ReadThrough._recent_outcome): at most this many records,
+# holding at most this many bytes of entries, each for at most the request deadline.
+_RECENT_FETCHES = 1024
+_RECENT_FETCH_BYTES = 64 * 1024 * 1024
+# A waiter whose shared answer was not its own waits for the next fetch of the key, one fetch
+# at a time; past this many rounds (its deadline comes first in practice) it fetches alone.
+_MAX_WAIT_ROUNDS = 256
 
 # origin_fetches outcome -> the origin's row in the per-tier view (tier_lookups).
 _ORIGIN_LOOKUP = {"ok": "hit", "5xx": "error", "error": "error", "timeout": "timeout",
@@ -143,6 +151,7 @@ class Lookup:
     stale: Entry | None  # else the first copy past its freshness but not expired
     stale_index: int  # the tier it came from
     generation: int  # the purge generation when the lookup began
+    since: int  # ReadThrough._completed when it began: later fetches may hold its entry
 
 
 # ---- fetch outcomes, shared between coalesced requests ------------------------------------
@@ -167,6 +176,16 @@ class _OriginFailed:
 
 
 _Outcome = _Stored | _Unstorable | _OriginFailed
+
+
+@dataclass(slots=True)
+class _Recent:
+    """A fetch of one key that ended with an entry every matching request may have."""
+
+    outcome: _Stored
+    seq: int  # its number in ReadThrough._completed (the fetches remembered so far)
+    generation: int  # the purge generation when the fetch began
+    at: float  # loop clock, when it completed
 
 
 def _shareable(outcome: _Outcome, leader_headers: CIMultiDictProxy[str]) -> bool:
@@ -210,7 +229,16 @@ class ReadThrough:
         self.background = background
         self.metrics = metrics
         self.policy = policy.CachePolicy(settings.default_ttl, settings.max_stale)
+        # Single flight per key: the fetch in flight (its future gets the outcome the waiters
+        # may share, or None), and the recently completed ones that produced an entry (see
+        # _recent_outcome). Both bounded: one flight per key being fetched; _RECENT_* records.
         self._inflight: dict[str, asyncio.Future[_Outcome | None]] = {}
+        self._recent: collections.OrderedDict[str, _Recent] = collections.OrderedDict()
+        self._recent_bytes = 0
+        self._completed = 0
+        # Records matter only when a lookup awaits (an L2/L3 tier): an L1-only lookup cannot
+        # overlap a fetch.
+        self._record_fetches = any(not tier.synchronous for tier in tiers)
         self._origin_outcomes = {
             name: metrics.origin_fetches.labels(name)
             for name in ("ok", "5xx", "timeout", "error")
@@ -278,13 +306,16 @@ class ReadThrough:
                 self.metrics.stale_served.labels("revalidating").inc()
                 ttl = math.floor(stale.fresh_until - now)
                 return Cached(stale, label, f'tierproxy; hit; ttl={ttl}; detail="revalidating"')
-        return await self._fetch_and_answer(req, stale, stale_index)
+        return await self._fetch_and_answer(req, stale, stale_index, found.since)
 
     async def lookup(self, req: ProxyRequest) -> Lookup:
         """The tiers in order, each under its budget: a fresh hit (backfilled into the tiers
         before it), else the first stale copy still usable, else nothing."""
         loop = asyncio.get_running_loop()
         generation = self._purge_generation  # copies read before a purge are not written back
+        # Fetches completed from now on may have stored what this lookup misses (see
+        # _recent_outcome); the number travels in the Lookup (also through tierproxy.hits).
+        since = self._completed
         entry: Entry | None = None
         # Index 0 is L1 when present; ``hit_index`` is where the entry was found, so the tiers
         # before it are the ones to backfill.
@@ -308,20 +339,22 @@ class ReadThrough:
                 ttl = math.floor(entry.fresh_until - now)
                 return Lookup(Cached(entry, f"HIT-{tier.name.upper()}",
                                      f"tierproxy; hit; ttl={ttl}; detail={tier.name}"),
-                              None, 0, generation)
+                              None, 0, generation, since)
             if now < entry.expires_at:
-                return Lookup(None, entry, index, generation)
-        return Lookup(None, None, 0, generation)
+                return Lookup(None, entry, index, generation, since)
+        return Lookup(None, None, 0, generation, since)
 
     # ---- fetch ----------------------------------------------------------------------------
 
-    async def _fetch_and_answer(self, req: ProxyRequest, stale: Entry | None, stale_index: int) -> Result:
+    async def _fetch_and_answer(
+        self, req: ProxyRequest, stale: Entry | None, stale_index: int, since: int
+    ) -> Result:
         if stale is not None and time.time() < stale.stale_until and not self.origin_breaker.allow():
             self.metrics.stale_served.labels("origin-down").inc()
             ttl = math.floor(stale.fresh_until - time.time())
             return Cached(stale, f"STALE-{self.tiers[stale_index].name.upper()}",
                           f'tierproxy; hit; ttl={ttl}; detail="origin-down"')
-        outcome, collapsed = await self._coalesced_fetch(req, stale)
+        outcome, collapsed = await self._coalesced_fetch(req, stale, since)
         fwd = "stale" if stale is not None else "miss"
         extra = "; collapsed" if collapsed else ""
         if isinstance(outcome, _Stored):
@@ -351,17 +384,35 @@ class ReadThrough:
         return Failed(status, outcome.reason, "MISS",
                       f"tierproxy; fwd={fwd}; detail={_quote(outcome.reason)}")
 
-    async def _coalesced_fetch(self, req: ProxyRequest, stale: Entry | None) -> tuple[_Outcome, bool]:
-        """One origin fetch per key at a time; concurrent requests wait on the leader's.
+    async def _coalesced_fetch(
+        self, req: ProxyRequest, stale: Entry | None, since: int
+    ) -> tuple[_Outcome, bool]:
+        """One origin fetch per key at a time, covering lookup -> fetch -> store.
 
-        The leader fetches in its own task (so it can stream to its client); waiters get the
-        leader's outcome when it can be shared, else they fetch for themselves.
+        A request gets, in this order: the entry of a fetch of its key that completed after
+        its lookup began (_recent_outcome); else the outcome of the fetch in flight for its
+        key, when it can be shared; else it fetches.
+        The leader fetches in its own task (so it can stream to its client). A waiter whose
+        shared outcome is not its own (private, Set-Cookie, another Vary variant; or the
+        leader gave up) waits for the next fetch of the key: one waiter leads it, the others
+        wait on it - so the origin sees one fetch per key at a time, never a burst. Each
+        waiter is bounded by its own deadline. Returns (outcome, collapsed).
         """
         loop = asyncio.get_running_loop()
         material = req.key.material
-        leader_future = self._inflight.get(material)
-        if leader_future is not None:
-            self.metrics.coalesced_waiters.inc()
+        waited = False
+        for _ in range(_MAX_WAIT_ROUNDS):
+            recent = self._recent_outcome(req, since)
+            if recent is not None:
+                if not waited:
+                    self.metrics.coalesced_waiters.inc()
+                return recent, True
+            leader_future = self._inflight.get(material)
+            if leader_future is None:
+                return await self._lead(req, stale), False
+            if not waited:
+                waited = True
+                self.metrics.coalesced_waiters.inc()
             try:
                 async with asyncio.timeout(max(0.0, req.deadline - loop.time())):
                     # shield: one waiter's deadline must not cancel what the others wait on
@@ -370,20 +421,91 @@ class ReadThrough:
                 return _OriginFailed("origin-timeout"), True
             if shared is not None and _usable_by(shared, req):
                 return shared, True
-            return await self._fetch(req, stale), False
+            # The leader's flight is gone before its future is set: the first waiter to run
+            # now leads the next fetch, the others find it in flight.
+        return await self._fetch(req, stale), False
 
+    async def _lead(self, req: ProxyRequest, stale: Entry | None) -> _Outcome:
+        """Fetch for ``req`` as the key's single flight; share the outcome when it may be."""
+        loop = asyncio.get_running_loop()
+        material = req.key.material
         future: asyncio.Future[_Outcome | None] = loop.create_future()
         self._inflight[material] = future
-        outcome: _Outcome | None = None
+        generation = self._purge_generation
+        # A timeout of a fetch cut short by the leader's own deadline says nothing about the
+        # origin to a waiter with more time left: that waiter fetches next.
+        own_deadline = req.deadline - loop.time() < self.settings.origin_timeout
         try:
             outcome = await self._fetch(req, stale)
-        finally:
+        except BaseException:
+            # None tells the waiters to go on without it (one of them leads the next fetch).
             del self._inflight[material]
-            # None tells waiters to fetch for themselves (also when the leader was cancelled).
-            future.set_result(
-                outcome if outcome is not None and _shareable(outcome, req.headers) else None
-            )
-        return outcome, False
+            future.set_result(None)
+            raise
+        del self._inflight[material]
+        shared: _Outcome | None = outcome
+        if not _shareable(outcome, req.headers) or (
+            own_deadline and isinstance(outcome, _OriginFailed)
+            and outcome.reason == "origin-timeout" and outcome.response is None
+        ):
+            shared = None
+        elif isinstance(outcome, _Stored):
+            self._remember(req.key, outcome, generation)
+        future.set_result(shared)
+        return outcome
+
+    def _remember(self, key: CacheKey, outcome: _Stored, generation: int) -> None:
+        """Keep a fetched entry for the requests whose lookup missed it (bounded)."""
+        entry = outcome.entry
+        if not self._record_fetches or time.time() >= entry.fresh_until:
+            return  # (a revalidated copy that could not be freshened is not fresh)
+        if entry.size > _RECENT_FETCH_BYTES:
+            return
+        now = asyncio.get_running_loop().time()
+        self._forget_recent(key)
+        self._completed += 1
+        self._recent[key.material] = _Recent(outcome, self._completed, generation, now)
+        self._recent_bytes += entry.size
+        self._prune_recent(now)
+
+    def _prune_recent(self, now: float) -> None:
+        """Drop the records no pending lookup can need (older than the request deadline: a
+        lookup that began before them is over), then the oldest past the bounds."""
+        recent = self._recent
+        horizon = now - self.settings.request_deadline
+        while recent:
+            oldest = next(iter(recent.values()))
+            if (oldest.at >= horizon and len(recent) <= _RECENT_FETCHES
+                    and self._recent_bytes <= _RECENT_FETCH_BYTES):
+                break
+            recent.popitem(last=False)
+            self._recent_bytes -= oldest.outcome.entry.size
+
+    def _forget_recent(self, key: CacheKey) -> None:
+        record = self._recent.pop(key.material, None)
+        if record is not None:
+            self._recent_bytes -= record.outcome.entry.size
+
+    def _recent_outcome(self, req: ProxyRequest, since: int) -> _Stored | None:
+        """The entry of a fetch of ``req``'s key that completed after ``req``'s lookup began
+        (``since``: the count of remembered fetches then), so the lookup may have looked in
+        each tier before the entry was stored there. Like a waiter on that fetch, ``req``
+        gets it; but never an entry purged since, past its freshness or for other Vary values.
+        """
+        if not self._recent:
+            return None
+        now = asyncio.get_running_loop().time()
+        self._prune_recent(now)
+        record = self._recent.get(req.key.material)
+        if record is None or record.seq <= since:
+            return None
+        if self._purged_since(record.generation, req.key):
+            self._forget_recent(req.key)
+            return None
+        entry = record.outcome.entry
+        if time.time() >= entry.fresh_until or not _usable_by(record.outcome, req):
+            return None
+        return record.outcome
 
     async def _fetch(self, req: ProxyRequest, stale: Entry | None) -> _Outcome:
         loop = asyncio.get_running_loop()
@@ -480,7 +602,7 @@ class ReadThrough:
         )
 
         async def refresh() -> None:
-            await self._coalesced_fetch(background_req, stale)
+            await self._coalesced_fetch(background_req, stale, self._completed)
 
         self.background.spawn("revalidate", refresh)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from support.storage import redis_key, redis_tier_keys, sqlite_count, sqlite_row
 from support.wait import wait_for_condition
 
@@ -137,6 +136,11 @@ async def test_concurrent_misses_for_one_key_share_one_origin_request(origin, ma
     assert [r.status for r in results] == [200] * 10, results
     assert {r.body for r in results} == {b"origin body for /slow (request 1)"}
     assert origin.count("/slow") == 1
+    # One request fetched; the nine others got its answer and say so (RFC 9211 "collapsed").
+    collapsed = ["collapsed" in r.headers["Cache-Status"] for r in results]
+    assert sorted(collapsed) == [False] + [True] * 9, results
+    waiters = proxy.state.metrics.registry.get_sample_value("tierproxy_coalesced_waiters_total")
+    assert waiters == 9
 
 
 async def test_concurrent_misses_for_different_keys_are_fetched_separately(origin, make_proxy):

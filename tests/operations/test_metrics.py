@@ -176,6 +176,8 @@ async def test_coalesced_waiters_are_counted(origin, make_proxy, admin_for):
 
     assert [r.status for r in responses] == [200] * 5
     assert origin.count("/c") == 1
+    collapsed = ["collapsed" in r.headers["Cache-Status"] for r in responses]
+    assert sorted(collapsed) == [False] + [True] * 4, responses
     m = await admin.metrics()
     assert value(m, "tierproxy_coalesced_waiters_total") == 4
     assert lookups(m, "l1") == {"miss": 5}

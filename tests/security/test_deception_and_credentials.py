@@ -130,6 +130,10 @@ async def test_a_coalesced_waiter_never_gets_a_variant_chosen_for_another_client
     assert bob.body.endswith(b"(request 2)"), bob
     cookies = [r.headers.get("Cookie") for r in origin.requests]
     assert sorted(cookies) == ["session=alice", "session=bob"]
+    # Bob was coalesced with alice's fetch (he waited on it), then fetched his own variant
+    # after it: never two fetches of the key at once.
+    assert _coalesced_waiters(proxy) == 1
+    assert origin.peak_concurrency("/dashboard") == 1
 
 
 async def test_a_coalesced_waiter_never_gets_another_clients_error_with_its_cookie(
@@ -149,3 +153,11 @@ async def test_a_coalesced_waiter_never_gets_another_clients_error_with_its_cook
     # Bob got an answer fetched for him, not the one (and the cookie) fetched for alice.
     assert bob.status == 500 and bob.body.endswith(b"(request 2)"), bob
     assert [r.headers.get("Cookie") for r in origin.requests] == ["session=alice", None]
+    # Bob waited on alice's fetch (coalesced), then fetched his own after it.
+    assert _coalesced_waiters(proxy) == 1
+    assert origin.peak_concurrency("/profile") == 1
+
+
+def _coalesced_waiters(proxy) -> float:
+    value = proxy.state.metrics.registry.get_sample_value("tierproxy_coalesced_waiters_total")
+    return value or 0.0

@@ -9,6 +9,7 @@ when the proxy gave up waiting.
                honor_if_none_match=True)
     origin.set("/slow", hang=True)          # answers only after origin.release()
     origin.count("/a")                      # requests seen for /a (any query)
+    origin.peak_concurrency("/a")           # most requests for /a ever handled at once
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class Origin:
         self._rules: dict[str, Behavior] = {}
         self.requests: list[ReceivedRequest] = []
         self._per_target: dict[str, int] = {}
+        # Requests being handled now, and the most ever at once, per decoded path (bounded:
+        # one counter per path a test uses).
+        self._active: dict[str, int] = {}
+        self._peak: dict[str, int] = {}
         self._gate = asyncio.Event()
         self._server: TestServer | None = None
 
@@ -124,6 +129,14 @@ class Origin:
         """Requests seen, optionally for a path (any query) / exact path?query / method."""
         return len(self.requests_for(target, method))
 
+    def active(self, path: str) -> int:
+        """Requests for ``path`` (any query) the origin is handling right now."""
+        return self._active.get(path, 0)
+
+    def peak_concurrency(self, path: str) -> int:
+        """The most requests for ``path`` (any query) the origin ever handled at once."""
+        return self._peak.get(path, 0)
+
     def body_for(self, target: str) -> bytes:
         """The body a ``size``-rule for ``target`` produces."""
         behavior = self._rules.get(target, self.default)
@@ -168,6 +181,15 @@ class Origin:
                 await self._gate.wait()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        active = self._active[path] = self._active.get(path, 0) + 1
+        self._peak[path] = max(self._peak.get(path, 0), active)
+        try:
+            return await self._respond(request)
+        finally:
+            self._active[path] -= 1
+
+    async def _respond(self, request: web.Request) -> web.StreamResponse:
         body_in = await request.read()
         received = ReceivedRequest(
             request.method,
