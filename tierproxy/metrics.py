@@ -202,12 +202,20 @@ class Metrics:
         self.l1_entries = Gauge("tierproxy_l1_entries", "Entries held in L1", registry=r)
         self.l3_bytes = Gauge("tierproxy_l3_bytes", "Bytes held in L3", registry=r)
         self.l3_entries = Gauge("tierproxy_l3_entries", "Entries held in L3", registry=r)
+        self.l3_file_bytes = Gauge(
+            "tierproxy_l3_file_bytes", "Bytes the L3 file and its WAL take on disk", registry=r
+        )
+        self.l3_recoveries = Counter(
+            "tierproxy_l3_recoveries",
+            "L3 files found missing, replaced or corrupt under the running proxy and reopened",
+            ["reason"], registry=r,
+        )
         self.breaker_state = Gauge(
             "tierproxy_breaker_state", "1 for the breaker's current state (closed, open, half-open)",
             ["tier", "state"], registry=r,
         )
         self.tier_state = Gauge(
-            "tierproxy_tier_state", "1 for each tier's readiness state (up, degraded, breaker-open)",
+            "tierproxy_tier_state", "1 for each tier's readiness state (up, degraded, breaker-open, unavailable)",
             ["tier", "state"], registry=r,
         )
         self.request_deadline = Gauge(
