@@ -101,9 +101,12 @@ async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
             assert all(r.status == 200 for r in responses), responses
             await proxy.settle()
 
-        failed = sum(_sample(proxy, "tierproxy_tier_writes_total", tier="l3", op="set",
-                             outcome=outcome) for outcome in ("error", "full", "skipped"))
-        assert failed > 0, "the disk never filled up: the test proves nothing"
+        # Counted: a write that found no room (after trying to make some) is "full"; the
+        # writes' own breaker then skips them for a cool-down.
+        full = _sample(proxy, "tierproxy_tier_writes_total", tier="l3", op="set", outcome="full")
+        assert full > 0, "the disk never filled up: the test proves nothing"
+        assert proxy.state.tier("l3").write_breaker.state() != "closed"
+        assert _l3_state(proxy) == "degraded"
         for p in stored:
             hit = await proxy.get(p)
             assert hit.x_cache == "HIT-L3", hit
@@ -305,3 +308,26 @@ async def test_disconnecting_clients_never_interrupt_other_clients_l3_reads(
     assert _sample(proxy, "tierproxy_tier_lookups_total", tier="l3", outcome="error") == 0
     assert proxy.state.tier("l3").breaker.state() == "closed"
 
+
+
+# -- housekeeping never scans the whole table --------------------------------------------
+
+
+async def test_eviction_and_expiry_sweep_use_their_indexes(origin, make_proxy, sqlite_path):
+    from tierproxy.tiers.sqlite import EVICT_SQL, SWEEP_SQL
+
+    origin.set_default(headers=CACHEABLE)
+    proxy = await make_proxy(L1_MAX_BYTES=0)
+    await proxy.get("/p")
+    await proxy.settle()
+    with sqlite3.connect(sqlite_path) as db:
+        plans = {
+            sql: " | ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+            for sql, args in ((EVICT_SQL, (10,)), (SWEEP_SQL, (0.0, 10)))
+        }
+    # An index walked in order and stopped by LIMIT; never the table scanned and sorted.
+    assert "INDEX entries_accessed" in plans[EVICT_SQL], plans
+    assert "USING INDEX entries_expires" in plans[SWEEP_SQL], plans
+    for plan in plans.values():
+        assert "TEMP B-TREE" not in plan, plans
+        assert "SCAN entries" not in plan or "SCAN entries USING" in plan, plans

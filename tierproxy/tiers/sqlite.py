@@ -3,7 +3,8 @@
 Two connections in WAL mode: a reader for lookups and a writer that every change goes through
 (single writer path), so a slow write never queues in front of a read. Both run in autocommit
 (``isolation_level=None``) and each change is one statement, so a cancelled write cannot leave
-a transaction - and its lock - open (PITFALLS.md). The total size is kept in ``stats`` by
+a transaction - and its lock - open (aiosqlite runs each connection's statements in its own
+thread, and a cancelled await does not stop them). The total size is kept in ``stats`` by
 triggers, so it stays right when several processes share the file.
 
 Surrogate keys: an entry row carries its tags (sha256 digests, a JSON array) and triggers keep
@@ -15,6 +16,15 @@ the entry (no multi-statement transaction to leave open on a cancel).
 Schema versions (``PRAGMA user_version``): 1 had no tags. Opening a version-1 file adds the
 column and drops its entries, whose tags were never indexed (a tag purge would miss them); a
 cache file is disposable. A file from a newer tierproxy is moved aside like a corrupt one.
+
+Faults (see :class:`SQLiteTier`): L3 degrades, it never takes the proxy down. A file that
+cannot be opened (locked, unreadable, full disk) starts the proxy without L3 and is reopened
+in the background; a file deleted, replaced or corrupted under the running proxy is noticed
+(checked every second, and on any "not a database"/"malformed" error), a corrupt one moved
+aside, and a new one created; a full disk makes writes evict, then skip (reads go on).
+Lookups are bounded by a per-statement deadline checked by SQLite's progress handler, never
+by ``interrupt()``, which stops whatever the shared reader connection runs at that moment -
+another request's lookup as often as the late one.
 """
 
 from __future__ import annotations
@@ -108,6 +118,13 @@ _WAL_SHARE = 8  # an eighth ...
 _WAL_MIN = 256 * 1024  # ... but at least this (and at most _WAL_MAX)
 _WAL_MAX = 64 * 1024 * 1024
 
+# The writer's housekeeping after each write: bounded batches, through the indexes on
+# expires_at and accessed_at (tests check the plans: never a scan of the whole table).
+SWEEP_SQL = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries"
+             " WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)")
+EVICT_SQL = ("DELETE FROM entries WHERE key IN"
+             " (SELECT key FROM entries ORDER BY accessed_at LIMIT ?)")
+
 # Every statement on the reader runs under a deadline its progress handler checks, every
 # _PROGRESS_OPS virtual-machine instructions (see SQLiteTier._lookup).
 _PROGRESS_OPS = 1000
@@ -153,7 +170,8 @@ def _inspect_file(path: str, identity: tuple[int, int] | None) -> str | None:
 
 
 class SQLiteOpenError(RuntimeError):
-    """The L3 file cannot be opened or created; start-up stops with this message."""
+    """TIERPROXY_SQLITE_PATH can never work as configured (its directory does not exist, or it
+    is a directory); start-up stops with this message (exit status 2)."""
 
 
 class _NewerSchema(sqlite3.DatabaseError):
@@ -210,6 +228,8 @@ class SQLiteTier(BytesBackend):
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._suspect: str | None = None  # a statement failed as if the file were corrupt
+        # Opening runs a handful of statements, each bounded by the busy timeout.
+        self._open_timeout = max(5.0, 4 * write_timeout)
         self.bytes = 0
         self.entries = 0
 
@@ -225,11 +245,12 @@ class SQLiteTier(BytesBackend):
         """
         self._check_path()
         try:
-            await self._open_or_replace()
+            async with asyncio.timeout(self._open_timeout):
+                await self._open_or_replace()
         except SQLiteOpenError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: start degraded, retry
-            self._went_unavailable("cannot open", exc)
+            self._went_unavailable(f"cannot open {self.path}: {exc!r}")
         else:
             self._became_available(first=True)
         self._supervisor = asyncio.get_running_loop().create_task(
@@ -333,12 +354,12 @@ class SQLiteTier(BytesBackend):
                     raise
             await writer.execute("DELETE FROM entries")
 
-    def _went_unavailable(self, what: str, exc: BaseException | str) -> None:
+    def _went_unavailable(self, reason: str) -> None:
         was = self.available
         self.available = False
-        if was or self._supervisor is None:  # said once per episode
-            log.warning("L3 unavailable (%s %s: %s); serving without it, retrying in the "
-                        "background", what, self.path, exc)
+        if was or self._supervisor is None:  # said once per episode, not per retry
+            log.warning("L3 unavailable (%s); serving without it, retrying in the background",
+                        reason)
 
     def _became_available(self, *, first: bool = False) -> None:
         self.available = True
@@ -349,7 +370,8 @@ class SQLiteTier(BytesBackend):
     def storage_present(self) -> bool:
         if os.path.exists(self.path):
             return True
-        self._wake.set()  # readiness noticed first: the supervisor recovers it now
+        if self.available:
+            self._wake.set()  # readiness noticed first: the supervisor recovers it now
         return False
 
     def _count_recovery(self, reason: str) -> None:
@@ -372,7 +394,8 @@ class SQLiteTier(BytesBackend):
                 problem = "corrupt" if self._suspect is not None else await self._check_file()
                 if problem is None:
                     continue
-                self._went_unavailable(f"file {problem}:", self._suspect or problem)
+                self._went_unavailable(f"file {self.path} {problem}"
+                                       + (f": {self._suspect}" if self._suspect else ""))
                 self._count_recovery(problem)
                 await self._close_connections()
                 if problem == "corrupt":
@@ -380,7 +403,7 @@ class SQLiteTier(BytesBackend):
                         self._move_aside("is corrupt")
                 delay = _RETRY_FIRST
             try:
-                async with asyncio.timeout(max(5.0, 4 * self.write_timeout)):
+                async with asyncio.timeout(self._open_timeout):
                     await self._open_or_replace()
             except asyncio.CancelledError:
                 raise
@@ -537,11 +560,7 @@ class SQLiteTier(BytesBackend):
         if now - self._last_sweep >= _EXPIRY_SWEEP_INTERVAL:
             self._last_sweep = now
             # Through the expires_at index, a bounded batch; a full batch sweeps again soon.
-            cursor = await writer.execute(
-                "DELETE FROM entries WHERE key IN (SELECT key FROM entries"
-                " WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
-                (now, _EXPIRY_BATCH),
-            )
+            cursor = await writer.execute(SWEEP_SQL, (now, _EXPIRY_BATCH))
             if cursor.rowcount >= _EXPIRY_BATCH:
                 self._last_sweep = 0.0
             await cursor.close()
@@ -565,11 +584,7 @@ class SQLiteTier(BytesBackend):
             average = max(1, self.bytes // max(1, self.entries))
             count = min(_EVICT_BATCH, need // average + 1)
             before = self.bytes
-            await writer.execute(
-                "DELETE FROM entries WHERE key IN"
-                " (SELECT key FROM entries ORDER BY accessed_at LIMIT ?)",
-                (count,),
-            )
+            await writer.execute(EVICT_SQL, (count,))
             await self._refresh_stats()
             need -= max(average * count, before - self.bytes)
 
