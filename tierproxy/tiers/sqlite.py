@@ -133,6 +133,7 @@ _PROGRESS_OPS = 1000
 _CHECK_INTERVAL = 1.0  # seconds between checks that the file is still the one opened
 _RETRY_FIRST = 0.25  # first delay before opening an unavailable file again (then doubled)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_LATE = object()  # a lookup that reached the reader's thread after its deadline
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -441,7 +442,7 @@ class SQLiteTier(BytesBackend):
     def _lookup(self, raw: sqlite3.Connection, digest: str, deadline: float) -> Any:
         """One lookup, run in the reader's thread, bounded by ``deadline`` (monotonic)."""
         if time.monotonic() >= deadline:
-            return None  # its caller timed out (or went away) while it was queued
+            return _LATE  # its caller timed out (or went away) while it was queued
         self._read_deadline = deadline
         try:
             return raw.execute(
@@ -470,6 +471,8 @@ class SQLiteTier(BytesBackend):
             raise
         except ValueError:  # aiosqlite: the connection was closed (recovery, shutdown)
             raise TierUnavailable("L3 file being reopened") from None
+        if row is _LATE:
+            raise TimeoutError("L3 lookup waited past its deadline")
         if row is None:
             return None
         value, expires_at = row
