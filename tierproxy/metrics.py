@@ -6,8 +6,12 @@ increment, not a ``labels()`` call.
 ``tierproxy_tier_lookups_total{tier, outcome}`` is the per-tier view. For ``l1``/``l2``/``l3``
 one lookup has exactly one outcome: ``hit`` (fresh copy), ``stale`` (a copy past its freshness,
 still usable for revalidation or stale serving), ``miss`` (nothing, or a Vary variant for other
-request headers), ``timeout``, ``error``, ``skipped`` (breaker open, or no deadline left) or
-``corrupt`` (unreadable entry, deleted). For ``origin`` one fetch has one outcome: ``hit`` (an
+request headers), ``timeout``, ``error``, ``skipped`` (breaker open, no deadline left, or
+the tier's storage unavailable - e.g. the L3 file being reopened) or ``corrupt`` (unreadable
+entry, deleted). ``tierproxy_tier_writes_total{tier, op, outcome}``: ``ok``, ``timeout``,
+``error``, ``full`` (no room even after evicting: skipped) or ``skipped`` (the writes'
+breaker is open - ``tierproxy_breaker_open{tier="<tier>-writes"}`` - or the storage is
+unavailable). For ``origin`` one fetch has one outcome: ``hit`` (an
 answer below 500), ``error`` (refused, broken or a 5xx), ``timeout`` or ``skipped`` (deadline
 already spent); ``tierproxy_origin_fetches_total{outcome}`` keeps the 5xx/error split.
 """

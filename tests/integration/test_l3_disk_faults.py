@@ -331,3 +331,28 @@ async def test_eviction_and_expiry_sweep_use_their_indexes(origin, make_proxy, s
     for plan in plans.values():
         assert "TEMP B-TREE" not in plan, plans
         assert "SCAN entries" not in plan or "SCAN entries USING" in plan, plans
+
+
+async def test_an_entry_purged_while_l3_was_unavailable_is_not_served_when_it_returns(
+    origin, make_proxy, sqlite_path
+):
+    from tierproxy.keys import CacheKey
+
+    origin.set_default(headers=CACHEABLE)
+    first = await make_proxy(L1_MAX_BYTES=0)
+    await first.get("/p")
+    await first.settle()
+    await first.close()
+    assert sqlite_row(sqlite_path, "/p") is not None
+
+    with sqlite_exclusive_lock(sqlite_path):  # the next proxy starts without L3
+        proxy = await make_proxy(L1_MAX_BYTES=0, L3_WRITE_TIMEOUT=0.2, BREAKER_COOLDOWN=1)
+        assert _l3_state(proxy) == "unavailable"
+        # A purge heard from another replica while this one's L3 cannot be written.
+        await proxy.state.readthrough.purge([CacheKey("/p")], [], shared=False)
+
+    await wait_for_condition(lambda: _l3_state(proxy) == "up", timeout=10,
+                             message="L3 back after the lock went away")
+    response = await proxy.get("/p")
+    assert response.x_cache == "MISS", response
+    assert response.body == b"origin body for /p (request 2)"

@@ -411,6 +411,9 @@ class GuardedTier:
         except PurgeUnsupported:
             self.metrics.tier_write_outcomes.labels(self.name, "purge", "unsupported").inc()
             raise
+        except TierUnavailable:  # not done (the caller reports it), but not a failure either
+            self.metrics.tier_write_outcomes.labels(self.name, "purge", "skipped").inc()
+            raise
         except TimeoutError:
             self.write_breaker.failure()
             self.metrics.tier_write_outcomes.labels(self.name, "purge", "timeout").inc()

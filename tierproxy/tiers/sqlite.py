@@ -293,14 +293,14 @@ class SQLiteTier(BytesBackend):
 
     async def _open(self) -> None:
         self._check_path()
-        if self._missed_purge:
+        discard = self._missed_purge
+        if discard:
             # Purges were asked for while the file was unusable: what it holds may have been
             # purged. A cache file is disposable: start with an empty one.
             log.warning("L3 missed purges while unavailable: its old file is discarded")
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path + suffix)
-            self._missed_purge = False
         elif not os.path.exists(self.path):
             # A WAL or shared-memory file without its database belongs to a file that is
             # gone: SQLite would replay it into the new one.
@@ -335,6 +335,10 @@ class SQLiteTier(BytesBackend):
         self._reader_raw = self._reader._connection  # for statements run in its thread
         await self._refresh_stats()
         self._last_sweep = 0.0
+        if self._missed_purge and not discard:
+            # A purge came while this file was being opened: open it again, discarding it.
+            raise TierUnavailable("L3 missed a purge while it was being opened")
+        self._missed_purge = False
 
     @staticmethod
     async def _migrate(writer: aiosqlite.Connection) -> None:
