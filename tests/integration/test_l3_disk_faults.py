@@ -217,7 +217,8 @@ async def _recovers(proxy: Any, path: Path, probe: str) -> None:
         await proxy.settle()
         return first.x_cache == "HIT-L3" and path.exists()
 
-    await wait_for_condition(l3_hit_again, timeout=10, interval=0.1,
+    # In use again within the breaker cool-down (2 s in these tests), plus slack for load.
+    await wait_for_condition(l3_hit_again, timeout=2 + 2, interval=0.1,
                              message="L3 recreated and hitting again")
 
 
@@ -268,6 +269,7 @@ async def test_l3_file_overwritten_with_garbage_at_run_time_is_moved_aside_and_r
     await _recovers(proxy, sqlite_path, "/z")
     with sqlite3.connect(sqlite_path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert _sample(proxy, "tierproxy_l3_recoveries_total", reason="corrupt") == 1
 
 
 # -- a client that goes away never interrupts another request's read ---------------------
