@@ -4,8 +4,8 @@
 
 ``GET /readyz`` - readiness, JSON, and the rule for it:
 
-* **200** while the proxy listener is serving: from the moment every tier is open until
-  shutdown begins. A tier or the origin being down is *not* a reason to be unready - the proxy
+* **200** while the proxy listener is serving: from the moment every tier is open (or, for
+  L3, found unavailable: see ``unavailable`` below) until shutdown begins. A tier or the origin being down is *not* a reason to be unready - the proxy
   still answers, from the other tiers, from stale copies, or with a fast 502/504 - and taking
   every replica out of a load balancer because Redis or the origin is down (they share both)
   would turn degraded service into none.
@@ -15,11 +15,19 @@
 The body names each tier's state, for people and dashboards, never for the status code:
 
 * ``up`` - working; the last operation succeeded.
-* ``degraded`` - recent consecutive failures (timeouts/errors) below the breaker threshold;
-  for the origin, its last fetch failed (error, timeout or 5xx).
+* ``degraded`` - recent consecutive failures (timeouts/errors) below the breaker threshold,
+  or lookups work but writes fail (e.g. L3 on a full disk: writes are skipped for a
+  cool-down by their own breaker, ``tierproxy_breaker_open{tier="l3-writes"}``, while
+  what is stored is still served); for the origin, its last fetch failed (error, timeout
+  or 5xx).
 * ``breaker-open`` - the breaker opened after ``TIERPROXY_BREAKER_FAILURES`` consecutive
   failures: the tier is skipped (counted as ``skipped``) until a probe after
   ``TIERPROXY_BREAKER_COOLDOWN`` seconds succeeds (``half-open`` while probing).
+* ``unavailable`` - the tier's storage cannot be used at all: the L3 file could not be opened
+  (locked, unreadable, on a full disk) or was found deleted or corrupt under the running
+  proxy. Lookups and writes skip it; it is reopened in the background (with backoff, at most
+  ``TIERPROXY_BREAKER_COOLDOWN`` apart) and a corrupt file is moved aside as
+  ``<path>.corrupt-<unix time>``. Said once in the log when it happens and when it is over.
 * ``disabled`` - not configured (``TIERPROXY_L1_MAX_BYTES=0``, no ``TIERPROXY_REDIS_URL``,
   ``TIERPROXY_SQLITE_PATH=off``).
 

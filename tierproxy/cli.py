@@ -85,6 +85,10 @@ async def serve(settings: Settings) -> int:
         try:
             await runner.setup()  # opens tiers and the origin session (cleanup_ctx)
         except SQLiteOpenError as exc:
+            # Only an L3 path that can never work as configured (its directory is missing, or
+            # it is a directory): a locked, unreadable or corrupt file or a full disk starts
+            # the proxy with L3 unavailable instead (tierproxy.tiers.sqlite), since exiting
+            # would only make a supervisor restart it in a loop.
             raise StartupError(str(exc), 2) from None
         await admin_runner.setup()
         port = await _start_site(runner, settings.host, settings.port, "TIERPROXY_PORT")

@@ -6,8 +6,12 @@ increment, not a ``labels()`` call.
 ``tierproxy_tier_lookups_total{tier, outcome}`` is the per-tier view. For ``l1``/``l2``/``l3``
 one lookup has exactly one outcome: ``hit`` (fresh copy), ``stale`` (a copy past its freshness,
 still usable for revalidation or stale serving), ``miss`` (nothing, or a Vary variant for other
-request headers), ``timeout``, ``error``, ``skipped`` (breaker open, or no deadline left) or
-``corrupt`` (unreadable entry, deleted). For ``origin`` one fetch has one outcome: ``hit`` (an
+request headers), ``timeout``, ``error``, ``skipped`` (breaker open, no deadline left, or
+the tier's storage unavailable - e.g. the L3 file being reopened) or ``corrupt`` (unreadable
+entry, deleted). ``tierproxy_tier_writes_total{tier, op, outcome}``: ``ok``, ``timeout``,
+``error``, ``full`` (no room even after evicting: skipped) or ``skipped`` (the writes'
+breaker is open - ``tierproxy_breaker_open{tier="<tier>-writes"}`` - or the storage is
+unavailable). For ``origin`` one fetch has one outcome: ``hit`` (an
 answer below 500), ``error`` (refused, broken or a 5xx), ``timeout`` or ``skipped`` (deadline
 already spent); ``tierproxy_origin_fetches_total{outcome}`` keeps the 5xx/error split.
 """
@@ -224,12 +228,20 @@ class Metrics:
         self.l1_entries = Gauge("tierproxy_l1_entries", "Entries held in L1", registry=r)
         self.l3_bytes = Gauge("tierproxy_l3_bytes", "Bytes held in L3", registry=r)
         self.l3_entries = Gauge("tierproxy_l3_entries", "Entries held in L3", registry=r)
+        self.l3_file_bytes = Gauge(
+            "tierproxy_l3_file_bytes", "Bytes the L3 file and its WAL take on disk", registry=r
+        )
+        self.l3_recoveries = Counter(
+            "tierproxy_l3_recoveries",
+            "L3 files found missing, replaced or corrupt under the running proxy and reopened",
+            ["reason"], registry=r,
+        )
         self.breaker_state = Gauge(
             "tierproxy_breaker_state", "1 for the breaker's current state (closed, open, half-open)",
             ["tier", "state"], registry=r,
         )
         self.tier_state = Gauge(
-            "tierproxy_tier_state", "1 for each tier's readiness state (up, degraded, breaker-open)",
+            "tierproxy_tier_state", "1 for each tier's readiness state (up, degraded, breaker-open, unavailable)",
             ["tier", "state"], registry=r,
         )
         self.request_deadline = Gauge(

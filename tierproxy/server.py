@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -101,6 +102,9 @@ def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
                 max_bytes=settings.l3_max_bytes,
                 read_timeout=settings.l3_timeout,
                 write_timeout=settings.l3_write_timeout,
+                retry_max=settings.breaker_cooldown,
+                check_interval=min(1.0, settings.breaker_cooldown / 2),
+                metrics=metrics,
             ),
             settings.l3_timeout,
             settings.l3_write_timeout,
@@ -126,6 +130,20 @@ def _health_is(breaker: Breaker, tier_state: str) -> Callable[[], float]:
     return lambda: float(breaker.health() == tier_state)
 
 
+def _state_is(tier: GuardedTier, tier_state: str) -> Callable[[], float]:
+    return lambda: float(tier.state() == tier_state)
+
+
+def _file_bytes(path: str) -> float:
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(path + suffix).st_size
+        except OSError:
+            pass
+    return float(total)
+
+
 def _watch_l1(m: Metrics, l1: MemoryTier) -> None:
     m.l1_bytes.set_function(lambda: l1.bytes)
     m.l1_entries.set_function(lambda: len(l1))
@@ -134,6 +152,7 @@ def _watch_l1(m: Metrics, l1: MemoryTier) -> None:
 def _watch_l3(m: Metrics, l3: SQLiteTier) -> None:
     m.l3_bytes.set_function(lambda: l3.bytes)
     m.l3_entries.set_function(lambda: l3.entries)
+    m.l3_file_bytes.set_function(lambda: _file_bytes(l3.path))
 
 
 def _register_gauges(state: ProxyState) -> None:
@@ -143,7 +162,9 @@ def _register_gauges(state: ProxyState) -> None:
     m.background_tasks.set_function(lambda: state.background.pending)
     m.request_deadline.set(state.settings.request_deadline)
     m.log_dropped.set_function(lambda: float(dropped_lines()))
+    # A tier's writes have their own breaker ("<tier>-writes"): a full disk stops writes only.
     breakers = [(tier.name, tier.breaker) for tier in state.tiers]
+    breakers += [(f"{tier.name}-writes", tier.write_breaker) for tier in state.tiers]
     breakers.append(("origin", state.readthrough.origin_breaker))
     for name, breaker in breakers:
         m.breaker_open.labels(name).set_function(_breaker_open(breaker))
@@ -151,8 +172,13 @@ def _register_gauges(state: ProxyState) -> None:
             m.breaker_state.labels(name, breaker_state).set_function(
                 _breaker_in(breaker, breaker_state)
             )
-        for tier_state in ("up", "degraded", "breaker-open"):
-            m.tier_state.labels(name, tier_state).set_function(_health_is(breaker, tier_state))
+    for tier in state.tiers:
+        for tier_state in ("up", "degraded", "breaker-open", "unavailable"):
+            m.tier_state.labels(tier.name, tier_state).set_function(_state_is(tier, tier_state))
+    for tier_state in ("up", "degraded", "breaker-open"):
+        m.tier_state.labels("origin", tier_state).set_function(
+            _health_is(state.readthrough.origin_breaker, tier_state)
+        )
     for tier in state.tiers:
         m.tier_timeout.labels(tier.name).set(tier.read_timeout)
         backend = tier.backend

@@ -34,7 +34,9 @@ __all__ = [
     "BytesBackend",
     "GuardedTier",
     "PurgeUnsupported",
+    "StorageFull",
     "TierBackend",
+    "TierUnavailable",
     "decode_unkeyed",
     "mark_stale",
     "tag_digest",
@@ -61,6 +63,16 @@ class Blob:
 
 class PurgeUnsupported(Exception):
     """The backend cannot do this kind of purge (e.g. it keeps no tag index)."""
+
+
+class TierUnavailable(Exception):
+    """The backend's storage cannot be used now (e.g. the L3 file is being reopened): the
+    operation is skipped, not counted as a failure of the tier."""
+
+
+class StorageFull(Exception):
+    """A write found no room (disk full) even after the backend tried to make some: the
+    write is skipped and counted; reads of what is stored go on."""
 
 
 def tag_digest(tag: str) -> str:
@@ -106,6 +118,14 @@ class TierBackend(ABC):
     #: replica need not be applied to it again. Local tiers (memory, a per-host SQLite file)
     #: apply every purge they hear about.
     shared: bool = False
+    #: False while the backend's storage cannot be used at all (it says why in its log and
+    #: recovers by itself): lookups and writes are skipped, readiness says ``unavailable``.
+    available: bool = True
+
+    def storage_present(self) -> bool:
+        """For readiness (not the request path): False when the backend can tell its storage
+        is gone even before ``available`` says so (e.g. the L3 file was deleted)."""
+        return True
 
     def get_now(self, key: CacheKey) -> Entry | None:
         raise NotImplementedError
@@ -232,7 +252,12 @@ class Breaker:
 
 
 class GuardedTier:
-    """A backend under read/write timeouts and a breaker; every outcome is counted."""
+    """A backend under read/write timeouts and breakers; every outcome is counted.
+
+    Reads and writes have separate breakers: a tier that cannot take writes (a full disk)
+    keeps serving what it holds, so a failed write never stops lookups. ``breaker`` is the
+    lookups' one; ``write_breaker`` (same threshold and cool-down) guards set/delete/purge.
+    """
 
     def __init__(
         self,
@@ -247,6 +272,7 @@ class GuardedTier:
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.breaker = breaker
+        self.write_breaker = Breaker(breaker.failures_to_open, breaker.cooldown)
         self.metrics = metrics
         self.synchronous = backend.synchronous
         self._lookup = metrics.tier_lookup_counters(self.name)
@@ -302,7 +328,7 @@ class GuardedTier:
 
         Like :meth:`get_now`, returns only a copy usable for ``headers``.
         """
-        if not self.breaker.allow():
+        if not self.backend.available or not self.breaker.allow():
             self._lookup["skipped"].inc()
             return None
         if budget <= 0:
@@ -315,6 +341,10 @@ class GuardedTier:
                 entry = await self.backend.get(key)
         except TimeoutError:
             self._fail("timeout", key, "get")
+            return None
+        except TierUnavailable:
+            self.breaker.probing = False
+            self._lookup["skipped"].inc()
             return None
         except codec.CorruptEntry:
             # The tier works (it answered); its content was bad and has been deleted.
@@ -335,7 +365,7 @@ class GuardedTier:
         return await self._write("delete", key, self.backend.delete(key))
 
     async def _write(self, op: str, key: CacheKey, call: Coroutine[Any, Any, object]) -> bool:
-        if not self.breaker.allow():
+        if not self.write_breaker.allow():
             call.close()
             self.metrics.tier_write_outcomes.labels(self.name, op, "skipped").inc()
             return False
@@ -347,12 +377,20 @@ class GuardedTier:
             self._fail("timeout", key, op)
             self.metrics.tier_write_outcomes.labels(self.name, op, "timeout").inc()
             return False
+        except TierUnavailable:
+            self.write_breaker.probing = False
+            self.metrics.tier_write_outcomes.labels(self.name, op, "skipped").inc()
+            return False
+        except StorageFull as exc:
+            self._fail("full", key, op, exc)
+            self.metrics.tier_write_outcomes.labels(self.name, op, "full").inc()
+            return False
         except Exception as exc:
             self._fail("error", key, op, exc)
             self.metrics.tier_write_outcomes.labels(self.name, op, "error").inc()
             return False
         self._latency[op].observe(time.perf_counter() - started)
-        self.breaker.success()
+        self.write_breaker.success()
         self.metrics.tier_write_outcomes.labels(self.name, op, "ok").inc()
         return True
 
@@ -373,33 +411,45 @@ class GuardedTier:
         except PurgeUnsupported:
             self.metrics.tier_write_outcomes.labels(self.name, "purge", "unsupported").inc()
             raise
+        except TierUnavailable:  # not done (the caller reports it), but not a failure either
+            self.metrics.tier_write_outcomes.labels(self.name, "purge", "skipped").inc()
+            raise
         except TimeoutError:
-            self.breaker.failure()
+            self.write_breaker.failure()
             self.metrics.tier_write_outcomes.labels(self.name, "purge", "timeout").inc()
             raise
         except Exception:
-            self.breaker.failure()
+            self.write_breaker.failure()
             self.metrics.tier_write_outcomes.labels(self.name, "purge", "error").inc()
             raise
         self._latency["purge"].observe(time.perf_counter() - started)
-        self.breaker.success()
+        self.write_breaker.success()
         self.metrics.tier_write_outcomes.labels(self.name, "purge", "ok").inc()
         if changed:
             self.metrics.purged_entries.labels(self.name, mode).inc(changed)
         return changed
 
     def state(self) -> str:
-        """Readiness state, see :meth:`Breaker.health`."""
-        return self.breaker.health()
+        """Readiness state: ``unavailable`` (the backend's storage cannot be used at all, see
+        ``TierBackend.available``), else the lookups' :meth:`Breaker.health`, except that a
+        tier whose lookups are up but whose writes fail is ``degraded``."""
+        if not self.backend.available or not self.backend.storage_present():
+            return "unavailable"
+        health = self.breaker.health()
+        if health == "up" and self.write_breaker.health() != "up":
+            return "degraded"
+        return health
 
     def _fail(self, outcome: str, key: CacheKey, op: str, exc: BaseException | None = None) -> None:
-        was_open = self.breaker.is_open
-        self.breaker.failure()
+        breaker = self.breaker if op == "get" else self.write_breaker
+        was_open = breaker.is_open
+        breaker.failure()
         if op == "get":
             self._lookup[outcome].inc()
-        if self.breaker.is_open and not was_open:
-            log.warning("%s breaker opened after %d consecutive failures (last: %s %s)",
-                        self.name, self.breaker.failures, op, exc or outcome)
+        if breaker.is_open and not was_open:
+            log.warning("%s %sbreaker opened after %d consecutive failures (last: %s %s)",
+                        self.name, "" if op == "get" else "write ", breaker.failures, op,
+                        exc or outcome)
         else:
             log.debug("%s %s %s for %r: %r", self.name, op, outcome, key.material[:200], exc)
 

@@ -3,7 +3,8 @@
 Two connections in WAL mode: a reader for lookups and a writer that every change goes through
 (single writer path), so a slow write never queues in front of a read. Both run in autocommit
 (``isolation_level=None``) and each change is one statement, so a cancelled write cannot leave
-a transaction - and its lock - open (PITFALLS.md). The total size is kept in ``stats`` by
+a transaction - and its lock - open (aiosqlite runs each connection's statements in its own
+thread, and a cancelled await does not stop them). The total size is kept in ``stats`` by
 triggers, so it stays right when several processes share the file.
 
 Surrogate keys: an entry row carries its tags (sha256 digests, a JSON array) and triggers keep
@@ -15,26 +16,49 @@ the entry (no multi-statement transaction to leave open on a cancel).
 Schema versions (``PRAGMA user_version``): 1 had no tags. Opening a version-1 file adds the
 column and drops its entries, whose tags were never indexed (a tag purge would miss them); a
 cache file is disposable. A file from a newer tierproxy is moved aside like a corrupt one.
+
+Faults (see :class:`SQLiteTier`): L3 degrades, it never takes the proxy down. A file that
+cannot be opened (locked, unreadable, full disk) starts the proxy without L3 and is reopened
+in the background; a file deleted, replaced or corrupted under the running proxy is noticed
+(checked every second, and on any "not a database"/"malformed" error), a corrupt one moved
+aside, and a new one created; a full disk makes writes evict, then skip (reads go on).
+Lookups are bounded by a per-statement deadline checked by SQLite's progress handler, never
+by ``interrupt()``, which stops whatever the shared reader connection runs at that moment -
+another request's lookup as often as the late one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from .. import codec
 from ..entry import Entry
 from ..keys import CacheKey
-from .base import Blob, BytesBackend, decode_unkeyed, mark_stale, tag_digest
+from .base import (
+    Blob,
+    BytesBackend,
+    StorageFull,
+    TierUnavailable,
+    decode_unkeyed,
+    mark_stale,
+    tag_digest,
+)
 
-__all__ = ["SQLiteTier", "SQLiteOpenError"]
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+__all__ = ["SQLiteOpenError", "SQLiteTier"]
 
 log = logging.getLogger("tierproxy.tiers")
 
@@ -85,11 +109,70 @@ _SOFT_BATCH = 16  # entries read and rewritten at a time by a soft purge (bounde
 _MAX_PENDING_TOUCHES = 10_000
 _TOUCH_FLUSH_INTERVAL = 1.0
 _EXPIRY_SWEEP_INTERVAL = 30.0
-_EVICT_BATCH = 200
+_EXPIRY_BATCH = 500  # expired rows deleted per statement (bounded WAL growth per write)
+_EVICT_BATCH = 200  # most rows one eviction statement deletes
+_EVICT_STATEMENTS = 8  # most eviction statements after one write (the next write goes on)
+
+# The WAL's share of TIERPROXY_L3_MAX_BYTES: the main file is kept under the rest.
+_WAL_SHARE = 8  # an eighth ...
+_WAL_MIN = 256 * 1024  # ... but at least this (and at most _WAL_MAX)
+_WAL_MAX = 64 * 1024 * 1024
+
+# The writer's housekeeping after each write: bounded batches, through the indexes on
+# expires_at and accessed_at (tests check the plans: never a scan of the whole table).
+SWEEP_SQL = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries"
+             " WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)")
+EVICT_SQL = ("DELETE FROM entries WHERE key IN"
+             " (SELECT key FROM entries ORDER BY accessed_at LIMIT ?)")
+
+# Every statement on the reader runs under a deadline its progress handler checks, every
+# _PROGRESS_OPS virtual-machine instructions (see SQLiteTier._lookup).
+_PROGRESS_OPS = 1000
+
+# Health of the file under a running proxy (SQLiteTier._supervise).
+_CHECK_INTERVAL = 1.0  # seconds between checks that the file is still the one opened
+_RETRY_FIRST = 0.25  # first delay before opening an unavailable file again (then doubled)
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_LATE = object()  # a lookup that reached the reader's thread after its deadline
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    return "database or disk is full" in str(exc)
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """The file is not (or no longer) a usable database: move it aside and start afresh."""
+    if isinstance(exc, _NewerSchema):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return True
+    text = str(exc)
+    return "not a database" in text or "malformed" in text
+
+
+def _inspect_file(path: str, identity: tuple[int, int] | None) -> str | None:
+    """What is wrong with the file at ``path`` (blocking; run in a thread), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    if identity is not None and (st.st_dev, st.st_ino) != identity:
+        return "replaced"
+    with open(path, "rb") as f:
+        head = f.read(len(_SQLITE_MAGIC))
+    # A new file in WAL mode may still be empty: its pages are in the WAL until a checkpoint.
+    if head and head != _SQLITE_MAGIC:
+        return "corrupt"
+    return None
 
 
 class SQLiteOpenError(RuntimeError):
-    """The L3 file cannot be opened or created; start-up stops with this message."""
+    """TIERPROXY_SQLITE_PATH can never work as configured (its directory does not exist, or it
+    is a directory); start-up stops with this message (exit status 2)."""
 
 
 class _NewerSchema(sqlite3.DatabaseError):
@@ -97,60 +180,135 @@ class _NewerSchema(sqlite3.DatabaseError):
 
 
 class SQLiteTier(BytesBackend):
-    name = "l3"
+    """L3. ``available`` is False while the file cannot be used (locked, unreadable, on a
+    full disk, deleted or corrupted under the running proxy): lookups and writes are then
+    skipped, and a supervisor task opens it again - with backoff - without a restart.
 
-    def __init__(self, path: str, *, max_bytes: int, read_timeout: float, write_timeout: float) -> None:
+    Size: ``max_bytes`` bounds the main file and its WAL together. The WAL gets a share of it
+    (``journal_size_limit``, an automatic checkpoint at half that share, and a TRUNCATE
+    checkpoint by the writer when it still grew past it); the main file's used pages are kept
+    under the rest by least-recently-used eviction, a bounded number of statements per write,
+    through the ``accessed_at`` index. Freed pages are reused, so the file stops growing.
+    """
+
+    name = "l3"
+    available = False
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_bytes: int,
+        read_timeout: float,
+        write_timeout: float,
+        retry_max: float = 5.0,
+        check_interval: float = _CHECK_INTERVAL,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
+        self.retry_max = max(retry_max, _RETRY_FIRST)
+        self.check_interval = check_interval
+        self.metrics = metrics
+        self.wal_budget = min(_WAL_MAX, max(_WAL_MIN, max_bytes // _WAL_SHARE))
+        # What the main file may use; a bound too small for any WAL share gets half of it.
+        self.data_budget = max(max_bytes // 2, max_bytes - self.wal_budget)
         self._reader: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
+        self._reader_raw: sqlite3.Connection | None = None
+        self._read_deadline = math.inf  # the reader thread's current statement's deadline
+        self._page_size = 4096
+        self._identity: tuple[int, int] | None = None
         self._touched: dict[str, float] = {}
         self._last_touch_flush = 0.0
         self._last_sweep = 0.0
+        self._missed_purge = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._suspect: str | None = None  # a statement failed as if the file were corrupt
+        # Opening runs a handful of statements, each bounded by the busy timeout.
+        self._open_timeout = max(5.0, 4 * write_timeout)
         self.bytes = 0
         self.entries = 0
 
-    async def open(self) -> None:
-        try:
-            await self._open()
-        except sqlite3.DatabaseError as exc:
-            if not isinstance(exc, _NewerSchema) and "not a database" not in str(exc) and (
-                "malformed" not in str(exc)
-            ):
-                await self.close()
-                raise SQLiteOpenError(
-                    f"TIERPROXY_SQLITE_PATH={self.path!r}: cannot open the cache file: {exc}"
-                ) from None
-            # A cache file is disposable: keep the bad one for inspection, start afresh.
-            await self.close()
-            aside = f"{self.path}.corrupt-{int(time.time())}"
-            log.warning("L3 file %s is not a usable database (%s); moved to %s", self.path, exc, aside)
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, aside + suffix)
-            try:
-                await self._open()
-            except sqlite3.Error as exc2:
-                await self.close()
-                raise SQLiteOpenError(
-                    f"TIERPROXY_SQLITE_PATH={self.path!r}: cannot open the cache file: {exc2}"
-                ) from None
-        except OSError as exc:
-            await self.close()
-            raise SQLiteOpenError(
-                f"TIERPROXY_SQLITE_PATH={self.path!r}: cannot open the cache file: {exc}"
-            ) from None
+    # -- opening, health and recovery -------------------------------------------------
 
-    async def _open(self) -> None:
+    async def open(self) -> None:
+        """Open the file, or start without it (``available`` False) and keep trying.
+
+        Only a path that can never work as configured stops start-up (:class:`SQLiteOpenError`):
+        its directory does not exist, or it is itself a directory. Anything else - a locked or
+        unreadable file, a full disk - is a cache being unavailable for a while, not a reason
+        to exit (a supervisor restarting the proxy would only loop).
+        """
+        self._check_path()
+        try:
+            async with asyncio.timeout(self._open_timeout):
+                await self._open_or_replace()
+        except SQLiteOpenError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: start degraded, retry
+            self._went_unavailable(f"cannot open {self.path}: {exc!r}")
+        else:
+            self._became_available(first=True)
+        self._supervisor = asyncio.get_running_loop().create_task(
+            self._supervise(), name="tierproxy-l3-supervisor"
+        )
+
+    def _check_path(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise SQLiteOpenError(
                 f"TIERPROXY_SQLITE_PATH={self.path!r}: directory {directory!r} does not exist"
             )
+        if os.path.isdir(self.path):
+            raise SQLiteOpenError(
+                f"TIERPROXY_SQLITE_PATH={self.path!r} is a directory, not a file"
+            )
+
+    async def _open_or_replace(self) -> None:
+        """Open the file; one that is not a usable database is moved aside and replaced."""
+        try:
+            await self._open()
+        except sqlite3.DatabaseError as exc:
+            await self._close_connections()
+            if not _is_corrupt(exc):
+                raise
+            self._move_aside(f"is not a usable database ({exc})")
+            await self._open()
+        except BaseException:
+            await self._close_connections()
+            raise
+
+    def _move_aside(self, why: str) -> None:
+        # A cache file is disposable: keep the bad one for inspection, start afresh.
+        aside = f"{self.path}.corrupt-{int(time.time())}"
+        log.warning("L3 file %s %s; moved to %s", self.path, why, aside)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path + suffix, aside + suffix)
+
+    async def _open(self) -> None:
+        self._check_path()
+        discard = self._missed_purge
+        if discard:
+            # Purges were asked for while the file was unusable: what it holds may have been
+            # purged. A cache file is disposable: start with an empty one.
+            log.warning("L3 missed purges while unavailable: its old file is discarded")
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+        elif not os.path.exists(self.path):
+            # A WAL or shared-memory file without its database belongs to a file that is
+            # gone: SQLite would replay it into the new one.
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
         # The busy timeout is the longest a locked file can hold the worker thread: keep it
-        # within the tier's budget (PITFALLS.md: the default is 5 s).
+        # within the tier's budget (the default is 5 s).
         self._writer = await aiosqlite.connect(
             self.path, timeout=self.write_timeout, isolation_level=None
         )
@@ -159,11 +317,28 @@ class SQLiteTier(BytesBackend):
         await self._migrate(self._writer)
         await self._writer.executescript(_SCHEMA)
         await self._writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        rows = await self._writer.execute_fetchall("PRAGMA page_size")
+        self._page_size = int(next(iter(rows))[0]) if rows else 4096
+        # The WAL's share of the bound (class docstring): SQLite truncates the WAL to this
+        # size when a checkpoint resets it, and checkpoints by itself at half of it.
+        await self._writer.execute(f"PRAGMA journal_size_limit={self.wal_budget}")
+        await self._writer.execute(
+            f"PRAGMA wal_autocheckpoint={max(1, self.wal_budget // 2 // self._page_size)}"
+        )
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         self._reader = await aiosqlite.connect(
             self.path, timeout=self.read_timeout, isolation_level=None
         )
         await self._reader.execute("PRAGMA query_only=1")
+        await self._reader.set_progress_handler(self._read_progress, _PROGRESS_OPS)
+        self._reader_raw = self._reader._connection  # for statements run in its thread
         await self._refresh_stats()
+        self._last_sweep = 0.0
+        if self._missed_purge and not discard:
+            # A purge came while this file was being opened: open it again, discarding it.
+            raise TierUnavailable("L3 missed a purge while it was being opened")
+        self._missed_purge = False
 
     @staticmethod
     async def _migrate(writer: aiosqlite.Connection) -> None:
@@ -184,61 +359,204 @@ class SQLiteTier(BytesBackend):
                     raise
             await writer.execute("DELETE FROM entries")
 
-    def _interrupt_reader(self) -> None:
-        # sqlite3.Connection.interrupt() is thread-safe: it stops a query the worker thread is
-        # running, so a timed-out lookup does not keep every later lookup queued behind it.
-        conn = getattr(self._reader, "_connection", None)
-        if conn is not None:
+    def _went_unavailable(self, reason: str) -> None:
+        was = self.available
+        self.available = False
+        if was or self._supervisor is None:  # said once per episode, not per retry
+            log.warning("L3 unavailable (%s); serving without it, retrying in the background",
+                        reason)
+
+    def _became_available(self, *, first: bool = False) -> None:
+        self.available = True
+        self._suspect = None
+        if not first:
+            log.warning("L3 in use again: %s", self.path)
+
+    def storage_present(self) -> bool:
+        if os.path.exists(self.path):
+            return True
+        if self.available:
+            self._wake.set()  # readiness noticed first: the supervisor recovers it now
+        return False
+
+    def _count_recovery(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.l3_recoveries.labels(reason).inc()
+
+    def _report_corrupt(self, exc: BaseException) -> None:
+        """A statement said the file is corrupt: the supervisor checks and replaces it now."""
+        if _is_corrupt(exc) and self._suspect is None:
+            self._suspect = str(exc)
+            self._wake.set()
+
+    async def _supervise(self) -> None:
+        """Owned by the tier (cancelled in :meth:`close`): reopens an unavailable file with
+        backoff, and checks an open one is still there and still a database."""
+        delay = _RETRY_FIRST
+        while True:
+            if self.available:
+                await self._sleep(self.check_interval)
+                problem = "corrupt" if self._suspect is not None else await self._check_file()
+                if problem is None:
+                    continue
+                self._went_unavailable(f"file {self.path} {problem}"
+                                       + (f": {self._suspect}" if self._suspect else ""))
+                self._count_recovery(problem)
+                await self._close_connections()
+                if problem == "corrupt":
+                    with contextlib.suppress(OSError):
+                        self._move_aside("is corrupt")
+                delay = _RETRY_FIRST
             try:
-                conn.interrupt()
-            except sqlite3.Error:  # already closed
-                pass
+                async with asyncio.timeout(self._open_timeout):
+                    await self._open_or_replace()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - still unavailable: try again later
+                log.debug("L3 %s still unavailable: %r (next try in %.2fs)",
+                          self.path, exc, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+                continue
+            delay = _RETRY_FIRST
+            self._became_available()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        self._wake.clear()
+
+    async def _check_file(self) -> str | None:
+        try:
+            async with asyncio.timeout(max(1.0, self.read_timeout)):
+                return await asyncio.to_thread(_inspect_file, self.path, self._identity)
+        except (OSError, TimeoutError) as exc:
+            log.debug("L3 file check: %r", exc)
+            return None  # cannot tell (a slow disk): the statements' errors will
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _read_progress(self) -> int:
+        # SQLite's progress handler, in the reader's thread: non-zero stops the statement
+        # that runs now - and only that one (unlike sqlite3.Connection.interrupt(), which
+        # stops whatever the connection runs when it lands, another request's read included).
+        return 1 if time.monotonic() >= self._read_deadline else 0
+
+    def _lookup(self, raw: sqlite3.Connection, digest: str, deadline: float) -> Any:
+        """One lookup, run in the reader's thread, bounded by ``deadline`` (monotonic)."""
+        if time.monotonic() >= deadline:
+            return _LATE  # its caller timed out (or went away) while it was queued
+        self._read_deadline = deadline
+        try:
+            return raw.execute(
+                "SELECT value, expires_at FROM entries WHERE key = ?", (digest,)
+            ).fetchone()
+        finally:
+            self._read_deadline = math.inf
 
     async def get_bytes(self, key: CacheKey) -> bytes | None:
-        reader = self._reader
-        if reader is None:
-            raise sqlite3.OperationalError("L3 is closed")
+        reader, raw = self._reader, self._reader_raw
+        if reader is None or raw is None or not self.available:
+            raise TierUnavailable("L3 file unavailable")
+        # A lookup whose caller is cancelled (timeout, client gone) is not interrupted: it
+        # finishes or hits its own deadline in the reader's thread, and its row is dropped.
+        deadline = time.monotonic() + self.read_timeout
         try:
-            rows = await reader.execute_fetchall(
-                "SELECT value, expires_at FROM entries WHERE key = ?", (key.digest,)
+            row = await reader._execute(  # type: ignore[no-untyped-call]
+                self._lookup, raw, key.digest, deadline
             )
-        except asyncio.CancelledError:
-            self._interrupt_reader()
+        except sqlite3.DatabaseError as exc:
+            if reader is not self._reader:  # closed under it by a recovery
+                raise TierUnavailable("L3 file being reopened") from None
+            if "interrupted" in str(exc):
+                raise TimeoutError("L3 lookup passed its deadline") from None
+            self._report_corrupt(exc)
             raise
-        for value, expires_at in rows:
-            now = time.time()
-            if expires_at <= now:
-                return None
-            if len(self._touched) < _MAX_PENDING_TOUCHES:
-                self._touched[key.digest] = now
-            return bytes(value)
-        return None
+        except ValueError:  # aiosqlite: the connection was closed (recovery, shutdown)
+            raise TierUnavailable("L3 file being reopened") from None
+        if row is _LATE:
+            raise TimeoutError("L3 lookup waited past its deadline")
+        if row is None:
+            return None
+        value, expires_at = row
+        now = time.time()
+        if expires_at <= now:
+            return None
+        if len(self._touched) < _MAX_PENDING_TOUCHES:
+            self._touched[key.digest] = now
+        return bytes(value)
+
+    # -- writes -----------------------------------------------------------------------
 
     def _writer_conn(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise sqlite3.OperationalError("L3 is closed")
+        if self._writer is None or not self.available:
+            raise TierUnavailable("L3 file unavailable")
         return self._writer
 
-    async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> None:
+    async def _on_writer(self, call: Callable[[aiosqlite.Connection], Any]) -> Any:
         writer = self._writer_conn()
+        try:
+            return await call(writer)
+        except sqlite3.DatabaseError as exc:
+            if writer is not self._writer:
+                raise TierUnavailable("L3 file being reopened") from None
+            self._report_corrupt(exc)
+            raise
+        except ValueError:
+            if writer is not self._writer:
+                raise TierUnavailable("L3 file being reopened") from None
+            raise
+
+    async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> None:
         data = blob.data
-        if len(data) > self.max_bytes:
-            return
+        if len(data) > self.wal_budget // 2:
+            return  # it could not be written without the WAL growing past its share
         now = time.time()
         tags = json.dumps([tag_digest(tag) for tag in entry.tags]) if entry.tags else "[]"
-        # One statement: the triggers index the tags with it (module docstring).
-        await writer.execute(
-            "INSERT INTO entries (key, value, size, expires_at, accessed_at, tags)"
-            " VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size,"
-            " expires_at = excluded.expires_at, accessed_at = excluded.accessed_at,"
-            " tags = excluded.tags",
-            (key.digest, data, len(data), entry.expires_at, now, tags),
-        )
-        await self._maintain(now)
+        row = (key.digest, data, len(data), entry.expires_at, now, tags)
 
-    async def _maintain(self, now: float) -> None:
-        writer = self._writer_conn()
+        async def insert(writer: aiosqlite.Connection) -> None:
+            # One statement: the triggers index the tags with it (module docstring).
+            await writer.execute(
+                "INSERT INTO entries (key, value, size, expires_at, accessed_at, tags)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value, size = excluded.size,"
+                " expires_at = excluded.expires_at, accessed_at = excluded.accessed_at,"
+                " tags = excluded.tags",
+                row,
+            )
+
+        # One write at a time makes room, writes and tidies up: each sees the sizes the one
+        # before it left (the writer connection runs them in order anyway).
+        async with self._write_lock:
+            await self._on_writer(lambda w: self._make_room(w, len(data)))
+            await self._insert(insert, len(data))
+            await self._on_writer(lambda w: self._maintain(w, now))
+
+    async def _insert(
+        self, insert: Callable[[aiosqlite.Connection], Any], size: int
+    ) -> None:
+        try:
+            await self._on_writer(insert)
+        except sqlite3.OperationalError as exc:
+            if not _is_full(exc):
+                raise
+            # The disk is full: make room (least recently used first), then try once more.
+            try:
+                await self._on_writer(lambda w: self._evict(w, size * 2))
+                await self._on_writer(insert)
+            except sqlite3.OperationalError as exc2:
+                if _is_full(exc2):
+                    raise StorageFull(f"L3 {self.path}: {exc2}") from None
+                raise
+
+    async def _make_room(self, writer: aiosqlite.Connection, size: int) -> None:
+        excess = await self._used_bytes(writer) + size - self.data_budget
+        if excess > 0:
+            await self._evict(writer, excess + self.data_budget // 10)
+
+    async def _maintain(self, writer: aiosqlite.Connection, now: float) -> None:
         if self._touched and now - self._last_touch_flush >= _TOUCH_FLUSH_INTERVAL:
             touched, self._touched = self._touched, {}
             self._last_touch_flush = now
@@ -248,38 +566,82 @@ class SQLiteTier(BytesBackend):
             )
         if now - self._last_sweep >= _EXPIRY_SWEEP_INTERVAL:
             self._last_sweep = now
-            await writer.execute("DELETE FROM entries WHERE expires_at <= ?", (now,))
+            # Through the expires_at index, a bounded batch; a full batch sweeps again soon.
+            cursor = await writer.execute(SWEEP_SQL, (now, _EXPIRY_BATCH))
+            if cursor.rowcount >= _EXPIRY_BATCH:
+                self._last_sweep = 0.0
+            await cursor.close()
         await self._refresh_stats()
-        # Evict least recently used entries until comfortably under the bound; bounded loop.
-        if self.bytes <= self.max_bytes:
-            return
-        target = int(self.max_bytes * 0.9)
-        for _ in range(10_000):
-            if self.bytes <= target or self.entries == 0:
-                break
-            await writer.execute(
-                "DELETE FROM entries WHERE key IN"
-                " (SELECT key FROM entries ORDER BY accessed_at LIMIT ?)",
-                (_EVICT_BATCH,),
-            )
+        await self._bound_wal(writer)
+
+    async def _used_bytes(self, writer: aiosqlite.Connection) -> int:
+        """Bytes of the main file's pages in use (free pages are reused before it grows)."""
+        rows = list(await writer.execute_fetchall(
+            "SELECT (SELECT page_count FROM pragma_page_count())"
+            " - (SELECT freelist_count FROM pragma_freelist_count())"
+        ))
+        return int(rows[0][0]) * self._page_size if rows else 0
+
+    async def _evict(self, writer: aiosqlite.Connection, need: int) -> None:
+        """Delete least recently used entries worth about ``need`` bytes of pages; bounded
+        statements, each through the accessed_at index."""
+        for _ in range(_EVICT_STATEMENTS):
+            if need <= 0 or self.entries == 0:
+                return
+            average = max(1, self.bytes // max(1, self.entries))
+            count = min(_EVICT_BATCH, need // average + 1)
+            before = self.bytes
+            await writer.execute(EVICT_SQL, (count,))
             await self._refresh_stats()
+            need -= max(average * count, before - self.bytes)
+
+    async def _bound_wal(self, writer: aiosqlite.Connection) -> None:
+        try:
+            wal = os.stat(self.path + "-wal").st_size
+        except FileNotFoundError:
+            return
+        if wal > self.wal_budget:
+            # The automatic checkpoint could not reset the WAL (a reader was in it): wait
+            # for readers (busy timeout) and truncate. Off the request path: on the writer.
+            await writer.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def _refresh_stats(self) -> None:
-        rows = await self._writer_conn().execute_fetchall("SELECT bytes, entries FROM stats WHERE id = 0")
+        writer = self._writer
+        if writer is None:
+            raise TierUnavailable("L3 file unavailable")
+        rows = await writer.execute_fetchall("SELECT bytes, entries FROM stats WHERE id = 0")
         for size, count in rows:
             self.bytes, self.entries = int(size), int(count)
 
+    def _removal_missed(self) -> TierUnavailable:
+        # What this removal was for may be in the file when it is opened again: discard it.
+        self._missed_purge = True
+        return TierUnavailable("L3 file unavailable")
+
     async def delete(self, key: CacheKey) -> bool:
         self._touched.pop(key.digest, None)
-        cursor = await self._writer_conn().execute("DELETE FROM entries WHERE key = ?", (key.digest,))
-        deleted = cursor.rowcount > 0
-        await cursor.close()
-        if deleted:
-            await self._refresh_stats()
-        return deleted
+        if not self.available:
+            raise self._removal_missed()
+
+        async def remove(writer: aiosqlite.Connection) -> bool:
+            cursor = await writer.execute("DELETE FROM entries WHERE key = ?", (key.digest,))
+            deleted = cursor.rowcount > 0
+            await cursor.close()
+            if deleted:
+                await self._refresh_stats()
+            return deleted
+
+        return bool(await self._on_writer(remove))
 
     async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
-        writer = self._writer_conn()
+        if not self.available:
+            raise self._removal_missed()
+        return int(await self._on_writer(lambda w: self._purge(w, keys, tags, soft_at)))
+
+    async def _purge(
+        self, writer: aiosqlite.Connection, keys: Sequence[CacheKey], tags: Sequence[str],
+        soft_at: float | None,
+    ) -> int:
         digests = [key.digest for key in keys]
         tag_ids = [tag_digest(tag) for tag in tags]
         changed = 0
@@ -346,11 +708,22 @@ class SQLiteTier(BytesBackend):
         return changed
 
     async def close(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.wait([supervisor])  # (re-raises only our own cancellation)
+        self.available = False
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        self._reader_raw = None
         for attr in ("_reader", "_writer"):
             conn: aiosqlite.Connection | None = getattr(self, attr)
             setattr(self, attr, None)
             if conn is not None:
                 try:
-                    await conn.close()
-                except Exception as exc:  # closing must never stop shutdown
+                    # Queued statements finish first; each is bounded by its busy timeout.
+                    async with asyncio.timeout(max(5.0, 4 * self.write_timeout)):
+                        await conn.close()
+                except Exception as exc:  # closing must never stop shutdown or a recovery
                     log.warning("closing L3 %s connection: %r", attr.strip("_"), exc)
