@@ -99,11 +99,12 @@ class Handover:
 class HitPath:
     """Answers fresh cache hits for :class:`tierproxy.listener.ProxyRequestHandler`."""
 
-    __slots__ = ("_access_log", "_l1", "_l1_label", "_l1_status", "_looks_further",
+    __slots__ = ("_access_log", "_keys", "_l1", "_l1_label", "_l1_status", "_looks_further",
                  "_metrics", "_readthrough", "_state")
 
     def __init__(self, state: ProxyState, l1: GuardedTier | None) -> None:
         self._state = state
+        self._keys = state.keys
         self._l1 = l1
         self._metrics = state.metrics
         self._access_log = state.access_log
@@ -135,7 +136,7 @@ class HitPath:
         if length is not None and length != "0":
             return None  # a body (a "fat GET") is the full path's to refuse
         try:
-            key = CacheKey(normalise_target(message.path))
+            key = self._keys.key(normalise_target(message.path))
         except BadTarget:
             return None
         started = time.perf_counter()

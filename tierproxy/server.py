@@ -23,7 +23,7 @@ from . import policy
 from .background import BackgroundTasks
 from .config import Settings
 from .invalidation import Invalidation, PurgeOrder
-from .keys import BadTarget, CacheKey, TargetTooLong, normalise_target
+from .keys import BadTarget, CacheKey, KeySpace, TargetTooLong, normalise_target
 from .hits import Handover, HitPath
 from .listener import ProxyRunner, handler_args
 from .logs import AccessLog, dropped_lines, request_id
@@ -53,6 +53,7 @@ class ProxyState:
     readthrough: ReadThrough
     access_log: AccessLog
     invalidation: Invalidation
+    keys: KeySpace  # request target -> CacheKey in this origin's namespace
     ready: bool = False
     inflight: int = 0
     notes: list[str] = field(default_factory=list)
@@ -80,7 +81,7 @@ class _RequestInfo:
 _INFO = web.RequestKey("tierproxy_request_info", _RequestInfo)
 
 
-def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
+def _make_tiers(settings: Settings, metrics: Metrics, keys: KeySpace) -> list[GuardedTier]:
     backends: list[tuple[TierBackend, float, float]] = []
     if settings.l1_max_bytes > 0:
         backends.append((MemoryTier(settings.l1_max_bytes), settings.l1_timeout, settings.l1_timeout))
@@ -90,6 +91,8 @@ def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
                 settings.redis_url,
                 socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
                 max_connections=settings.redis_max_connections,
+                keys=keys,
+                key_prefix=settings.key_prefix,
             ),
             settings.l2_timeout,
             settings.l2_write_timeout,
@@ -101,6 +104,7 @@ def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
                 max_bytes=settings.l3_max_bytes,
                 read_timeout=settings.l3_timeout,
                 write_timeout=settings.l3_write_timeout,
+                keys=keys,
             ),
             settings.l3_timeout,
             settings.l3_write_timeout,
@@ -220,7 +224,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The proxy listener's app. Nothing is opened until the app starts."""
     metrics = metrics or Metrics()
-    tiers = _make_tiers(settings, metrics)
+    keys = KeySpace(settings.origin)
+    tiers = _make_tiers(settings, metrics, keys)
     origin = OriginClient(
         settings.origin,
         max_connections=settings.origin_max_connections,
@@ -231,6 +236,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     state = ProxyState(
         settings, metrics, tiers, origin, background, readthrough,
         AccessLog(settings.access_log), Invalidation(settings, tiers, readthrough, metrics),
+        keys,
     )
     _register_gauges(state)
 
@@ -346,7 +352,7 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
         if isinstance(exc, TargetTooLong):
             return _plain(414, "414 request target too long")
         return _plain(400, f"400 bad request target: {exc}")
-    key = CacheKey(material)
+    key = state.keys.key(material)
     if method == "PURGE":
         return await _purge(request, state, key)
 

@@ -31,8 +31,8 @@ import aiosqlite
 
 from .. import codec
 from ..entry import Entry
-from ..keys import CacheKey
-from .base import Blob, BytesBackend, decode_unkeyed, mark_stale, tag_digest
+from ..keys import CacheKey, KeySpace
+from .base import Blob, BytesBackend, decode_unkeyed, mark_stale
 
 __all__ = ["SQLiteTier", "SQLiteOpenError"]
 
@@ -99,8 +99,12 @@ class _NewerSchema(sqlite3.DatabaseError):
 class SQLiteTier(BytesBackend):
     name = "l3"
 
-    def __init__(self, path: str, *, max_bytes: int, read_timeout: float, write_timeout: float) -> None:
+    def __init__(self, path: str, *, max_bytes: int, read_timeout: float, write_timeout: float,
+                 keys: KeySpace) -> None:
         self.path = path
+        # Rows are keyed by CacheKey.digest (origin + format version + material); tag rows by
+        # this origin's tag ids: a file reused with another origin or format shares nothing.
+        self.keys = keys
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
@@ -225,7 +229,7 @@ class SQLiteTier(BytesBackend):
         if len(data) > self.max_bytes:
             return
         now = time.time()
-        tags = json.dumps([tag_digest(tag) for tag in entry.tags]) if entry.tags else "[]"
+        tags = json.dumps([self.keys.tag_id(tag) for tag in entry.tags]) if entry.tags else "[]"
         # One statement: the triggers index the tags with it (module docstring).
         await writer.execute(
             "INSERT INTO entries (key, value, size, expires_at, accessed_at, tags)"
@@ -281,7 +285,7 @@ class SQLiteTier(BytesBackend):
     async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
         writer = self._writer_conn()
         digests = [key.digest for key in keys]
-        tag_ids = [tag_digest(tag) for tag in tags]
+        tag_ids = [self.keys.tag_id(tag) for tag in tags]
         changed = 0
         if soft_at is None:
             # Each DELETE is one statement; the triggers drop the tag rows and fix the stats.
@@ -329,7 +333,7 @@ class SQLiteTier(BytesBackend):
                 material = materials.get(str(digest))
                 try:
                     entry = (codec.decode(data, material) if material is not None
-                             else decode_unkeyed(data, str(digest)))
+                             else decode_unkeyed(data, str(digest), self.keys.namespace))
                 except codec.CorruptEntry:
                     continue  # a lookup will find and delete it
                 marked = mark_stale(entry, soft_at)
