@@ -196,7 +196,7 @@ class ReadThrough:
         self.origin = origin
         self.background = background
         self.metrics = metrics
-        self.policy = policy.CachePolicy(settings.default_ttl, settings.max_stale)
+        self.policy = policy.CachePolicy(settings.default_ttl, settings.max_stale, settings.max_ttl)
         self._inflight: dict[str, asyncio.Future[_Outcome | None]] = {}
         self._origin_outcomes = {
             name: metrics.origin_fetches.labels(name)

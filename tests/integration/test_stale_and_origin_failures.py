@@ -121,7 +121,10 @@ async def test_new_process_serves_stale_l3_copy_when_origin_is_down(
     await writer.close()
     await wait_until_wallclock(stored_at + 1.6)
 
-    reader = await make_proxy(ORIGIN=refused_url())
+    # The same origin (keys are namespaced by origin), now refusing connections.
+    url = origin.url
+    await origin.close()
+    reader = await make_proxy(ORIGIN=url)
     stale = await reader.get("/down")
 
     _assert_stale(stale, tier="l3", detail="origin-error", body=body, stored_at=stored_at)

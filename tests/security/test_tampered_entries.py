@@ -12,13 +12,13 @@ import msgpack
 import pytest
 from support.storage import redis_key, sqlite_row, sqlite_set_value
 
-# Field positions of tierproxy.codec's format version 1.
+# Field positions of tierproxy.codec's format version 2 (the same as in version 1).
 KEY, BODY, BODY_LENGTH, CRC = 1, 4, 14, 15
 
 
 def _fields(blob: bytes) -> list:
     fields = msgpack.unpackb(blob, raw=False)
-    assert fields[0] == 1, "codec format changed: update the field positions above"
+    assert fields[0] == 2, "codec format changed: update the field positions above"
     return fields
 
 
