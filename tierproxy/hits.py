@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
+
 from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER
 from .keys import BadTarget, CacheKey, normalise_target
 from .logs import request_id

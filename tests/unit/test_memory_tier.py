@@ -9,7 +9,6 @@ from tierproxy.keys import KeySpace
 from tierproxy.tiers.base import Breaker
 from tierproxy.tiers.memory import MemoryTier
 
-
 KEYS = KeySpace("http://origin.test")
 
 
@@ -93,3 +92,21 @@ def test_a_probe_that_never_reports_does_not_hold_the_breaker_half_open_for_ever
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert breaker.state() == "half-open"
+
+
+def test_an_entry_is_charged_what_it_holds_headers_and_wire_head_included():
+    import sys
+
+    headers = tuple((f"X-Header-{i}", "v" * 40) for i in range(12))
+    held = Entry(key="/h", status=200, headers=headers, body=b"x" * 200, stored_at=0.0,
+                 fresh_until=1.0, stale_until=1.0, swr_until=1.0, expires_at=1.0)
+    assert held.wire_head is not None  # built at construction, so charged at insert
+    floor = (sys.getsizeof(held.body) + sys.getsizeof(held.wire_head) + sys.getsizeof(held)
+             + sum(sys.getsizeof(n) + sys.getsizeof(v) for n, v in headers))
+    assert held.size >= floor
+    tier = MemoryTier(max_bytes=held.size * 12)  # room for 12 (and one may take an eighth)
+    for i in range(20):
+        tier.set_now(KEYS.key(f"/h{i}"), Entry(
+            key=f"/h{i}", status=200, headers=headers, body=b"x" * 200, stored_at=0.0,
+            fresh_until=1.0, stale_until=1.0, swr_until=1.0, expires_at=time.time() + 60))
+    assert tier.bytes <= tier.max_bytes and len(tier) <= 12
