@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from .entry import Entry
+from .entry import Entry, wire
 
 __all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "encode", "decode"]
 
@@ -38,16 +38,12 @@ class Unencodable(Exception):
     """An entry that cannot be serialised: a bug, never a sign that a tier is down."""
 
 
-def _wire(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
-
-
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
 def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[bytes]:
-    return [_wire(item) for pair in pairs for item in pair]
+    return [wire(item) for pair in pairs for item in pair]
 
 
 def _all_bytes(items: list[Any]) -> bool:
@@ -62,7 +58,7 @@ def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _optional(value: str | None) -> bytes | None:
-    return None if value is None else _wire(value)
+    return None if value is None else wire(value)
 
 
 def encode(entry: Entry) -> bytes:
@@ -84,7 +80,7 @@ def encode(entry: Entry) -> bytes:
                 _optional(entry.etag),
                 _optional(entry.last_modified),
                 _flatten(entry.vary),
-                [_wire(tag) for tag in entry.tags],
+                [wire(tag) for tag in entry.tags],
                 len(body),
                 zlib.crc32(body),
             ],

@@ -29,8 +29,9 @@ HAS_DATE = 2
 HAS_SERVER = 4
 
 # Bytes charged per entry for what sys.getsizeof does not see: the L1 index's dict slot and
-# linked-list node, and allocator rounding. Measured (tests/integration: RSS against
-# TIERPROXY_L1_MAX_BYTES) rather than guessed.
+# linked-list node, and allocator rounding. tests/integration/test_l1_memory_bound.py checks the
+# sum against a spawned proxy's resident memory (it errs on the generous side: header names
+# the parser shares between responses are counted for each entry).
 _INDEX_OVERHEAD = 160
 
 

@@ -347,3 +347,48 @@ async def test_freshness_never_exceeds_max_ttl(
     hit = await capped.get("/forever")
     assert hit.cache_status is not None and hit.cache_status.ttl is not None
     assert hit.cache_status.ttl <= 100, hit
+
+
+async def test_an_entry_that_cannot_be_encoded_is_skipped_and_counted_never_a_tier_failure(
+    tmp_path: Any, redis_url: str,
+) -> None:
+    """The guard behind the two tests above: whatever else an entry may one day hold that
+    cannot be encoded, it is that entry's miss (a bug, logged and counted), and the tier's
+    breaker never hears of it. Real SQLite file and real Redis."""
+    from tierproxy.entry import Entry
+    from tierproxy.keys import KeySpace
+    from tierproxy.metrics import Metrics
+    from tierproxy.tiers.base import Blob, Breaker, GuardedTier
+    from tierproxy.tiers.redis import RedisTier
+    from tierproxy.tiers.sqlite import SQLiteTier
+
+    keys = KeySpace("http://origin.test")
+    metrics = Metrics()
+    now = time.time()
+
+    def entry(material: str, value: str) -> Entry:
+        return Entry(key=material, status=200, headers=(("X-Value", value),), body=b"b",
+                     stored_at=now, fresh_until=now + 60, stale_until=now + 60,
+                     swr_until=now + 60, expires_at=now + 60)
+
+    backends = [
+        SQLiteTier(str(tmp_path / "c.sqlite3"), max_bytes=10**7, read_timeout=1.0,
+                   write_timeout=1.0, keys=keys),
+        RedisTier(redis_url, socket_timeout=1.0, max_connections=4, keys=keys),
+    ]
+    for backend in backends:
+        await backend.open()
+        tier = GuardedTier(backend, 1.0, 1.0, Breaker(1, 60.0), metrics)
+        try:
+            bad = entry("/bad", "\ud800")  # a surrogate no byte decodes to
+            for _ in range(5):
+                assert not await tier.set(keys.key("/bad"), bad, Blob(bad))
+            assert not tier.breaker.is_open and tier.breaker.failures == 0
+            good = entry("/good", "fine")
+            assert await tier.set(keys.key("/good"), good, Blob(good))
+            assert await tier.get(keys.key("/good"), 1.0) is not None
+            assert metrics.registry.get_sample_value(
+                "tierproxy_tier_writes_total",
+                {"tier": backend.name, "op": "set", "outcome": "unencodable"}) == 5
+        finally:
+            await tier.close()
