@@ -3,6 +3,15 @@
 An entry that cannot be read back exactly — another format version, truncated bytes, a body
 whose length or checksum differs from what was stored, or an entry stored under another key —
 raises :class:`CorruptEntry`; callers treat it as a miss and delete it.
+
+Header names and values, validators, Vary values and tags are stored as the bytes that came
+over the wire: aiohttp decodes header bytes as UTF-8 with ``surrogateescape``, so any byte
+(obs-text such as latin-1 ``caf\xe9``, RFC 9110 §5.5) is a lone surrogate in the ``str``, which
+msgpack refuses. Encoding with ``surrogateescape`` gives back exactly the bytes received, and
+decoding them the same way gives back the same ``str``: lossless both ways.
+
+An entry that cannot be encoded raises :class:`Unencodable`: that entry is not stored in the
+shared tiers (a bug to log), which says nothing about the tier's health.
 """
 
 from __future__ import annotations
@@ -12,54 +21,73 @@ from typing import Any
 
 import msgpack
 
-from .entry import Entry
+from .entry import Entry, wire
 
-__all__ = ["FORMAT_VERSION", "CorruptEntry", "encode", "decode"]
+__all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "encode", "decode"]
 
-FORMAT_VERSION = 1
+# 2: header names/values, validators, Vary values and tags as wire bytes (1 had str).
+# The version is part of every shared-tier key (tierproxy.keys.KeySpace) as well.
+FORMAT_VERSION = 2
 
 
 class CorruptEntry(Exception):
     """Stored bytes that are not a valid entry for the requested key."""
 
 
-def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[str]:
-    return [item for pair in pairs for item in pair]
+class Unencodable(Exception):
+    """An entry that cannot be serialised: a bug, never a sign that a tier is down."""
 
 
-def _all_str(items: list[Any]) -> bool:
-    return not items or set(map(type, items)) == {str}  # C-level: no generator per item
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[bytes]:
+    return [wire(item) for pair in pairs for item in pair]
+
+
+def _all_bytes(items: list[Any]) -> bool:
+    return not items or set(map(type, items)) == {bytes}  # C-level: no generator per item
 
 
 def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(flat, list) or len(flat) % 2 or not _all_str(flat):
+    if not isinstance(flat, list) or len(flat) % 2 or not _all_bytes(flat):
         raise CorruptEntry("bad header list")
-    return tuple(zip(flat[0::2], flat[1::2], strict=True))
+    texts = [_text(item) for item in flat]
+    return tuple(zip(texts[0::2], texts[1::2], strict=True))
+
+
+def _optional(value: str | None) -> bytes | None:
+    return None if value is None else wire(value)
 
 
 def encode(entry: Entry) -> bytes:
+    """The entry's bytes; :class:`Unencodable` if it has something msgpack cannot hold."""
     body = entry.body
-    packed: bytes = msgpack.packb(
-        [
-            FORMAT_VERSION,
-            entry.key,
-            entry.status,
-            _flatten(entry.headers),
-            body,
-            entry.stored_at,
-            entry.fresh_until,
-            entry.stale_until,
-            entry.swr_until,
-            entry.expires_at,
-            entry.etag,
-            entry.last_modified,
-            _flatten(entry.vary),
-            list(entry.tags),
-            len(body),
-            zlib.crc32(body),
-        ],
-        use_bin_type=True,
-    )
+    try:
+        packed: bytes = msgpack.packb(
+            [
+                FORMAT_VERSION,
+                entry.key,
+                entry.status,
+                _flatten(entry.headers),
+                body,
+                entry.stored_at,
+                entry.fresh_until,
+                entry.stale_until,
+                entry.swr_until,
+                entry.expires_at,
+                _optional(entry.etag),
+                _optional(entry.last_modified),
+                _flatten(entry.vary),
+                [wire(tag) for tag in entry.tags],
+                len(body),
+                zlib.crc32(body),
+            ],
+            use_bin_type=True,
+        )
+    except Exception as exc:  # noqa: BLE001 - msgpack and str.encode raise unrelated types
+        raise Unencodable(f"{type(exc).__name__}: {exc}") from None
     return packed
 
 
@@ -100,11 +128,11 @@ def decode(data: bytes, key: str) -> Entry:
     times = (stored_at, fresh_until, stale_until, swr_until, expires_at)
     if not all(isinstance(t, (int, float)) for t in times):
         raise CorruptEntry("bad timestamps")
-    if not (etag is None or isinstance(etag, str)) or not (
-        last_modified is None or isinstance(last_modified, str)
+    if not (etag is None or isinstance(etag, bytes)) or not (
+        last_modified is None or isinstance(last_modified, bytes)
     ):
         raise CorruptEntry("bad validators")
-    if not isinstance(tags, list) or not _all_str(tags):
+    if not isinstance(tags, list) or not _all_bytes(tags):
         raise CorruptEntry("bad tags")
     return Entry(
         key=key,
@@ -116,8 +144,8 @@ def decode(data: bytes, key: str) -> Entry:
         stale_until=float(stale_until),
         swr_until=float(swr_until),
         expires_at=float(expires_at),
-        etag=etag,
-        last_modified=last_modified,
+        etag=None if etag is None else _text(etag),
+        last_modified=None if last_modified is None else _text(last_modified),
         vary=_pairs(vary),
-        tags=tuple(tags),
+        tags=tuple(_text(tag) for tag in tags),
     )

@@ -102,6 +102,8 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_BODY_TIMEOUT": "30.0",  # seconds to receive a request body -> 408
     "TIERPROXY_KEEPALIVE_TIMEOUT": "75.0",  # idle keep-alive connections are closed after this
     "TIERPROXY_SEND_TIMEOUT": "30.0",  # a client taking no response bytes this long is cut off
+    "TIERPROXY_KEY_PREFIX": "",  # starts every Redis name: environments sharing one Redis
+    "TIERPROXY_MAX_TTL": "31536000",  # one year: freshness never exceeds it
 }
 
 
@@ -147,6 +149,8 @@ class Settings:
     send_timeout: float = 30.0
     origin_queue_timeout: float = 0.5
     stream_timeout: float = 300.0
+    key_prefix: str = ""
+    max_ttl: float = 31536000.0
 
 
 def _parse(
@@ -189,6 +193,21 @@ def _origin(raw: str) -> str:
         raise ValueError(raw)
     parts.port  # noqa: B018 - raises ValueError on a bad port
     return raw.rstrip("/")
+
+
+# A Redis key prefix: printable ASCII without spaces (it is also part of a pub/sub channel
+# name and shows up in operators' redis-cli sessions), short enough to stay a prefix.
+MAX_KEY_PREFIX_LENGTH = 64
+
+
+def _key_prefix(env: Mapping[str, str]) -> str:
+    raw = env.get("TIERPROXY_KEY_PREFIX", "")
+    if len(raw) > MAX_KEY_PREFIX_LENGTH or not all("!" <= char <= "~" for char in raw):
+        raise ConfigError(
+            f"TIERPROXY_KEY_PREFIX={raw[:80]!r} is not valid: expected at most "
+            f"{MAX_KEY_PREFIX_LENGTH} printable ASCII characters without spaces, e.g. staging:"
+        )
+    return raw
 
 
 def _redis_url(raw: str) -> str | None:
@@ -320,6 +339,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "TIERPROXY_ORIGIN_QUEUE_TIMEOUT", _seconds(True), timeout
         ),
         stream_timeout=_parse(env, "TIERPROXY_STREAM_TIMEOUT", _seconds(True), timeout),
+        key_prefix=_key_prefix(env),
+        max_ttl=_parse(env, "TIERPROXY_MAX_TTL", _seconds(True), "a positive number of seconds"),
     )
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass, field
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp.web_response import REASON_PHRASES
 
-__all__ = ["Entry", "Headers"]
+__all__ = ["OWN_HEADERS", "Entry", "Headers", "wire"]
 
 Headers = tuple[tuple[str, str], ...]
+
+# Response fields tierproxy writes itself on every response: an upstream's copy is never
+# replayed next to them. X-Cache and X-Request-ID are replaced (and not stored, see
+# policy.storable_headers); an upstream Cache-Status is kept and tierproxy's member appended
+# after its members (RFC 9211 §2: listed from the origin towards the user agent).
+OWN_HEADERS = frozenset({"x-cache", "x-request-id", "cache-status"})
+
+# What aiohttp's serialiser refuses in a field line (RFC 9110 §5.5: CR, LF, NUL and other
+# controls but HTAB); a stored line holding one (only possible in a tampered shared-tier entry)
+# is never written by the hit path.
+FORBIDDEN_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+# Bits of Entry.head_flags: stored fields that spare aiohttp from adding its own.
+HAS_CONTENT_TYPE = 1
+HAS_DATE = 2
+HAS_SERVER = 4
+
+# Bytes charged per entry for what sys.getsizeof does not see: the L1 index's dict slot and
+# linked-list node, and allocator rounding. tests/integration/test_l1_memory_bound.py checks the
+# sum against a spawned proxy's resident memory (it errs on the generous side: header names
+# the parser shares between responses are counted for each entry).
+_INDEX_OVERHEAD = 160
+
+
+def wire(text: str) -> bytes:
+    """The bytes a header str came from: aiohttp decodes header bytes as UTF-8 with
+    surrogateescape, so any byte (obs-text, e.g. latin-1 ``caf\\xe9``) round-trips exactly."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +48,10 @@ class Entry:
     Timestamps are wall-clock epoch seconds: entries cross processes (Redis, SQLite).
     ``stored_at`` is when the origin generated the response (corrected for any ``Age`` it
     arrived with), so ``Age`` = now - stored_at (RFC 9111 §4.2.3).
+
+    Header names and values are ``str`` as aiohttp decodes them (UTF-8, surrogateescape):
+    :func:`wire` gives back the exact bytes, which is what the codec stores and what every
+    response path writes.
     """
 
     key: str  # the normalised key material; checked on decode so one URL never gets another's bytes
@@ -33,24 +67,76 @@ class Entry:
     last_modified: str | None = None
     vary: Headers = ()  # request header (lower-case name, value) pairs this variant was chosen by
     tags: tuple[str, ...] = ()  # surrogate keys
-    # Built once per entry, never per hit: a header multidict ready to copy into a response.
-    response_headers: CIMultiDictProxy[str] = field(
-        init=False, repr=False, compare=False, hash=False
-    )
+    # Built once per entry, never per hit (and counted in ``size``): the status line and the
+    # stored header lines as HTTP/1.1 bytes, without the fields tierproxy writes itself (see
+    # OWN_HEADERS); None when a stored line is unsafe to write (the full path refuses it).
+    wire_head: bytes | None = field(init=False, repr=False, compare=False, hash=False)
+    # The upstream's Cache-Status members followed by ", " (b"" without one): tierproxy's
+    # member is appended to them.
+    upstream_cache_status: bytes = field(init=False, repr=False, compare=False, hash=False)
+    head_flags: int = field(init=False, repr=False, compare=False, hash=False)
+    # True when a stored header holds bytes that are not UTF-8 (obs-text): aiohttp's own
+    # serialiser would drop them, so the full path writes this entry's head itself.
+    raw_bytes: bool = field(init=False, repr=False, compare=False, hash=False)
+    # What holding this entry costs in memory, in bytes (L1 charges it against its bound).
     size: int = field(init=False, repr=False, compare=False, hash=False)
-    # The status line and stored header lines as HTTP/1.1 bytes, built by the connection
-    # handler's hit path (tierproxy.hits) on the entry's first hit there, then reused.
-    wire_head: bytes | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        headers: CIMultiDict[str] = CIMultiDict(self.headers)
-        object.__setattr__(self, "response_headers", CIMultiDictProxy(headers))
-        size = len(self.body) + len(self.key) + 200
+        setattr_ = object.__setattr__
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, REASON_PHRASES.get(self.status, "").encode())]
+        upstream: list[bytes] = []
+        flags = 0
+        raw_bytes = False
+        safe = True
+        getsizeof = sys.getsizeof
+        size = getsizeof(self.headers)
         for name, value in self.headers:
-            size += len(name) + len(value) + 4
-        for name, value in self.vary:
-            size += len(name) + len(value) + 4
-        object.__setattr__(self, "size", size)
+            size += getsizeof(name) + getsizeof(value) + 72  # 72: the (name, value) tuple
+            lname = name.lower()
+            if not (name.isascii() and value.isascii()):
+                try:
+                    name.encode("utf-8")
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raw_bytes = True
+            try:
+                line = wire(name) + b": " + wire(value)
+            except UnicodeEncodeError:  # a surrogate no byte decodes to: not from the wire
+                safe = False
+                continue
+            if FORBIDDEN_IN_HEADER.search(name) or FORBIDDEN_IN_HEADER.search(value):
+                safe = False
+            if lname in OWN_HEADERS:
+                if lname == "cache-status" and value.strip():
+                    upstream.append(line[len(name) + 2:].strip())
+                continue
+            if lname == "content-type":
+                flags |= HAS_CONTENT_TYPE
+            elif lname == "date":
+                flags |= HAS_DATE
+            elif lname == "server":
+                flags |= HAS_SERVER
+            lines.append(line + b"\r\n")
+        head = b"".join(lines) if safe else None
+        setattr_(self, "wire_head", head)
+        setattr_(self, "upstream_cache_status", b", ".join(upstream) + b", " if upstream else b"")
+        setattr_(self, "head_flags", flags)
+        setattr_(self, "raw_bytes", raw_bytes)
+        size += getsizeof(self) + getsizeof(self.body) + getsizeof(self.key) + _INDEX_OVERHEAD
+        if head is not None:
+            size += getsizeof(head)
+        if upstream:
+            size += getsizeof(self.upstream_cache_status)
+        for text in (self.etag, self.last_modified):
+            if text is not None:
+                size += getsizeof(text)
+        if self.vary:
+            size += getsizeof(self.vary)
+            for name, value in self.vary:
+                size += getsizeof(name) + getsizeof(value) + 72
+        if self.tags:
+            size += getsizeof(self.tags) + sum(getsizeof(tag) for tag in self.tags)
+        setattr_(self, "size", size)
 
     def age(self, now: float) -> int:
         return max(0, int(now - self.stored_at))

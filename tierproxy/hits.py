@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.web_response import REASON_PHRASES
 
+from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER
 from .keys import BadTarget, CacheKey, normalise_target
 from .logs import request_id
 from .readthrough import Lookup, ProxyRequest
@@ -62,27 +62,22 @@ _OCTET_STREAM_LINE = b"Content-Type: application/octet-stream\r\n"
 _NO_TIMINGS: dict[str, float] = {}
 # After the stored headers: what the full path adds to a hit, in the order aiohttp writes it.
 _HIT_HEAD = (
-    b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s\r\n"
+    b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s%s\r\n"
     b"X-Request-ID: %s\r\nContent-Length: %d\r\n%s\r\n"
 )
 
 
 def encode_head(entry: Entry) -> bytes | None:
-    """The status line and stored header lines, as aiohttp writes them; None if unsafe.
+    """The status line and stored header lines, as aiohttp writes them but byte-exact; None
+    if unsafe.
 
-    A header line with CR or LF (possible only in a tampered shared-tier entry: the origin's
-    parser refuses them) is left to aiohttp, which refuses to send it.
+    Built once per entry (``Entry.wire_head``). Header bytes that are not UTF-8 (obs-text,
+    RFC 9110 §5.5) are written as received. A line with CR, LF or another control character
+    (possible only in a tampered shared-tier entry: the origin's parser refuses them) is left
+    to the full path, which refuses to send it. tierproxy's own fields (X-Cache, Cache-Status,
+    X-Request-ID) are not among the stored lines: every response writes its own.
     """
-    lines = [b"HTTP/1.1 %d %s\r\n" % (entry.status, REASON_PHRASES.get(entry.status, "").encode())]
-    for name, value in entry.headers:
-        line = f"{name}: {value}\r\n"
-        if "\r" in line[:-2] or "\n" in line[:-2]:
-            return None
-        try:
-            lines.append(line.encode("utf-8"))
-        except UnicodeEncodeError:
-            return None
-    return b"".join(lines)
+    return entry.wire_head
 
 
 class Handover:
@@ -99,11 +94,12 @@ class Handover:
 class HitPath:
     """Answers fresh cache hits for :class:`tierproxy.listener.ProxyRequestHandler`."""
 
-    __slots__ = ("_access_log", "_l1", "_l1_label", "_l1_status", "_looks_further",
+    __slots__ = ("_access_log", "_keys", "_l1", "_l1_label", "_l1_status", "_looks_further",
                  "_metrics", "_readthrough", "_state")
 
     def __init__(self, state: ProxyState, l1: GuardedTier | None) -> None:
         self._state = state
+        self._keys = state.keys
         self._l1 = l1
         self._metrics = state.metrics
         self._access_log = state.access_log
@@ -135,7 +131,7 @@ class HitPath:
         if length is not None and length != "0":
             return None  # a body (a "fat GET") is the full path's to refuse
         try:
-            key = CacheKey(normalise_target(message.path))
+            key = self._keys.key(normalise_target(message.path))
         except BadTarget:
             return None
         started = time.perf_counter()
@@ -193,23 +189,20 @@ class HitPath:
     ) -> Answer | None:
         head = entry.wire_head
         if head is None:
-            head = encode_head(entry)
-            if head is None:
-                return None
-            object.__setattr__(entry, "wire_head", head)
+            return None
         body = entry.body
-        stored = entry.response_headers
+        flags = entry.head_flags
         # The lines aiohttp adds after ours when the stored headers lack them.
         tail = b""
-        if body and "Content-Type" not in stored:
+        if body and not flags & HAS_CONTENT_TYPE:
             tail = _OCTET_STREAM_LINE
-        if "Date" not in stored:
+        if not flags & HAS_DATE:
             tail += b"Date: " + rfc822_formatted_time().encode() + b"\r\n"
-        if "Server" not in stored:
+        if not flags & HAS_SERVER:
             tail += _SERVER_LINE
         response_head = _HIT_HEAD % (
-            head, entry.age(time.time()), x_cache.encode(), cache_status.encode(),
-            rid.encode(), len(body), tail,
+            head, entry.age(time.time()), x_cache.encode(), entry.upstream_cache_status,
+            cache_status.encode(), rid.encode(), len(body), tail,
         )
         metrics = self._metrics
         metrics.response(x_cache, entry.status)

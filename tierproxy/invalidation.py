@@ -2,7 +2,7 @@
 
 Replicas share L2 (Redis) but each has its own L1 (memory) and usually its own L3 (a file on
 its host). A purge on one replica removes the entries from all of its tiers - L2 included, so
-from every replica's L2 - and publishes a message on ``tierproxy:invalidate``; every other
+from every replica's L2 - and publishes a message on ``<KEY_PREFIX>tierproxy:invalidate``; every other
 replica's subscriber applies it to its local tiers (L1, L3).
 
 Pub/sub delivers at most once: a replica whose subscription was down (Redis restarted, network
@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .keys import MAX_TARGET_LENGTH, CacheKey
+from .keys import MAX_TARGET_LENGTH, KeySpace
 from .readthrough import MAX_TAG_LENGTH, ReadThrough
 from .tiers.memory import MemoryTier
 from .tiers.redis import RedisTier
@@ -41,11 +41,10 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .tiers.base import GuardedTier
 
-__all__ = ["CHANNEL", "Invalidation", "PurgeOrder", "PurgeOutcome"]
+__all__ = ["Invalidation", "PurgeOrder", "PurgeOutcome"]
 
 log = logging.getLogger("tierproxy.invalidation")
 
-CHANNEL = "tierproxy:invalidate"
 MESSAGE_VERSION = 1
 _MAX_ITEMS_PER_MESSAGE = 1000  # keys or tags per published message
 _TARGET_MESSAGE_BYTES = 512 * 1024  # what a published message is kept under (roughly)
@@ -114,11 +113,15 @@ class Invalidation:
         self.metrics = metrics
         #: Tells this replica's own messages apart when they come back on the channel.
         self.replica_id = secrets.token_hex(8)
+        self._keys = KeySpace(settings.origin)
         self._l2: GuardedTier | None = None
         self._l1: MemoryTier | None = None
+        #: The replicas' channel: RedisTier.prefix + "invalidate" (TIERPROXY_KEY_PREFIX first).
+        self.channel = ""
         for tier in tiers:
             if isinstance(tier.backend, RedisTier):
                 self._l2 = tier
+                self.channel = tier.backend.invalidate_channel
             elif isinstance(tier.backend, MemoryTier):
                 self._l1 = tier.backend
         self.state = "disabled" if self._l2 is None else "connecting"
@@ -139,7 +142,7 @@ class Invalidation:
 
     async def purge(self, order: PurgeOrder, source: str) -> PurgeOutcome:
         """Purge everywhere: every tier here, then the other replicas' local tiers."""
-        keys = [CacheKey(material) for material in order.keys]
+        keys = [self._keys.key(material) for material in order.keys]
         soft_at = order.at if order.soft else None
         tiers = await self.readthrough.purge(keys, order.tags, soft_at)
         ok = all(isinstance(count, int) for count in tiers.values())
@@ -173,7 +176,7 @@ class Invalidation:
                     "tags": list(chunk.tags), "soft": chunk.soft, "at": chunk.at,
                 }).encode()
                 async with asyncio.timeout(max(self._l2.write_timeout, 1.0)):
-                    receivers = max(receivers, await backend.publish(CHANNEL, message))
+                    receivers = max(receivers, await backend.publish(self.channel, message))
         except Exception as exc:  # TimeoutError included: the purge is reported as partial
             self._published["error"].inc()
             log.warning("purge not published to other replicas: %r", exc)
@@ -257,7 +260,7 @@ class Invalidation:
         pubsub = client.pubsub()
         try:
             async with asyncio.timeout(timeout):
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(self.channel)
                 for _ in range(100):  # the confirmation comes first; bounded anyway
                     message = await pubsub.get_message(timeout=timeout)
                     if message is not None and message.get("type") == "subscribe":
@@ -269,7 +272,7 @@ class Invalidation:
             self.subscriptions += 1
             self._subscribed.set()
             self.state = "connected"
-            log.info("subscribed to %s", CHANNEL)
+            log.info("subscribed to %s", self.channel)
             last_heard = loop.time()
             ping_sent = False
             while True:  # until the connection fails or the task is cancelled
@@ -311,7 +314,7 @@ class Invalidation:
         if isinstance(order, str):  # "own": this replica's message, already applied
             self._received["own"].inc()
             return
-        keys = [CacheKey(material) for material in order.keys]
+        keys = [self._keys.key(material) for material in order.keys]
         results = await self.readthrough.purge(
             keys, order.tags, order.at if order.soft else None, shared=False
         )

@@ -3,14 +3,31 @@
 The key material is the normalised ``path?query``; it is also exactly what is forwarded to the
 origin, so two requests with one key can never fetch two different upstream URLs. Scheme and
 authority of an absolute-form target are dropped: the upstream is always the configured origin.
+
+The shared and persistent tiers (Redis, SQLite) may hold entries of other deployments (another
+``TIERPROXY_ORIGIN`` on the same Redis database or file) and of other entry format versions
+(a rolling upgrade). Their id for a key is therefore a digest of the key's *namespace* - the
+origin's identity and the entry format version (:class:`KeySpace`) - and its material: an
+entry of another origin or format is never even looked up.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from urllib.parse import urlsplit
 
-__all__ = ["BadTarget", "TargetTooLong", "CacheKey", "normalise_target", "MAX_TARGET_LENGTH"]
+from .codec import FORMAT_VERSION, Unencodable
+
+__all__ = [
+    "BadTarget",
+    "TargetTooLong",
+    "CacheKey",
+    "KeySpace",
+    "normalise_target",
+    "origin_identity",
+    "MAX_TARGET_LENGTH",
+]
 
 # A backstop: the listener refuses targets over TIERPROXY_MAX_URL_BYTES (at most this) with 414
 # before a request is parsed; config.MAX_URL_BYTES_LIMIT is the same number.
@@ -40,25 +57,74 @@ class TargetTooLong(BadTarget):
     """A request target over :data:`MAX_TARGET_LENGTH`; answered with 414."""
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_identity(origin: str) -> str:
+    """``scheme://host:port/base-path`` of an origin URL, normalised: lower-case scheme and
+    host, the port always explicit (RFC 3986 §6.2.3: a default port is the same origin),
+    no trailing slash. ``HTTP://Example.COM:80/`` and ``http://example.com`` are one origin."""
+    parts = urlsplit(origin.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # IPv6 literal
+    port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+class KeySpace:
+    """The namespace of this process's keys in shared tiers: origin identity + format version.
+
+    Built once from the settings; :meth:`key` makes the :class:`CacheKey` of a request.
+    """
+
+    __slots__ = ("namespace", "origin")
+
+    def __init__(self, origin: str, format_version: int = FORMAT_VERSION) -> None:
+        self.origin = origin_identity(origin)
+        self.namespace = f"{self.origin} v{format_version}"
+
+    def key(self, material: str) -> CacheKey:
+        return CacheKey(material, self.namespace)
+
+    def tag_id(self, tag: str) -> str:
+        """Fixed-length id of a surrogate key (tag) of this origin, for every format version:
+        a purge by tag reaches the entries an older version wrote too."""
+        return _sha256(self.origin + "\n" + tag)
+
+
+def _sha256(text: str) -> str:
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:  # a surrogate no byte decodes to: not from the wire
+        raise Unencodable(f"key text: {exc.reason}") from None
+    return hashlib.sha256(data).hexdigest()
+
+
 class CacheKey:
-    """Key material and, computed only when a shared tier needs it, its fixed-length digest."""
+    """Key material, its namespace (see :class:`KeySpace`) and, computed only when a shared
+    tier needs it, the fixed-length id of both."""
 
-    __slots__ = ("material", "_digest")
+    __slots__ = ("material", "namespace", "_digest")
 
-    def __init__(self, material: str) -> None:
+    def __init__(self, material: str, namespace: str) -> None:
         self.material = material
+        self.namespace = namespace
         self._digest: str | None = None
 
     @property
     def digest(self) -> str:
-        # L2/L3 keys are a sha256 of the material: fixed length whatever the URL, and no
-        # client byte ever reaches a Redis key or SQL text verbatim.
+        # L2/L3 ids are a sha256 of namespace and material: fixed length whatever the URL, no
+        # client byte ever reaches a Redis key or SQL text verbatim, and another origin's or
+        # format version's entry for the same path has another id. Material is ASCII (see
+        # normalise_target), the namespace has no newline: the joined text is unambiguous.
         if self._digest is None:
-            self._digest = hashlib.sha256(self.material.encode("utf-8", "surrogateescape")).hexdigest()
+            self._digest = _sha256(self.namespace + "\n" + self.material)
         return self._digest
 
     def __repr__(self) -> str:
-        return f"CacheKey({self.material!r})"
+        return f"CacheKey({self.material!r}, {self.namespace!r})"
 
 
 def _normalise_escapes(part: str) -> str:

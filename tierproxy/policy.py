@@ -50,9 +50,12 @@ HOP_BY_HOP = frozenset(
 
 # Never stored with an entry: recomputed per response (Age, Content-Length), or never replayed
 # to another client (Set-Cookie: a response carrying it is not stored at all; this is belt and
-# braces), or for the cache only (Surrogate-Key).
+# braces), or for the cache only (Surrogate-Key), or replaced by tierproxy's own on every
+# response (X-Cache, X-Request-ID: the origin's are about another hop and another request).
+# An upstream Cache-Status is stored: tierproxy appends its member to it (RFC 9211 §2).
 _NOT_STORED = frozenset(
-    {"age", "content-length", "set-cookie", "set-cookie2", "surrogate-key", "surrogate-control"}
+    {"age", "content-length", "set-cookie", "set-cookie2", "surrogate-key", "surrogate-control",
+     "x-cache", "x-request-id"}
 )
 
 # RFC 9111 §3 + §4.2.2: statuses this cache understands and may store; the heuristically
@@ -68,6 +71,9 @@ NOT_MODIFIED_HEADERS = ("cache-control", "content-location", "date", "etag", "ex
 class CachePolicy:
     default_ttl: float
     max_stale: float
+    # TIERPROXY_MAX_TTL: no freshness lifetime (and no stale-if-error / stale-while-revalidate
+    # window an origin grants) exceeds it, whatever Expires (year 9999) or max-age says.
+    max_ttl: float = 31536000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +146,10 @@ def _http_date(value: str | None) -> float | None:
     return parsed.timestamp()
 
 
+def _capped(seconds: float | None, limit: float) -> float | None:
+    return None if seconds is None else min(seconds, limit)
+
+
 def bypass_reason(method: str, headers: AnyHeaders, has_body: bool) -> str | None:
     """Why a request may not be answered from or stored in the cache; None if it may."""
     if method not in ("GET", "HEAD"):
@@ -210,10 +220,11 @@ def decide_storage(
         if policy.default_ttl <= 0:
             return StoreDecision(False, "no-freshness")
         lifetime = policy.default_ttl
+    lifetime = min(lifetime, policy.max_ttl)
 
     fresh_until = stored_at + lifetime
-    stale_if_error = _delta_seconds(cc.get("stale-if-error"))
-    swr = _delta_seconds(cc.get("stale-while-revalidate"))
+    stale_if_error = _capped(_delta_seconds(cc.get("stale-if-error")), policy.max_ttl)
+    swr = _capped(_delta_seconds(cc.get("stale-while-revalidate")), policy.max_ttl)
     # §4.2.4 / §5.2.2.2 / §5.2.2.10: must-revalidate, proxy-revalidate and s-maxage forbid
     # serving stale, unless the origin explicitly grants stale-if-error (RFC 5861 §4).
     no_stale = (

@@ -228,7 +228,7 @@ class ReadThrough:
         self.origin = origin
         self.background = background
         self.metrics = metrics
-        self.policy = policy.CachePolicy(settings.default_ttl, settings.max_stale)
+        self.policy = policy.CachePolicy(settings.default_ttl, settings.max_stale, settings.max_ttl)
         # Single flight per key: the fetch in flight (its future gets the outcome the waiters
         # may share, or None), and the recently completed ones that produced an entry (see
         # _recent_outcome). Both bounded: one flight per key being fetched; _RECENT_* records.

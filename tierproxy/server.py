@@ -23,8 +23,9 @@ from multidict import CIMultiDict
 from . import policy
 from .background import BackgroundTasks
 from .config import Settings
+from .entry import FORBIDDEN_IN_HEADER, OWN_HEADERS, wire
 from .invalidation import Invalidation, PurgeOrder
-from .keys import BadTarget, CacheKey, TargetTooLong, normalise_target
+from .keys import BadTarget, CacheKey, KeySpace, TargetTooLong, normalise_target
 from .hits import Handover, HitPath
 from .listener import ProxyRunner, handler_args
 from .logs import AccessLog, dropped_lines, request_id
@@ -44,6 +45,65 @@ log = logging.getLogger("tierproxy.server")
 _RESPONSE_DROP = ("content-length", "surrogate-key", "surrogate-control")
 
 
+def _has_raw_bytes(headers: CIMultiDict[str]) -> bool:
+    """Does a header hold bytes that are not UTF-8 (obs-text, RFC 9110 §5.5)? aiohttp decodes
+    them with surrogateescape, and its serialiser drops the surrogates: such a head must be
+    written by :func:`_write_exact_head`."""
+    for name, value in headers.items():
+        if not (name.isascii() and value.isascii()):
+            try:
+                name.encode("utf-8")
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+def _write_exact_head(response: web.StreamResponse, request: web.BaseRequest) -> None:
+    """Write ``response``'s status line and headers as aiohttp would, but byte-exact: header
+    str from aiohttp's parser go back to the bytes they came from (surrogateescape). A field
+    with CR, LF or another control character is refused, as aiohttp refuses it."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("Cannot write to closing transport")
+    version = request.version
+    lines = [f"HTTP/{version.major}.{version.minor} {response.status} {response.reason}"]
+    for name, value in response.headers.items():
+        if FORBIDDEN_IN_HEADER.search(name) or FORBIDDEN_IN_HEADER.search(value):
+            raise ValueError("Forbidden control character detected in headers")
+        lines.append(f"{name}: {value}")
+    transport.write(wire("\r\n".join(lines) + "\r\n\r\n"))
+
+
+class _ExactHeadResponse(web.Response):
+    """A ``web.Response`` whose head is written by :func:`_write_exact_head` (the body, framing
+    and everything else stay aiohttp's). Used only when a header holds non-UTF-8 bytes."""
+
+    def __init__(self, request: web.BaseRequest, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._exact_request = request
+
+    async def _write_headers(self) -> None:  # aiohttp's hook: called once by prepare()
+        _write_exact_head(self, self._exact_request)
+
+
+class _ExactHeadStreamResponse(web.StreamResponse):
+    """:class:`_ExactHeadResponse` for a streamed body."""
+
+    def __init__(self, request: web.BaseRequest, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._exact_request = request
+
+    async def _write_headers(self) -> None:
+        _write_exact_head(self, self._exact_request)
+
+
+def _cache_status(upstream: str, ours: str) -> str:
+    """RFC 9211 §2: members are listed from the origin towards the user agent, so an
+    upstream cache's members come first and tierproxy's last."""
+    return f"{upstream}, {ours}" if upstream else ours
+
+
 @dataclass(slots=True)
 class ProxyState:
     settings: Settings
@@ -54,6 +114,7 @@ class ProxyState:
     readthrough: ReadThrough
     access_log: AccessLog
     invalidation: Invalidation
+    keys: KeySpace  # request target -> CacheKey in this origin's namespace
     ready: bool = False
     inflight: int = 0
     notes: list[str] = field(default_factory=list)
@@ -81,7 +142,7 @@ class _RequestInfo:
 _INFO = web.RequestKey("tierproxy_request_info", _RequestInfo)
 
 
-def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
+def _make_tiers(settings: Settings, metrics: Metrics, keys: KeySpace) -> list[GuardedTier]:
     backends: list[tuple[TierBackend, float, float]] = []
     if settings.l1_max_bytes > 0:
         backends.append((MemoryTier(settings.l1_max_bytes), settings.l1_timeout, settings.l1_timeout))
@@ -91,6 +152,8 @@ def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
                 settings.redis_url,
                 socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
                 max_connections=settings.redis_max_connections,
+                keys=keys,
+                key_prefix=settings.key_prefix,
             ),
             settings.l2_timeout,
             settings.l2_write_timeout,
@@ -105,6 +168,7 @@ def _make_tiers(settings: Settings, metrics: Metrics) -> list[GuardedTier]:
                 retry_max=settings.breaker_cooldown,
                 check_interval=min(1.0, settings.breaker_cooldown / 2),
                 metrics=metrics,
+                keys=keys,
             ),
             settings.l3_timeout,
             settings.l3_write_timeout,
@@ -246,7 +310,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The proxy listener's app. Nothing is opened until the app starts."""
     metrics = metrics or Metrics()
-    tiers = _make_tiers(settings, metrics)
+    keys = KeySpace(settings.origin)
+    tiers = _make_tiers(settings, metrics, keys)
     discarded = metrics.origin_connections_discarded
     origin = OriginClient(
         settings.origin,
@@ -260,6 +325,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     state = ProxyState(
         settings, metrics, tiers, origin, background, readthrough,
         AccessLog(settings.access_log), Invalidation(settings, tiers, readthrough, metrics),
+        keys,
     )
     _register_gauges(state)
 
@@ -375,7 +441,7 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
         if isinstance(exc, TargetTooLong):
             return _plain(414, "414 request target too long")
         return _plain(400, f"400 bad request target: {exc}")
-    key = CacheKey(material)
+    key = state.keys.key(material)
     if method == "PURGE":
         return await _purge(request, state, key)
 
@@ -444,19 +510,31 @@ def _refuse_body(status: int, text: str) -> web.Response:
 async def _respond(request: web.Request, state: ProxyState, result: Result) -> web.StreamResponse:
     if isinstance(result, Cached):
         entry = result.entry
+        # The same head as the hit path writes (tierproxy.hits): the stored fields but
+        # tierproxy's own, then Age, X-Cache, Cache-Status (upstream members first) and
+        # X-Request-ID (set by handle()).
         if policy.client_not_modified(request.headers, entry):
             headers = CIMultiDict(
                 (name, value) for name, value in entry.headers
                 if name.lower() in policy.NOT_MODIFIED_HEADERS or name.lower() == "last-modified"
             )
             status = 304
-            response = web.Response(status=304, headers=headers)
+            body = None
         else:
+            headers = CIMultiDict(
+                (name, value) for name, value in entry.headers if name.lower() not in OWN_HEADERS
+            )
             status = entry.status
-            response = web.Response(status=status, body=entry.body, headers=entry.response_headers)
-        response.headers["Age"] = str(entry.age(time.time()))
-        response.headers["X-Cache"] = result.x_cache
-        response.headers["Cache-Status"] = result.cache_status
+            body = entry.body
+        headers["Age"] = str(entry.age(time.time()))
+        headers["X-Cache"] = result.x_cache
+        upstream = entry.upstream_cache_status[:-2].decode("utf-8", "surrogateescape")
+        headers["Cache-Status"] = _cache_status(upstream, result.cache_status)
+        if entry.raw_bytes:
+            response: web.Response = _ExactHeadResponse(request, status=status, body=body,
+                                                        headers=headers)
+        else:
+            response = web.Response(status=status, body=body, headers=headers)
         state.metrics.response(result.x_cache, status)
         return response
 
@@ -476,11 +554,17 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
     assert isinstance(result, Forwarded)
     origin_response = result.response
     headers = CIMultiDict(policy.end_to_end(origin_response.headers, _RESPONSE_DROP))
+    # tierproxy's own fields replace the origin's; its Cache-Status member follows an
+    # upstream's members (RFC 9211 §2).
+    upstream = ", ".join(v.strip() for v in headers.popall("Cache-Status", ()) if v.strip())
     headers["X-Cache"] = result.x_cache
-    headers["Cache-Status"] = result.cache_status
+    headers["Cache-Status"] = _cache_status(upstream, result.cache_status)
     headers["X-Request-ID"] = request[_INFO].rid
     state.metrics.response(result.x_cache, origin_response.status)
     if origin_response.body is not None or origin_response.stream is None:
+        if _has_raw_bytes(headers):
+            return _ExactHeadResponse(request, status=origin_response.status,
+                                      body=origin_response.body or b"", headers=headers)
         return web.Response(status=origin_response.status, body=origin_response.body or b"",
                             headers=headers)
     return await _stream(request, state, origin_response, headers)
@@ -517,7 +601,9 @@ async def _stream(request: web.Request, state: ProxyState, origin_response: Orig
     assert origin_response.stream is not None
     settings = state.settings
     upstream = origin_response.stream
-    response = web.StreamResponse(status=origin_response.status, headers=headers)
+    response = (_ExactHeadStreamResponse(request, status=origin_response.status, headers=headers)
+                if _has_raw_bytes(headers)
+                else web.StreamResponse(status=origin_response.status, headers=headers))
     length = upstream.content_length
     if length is not None:
         # Keep the origin's framing so the client can tell a truncated body from a whole one.

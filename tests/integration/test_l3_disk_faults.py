@@ -120,7 +120,7 @@ async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
         async def stored_again() -> bool:
             await proxy.get("/after")
             await proxy.settle()
-            return sqlite_row(path, "/after") is not None
+            return sqlite_row(path, "/after", origin.url) is not None
 
         await wait_for_condition(stored_again, timeout=10, interval=0.2,
                                  message="L3 writes to resume once there is space")
@@ -190,7 +190,7 @@ async def test_start_up_with_a_garbage_l3_file_moves_it_aside(origin, spawn_prox
     proc = await spawn_proxy(L1_MAX_BYTES=0)
     async with aiohttp.ClientSession() as session:
         await fetch(session, "GET", proc.url + "/g")
-        await wait_for_condition(lambda: sqlite_row(sqlite_path, "/g"), message="L3 fill")
+        await wait_for_condition(lambda: sqlite_row(sqlite_path, "/g", origin.url), message="L3 fill")
         assert (await fetch(session, "GET", proc.url + "/g")).x_cache == "HIT-L3"
     assert list(sqlite_path.parent.glob(sqlite_path.name + ".corrupt-*")), proc.stderr
 
@@ -245,7 +245,7 @@ async def test_l3_file_deleted_at_run_time_is_recreated_without_a_restart(
                              message="the deleted L3 file recreated")
     assert "up" not in states[:-1] or len(states) == 1, states
     await _recovers(proxy, sqlite_path, "/after")
-    assert sqlite_row(sqlite_path, "/after") is not None
+    assert sqlite_row(sqlite_path, "/after", origin.url) is not None
     assert _sample(proxy, "tierproxy_l3_recoveries_total", reason="missing") >= 1
 
 
@@ -338,20 +338,18 @@ async def test_eviction_and_expiry_sweep_use_their_indexes(origin, make_proxy, s
 async def test_an_entry_purged_while_l3_was_unavailable_is_not_served_when_it_returns(
     origin, make_proxy, sqlite_path
 ):
-    from tierproxy.keys import CacheKey
-
     origin.set_default(headers=CACHEABLE)
     first = await make_proxy(L1_MAX_BYTES=0)
     await first.get("/p")
     await first.settle()
     await first.close()
-    assert sqlite_row(sqlite_path, "/p") is not None
+    assert sqlite_row(sqlite_path, "/p", origin.url) is not None
 
     with sqlite_exclusive_lock(sqlite_path):  # the next proxy starts without L3
         proxy = await make_proxy(L1_MAX_BYTES=0, L3_WRITE_TIMEOUT=0.2, BREAKER_COOLDOWN=1)
         assert _l3_state(proxy) == "unavailable"
         # A purge heard from another replica while this one's L3 cannot be written.
-        await proxy.state.readthrough.purge([CacheKey("/p")], [], shared=False)
+        await proxy.state.readthrough.purge([proxy.state.keys.key("/p")], [], shared=False)
 
     await wait_for_condition(lambda: _l3_state(proxy) == "up", timeout=10,
                              message="L3 back after the lock went away")

@@ -306,7 +306,6 @@ async def test_a_local_error_is_a_500_and_never_counted_against_the_origin(origi
     """No client input reaches this (aiohttp's parser refuses control characters with 400),
     so a request built in-process stands for a bug in tierproxy's own header composition:
     aiohttp's writer raises ValueError for the control character while sending it."""
-    from tierproxy.keys import CacheKey
     from tierproxy.readthrough import Failed, ProxyRequest
 
     proxy = await make_proxy(BREAKER_FAILURES=1, REDIS_URL=None, SQLITE_PATH="off")
@@ -314,7 +313,7 @@ async def test_a_local_error_is_a_500_and_never_counted_against_the_origin(origi
     loop = asyncio.get_running_loop()
 
     def request(path: str, value: str, method: str = "GET") -> ProxyRequest:
-        return ProxyRequest(method=method, key=CacheKey(path),
+        return ProxyRequest(method=method, key=proxy.state.keys.key(path),
                             headers=CIMultiDictProxy(CIMultiDict({"X-Note": value})),
                             peer="127.0.0.1", scheme="http", deadline=loop.time() + 3)
 

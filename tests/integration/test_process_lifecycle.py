@@ -128,8 +128,8 @@ async def test_sigterm_drains_pending_backfills_then_exits_0(
         code = await proc.wait(15)
 
     assert code == 0, proc.stderr
-    missing_l3 = [p for p in paths if sqlite_row(sqlite_path, p) is None]
-    missing_l2 = [p for p in paths if not redis_client.exists(redis_key(p))]
+    missing_l3 = [p for p in paths if sqlite_row(sqlite_path, p, origin.url) is None]
+    missing_l2 = [p for p in paths if not redis_client.exists(redis_key(p, origin.url))]
     assert missing_l3 == [], proc.stderr
     assert missing_l2 == [], proc.stderr
 
@@ -140,15 +140,15 @@ async def test_backfill_pending_on_a_locked_l3_lands_when_drained(
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0)
     await proxy.get("/warm")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/warm"), message="L3 fill")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/warm", origin.url), message="L3 fill")
 
     with sqlite_exclusive_lock(sqlite_path):
         response = await proxy.get("/pending")
         assert response.status == 200, response
         assert response.elapsed < 1.0, response  # the client never waits for a backfill
         assert proxy.state.background.pending >= 1
-        assert sqlite_row(sqlite_path, "/pending") is None
+        assert sqlite_row(sqlite_path, "/pending", origin.url) is None
 
     await proxy.drain(5)
     assert proxy.state.background.pending == 0
-    assert sqlite_row(sqlite_path, "/pending") is not None
+    assert sqlite_row(sqlite_path, "/pending", origin.url) is not None

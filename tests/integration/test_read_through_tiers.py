@@ -22,14 +22,14 @@ TIER_ONLY = {
 }
 
 
-async def _stored_in(tier: str, path: str, redis_client, sqlite_path) -> None:
+async def _stored_in(tier: str, path: str, redis_client, sqlite_path, origin) -> None:
     if tier == "l2":
         await wait_for_condition(
-            lambda: redis_client.exists(redis_key(path)), message=f"{path} in Redis"
+            lambda: redis_client.exists(redis_key(path, origin.url)), message=f"{path} in Redis"
         )
     elif tier == "l3":
         await wait_for_condition(
-            lambda: sqlite_row(sqlite_path, path), message=f"{path} in SQLite"
+            lambda: sqlite_row(sqlite_path, path, origin.url), message=f"{path} in SQLite"
         )
 
 
@@ -66,7 +66,7 @@ async def test_each_tier_alone_serves_a_hit_with_the_origin_response(
 
     miss = await proxy.get("/only")
     assert miss.x_cache == "MISS", miss
-    await _stored_in(tier, "/only", redis_client, sqlite_path)
+    await _stored_in(tier, "/only", redis_client, sqlite_path, origin)
     hit = await proxy.get("/only")
 
     assert hit.status == 200, hit
@@ -91,10 +91,10 @@ async def test_entry_is_served_by_each_tier_in_turn_and_the_origin_is_asked_once
     miss = await first.get("/walk")
     assert miss.x_cache == "MISS", miss
     assert (await first.get("/walk")).x_cache == "HIT-L1"
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/walk")), message="L2 fill")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/walk"), message="L3 fill")
+    await wait_for_condition(lambda: redis_client.exists(redis_key("/walk", origin.url)), message="L2 fill")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/walk", origin.url), message="L3 fill")
     # Redis TTL = time until the entry may no longer be served stale (300 s fresh + 100 s).
-    ttl = redis_client.ttl(redis_key("/walk"))
+    ttl = redis_client.ttl(redis_key("/walk", origin.url))
     assert 300 < ttl <= 400, ttl
     await first.close()
 
@@ -114,7 +114,7 @@ async def test_entry_is_served_by_each_tier_in_turn_and_the_origin_is_asked_once
     assert from_l3.body == miss.body
     assert (await third.get("/walk")).x_cache == "HIT-L1"
     await wait_for_condition(
-        lambda: redis_client.exists(redis_key("/walk")), message="L3 hit backfilling L2"
+        lambda: redis_client.exists(redis_key("/walk", origin.url)), message="L3 hit backfilling L2"
     )
     await third.close()
 
@@ -197,7 +197,7 @@ async def test_unsafe_method_invalidates_the_cached_entry(
     proxy = await make_proxy()
     assert (await proxy.get("/inv")).x_cache == "MISS"
     await proxy.settle()
-    assert redis_client.exists(redis_key("/inv")) and sqlite_row(sqlite_path, "/inv")
+    assert redis_client.exists(redis_key("/inv", origin.url)) and sqlite_row(sqlite_path, "/inv", origin.url)
 
     assert (await proxy.request("POST", "/inv", data=b"x")).x_cache == "BYPASS"
     await proxy.settle()

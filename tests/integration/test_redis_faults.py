@@ -33,8 +33,8 @@ async def _fill_l2_and_l3(make_proxy, origin, redis_client, sqlite_path, paths, 
         assert response.x_cache == "MISS", response
         bodies[path] = response.body
     for path in paths:
-        await wait_for_condition(lambda p=path: redis_client.exists(redis_key(p)), message="L2")
-        await wait_for_condition(lambda p=path: sqlite_row(sqlite_path, p), message="L3")
+        await wait_for_condition(lambda p=path: redis_client.exists(redis_key(p, origin.url)), message="L2")
+        await wait_for_condition(lambda p=path: sqlite_row(sqlite_path, p, origin.url), message="L3")
     await writer.close()
     return bodies
 
@@ -89,8 +89,8 @@ async def test_l2_is_used_again_after_redis_restarts_and_the_breaker_cools_down(
         L1_MAX_BYTES=0, L2_TIMEOUT=L2_TIMEOUT, BREAKER_FAILURES=2, BREAKER_COOLDOWN=0.5
     )
     assert (await proxy.get("/k")).x_cache == "MISS"
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/k"), message="L3 fill")
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/k")), message="L2 fill")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/k", origin.url), message="L3 fill")
+    await wait_for_condition(lambda: redis_client.exists(redis_key("/k", origin.url)), message="L2 fill")
 
     redis_server.kill()
     for i in range(5):  # enough failures to open the breaker; every request still served
@@ -119,7 +119,7 @@ async def test_cancelled_redis_reads_never_answer_another_keys_request(
     for path in paths:
         assert (await proxy.get(path)).x_cache == "MISS"
     for path in paths:
-        await wait_for_condition(lambda p=path: redis_client.exists(redis_key(p)), message="L2")
+        await wait_for_condition(lambda p=path: redis_client.exists(redis_key(p, origin.url)), message="L2")
 
     with redis_server.frozen():
         # Every L2 read times out (is cancelled) mid-command; the origin answers instead.

@@ -66,9 +66,9 @@ async def test_stale_copy_served_when_origin_hangs(
     proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, **TIER_ONLY[tier])
     body = await _cache_and_let_expire(proxy, "/s", stored_at)
     if tier == "l2":
-        assert redis_client.exists(redis_key("/s"))
+        assert redis_client.exists(redis_key("/s", origin.url))
     if tier == "l3":
-        assert sqlite_row(sqlite_path, "/s")
+        assert sqlite_row(sqlite_path, "/s", origin.url)
 
     origin.set("/s", hang=True)
     stale = await proxy.get("/s")
@@ -116,12 +116,15 @@ async def test_new_process_serves_stale_l3_copy_when_origin_is_down(
     stored_at = _short_lived(origin, "/down")
     writer = await make_proxy()
     await writer.get("/down")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/down"), message="L3 fill")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/down", origin.url), message="L3 fill")
     body = (await writer.get("/down")).body
     await writer.close()
     await wait_until_wallclock(stored_at + 1.6)
 
-    reader = await make_proxy(ORIGIN=refused_url())
+    # The same origin (keys are namespaced by origin), now refusing connections.
+    url = origin.url
+    await origin.close()
+    reader = await make_proxy(ORIGIN=url)
     stale = await reader.get("/down")
 
     _assert_stale(stale, tier="l3", detail="origin-error", body=body, stored_at=stored_at)
@@ -284,7 +287,7 @@ async def test_truncated_origin_response_is_never_served_as_complete_or_stored(
         assert response.status == 502, response
 
     await proxy.settle()
-    assert sqlite_row(sqlite_path, "/cut") is None
+    assert sqlite_row(sqlite_path, "/cut", origin.url) is None
     origin.set("/cut", size=size, headers={"Cache-Control": "max-age=300"})
     again = await proxy.get("/cut")
     assert again.status == 200 and len(again.body) == size, again

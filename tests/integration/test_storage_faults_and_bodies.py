@@ -42,7 +42,7 @@ async def test_corrupt_l2_entry_is_a_miss_not_an_error(
     origin.set("/c", headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, SQLITE_PATH="off")
     assert (await proxy.get("/c")).x_cache == "MISS"
-    key = redis_key("/c")
+    key = redis_key("/c", origin.url)
     await wait_for_condition(lambda: redis_client.exists(key), message="L2 fill")
     assert (await proxy.get("/c")).x_cache == "HIT-L2"
 
@@ -63,10 +63,10 @@ async def test_corrupt_l3_entry_is_a_miss_not_an_error(garbage, origin, make_pro
     origin.set("/c", headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0)
     assert (await proxy.get("/c")).x_cache == "MISS"
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/c"), message="L3 fill")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/c", origin.url), message="L3 fill")
     assert (await proxy.get("/c")).x_cache == "HIT-L3"
 
-    assert sqlite_set_value(sqlite_path, "/c", garbage) == 1
+    assert sqlite_set_value(sqlite_path, "/c", garbage, origin.url) == 1
     response = await proxy.get("/c")
 
     assert response.status == 200, response
@@ -75,7 +75,7 @@ async def test_corrupt_l3_entry_is_a_miss_not_an_error(garbage, origin, make_pro
     assert origin.count("/c") == 2
 
     def replaced_or_deleted() -> bool:
-        row = sqlite_row(sqlite_path, "/c")
+        row = sqlite_row(sqlite_path, "/c", origin.url)
         return row is None or row["value"] != garbage
 
     await wait_for_condition(replaced_or_deleted, message="corrupt L3 entry deleted or replaced")
@@ -88,7 +88,7 @@ async def test_requests_are_served_while_sqlite_is_locked_by_another_connection(
     l3_timeout = 0.3
     proxy = await make_proxy(L1_MAX_BYTES=0, L3_TIMEOUT=l3_timeout)
     warm = await proxy.get("/warm")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/warm"), message="L3 fill")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/warm", origin.url), message="L3 fill")
 
     with sqlite_exclusive_lock(sqlite_path):
         for path in ["/warm", "/locked-0", "/locked-1", "/locked-2", "/warm"]:
@@ -101,7 +101,7 @@ async def test_requests_are_served_while_sqlite_is_locked_by_another_connection(
     after = await proxy.get("/after-unlock")
     assert after.status == 200, after
     await wait_for_condition(
-        lambda: sqlite_row(sqlite_path, "/after-unlock"), message="L3 writes resume after unlock"
+        lambda: sqlite_row(sqlite_path, "/after-unlock", origin.url), message="L3 writes resume after unlock"
     )
 
 

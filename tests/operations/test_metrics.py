@@ -10,8 +10,6 @@ import asyncio
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition, wait_until_wallclock
 
-from tierproxy.keys import CacheKey
-
 from .conftest import by_label, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
@@ -32,14 +30,14 @@ async def test_counters_per_tier_after_a_known_sequence(
     l1 = proxy.state.tier("l1").backend
 
     assert (await proxy.get("/m")).x_cache == "MISS"  # L1, L2, L3 miss; origin
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/m")), message="L2 fill")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/m"), message="L3 fill")
+    await wait_for_condition(lambda: redis_client.exists(redis_key("/m", origin.url)), message="L2 fill")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/m", origin.url), message="L3 fill")
     await proxy.settle()
     assert (await proxy.get("/m")).x_cache == "HIT-L1"
     l1.clear()
     assert (await proxy.get("/m")).x_cache == "HIT-L2"  # backfills L1 (in memory, not a task)
     l1.clear()
-    redis_client.delete(redis_key("/m"))
+    redis_client.delete(redis_key("/m", origin.url))
     assert (await proxy.get("/m")).x_cache == "HIT-L3"  # backfills L1 and L2
     await proxy.settle()
     assert (await proxy.request("POST", "/m", data=b"x")).x_cache == "BYPASS"  # invalidates
@@ -142,7 +140,7 @@ async def test_stale_lookups_and_stale_served_by_reason(origin, make_proxy, admi
     admin = await admin_for(proxy)
     miss = await proxy.get("/s")
     assert miss.x_cache == "MISS"
-    entry = proxy.state.tier("l1").backend.get_now(CacheKey("/s"))
+    entry = proxy.state.tier("l1").backend.get_now(proxy.state.keys.key("/s"))
     await wait_until_wallclock(entry.fresh_until + 0.05)
     origin.update("/s", status=500)
 

@@ -10,13 +10,10 @@ import json
 import sqlite3
 
 import pytest
-from support.storage import key_id, redis_key, sqlite_row
+from support.storage import key_id, redis_key, redis_tag_key, sqlite_row, tag_id
 from support.wait import wait_for_condition, wait_until_wallclock
 
 import tierproxy.server
-from tierproxy.keys import CacheKey
-from tierproxy.tiers.base import tag_digest
-from tierproxy.tiers.redis import tag_key
 
 from .conftest import AUTH, TOKEN, by_label
 
@@ -25,13 +22,13 @@ CACHEABLE = {"Cache-Control": "max-age=300"}
 
 async def _stored_everywhere(proxy, path, redis_client, sqlite_path) -> None:
     await proxy.settle()
-    assert proxy.state.tier("l1").backend.get_now(CacheKey(path)) is not None
-    await wait_for_condition(lambda: redis_client.exists(redis_key(path)), message="L2")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, path), message="L3")
+    assert proxy.state.tier("l1").backend.get_now(proxy.state.keys.key(path)) is not None
+    await wait_for_condition(lambda: redis_client.exists(redis_key(path, proxy.settings.origin)), message="L2")
+    await wait_for_condition(lambda: sqlite_row(sqlite_path, path, proxy.settings.origin), message="L3")
 
 
 def _in_l1(proxy, path):
-    return proxy.state.tier("l1").backend.get_now(CacheKey(path))
+    return proxy.state.tier("l1").backend.get_now(proxy.state.keys.key(path))
 
 
 # ---- PURGE <path> ------------------------------------------------------------------------
@@ -108,10 +105,10 @@ async def test_purge_removes_the_key_from_every_tier_and_answers_a_json_count(
     assert body["soft"] is False
     assert body["replicas_notified"] >= 1  # at least this proxy's own subscriber
     assert _in_l1(proxy, "/p") is None
-    assert not redis_client.exists(redis_key("/p"))
-    assert sqlite_row(sqlite_path, "/p") is None
-    assert _in_l1(proxy, "/keep") is not None and redis_client.exists(redis_key("/keep"))
-    assert sqlite_row(sqlite_path, "/keep") is not None
+    assert not redis_client.exists(redis_key("/p", origin.url))
+    assert sqlite_row(sqlite_path, "/p", origin.url) is None
+    assert _in_l1(proxy, "/keep") is not None and redis_client.exists(redis_key("/keep", origin.url))
+    assert sqlite_row(sqlite_path, "/keep", origin.url) is not None
     # Purging again finds nothing; the next GET goes to the origin.
     again = json.loads((await proxy.request("PURGE", "/p", headers=AUTH)).body)
     assert again["purged"] == 0 and again["tiers"] == {"l1": 0, "l2": 0, "l3": 0}
@@ -250,13 +247,13 @@ async def test_tag_purge_removes_1000_tagged_entries_from_every_tier(
 
     l1 = proxy.state.tier("l1").backend
     assert l1.tagged("bulk") == 1000 and l1.tagged("other") == 10
-    assert redis_client.scard(tag_key("bulk")) == 1000
-    assert redis_client.pttl(tag_key("bulk")) >= max(
-        redis_client.pttl(redis_key(p)) for p in bulk[:50]
+    assert redis_client.scard(redis_tag_key("bulk", origin.url)) == 1000
+    assert redis_client.pttl(redis_tag_key("bulk", origin.url)) >= max(
+        redis_client.pttl(redis_key(p, origin.url)) for p in bulk[:50]
     )
     with sqlite3.connect(sqlite_path) as db:
         indexed = db.execute("SELECT COUNT(*) FROM tags WHERE tag = ?",
-                             (tag_digest("bulk"),)).fetchone()[0]
+                             (tag_id("bulk", origin.url),)).fetchone()[0]
     assert indexed == 1000
 
     response = await admin.purge({"tags": ["bulk"]})
@@ -266,13 +263,13 @@ async def test_tag_purge_removes_1000_tagged_entries_from_every_tier(
     assert body["tiers"] == {"l1": 1000, "l2": 1000, "l3": 1000}, body
     assert l1.tagged("bulk") == 0 and l1.tagged("catalogue") == 0
     assert len(l1) == 10
-    assert not redis_client.exists(tag_key("bulk"))
-    assert not any(redis_client.exists(redis_key(p)) for p in bulk)
-    assert all(redis_client.exists(redis_key(p)) for p in others)
+    assert not redis_client.exists(redis_tag_key("bulk", origin.url))
+    assert not any(redis_client.exists(redis_key(p, origin.url)) for p in bulk)
+    assert all(redis_client.exists(redis_key(p, origin.url)) for p in others)
     with sqlite3.connect(sqlite_path) as db:
         left = {row[0] for row in db.execute("SELECT key FROM entries")}
         tag_rows = db.execute("SELECT COUNT(*) FROM tags").fetchone()[0]
-    assert left == {key_id(p) for p in others}
+    assert left == {key_id(p, origin.url) for p in others}
     assert tag_rows == 10  # the trigger removed the purged entries' rows
     assert (await proxy.get(bulk[0])).x_cache == "MISS"
     assert (await proxy.get(others[0])).x_cache == "HIT-L1"
@@ -294,7 +291,7 @@ async def test_soft_tag_purge_marks_tagged_entries_stale_in_every_tier(
     body = json.loads((await admin.purge({"tags": ["news"], "soft": True})).body)
 
     assert body["tiers"] == {"l1": 20, "l2": 20, "l3": 20}, body
-    assert redis_client.exists(tag_key("news"))  # soft: entries and index stay
+    assert redis_client.exists(redis_tag_key("news", origin.url))  # soft: entries and index stay
     origin.set_default(status=502)
     for tiers in ({}, {"L1_MAX_BYTES": 0, "SQLITE_PATH": "off"},
                   {"L1_MAX_BYTES": 0, "REDIS_URL": None}):
@@ -312,16 +309,16 @@ async def test_tag_sets_in_redis_are_pruned_of_entries_that_are_gone(
     for path in first:
         await proxy.get(path)
     await proxy.settle()
-    assert redis_client.scard(tag_key("churn")) == 200
+    assert redis_client.scard(redis_tag_key("churn", origin.url)) == 200
     gone = first[:150]
-    redis_client.delete(*(redis_key(p) for p in gone))  # as if evicted or expired
+    redis_client.delete(*(redis_key(p, origin.url) for p in gone))  # as if evicted or expired
 
     for i in range(60):  # each tagged write samples the set and drops members that are gone
         await proxy.get(f"/later{i}")
     await proxy.settle()
 
-    members = {m.decode() for m in redis_client.smembers(tag_key("churn"))}
-    live = {key_id(p) for p in first[150:]} | {key_id(f"/later{i}") for i in range(60)}
+    members = {m.decode() for m in redis_client.smembers(redis_tag_key("churn", origin.url))}
+    live = {key_id(p, origin.url) for p in first[150:]} | {key_id(f"/later{i}", origin.url) for i in range(60)}
     assert live <= members  # a live entry is never dropped from its tag
     assert len(members) - len(live) < 75, len(members)  # most of the 150 dead ones pruned
 
@@ -331,7 +328,7 @@ async def test_surrogate_tags_are_capped_per_entry(origin, make_proxy):
     origin.set("/many", headers={**CACHEABLE, "Surrogate-Key": many})
     proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off")
     await proxy.get("/many")
-    entry = proxy.state.tier("l1").backend.get_now(CacheKey("/many"))
+    entry = proxy.state.tier("l1").backend.get_now(proxy.state.keys.key("/many"))
     assert entry.tags == tuple(f"t{i}" for i in range(64))
 
 
@@ -448,9 +445,9 @@ async def test_a_version_1_cache_file_gets_the_tag_index_and_loses_its_unindexed
 
     with sqlite3.connect(sqlite_path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
-        assert {row[0] for row in db.execute("SELECT key FROM entries")} == {key_id("/t")}
+        assert {row[0] for row in db.execute("SELECT key FROM entries")} == {key_id("/t", origin.url)}
         assert db.execute("SELECT entries FROM stats").fetchone()[0] == 1
-        assert db.execute("SELECT tag FROM tags").fetchall() == [(tag_digest("x"),)]
+        assert db.execute("SELECT tag FROM tags").fetchall() == [(tag_id("x", origin.url),)]
 
 
 async def test_a_cache_file_from_a_newer_version_is_moved_aside(origin, make_proxy, sqlite_path):
@@ -463,7 +460,7 @@ async def test_a_cache_file_from_a_newer_version_is_moved_aside(origin, make_pro
     await proxy.settle()
     aside = list(sqlite_path.parent.glob(sqlite_path.name + ".corrupt-*"))
     assert [p.name for p in aside if not p.name.endswith(("-wal", "-shm"))], aside
-    assert sqlite_row(sqlite_path, "/n") is not None
+    assert sqlite_row(sqlite_path, "/n", origin.url) is not None
 
 
 async def test_a_backfill_overtaken_by_a_purge_is_not_left_behind(
@@ -475,10 +472,10 @@ async def test_a_backfill_overtaken_by_a_purge_is_not_left_behind(
     with redis_server.frozen():
         assert (await proxy.get("/sup")).x_cache == "MISS"  # its L2 backfill now waits on Redis
         # A purge heard from another replica meanwhile (local tiers only: no Redis needed).
-        await proxy.state.readthrough.purge([CacheKey("/sup")], [], shared=False)
+        await proxy.state.readthrough.purge([proxy.state.keys.key("/sup")], [], shared=False)
     await proxy.settle()
 
-    assert not redis_client.exists(redis_key("/sup"))  # the write that landed was undone
+    assert not redis_client.exists(redis_key("/sup", origin.url))  # the write that landed was undone
     m = await admin.metrics()
     assert by_label(m, "tierproxy_backfills_total", "outcome", tier="l2") == {
         "started": 1, "superseded": 1,

@@ -13,8 +13,6 @@ from support.proxy import fetch
 from support.storage import redis_key
 from support.wait import wait_for_condition
 
-from tierproxy.keys import CacheKey
-
 from .conftest import AUTH, TOKEN, scrape_url, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
@@ -43,7 +41,7 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
     await _ready(b)
     async with aiohttp.ClientSession() as session:
         assert (await fetch(session, "GET", a.url + "/r")).x_cache == "MISS"
-        await wait_for_condition(lambda: redis_client.exists(redis_key("/r")), message="A's L2 copy")
+        await wait_for_condition(lambda: redis_client.exists(redis_key("/r", origin.url)), message="A's L2 copy")
         assert (await fetch(session, "GET", b.url + "/r")).x_cache == "HIT-L2"
         assert (await fetch(session, "GET", b.url + "/r")).x_cache == "HIT-L1"
         before = await scrape_url(b.admin_url)
@@ -73,7 +71,7 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
         for i in range(5):
             await fetch(session, "GET", a.url + f"/tagged/{i}")
         await wait_for_condition(  # A's backfills done: nothing can re-add them after the purge
-            lambda: all(redis_client.exists(redis_key(f"/tagged/{i}")) for i in range(5)),
+            lambda: all(redis_client.exists(redis_key(f"/tagged/{i}", origin.url)) for i in range(5)),
             message="A's tagged entries in L2",
         )
         tag_purge = await fetch(session, "POST", b.admin_url + "/purge",
@@ -150,8 +148,8 @@ async def test_purges_reach_an_in_process_replica_and_bad_messages_are_ignored(
     m = await admin_two.metrics()
     assert value(m, "tierproxy_invalidations_received_total", outcome="invalid") == 5
     l1 = two.state.tier("l1").backend
-    marked = l1.get_now(CacheKey("/x"))
+    marked = l1.get_now(two.state.keys.key("/x"))
     assert marked is not None and marked.fresh_until <= time.time()  # soft: kept, not fresh
-    assert l1.get_now(CacheKey("/y")).fresh_until > time.time()
+    assert l1.get_now(two.state.keys.key("/y")).fresh_until > time.time()
     assert (await two.get("/y")).x_cache == "HIT-L1"
     assert (await two.get("/x")).x_cache == "MISS"  # fetched again (fwd=stale)

@@ -224,7 +224,7 @@ async def test_unkeyable_targets_are_refused_with_400(target, origin, make_proxy
     assert origin.count() == 0
 
 
-async def test_shared_tier_keys_are_a_fixed_length_sha256_of_the_key_material(
+async def test_shared_tier_keys_are_a_fixed_length_sha256_of_namespace_and_key_material(
     origin, make_proxy, redis_client, sqlite_path
 ):
     from support.storage import sqlite_keys
@@ -235,7 +235,11 @@ async def test_shared_tier_keys_are_a_fixed_length_sha256_of_the_key_material(
     await proxy.get(long)
     await proxy.settle()
 
-    expected = {hashlib.sha256(m.encode()).hexdigest() for m in (short, long)}
+    # The namespace: the origin's identity and the entry format version (tierproxy.keys).
+    from tierproxy.codec import FORMAT_VERSION
+
+    namespace = f"http://127.0.0.1:{origin.port} v{FORMAT_VERSION}"
+    expected = {hashlib.sha256(f"{namespace}\n{m}".encode()).hexdigest() for m in (short, long)}
     redis_keys = {k.decode() for k in redis_client.scan_iter(match="tierproxy:*")}
     entry_keys = {k for k in redis_keys if len(k) == len("tierproxy:") + 64}
     assert {k.removeprefix("tierproxy:") for k in entry_keys} == expected

@@ -23,11 +23,10 @@ async def _cached_everywhere(proxy, redis_client, sqlite_path, target="/doc?v=1"
 
 
 def _held(proxy, redis_client, sqlite_path, material) -> tuple[bool, bool, bool]:
-    from tierproxy.keys import CacheKey
 
-    l1 = proxy.state.tiers[0].backend.get_now(CacheKey(material)) is not None
-    l2 = redis_client.exists(redis_key(material)) == 1
-    l3 = sqlite_row(sqlite_path, material) is not None
+    l1 = proxy.state.tiers[0].backend.get_now(proxy.state.keys.key(material)) is not None
+    l2 = redis_client.exists(redis_key(material, proxy.settings.origin)) == 1
+    l3 = sqlite_row(sqlite_path, material, proxy.settings.origin) is not None
     return l1, l2, l3
 
 

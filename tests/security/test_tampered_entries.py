@@ -12,13 +12,13 @@ import msgpack
 import pytest
 from support.storage import redis_key, sqlite_row, sqlite_set_value
 
-# Field positions of tierproxy.codec's format version 1.
+# Field positions of tierproxy.codec's format version 2 (the same as in version 1).
 KEY, BODY, BODY_LENGTH, CRC = 1, 4, 14, 15
 
 
 def _fields(blob: bytes) -> list:
     fields = msgpack.unpackb(blob, raw=False)
-    assert fields[0] == 1, "codec format changed: update the field positions above"
+    assert fields[0] == 2, "codec format changed: update the field positions above"
     return fields
 
 
@@ -90,13 +90,13 @@ async def test_a_tampered_entry_is_a_miss_never_served(
     assert (await proxy.get("/victim")).x_cache == f"HIT-{tier.upper()}"
 
     if tier == "l2":
-        victim = redis_client.get(redis_key("/victim"))
-        other = redis_client.get(redis_key("/other"))
-        redis_client.set(redis_key("/victim"), tamper(victim, other), keepttl=True)
+        victim = redis_client.get(redis_key("/victim", origin.url))
+        other = redis_client.get(redis_key("/other", origin.url))
+        redis_client.set(redis_key("/victim", origin.url), tamper(victim, other), keepttl=True)
     else:
-        victim = bytes(sqlite_row(sqlite_path, "/victim")["value"])
-        other = bytes(sqlite_row(sqlite_path, "/other")["value"])
-        assert sqlite_set_value(sqlite_path, "/victim", tamper(victim, other)) == 1
+        victim = bytes(sqlite_row(sqlite_path, "/victim", origin.url)["value"])
+        other = bytes(sqlite_row(sqlite_path, "/other", origin.url)["value"])
+        assert sqlite_set_value(sqlite_path, "/victim", tamper(victim, other), origin.url) == 1
     fetches_before = origin.count("/victim")
 
     response = await proxy.get("/victim")

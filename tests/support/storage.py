@@ -1,7 +1,9 @@
 """Readers/writers for tierproxy's storage layout (DESIGN.md + the lead's internal API).
 
-Cache key material is the normalised ``path?query`` of the request; the L2/L3 id is its
-SHA-256 hex digest; the Redis key is ``"tierproxy:" + id``; SQLite holds
+Cache key material is the normalised ``path?query`` of the request; the L2/L3 id is the
+digest of that material in the origin's namespace (origin identity + entry format version,
+``tierproxy.keys.KeySpace``), so every helper takes the origin URL the proxy was given; the
+Redis key is ``TIERPROXY_KEY_PREFIX + "tierproxy:" + id``; SQLite holds
 ``entries(key TEXT PRIMARY KEY, value BLOB, size INTEGER, expires_at REAL, accessed_at REAL)``.
 
 The SQLite helpers use the stdlib ``sqlite3`` with a short busy timeout: they are quick
@@ -11,7 +13,6 @@ reads/writes from the test's side while the proxy holds its own connection (WAL 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,24 +25,41 @@ __all__ = [
     "key_id",
     "parse_cache_status",
     "redis_key",
+    "redis_tag_key",
     "redis_tier_keys",
     "sqlite_count",
     "sqlite_exclusive_lock",
     "sqlite_keys",
     "sqlite_row",
     "sqlite_set_value",
+    "tag_id",
 ]
 
 REDIS_PREFIX = "tierproxy:"
 
 
-def key_id(material: str) -> str:
-    """The L2/L3 id for cache key material such as ``"/a"`` or ``"/a?b=1"``."""
-    return hashlib.sha256(material.encode()).hexdigest()
+def key_id(material: str, origin: str) -> str:
+    """The L2/L3 id for cache key material such as ``"/a"`` or ``"/a?b=1"`` of ``origin``."""
+    from tierproxy.keys import KeySpace
+
+    return KeySpace(origin).key(material).digest
 
 
-def redis_key(material: str) -> str:
-    return REDIS_PREFIX + key_id(material)
+def redis_key(material: str, origin: str, prefix: str = "") -> str:
+    """The Redis name of an entry; ``prefix`` is the proxy's TIERPROXY_KEY_PREFIX."""
+    return prefix + REDIS_PREFIX + key_id(material, origin)
+
+
+def tag_id(tag: str, origin: str) -> str:
+    """The id of surrogate key ``tag`` of ``origin`` (Redis tag sets, SQLite ``tags`` rows)."""
+    from tierproxy.keys import KeySpace
+
+    return KeySpace(origin).tag_id(tag)
+
+
+def redis_tag_key(tag: str, origin: str, prefix: str = "") -> str:
+    """The Redis name of ``tag``'s set of entry ids."""
+    return prefix + REDIS_PREFIX + "tag:" + tag_id(tag, origin)
 
 
 def redis_tier_keys(client: Any) -> list[bytes]:
@@ -60,7 +78,7 @@ def _table_exists(conn: sqlite3.Connection) -> bool:
     return row is not None
 
 
-def sqlite_row(path: Path | str, material: str) -> dict[str, Any] | None:
+def sqlite_row(path: Path | str, material: str, origin: str) -> dict[str, Any] | None:
     """The L3 row for ``material`` as a dict, or None (also when file/table don't exist)."""
     if not Path(path).exists():
         return None
@@ -70,7 +88,7 @@ def sqlite_row(path: Path | str, material: str) -> dict[str, Any] | None:
             return None
         cur = conn.execute(
             "SELECT key, value, size, expires_at, accessed_at FROM entries WHERE key = ?",
-            (key_id(material),),
+            (key_id(material, origin),),
         )
         row = cur.fetchone()
         if row is None:
@@ -96,12 +114,12 @@ def sqlite_count(path: Path | str) -> int:
     return len(sqlite_keys(path))
 
 
-def sqlite_set_value(path: Path | str, material: str, value: bytes) -> int:
+def sqlite_set_value(path: Path | str, material: str, value: bytes, origin: str) -> int:
     """Overwrite the stored value of ``material``'s row; returns the number of rows changed."""
     conn = _connect(path)
     try:
         cur = conn.execute(
-            "UPDATE entries SET value = ? WHERE key = ?", (value, key_id(material))
+            "UPDATE entries SET value = ? WHERE key = ?", (value, key_id(material, origin))
         )
         return cur.rowcount
     finally:

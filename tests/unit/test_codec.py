@@ -32,6 +32,34 @@ def test_round_trip_any_body_and_headers(body, key, headers):
     assert codec.decode(codec.encode(entry), key) == entry
 
 
+@given(headers=st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=40)),
+                        max_size=5),
+       vary=st.binary(max_size=20), etag=st.binary(max_size=20), tag=st.binary(max_size=10))
+def test_header_bytes_round_trip_exactly(headers, vary, etag, tag):
+    # aiohttp hands header bytes over as UTF-8 decoded with surrogateescape: any byte at all
+    # (latin-1 obs-text, RFC 9110 §5.5) must come back as the same bytes.
+    def text(data: bytes) -> str:
+        return data.decode("utf-8", "surrogateescape")
+
+    entry = make_entry(headers=tuple((text(n), text(v)) for n, v in headers),
+                       vary=(("x-lang", text(vary)),), etag=text(etag), tags=(text(tag),))
+    decoded = codec.decode(codec.encode(entry), entry.key)
+    assert decoded == entry
+    assert [(n.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+            for n, v in decoded.headers] == headers
+
+
+def test_latin1_header_value_is_stored_as_its_bytes():
+    entry = make_entry(headers=(("X-Name", b"caf\xe9".decode("utf-8", "surrogateescape")),))
+    fields = msgpack.unpackb(codec.encode(entry))
+    assert fields[3] == [b"X-Name", b"caf\xe9"]
+
+
+def test_an_entry_msgpack_cannot_hold_is_unencodable_not_any_other_error():
+    with pytest.raises(codec.Unencodable):
+        codec.encode(make_entry(headers=(("X-Bad", "\ud800"),)))  # no byte decodes to this
+
+
 def test_entry_stored_under_another_key_is_corrupt():
     with pytest.raises(codec.CorruptEntry, match="another key"):
         codec.decode(codec.encode(make_entry(key="/a")), "/b")

@@ -22,6 +22,13 @@ def test_defaults_match_the_design_card():
     assert (s.breaker_failures, s.breaker_cooldown) == (5, 5.0)
 
 
+def test_key_prefix_and_max_ttl():
+    s = load_settings(ORIGIN)
+    assert (s.key_prefix, s.max_ttl) == ("", 31536000)
+    s = load_settings({**ORIGIN, "TIERPROXY_KEY_PREFIX": "staging:", "TIERPROXY_MAX_TTL": "600"})
+    assert (s.key_prefix, s.max_ttl) == ("staging:", 600)
+
+
 def test_sqlite_off_and_redis_url():
     s = load_settings({**ORIGIN, "TIERPROXY_SQLITE_PATH": "off",
                        "TIERPROXY_REDIS_URL": "unix:///run/redis.sock"})
@@ -45,6 +52,13 @@ def test_sqlite_off_and_redis_url():
         ("TIERPROXY_BREAKER_FAILURES", "0"),
         ("TIERPROXY_LOG_LEVEL", "LOUD"),
         ("TIERPROXY_PURGE_TOKEN", "short"),
+        ("TIERPROXY_KEY_PREFIX", "staging\n"),
+        ("TIERPROXY_KEY_PREFIX", "a b"),
+        ("TIERPROXY_KEY_PREFIX", "x\x00"),
+        ("TIERPROXY_KEY_PREFIX", "caf\u00e9:"),
+        ("TIERPROXY_KEY_PREFIX", "p" * 65),
+        ("TIERPROXY_MAX_TTL", "0"),
+        ("TIERPROXY_MAX_TTL", "forever"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):

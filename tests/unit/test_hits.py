@@ -20,6 +20,20 @@ def test_head_is_the_status_line_and_stored_lines_in_order():
                     b"Link: </b>\r\nX-Title: caf\xc3\xa9\r\n")
 
 
+def test_obs_text_bytes_are_written_as_received():
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: latin-1 "caf\xe9" arrives as
+    # "caf\udce9" and must leave as the same four bytes.
+    head = encode_head(entry(200, (("X-Name", b"caf\xe9".decode("utf-8", "surrogateescape")),)))
+    assert head == b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\n"
+
+
+def test_tierproxys_own_fields_are_not_among_the_stored_lines():
+    stored = entry(200, (("X-Cache", "HIT"), ("Cache-Status", "cdn; hit"), ("X-Request-ID", "o"),
+                         ("X-Kept", "1")))
+    assert encode_head(stored) == b"HTTP/1.1 200 OK\r\nX-Kept: 1\r\n"
+    assert stored.upstream_cache_status == b"cdn; hit, "
+
+
 def test_unknown_status_has_an_empty_reason_as_in_aiohttp():
     assert encode_head(entry(299)) == b"HTTP/1.1 299 \r\n"
 
@@ -28,7 +42,8 @@ def test_unknown_status_has_an_empty_reason_as_in_aiohttp():
     ("X-Evil", "a\r\nSet-Cookie: s=1"),  # a tampered shared-tier entry: response splitting
     ("X-Evil", "a\nb"),
     ("X-Evil\r\nSet-Cookie", "s=1"),
-    ("X-Bad", "\udce9"),  # not encodable
+    ("X-Bad", "\ud800"),  # a surrogate no byte decodes to: not encodable
+    ("X-Nul", "a\x00b"),  # a control character aiohttp refuses too
 ])
 def test_unsafe_header_lines_are_left_to_the_full_path(name, value):
     assert encode_head(entry(200, ((name, value),))) is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierproxy.keys import BadTarget, CacheKey, normalise_target
+from tierproxy.keys import BadTarget, KeySpace, normalise_target, origin_identity
 
 
 @pytest.mark.parametrize(
@@ -48,6 +48,33 @@ def test_normalising_twice_changes_nothing():
 
 
 def test_digest_is_fixed_length_sha256():
-    assert len(CacheKey("/short").digest) == 64
-    assert len(CacheKey("/" + "x" * 5000).digest) == 64
-    assert CacheKey("/a").digest != CacheKey("/b").digest
+    keys = KeySpace("http://origin.test")
+    assert len(keys.key("/short").digest) == 64
+    assert len(keys.key("/" + "x" * 5000).digest) == 64
+    assert keys.key("/a").digest != keys.key("/b").digest
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    ("http://example.com", "HTTP://Example.COM:80/"),
+    ("https://example.com", "https://example.com:443"),
+    ("http://[::1]:8080", "http://[::1]:8080/"),
+    ("http://h/base", "http://h:80/base/"),
+])
+def test_one_origin_spelled_two_ways_is_one_namespace(one, other):
+    assert origin_identity(one) == origin_identity(other)
+    assert KeySpace(one).key("/a").digest == KeySpace(other).key("/a").digest
+
+
+@pytest.mark.parametrize("other", [
+    "https://example.com", "http://example.com:8080", "http://example.org", "http://example.com/v2",
+])
+def test_another_origin_is_another_namespace(other):
+    base = KeySpace("http://example.com")
+    assert base.key("/a").digest != KeySpace(other).key("/a").digest
+    assert base.tag_id("t") != KeySpace(other).tag_id("t")
+
+
+def test_the_format_version_is_part_of_every_key_but_not_of_tag_ids():
+    now, older = KeySpace("http://h", 2), KeySpace("http://h", 1)
+    assert now.key("/a").digest != older.key("/a").digest
+    assert now.tag_id("t") == older.tag_id("t")  # a tag purge reaches older entries too

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 from tierproxy.entry import Entry
-from tierproxy.keys import CacheKey
+from tierproxy.keys import KeySpace
 from tierproxy.tiers.base import Breaker
 from tierproxy.tiers.memory import MemoryTier
+
+KEYS = KeySpace("http://origin.test")
 
 
 def entry(key: str, size: int = 100, expires_in: float = 60) -> Entry:
@@ -22,11 +24,11 @@ def test_byte_bound_holds_and_least_recently_used_goes_first():
     tier = MemoryTier(max_bytes=one * 3)  # room for exactly three
     tier.max_entry_bytes = one  # lift the one-eighth cap so three fit
     for name in ("/1", "/2", "/3"):
-        assert tier.set_now(CacheKey(name), entry(name))
-    assert tier.get_now(CacheKey("/1")) is not None  # /1 is now the most recent
-    tier.set_now(CacheKey("/4"), entry("/4"))
-    assert tier.get_now(CacheKey("/2")) is None
-    assert {k for k in ("/1", "/3", "/4") if tier.get_now(CacheKey(k))} == {"/1", "/3", "/4"}
+        assert tier.set_now(KEYS.key(name), entry(name))
+    assert tier.get_now(KEYS.key("/1")) is not None  # /1 is now the most recent
+    tier.set_now(KEYS.key("/4"), entry("/4"))
+    assert tier.get_now(KEYS.key("/2")) is None
+    assert {k for k in ("/1", "/3", "/4") if tier.get_now(KEYS.key(k))} == {"/1", "/3", "/4"}
     assert tier.bytes <= tier.max_bytes
     assert tier.bytes == 3 * one
 
@@ -34,7 +36,7 @@ def test_byte_bound_holds_and_least_recently_used_goes_first():
 def test_bytes_stay_within_bound_under_many_keys():
     tier = MemoryTier(max_bytes=100_000)
     for i in range(10_000):
-        tier.set_now(CacheKey(f"/k?{i}"), entry(f"/k?{i}", size=i % 500))
+        tier.set_now(KEYS.key(f"/k?{i}"), entry(f"/k?{i}", size=i % 500))
         assert tier.bytes <= tier.max_bytes
     assert tier.bytes == sum(e.size for e in tier._entries.values())
 
@@ -42,22 +44,22 @@ def test_bytes_stay_within_bound_under_many_keys():
 def test_replacing_a_key_does_not_leak_bytes():
     tier = MemoryTier(max_bytes=10_000)
     for size in (10, 500, 20):
-        tier.set_now(CacheKey("/a"), entry("/a", size=size))
+        tier.set_now(KEYS.key("/a"), entry("/a", size=size))
     assert len(tier) == 1
     assert tier.bytes == entry("/a", size=20).size
 
 
 def test_oversized_entry_is_not_kept():
     tier = MemoryTier(max_bytes=8_000)
-    assert not tier.set_now(CacheKey("/big"), entry("/big", size=5_000))
-    assert tier.get_now(CacheKey("/big")) is None
+    assert not tier.set_now(KEYS.key("/big"), entry("/big", size=5_000))
+    assert tier.get_now(KEYS.key("/big")) is None
     assert tier.bytes == 0
 
 
 def test_expired_entries_are_dropped_on_lookup():
     tier = MemoryTier(max_bytes=10_000)
-    tier.set_now(CacheKey("/old"), entry("/old", expires_in=-1))
-    assert tier.get_now(CacheKey("/old")) is None
+    tier.set_now(KEYS.key("/old"), entry("/old", expires_in=-1))
+    assert tier.get_now(KEYS.key("/old")) is None
     assert tier.bytes == 0
 
 
@@ -90,3 +92,21 @@ def test_a_probe_that_never_reports_does_not_hold_the_breaker_half_open_for_ever
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert breaker.state() == "half-open"
+
+
+def test_an_entry_is_charged_what_it_holds_headers_and_wire_head_included():
+    import sys
+
+    headers = tuple((f"X-Header-{i}", "v" * 40) for i in range(12))
+    held = Entry(key="/h", status=200, headers=headers, body=b"x" * 200, stored_at=0.0,
+                 fresh_until=1.0, stale_until=1.0, swr_until=1.0, expires_at=1.0)
+    assert held.wire_head is not None  # built at construction, so charged at insert
+    floor = (sys.getsizeof(held.body) + sys.getsizeof(held.wire_head) + sys.getsizeof(held)
+             + sum(sys.getsizeof(n) + sys.getsizeof(v) for n, v in headers))
+    assert held.size >= floor
+    tier = MemoryTier(max_bytes=held.size * 12)  # room for 12 (and one may take an eighth)
+    for i in range(20):
+        tier.set_now(KEYS.key(f"/h{i}"), Entry(
+            key=f"/h{i}", status=200, headers=headers, body=b"x" * 200, stored_at=0.0,
+            fresh_until=1.0, stale_until=1.0, swr_until=1.0, expires_at=time.time() + 60))
+    assert tier.bytes <= tier.max_bytes and len(tier) <= 12

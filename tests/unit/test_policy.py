@@ -64,6 +64,27 @@ def test_storable_with_lifetime(response_headers, request_headers, lifetime):
     assert decision.fresh_until - decision.stored_at == pytest.approx(lifetime)
 
 
+@pytest.mark.parametrize("response_headers", [
+    [("Expires", "Fri, 31 Dec 9999 23:59:59 GMT"), ("Date", "Fri, 15 Jan 2027 08:00:00 GMT")],
+    [("Cache-Control", "max-age=999999999999")],
+    [("Cache-Control", "public, s-maxage=999999999")],
+    [("Cache-Control", "max-age=999999999, stale-if-error=999999999, stale-while-revalidate=999999999")],
+])
+def test_no_lifetime_or_stale_window_exceeds_max_ttl(response_headers):
+    pol = policy.CachePolicy(default_ttl=60, max_stale=3600, max_ttl=1000)
+    decision = decide(response_headers, pol=pol)
+    assert decision.storable
+    assert decision.fresh_until - decision.stored_at == pytest.approx(1000)
+    assert decision.swr_until - decision.fresh_until <= 1000
+    assert decision.stale_until - decision.fresh_until <= max(1000, 3600)
+
+
+def test_max_ttl_caps_the_default_ttl_too():
+    pol = policy.CachePolicy(default_ttl=600, max_stale=0, max_ttl=30)
+    decision = decide([], pol=pol)
+    assert decision.fresh_until - decision.stored_at == pytest.approx(30)
+
+
 def test_invalid_expires_means_already_expired_but_kept_for_revalidation():
     decision = decide([("Expires", "0"), ("ETag", '"v"')])
     assert decision.storable

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tierproxy.keys import CacheKey
+from tierproxy.keys import KeySpace
 from tierproxy.readthrough import _PURGE_LOG, ReadThrough
 
 
@@ -17,7 +17,7 @@ def _log_only() -> ReadThrough:
 
 def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all():
     rt = _log_only()
-    a, b = CacheKey("/a"), CacheKey("/b")
+    a, b = KeySpace("http://o.test").key("/a"), KeySpace("http://o.test").key("/b")
     start = rt._purge_generation
     assert not rt._purged_since(start, a)
     rt._bump_purge_generation(frozenset({"/b"}))
@@ -31,7 +31,7 @@ def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all():
 
 def test_a_copy_older_than_the_log_is_treated_as_purged():
     rt = _log_only()
-    a = CacheKey("/a")
+    a = KeySpace("http://o.test").key("/a")
     start = rt._purge_generation
     for i in range(_PURGE_LOG + 1):
         rt._bump_purge_generation(frozenset({f"/other/{i}"}))

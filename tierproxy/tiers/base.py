@@ -5,13 +5,16 @@ breaker, error -> miss mapping, corrupt-entry handling and metrics live in :clas
 once, so a new tier (memcached, S3) is one small module. Purging by key works for any backend
 through ``get``/``set``/``delete``; purging by surrogate key (tag) needs the backend's own tag
 index (``purge`` override), and a backend without one reports it as unsupported.
+
+GuardedTier keeps two kinds of failure apart: the tier failing (timeouts, driver and I/O
+errors: they count against its breaker) and one entry or request that cannot be encoded
+(:class:`codec.Unencodable`: a bug, logged and counted, that request's miss; the tier is fine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -39,7 +42,6 @@ __all__ = [
     "TierUnavailable",
     "decode_unkeyed",
     "mark_stale",
-    "tag_digest",
 ]
 
 log = logging.getLogger("tierproxy.tiers")
@@ -75,11 +77,6 @@ class StorageFull(Exception):
     write is skipped and counted; reads of what is stored go on."""
 
 
-def tag_digest(tag: str) -> str:
-    """Fixed-length id of a surrogate key: no origin byte reaches a Redis key or SQL text."""
-    return hashlib.sha256(tag.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def mark_stale(entry: Entry, at: float) -> Entry | None:
     """A soft purge: the entry stops being fresh at ``at`` (and gets no stale-while-revalidate
     window after it), but keeps its validators and its stale-if-error limit, so the next
@@ -92,18 +89,19 @@ def mark_stale(entry: Entry, at: float) -> Entry | None:
     )
 
 
-def decode_unkeyed(data: bytes, digest: str) -> Entry:
+def decode_unkeyed(data: bytes, digest: str, namespace: str) -> Entry:
     """Decode an entry found through an index that holds only its digest (tag purges).
 
-    The key material is read from the entry and must hash to ``digest``; everything else is
-    checked by :func:`codec.decode` as for a keyed lookup.
+    The key material is read from the entry and, in ``namespace`` (this process's
+    :class:`~tierproxy.keys.KeySpace`), must hash to ``digest``; everything else is checked by
+    :func:`codec.decode` as for a keyed lookup.
     """
     try:
         fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
         material = fields[1]
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise codec.CorruptEntry(f"undecodable: {type(exc).__name__}") from None
-    if not isinstance(material, str) or CacheKey(material).digest != digest:
+    if not isinstance(material, str) or CacheKey(material, namespace).digest != digest:
         raise codec.CorruptEntry("entry does not belong to this digest")
     return codec.decode(data, material)
 
@@ -351,6 +349,11 @@ class GuardedTier:
             self.breaker.success()
             self._lookup["corrupt"].inc()
             return None
+        except codec.Unencodable as exc:  # this request's key, not the tier
+            self.breaker.probing = False
+            self._unencodable(key, "get", exc)
+            self._lookup["miss"].inc()
+            return None
         except Exception as exc:  # a broken tier is a miss, whatever the driver raised
             self._fail("error", key, "get", exc)
             return None
@@ -359,6 +362,14 @@ class GuardedTier:
         return self._classify(entry, headers)
 
     async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> bool:
+        if isinstance(self.backend, BytesBackend):
+            # Encode before the tier is involved: an entry that cannot be encoded is that
+            # entry's problem (not stored here), never a failure of the tier.
+            try:
+                blob.data  # noqa: B018 - encodes once, kept for the other tiers
+            except codec.Unencodable as exc:
+                self._unencodable(key, "set", exc)
+                return False
         return await self._write("set", key, self.backend.set(key, entry, blob))
 
     async def delete(self, key: CacheKey) -> bool:
@@ -384,6 +395,10 @@ class GuardedTier:
         except StorageFull as exc:
             self._fail("full", key, op, exc)
             self.metrics.tier_write_outcomes.labels(self.name, op, "full").inc()
+            return False
+        except codec.Unencodable as exc:
+            self.write_breaker.probing = False
+            self._unencodable(key, op, exc)
             return False
         except Exception as exc:
             self._fail("error", key, op, exc)
@@ -439,6 +454,13 @@ class GuardedTier:
         if health == "up" and self.write_breaker.health() != "up":
             return "degraded"
         return health
+
+    def _unencodable(self, key: CacheKey, op: str, exc: codec.Unencodable) -> None:
+        """An entry or key that cannot be encoded: a bug in tierproxy, not a tier failure.
+        Logged (one line per occurrence, key truncated) and counted; the breaker is untouched."""
+        log.error("bug: %s %s for %r skipped, cannot encode it: %s",
+                  self.name, op, key.material[:200], exc)
+        self.metrics.tier_write_outcomes.labels(self.name, op, "unencodable").inc()
 
     def _fail(self, outcome: str, key: CacheKey, op: str, exc: BaseException | None = None) -> None:
         breaker = self.breaker if op == "get" else self.write_breaker

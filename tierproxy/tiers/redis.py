@@ -1,4 +1,11 @@
-"""L2: Redis, shared by every replica. One pool per process; keys ``tierproxy:<sha256>``.
+"""L2: Redis, shared by every replica. One pool per process.
+
+Every Redis name this process uses is built from :attr:`RedisTier.prefix`, which is
+``TIERPROXY_KEY_PREFIX`` + ``"tierproxy:"``: entries ``<prefix><CacheKey.digest>`` (the digest
+covers the origin's identity, the entry format version and the key material, see
+tierproxy.keys), tag sets ``<prefix>tag:<KeySpace.tag_id(tag)>``, the replicas' purge channel
+``<prefix>invalidate``. Operators sharing one Redis between environments give each its own
+prefix; deployments of different origins never share an entry or a tag set even without one.
 
 Lookups (GET) go over one pipelined connection (:mod:`tierproxy.tiers.redis_reads`); writes,
 scripts, purges and pub/sub use redis-py. redis-py's defaults would break the tier budget
@@ -29,14 +36,14 @@ from redis.backoff import NoBackoff
 
 from .. import codec
 from ..entry import Entry
-from ..keys import CacheKey
+from ..keys import CacheKey, KeySpace
 from . import redis_reads
-from .base import Blob, BytesBackend, decode_unkeyed, mark_stale, tag_digest
+from .base import Blob, BytesBackend, decode_unkeyed, mark_stale
 
-__all__ = ["KEY_PREFIX", "TAG_PREFIX", "RedisTier", "redis_key", "tag_key"]
+__all__ = ["NAME_ROOT", "RedisTier"]
 
-KEY_PREFIX = "tierproxy:"
-TAG_PREFIX = KEY_PREFIX + "tag:"
+# What follows TIERPROXY_KEY_PREFIX in every Redis name (see RedisTier.prefix).
+NAME_ROOT = "tierproxy:"
 
 # Batches keep every single command (and its reply) small; bounded loops over them.
 _BATCH = 500
@@ -61,14 +68,6 @@ return 1
 """
 
 
-def redis_key(key: CacheKey) -> str:
-    return KEY_PREFIX + key.digest
-
-
-def tag_key(tag: str) -> str:
-    return TAG_PREFIX + tag_digest(tag)
-
-
 def _batches(items: Sequence[str], size: int = _BATCH) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -78,8 +77,14 @@ class RedisTier(BytesBackend):
     name = "l2"
     shared = True
 
-    def __init__(self, url: str, *, socket_timeout: float, max_connections: int) -> None:
+    def __init__(self, url: str, *, socket_timeout: float, max_connections: int,
+                 keys: KeySpace, key_prefix: str = "") -> None:
         self.url = url
+        self.keys = keys
+        #: The start of every Redis name this process uses (entries, tag sets, channels, and
+        #: anything added later): build names as ``self.prefix + ...``, never from scratch.
+        self.prefix = key_prefix + NAME_ROOT
+        self._tag_prefix = self.prefix + "tag:"
         self._pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -95,10 +100,21 @@ class RedisTier(BytesBackend):
         self.reads = redis_reads.for_url(url, connect_timeout=socket_timeout,
                                          stale_after=socket_timeout)
 
+    def entry_name(self, key: CacheKey) -> str:
+        return self.prefix + key.digest
+
+    def tag_name(self, tag: str) -> str:
+        return self._tag_prefix + self.keys.tag_id(tag)
+
+    @property
+    def invalidate_channel(self) -> str:
+        """The replicas' pub/sub channel for purges and invalidations."""
+        return self.prefix + "invalidate"
+
     async def get_bytes(self, key: CacheKey) -> bytes | None:
         if self.reads is not None:
-            return await self.reads.get(redis_key(key).encode())
-        value = await self.client.get(redis_key(key))
+            return await self.reads.get(self.entry_name(key).encode())
+        value = await self.client.get(self.entry_name(key))
         return value if isinstance(value, bytes) else None
 
     async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> None:
@@ -107,19 +123,19 @@ class RedisTier(BytesBackend):
         if ttl_ms <= 0:
             return
         if not entry.tags:
-            await self.client.set(redis_key(key), blob.data, px=ttl_ms)
+            await self.client.set(self.entry_name(key), blob.data, px=ttl_ms)
             return
         await self._set_tagged(
-            keys=[redis_key(key), *(tag_key(tag) for tag in entry.tags)],
-            args=[blob.data, ttl_ms, key.digest, KEY_PREFIX],
+            keys=[self.entry_name(key), *(self.tag_name(tag) for tag in entry.tags)],
+            args=[blob.data, ttl_ms, key.digest, self.prefix],
         )
 
     async def delete(self, key: CacheKey) -> bool:
-        return bool(await self.client.delete(redis_key(key)))
+        return bool(await self.client.delete(self.entry_name(key)))
 
     async def tag_members(self, tag: str) -> list[str]:
         """Digests indexed under ``tag`` (SSCAN: no single huge reply)."""
-        name = tag_key(tag)
+        name = self.tag_name(tag)
         members: set[str] = set()
         cursor = 0
         for _ in range(_MAX_SCAN_ROUNDS):
@@ -139,8 +155,8 @@ class RedisTier(BytesBackend):
         if soft_at is None:
             removed = 0
             for batch in _batches(digests):
-                removed += int(await self.client.delete(*(KEY_PREFIX + d for d in batch)))
-            for tag_batch in _batches([tag_key(tag) for tag in tags]):
+                removed += int(await self.client.delete(*(self.prefix + d for d in batch)))
+            for tag_batch in _batches([self.tag_name(tag) for tag in tags]):
                 await self.client.delete(*tag_batch)
             return removed
         # Soft: rewrite each entry marked stale, keeping its TTL. Read-modify-write without a
@@ -152,7 +168,7 @@ class RedisTier(BytesBackend):
             return bool(await self.client.set(name, data, xx=True, keepttl=True))
 
         for batch in _batches(digests, _SOFT_BATCH):  # few at a time: entries can be large
-            values = await self.client.mget([KEY_PREFIX + d for d in batch])
+            values = await self.client.mget([self.prefix + d for d in batch])
             writes: list[tuple[str, bytes]] = []
             for digest, data in zip(batch, values, strict=True):
                 if not isinstance(data, bytes):
@@ -160,12 +176,12 @@ class RedisTier(BytesBackend):
                 material = targets[digest]
                 try:
                     entry = (codec.decode(data, material) if material is not None
-                             else decode_unkeyed(data, digest))
+                             else decode_unkeyed(data, digest, self.keys.namespace))
                 except codec.CorruptEntry:
                     continue  # a lookup will find and delete it
                 marked = mark_stale(entry, soft_at)
                 if marked is not None:
-                    writes.append((KEY_PREFIX + digest, codec.encode(marked)))
+                    writes.append((self.prefix + digest, codec.encode(marked)))
             changed += sum(await asyncio.gather(*(rewrite(n, d) for n, d in writes)))
         return changed
 

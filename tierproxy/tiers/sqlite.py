@@ -44,7 +44,7 @@ import aiosqlite
 
 from .. import codec
 from ..entry import Entry
-from ..keys import CacheKey
+from ..keys import CacheKey, KeySpace
 from .base import (
     Blob,
     BytesBackend,
@@ -52,7 +52,6 @@ from .base import (
     TierUnavailable,
     decode_unkeyed,
     mark_stale,
-    tag_digest,
 )
 
 if TYPE_CHECKING:
@@ -204,8 +203,12 @@ class SQLiteTier(BytesBackend):
         retry_max: float = 5.0,
         check_interval: float = _CHECK_INTERVAL,
         metrics: Metrics | None = None,
+        keys: KeySpace,
     ) -> None:
         self.path = path
+        # Rows are keyed by CacheKey.digest (origin + format version + material); tag rows by
+        # this origin's tag ids: a file reused with another origin or format shares nothing.
+        self.keys = keys
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
@@ -513,7 +516,7 @@ class SQLiteTier(BytesBackend):
         if len(data) > self.wal_budget // 2:
             return  # it could not be written without the WAL growing past its share
         now = time.time()
-        tags = json.dumps([tag_digest(tag) for tag in entry.tags]) if entry.tags else "[]"
+        tags = json.dumps([self.keys.tag_id(tag) for tag in entry.tags]) if entry.tags else "[]"
         row = (key.digest, data, len(data), entry.expires_at, now, tags)
 
         async def insert(writer: aiosqlite.Connection) -> None:
@@ -643,7 +646,7 @@ class SQLiteTier(BytesBackend):
         soft_at: float | None,
     ) -> int:
         digests = [key.digest for key in keys]
-        tag_ids = [tag_digest(tag) for tag in tags]
+        tag_ids = [self.keys.tag_id(tag) for tag in tags]
         changed = 0
         if soft_at is None:
             # Each DELETE is one statement; the triggers drop the tag rows and fix the stats.
@@ -691,7 +694,7 @@ class SQLiteTier(BytesBackend):
                 material = materials.get(str(digest))
                 try:
                     entry = (codec.decode(data, material) if material is not None
-                             else decode_unkeyed(data, str(digest)))
+                             else decode_unkeyed(data, str(digest), self.keys.namespace))
                 except codec.CorruptEntry:
                     continue  # a lookup will find and delete it
                 marked = mark_stale(entry, soft_at)
