@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import asyncio
 import errno
 import gc
+import importlib.metadata
 import logging
 import os
 import signal
@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .admin import build_admin_app
 from .config import ConfigError, Settings, load_settings
+from .listener import missing_internals, unhardened_message
 from .logs import configure as configure_logging
 from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
@@ -139,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(env)
     except ConfigError as exc:
         print(f"tierproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    missing = missing_internals()
+    if missing and not settings.allow_unhardened:
+        # Protections never turn off silently: without the internals tierproxy.listener reads
+        # there are no request-head or send timeouts (a trickled head holds a connection).
+        print(f"tierproxy: cannot start: {unhardened_message(missing)}", file=sys.stderr)
         return 2
     _setup_logging(settings)
     try:

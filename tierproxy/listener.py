@@ -24,18 +24,20 @@ on top, and aiohttp 3.14 does not do:
 
 The limits themselves are aiohttp's (:func:`handler_args`), so any runner - including a plain
 ``web.AppRunner`` - refuses the same requests; only :class:`ProxyRunner` adds the header timeout
-and the exact statuses. This relies on ``RequestHandler`` internals of aiohttp 3.14
-(``_waiter``, ``_request_count``, ``_messages``, ``_current_request``; read, never written).
-Without them :class:`ProxyRunner` falls back to aiohttp's own handler with a warning, and
-tests/security fail, so an aiohttp upgrade that moves them cannot go unnoticed.
+and the exact statuses. This relies on ``RequestHandler`` internals of aiohttp 3.14.4 and later
+(``_waiter``, ``_request_count``, ``_messages``, ``_current_request``, ``_buffer_paused``, ...;
+see ``_INTERNALS``; 3.14.0-3.14.3 lack ``_buffer_paused``). Without them the proxy refuses to
+start (:func:`missing_internals`, checked by ``tierproxy serve`` and by :class:`ProxyRunner`)
+unless ``TIERPROXY_ALLOW_UNHARDENED=on`` lets it run on aiohttp's own handler, with a warning.
+CI runs the listener tests on the oldest and the newest aiohttp the pin admits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 from collections.abc import Awaitable
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
@@ -55,7 +57,8 @@ if TYPE_CHECKING:
 
     from .config import Settings
 
-__all__ = ["ProxyRequestHandler", "ProxyRunner", "handler_args", "internals_available"]
+__all__ = ["ProxyRequestHandler", "ProxyRunner", "UnhardenedListener", "handler_args",
+           "internals_available", "missing_internals", "unhardened_message"]
 
 log = logging.getLogger("tierproxy.listener")
 
@@ -79,16 +82,34 @@ class HitAnswerer(Protocol):
     ) -> tuple[bytes, bytes] | Awaitable[tuple[bytes, bytes] | object] | None: ...
 
 
-def internals_available() -> bool:
-    """Whether this aiohttp has the ``RequestHandler`` internals the hardened handler reads."""
+class UnhardenedListener(RuntimeError):
+    """This aiohttp lacks what the hardened listener needs, and running without was not allowed."""
+
+
+def missing_internals() -> list[str]:
+    """The aiohttp internals the hardened handler reads that this aiohttp lacks (none: [])."""
     slots: set[str] = set()
     for cls in RequestHandler.__mro__:
         slots.update(getattr(cls, "__slots__", ()))
-    return (
-        _ErrInfo is not None
-        and all(name in slots for name in _INTERNALS)
-        and all(callable(getattr(RequestHandler, name, None)) for name in _INTERNAL_METHODS)
-    )
+    missing = [f"RequestHandler.{name}" for name in _INTERNALS if name not in slots]
+    missing += [f"RequestHandler.{name}()" for name in _INTERNAL_METHODS
+                if not callable(getattr(RequestHandler, name, None))]
+    if _ErrInfo is None:
+        missing.append("web_protocol._ErrInfo")
+    return missing
+
+
+def internals_available() -> bool:
+    """Whether this aiohttp has the ``RequestHandler`` internals the hardened handler reads."""
+    return not missing_internals()
+
+
+def unhardened_message(missing: list[str]) -> str:
+    """One line for the operator: what is missing, what it costs, what to do."""
+    return (f"aiohttp {aiohttp.__version__} lacks internals the hardened listener needs "
+            f"({', '.join(missing)}): without them there are no request-head/send timeouts; "
+            "install the aiohttp version tierproxy pins (>=3.14.4,<3.15), or set "
+            "TIERPROXY_ALLOW_UNHARDENED=on to run without these protections")
 
 
 def handler_args(settings: Settings) -> dict[str, Any]:
@@ -459,7 +480,7 @@ class ProxyRunner(web.AppRunner):
     connection itself (:mod:`tierproxy.hits`); the app handles the rest.
     """
 
-    __slots__ = ("_header_timeout", "_hits", "_send_timeout")
+    __slots__ = ("_allow_unhardened", "_header_timeout", "_hits", "_send_timeout")
 
     def __init__(
         self,
@@ -468,21 +489,28 @@ class ProxyRunner(web.AppRunner):
         header_timeout: float,
         send_timeout: float,
         hits: HitAnswerer | None = None,
+        allow_unhardened: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._send_timeout = send_timeout
         self._hits = hits
+        self._allow_unhardened = allow_unhardened
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs on_startup, merges the app's handler_args
         handler_kwargs = getattr(server, "_kwargs", None)  # the RequestHandler arguments
-        if not internals_available() or not isinstance(handler_kwargs, dict):
-            # Still safe (aiohttp's limits and framing checks apply), just not hardened.
-            log.warning("this aiohttp (%s) lacks the internals tierproxy.listener relies on: "
-                        "no header/send timeouts, over-long input gets 400 instead of 414/431",
-                        aiohttp.__version__)
+        missing = missing_internals()
+        if not isinstance(handler_kwargs, dict):
+            missing.append("Server._kwargs")
+        if missing:
+            message = unhardened_message(missing)
+            if not self._allow_unhardened:
+                raise UnhardenedListener(message)
+            # Still safe from smuggling (aiohttp's limits and framing checks apply), but a
+            # client may hold a connection as long as it likes: said at every start.
+            log.warning("TIERPROXY_ALLOW_UNHARDENED=on: serving unhardened: %s", message)
             return server
         return _ProxyServer(
             server.request_handler,

@@ -258,6 +258,7 @@ def make_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
         header_timeout=state.settings.header_timeout,
         send_timeout=state.settings.send_timeout,
         hits=HitPath(state, state.tier("l1")) if state.tiers else None,
+        allow_unhardened=state.settings.allow_unhardened,
         **kwargs,
     )
 
