@@ -68,8 +68,13 @@ _INTERNALS = ("_waiter", "_request_count", "_messages", "_current_request", "_lo
 
 _INTERNAL_METHODS = ("_process_keepalive",)  # overridden: must still be what aiohttp calls
 
-# Bodies up to this size go out in one write with their head; larger ones as two buffers.
+# Bodies up to this size go out in one write with their head (one copy, one syscall).
 _JOIN_BODY_BYTES = 16 * 1024
+# Larger ones as slices of a memoryview of the stored (immutable, shared) bytes, written only
+# while the transport is under its high-water mark, so a client that reads slowly holds about
+# that much, not a copy of the body: Python 3.11's transport.writelines joins its buffers, and
+# what a transport cannot send at once it copies into its own buffer (asyncio) or keeps.
+BODY_SLICE_BYTES = 64 * 1024
 
 
 class HitAnswerer(Protocol):
@@ -149,7 +154,7 @@ class ProxyRequestHandler(RequestHandler):
     """One client connection. See the module docstring for what it adds to aiohttp's."""
 
     __slots__ = ("_handover", "_head_timeout", "_head_timer", "_hits", "_lookup", "_remote",
-                 "_send_timeout", "_send_timer")
+                 "_send_timeout", "_send_timer", "_writable")
 
     def __init__(
         self,
@@ -167,10 +172,12 @@ class ProxyRequestHandler(RequestHandler):
         self._send_timer: asyncio.TimerHandle | None = None
         self._hits = hits
         self._remote: str | None = None
-        # The hit path's lookup in flight (one at a time: responses keep the requests' order),
-        # and what it left for the full path.
+        # The hit path's work in flight - a lookup, or the rest of a large body waiting for
+        # the client to drain - one at a time: responses keep the requests' order. And what
+        # a lookup left for the full path.
         self._lookup: asyncio.Task[None] | None = None
         self._handover: tuple[RawRequestMessage, object] | None = None
+        self._writable: asyncio.Future[None] | None = None  # set when writing resumes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -199,6 +206,11 @@ class ProxyRequestHandler(RequestHandler):
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        writable = self._writable
+        if writable is not None:
+            self._writable = None
+            if not writable.done():
+                writable.set_result(None)
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
@@ -278,7 +290,12 @@ class ProxyRequestHandler(RequestHandler):
                 # alone: _process_keepalive).
                 self._lookup = self._loop.create_task(self._finish_lookup(message, payload, answer))
                 return
-            self._write_answer(answer)
+            rest = self._write_answer(answer)
+            if rest is not None:
+                # The client is not taking the body as fast: the rest goes as it drains, and
+                # what follows waits for it, as behind a lookup.
+                self._lookup = self._loop.create_task(self._finish_body(rest))
+                return
 
     async def _finish_lookup(
         self,
@@ -293,22 +310,35 @@ class ProxyRequestHandler(RequestHandler):
         except Exception:
             log.exception("hit path lookup failed; the request takes the full path")
             outcome = None
-        self._lookup = None
         transport = self.transport
         if isinstance(outcome, tuple):
             if transport is not None and not transport.is_closing():
-                self._write_answer(outcome)
+                rest = self._write_answer(outcome)
+                if rest is not None:
+                    await self._send_rest(rest)  # still this connection's work in flight
         else:
             # Back to the head of the queue for start(), with what the lookup found.
             self._handover = (message, outcome) if outcome is not None else None
             self._messages.appendleft((message, payload))
+        self._lookup = None
         if self._hits is not None and self._messages and self._messages[0][0] is not message:
             self._answer_hits(self._hits)
+        self._after_hit_path_work()
+
+    async def _finish_body(self, rest: memoryview) -> None:
+        await self._send_rest(rest)
+        self._lookup = None
+        if self._hits is not None and self._messages:
+            self._answer_hits(self._hits)
+        self._after_hit_path_work()
+
+    def _after_hit_path_work(self) -> None:
         self._wake_for_full_path()
         if self._close and self._lookup is None and not self._messages:
-            super().close()  # closing was asked for while the lookup ran (see close())
+            super().close()  # closing was asked for while the work ran (see close())
 
-    def _write_answer(self, answer: tuple[bytes, bytes]) -> None:
+    def _write_answer(self, answer: tuple[bytes, bytes]) -> memoryview | None:
+        """Write a hit-path answer; return what of its body waits for the client to drain."""
         if self._parser is not None:
             self._parser.message_consumed()
         self._manager.requests_count += 1  # type: ignore[union-attr]
@@ -318,7 +348,40 @@ class ProxyRequestHandler(RequestHandler):
         if len(body) <= _JOIN_BODY_BYTES:
             transport.write(head + body)
         else:
-            transport.writelines((head, body))
+            transport.write(head + body[:BODY_SLICE_BYTES])
+            view = memoryview(body)
+            size = len(view)
+            offset = BODY_SLICE_BYTES
+            # Bounded by the body's slices; stops once the transport is over its high-water
+            # mark (it calls pause_writing from inside write) or closing.
+            while offset < size and not self.writing_paused and not transport.is_closing():
+                transport.write(view[offset:offset + BODY_SLICE_BYTES])
+                offset += BODY_SLICE_BYTES
+            if offset < size:
+                return view[offset:]
+        self._response_sent()
+        return None
+
+    async def _send_rest(self, rest: memoryview) -> None:
+        """The rest of a hit's body, a slice at a time as the client drains it.
+
+        The send timeout still applies: a client taking nothing for TIERPROXY_SEND_TIMEOUT
+        while writing is paused is aborted (_send_timed_out), which cancels this task.
+        """
+        loop = self._loop
+        for offset in range(0, len(rest), BODY_SLICE_BYTES):
+            if self.writing_paused:
+                writable = self._writable
+                if writable is None:
+                    writable = self._writable = loop.create_future()
+                await writable
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            transport.write(rest[offset:offset + BODY_SLICE_BYTES])
+        self._response_sent()
+
+    def _response_sent(self) -> None:
         # What start() does after a response: keep-alive from now on, idle-bounded.
         self._keepalive = True
         close_time = self._loop.time() + self._keepalive_timeout
@@ -512,6 +575,7 @@ class ProxyRunner(web.AppRunner):
             # client may hold a connection as long as it likes: said at every start.
             log.warning("TIERPROXY_ALLOW_UNHARDENED=on: serving unhardened: %s", message)
             return server
+        assert isinstance(handler_kwargs, dict)
         return _ProxyServer(
             server.request_handler,
             request_factory=server.request_factory,

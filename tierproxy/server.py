@@ -24,7 +24,7 @@ from .background import BackgroundTasks
 from .config import Settings
 from .invalidation import Invalidation, PurgeOrder
 from .keys import BadTarget, CacheKey, TargetTooLong, normalise_target
-from .hits import Handover, HitPath
+from .hits import Handover, HitPath, cached_body_response
 from .listener import ProxyRunner, handler_args
 from .logs import AccessLog, dropped_lines, request_id
 from .metrics import BREAKER_STATES, Metrics
@@ -425,7 +425,9 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
             response = web.Response(status=304, headers=headers)
         else:
             status = entry.status
-            response = web.Response(status=status, body=entry.body, headers=entry.response_headers)
+            # Slices of the stored bytes for a large body (never a copy per slow client).
+            response = cached_body_response(request.method, status, entry.body,
+                                            entry.response_headers)
         response.headers["Age"] = str(entry.age(time.time()))
         response.headers["X-Cache"] = result.x_cache
         response.headers["Cache-Status"] = result.cache_status
