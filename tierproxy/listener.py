@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+import resource
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -57,8 +58,9 @@ if TYPE_CHECKING:
 
     from .config import Settings
 
-__all__ = ["ProxyRequestHandler", "ProxyRunner", "UnhardenedListener", "handler_args",
-           "internals_available", "missing_internals", "unhardened_message"]
+__all__ = ["ADMIN_MAX_CONNECTIONS", "CappedRunner", "ConnectionCap", "ProxyRequestHandler",
+           "ProxyRunner", "UnhardenedListener", "client_connection_cap", "handler_args",
+           "internals_available", "listen_backlog", "missing_internals", "unhardened_message"]
 
 log = logging.getLogger("tierproxy.listener")
 
@@ -148,6 +150,194 @@ def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field
     if "Too many headers" in exc.message:
         return 431
     return 400
+
+
+# -- file descriptors: the client connection cap ---------------------------------------------
+
+# The admin listener's own connection cap (health checks and scrapes need few), and its
+# listen backlog. Both come out of the descriptor reserve, so the admin port always answers.
+ADMIN_MAX_CONNECTIONS = 32
+ADMIN_BACKLOG = 16
+# Descriptors of the process itself: stdio, both listening sockets, the event loop's epoll,
+# self-pipe and signal fds, log handlers, resolver sockets, /proc reads, imports.
+_PROCESS_FDS = 64
+# SQLite: the reader and writer connections with their -wal/-shm/journal files, a file being
+# moved aside after corruption.
+_SQLITE_FDS = 8
+# Redis beyond its pool: the pipelined reader, the pub/sub connection, sentinel/cluster lookups.
+_REDIS_EXTRA_FDS = 10
+_MIN_CLIENT_CONNECTIONS = 16
+
+_REFUSED_BODY = b"503 too many client connections: retry later\n"
+_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(_REFUSED_BODY), _REFUSED_BODY))
+
+
+def listen_backlog(nofile: int) -> int:
+    """The proxy port's listen backlog for a descriptor limit.
+
+    The event loop accepts up to this many connections at one wake-up before any is admitted
+    (each a descriptor), so it is part of the reserve: small limits get a small backlog.
+    """
+    return max(16, min(1024, nofile // 16))
+
+
+def client_connection_cap(settings: Settings, nofile: int | None = None) -> int:
+    """``TIERPROXY_MAX_CLIENT_CONNECTIONS``, or what ``nofile`` (default: the soft
+    RLIMIT_NOFILE) leaves after the reserve; ValueError (one line) if the limit cannot hold it.
+    """
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            nofile = 1 << 20
+    reserve = (
+        settings.origin_max_connections
+        + (settings.redis_max_connections + _REDIS_EXTRA_FDS if settings.redis_url else 0)
+        + (_SQLITE_FDS if settings.sqlite_path else 0)
+        + ADMIN_MAX_CONNECTIONS + ADMIN_BACKLOG
+        + _PROCESS_FDS
+        + listen_backlog(nofile)
+    )
+    available = nofile - reserve
+    what = (f"RLIMIT_NOFILE={nofile} leaves {available} descriptors for client connections "
+            f"after {reserve} reserved (TIERPROXY_ORIGIN_MAX_CONNECTIONS, "
+            "TIERPROXY_REDIS_MAX_CONNECTIONS, SQLite, the admin port, the process)")
+    configured = settings.max_client_connections
+    if configured is not None:
+        if configured > available:
+            raise ValueError(f"TIERPROXY_MAX_CLIENT_CONNECTIONS={configured} is more than "
+                             f"{what}: lower it, or raise the hard descriptor limit")
+        return configured
+    if available < _MIN_CLIENT_CONNECTIONS:
+        raise ValueError(f"{what}: raise the hard descriptor limit (ulimit -Hn), or lower "
+                         "the pools")
+    return available
+
+
+class ConnectionCap:
+    """At most ``limit`` open connections on one listener; oldest idle ones closed first.
+
+    Checked as each connection is made: over the limit, the connections idle longest
+    (waiting for their next request, nothing in progress) are closed until the count is a
+    sixteenth under the limit, so the scan runs at most once per limit/16 new connections.
+    With nothing idle to close, the new connection gets a 503 and is closed (RFC 9110
+    §15.6.4, Retry-After). Each episode at the cap is logged once (``log``); it ends when
+    the count falls to half the limit. ``shed(action)`` counts each closed or refused
+    connection, ``episode()`` each episode.
+    """
+
+    __slots__ = ("_at_cap", "_episode", "_idle_of", "_low_water", "_name", "_open", "_shed",
+                 "limit")
+
+    def __init__(
+        self,
+        limit: int,
+        name: str,
+        *,
+        shed: Callable[[str], None] | None = None,
+        episode: Callable[[], None] | None = None,
+    ) -> None:
+        self.limit = limit
+        self._name = name
+        self._low_water = limit - max(1, limit // 16)
+        self._open: dict[RequestHandler, asyncio.Transport] = {}
+        self._at_cap = False
+        self._shed = shed
+        self._episode = episode
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def admit(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        self._open[handler] = transport
+        if len(self._open) <= self.limit:
+            return
+        if not self._at_cap:
+            self._at_cap = True
+            log.warning("%s: client connections at the cap (%d): closing the oldest idle "
+                        "keep-alive connections first, refusing new ones with 503 while "
+                        "none is idle; counted in tierproxy_client_connections_shed_total "
+                        "(one line per episode; TIERPROXY_MAX_CLIENT_CONNECTIONS, "
+                        "RLIMIT_NOFILE)", self._name, self.limit)
+            if self._episode is not None:
+                self._episode()
+        excess = len(self._open) - self._low_water
+        idle = sorted(
+            (since, id(h), h) for h in self._open
+            if h is not handler and (since := _idle_since(h)) is not None
+        )
+        for _, _, oldest in idle[:excess]:
+            # Gone from the count now: its descriptor is released as the loop closes it.
+            del self._open[oldest]
+            oldest.force_close()
+            if self._shed is not None:
+                self._shed("idle-closed")
+        if len(self._open) > self.limit:
+            del self._open[handler]
+            if not transport.is_closing():
+                transport.write(_REFUSED)
+                transport.close()
+            if self._shed is not None:
+                self._shed("refused")
+
+    def release(self, handler: RequestHandler) -> None:
+        self._open.pop(handler, None)
+        if self._at_cap and len(self._open) <= self.limit // 2:
+            self._at_cap = False  # the episode is over; the next one is logged again
+
+
+def _idle_since(handler: RequestHandler) -> float | None:
+    """When ``handler`` became idle (a keep-alive deadline orders them), or None if busy.
+
+    Idle as aiohttp's keep-alive check has it: start() waits for a request (``_waiter``),
+    and nothing is queued or in the hit path's hands.
+    """
+    waiter = handler._waiter
+    if waiter is None or waiter.done() or handler._messages or handler._force_close:
+        return None
+    if isinstance(handler, ProxyRequestHandler) and handler._lookup is not None:
+        return None
+    return handler._next_keepalive_close_time
+
+
+class _CappedServer(web.Server):
+    """aiohttp's low-level server whose open connections a :class:`ConnectionCap` bounds."""
+
+    def __init__(self, handler: Any, *, cap: ConnectionCap | None, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._cap = cap
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self._cap is not None:
+            self._cap.admit(handler, transport)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if self._cap is not None:
+            self._cap.release(handler)
+
+
+class CappedRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections a :class:`ConnectionCap` bounds (the admin port)."""
+
+    __slots__ = ("_cap",)
+
+    def __init__(self, app: web.Application, *, cap: ConnectionCap, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._cap = cap
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        handler_kwargs = getattr(server, "_kwargs", None)
+        if not isinstance(handler_kwargs, dict) or missing_internals():
+            return server  # tierproxy serve refused to start already, unless allowed
+        return _CappedServer(
+            server.request_handler, cap=self._cap, request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation, loop=asyncio.get_running_loop(),
+            **handler_kwargs,
+        )
 
 
 class ProxyRequestHandler(RequestHandler):
@@ -505,7 +695,7 @@ class ProxyRequestHandler(RequestHandler):
         return response
 
 
-class _ProxyServer(web.Server):
+class _ProxyServer(_CappedServer):
     """aiohttp's low-level server, making :class:`ProxyRequestHandler` connections."""
 
     def __init__(
@@ -518,9 +708,10 @@ class _ProxyServer(web.Server):
         head_timeout: float,
         send_timeout: float,
         hits: HitAnswerer | None,
+        cap: ConnectionCap | None,
         **handler_kwargs: Any,
     ) -> None:
-        super().__init__(handler, request_factory=request_factory,
+        super().__init__(handler, cap=cap, request_factory=request_factory,
                          handler_cancellation=handler_cancellation, loop=loop, **handler_kwargs)
         self._proxy_loop = loop
         self._proxy_handler_kwargs = handler_kwargs
@@ -538,12 +729,13 @@ class ProxyRunner(web.AppRunner):
     """``web.AppRunner`` whose connections are :class:`ProxyRequestHandler` s.
 
     ``header_timeout`` and ``send_timeout`` are ``TIERPROXY_HEADER_TIMEOUT`` and
-    ``TIERPROXY_SEND_TIMEOUT``; every other limit comes from the app's ``handler_args``
-    (:func:`handler_args`). ``hits``, when given, answers what it can of each request on the
+    ``TIERPROXY_SEND_TIMEOUT``; ``cap`` bounds the open connections
+    (``TIERPROXY_MAX_CLIENT_CONNECTIONS``); every other limit comes from the app's
+    ``handler_args`` (:func:`handler_args`). ``hits``, when given, answers what it can of each request on the
     connection itself (:mod:`tierproxy.hits`); the app handles the rest.
     """
 
-    __slots__ = ("_allow_unhardened", "_header_timeout", "_hits", "_send_timeout")
+    __slots__ = ("_allow_unhardened", "_cap", "_header_timeout", "_hits", "_send_timeout")
 
     def __init__(
         self,
@@ -553,6 +745,7 @@ class ProxyRunner(web.AppRunner):
         send_timeout: float,
         hits: HitAnswerer | None = None,
         allow_unhardened: bool = False,
+        cap: ConnectionCap | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
@@ -560,6 +753,7 @@ class ProxyRunner(web.AppRunner):
         self._send_timeout = send_timeout
         self._hits = hits
         self._allow_unhardened = allow_unhardened
+        self._cap = cap
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs on_startup, merges the app's handler_args
@@ -584,5 +778,6 @@ class ProxyRunner(web.AppRunner):
             head_timeout=self._header_timeout,
             send_timeout=self._send_timeout,
             hits=self._hits,
+            cap=self._cap,
             **handler_kwargs,
         )

@@ -25,7 +25,7 @@ from .config import Settings
 from .invalidation import Invalidation, PurgeOrder
 from .keys import BadTarget, CacheKey, TargetTooLong, normalise_target
 from .hits import Handover, HitPath, cached_body_response
-from .listener import ProxyRunner, handler_args
+from .listener import ProxyRunner, client_connection_cap, handler_args
 from .logs import AccessLog, dropped_lines, request_id
 from .metrics import BREAKER_STATES, Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout
@@ -259,6 +259,8 @@ def make_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
         send_timeout=state.settings.send_timeout,
         hits=HitPath(state, state.tier("l1")) if state.tiers else None,
         allow_unhardened=state.settings.allow_unhardened,
+        # Client connections bounded below the descriptor limit (TIERPROXY_MAX_CLIENT_CONNECTIONS).
+        cap=state.metrics.connection_cap(client_connection_cap(state.settings), "proxy"),
         **kwargs,
     )
 

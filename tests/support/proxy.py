@@ -321,12 +321,12 @@ def start_subprocess_proxy(
     cwd: Path,
     *,
     extra_pythonpath: Sequence[str] = (),
-    nofile: int | None = None,
+    nofile: int | tuple[int, int] | None = None,
 ) -> SpawnedProxy:
     """Start ``python -m tierproxy serve`` with exactly ``env``'s TIERPROXY_* variables.
 
     ``extra_pythonpath`` goes before the repository on PYTHONPATH (e.g. a directory with a
-    ``sitecustomize.py`` shim); ``nofile`` sets the child's RLIMIT_NOFILE, soft and hard.
+    ``sitecustomize.py`` shim); ``nofile`` sets the child's RLIMIT_NOFILE: one number for soft and hard, or (soft, hard).
     """
     global _spawn_counter
     _spawn_counter += 1
@@ -340,7 +340,10 @@ def start_subprocess_proxy(
     full_env["PYTHONUNBUFFERED"] = "1"
     logdir.mkdir(parents=True, exist_ok=True)
     # prlimit (util-linux) execs the command with the limit: the pid is the proxy's.
-    limit = [] if nofile is None else ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
+    limit: list[str] = []
+    if nofile is not None:
+        soft, hard = (nofile, nofile) if isinstance(nofile, int) else nofile
+        limit = ["prlimit", f"--nofile={soft}:{hard}", "--"]
     with open(logdir / f"{name}.stderr", "wb") as err, open(logdir / f"{name}.stdout", "wb") as out:
         proc = subprocess.Popen(
             [*limit, sys.executable, "-m", "tierproxy", "serve"],
