@@ -22,6 +22,15 @@ on top, and aiohttp 3.14 does not do:
   asks for a streamed response and never reads holds one pooled origin connection for as long
   as it likes; ``TIERPROXY_ORIGIN_MAX_CONNECTIONS`` such clients stop every cache miss.
 
+* Bounded memory per slow reader: a hit's large body goes out as slices of the stored bytes
+  while the transport is under its high-water mark, the rest as the client drains
+  (:meth:`ProxyRequestHandler._write_answer`), never as a copy per connection.
+* Bounded file descriptors: at most ``TIERPROXY_MAX_CLIENT_CONNECTIONS`` open connections
+  (:class:`ConnectionCap`; by default what RLIMIT_NOFILE leaves after a reserve for the
+  origin and Redis pools, SQLite, the admin port and the process, :func:`client_connection_cap`);
+  at the cap the oldest idle keep-alive connections are closed first, and a new connection is
+  refused with 503 only when none is idle. The admin port has its own small cap.
+
 The limits themselves are aiohttp's (:func:`handler_args`), so any runner - including a plain
 ``web.AppRunner`` - refuses the same requests; only :class:`ProxyRunner` adds the header timeout
 and the exact statuses. This relies on ``RequestHandler`` internals of aiohttp 3.14.4 and later
