@@ -418,6 +418,7 @@ def _refuse_body(status: int, text: str) -> web.Response:
 async def _respond(request: web.Request, state: ProxyState, result: Result) -> web.StreamResponse:
     if isinstance(result, Cached):
         entry = result.entry
+        response: web.StreamResponse
         if policy.client_not_modified(request.headers, entry):
             headers = CIMultiDict(
                 (name, value) for name, value in entry.headers
