@@ -176,6 +176,8 @@ _SQLITE_FDS = 8
 # Redis beyond its pool: the pipelined reader, the pub/sub connection, sentinel/cluster lookups.
 _REDIS_EXTRA_FDS = 10
 _MIN_CLIENT_CONNECTIONS = 16
+# At the cap with nothing idle, new connections are refused without looking again this long.
+_RESCAN_INTERVAL = 0.05
 
 _REFUSED_BODY = b"503 too many client connections: retry later\n"
 _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -236,8 +238,8 @@ class ConnectionCap:
     connection, ``episode()`` each episode.
     """
 
-    __slots__ = ("_at_cap", "_episode", "_idle_of", "_low_water", "_name", "_open", "_shed",
-                 "limit")
+    __slots__ = ("_at_cap", "_episode", "_fruitless_scan_at", "_low_water", "_name", "_open",
+                 "_shed", "limit")
 
     def __init__(
         self,
@@ -252,6 +254,7 @@ class ConnectionCap:
         self._low_water = limit - max(1, limit // 16)
         self._open: dict[RequestHandler, asyncio.Transport] = {}
         self._at_cap = False
+        self._fruitless_scan_at = -1.0  # loop time of the last scan that found nothing idle
         self._shed = shed
         self._episode = episode
 
@@ -271,11 +274,18 @@ class ConnectionCap:
                         "RLIMIT_NOFILE)", self._name, self.limit)
             if self._episode is not None:
                 self._episode()
+        now = asyncio.get_running_loop().time()
+        idle: list[tuple[float, int, RequestHandler]] = []
+        if now - self._fruitless_scan_at >= _RESCAN_INTERVAL:
+            # O(open connections): a flood of new ones while none is idle must not pay it
+            # per connection, so after a scan that found nothing, the next waits a little.
+            idle = sorted(
+                (since, id(h), h) for h in self._open
+                if h is not handler and (since := _idle_since(h)) is not None
+            )
+            if not idle:
+                self._fruitless_scan_at = now
         excess = len(self._open) - self._low_water
-        idle = sorted(
-            (since, id(h), h) for h in self._open
-            if h is not handler and (since := _idle_since(h)) is not None
-        )
         for _, _, oldest in idle[:excess]:
             # Gone from the count now: its descriptor is released as the loop closes it.
             del self._open[oldest]
