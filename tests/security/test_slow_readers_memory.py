@@ -227,3 +227,41 @@ async def test_requests_pipelined_behind_a_big_hit_are_answered_in_order(
         assert b"\r\nX-Cache: HIT-L1" in head, head
         assert body == (big if path == b"/big" else b"small body"), (path, len(body))
     assert data == b""
+
+
+async def test_a_big_l3_hit_looked_up_by_the_hit_path_is_sent_whole_to_a_slow_reader(
+    origin: Origin, make_proxy: Callable[..., object]
+) -> None:
+    # The hit path awaits the L3 lookup, then writes the body as the client drains it, in
+    # the same task; the request pipelined behind it is answered after it, whole.
+    big = make_body(3 * 1024 * 1024, seed=5)
+    origin.set("/big", body=big, headers={"Cache-Control": "public, max-age=600"})
+    origin.set("/small", body=b"small body", headers={"Cache-Control": "public, max-age=600"})
+    first = await make_proxy()  # type: ignore[operator]
+    for path in ("/big", "/small"):
+        assert (await first.get(path)).x_cache == "MISS"
+    await first.settle()
+    second = await make_proxy()  # type: ignore[operator]  # same L3 file, empty L1
+    sock = _slow_socket(second.port, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+                                     b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    data = b""
+    answers: list[tuple[bytes, bytes]] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(answers) < 2:
+                split = _split_response(data)
+                if split is None:
+                    chunk = await loop.sock_recv(sock, 8192)
+                    assert chunk, f"closed after {len(answers)} answers"
+                    data += chunk
+                    continue
+                head, body, data = split
+                answers.append((head, body))
+    finally:
+        sock.close()
+    (big_head, big_body), (small_head, small_body) = answers
+    assert b"\r\nX-Cache: HIT-L3\r\n" in big_head, big_head
+    assert big_body == big
+    assert small_body == b"small body" and b"\r\nX-Cache: HIT-L" in small_head, small_head
+    assert second.state.metrics.hit_path_responses.value == 2  # both by the hit path
