@@ -135,13 +135,42 @@ async def test_idle_keepalive_connections_at_the_descriptor_limit_lock_nobody_ou
         first_reader = clients[0][0]
         async with asyncio.timeout(5):
             assert await first_reader.read(100) == b""
+        cap_lines = await wait_for_condition(
+            lambda: _cap_lines(proxy), timeout=10, message="the cap's log line")
+        assert len(cap_lines) == 1, cap_lines  # one line for the episode, not one per connection
+
+        # The episode ends when the connections fall to half the cap; the next one is new.
+        for _, writer in clients:
+            writer.close()
+        clients.clear()
+        async with aiohttp.ClientSession() as session:
+            await wait_for_condition(
+                lambda: _open_connections(session, proxy), timeout=10,
+                message="the proxy to see the clients gone")
+        for _ in range(3):
+            batch = await asyncio.gather(*(_keepalive_exchange(proxy.port) for _ in range(50)))
+            clients += [c for c in batch if c is not None]
+            assert all(c is not None for c in batch)
+        second = await wait_for_condition(
+            lambda: len(_cap_lines(proxy)) == 2, timeout=10, message="a second episode's line")
+        assert second
     finally:
         for _, writer in clients:
             writer.close()
     log = proxy.stderr
-    cap_lines = [line for line in log.splitlines() if "client connections at the cap" in line]
-    assert len(cap_lines) == 1, log[-3000:]  # one line for the episode, not one per connection
     assert "Too many open files" not in log and "EMFILE" not in log, log[-3000:]
+
+
+def _cap_lines(proxy: SpawnedProxy) -> list[str]:
+    return [line for line in proxy.stderr.splitlines() if "client connections at the cap" in line]
+
+
+async def _open_connections(session: aiohttp.ClientSession, proxy: SpawnedProxy) -> bool:
+    """Whether the proxy counts no more client connections than half its cap."""
+    async with session.get(proxy.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    return _metric(text, "tierproxy_client_connections", 'listener="proxy"') <= (
+        _metric(text, "tierproxy_client_connections_max", 'listener="proxy"') // 2)
 
 
 async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(
