@@ -62,6 +62,7 @@ __all__ = ["MAX_PURGE_ITEMS", "build_admin_app", "readiness"]
 TIERS = ("l1", "l2", "l3")
 MAX_PURGE_ITEMS = 10_000  # keys + tags in one POST /purge
 _MAX_PURGE_BODY = 4 * 1024 * 1024
+_ADMIN_KEEPALIVE_TIMEOUT = 15.0
 
 
 def _tier_state(state: ProxyState, name: str) -> str:
@@ -121,7 +122,10 @@ def _purge_order(payload: Any) -> PurgeOrder | str:
 
 def build_admin_app(proxy_app: web.Application) -> web.Application:
     state = proxy_app[STATE]
-    app = web.Application(client_max_size=_MAX_PURGE_BODY)
+    # Idle admin connections go soon: the admin port keeps few (tierproxy.listener
+    # ADMIN_MAX_CONNECTIONS, oldest idle closed first) so that it always answers.
+    app = web.Application(client_max_size=_MAX_PURGE_BODY,
+                          handler_args={"keepalive_timeout": _ADMIN_KEEPALIVE_TIMEOUT})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

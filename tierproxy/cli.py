@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import asyncio
 import errno
 import gc
+import importlib.metadata
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,15 @@ from aiohttp import web
 
 from .admin import build_admin_app
 from .config import ConfigError, Settings, load_settings
+from .listener import (
+    ADMIN_BACKLOG,
+    ADMIN_MAX_CONNECTIONS,
+    CappedRunner,
+    client_connection_cap,
+    listen_backlog,
+    missing_internals,
+    unhardened_message,
+)
 from .logs import configure as configure_logging
 from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
@@ -62,8 +72,29 @@ def _setup_logging(settings: Settings) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str) -> int:
-    site = web.TCPSite(runner, host, port, backlog=1024)
+def _raise_nofile_limit() -> tuple[int, int]:
+    """Lift the soft RLIMIT_NOFILE to the hard one (the default soft 1,024 is far too few for
+    a proxy); return (before, now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # Linux refuses more than fs.nr_open
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                target = int(nr_open.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str,
+                      backlog: int) -> int:
+    site = web.TCPSite(runner, host, port, backlog=backlog)
     try:
         await site.start()
     except OSError as exc:
@@ -74,13 +105,15 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str
     return int(addresses[-1][1]) if addresses else port
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, nofile: int) -> int:
     app = build_app(settings)
     admin_app = build_admin_app(app)
     # aiohttp's runner with hardened connections (tierproxy.listener) that answer fresh L1
-    # hits themselves (tierproxy.hits).
+    # hits themselves (tierproxy.hits), at most TIERPROXY_MAX_CLIENT_CONNECTIONS of them.
     runner = make_runner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
-    admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=1.0)
+    # The admin port has its own small cap, inside the descriptor reserve: it always answers.
+    admin_cap = app[STATE].metrics.connection_cap(ADMIN_MAX_CONNECTIONS, "admin")
+    admin_runner = CappedRunner(admin_app, cap=admin_cap, access_log=None, shutdown_timeout=1.0)
     try:
         try:
             await runner.setup()  # opens tiers and the origin session (cleanup_ctx)
@@ -91,9 +124,10 @@ async def serve(settings: Settings) -> int:
             # would only make a supervisor restart it in a loop.
             raise StartupError(str(exc), 2) from None
         await admin_runner.setup()
-        port = await _start_site(runner, settings.host, settings.port, "TIERPROXY_PORT")
+        port = await _start_site(runner, settings.host, settings.port, "TIERPROXY_PORT",
+                                 listen_backlog(nofile))
         admin_port = await _start_site(admin_runner, settings.admin_host, settings.admin_port,
-                                       "TIERPROXY_ADMIN_PORT")
+                                       "TIERPROXY_ADMIN_PORT", ADMIN_BACKLOG)
     except StartupError:
         await admin_runner.cleanup()
         await runner.cleanup()
@@ -122,14 +156,14 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, nofile: int) -> int:
     try:
         import uvloop
     except ImportError:
         log.info("event loop: asyncio (install tierproxy[uvloop] for uvloop)")
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(settings, nofile))
     log.info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
-    return uvloop.run(serve(settings))
+    return uvloop.run(serve(settings, nofile))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,9 +178,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tierproxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings)
+    missing = missing_internals()
+    if missing and not settings.allow_unhardened:
+        # Protections never turn off silently: without the internals tierproxy.listener reads
+        # there are no request-head or send timeouts (a trickled head holds a connection).
+        print(f"tierproxy: cannot start: {unhardened_message(missing)}", file=sys.stderr)
+        return 2
+    nofile_before, nofile = _raise_nofile_limit()
     try:
-        return _run(settings)
+        cap = client_connection_cap(settings, nofile)
+    except ValueError as exc:
+        print(f"tierproxy: cannot start: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    log.info("file descriptors: RLIMIT_NOFILE %d (soft limit was %d); client connections "
+             "capped at %d", nofile, nofile_before, cap)
+    try:
+        return _run(settings, nofile)
     except StartupError as exc:
         print(f"tierproxy: cannot start: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "Settings", "load_settings", "ENV_DEFAULTS"]
+__all__ = ["ENV_DEFAULTS", "ConfigError", "Settings", "load_settings"]
 
 T = TypeVar("T")
 
@@ -104,6 +104,12 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_SEND_TIMEOUT": "30.0",  # a client taking no response bytes this long is cut off
     "TIERPROXY_KEY_PREFIX": "",  # starts every Redis name: environments sharing one Redis
     "TIERPROXY_MAX_TTL": "31536000",  # one year: freshness never exceeds it
+    # Open client connections on the proxy port; empty = derived from RLIMIT_NOFILE at start
+    # (tierproxy.listener.client_connection_cap). Over it, the oldest idle ones are closed.
+    "TIERPROXY_MAX_CLIENT_CONNECTIONS": "",
+    # "on" lets the proxy start on an aiohttp without the internals the hardened listener
+    # reads (no header/send timeouts then); by default such an aiohttp refuses to start.
+    "TIERPROXY_ALLOW_UNHARDENED": "off",
 }
 
 
@@ -151,6 +157,8 @@ class Settings:
     stream_timeout: float = 300.0
     key_prefix: str = ""
     max_ttl: float = 31536000.0
+    max_client_connections: int | None = None  # None: derived from RLIMIT_NOFILE at start
+    allow_unhardened: bool = False
 
 
 def _parse(
@@ -239,6 +247,15 @@ def _on_off(raw: str) -> bool:
     if value not in ("on", "off"):
         raise ValueError(raw)
     return value == "on"
+
+
+def _optional_count(raw: str) -> int | None:
+    if raw == "":
+        return None
+    value = int(raw)
+    if value < 1 or value > 10_000_000:
+        raise ValueError(raw)
+    return value
 
 
 def _header_list(raw: str) -> frozenset[str]:
@@ -341,6 +358,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stream_timeout=_parse(env, "TIERPROXY_STREAM_TIMEOUT", _seconds(True), timeout),
         key_prefix=_key_prefix(env),
         max_ttl=_parse(env, "TIERPROXY_MAX_TTL", _seconds(True), "a positive number of seconds"),
+        max_client_connections=_parse(
+            env, "TIERPROXY_MAX_CLIENT_CONNECTIONS", _optional_count,
+            "a whole number, 1 or more (unset: derived from RLIMIT_NOFILE)",
+        ),
+        allow_unhardened=_parse(env, "TIERPROXY_ALLOW_UNHARDENED", _on_off, "on or off"),
     )
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(

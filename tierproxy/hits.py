@@ -28,15 +28,17 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
 
 from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER
 from .keys import BadTarget, CacheKey, normalise_target
+from .listener import BODY_SLICE_BYTES
 from .logs import request_id
 from .readthrough import Lookup, ProxyRequest
 
@@ -45,7 +47,8 @@ if TYPE_CHECKING:
     from .server import ProxyState
     from .tiers.base import GuardedTier
 
-__all__ = ["Answer", "Handover", "HitPath", "encode_head"]
+__all__ = ["Answer", "Handover", "HitPath", "SharedBodyResponse", "cached_body_response",
+           "encode_head"]
 
 Answer = tuple[bytes, bytes]  # response head, body
 
@@ -217,3 +220,54 @@ class HitPath:
 def _answerable(entry: Entry) -> bool:
     # 1xx/204/304 are framed specially by aiohttp (no body, no Content-Length): left to it.
     return entry.status >= 200 and entry.status not in _SPECIAL_STATUS
+
+
+class SharedBodyResponse(web.StreamResponse):
+    """A stored body the full path answers, written as slices of the stored bytes.
+
+    ``web.Response(body=...)`` writes the head and the whole body at once (aiohttp joins them
+    on Python 3.11: a copy per connection, kept as long as the client takes to read it). This
+    writes slices of a memoryview of the entry's immutable bytes, each once the transport is
+    back under its high-water mark (aiohttp's writer drains), so a slow client holds about
+    that much. The head is what ``web.Response`` would send for the same body.
+    """
+
+    def __init__(self, *, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        super().__init__(status=status, headers=headers)
+        self._shared_body: bytes | None = body
+        self._body_size = len(body)
+
+    @property
+    def content_length(self) -> int:
+        return self._body_size
+
+    @content_length.setter
+    def content_length(self, value: int | None) -> None:
+        raise AttributeError("a stored body's Content-Length is its length")
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if not self.prepared:
+            # What web.Response adds when it starts, in the order it adds them.
+            headers = self.headers
+            headers["Content-Length"] = str(self._body_size)
+            if "Content-Type" not in headers:
+                headers["Content-Type"] = "application/octet-stream"
+        return await super().prepare(request)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        body, self._shared_body = self._shared_body, None
+        if body is not None:
+            view = memoryview(body)
+            for offset in range(0, len(view), BODY_SLICE_BYTES):  # bounded by the body
+                await self.write(view[offset:offset + BODY_SLICE_BYTES])
+        await super().write_eof(data)
+
+
+def cached_body_response(
+    method: str, status: int, body: bytes, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """The full path's response carrying a stored body: small ones (and HEAD) in one write,
+    larger ones as :class:`SharedBodyResponse`."""
+    if method == "HEAD" or len(body) <= BODY_SLICE_BYTES:
+        return web.Response(status=status, body=body, headers=headers)
+    return SharedBodyResponse(status=status, body=body, headers=headers)

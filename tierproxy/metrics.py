@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .listener import ConnectionCap
 
 __all__ = [
     "BREAKER_STATES", "TIER_OUTCOMES", "X_CACHE_VALUES", "LoopCounter", "LoopHistogram", "Metrics",
@@ -272,6 +275,25 @@ class Metrics:
             "tierproxy_l1_clears", "Whole-L1 clears (on (re)connecting to the invalidation channel)",
             ["reason"], registry=r,
         )
+        # -- client connections (file descriptors) ----------------------------------------
+        self.client_connections = Gauge(
+            "tierproxy_client_connections", "Open client connections", ["listener"], registry=r
+        )
+        self.client_connections_max = Gauge(
+            "tierproxy_client_connections_max",
+            "The client connection cap (TIERPROXY_MAX_CLIENT_CONNECTIONS or derived from "
+            "RLIMIT_NOFILE)", ["listener"], registry=r,
+        )
+        self.client_connections_shed = Counter(
+            "tierproxy_client_connections_shed",
+            "Client connections closed at the cap: idle-closed (oldest idle keep-alive first) "
+            "or refused (503, none idle)", ["listener", "action"], registry=r,
+        )
+        self.client_connection_cap_episodes = Counter(
+            "tierproxy_client_connection_cap_episodes",
+            "Times the client connections reached the cap (each logged once)", ["listener"],
+            registry=r,
+        )
         self.log_dropped = Gauge(
             "tierproxy_log_lines_dropped", "Log lines dropped because the log buffer was full",
             registry=r,
@@ -281,6 +303,18 @@ class Metrics:
             for cache in X_CACHE_VALUES
             for cls in STATUS_CLASSES
         }
+
+    def connection_cap(self, limit: int, listener: str) -> ConnectionCap:
+        """A :class:`tierproxy.listener.ConnectionCap` for ``listener``, counted here."""
+        from .listener import ConnectionCap
+
+        shed = self.client_connections_shed
+        episodes = self.client_connection_cap_episodes.labels(listener)
+        cap = ConnectionCap(limit, listener, shed=lambda action: shed.labels(listener, action).inc(),
+                            episode=episodes.inc)
+        self.client_connections.labels(listener).set_function(lambda: len(cap))
+        self.client_connections_max.labels(listener).set(limit)
+        return cap
 
     def tier_lookup_counters(self, tier: str) -> dict[str, LoopCounterChild]:
         return {outcome: self.tier_lookups.labels(tier, outcome) for outcome in TIER_OUTCOMES}

@@ -26,8 +26,8 @@ from .config import Settings
 from .entry import FORBIDDEN_IN_HEADER, OWN_HEADERS, wire
 from .invalidation import Invalidation, PurgeOrder
 from .keys import BadTarget, CacheKey, KeySpace, TargetTooLong, normalise_target
-from .hits import Handover, HitPath
-from .listener import ProxyRunner, handler_args
+from .hits import Handover, HitPath, SharedBodyResponse, cached_body_response
+from .listener import BODY_SLICE_BYTES, ProxyRunner, client_connection_cap, handler_args
 from .logs import AccessLog, dropped_lines, request_id
 from .metrics import BREAKER_STATES, Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout
@@ -96,6 +96,31 @@ class _ExactHeadStreamResponse(web.StreamResponse):
 
     async def _write_headers(self) -> None:
         _write_exact_head(self, self._exact_request)
+
+
+class _ExactHeadSharedBodyResponse(SharedBodyResponse):
+    """:class:`_ExactHeadResponse` for a large stored body, sent in slices."""
+
+    def __init__(self, request: web.BaseRequest, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._exact_request = request
+
+    async def _write_headers(self) -> None:
+        _write_exact_head(self, self._exact_request)
+
+
+def _cached_response(request: web.BaseRequest, status: int, body: bytes | None,
+                     headers: CIMultiDict[str], exact_head: bool) -> web.StreamResponse:
+    """The full path's response for a stored entry: a large body as slices of the stored
+    bytes (:class:`~tierproxy.hits.SharedBodyResponse`: never a copy per slow client), and a
+    head with non-UTF-8 bytes written byte-exact (:func:`_write_exact_head`)."""
+    if not exact_head:
+        if body is None:
+            return web.Response(status=status, headers=headers)
+        return cached_body_response(request.method, status, body, headers)
+    if body is None or request.method == "HEAD" or len(body) <= BODY_SLICE_BYTES:
+        return _ExactHeadResponse(request, status=status, body=body, headers=headers)
+    return _ExactHeadSharedBodyResponse(request, status=status, body=body, headers=headers)
 
 
 def _cache_status(upstream: str, ours: str) -> str:
@@ -353,6 +378,9 @@ def make_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
         header_timeout=state.settings.header_timeout,
         send_timeout=state.settings.send_timeout,
         hits=HitPath(state, state.tier("l1")) if state.tiers else None,
+        allow_unhardened=state.settings.allow_unhardened,
+        # Client connections bounded below the descriptor limit (TIERPROXY_MAX_CLIENT_CONNECTIONS).
+        cap=state.metrics.connection_cap(client_connection_cap(state.settings), "proxy"),
         **kwargs,
     )
 
@@ -530,11 +558,7 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
         headers["X-Cache"] = result.x_cache
         upstream = entry.upstream_cache_status[:-2].decode("utf-8", "surrogateescape")
         headers["Cache-Status"] = _cache_status(upstream, result.cache_status)
-        if entry.raw_bytes:
-            response: web.Response = _ExactHeadResponse(request, status=status, body=body,
-                                                        headers=headers)
-        else:
-            response = web.Response(status=status, body=body, headers=headers)
+        response = _cached_response(request, status, body, headers, entry.raw_bytes)
         state.metrics.response(result.x_cache, status)
         return response
 

@@ -124,6 +124,9 @@ STORED = {
     "large": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300",
                                    b"Content-Type: application/octet-stream"],
               bytes(range(256)) * 1024),
+    # Written in slices of the stored bytes by both paths; aiohttp's default Content-Type.
+    "large-untyped": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300"],
+                      bytes(range(255, -1, -1)) * 1200),
 }
 
 

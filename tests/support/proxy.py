@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,22 +315,38 @@ class SpawnedProxy:
 _spawn_counter = 0
 
 
-def start_subprocess_proxy(env: Mapping[str, str], logdir: Path, cwd: Path) -> SpawnedProxy:
-    """Start ``python -m tierproxy serve`` with exactly ``env``'s TIERPROXY_* variables."""
+def start_subprocess_proxy(
+    env: Mapping[str, str],
+    logdir: Path,
+    cwd: Path,
+    *,
+    extra_pythonpath: Sequence[str] = (),
+    nofile: int | tuple[int, int] | None = None,
+) -> SpawnedProxy:
+    """Start ``python -m tierproxy serve`` with exactly ``env``'s TIERPROXY_* variables.
+
+    ``extra_pythonpath`` goes before the repository on PYTHONPATH (e.g. a directory with a
+    ``sitecustomize.py`` shim); ``nofile`` sets the child's RLIMIT_NOFILE: one number for soft and hard, or (soft, hard).
+    """
     global _spawn_counter
     _spawn_counter += 1
     name = f"tierproxy-{_spawn_counter}-{int(time.time() * 1000) % 100000}"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     full_env.update(env)
-    pythonpath = [str(REPO_ROOT)]
+    pythonpath = [*extra_pythonpath, str(REPO_ROOT)]
     if os.environ.get("PYTHONPATH"):
         pythonpath.append(os.environ["PYTHONPATH"])
     full_env["PYTHONPATH"] = os.pathsep.join(pythonpath)
     full_env["PYTHONUNBUFFERED"] = "1"
     logdir.mkdir(parents=True, exist_ok=True)
+    # prlimit (util-linux) execs the command with the limit: the pid is the proxy's.
+    limit: list[str] = []
+    if nofile is not None:
+        soft, hard = (nofile, nofile) if isinstance(nofile, int) else nofile
+        limit = ["prlimit", f"--nofile={soft}:{hard}", "--"]
     with open(logdir / f"{name}.stderr", "wb") as err, open(logdir / f"{name}.stdout", "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tierproxy", "serve"],
+            [*limit, sys.executable, "-m", "tierproxy", "serve"],
             env=full_env,
             cwd=str(cwd),
             stdin=subprocess.DEVNULL,
