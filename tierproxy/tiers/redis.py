@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .. import codec
 from ..entry import Entry
@@ -33,7 +34,7 @@ from ..keys import CacheKey
 from . import redis_reads
 from .base import Blob, BytesBackend, decode_unkeyed, mark_stale, tag_digest
 
-__all__ = ["KEY_PREFIX", "TAG_PREFIX", "RedisTier", "redis_key", "tag_key"]
+__all__ = ["KEY_PREFIX", "TAG_PREFIX", "RedisTier", "link_retry", "redis_key", "tag_key"]
 
 KEY_PREFIX = "tierproxy:"
 TAG_PREFIX = KEY_PREFIX + "tag:"
@@ -61,6 +62,18 @@ return 1
 """
 
 
+def link_retry() -> Retry:
+    """One immediate retry, on a connection error only.
+
+    A pooled connection whose socket was reset while it sat idle (Redis restarted, a proxy or
+    load balancer dropped it) fails the first command sent on it; redis-py's check at checkout
+    does not see every such socket. One retry on a fresh connection makes that command succeed.
+    Timeouts are never retried (a frozen Redis would double the tier budget), and every call
+    still runs under the caller's ``asyncio.timeout``, so a retry can't outlive the budget.
+    """
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 def redis_key(key: CacheKey) -> str:
     return KEY_PREFIX + key.digest
 
@@ -86,10 +99,10 @@ class RedisTier(BytesBackend):
             timeout=socket_timeout,  # waiting for a pooled connection is bounded too
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=link_retry(),
             health_check_interval=0,
         )
-        self.client: Redis = Redis(connection_pool=self._pool, retry=Retry(NoBackoff(), 0))
+        self.client: Redis = Redis(connection_pool=self._pool, retry=link_retry())
         self._set_tagged = self.client.register_script(_SET_TAGGED)
         # Lookups: one pipelined connection for all of them (tiers/redis_reads.py).
         self.reads = redis_reads.for_url(url, connect_timeout=socket_timeout,
