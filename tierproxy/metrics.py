@@ -188,6 +188,11 @@ class Metrics:
             "tierproxy_background_dropped", "Background tasks refused because the set was full",
             registry=r,
         )
+        self.background_inline = Counter(
+            "tierproxy_background_inline",
+            "Required writes (invalidations) run by the request itself because their lane was full",
+            registry=r,
+        )
         self.inflight = Gauge("tierproxy_inflight_requests", "Requests being handled", registry=r)
         self.background_tasks = Gauge(
             "tierproxy_background_tasks", "Background tasks running", registry=r

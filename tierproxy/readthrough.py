@@ -401,7 +401,7 @@ class ReadThrough:
             refreshed = policy.freshen(stale, response.headers, req.headers,
                                        response.request_time, response.response_time, self.policy)
             if refreshed is None:
-                self._invalidate(req.key)
+                await self._invalidate(req.key)
                 # Still a valid answer for this client, just not storable any more.
                 return _Stored(stale, revalidated=True)
             self._backfill(req.key, refreshed, len(self.tiers), generation)
@@ -413,7 +413,7 @@ class ReadThrough:
                                          response.request_time, response.response_time, self.policy)
         if not decision.storable:
             if stale is not None:
-                self._invalidate(req.key)
+                await self._invalidate(req.key)
             return _Unstorable(response, decision.reason)
         entry = Entry(
             key=req.key.material,
@@ -490,8 +490,9 @@ class ReadThrough:
         else:
             counters.labels(tier.name, "dropped").inc()
 
-    def _invalidate(self, key: CacheKey) -> None:
-        """Forget ``key`` everywhere (RFC 9111 §4.4); shared tiers in the background."""
+    async def _invalidate(self, key: CacheKey) -> None:
+        """Forget ``key`` everywhere (RFC 9111 §4.4): L1 now, the other tiers in the background
+        - as required work, never dropped: when that lane is full, the caller waits for it."""
         for tier in self.tiers:
             if tier.synchronous:
                 tier.backend.remove_now(key)
@@ -500,10 +501,10 @@ class ReadThrough:
             async def delete(t: GuardedTier = tier) -> None:
                 await t.delete(key)
 
-            self.background.spawn(f"invalidate-{tier.name}", delete)
+            await self.background.run_required(f"invalidate-{tier.name}", delete)
 
-    def invalidate(self, key: CacheKey) -> None:
-        self._invalidate(key)
+    async def invalidate(self, key: CacheKey) -> None:
+        await self._invalidate(key)
 
     async def purge(
         self,
@@ -591,6 +592,6 @@ class ReadThrough:
         self._origin_latency.observe(req.timings["origin"])
         # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
         if req.method not in ("GET", "HEAD", "OPTIONS", "TRACE") and response.status < 400:
-            self._invalidate(req.key)
+            await self._invalidate(req.key)
         return Forwarded(response, "BYPASS",
                          f"tierproxy; fwd={reason}; fwd-status={response.status}")
