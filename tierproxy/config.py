@@ -98,6 +98,9 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_BODY_TIMEOUT": "30.0",  # seconds to receive a request body -> 408
     "TIERPROXY_KEEPALIVE_TIMEOUT": "75.0",  # idle keep-alive connections are closed after this
     "TIERPROXY_SEND_TIMEOUT": "30.0",  # a client taking no response bytes this long is cut off
+    # With Redis: how long a replica trusts its local copies (L1, its L3) after its purge
+    # channel was last confirmed; also about how long a PURGE waits for a cut-off replica.
+    "TIERPROXY_PURGE_LEASE": "5.0",
 }
 
 
@@ -141,6 +144,7 @@ class Settings:
     body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     send_timeout: float = 30.0
+    purge_lease: float = 5.0
 
 
 def _parse(
@@ -163,6 +167,13 @@ def _seconds(positive: bool) -> Callable[[str], float]:
         return value
 
     return convert
+
+
+def _lease(raw: str) -> float:
+    value = float(raw)
+    if not 0.2 <= value <= 300:  # NaN fails too
+        raise ValueError(raw)
+    return value
 
 
 def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -310,6 +321,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         body_timeout=_parse(env, "TIERPROXY_BODY_TIMEOUT", _seconds(True), timeout),
         keepalive_timeout=_parse(env, "TIERPROXY_KEEPALIVE_TIMEOUT", _seconds(True), timeout),
         send_timeout=_parse(env, "TIERPROXY_SEND_TIMEOUT", _seconds(True), timeout),
+        purge_lease=_parse(env, "TIERPROXY_PURGE_LEASE", _lease, "seconds, 0.2-300"),
     )
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(

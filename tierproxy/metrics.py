@@ -243,6 +243,21 @@ class Metrics:
             "tierproxy_l1_clears", "Whole-L1 clears (on (re)connecting to the invalidation channel)",
             ["reason"], registry=r,
         )
+        self.purge_lease_held = Gauge(
+            "tierproxy_purge_lease_held",
+            "1 while this replica holds its purge lease (its local copies may be served fresh)",
+            registry=r,
+        )
+        self.local_distrusts = Counter(
+            "tierproxy_local_distrusts",
+            "Local copies (L1, L3) stored before now made untrusted: connect, gap, purge-failed",
+            ["reason"], registry=r,
+        )
+        self.purge_replicas = Counter(
+            "tierproxy_purge_replicas",
+            "Other replicas per published purge: acked, fenced (lease ran out), unconfirmed",
+            ["outcome"], registry=r,
+        )
         self.log_dropped = Gauge(
             "tierproxy_log_lines_dropped", "Log lines dropped because the log buffer was full",
             registry=r,

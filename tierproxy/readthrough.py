@@ -31,7 +31,7 @@ from .entry import Entry
 from .keys import CacheKey
 from .metrics import Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout, upstream_headers
-from .tiers.base import Blob, Breaker, GuardedTier, PurgeUnsupported
+from .tiers.base import Blob, Breaker, GuardedTier, LocalTrust, PurgeUnsupported
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -218,6 +218,9 @@ class ReadThrough:
         self._purge_log: collections.deque[tuple[int, frozenset[str] | None]] = (
             collections.deque(maxlen=_PURGE_LOG)
         )
+        #: With replicas (Redis): this replica writes to a shared tier only while it holds
+        #: its purge lease (see LocalTrust), set by tierproxy.invalidation. None = always.
+        self.trust: LocalTrust | None = None
 
     def _origin_outcome(self, outcome: str) -> None:
         self._origin_outcomes["timeout" if outcome == "skipped" else outcome].inc()
@@ -478,6 +481,11 @@ class ReadThrough:
             if self._purged_since(generation, key):
                 counters.labels(tier.name, "superseded").inc()
                 return
+            # A replica that may have missed purges (its lease ran out) writes nothing that
+            # every replica reads: a PURGE that counted it as fenced will not look again.
+            if tier.backend.shared and self.trust is not None and not self.trust.held():
+                counters.labels(tier.name, "fenced").inc()
+                return
             ok = await tier.set(key, entry, blob)
             if ok and self._purged_since(generation, key):
                 await tier.delete(key)
@@ -513,13 +521,14 @@ class ReadThrough:
         soft_at: float | None = None,
         *,
         shared: bool = True,
+        local: bool = True,
     ) -> dict[str, int | str]:
         """Purge ``keys`` and every entry tagged with one of ``tags`` now.
 
         Hard purge deletes; ``soft_at`` (wall clock) marks the entries stale as of then
         instead, so they are revalidated and can still be served on origin failure.
-        ``shared=False`` (a purge heard from another replica) skips tiers every replica shares.
-        Returns {tier: entries changed, or "error" / "timeout" / "unsupported"}.
+        ``shared=False`` (a purge heard from another replica) skips tiers every replica shares;
+        ``local=False`` purges only those. Returns {tier: entries changed, or "error" / "timeout" / "unsupported"}.
 
         Slowest tier first: a lookup that runs during the purge can then only find an old copy
         in a tier that is still to be purged, never backfill a purged tier from an unpurged one.
@@ -529,7 +538,7 @@ class ReadThrough:
         self._bump_purge_generation(scope)
         results: dict[str, int | str] = {}
         for tier in reversed(self.tiers):
-            if not shared and tier.backend.shared:
+            if not (shared if tier.backend.shared else local):
                 continue
             timeout = max(tier.write_timeout, PURGE_MIN_TIMEOUT)
             try:
@@ -544,6 +553,11 @@ class ReadThrough:
                 results[tier.name] = "error"
         self._bump_purge_generation(scope)
         return dict(reversed(results.items()))
+
+    def distrust_local(self) -> None:
+        """Local copies may have missed purges: a copy read or fetched before now is not
+        written back anywhere (as after a purge of every key)."""
+        self._bump_purge_generation(None)
 
     def _bump_purge_generation(self, scope: frozenset[str] | None) -> None:
         self._purge_generation += 1
