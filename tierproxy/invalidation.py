@@ -171,6 +171,8 @@ class Invalidation:
         #: The last purge-log id applied here (None: none yet - everything local untrusted).
         self.last_id: str | None = None
         self._next_beat = 0.0
+        self._ack_log: PurgeLog | None = None  # the subscriber's, while it runs
+        self._ack_timeout = max(1.0, settings.l2_write_timeout)
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.subscriptions = 0
@@ -351,6 +353,7 @@ class Invalidation:
         )
         assert isinstance(self._l2.backend, RedisTier)
         purge_log = self._l2.backend.purge_log(client)
+        self._ack_log = purge_log
         loop = asyncio.get_running_loop()
         attempt = 0
         try:
@@ -443,8 +446,13 @@ class Invalidation:
     async def _catch_up(
         self, purge_log: PurgeLog, subscribed_at: float, first: bool, timeout: float
     ) -> None:
-        """Replay the purge log after the last id applied here; distrust local copies stored
-        before ``subscribed_at`` when that cannot cover the time the channel was down."""
+        """Apply every purge this replica may have missed.
+
+        With a last id still in the log: replay what follows it. Otherwise (this process just
+        started, or the log no longer holds that id): replay everything the log holds, and
+        distrust local copies stored before its oldest entry - a purge older than that cannot
+        be known, and a purge only concerns copies stored before it. L1 is cleared then.
+        """
         start = self.last_id
         if start is not None:
             for _ in range(_MAX_REPLAY_ROUNDS):
@@ -459,15 +467,31 @@ class Invalidation:
                     return  # caught up: nothing was missed that is not applied now
                 start = rows[-1][0]
         async with asyncio.timeout(timeout):
-            newest = await purge_log.newest()
-            if newest is None:  # an empty log (Redis restarted empty): anchor this replica
-                newest = await purge_log.publish(self._message(PurgeOrder((), ())))
-        self.last_id = newest
-        reason = "connect" if first and start is None else "gap"
-        self._distrust(subscribed_at, reason)
+            oldest = await purge_log.oldest()
+            if oldest is None:  # an empty log (Redis lost it): its history starts now
+                oldest = await purge_log.publish(self._message(PurgeOrder((), ())))
+            offset = await purge_log.clock_offset()
+        # Local copies stored before the oldest purge the log holds may have missed one.
+        floor = (stream_id(oldest)[0] + 1) / 1000 - offset
+        reason = "connect" if first and self.last_id is None else "gap"
+        self._distrust(min(floor, subscribed_at), reason)
         if reason == "gap":
-            log.warning("purge log gap (missed purges no longer replayable): local copies "
-                        "stored before the new subscription are revalidated")
+            log.warning("purge log gap (this replica missed purges the log no longer holds): "
+                        "L1 cleared, L3 copies stored before %.3f are revalidated", floor)
+        start, include = oldest, True
+        for _ in range(_MAX_REPLAY_ROUNDS):
+            async with asyncio.timeout(timeout):
+                rows = await purge_log.read(start, _REPLAY_BATCH)
+            for entry_id, payload in (rows if include else rows[1:]):
+                await self._apply(payload, "replayed")
+                self.last_id = entry_id
+            if len(rows) < _REPLAY_BATCH:
+                break
+            start, include = rows[-1][0], False
+        else:
+            self._distrust(subscribed_at, "gap")  # more than the log keeps: trust none of it
+        if self.last_id is None:
+            self.last_id = oldest
 
     def _distrust(self, at: float, reason: str) -> None:
         """Local copies stored before ``at`` may have missed purges: clear L1, distrust older
@@ -506,17 +530,20 @@ class Invalidation:
             return  # already applied from the log
         await self._apply(payload, "applied")
         self.last_id = entry_id.decode("ascii")
+        if self._ack_log is not None:  # a PURGE waits on this: tell it at once
+            async with asyncio.timeout(self._ack_timeout):
+                await self._ack_log.ack(self.replica_id, self.last_id)
 
     async def _apply(self, data: bytes, outcome: str) -> None:
         order = self._parse(data)
         if order is None:
             self._received["invalid"].inc()
             return
+        if order == "anchor":  # a replica's first entry in an empty log: nothing to purge
+            return
         if isinstance(order, str):  # "own": this replica's message, already applied
             self._received["own"].inc()
             return
-        if not order.keys and not order.tags:
-            return  # a replica's anchor in an empty log
         keys = [CacheKey(material) for material in order.keys]
         results = await self.readthrough.purge(
             keys, order.tags, order.at if order.soft else None, shared=False
@@ -540,9 +567,11 @@ class Invalidation:
             return None
         if not isinstance(fields, dict) or fields.get("v") != MESSAGE_VERSION:
             return None
+        keys, tags = fields.get("keys"), fields.get("tags")
+        if keys == [] and tags == []:
+            return "anchor"
         if fields.get("from") == self.replica_id:
             return "own"
-        keys, tags = fields.get("keys"), fields.get("tags")
         soft, at = fields.get("soft"), fields.get("at")
         if not isinstance(keys, list) or not isinstance(tags, list) or not isinstance(soft, bool):
             return None

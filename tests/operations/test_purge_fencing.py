@@ -168,6 +168,6 @@ async def test_a_purge_is_acknowledged_by_every_connected_replica(
     body = json.loads(purge.body)
     assert purge.status == 200 and body["replicas_acked"] == 3, body
     assert body["replicas_fenced"] == 0, body
-    assert time.monotonic() - started < 2.0  # acknowledged, not waited out
+    assert time.monotonic() - started < 1.0  # acknowledged at once, not waited out
     for proxy in (b, c):  # an acknowledgement means it was applied
         assert proxy.state.tier("l1").backend.get_now(CacheKey("/k")) is None

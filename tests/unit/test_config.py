@@ -45,6 +45,8 @@ def test_sqlite_off_and_redis_url():
         ("TIERPROXY_BREAKER_FAILURES", "0"),
         ("TIERPROXY_LOG_LEVEL", "LOUD"),
         ("TIERPROXY_PURGE_TOKEN", "short"),
+        ("TIERPROXY_PURGE_LEASE", "0.1"),
+        ("TIERPROXY_PURGE_LEASE", "nan"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):

@@ -66,7 +66,7 @@ return 1
 
 # The purge log (a capped stream) and the replicas' leases. See PurgeLog.
 PURGE_LOG_MAXLEN = 1024  # purge messages kept for replay (trimmed approximately, never fewer)
-_PURGE_LOG_TTL_MS = 7 * 24 * 3600 * 1000  # with no purge for a week the log may go
+_PURGE_LOG_TTL_MS = 30 * 24 * 3600 * 1000  # with no purge for a month the log may go
 _REPLICAS_TTL_MS = 24 * 3600 * 1000  # with no replica alive for a day the registry may go
 _REPLICA_FORGET_MS = 600_000  # a lease that ended this long ago is forgotten
 _MAX_REPLICAS = 1000  # replicas one PURGE waits for, at most
@@ -156,11 +156,22 @@ class PurgeLog:
     async def read(self, start: str, count: int) -> list[tuple[str, bytes]]:
         """Up to ``count`` log entries from id ``start`` on (``start`` included)."""
         rows = await self.client.xrange(self.log_key, min=start, max="+", count=count)
-        return [(_text(entry_id), fields.get(b"m", b"")) for entry_id, fields in rows]
+        out: list[tuple[str, bytes]] = []
+        for entry_id, fields in rows or ():
+            message = (fields or {}).get(b"m", b"")
+            out.append((_text(entry_id), message if isinstance(message, bytes) else b""))
+        return out
 
-    async def newest(self) -> str | None:
-        rows = await self.client.xrevrange(self.log_key, max="+", min="-", count=1)
+    async def oldest(self) -> str | None:
+        rows = await self.client.xrange(self.log_key, min="-", max="+", count=1)
         return _text(rows[0][0]) if rows else None
+
+    async def clock_offset(self) -> float:
+        """Redis's wall clock minus this host's, in seconds, rounded up by the round trip."""
+        before = time.time()
+        seconds, micros = await self.client.time()
+        after = time.time()
+        return seconds + micros / 1e6 - before + (after - before)
 
     async def heartbeat(self, replica_id: str, lease_ms: int, applied: str) -> None:
         """Register this replica's lease (from now, Redis clock) and what it has applied."""
@@ -168,6 +179,10 @@ class PurgeLog:
             keys=[self.replicas_key, self.applied_key],
             args=[replica_id, max(0, lease_ms), applied, _REPLICA_FORGET_MS, _REPLICAS_TTL_MS],
         )
+
+    async def ack(self, replica_id: str, applied: str) -> None:
+        """Record what this replica has applied (its lease is renewed by heartbeats only)."""
+        await self.client.hset(self.applied_key, replica_id, applied)
 
     async def replicas(self, margin_ms: int) -> tuple[int, list[tuple[str, int, str]]]:
         """(Redis clock ms, [(replica id, lease end ms, applied id)]) for every replica whose
