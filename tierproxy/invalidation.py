@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -327,6 +328,15 @@ class Invalidation:
         task, self._task = self._task, None
         if task is None:
             return
+        assert self.trust is not None and self._log is not None
+        # Shutting down: trust nothing local and write nothing shared from now on (backfills
+        # still draining included), so that PURGEs need not wait for this replica any more.
+        self.trust.lease_until = -math.inf
+        try:
+            async with asyncio.timeout(1.0):
+                await self._log.leave(self.replica_id)
+        except Exception as exc:  # its lease then simply runs out
+            log.debug("leaving the replicas' registry: %r", exc)
         task.cancel()
         try:
             async with asyncio.timeout(5.0):

@@ -10,8 +10,12 @@ Redis through a fault proxy (tests/support/faultproxy.py) switched to blackhole 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
+import aiohttp
+from support.proxy import fetch
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
@@ -171,3 +175,60 @@ async def test_a_purge_is_acknowledged_by_every_connected_replica(
     assert time.monotonic() - started < 1.0  # acknowledged at once, not waited out
     for proxy in (b, c):  # an acknowledgement means it was applied
         assert proxy.state.tier("l1").backend.get_now(CacheKey("/k")) is None
+
+
+async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(origin, make_proxy, redis_url):
+    origin.set_default(headers=CACHEABLE)
+    a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off", PURGE_LEASE=5)
+    b = await make_proxy(SQLITE_PATH="off", PURGE_LEASE=5)
+    await _trusting(a)
+    await _trusting(b)
+    await b.close()  # graceful: it leaves the replicas' registry
+    started = time.monotonic()
+    purge = await a.request("PURGE", "/gone", headers=AUTH)
+    body = json.loads(purge.body)
+    assert purge.status == 200 and body["replicas_acked"] == 1, body
+    assert body["replicas_fenced"] == 0, body
+    assert time.monotonic() - started < 1.0  # not a lease's wait
+
+
+async def _lease_held(proc) -> None:
+    async def held() -> bool:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(proc.admin_url + "/readyz") as resp,
+        ):
+            return (await resp.json()).get("purge_lease", "held") == "held"
+
+    await wait_for_condition(held, timeout=20, message=f"{proc.url} holding its purge lease")
+
+
+async def test_a_replica_stopped_while_a_purge_ran_serves_no_purged_copy_when_it_resumes(
+    origin, spawn_proxy, redis_url, tmp_path
+):
+    # SIGSTOP: the replica's connections stay open but it answers nothing. When it resumes,
+    # the request may be read before the purge message waiting on its subscription: its lease,
+    # checked on every would-be fresh hit, has run out meanwhile.
+    origin.set_default(headers=CACHEABLE)
+    a = await spawn_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=str(tmp_path / "a.sqlite3"),
+                          PURGE_LEASE=LEASE)
+    b = await spawn_proxy(SQLITE_PATH=str(tmp_path / "b.sqlite3"), PURGE_LEASE=LEASE)
+    await _lease_held(a)
+    await _lease_held(b)
+    async with aiohttp.ClientSession() as session:
+        first = await fetch(session, "GET", b.url + "/s")
+        assert first.x_cache == "MISS", first
+        assert (await fetch(session, "GET", b.url + "/s")).x_cache == "HIT-L1"
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            purge = await fetch(session, "PURGE", a.url + "/s", headers=AUTH)
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+        resumed = await fetch(session, "GET", b.url + "/s")
+        assert resumed.status == 200, resumed
+        assert not _purged_copy_served_as_hit(resumed, first.body), resumed
+        body = json.loads(purge.body)
+        assert purge.status == 200 and body.get("replicas_fenced") == 1, body
+        await _lease_held(b)  # back: it applied the purge and holds its lease again
+        again = await fetch(session, "GET", b.url + "/s")
+        assert not _purged_copy_served_as_hit(again, first.body), again

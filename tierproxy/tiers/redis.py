@@ -180,6 +180,11 @@ class PurgeLog:
             args=[replica_id, max(0, lease_ms), applied, _REPLICA_FORGET_MS, _REPLICAS_TTL_MS],
         )
 
+    async def leave(self, replica_id: str) -> None:
+        """Deregister: a PURGE no longer waits for this replica."""
+        await self.client.zrem(self.replicas_key, replica_id)
+        await self.client.hdel(self.applied_key, replica_id)
+
     async def ack(self, replica_id: str, applied: str) -> None:
         """Record what this replica has applied (its lease is renewed by heartbeats only)."""
         await self.client.hset(self.applied_key, replica_id, applied)
