@@ -7,10 +7,11 @@ from every replica's L2 - and then reaches the other replicas' local tiers (L1, 
 * **Purge log.** Each purge message is appended to a capped Redis stream and published on the
   channel in one script, so both carry every purge in the same order and each message carries
   its log id. A replica remembers the last id it applied. Each time it (re)subscribes it
-  replays the log after that id; when the log no longer holds that id (a gap longer than the
-  log keeps, Redis restarted empty) or it has none (it just started), it cannot know what it
-  missed: its L1 is cleared and its L3 copies stored before that moment are no longer trusted
-  (:class:`~tierproxy.tiers.base.LocalTrust` ``floor``).
+  replays the log after that id. When the log no longer holds that id (a gap longer than the
+  log keeps, Redis lost its data) or it has none (it just started, its L3 file kept), it
+  replays everything the log holds, clears its L1, and stops trusting L3 copies stored before
+  the oldest entry left in the log (:class:`~tierproxy.tiers.base.LocalTrust` ``floor``): a
+  purge only concerns copies stored before it, and every purge since then has been applied.
 * **Lease (fencing).** A replica trusts its local copies only while its purge lease holds: it
   pings its subscription every lease/4; once the pong is back (every message before it was
   applied first) it registers its lease end and the last log id it applied in Redis, and
