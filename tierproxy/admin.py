@@ -31,8 +31,10 @@ The body names each tier's state, for people and dashboards, never for the statu
 * ``disabled`` - not configured (``TIERPROXY_L1_MAX_BYTES=0``, no ``TIERPROXY_REDIS_URL``,
   ``TIERPROXY_SQLITE_PATH=off``).
 
-``invalidation`` is the replicas' purge channel: ``connected``, ``connecting`` (L1 is cleared
-when it connects again) or ``disabled`` (no L2).
+``invalidation`` is the replicas' purge channel: ``connected``, ``connecting`` or ``disabled``
+(no L2). ``purge_lease``: ``held`` (local copies may be served fresh), ``lapsed`` (the channel
+was not confirmed within ``TIERPROXY_PURGE_LEASE``: local copies are revalidated before they
+are served) or ``disabled`` (no L2). See :mod:`tierproxy.invalidation`.
 
 ``GET /metrics`` - Prometheus text format.
 
@@ -40,8 +42,9 @@ when it connects again) or ``disabled`` (no L2).
 ``{"keys": ["/path?q"], "tags": ["t1"], "soft": false}``: removes the keys and every entry
 tagged (``Surrogate-Key``) with one of the tags from every tier and every replica's L1;
 ``"soft": true`` marks them stale instead, so they are revalidated but can still be served if
-the origin fails. 200 with counts; 503 with the same body when a tier or the broadcast failed
-(retry); 400 for a bad body; 401 for a missing or wrong token; 405 when no token is set.
+the origin fails. 200 with counts, once every other live replica applied it or was fenced
+(``replicas_acked``, ``replicas_fenced``); 503 with the same body when a tier, the purge log
+or a replica's acknowledgement failed (``replicas_unconfirmed``; retry); 400 for a bad body; 401 for a missing or wrong token; 405 when no token is set.
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ def _tier_state(state: ProxyState, name: str) -> str:
     return tier.state()
 
 
+def _lease_state(state: ProxyState) -> str:
+    trust = state.invalidation.trust
+    if trust is None:
+        return "disabled"
+    return "held" if trust.held() else "lapsed"
+
+
 def readiness(state: ProxyState) -> tuple[bool, dict[str, object]]:
     """(ready, body) by the rule in the module docstring."""
     tiers = {name: _tier_state(state, name) for name in TIERS}
@@ -80,6 +90,7 @@ def readiness(state: ProxyState) -> tuple[bool, dict[str, object]]:
         "ready": state.ready,
         "tiers": tiers,
         "invalidation": state.invalidation.state,
+        "purge_lease": _lease_state(state),
         "inflight": state.inflight,
         "background_tasks": state.background.pending,
     }

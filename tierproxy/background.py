@@ -1,7 +1,14 @@
-"""Owned, bounded background tasks (backfills, revalidations), drained on shutdown.
+"""Owned, bounded background tasks, drained on shutdown.
 
-Every task is referenced until it ends; when the set is full a new task is refused and
-counted, never queued: the client path must not slow down because a tier is slow.
+Two lanes, each a bounded set of owned tasks:
+
+* optional work (backfills, revalidations) - :meth:`BackgroundTasks.spawn`: when the set is
+  full a new task is refused and counted, never queued: the client path must not slow down
+  because a tier is slow, and a skipped backfill only costs a later miss.
+* required work (invalidations: a copy that must go) - :meth:`BackgroundTasks.run_required`:
+  never dropped. It runs in the background while its lane has room; when the lane is full the
+  caller runs it itself and waits for it (each such write is bounded by its tier's write
+  timeout), which slows down only the requests that cause such writes.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ class BackgroundTasks:
         self.limit = limit
         self.metrics = metrics
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._required: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     @property
     def pending(self) -> int:
-        return len(self._tasks)
+        return len(self._tasks) + len(self._required)
 
     def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
         """Run ``factory()`` in the background if there is room; False (and counted) if not.
@@ -39,13 +47,32 @@ class BackgroundTasks:
             self.metrics.background_dropped.inc()
             log.debug("background task %s dropped: %d running", name, len(self._tasks))
             return False
-        task = asyncio.get_running_loop().create_task(self._run(name, factory()), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        self.metrics.background_tasks.set(len(self._tasks))
+        self._start(self._tasks, name, factory)
         return True
 
-    async def _run(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+    async def run_required(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``factory()`` for sure: in the background while the required lane has room,
+        else (lane full, or shutting down) right here, awaited by the caller.
+
+        ``factory()`` must bound its own I/O (a tier write runs under its write timeout).
+        """
+        if not self._closed and len(self._required) < self.limit:
+            self._start(self._required, name, factory)
+            return
+        self.metrics.background_inline.inc()
+        log.debug("required task %s run inline: %d running", name, len(self._required))
+        await self._run(name, factory(), counted=False)
+
+    def _start(
+        self, lane: set[asyncio.Task[Any]], name: str,
+        factory: Callable[[], Coroutine[Any, Any, Any]],
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(name, factory()), name=name)
+        lane.add(task)
+        task.add_done_callback(lane.discard)
+        self.metrics.background_tasks.set(self.pending)
+
+    async def _run(self, name: str, coro: Coroutine[Any, Any, Any], counted: bool = True) -> None:
         try:
             await coro
         except asyncio.CancelledError:
@@ -53,7 +80,8 @@ class BackgroundTasks:
         except Exception:
             log.exception("background task %s failed", name)
         finally:
-            self.metrics.background_tasks.set(len(self._tasks) - 1)
+            if counted:
+                self.metrics.background_tasks.set(self.pending - 1)
 
     async def drain(self, timeout: float) -> int:
         """Stop taking tasks, wait up to ``timeout`` for running ones, cancel the rest.
@@ -61,9 +89,10 @@ class BackgroundTasks:
         Returns how many had to be cancelled.
         """
         self._closed = True
-        if not self._tasks:
+        running = self._tasks | self._required
+        if not running:
             return 0
-        _, still_running = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, still_running = await asyncio.wait(running, timeout=timeout)
         for task in still_running:
             task.cancel()
         if still_running:

@@ -110,6 +110,9 @@ ENV_DEFAULTS: dict[str, str] = {
     # "on" lets the proxy start on an aiohttp without the internals the hardened listener
     # reads (no header/send timeouts then); by default such an aiohttp refuses to start.
     "TIERPROXY_ALLOW_UNHARDENED": "off",
+    # With Redis: how long a replica trusts its local copies (L1, its L3) after its purge
+    # channel was last confirmed; also about how long a PURGE waits for a cut-off replica.
+    "TIERPROXY_PURGE_LEASE": "5.0",
 }
 
 
@@ -159,6 +162,7 @@ class Settings:
     max_ttl: float = 31536000.0
     max_client_connections: int | None = None  # None: derived from RLIMIT_NOFILE at start
     allow_unhardened: bool = False
+    purge_lease: float = 5.0
 
 
 def _parse(
@@ -181,6 +185,13 @@ def _seconds(positive: bool) -> Callable[[str], float]:
         return value
 
     return convert
+
+
+def _lease(raw: str) -> float:
+    value = float(raw)
+    if not 0.2 <= value <= 300:  # NaN fails too
+        raise ValueError(raw)
+    return value
 
 
 def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -363,6 +374,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "a whole number, 1 or more (unset: derived from RLIMIT_NOFILE)",
         ),
         allow_unhardened=_parse(env, "TIERPROXY_ALLOW_UNHARDENED", _on_off, "on or off"),
+        purge_lease=_parse(env, "TIERPROXY_PURGE_LEASE", _lease, "seconds, 0.2-300"),
     )
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(

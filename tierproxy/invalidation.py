@@ -1,15 +1,37 @@
-"""Purges: applied to every tier here, then told to every other replica over Redis pub/sub.
+"""Purges: applied to every tier here, then on every other replica, and never undone.
 
 Replicas share L2 (Redis) but each has its own L1 (memory) and usually its own L3 (a file on
 its host). A purge on one replica removes the entries from all of its tiers - L2 included, so
-from every replica's L2 - and publishes a message on ``<KEY_PREFIX>tierproxy:invalidate``; every other
-replica's subscriber applies it to its local tiers (L1, L3).
+from every replica's L2 - and then reaches the other replicas' local tiers (L1, L3) like this:
 
-Pub/sub delivers at most once: a replica whose subscription was down (Redis restarted, network
-cut, a silent dead connection found by the ping check) may have missed messages, so each time it
-(re)subscribes it clears its whole L1 before serving from it again. L3 is not cleared (it is the
-copy that keeps serving while Redis is away); a purge missed while disconnected can survive in a
-replica's own L3 until the entry expires - purge again after an outage if that matters.
+* **Purge log.** Each purge message is appended to a capped Redis stream and published on the
+  channel in one script, so both carry every purge in the same order and each message carries
+  its log id. A replica remembers the last id it applied. Each time it (re)subscribes it
+  replays the log after that id. When the log no longer holds that id (a gap longer than the
+  log keeps, Redis lost its data) or it has none (it just started, its L3 file kept), it
+  replays everything the log holds, clears its L1, and stops trusting L3 copies stored before
+  the oldest entry left in the log (:class:`~tierproxy.tiers.base.LocalTrust` ``floor``): a
+  purge only concerns copies stored before it, and every purge since then has been applied.
+* **Lease (fencing).** A replica trusts its local copies only while its purge lease holds: it
+  pings its subscription every lease/4; once the pong is back (every message before it was
+  applied first) it registers its lease end and the last log id it applied in Redis, and
+  renews its local lease from the moment it sent the ping. Without a renewal its local
+  copies stop being fresh to it when the lease runs out - checked on every would-be fresh hit
+  - and it stops writing to L2.
+* **PURGE waits** after publishing until every other replica with a live lease has applied
+  the purge (acked) or its lease has run out plus one L2 write timeout (fenced: it has
+  stopped trusting its local copies, and a write it started before has landed). When any was
+  fenced, L2 is purged once more, for such a late write. Then 200, with ``replicas_acked``
+  (this replica included) and ``replicas_fenced``; a replica still live and silent at the
+  end of the wait (about the lease plus the write timeout) makes it 503
+  (``replicas_unconfirmed``), as does a tier or the log that could not be written.
+
+An untrusted local copy is revalidated before it is served (and can still be served stale,
+flagged, if the origin fails and the stale rules allow it); it is never backfilled anywhere.
+While Redis is unreachable from a replica for longer than the lease, its local copies are
+therefore revalidated with the origin - the price of knowing that nothing purged is served.
+
+Without Redis (one replica) none of this applies: its own purges are all there is.
 
 The subscriber is one owned task started and stopped by the app's cleanup_ctx. It reconnects
 with capped exponential backoff and jitter; every wait in it is bounded.
@@ -20,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -33,8 +56,9 @@ from redis.backoff import NoBackoff
 
 from .keys import MAX_TARGET_LENGTH, KeySpace
 from .readthrough import MAX_TAG_LENGTH, ReadThrough
+from .tiers.base import LocalTrust
 from .tiers.memory import MemoryTier
-from .tiers.redis import RedisTier
+from .tiers.redis import PURGE_LOG_MAXLEN, PurgeLog, RedisTier, stream_id
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -45,14 +69,18 @@ __all__ = ["Invalidation", "PurgeOrder", "PurgeOutcome"]
 
 log = logging.getLogger("tierproxy.invalidation")
 
-MESSAGE_VERSION = 1
+# 2: published as "<purge-log id> <JSON>"; version 1 replicas ignore these (counted invalid).
+MESSAGE_VERSION = 2
 _MAX_ITEMS_PER_MESSAGE = 1000  # keys or tags per published message
-_TARGET_MESSAGE_BYTES = 512 * 1024  # what a published message is kept under (roughly)
+# What a published message is kept under (roughly): the log keeps PURGE_LOG_MAXLEN of them.
+_TARGET_MESSAGE_BYTES = 64 * 1024
 _MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger received messages are ignored (and counted)
+_REPLAY_BATCH = 100  # log entries read per command when catching up
+_MAX_REPLAY_ROUNDS = PURGE_LOG_MAXLEN // _REPLAY_BATCH + 20  # past that: treated as a gap
+_ACK_POLL_INTERVAL = 0.02  # a PURGE looks at the replicas' acknowledgements this often
 
 # Subscriber timing (seconds).
-_PING_INTERVAL = 1.0  # ping the subscription after this long without any traffic...
-_PONG_TIMEOUT = 2.0  # ...and reconnect if nothing at all arrives this long after the ping
+_MAX_PONG_TIMEOUT = 2.0  # no pong this long after a ping (at most the lease): reconnect
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 5.0
 _STABLE_AFTER = 10.0  # a subscription that lived this long resets the backoff
@@ -98,8 +126,16 @@ def _backoff(attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+
+def _reached(applied: str, target: tuple[int, int]) -> bool:
+    try:
+        return stream_id(applied) >= target
+    except ValueError:
+        return False
+
+
 class Invalidation:
-    """Applies purges here, publishes them, and listens for other replicas' purges."""
+    """Applies purges here, publishes them, and applies other replicas' purges (see module)."""
 
     def __init__(
         self,
@@ -111,20 +147,34 @@ class Invalidation:
         self.settings = settings
         self.readthrough = readthrough
         self.metrics = metrics
+        self.lease = settings.purge_lease
         #: Tells this replica's own messages apart when they come back on the channel.
         self.replica_id = secrets.token_hex(8)
         self._keys = KeySpace(settings.origin)
         self._l2: GuardedTier | None = None
         self._l1: MemoryTier | None = None
-        #: The replicas' channel: RedisTier.prefix + "invalidate" (TIERPROXY_KEY_PREFIX first).
-        self.channel = ""
         for tier in tiers:
             if isinstance(tier.backend, RedisTier):
                 self._l2 = tier
-                self.channel = tier.backend.invalidate_channel
             elif isinstance(tier.backend, MemoryTier):
                 self._l1 = tier.backend
         self.state = "disabled" if self._l2 is None else "connecting"
+        #: None without Redis: one replica's local copies are always its own to trust.
+        self.trust: LocalTrust | None = None
+        self._log: PurgeLog | None = None
+        if self._l2 is not None:
+            assert isinstance(self._l2.backend, RedisTier)
+            self._log = self._l2.backend.purge_log()
+            self.trust = LocalTrust()
+            for tier in tiers:
+                if not tier.backend.shared:
+                    tier.trust = self.trust
+            readthrough.trust = self.trust
+        #: The last purge-log id applied here (None: none yet - everything local untrusted).
+        self.last_id: str | None = None
+        self._next_beat = 0.0
+        self._ack_log: PurgeLog | None = None  # the subscriber's, while it runs
+        self._ack_timeout = max(1.0, settings.l2_write_timeout)
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.subscriptions = 0
@@ -134,9 +184,19 @@ class Invalidation:
         }
         self._received = {
             outcome: metrics.invalidations_received.labels(outcome)
-            for outcome in ("applied", "own", "invalid", "failed")
+            for outcome in ("applied", "replayed", "own", "invalid", "failed")
+        }
+        self._replicas = {
+            outcome: metrics.purge_replicas.labels(outcome)
+            for outcome in ("acked", "fenced", "unconfirmed")
         }
         metrics.invalidation_connected.set_function(lambda: float(self.state == "connected"))
+        metrics.purge_lease_held.set_function(lambda: float(self.trust is not None
+                                                            and self.trust.held()))
+
+    def trusted(self) -> bool:
+        """Whether this replica's local copies may be served fresh right now."""
+        return self.trust is None or self.trust.held()
 
     # ---- purging ---------------------------------------------------------------------------
 
@@ -153,36 +213,96 @@ class Invalidation:
             "keys": len(order.keys),
             "tags": len(order.tags),
         }
+        replicas = ""
         if self._l2 is not None:
-            receivers = await self._publish(order)
-            body["replicas_notified"] = receivers
-            ok = ok and receivers is not None
+            published = await self._publish(order)
+            acked: int | None = None
+            fenced: int | None = None
+            unconfirmed: int | None = None
+            if published is not None:
+                acked, fenced, unconfirmed = await self._await_replicas(published)
+                if fenced:
+                    # A fenced replica's L2 write started before its lease ran out has landed
+                    # by now: purge the shared tiers once more.
+                    again = await self.readthrough.purge(keys, order.tags, soft_at, local=False)
+                    ok = ok and all(isinstance(count, int) for count in again.values())
+                acked += 1  # this replica
+            ok = ok and unconfirmed == 0
+            body.update(replicas_acked=acked, replicas_fenced=fenced,
+                        replicas_unconfirmed=unconfirmed)
+            replicas = f", replicas acked {acked}, fenced {fenced}, unconfirmed {unconfirmed}"
         self.metrics.purge_requests.labels(source, "ok" if ok else "partial").inc()
         log.info("purge from %s: %d keys, %d tags, soft=%s -> %s%s", source, len(order.keys),
-                 len(order.tags), order.soft, tiers,
-                 "" if self._l2 is None else f", replicas notified: {body['replicas_notified']}")
+                 len(order.tags), order.soft, tiers, replicas)
         return PurgeOutcome(ok, body)
 
-    async def _publish(self, order: PurgeOrder) -> int | None:
-        """Publish ``order``; how many subscribers got it (this replica's own included), or
-        None when Redis could not be told."""
-        assert self._l2 is not None and isinstance(self._l2.backend, RedisTier)
-        backend = self._l2.backend
-        receivers = 0
+    async def _publish(self, order: PurgeOrder) -> str | None:
+        """Log and publish ``order``; the log id of its last message, or None when Redis could
+        not be told."""
+        assert self._l2 is not None and self._log is not None
+        last: str | None = None
         try:
             for chunk in order.chunks():
-                message = json.dumps({
-                    "v": MESSAGE_VERSION, "from": self.replica_id, "keys": list(chunk.keys),
-                    "tags": list(chunk.tags), "soft": chunk.soft, "at": chunk.at,
-                }).encode()
                 async with asyncio.timeout(max(self._l2.write_timeout, 1.0)):
-                    receivers = max(receivers, await backend.publish(self.channel, message))
+                    last = await self._log.publish(self._message(chunk))
         except Exception as exc:  # TimeoutError included: the purge is reported as partial
             self._published["error"].inc()
             log.warning("purge not published to other replicas: %r", exc)
             return None
         self._published["ok"].inc()
-        return receivers
+        return last
+
+    async def _await_replicas(self, published: str) -> tuple[int, int, int | None]:
+        """Wait (bounded) until every other live replica applied the log up to ``published``
+        or was fenced; (acked, fenced, still unconfirmed - None if Redis never answered)."""
+        assert self._l2 is not None and self._log is not None
+        target = stream_id(published)
+        write_margin = self.settings.l2_write_timeout + 0.5
+        margin_ms = int(write_margin * 1000)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease + write_margin + 1.0
+        acked: set[str] = set()
+        fenced: set[str] = set()
+        seen: set[str] = set()
+        pending: set[str] | None = None
+        while True:  # bounded by the deadline
+            try:
+                async with asyncio.timeout(max(0.5, self._l2.write_timeout)):
+                    now_ms, rows = await self._log.replicas(margin_ms)
+            except Exception as exc:  # TimeoutError included
+                log.warning("purge: cannot read the replicas' acknowledgements: %r", exc)
+            else:
+                pending = set()
+                current: set[str] = set()
+                for replica, lease_end, applied in rows:
+                    if replica == self.replica_id:
+                        continue
+                    current.add(replica)
+                    if _reached(applied, target):
+                        acked.add(replica)
+                    elif now_ms >= lease_end + margin_ms:
+                        fenced.add(replica)
+                    else:
+                        pending.add(replica)
+                fenced |= seen - current - acked  # its lease ended long enough ago to be gone
+                seen |= current
+                if not pending:
+                    break
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(_ACK_POLL_INTERVAL)
+        fenced -= acked
+        unconfirmed = None if pending is None else len(pending)
+        self._replicas["acked"].inc(len(acked))
+        self._replicas["fenced"].inc(len(fenced))
+        self._replicas["unconfirmed"].inc(unconfirmed or 0)
+        if fenced:
+            log.warning("purge: %d replicas did not acknowledge within their lease and are "
+                        "fenced (they revalidate their local copies)", len(fenced))
+        if unconfirmed:
+            log.warning("purge: %d replicas neither acknowledged nor let their lease run out",
+                        unconfirmed)
+        return len(acked), len(fenced), unconfirmed
 
     # ---- subscribing -----------------------------------------------------------------------
 
@@ -194,8 +314,8 @@ class Invalidation:
         )
 
     async def wait_subscribed(self, timeout: float) -> bool:
-        """Wait (bounded) for the first subscription, so that its L1 clear happens before the
-        first request rather than wiping what the first requests stored."""
+        """Wait (bounded) for the first subscription and lease, so that the first requests
+        can be answered from local copies and its L1 clear does not wipe what they stored."""
         if self._task is None:
             return False
         try:
@@ -209,6 +329,15 @@ class Invalidation:
         task, self._task = self._task, None
         if task is None:
             return
+        assert self.trust is not None and self._log is not None
+        # Shutting down: trust nothing local and write nothing shared from now on (backfills
+        # still draining included), so that PURGEs need not wait for this replica any more.
+        self.trust.lease_until = -math.inf
+        try:
+            async with asyncio.timeout(1.0):
+                await self._log.leave(self.replica_id)
+        except Exception as exc:  # its lease then simply runs out
+            log.debug("leaving the replicas' registry: %r", exc)
         task.cancel()
         try:
             async with asyncio.timeout(5.0):
@@ -219,9 +348,12 @@ class Invalidation:
             log.warning("invalidation subscriber ended with %r", exc)
 
     async def _run(self) -> None:
-        assert self._l2 is not None and self.settings.redis_url is not None
+        assert self._l2 is not None and self._log is not None
+        assert self.settings.redis_url is not None
         timeout = max(1.0, self.settings.l2_write_timeout)
-        # Its own small pool: a subscribed connection can run nothing else.
+        # Its own small pool: a subscribed connection can run nothing else, and the lease's
+        # heartbeats must not queue behind L2 writes. No retries: a reconnect must go through
+        # _session (redis-py would resubscribe silently, hiding the gap from the replay).
         client = Redis.from_url(
             self.settings.redis_url,
             socket_timeout=timeout,
@@ -230,6 +362,9 @@ class Invalidation:
             health_check_interval=0,
             max_connections=2,
         )
+        assert isinstance(self._l2.backend, RedisTier)
+        purge_log = self._l2.backend.purge_log(client)
+        self._ack_log = purge_log
         loop = asyncio.get_running_loop()
         attempt = 0
         try:
@@ -237,12 +372,13 @@ class Invalidation:
                 self.state = "connecting"
                 started = loop.time()
                 try:
-                    await self._session(client, timeout)
+                    await self._session(client, purge_log, timeout)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
-                            "invalidation channel lost (%r); reconnecting", exc)
+                            "invalidation channel lost (%r); reconnecting (local copies are "
+                            "revalidated once the %.1fs lease runs out)", exc, self.lease)
                 self.state = "connecting"
                 if loop.time() - started >= _STABLE_AFTER:
                     attempt = 0
@@ -255,41 +391,34 @@ class Invalidation:
             except Exception as exc:
                 log.debug("closing the invalidation client: %r", exc)
 
-    async def _session(self, client: Redis, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+    async def _session(self, client: Redis, purge_log: PurgeLog, timeout: float) -> None:
         pubsub = client.pubsub()
         try:
             async with asyncio.timeout(timeout):
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(purge_log.channel)
                 for _ in range(100):  # the confirmation comes first; bounded anyway
                     message = await pubsub.get_message(timeout=timeout)
                     if message is not None and message.get("type") == "subscribe":
                         break
                 else:
                     raise ConnectionError("no subscribe confirmation")
-            # Messages published while we were not subscribed are lost: start from a clean L1.
-            self._clear_l1("connect" if self.subscriptions == 0 else "reconnect")
+            # From here on every purge reaches this connection; what came before is in the log.
+            subscribed_at = time.time()
+            first = self.subscriptions == 0
             self.subscriptions += 1
-            self._subscribed.set()
+            await self._catch_up(purge_log, subscribed_at, first, timeout)
+            await self._beat(pubsub, purge_log, timeout)
             self.state = "connected"
-            log.info("subscribed to %s", self.channel)
-            last_heard = loop.time()
-            ping_sent = False
+            self._subscribed.set()
+            log.info("subscribed to %s (purge log at %s)", purge_log.channel, self.last_id)
             while True:  # until the connection fails or the task is cancelled
-                message = await pubsub.get_message(timeout=_PING_INTERVAL)
-                now = loop.time()
-                if message is not None:
-                    last_heard = now
-                    ping_sent = False
-                    if message.get("type") == "message":
-                        await self._apply(message.get("data"))
+                wait = self._next_beat - time.monotonic()
+                if wait > 0:
+                    message = await pubsub.get_message(timeout=wait)
+                    if message is not None:
+                        await self._on_message(message)
                     continue
-                if now - last_heard >= _PING_INTERVAL + _PONG_TIMEOUT and ping_sent:
-                    raise ConnectionError("no reply to ping: subscription presumed dead")
-                if not ping_sent and now - last_heard >= _PING_INTERVAL:
-                    async with asyncio.timeout(timeout):
-                        await pubsub.ping()
-                    ping_sent = True
+                await self._beat(pubsub, purge_log, timeout)
         finally:
             self.state = "connecting"
             try:
@@ -297,6 +426,98 @@ class Invalidation:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             except Exception as exc:
                 log.debug("closing the pub/sub connection: %r", exc)
+
+    async def _beat(self, pubsub: Any, purge_log: PurgeLog, timeout: float) -> None:
+        """Confirm the subscription (ping, apply what comes before the pong), then register
+        the lease and what was applied; the local lease runs from the ping."""
+        assert self.trust is not None
+        sent = time.monotonic()
+        async with asyncio.timeout(timeout):
+            await pubsub.ping()
+        pong_by = sent + min(_MAX_PONG_TIMEOUT, self.lease)
+        for _ in range(100_000):  # bounded by pong_by as well
+            left = pong_by - time.monotonic()
+            if left <= 0:
+                raise ConnectionError("no reply to ping: subscription presumed dead")
+            message = await pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message.get("type") == "pong":
+                break
+            await self._on_message(message)
+        else:
+            raise ConnectionError("no pong among the messages")
+        lease_ms = int((self.lease - (time.monotonic() - sent)) * 1000)
+        if lease_ms > 0:
+            async with asyncio.timeout(timeout):
+                await purge_log.heartbeat(self.replica_id, lease_ms, self.last_id or "0-0")
+            self.trust.lease_until = max(self.trust.lease_until, sent + self.lease)
+        self._next_beat = sent + self.lease / 4
+
+    async def _catch_up(
+        self, purge_log: PurgeLog, subscribed_at: float, first: bool, timeout: float
+    ) -> None:
+        """Apply every purge this replica may have missed.
+
+        With a last id still in the log: replay what follows it. Otherwise (this process just
+        started, or the log no longer holds that id): replay everything the log holds, and
+        distrust local copies stored before its oldest entry - a purge older than that cannot
+        be known, and a purge only concerns copies stored before it. L1 is cleared then.
+        """
+        start = self.last_id
+        if start is not None:
+            for _ in range(_MAX_REPLAY_ROUNDS):
+                async with asyncio.timeout(timeout):
+                    rows = await purge_log.read(start, _REPLAY_BATCH)
+                if not rows or rows[0][0] != start:
+                    break  # the entry last applied here is gone: a gap
+                for entry_id, payload in rows[1:]:
+                    await self._apply(payload, "replayed")
+                    self.last_id = entry_id
+                if len(rows) < _REPLAY_BATCH:
+                    return  # caught up: nothing was missed that is not applied now
+                start = rows[-1][0]
+        async with asyncio.timeout(timeout):
+            oldest = await purge_log.oldest()
+            if oldest is None:  # an empty log (Redis lost it): its history starts now
+                oldest = await purge_log.publish(self._message(PurgeOrder((), ())))
+            offset = await purge_log.clock_offset()
+        # Local copies stored before the oldest purge the log holds may have missed one.
+        floor = (stream_id(oldest)[0] + 1) / 1000 - offset
+        reason = "connect" if first and self.last_id is None else "gap"
+        self._distrust(min(floor, subscribed_at), reason)
+        if reason == "gap":
+            log.warning("purge log gap (this replica missed purges the log no longer holds): "
+                        "L1 cleared, L3 copies stored before %.3f are revalidated", floor)
+        start, include = oldest, True
+        for _ in range(_MAX_REPLAY_ROUNDS):
+            async with asyncio.timeout(timeout):
+                rows = await purge_log.read(start, _REPLAY_BATCH)
+            for entry_id, payload in (rows if include else rows[1:]):
+                await self._apply(payload, "replayed")
+                self.last_id = entry_id
+            if len(rows) < _REPLAY_BATCH:
+                break
+            start, include = rows[-1][0], False
+        else:
+            self._distrust(subscribed_at, "gap")  # more than the log keeps: trust none of it
+        if self.last_id is None:
+            self.last_id = oldest
+
+    def _distrust(self, at: float, reason: str) -> None:
+        """Local copies stored before ``at`` may have missed purges: clear L1, distrust older
+        L3 copies, and write back nothing read or fetched before now."""
+        assert self.trust is not None
+        self.trust.raise_floor(at)
+        self.readthrough.distrust_local()
+        self.metrics.local_distrusts.labels(reason).inc()
+        self._clear_l1("connect" if reason == "connect" else "reconnect")
+
+    def _message(self, order: PurgeOrder) -> bytes:
+        return json.dumps({
+            "v": MESSAGE_VERSION, "from": self.replica_id, "keys": list(order.keys),
+            "tags": list(order.tags), "soft": order.soft, "at": order.at,
+        }).encode()
 
     def _clear_l1(self, reason: str) -> None:
         if self._l1 is None:
@@ -306,10 +527,30 @@ class Invalidation:
         if dropped:
             log.info("L1 cleared (%d entries): %s", dropped, reason)
 
-    async def _apply(self, data: object) -> None:
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "message":
+            return
+        data = message.get("data")
+        entry_id, _, payload = data.partition(b" ") if isinstance(data, bytes) else (b"", b"", b"")
+        try:
+            position = stream_id(entry_id.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            self._received["invalid"].inc()
+            return
+        if self.last_id is not None and position <= stream_id(self.last_id):
+            return  # already applied from the log
+        await self._apply(payload, "applied")
+        self.last_id = entry_id.decode("ascii")
+        if self._ack_log is not None:  # a PURGE waits on this: tell it at once
+            async with asyncio.timeout(self._ack_timeout):
+                await self._ack_log.ack(self.replica_id, self.last_id)
+
+    async def _apply(self, data: bytes, outcome: str) -> None:
         order = self._parse(data)
         if order is None:
             self._received["invalid"].inc()
+            return
+        if order == "anchor":  # a replica's first entry in an empty log: nothing to purge
             return
         if isinstance(order, str):  # "own": this replica's message, already applied
             self._received["own"].inc()
@@ -319,7 +560,12 @@ class Invalidation:
             keys, order.tags, order.at if order.soft else None, shared=False
         )
         ok = all(isinstance(count, int) for count in results.values())
-        self._received["applied" if ok else "failed"].inc()
+        self._received[outcome if ok else "failed"].inc()
+        if not ok:
+            # Not applied everywhere here: what this replica stored so far can't be trusted.
+            log.warning("purge from another replica not applied here (%s): local copies "
+                        "stored before now are revalidated", results)
+            self._distrust(time.time(), "purge-failed")
         log.debug("purge from another replica: %d keys, %d tags -> %s",
                   len(order.keys), len(order.tags), results)
 
@@ -332,9 +578,11 @@ class Invalidation:
             return None
         if not isinstance(fields, dict) or fields.get("v") != MESSAGE_VERSION:
             return None
+        keys, tags = fields.get("keys"), fields.get("tags")
+        if keys == [] and tags == []:
+            return "anchor"
         if fields.get("from") == self.replica_id:
             return "own"
-        keys, tags = fields.get("keys"), fields.get("tags")
         soft, at = fields.get("soft"), fields.get("at")
         if not isinstance(keys, list) or not isinstance(tags, list) or not isinstance(soft, bool):
             return None

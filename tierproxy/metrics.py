@@ -217,6 +217,11 @@ class Metrics:
             "tierproxy_background_dropped", "Background tasks refused because the set was full",
             registry=r,
         )
+        self.background_inline = Counter(
+            "tierproxy_background_inline",
+            "Required writes (invalidations) run by the request itself because their lane was full",
+            registry=r,
+        )
         self.inflight = Gauge("tierproxy_inflight_requests", "Requests being handled", registry=r)
         self.background_tasks = Gauge(
             "tierproxy_background_tasks", "Background tasks running", registry=r
@@ -293,6 +298,21 @@ class Metrics:
             "tierproxy_client_connection_cap_episodes",
             "Times the client connections reached the cap (each logged once)", ["listener"],
             registry=r,
+        )
+        self.purge_lease_held = Gauge(
+            "tierproxy_purge_lease_held",
+            "1 while this replica holds its purge lease (its local copies may be served fresh)",
+            registry=r,
+        )
+        self.local_distrusts = Counter(
+            "tierproxy_local_distrusts",
+            "Local copies (L1, L3) stored before now made untrusted: connect, gap, purge-failed",
+            ["reason"], registry=r,
+        )
+        self.purge_replicas = Counter(
+            "tierproxy_purge_replicas",
+            "Other replicas per published purge: acked, fenced (lease ran out), unconfirmed",
+            ["outcome"], registry=r,
         )
         self.log_dropped = Gauge(
             "tierproxy_log_lines_dropped", "Log lines dropped because the log buffer was full",

@@ -38,7 +38,7 @@ from .origin import (
     OriginTimeout,
     upstream_headers,
 )
-from .tiers.base import Blob, Breaker, GuardedTier, PurgeUnsupported
+from .tiers.base import Blob, Breaker, GuardedTier, LocalTrust, PurgeUnsupported
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -259,6 +259,9 @@ class ReadThrough:
         self._purge_log: collections.deque[tuple[int, frozenset[str] | None]] = (
             collections.deque(maxlen=_PURGE_LOG)
         )
+        #: With replicas (Redis): this replica writes to a shared tier only while it holds
+        #: its purge lease (see LocalTrust), set by tierproxy.invalidation. None = always.
+        self.trust: LocalTrust | None = None
 
     def _origin_outcome(self, outcome: str) -> None:
         """Count one origin fetch's outcome; only what the origin did moves its breaker.
@@ -561,7 +564,7 @@ class ReadThrough:
             refreshed = policy.freshen(stale, response.headers, req.headers,
                                        response.request_time, response.response_time, self.policy)
             if refreshed is None:
-                self._invalidate(req.key)
+                await self._invalidate(req.key)
                 # Still a valid answer for this client, just not storable any more.
                 return _Stored(stale, revalidated=True)
             self._backfill(req.key, refreshed, len(self.tiers), generation)
@@ -573,7 +576,7 @@ class ReadThrough:
                                          response.request_time, response.response_time, self.policy)
         if not decision.storable:
             if stale is not None:
-                self._invalidate(req.key)
+                await self._invalidate(req.key)
             return _Unstorable(response, decision.reason)
         entry = Entry(
             key=req.key.material,
@@ -638,6 +641,11 @@ class ReadThrough:
             if self._purged_since(generation, key):
                 counters.labels(tier.name, "superseded").inc()
                 return
+            # A replica that may have missed purges (its lease ran out) writes nothing that
+            # every replica reads: a PURGE that counted it as fenced will not look again.
+            if tier.backend.shared and self.trust is not None and not self.trust.held():
+                counters.labels(tier.name, "fenced").inc()
+                return
             ok = await tier.set(key, entry, blob)
             if ok and self._purged_since(generation, key):
                 await tier.delete(key)
@@ -650,8 +658,9 @@ class ReadThrough:
         else:
             counters.labels(tier.name, "dropped").inc()
 
-    def _invalidate(self, key: CacheKey) -> None:
-        """Forget ``key`` everywhere (RFC 9111 §4.4); shared tiers in the background."""
+    async def _invalidate(self, key: CacheKey) -> None:
+        """Forget ``key`` everywhere (RFC 9111 §4.4): L1 now, the other tiers in the background
+        - as required work, never dropped: when that lane is full, the caller waits for it."""
         for tier in self.tiers:
             if tier.synchronous:
                 tier.backend.remove_now(key)
@@ -660,10 +669,10 @@ class ReadThrough:
             async def delete(t: GuardedTier = tier) -> None:
                 await t.delete(key)
 
-            self.background.spawn(f"invalidate-{tier.name}", delete)
+            await self.background.run_required(f"invalidate-{tier.name}", delete)
 
-    def invalidate(self, key: CacheKey) -> None:
-        self._invalidate(key)
+    async def invalidate(self, key: CacheKey) -> None:
+        await self._invalidate(key)
 
     async def purge(
         self,
@@ -672,13 +681,14 @@ class ReadThrough:
         soft_at: float | None = None,
         *,
         shared: bool = True,
+        local: bool = True,
     ) -> dict[str, int | str]:
         """Purge ``keys`` and every entry tagged with one of ``tags`` now.
 
         Hard purge deletes; ``soft_at`` (wall clock) marks the entries stale as of then
         instead, so they are revalidated and can still be served on origin failure.
-        ``shared=False`` (a purge heard from another replica) skips tiers every replica shares.
-        Returns {tier: entries changed, or "error" / "timeout" / "unsupported"}.
+        ``shared=False`` (a purge heard from another replica) skips tiers every replica shares;
+        ``local=False`` purges only those. Returns {tier: entries changed, or "error" / "timeout" / "unsupported"}.
 
         Slowest tier first: a lookup that runs during the purge can then only find an old copy
         in a tier that is still to be purged, never backfill a purged tier from an unpurged one.
@@ -688,7 +698,7 @@ class ReadThrough:
         self._bump_purge_generation(scope)
         results: dict[str, int | str] = {}
         for tier in reversed(self.tiers):
-            if not shared and tier.backend.shared:
+            if not (shared if tier.backend.shared else local):
                 continue
             timeout = max(tier.write_timeout, PURGE_MIN_TIMEOUT)
             try:
@@ -703,6 +713,11 @@ class ReadThrough:
                 results[tier.name] = "error"
         self._bump_purge_generation(scope)
         return dict(reversed(results.items()))
+
+    def distrust_local(self) -> None:
+        """Local copies may have missed purges: a copy read or fetched before now is not
+        written back anywhere (as after a purge of every key)."""
+        self._bump_purge_generation(None)
 
     def _bump_purge_generation(self, scope: frozenset[str] | None) -> None:
         self._purge_generation += 1
@@ -759,6 +774,6 @@ class ReadThrough:
         self._origin_latency.observe(req.timings["origin"])
         # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
         if req.method not in ("GET", "HEAD", "OPTIONS", "TRACE") and response.status < 400:
-            self._invalidate(req.key)
+            await self._invalidate(req.key)
         return Forwarded(response, "BYPASS",
                          f"tierproxy; fwd={reason}; fwd-status={response.status}")

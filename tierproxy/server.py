@@ -682,7 +682,9 @@ def purge_authorized(request: web.Request, token: str) -> bool:
 
 async def _purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.Response:
     """``PURGE <path>``: the key (the one entry per URL, whatever its Vary variant) from every
-    tier and every replica's L1. ``Soft-Purge: 1`` marks it stale instead of deleting it."""
+    tier and every replica's local tiers. ``Soft-Purge: 1`` marks it stale instead of deleting
+    it. With replicas, 200 once each live one applied it or was fenced (see
+    tierproxy.invalidation); 503 when that or a tier could not be confirmed."""
     token = state.settings.purge_token
     if token is None:
         return _plain(405, "405 PURGE is disabled: set TIERPROXY_PURGE_TOKEN to enable it")

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from support.net import RawConnection
+from support.purge_log import past_purge_log_start
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
@@ -416,6 +417,7 @@ async def test_frozen_redis_during_a_lookup_is_waited_out_once(
 ):
     origin.set("/f", headers=CACHEABLE, size=10)
     writer = await make_proxy(L1_MAX_BYTES=0)
+    await past_purge_log_start(writer)  # so that the second proxy trusts its L3 copy
     await writer.get("/f")
     await writer.settle()
     proxy = await make_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=0.2, BREAKER_FAILURES=100)
@@ -459,6 +461,7 @@ async def test_idle_timer_spares_a_slow_lookup_and_applies_after_it(
     # connection is not idle meanwhile. After the answer, idleness closes it as usual.
     origin.set("/k", headers=CACHEABLE, size=10)
     writer = await make_proxy(L1_MAX_BYTES=0)
+    await past_purge_log_start(writer)  # so that the second proxy trusts its L3 copy
     await writer.get("/k")
     await writer.settle()
     proxy = await make_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=0.8, KEEPALIVE_TIMEOUT=0.3,

@@ -103,7 +103,7 @@ async def test_purge_removes_the_key_from_every_tier_and_answers_a_json_count(
     assert body["purged"] == 3
     assert body["tiers"] == {"l1": 1, "l2": 1, "l3": 1}
     assert body["soft"] is False
-    assert body["replicas_notified"] >= 1  # at least this proxy's own subscriber
+    assert body["replicas_acked"] == 1 and body["replicas_fenced"] == 0  # this proxy alone
     assert _in_l1(proxy, "/p") is None
     assert not redis_client.exists(redis_key("/p", origin.url))
     assert sqlite_row(sqlite_path, "/p", origin.url) is None
@@ -391,7 +391,7 @@ async def test_purge_reports_503_when_a_tier_cannot_be_purged(
     body = json.loads(response.body)
     assert response.status == 503, body
     assert body["tiers"]["l1"] == 1 and body["tiers"]["l3"] == 1
-    assert body["tiers"]["l2"] == "error" and body["replicas_notified"] is None
+    assert body["tiers"]["l2"] == "error" and body["replicas_acked"] is None
 
 
 async def test_soft_purge_is_idempotent_and_leaves_stale_entries_alone(origin, make_proxy):

@@ -30,6 +30,7 @@ async def test_ready_with_every_tier_up(origin, make_proxy, admin_for, redis_url
     assert body["ready"] is True
     assert body["tiers"] == {"l1": "up", "l2": "up", "l3": "up", "origin": "up"}
     assert body["invalidation"] == "connected"
+    assert body["purge_lease"] == "held"
     assert body["inflight"] == 0 and body["background_tasks"] == 0
 
 
@@ -42,6 +43,7 @@ async def test_tiers_that_are_off_are_disabled_and_the_proxy_is_ready(make_proxy
     assert body["tiers"] == {"l1": "disabled", "l2": "disabled", "l3": "disabled",
                              "origin": "up"}
     assert body["invalidation"] == "disabled"
+    assert body["purge_lease"] == "disabled"
 
 
 async def test_degraded_then_breaker_open_redis_keeps_the_proxy_ready(

@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "REDIS_PREFIX",
+    "REDIS_PURGE_KEYS",
     "CacheStatus",
     "key_id",
     "parse_cache_status",
@@ -36,6 +37,10 @@ __all__ = [
 ]
 
 REDIS_PREFIX = "tierproxy:"
+# The replicas' purge log and leases (tierproxy.tiers.redis.PurgeLog): not cache entries.
+REDIS_PURGE_KEYS = frozenset(
+    (REDIS_PREFIX + name).encode() for name in ("purge-log", "replicas", "replicas:applied")
+)
 
 
 def key_id(material: str, origin: str) -> str:
@@ -63,8 +68,10 @@ def redis_tag_key(tag: str, origin: str, prefix: str = "") -> str:
 
 
 def redis_tier_keys(client: Any) -> list[bytes]:
-    """Every ``tierproxy:*`` key in the (sync redis-py) client's database."""
-    return sorted(client.scan_iter(match=REDIS_PREFIX + "*", count=1000))
+    """Every ``tierproxy:*`` key in the (sync redis-py) client's database but the purge log's
+    and the replicas' leases (:data:`REDIS_PURGE_KEYS`)."""
+    keys = client.scan_iter(match=REDIS_PREFIX + "*", count=1000)
+    return sorted(key for key in keys if key not in REDIS_PURGE_KEYS)
 
 
 def _connect(path: Path | str, timeout: float = 2.0) -> sqlite3.Connection:

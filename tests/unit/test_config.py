@@ -59,6 +59,8 @@ def test_sqlite_off_and_redis_url():
         ("TIERPROXY_KEY_PREFIX", "p" * 65),
         ("TIERPROXY_MAX_TTL", "0"),
         ("TIERPROXY_MAX_TTL", "forever"),
+        ("TIERPROXY_PURGE_LEASE", "0.1"),
+        ("TIERPROXY_PURGE_LEASE", "nan"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):

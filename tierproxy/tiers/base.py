@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
@@ -36,6 +37,7 @@ __all__ = [
     "Breaker",
     "BytesBackend",
     "GuardedTier",
+    "LocalTrust",
     "PurgeUnsupported",
     "StorageFull",
     "TierBackend",
@@ -61,6 +63,61 @@ class Blob:
         if self._data is None:
             self._data = codec.encode(self._entry)
         return self._data
+
+
+class LocalTrust:
+    """Whether this replica may serve its local copies (L1, its own L3) as fresh.
+
+    Only with several replicas (Redis): a purge elsewhere reaches this replica's local tiers
+    over the purge channel, so while that channel is not confirmed this replica cannot know
+    what it missed. Kept by :class:`tierproxy.invalidation.Invalidation`:
+
+    * ``lease_until`` (monotonic clock): local copies are trusted only before it. It is
+      renewed after each confirmation of the channel and registered in Redis, where a PURGE
+      waits for this replica's acknowledgement or for this lease to run out. Checked on every
+      would-be fresh hit (one clock read), so a replica whose loop stalled past its lease
+      cannot answer one from L1 before its subscriber has caught up.
+    * ``floor`` (wall clock): an L3 copy stored before it may have missed a purge that can no
+      longer be replayed (after a restart, or a gap longer than the purge log keeps). A copy
+      is known to be later when its ``Entry.stored_at`` is (never later than the time it was
+      written here) or when this process wrote it after the floor rose (remembered for the
+      last :data:`MAX_WRITTEN` keys: ``stored_at`` can predate the write by the origin's
+      ``Age`` and its one-second ``Date``). L1 needs no floor: it is cleared when it rises.
+
+    An untrusted copy is treated as stale as of now (:func:`mark_stale`): revalidated before it
+    is served, still served - flagged stale - if the origin fails and the stale rules allow it,
+    and never backfilled anywhere.
+    """
+
+    MAX_WRITTEN = 16384
+
+    __slots__ = ("_written", "floor", "lease_until")
+
+    def __init__(self) -> None:
+        self.lease_until = -math.inf  # nothing is trusted before the channel is confirmed
+        self.floor = 0.0
+        self._written: dict[str, float] = {}
+
+    def held(self) -> bool:
+        return time.monotonic() < self.lease_until
+
+    def raise_floor(self, at: float) -> None:
+        if at > self.floor:
+            self.floor = at
+            self._written.clear()
+
+    def wrote(self, material: str, began: float) -> None:
+        """This process wrote ``material`` to a local tier in a write that began at ``began``."""
+        if began < self.floor:
+            return
+        written = self._written
+        written.pop(material, None)
+        written[material] = began
+        if len(written) > self.MAX_WRITTEN:
+            del written[next(iter(written))]
+
+    def stored_after_floor(self, material: str, entry: Entry) -> bool:
+        return entry.stored_at >= self.floor or self._written.get(material, -1.0) >= self.floor
 
 
 class PurgeUnsupported(Exception):
@@ -273,16 +330,30 @@ class GuardedTier:
         self.write_breaker = Breaker(breaker.failures_to_open, breaker.cooldown)
         self.metrics = metrics
         self.synchronous = backend.synchronous
+        #: Set on local tiers when replicas share Redis (see :class:`LocalTrust`); None = this
+        #: tier's copies are always trusted (a shared tier, or a single replica).
+        self.trust: LocalTrust | None = None
         self._lookup = metrics.tier_lookup_counters(self.name)
         self._latency = metrics.tier_latency(self.name)
 
-    def _classify(self, entry: Entry | None, headers: CIMultiDictProxy[str] | None) -> Entry | None:
-        """Count one lookup as hit, stale or miss; a copy for other Vary values is a miss."""
+    def _classify(
+        self, key: CacheKey, entry: Entry | None, headers: CIMultiDictProxy[str] | None
+    ) -> Entry | None:
+        """Count one lookup as hit, stale or miss; a copy for other Vary values is a miss.
+
+        A copy this replica may not trust (:class:`LocalTrust`) is returned stale as of now.
+        """
         if entry is not None:
             now = time.time()
             if now < entry.expires_at and (
                 headers is None or not entry.vary or policy.vary_matches(entry, headers)
             ):
+                trust = self.trust
+                if trust is not None and (now < entry.fresh_until or now < entry.swr_until) and (
+                    not trust.held()
+                    or (not self.synchronous and not trust.stored_after_floor(key.material, entry))
+                ):
+                    entry = mark_stale(entry, now) or entry
                 self._lookup["hit" if now < entry.fresh_until else "stale"].inc()
                 return entry
         self._lookup["miss"].inc()
@@ -298,7 +369,7 @@ class GuardedTier:
         started = time.perf_counter()
         entry = self.backend.get_now(key)
         self._latency["get"].observe(time.perf_counter() - started)
-        return self._classify(entry, headers)
+        return self._classify(key, entry, headers)
 
     def peek_fresh(self, key: CacheKey, headers: CIMultiDictProxy[str], now: float) -> Entry | None:
         """A fresh copy usable for ``headers``, else None; counts nothing.
@@ -312,6 +383,9 @@ class GuardedTier:
             entry.vary and not policy.vary_matches(entry, headers)
         ):
             return None
+        trust = self.trust
+        if trust is not None and time.monotonic() >= trust.lease_until:
+            return None  # the full path revalidates it (see LocalTrust)
         return entry
 
     def count_hit(self, seconds: float) -> None:
@@ -359,7 +433,7 @@ class GuardedTier:
             return None
         self._latency["get"].observe(time.perf_counter() - started)
         self.breaker.success()
-        return self._classify(entry, headers)
+        return self._classify(key, entry, headers)
 
     async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> bool:
         if isinstance(self.backend, BytesBackend):
@@ -370,7 +444,12 @@ class GuardedTier:
             except codec.Unencodable as exc:
                 self._unencodable(key, "set", exc)
                 return False
-        return await self._write("set", key, self.backend.set(key, entry, blob))
+        trust = self.trust
+        began = time.time()
+        ok = await self._write("set", key, self.backend.set(key, entry, blob))
+        if ok and trust is not None:
+            trust.wrote(key.material, began)
+        return ok
 
     async def delete(self, key: CacheKey) -> bool:
         return await self._write("delete", key, self.backend.delete(key))

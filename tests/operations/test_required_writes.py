@@ -1,0 +1,71 @@
+"""Writes that must happen: an unsafe request's invalidation is never dropped because the
+background task set is full (that set is for optional work: backfills, revalidations), and the
+first L2 write after the Redis link was reset does not fail on a dead pooled connection.
+"""
+
+from __future__ import annotations
+
+from support.storage import redis_key, sqlite_row
+from support.wait import wait_for_condition
+
+from tierproxy.keys import CacheKey
+
+from .conftest import value
+
+CACHEABLE = {"Cache-Control": "max-age=300"}
+
+
+async def test_an_unsafe_requests_invalidation_happens_when_the_background_set_is_full(
+    origin, make_proxy, admin_for, redis_server, redis_client, fault_proxy, sqlite_path
+):
+    origin.set_default(headers=CACHEABLE)
+    slow_redis = await fault_proxy(redis_server.port)
+    redis_url = f"redis://127.0.0.1:{slow_redis.port}/0"
+    seeder = await make_proxy(REDIS_URL=redis_url)  # stores /x in L2 and the shared L3 file
+    redis_client.flushall()
+    assert (await seeder.get("/x")).x_cache == "MISS"
+    await seeder.settle()
+    assert redis_client.exists(redis_key("/x")) and sqlite_row(sqlite_path, "/x")
+    proxy = await make_proxy(REDIS_URL=redis_url, BACKFILL_MAX_TASKS=1, L2_WRITE_TIMEOUT=5,
+                             L2_TIMEOUT=0.5)
+    admin = await admin_for(proxy)
+    assert (await proxy.get("/x")).x_cache == "HIT-L2"
+    await proxy.settle()
+
+    slow_redis.set_mode("delay", delay=0.5)  # each L2 write now takes about a second
+    assert (await proxy.get("/y")).x_cache == "MISS"  # its L2 backfill fills the task set
+    assert proxy.state.background.pending == 1
+    response = await proxy.request("POST", "/x", data=b"change")
+    assert response.status == 200 and response.x_cache == "BYPASS", response
+    await proxy.settle(timeout=15)
+
+    # RFC 9111 §4.4: the successful POST invalidated /x in every tier, none skipped.
+    assert proxy.state.tier("l1").backend.get_now(CacheKey("/x")) is None
+    assert not redis_client.exists(redis_key("/x"))
+    assert sqlite_row(sqlite_path, "/x") is None
+    m = await admin.metrics()
+    assert value(m, "tierproxy_tier_writes_total", tier="l2", op="delete", outcome="ok") == 1
+    assert value(m, "tierproxy_tier_writes_total", tier="l3", op="delete", outcome="ok") == 1
+    slow_redis.set_mode("pass")
+    assert (await proxy.get("/x")).x_cache == "MISS"  # fetched again, not an old copy
+
+
+async def test_the_first_l2_write_after_redis_restarted_succeeds(
+    origin, make_proxy, admin_for, redis_server, redis_url, redis_client
+):
+    origin.set_default(headers=CACHEABLE)
+    proxy = await make_proxy(SQLITE_PATH="off", L2_WRITE_TIMEOUT=1)
+    admin = await admin_for(proxy)
+    assert (await proxy.get("/before")).x_cache == "MISS"
+    await proxy.settle()
+    assert redis_client.exists(redis_key("/before"))  # the pool now holds an idle connection
+
+    redis_server.restart()  # every pooled connection is reset while idle
+    await wait_for_condition(lambda: redis_server.ping(), message="Redis back")
+
+    assert (await proxy.get("/after")).x_cache == "MISS"
+    await proxy.settle()
+    assert redis_client.exists(redis_key("/after")), "the first write after the reset was lost"
+    m = await admin.metrics()
+    assert value(m, "tierproxy_tier_writes_total", tier="l2", op="set", outcome="error") == 0
+    assert value(m, "tierproxy_tier_writes_total", tier="l2", op="set", outcome="ok") == 2
