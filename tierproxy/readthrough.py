@@ -236,6 +236,10 @@ class ReadThrough:
         self._recent: collections.OrderedDict[str, _Recent] = collections.OrderedDict()
         self._recent_bytes = 0
         self._completed = 0
+        # Keys with backfills into L2/L3 still on their way (bounded by the background tasks):
+        # a lookup may miss there until they land, so a remembered fetch of such a key answers
+        # every request, not only those whose lookup began before it completed.
+        self._storing: dict[str, int] = {}
         # Records matter only when a lookup awaits (an L2/L3 tier): an L1-only lookup cannot
         # overlap a fetch.
         self._record_fetches = any(not tier.synchronous for tier in tiers)
@@ -492,15 +496,18 @@ class ReadThrough:
     def _recent_outcome(self, req: ProxyRequest, since: int) -> _Stored | None:
         """The entry of a fetch of ``req``'s key that completed after ``req``'s lookup began
         (``since``: the count of remembered fetches then), so the lookup may have looked in
-        each tier before the entry was stored there. Like a waiter on that fetch, ``req``
-        gets it; but never an entry purged since, past its freshness or for other Vary values.
+        each tier before the entry was stored there - or whose backfills into L2/L3 have not
+        all landed yet, so the lookup may have missed it there all the same. Like a waiter on
+        that fetch, ``req`` gets it; but never an entry purged since, past its freshness or for
+        other Vary values.
         """
         if not self._recent:
             return None
         now = asyncio.get_running_loop().time()
         self._prune_recent(now)
-        record = self._recent.get(req.key.material)
-        if record is None or record.seq <= since:
+        material = req.key.material
+        record = self._recent.get(material)
+        if record is None or (record.seq <= since and material not in self._storing):
             return None
         if self._purged_since(record.generation, req.key):
             self._forget_recent(req.key)
@@ -634,8 +641,17 @@ class ReadThrough:
         self, tier: GuardedTier, key: CacheKey, entry: Entry, blob: Blob, generation: int
     ) -> None:
         counters = self.metrics.backfills
+        storing, material = self._storing, key.material
 
         async def store() -> None:
+            try:
+                await write()
+            finally:
+                left = storing.pop(material) - 1
+                if left:
+                    storing[material] = left
+
+        async def write() -> None:
             # A purge since this copy was read may have been for it: don't write it back, and
             # undo a write that was on its way while the purge ran.
             if self._purged_since(generation, key):
@@ -654,6 +670,7 @@ class ReadThrough:
             counters.labels(tier.name, "completed" if ok else "failed").inc()
 
         if self.background.spawn(f"backfill-{tier.name}", store):
+            storing[material] = storing.get(material, 0) + 1
             counters.labels(tier.name, "started").inc()
         else:
             counters.labels(tier.name, "dropped").inc()

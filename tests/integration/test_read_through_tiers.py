@@ -111,7 +111,7 @@ async def test_entry_is_served_by_each_tier_in_turn_and_the_origin_is_asked_once
 
     # Redis loses the entry; process 3: HIT-L3, which backfills L2 and L1. (Had Redis lost
     # its purge log too, process 3 would revalidate its L3 copy: it could have been purged.)
-    redis_client.delete(redis_key("/walk"))
+    redis_client.delete(redis_key("/walk", origin.url))
     third = await make_proxy(MAX_STALE=100)
     from_l3 = await third.get("/walk")
     assert from_l3.x_cache == "HIT-L3", from_l3

@@ -19,7 +19,6 @@ from support.proxy import fetch
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
-from tierproxy.keys import CacheKey
 
 from .conftest import AUTH, TOKEN, value
 
@@ -31,8 +30,8 @@ def _purged_copy_served_as_hit(response, old_body: bytes) -> bool:
     return (response.x_cache or "").startswith("HIT") and response.body == old_body
 
 
-def _l2_holds(redis_client, path: str, body: bytes) -> bool:
-    raw = redis_client.get(redis_key(path))
+def _l2_holds(redis_client, origin, path: str, body: bytes) -> bool:
+    raw = redis_client.get(redis_key(path, origin.url))
     return raw is not None and body in raw
 
 
@@ -57,7 +56,7 @@ async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_
     assert first.x_cache == "MISS"
     old = first.body
     await b.settle()
-    await wait_for_condition(lambda: sqlite_row(tmp_path / "b.sqlite3", "/p"), message="B's L3")
+    await wait_for_condition(lambda: sqlite_row(tmp_path / "b.sqlite3", "/p", origin.url), message="B's L3")
     assert (await a.get("/p")).x_cache == "HIT-L2"
     assert (await b.get("/p")).x_cache == "HIT-L1"
 
@@ -86,10 +85,10 @@ async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_
         assert not _purged_copy_served_as_hit(after, old), after
     await b.settle()
     await a.settle()
-    assert not _l2_holds(redis_client, "/p", old), "the purged copy is back in L2"
+    assert not _l2_holds(redis_client, origin, "/p", old), "the purged copy is back in L2"
     from_a = await a.get("/p")
     assert not _purged_copy_served_as_hit(from_a, old), from_a
-    assert not _l2_holds(redis_client, "/p", old)
+    assert not _l2_holds(redis_client, origin, "/p", old)
 
 
 async def test_a_replica_restarted_with_its_l3_file_does_not_resurrect_a_purged_copy(
@@ -103,12 +102,12 @@ async def test_a_replica_restarted_with_its_l3_file_does_not_resurrect_a_purged_
     assert first.x_cache == "MISS"
     old = first.body
     await b.settle()
-    assert sqlite_row(b_file, "/r") is not None
+    assert sqlite_row(b_file, "/r", origin.url) is not None
     await b.close()  # B is down while the purge runs
 
     purge = await a.request("PURGE", "/r", headers=AUTH)
     assert purge.status == 200, purge
-    assert not redis_client.exists(redis_key("/r"))
+    assert not redis_client.exists(redis_key("/r", origin.url))
 
     b_again = await make_proxy(SQLITE_PATH=b_file, PURGE_LEASE=LEASE)  # same L3 file
     await _trusting(b_again)
@@ -116,7 +115,7 @@ async def test_a_replica_restarted_with_its_l3_file_does_not_resurrect_a_purged_
     assert response.status == 200
     assert not _purged_copy_served_as_hit(response, old), response
     await b_again.settle()
-    assert not _l2_holds(redis_client, "/r", old), "the purged copy was written back to L2"
+    assert not _l2_holds(redis_client, origin, "/r", old), "the purged copy was written back to L2"
     from_a = await a.get("/r")
     assert not _purged_copy_served_as_hit(from_a, old), from_a
 
@@ -136,20 +135,20 @@ async def test_a_replica_that_lost_its_subscription_replays_the_purges_it_missed
     for path in ("/q", "/kept"):
         assert (await b.get(path)).x_cache == "MISS"
     await b.settle()
-    assert sqlite_row(b_file, "/q") is not None
+    assert sqlite_row(b_file, "/q", origin.url) is not None
 
     link.set_mode("reset")  # B's connections are reset and it cannot reconnect
     await wait_for_condition(lambda: b.state.invalidation.state != "connected", timeout=10,
                              message="B noticing its subscription is gone")
     purge = await a.request("PURGE", "/q", headers=AUTH)
     assert purge.status == 200, purge
-    assert sqlite_row(b_file, "/q") is not None  # B's own L3: only B can purge it
+    assert sqlite_row(b_file, "/q", origin.url) is not None  # B's own L3: only B can purge it
 
     link.set_mode("pass")
     await _trusting(b)
     # The purge log in Redis covered the gap: B applied what it missed, to its L3 as well...
-    await wait_for_condition(lambda: sqlite_row(b_file, "/q") is None, message="B's L3 purged")
-    assert b.state.tier("l1").backend.get_now(CacheKey("/q")) is None
+    await wait_for_condition(lambda: sqlite_row(b_file, "/q", origin.url) is None, message="B's L3 purged")
+    assert b.state.tier("l1").backend.get_now(b.state.keys.key("/q")) is None
     m = await admin_b.metrics()
     assert value(m, "tierproxy_invalidations_received_total", outcome="replayed") == 1
     # ...so it had no reason to distrust the rest of its L1.
@@ -174,7 +173,7 @@ async def test_a_purge_is_acknowledged_by_every_connected_replica(
     assert body["replicas_fenced"] == 0, body
     assert time.monotonic() - started < 1.0  # acknowledged at once, not waited out
     for proxy in (b, c):  # an acknowledgement means it was applied
-        assert proxy.state.tier("l1").backend.get_now(CacheKey("/k")) is None
+        assert proxy.state.tier("l1").backend.get_now(proxy.state.keys.key("/k")) is None
 
 
 async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(origin, make_proxy, redis_url):

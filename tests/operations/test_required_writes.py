@@ -8,7 +8,6 @@ from __future__ import annotations
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
-from tierproxy.keys import CacheKey
 
 from .conftest import value
 
@@ -25,7 +24,7 @@ async def test_an_unsafe_requests_invalidation_happens_when_the_background_set_i
     redis_client.flushall()
     assert (await seeder.get("/x")).x_cache == "MISS"
     await seeder.settle()
-    assert redis_client.exists(redis_key("/x")) and sqlite_row(sqlite_path, "/x")
+    assert redis_client.exists(redis_key("/x", origin.url)) and sqlite_row(sqlite_path, "/x", origin.url)
     proxy = await make_proxy(REDIS_URL=redis_url, BACKFILL_MAX_TASKS=1, L2_WRITE_TIMEOUT=5,
                              L2_TIMEOUT=0.5)
     admin = await admin_for(proxy)
@@ -40,9 +39,9 @@ async def test_an_unsafe_requests_invalidation_happens_when_the_background_set_i
     await proxy.settle(timeout=15)
 
     # RFC 9111 §4.4: the successful POST invalidated /x in every tier, none skipped.
-    assert proxy.state.tier("l1").backend.get_now(CacheKey("/x")) is None
-    assert not redis_client.exists(redis_key("/x"))
-    assert sqlite_row(sqlite_path, "/x") is None
+    assert proxy.state.tier("l1").backend.get_now(proxy.state.keys.key("/x")) is None
+    assert not redis_client.exists(redis_key("/x", origin.url))
+    assert sqlite_row(sqlite_path, "/x", origin.url) is None
     m = await admin.metrics()
     assert value(m, "tierproxy_tier_writes_total", tier="l2", op="delete", outcome="ok") == 1
     assert value(m, "tierproxy_tier_writes_total", tier="l3", op="delete", outcome="ok") == 1
@@ -58,14 +57,14 @@ async def test_the_first_l2_write_after_redis_restarted_succeeds(
     admin = await admin_for(proxy)
     assert (await proxy.get("/before")).x_cache == "MISS"
     await proxy.settle()
-    assert redis_client.exists(redis_key("/before"))  # the pool now holds an idle connection
+    assert redis_client.exists(redis_key("/before", origin.url))  # the pool now holds an idle connection
 
     redis_server.restart()  # every pooled connection is reset while idle
     await wait_for_condition(lambda: redis_server.ping(), message="Redis back")
 
     assert (await proxy.get("/after")).x_cache == "MISS"
     await proxy.settle()
-    assert redis_client.exists(redis_key("/after")), "the first write after the reset was lost"
+    assert redis_client.exists(redis_key("/after", origin.url)), "the first write after the reset was lost"
     m = await admin.metrics()
     assert value(m, "tierproxy_tier_writes_total", tier="l2", op="set", outcome="error") == 0
     assert value(m, "tierproxy_tier_writes_total", tier="l2", op="set", outcome="ok") == 2

@@ -28,12 +28,14 @@ def test_a_copy_is_after_the_floor_by_its_stored_at_or_by_a_write_seen_here():
     trust.raise_floor(1000.0)
     assert trust.stored_after_floor("/a", _entry(1000.0))
     assert not trust.stored_after_floor("/a", _entry(999.5))  # e.g. Date rounded down
-    trust.wrote("/a", 1000.2)  # this process wrote it after the floor rose
+    trust.writing("/a", _entry(999.5))  # this process is writing that very copy
     assert trust.stored_after_floor("/a", _entry(999.5))
-    trust.wrote("/b", 999.9)  # a write that began before the floor rose proves nothing
-    assert not trust.stored_after_floor("/b", _entry(999.5))
+    # Another (older) copy under the key stays untrusted, even if the write never lands.
+    assert not trust.stored_after_floor("/a", _entry(999.0))
+    trust.writing("/b", _entry(999.5))
     trust.raise_floor(2000.0)  # a new floor forgets the writes seen before it
     assert not trust.stored_after_floor("/a", _entry(1500.0))
+    assert not trust.stored_after_floor("/b", _entry(999.5))
     trust.raise_floor(1500.0)  # never lowered
     assert trust.floor == 2000.0
 
@@ -41,7 +43,7 @@ def test_a_copy_is_after_the_floor_by_its_stored_at_or_by_a_write_seen_here():
 def test_the_writes_remembered_are_bounded():
     trust = LocalTrust()
     for i in range(LocalTrust.MAX_WRITTEN + 50):
-        trust.wrote(f"/k{i}", 1.0)
+        trust.writing(f"/k{i}", _entry(-1.0))
     assert len(trust._written) == LocalTrust.MAX_WRITTEN
     assert not trust.stored_after_floor("/k0", _entry(-1.0))  # the oldest were forgotten
     assert trust.stored_after_floor(f"/k{LocalTrust.MAX_WRITTEN + 49}", _entry(-1.0))

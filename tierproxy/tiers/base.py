@@ -65,6 +65,9 @@ class Blob:
         return self._data
 
 
+_Fingerprint = tuple[float, float, float, int, str | None]
+
+
 class LocalTrust:
     """Whether this replica may serve its local copies (L1, its own L3) as fresh.
 
@@ -96,7 +99,7 @@ class LocalTrust:
     def __init__(self) -> None:
         self.lease_until = -math.inf  # nothing is trusted before the channel is confirmed
         self.floor = 0.0
-        self._written: dict[str, float] = {}
+        self._written: dict[str, _Fingerprint] = {}
 
     def held(self) -> bool:
         return time.monotonic() < self.lease_until
@@ -106,18 +109,25 @@ class LocalTrust:
             self.floor = at
             self._written.clear()
 
-    def wrote(self, material: str, began: float) -> None:
-        """This process wrote ``material`` to a local tier in a write that began at ``began``."""
-        if began < self.floor:
-            return
+    def writing(self, material: str, entry: Entry) -> None:
+        """This process is writing ``entry`` for ``material`` to a local tier, after the floor
+        (a rise of the floor forgets it). Noted before the write begins, so a lookup that finds
+        the copy as soon as it lands trusts it; it names that very copy (:func:`_fingerprint`),
+        so an older copy under the key stays untrusted even if the write fails."""
         written = self._written
         written.pop(material, None)
-        written[material] = began
+        written[material] = _fingerprint(entry)
         if len(written) > self.MAX_WRITTEN:
             del written[next(iter(written))]
 
     def stored_after_floor(self, material: str, entry: Entry) -> bool:
-        return entry.stored_at >= self.floor or self._written.get(material, -1.0) >= self.floor
+        return entry.stored_at >= self.floor or self._written.get(material) == _fingerprint(entry)
+
+
+def _fingerprint(entry: Entry) -> _Fingerprint:
+    """What tells one stored response of a key from another (origin time, lifetimes, size,
+    validator) without reading its body."""
+    return (entry.stored_at, entry.fresh_until, entry.expires_at, len(entry.body), entry.etag)
 
 
 class PurgeUnsupported(Exception):
@@ -444,12 +454,9 @@ class GuardedTier:
             except codec.Unencodable as exc:
                 self._unencodable(key, "set", exc)
                 return False
-        trust = self.trust
-        began = time.time()
-        ok = await self._write("set", key, self.backend.set(key, entry, blob))
-        if ok and trust is not None:
-            trust.wrote(key.material, began)
-        return ok
+        if self.trust is not None:
+            self.trust.writing(key.material, entry)
+        return await self._write("set", key, self.backend.set(key, entry, blob))
 
     async def delete(self, key: CacheKey) -> bool:
         return await self._write("delete", key, self.backend.delete(key))
