@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import aiohttp
 from aiohttp import web
 
 from .admin import build_admin_app
@@ -28,6 +29,7 @@ from .listener import (
     unhardened_message,
 )
 from .logs import configure as configure_logging
+from .origin import connector_internals_available
 from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
 
@@ -183,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Protections never turn off silently: without the internals tierproxy.listener reads
         # there are no request-head or send timeouts (a trickled head holds a connection).
         print(f"tierproxy: cannot start: {unhardened_message(missing)}", file=sys.stderr)
+        return 2
+    if not connector_internals_available():
+        # No opt-out: without these hooks a pooled origin connection holding a stray response
+        # could be reused, and its bytes served (and cached) as another request's answer.
+        print(f"tierproxy: cannot start: aiohttp {aiohttp.__version__} lacks the connector "
+              "internals tierproxy uses to keep origin connections clean; install the aiohttp "
+              "version tierproxy pins (>=3.14.4,<3.15)", file=sys.stderr)
         return 2
     nofile_before, nofile = _raise_nofile_limit()
     try:

@@ -98,3 +98,38 @@ def test_the_opt_out_takes_on_or_off_only(value: str) -> None:
 
     with pytest.raises(ConfigError, match="TIERPROXY_ALLOW_UNHARDENED"):
         load_settings({"TIERPROXY_ORIGIN": "http://127.0.0.1:9", "TIERPROXY_ALLOW_UNHARDENED": value})
+
+
+_CONNECTOR_SHIM = '''
+import aiohttp.connector
+del aiohttp.connector.BaseConnector._wait_for_available_connection
+'''
+
+
+async def test_serve_refuses_to_start_when_aiohttp_lacks_the_origin_connector_hooks(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Without the connector hooks a pooled origin connection holding a stray response could be
+    reused and its bytes cached as another request's answer: no opt-out, one clear line."""
+    shim = tmp_path / "connector-shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_CONNECTOR_SHIM)
+    full_env = {
+        "TIERPROXY_ORIGIN": origin.url,
+        "TIERPROXY_SQLITE_PATH": "off",
+        "TIERPROXY_HOST": "127.0.0.1",
+        "TIERPROXY_PORT": str(free_port()),
+        "TIERPROXY_ADMIN_PORT": str(free_port()),
+        "TIERPROXY_ALLOW_UNHARDENED": "on",  # the listener's opt-out does not cover this
+    }
+    proxy = start_subprocess_proxy(full_env, tmp_path / "logs", tmp_path,
+                                   extra_pythonpath=[str(shim)])
+    try:
+        code = await proxy.wait(timeout=20)
+        lines = [line for line in proxy.stderr.splitlines() if line.strip()]
+    finally:
+        proxy.cleanup()
+    assert code == 2, proxy.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("tierproxy: cannot start: aiohttp "), lines[0]
+    assert "connector internals" in lines[0], lines[0]
