@@ -7,8 +7,9 @@ raises :class:`CorruptEntry`; callers treat it as a miss and delete it.
 Header names and values, validators, Vary values and tags are stored as the bytes that came
 over the wire: aiohttp decodes header bytes as UTF-8 with ``surrogateescape``, so any byte
 (obs-text such as latin-1 ``caf\xe9``, RFC 9110 §5.5) is a lone surrogate in the ``str``, which
-msgpack refuses. Encoding with ``surrogateescape`` gives back exactly the bytes received, and
-decoding them the same way gives back the same ``str``: lossless both ways.
+msgpack's strict UTF-8 refuses. Packing and unpacking with ``unicode_errors="surrogateescape"``
+writes exactly the bytes received and reads back the same ``str``: lossless both ways, and
+done in msgpack's C code (no per-field Python on the lookup path).
 
 An entry that cannot be encoded raises :class:`Unencodable`: that entry is not stored in the
 shared tiers (a bug to log), which says nothing about the tier's health.
@@ -21,11 +22,11 @@ from typing import Any
 
 import msgpack
 
-from .entry import Entry, wire
+from .entry import Entry
 
-__all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "encode", "decode"]
+__all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "encode", "decode", "unpack"]
 
-# 2: header names/values, validators, Vary values and tags as wire bytes (1 had str).
+# 2: str fields carry the wire bytes (surrogateescape), where 1 refused non-UTF-8 ones.
 # The version is part of every shared-tier key (tierproxy.keys.KeySpace) as well.
 FORMAT_VERSION = 2
 
@@ -38,27 +39,27 @@ class Unencodable(Exception):
     """An entry that cannot be serialised: a bug, never a sign that a tier is down."""
 
 
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
+def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    return [item for pair in pairs for item in pair]
 
 
-def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[bytes]:
-    return [wire(item) for pair in pairs for item in pair]
-
-
-def _all_bytes(items: list[Any]) -> bool:
-    return not items or set(map(type, items)) == {bytes}  # C-level: no generator per item
+def _all_str(items: list[Any]) -> bool:
+    return not items or set(map(type, items)) == {str}  # C-level: no generator per item
 
 
 def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(flat, list) or len(flat) % 2 or not _all_bytes(flat):
+    if not isinstance(flat, list) or len(flat) % 2 or not _all_str(flat):
         raise CorruptEntry("bad header list")
-    texts = [_text(item) for item in flat]
-    return tuple(zip(texts[0::2], texts[1::2], strict=True))
+    return tuple(zip(flat[0::2], flat[1::2], strict=True))
 
 
-def _optional(value: str | None) -> bytes | None:
-    return None if value is None else wire(value)
+def unpack(data: bytes) -> Any:
+    """msgpack bytes -> objects, str fields with their exact wire bytes (module docstring)."""
+    try:
+        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True,
+                               unicode_errors="surrogateescape")
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CorruptEntry(f"undecodable: {type(exc).__name__}") from None
 
 
 def encode(entry: Entry) -> bytes:
@@ -77,14 +78,15 @@ def encode(entry: Entry) -> bytes:
                 entry.stale_until,
                 entry.swr_until,
                 entry.expires_at,
-                _optional(entry.etag),
-                _optional(entry.last_modified),
+                entry.etag,
+                entry.last_modified,
                 _flatten(entry.vary),
-                [wire(tag) for tag in entry.tags],
+                list(entry.tags),
                 len(body),
                 zlib.crc32(body),
             ],
             use_bin_type=True,
+            unicode_errors="surrogateescape",
         )
     except Exception as exc:  # noqa: BLE001 - msgpack and str.encode raise unrelated types
         raise Unencodable(f"{type(exc).__name__}: {exc}") from None
@@ -93,10 +95,7 @@ def encode(entry: Entry) -> bytes:
 
 def decode(data: bytes, key: str) -> Entry:
     """Decode ``data`` stored for ``key``; raise :class:`CorruptEntry` unless it is exactly that."""
-    try:
-        fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise CorruptEntry(f"undecodable: {type(exc).__name__}") from None
+    fields = unpack(data)
     if not isinstance(fields, list) or not fields or fields[0] != FORMAT_VERSION:
         raise CorruptEntry("unknown format version")
     if len(fields) != 16:
@@ -128,11 +127,11 @@ def decode(data: bytes, key: str) -> Entry:
     times = (stored_at, fresh_until, stale_until, swr_until, expires_at)
     if not all(isinstance(t, (int, float)) for t in times):
         raise CorruptEntry("bad timestamps")
-    if not (etag is None or isinstance(etag, bytes)) or not (
-        last_modified is None or isinstance(last_modified, bytes)
+    if not (etag is None or isinstance(etag, str)) or not (
+        last_modified is None or isinstance(last_modified, str)
     ):
         raise CorruptEntry("bad validators")
-    if not isinstance(tags, list) or not _all_bytes(tags):
+    if not isinstance(tags, list) or not _all_str(tags):
         raise CorruptEntry("bad tags")
     return Entry(
         key=key,
@@ -144,8 +143,8 @@ def decode(data: bytes, key: str) -> Entry:
         stale_until=float(stale_until),
         swr_until=float(swr_until),
         expires_at=float(expires_at),
-        etag=None if etag is None else _text(etag),
-        last_modified=None if last_modified is None else _text(last_modified),
+        etag=etag,
+        last_modified=last_modified,
         vary=_pairs(vary),
-        tags=tuple(_text(tag) for tag in tags),
+        tags=tuple(tags),
     )

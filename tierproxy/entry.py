@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 
 from aiohttp.web_response import REASON_PHRASES
 
@@ -82,60 +84,60 @@ class Entry:
     size: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        # Runs for every entry decoded from L2/L3, i.e. on every L2/L3 hit: the common case
+        # (no field tierproxy writes itself) is built with C-level joins, not a loop per field.
         setattr_ = object.__setattr__
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, REASON_PHRASES.get(self.status, "").encode())]
-        upstream: list[bytes] = []
-        flags = 0
-        raw_bytes = False
-        safe = True
+        headers = self.headers
+        status_line = b"HTTP/1.1 %d %s\r\n" % (
+            self.status, REASON_PHRASES.get(self.status, "").encode()
+        )
+        names = frozenset(map(str.lower, map(itemgetter(0), headers)))
+        upstream = b""
         getsizeof = sys.getsizeof
-        size = getsizeof(self.headers)
-        for name, value in self.headers:
-            size += getsizeof(name) + getsizeof(value) + 72  # 72: the (name, value) tuple
-            lname = name.lower()
-            if not (name.isascii() and value.isascii()):
+        if names & OWN_HEADERS:
+            head, upstream = _head_without_own(status_line, headers)
+            raw_bytes = _has_raw_bytes(headers)
+            size = _pairs_size(headers)
+        else:
+            block = "".join(map(_line, headers))
+            raw_bytes = False
+            if block.isascii():
+                # An ASCII str takes _ASCII_STR + its length: the pairs' size without a
+                # call per string (": " and CRLF are 4 characters of each line).
+                count = len(headers)
+                size = (getsizeof(headers) + count * (72 + 2 * _ASCII_STR - 4) + len(block))
+            else:
+                size = _pairs_size(headers)
                 try:
-                    name.encode("utf-8")
-                    value.encode("utf-8")
+                    block.encode("utf-8")
                 except UnicodeEncodeError:
                     raw_bytes = True
-            try:
-                line = wire(name) + b": " + wire(value)
-            except UnicodeEncodeError:  # a surrogate no byte decodes to: not from the wire
-                safe = False
-                continue
-            if FORBIDDEN_IN_HEADER.search(name) or FORBIDDEN_IN_HEADER.search(value):
-                safe = False
-            if lname in OWN_HEADERS:
-                if lname == "cache-status" and value.strip():
-                    upstream.append(line[len(name) + 2:].strip())
-                continue
-            if lname == "content-type":
-                flags |= HAS_CONTENT_TYPE
-            elif lname == "date":
-                flags |= HAS_DATE
-            elif lname == "server":
-                flags |= HAS_SERVER
-            lines.append(line + b"\r\n")
-        head = b"".join(lines) if safe else None
+            head = None
+            # One CR and one LF per line, no other control character (RFC 9110 §5.5).
+            if (block.count("\r") == block.count("\n") == len(headers)
+                    and not _CONTROL_BUT_CRLF.search(block)):
+                try:
+                    head = status_line + wire(block)
+                except UnicodeEncodeError:  # a surrogate no byte decodes to: not from the wire
+                    head = None
         setattr_(self, "wire_head", head)
-        setattr_(self, "upstream_cache_status", b", ".join(upstream) + b", " if upstream else b"")
-        setattr_(self, "head_flags", flags)
+        setattr_(self, "upstream_cache_status", upstream)
+        setattr_(self, "head_flags", ((HAS_CONTENT_TYPE if "content-type" in names else 0)
+                                      | (HAS_DATE if "date" in names else 0)
+                                      | (HAS_SERVER if "server" in names else 0)))
         setattr_(self, "raw_bytes", raw_bytes)
         size += getsizeof(self) + getsizeof(self.body) + getsizeof(self.key) + _INDEX_OVERHEAD
         if head is not None:
             size += getsizeof(head)
         if upstream:
-            size += getsizeof(self.upstream_cache_status)
+            size += getsizeof(upstream)
         for text in (self.etag, self.last_modified):
             if text is not None:
                 size += getsizeof(text)
         if self.vary:
-            size += getsizeof(self.vary)
-            for name, value in self.vary:
-                size += getsizeof(name) + getsizeof(value) + 72
+            size += _pairs_size(self.vary)
         if self.tags:
-            size += getsizeof(self.tags) + sum(getsizeof(tag) for tag in self.tags)
+            size += getsizeof(self.tags) + sum(map(getsizeof, self.tags))
         setattr_(self, "size", size)
 
     def age(self, now: float) -> int:
@@ -143,3 +145,57 @@ class Entry:
 
     def is_fresh(self, now: float) -> bool:
         return now < self.fresh_until
+
+
+# What an empty ASCII str takes (CPython's compact ASCII object); one of n characters: this + n.
+_ASCII_STR = sys.getsizeof("")
+
+# A field line may hold HTAB but no other control character; CR and LF are counted apart.
+_CONTROL_BUT_CRLF = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _line(pair: tuple[str, str]) -> str:
+    return f"{pair[0]}: {pair[1]}\r\n"
+
+
+def _pairs_size(pairs: Headers) -> int:
+    """Memory held by a tuple of (name, value) pairs: the tuples and their strings."""
+    return (sys.getsizeof(pairs) + 72 * len(pairs)  # 72: one (name, value) tuple
+            + sum(map(sys.getsizeof, chain.from_iterable(pairs))))
+
+
+def _has_raw_bytes(headers: Headers) -> bool:
+    """Whether a field holds bytes that are not UTF-8 (obs-text): aiohttp would drop them."""
+    for name, value in headers:
+        if not (name.isascii() and value.isascii()):
+            try:
+                name.encode("utf-8")
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+def _head_without_own(status_line: bytes, headers: Headers) -> tuple[bytes | None, bytes]:
+    """The head without the fields tierproxy writes itself (OWN_HEADERS), and the upstream's
+    Cache-Status members followed by ", " (b"" without one); the head is None when a stored
+    line is unsafe to write."""
+    lines = [status_line]
+    upstream: list[bytes] = []
+    safe = True
+    for name, value in headers:
+        try:
+            line = wire(name) + b": " + wire(value)
+        except UnicodeEncodeError:  # a surrogate no byte decodes to: not from the wire
+            safe = False
+            continue
+        if FORBIDDEN_IN_HEADER.search(name) or FORBIDDEN_IN_HEADER.search(value):
+            safe = False
+        lname = name.lower()
+        if lname in OWN_HEADERS:
+            if lname == "cache-status" and value.strip():
+                upstream.append(line[len(name) + 2:].strip())
+            continue
+        lines.append(line + b"\r\n")
+    return (b"".join(lines) if safe else None,
+            b", ".join(upstream) + b", " if upstream else b"")

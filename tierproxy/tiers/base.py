@@ -22,7 +22,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 from multidict import CIMultiDictProxy
 
 from .. import codec, policy
@@ -163,11 +162,8 @@ def decode_unkeyed(data: bytes, digest: str, namespace: str) -> Entry:
     :class:`~tierproxy.keys.KeySpace`), must hash to ``digest``; everything else is checked by
     :func:`codec.decode` as for a keyed lookup.
     """
-    try:
-        fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
-        material = fields[1]
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise codec.CorruptEntry(f"undecodable: {type(exc).__name__}") from None
+    fields = codec.unpack(data)
+    material = fields[1] if isinstance(fields, list) and len(fields) > 1 else None
     if not isinstance(material, str) or CacheKey(material, namespace).digest != digest:
         raise codec.CorruptEntry("entry does not belong to this digest")
     return codec.decode(data, material)
