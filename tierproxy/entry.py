@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
 
 from aiohttp.web_response import REASON_PHRASES
 
-__all__ = ["OWN_HEADERS", "Entry", "Headers", "wire"]
+__all__ = ["OWN_HEADERS", "Entry", "Headers", "has_raw_bytes", "wire"]
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -96,7 +97,7 @@ class Entry:
         getsizeof = sys.getsizeof
         if names & OWN_HEADERS:
             head, upstream = _head_without_own(status_line, headers)
-            raw_bytes = _has_raw_bytes(headers)
+            raw_bytes = has_raw_bytes(headers)
             size = _pairs_size(headers)
         else:
             block = "".join(map(_line, headers))
@@ -164,8 +165,10 @@ def _pairs_size(pairs: Headers) -> int:
             + sum(map(sys.getsizeof, chain.from_iterable(pairs))))
 
 
-def _has_raw_bytes(headers: Headers) -> bool:
-    """Whether a field holds bytes that are not UTF-8 (obs-text): aiohttp would drop them."""
+def has_raw_bytes(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether a field holds bytes that are not UTF-8 (obs-text, RFC 9110 §5.5): aiohttp
+    decodes them with surrogateescape and its serialiser drops the surrogates, so such a head
+    must be written byte-exact by tierproxy itself."""
     for name, value in headers:
         if not (name.isascii() and value.isascii()):
             try:

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from . import policy
 from .background import BackgroundTasks
 from .config import Settings
-from .entry import FORBIDDEN_IN_HEADER, OWN_HEADERS, wire
+from .entry import FORBIDDEN_IN_HEADER, OWN_HEADERS, has_raw_bytes, wire
 from .invalidation import Invalidation, PurgeOrder
 from .keys import BadTarget, CacheKey, KeySpace, TargetTooLong, normalise_target
 from .hits import Handover, HitPath, SharedBodyResponse, cached_body_response
@@ -43,20 +43,6 @@ log = logging.getLogger("tierproxy.server")
 
 # Response headers never passed from the origin to the client on a forwarded response.
 _RESPONSE_DROP = ("content-length", "surrogate-key", "surrogate-control")
-
-
-def _has_raw_bytes(headers: CIMultiDict[str]) -> bool:
-    """Does a header hold bytes that are not UTF-8 (obs-text, RFC 9110 §5.5)? aiohttp decodes
-    them with surrogateescape, and its serialiser drops the surrogates: such a head must be
-    written by :func:`_write_exact_head`."""
-    for name, value in headers.items():
-        if not (name.isascii() and value.isascii()):
-            try:
-                name.encode("utf-8")
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-    return False
 
 
 def _write_exact_head(response: web.StreamResponse, request: web.BaseRequest) -> None:
@@ -586,7 +572,7 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
     headers["X-Request-ID"] = request[_INFO].rid
     state.metrics.response(result.x_cache, origin_response.status)
     if origin_response.body is not None or origin_response.stream is None:
-        if _has_raw_bytes(headers):
+        if has_raw_bytes(headers.items()):
             return _ExactHeadResponse(request, status=origin_response.status,
                                       body=origin_response.body or b"", headers=headers)
         return web.Response(status=origin_response.status, body=origin_response.body or b"",
@@ -626,7 +612,7 @@ async def _stream(request: web.Request, state: ProxyState, origin_response: Orig
     settings = state.settings
     upstream = origin_response.stream
     response = (_ExactHeadStreamResponse(request, status=origin_response.status, headers=headers)
-                if _has_raw_bytes(headers)
+                if has_raw_bytes(headers.items())
                 else web.StreamResponse(status=origin_response.status, headers=headers))
     length = upstream.content_length
     if length is not None:

@@ -16,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from support.canned import CannedOrigin
 from support.net import RawConnection
 from support.purge_log import past_purge_log_start
 
@@ -48,56 +49,9 @@ async def one_response(port: int, request: bytes, *, pause: float = 0.05) -> byt
         await conn.close()
 
 
-class RawOrigin:
-    """An origin that sends exactly the header lines it is given (no Date, Server, ... added)."""
-
-    def __init__(self) -> None:
-        self.responses: dict[bytes, bytes] = {}
-        self.count = 0
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def set(self, target: str, status_line: bytes, header_lines: list[bytes], body: bytes) -> None:
-        head = status_line + b"\r\n" + b"".join(line + b"\r\n" for line in header_lines)
-        self.responses[target.encode()] = (
-            head + b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
-
-    async def start(self) -> RawOrigin:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            for _ in range(1000):  # bounded: requests per connection
-                async with asyncio.timeout(10):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                self.count += 1
-                target = head.split(b" ", 2)[1]
-                writer.write(self.responses.get(
-                    target, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
-                await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await self._server.wait_closed()
-
-
 @pytest.fixture
-async def raw_origin() -> AsyncIterator[RawOrigin]:
-    origin = await RawOrigin().start()
+async def raw_origin() -> AsyncIterator[CannedOrigin]:
+    origin = await CannedOrigin().start()
     try:
         yield origin
     finally:
@@ -145,7 +99,7 @@ async def test_hit_path_answers_byte_for_byte_as_the_full_path(make_proxy, raw_o
     origin_date = email.utils.formatdate(usegmt=True).encode()
     header_lines = [line.replace(b"{now}", origin_date) for line in header_lines]
     target = f"/stored/{name}?q=1"
-    raw_origin.set(target, status_line, header_lines, body)
+    raw_origin.set(target, header_lines, body, status_line)
     fast = await make_proxy(ORIGIN=raw_origin.url, SQLITE_PATH="off")
     full = await make_proxy(ORIGIN=raw_origin.url, SQLITE_PATH="off", hit_path=False)
     request = get(target, b"X-Request-ID: same-id-for-both\r\n")
@@ -373,7 +327,7 @@ async def test_l2_and_l3_hits_answer_byte_for_byte_as_the_full_path(
     make_proxy, raw_origin, redis_url, tier
 ):
     status_line, header_lines, body = STORED["repeated-and-utf8"]
-    raw_origin.set("/lower", status_line, header_lines, body)
+    raw_origin.set("/lower", header_lines, body, status_line)
     env = {"ORIGIN": raw_origin.url, "L1_MAX_BYTES": 0}
     if tier == "l3":
         env["REDIS_URL"] = None

@@ -10,8 +10,6 @@ client sockets where the exact response bytes matter.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +17,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from support.canned import CannedOrigin
 from support.net import RawConnection
 from support.origin import Origin
 from support.storage import redis_key, sqlite_row
@@ -27,57 +26,9 @@ from support.wait import wait_for_condition
 pytestmark = pytest.mark.asyncio
 
 
-# -- a raw origin: exactly the header bytes it is given --------------------------------------
-
-
-class RawOrigin:
-    """Answers each target with fixed response bytes (header bytes sent verbatim)."""
-
-    def __init__(self) -> None:
-        self.responses: dict[bytes, bytes] = {}
-        self.count = 0
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def set(self, target: str, header_lines: list[bytes], body: bytes) -> None:
-        head = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in header_lines)
-        self.responses[target.encode()] = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
-
-    async def start(self) -> RawOrigin:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            for _ in range(10_000):  # bounded: requests per connection
-                async with asyncio.timeout(10):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                self.count += 1
-                target = head.split(b" ", 2)[1].split(b"?")[0]
-                writer.write(self.responses.get(
-                    target, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
-                await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await self._server.wait_closed()
-
-
 @pytest.fixture
-async def raw_origin() -> AsyncIterator[RawOrigin]:
-    server = await RawOrigin().start()
+async def raw_origin() -> AsyncIterator[CannedOrigin]:
+    server = await CannedOrigin().start()
     try:
         yield server
     finally:
@@ -234,7 +185,7 @@ async def test_entries_of_the_old_key_scheme_and_format_are_misses_never_errors(
 
 
 async def test_obs_text_header_bytes_served_exactly_from_every_tier_and_path(
-    make_proxy: Any, raw_origin: RawOrigin, redis_client: Any, sqlite_path: Any,
+    make_proxy: Any, raw_origin: CannedOrigin, redis_client: Any, sqlite_path: Any,
 ) -> None:
     raw_origin.set("/latin", [b"Cache-Control: max-age=300", b"X-Name: caf\xe9",
                               b"ETag: \"caf\xe9\"", b"Surrogate-Key: t\xe9g"], b"body")
