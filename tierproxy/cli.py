@@ -29,7 +29,7 @@ from .listener import (
     unhardened_message,
 )
 from .logs import configure as configure_logging
-from .origin import connector_internals_available
+from .origin import ConnectorUnavailable, connector_internals_available
 from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
 
@@ -119,6 +119,8 @@ async def serve(settings: Settings, nofile: int) -> int:
     try:
         try:
             await runner.setup()  # opens tiers and the origin session (cleanup_ctx)
+        except ConnectorUnavailable as exc:
+            raise StartupError(str(exc), 2) from None
         except SQLiteOpenError as exc:
             # Only an L3 path that can never work as configured (its directory is missing, or
             # it is a directory): a locked, unreadable or corrupt file or a full disk starts

@@ -56,7 +56,7 @@ from redis.backoff import NoBackoff
 
 from .keys import MAX_TARGET_LENGTH, KeySpace
 from .readthrough import MAX_TAG_LENGTH, ReadThrough
-from .tiers.base import LocalTrust
+from .tiers.base import LocalTrust, lease_clock
 from .tiers.memory import MemoryTier
 from .tiers.redis import PURGE_LOG_MAXLEN, PurgeLog, RedisTier, stream_id
 
@@ -143,6 +143,7 @@ class Invalidation:
         tiers: Sequence[GuardedTier],
         readthrough: ReadThrough,
         metrics: Metrics,
+        keys: KeySpace,
     ) -> None:
         self.settings = settings
         self.readthrough = readthrough
@@ -150,7 +151,7 @@ class Invalidation:
         self.lease = settings.purge_lease
         #: Tells this replica's own messages apart when they come back on the channel.
         self.replica_id = secrets.token_hex(8)
-        self._keys = KeySpace(settings.origin)
+        self._keys = keys
         self._l2: GuardedTier | None = None
         self._l1: MemoryTier | None = None
         for tier in tiers:
@@ -220,10 +221,14 @@ class Invalidation:
             fenced: int | None = None
             unconfirmed: int | None = None
             if published is not None:
-                acked, fenced, unconfirmed = await self._await_replicas(published)
-                if fenced:
-                    # A fenced replica's L2 write started before its lease ran out has landed
-                    # by now: purge the shared tiers once more.
+                acked, fenced, unconfirmed, lost = await self._await_replicas(published)
+                if acked or fenced or lost:
+                    # Another replica may have written a copy to L2 after the purge above and
+                    # before it applied this one (an acked replica: a backfill that landed in
+                    # between; a fenced one: a write started before its lease ran out). Such
+                    # a write has landed by now, and anything later is undone by the replica
+                    # itself (its purge generation moved when it applied this): purge the
+                    # shared tiers once more.
                     again = await self.readthrough.purge(keys, order.tags, soft_at, local=False)
                     ok = ok and all(isinstance(count, int) for count in again.values())
                 acked += 1  # this replica
@@ -252,9 +257,10 @@ class Invalidation:
         self._published["ok"].inc()
         return last
 
-    async def _await_replicas(self, published: str) -> tuple[int, int, int | None]:
+    async def _await_replicas(self, published: str) -> tuple[int, int, int | None, bool]:
         """Wait (bounded) until every other live replica applied the log up to ``published``
-        or was fenced; (acked, fenced, still unconfirmed - None if Redis never answered)."""
+        or was fenced; (acked, fenced, still unconfirmed - None if Redis never answered,
+        whether it waited out leases a Redis that lost its data could not show)."""
         assert self._l2 is not None and self._log is not None
         target = stream_id(published)
         write_margin = self.settings.l2_write_timeout + 0.5
@@ -265,10 +271,12 @@ class Invalidation:
         fenced: set[str] = set()
         seen: set[str] = set()
         pending: set[str] | None = None
+        blind = False  # this Redis lost its registry too recently to know every lease
+        waited_out_loss = False
         while True:  # bounded by the deadline
             try:
                 async with asyncio.timeout(max(0.5, self._l2.write_timeout)):
-                    now_ms, rows = await self._log.replicas(margin_ms)
+                    now_ms, lost_ms, rows = await self._log.replicas(margin_ms)
             except Exception as exc:  # TimeoutError included
                 log.warning("purge: cannot read the replicas' acknowledgements: %r", exc)
             else:
@@ -286,12 +294,19 @@ class Invalidation:
                         pending.add(replica)
                 fenced |= seen - current - acked  # its lease ended long enough ago to be gone
                 seen |= current
-                if not pending:
+                # A replica may hold a lease this Redis no longer knows of (it lost its data):
+                # wait until any such lease has run out, then purge the shared tiers again.
+                blind = bool(lost_ms) and now_ms < lost_ms + int(self.lease * 1000) + margin_ms
+                waited_out_loss = waited_out_loss or blind
+                if not pending and not blind:
                     break
             if loop.time() >= deadline:
                 break
             await asyncio.sleep(_ACK_POLL_INTERVAL)
         fenced -= acked
+        if blind:  # the deadline came first (it should not: it is longer than a lease)
+            pending = set() if pending is None else pending
+            pending.add("(leases this Redis lost)")
         unconfirmed = None if pending is None else len(pending)
         self._replicas["acked"].inc(len(acked))
         self._replicas["fenced"].inc(len(fenced))
@@ -302,7 +317,7 @@ class Invalidation:
         if unconfirmed:
             log.warning("purge: %d replicas neither acknowledged nor let their lease run out",
                         unconfirmed)
-        return len(acked), len(fenced), unconfirmed
+        return len(acked), len(fenced), unconfirmed, waited_out_loss
 
     # ---- subscribing -----------------------------------------------------------------------
 
@@ -412,7 +427,7 @@ class Invalidation:
             self._subscribed.set()
             log.info("subscribed to %s (purge log at %s)", purge_log.channel, self.last_id)
             while True:  # until the connection fails or the task is cancelled
-                wait = self._next_beat - time.monotonic()
+                wait = self._next_beat - lease_clock()
                 if wait > 0:
                     message = await pubsub.get_message(timeout=wait)
                     if message is not None:
@@ -431,12 +446,12 @@ class Invalidation:
         """Confirm the subscription (ping, apply what comes before the pong), then register
         the lease and what was applied; the local lease runs from the ping."""
         assert self.trust is not None
-        sent = time.monotonic()
+        sent = lease_clock()
         async with asyncio.timeout(timeout):
             await pubsub.ping()
         pong_by = sent + min(_MAX_PONG_TIMEOUT, self.lease)
         for _ in range(100_000):  # bounded by pong_by as well
-            left = pong_by - time.monotonic()
+            left = pong_by - lease_clock()
             if left <= 0:
                 raise ConnectionError("no reply to ping: subscription presumed dead")
             message = await pubsub.get_message(timeout=left)
@@ -447,7 +462,7 @@ class Invalidation:
             await self._on_message(message)
         else:
             raise ConnectionError("no pong among the messages")
-        lease_ms = int((self.lease - (time.monotonic() - sent)) * 1000)
+        lease_ms = int((self.lease - (lease_clock() - sent)) * 1000)
         if lease_ms > 0:
             async with asyncio.timeout(timeout):
                 await purge_log.heartbeat(self.replica_id, lease_ms, self.last_id or "0-0")
@@ -480,6 +495,11 @@ class Invalidation:
         async with asyncio.timeout(timeout):
             oldest = await purge_log.oldest()
             if oldest is None:  # an empty log (Redis lost it): its history starts now
+                if self.last_id is not None:
+                    # This Redis lost its data (restart, failover), the replicas' leases with
+                    # it: other replicas may still hold one it does not know. PURGEs in the
+                    # next lease wait them out (_await_replicas).
+                    await purge_log.mark_lost(int((self.lease + self._ack_timeout) * 2000))
                 oldest = await purge_log.publish(self._message(PurgeOrder((), ())))
             offset = await purge_log.clock_offset()
         # Local copies stored before the oldest purge the log holds may have missed one.
@@ -493,6 +513,10 @@ class Invalidation:
         for _ in range(_MAX_REPLAY_ROUNDS):
             async with asyncio.timeout(timeout):
                 rows = await purge_log.read(start, _REPLAY_BATCH)
+            if not include and (not rows or rows[0][0] != start):
+                # The log was trimmed past where this replay had got to: purges were lost.
+                self._distrust(subscribed_at, "gap")
+                break
             for entry_id, payload in (rows if include else rows[1:]):
                 await self._apply(payload, "replayed")
                 self.last_id = entry_id

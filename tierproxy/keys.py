@@ -79,11 +79,14 @@ class KeySpace:
     Built once from the settings; :meth:`key` makes the :class:`CacheKey` of a request.
     """
 
-    __slots__ = ("namespace", "origin")
+    __slots__ = ("namespace", "origin", "origin_id")
 
     def __init__(self, origin: str, format_version: int = FORMAT_VERSION) -> None:
         self.origin = origin_identity(origin)
         self.namespace = f"{self.origin} v{format_version}"
+        #: A short id of the origin for names that are not per key (the replicas' purge
+        #: channel, log and leases): deployments of other origins on one Redis share none.
+        self.origin_id = _sha256(self.origin)[:16]
 
     def key(self, material: str) -> CacheKey:
         return CacheKey(material, self.namespace)

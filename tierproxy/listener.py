@@ -313,7 +313,10 @@ def _idle_since(handler: RequestHandler) -> float | None:
     and nothing is queued or in the hit path's hands.
     """
     waiter = handler._waiter
-    if waiter is None or waiter.done() or handler._messages or handler._force_close:
+    if (waiter is None or waiter.done() or handler._messages or handler._force_close
+            or handler.writing_paused):
+        # (writing paused: the last response is still being sent - closing it now would only
+        # wait for the client, outside the cap's count; the send timeout deals with it)
         return None
     if isinstance(handler, ProxyRequestHandler) and handler._lookup is not None:
         return None
@@ -408,7 +411,9 @@ class ProxyRequestHandler(RequestHandler):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._send_timer is None:
-            self._send_timer = self._loop.call_later(self._send_timeout, self._send_timed_out)
+            self._send_timer = self._loop.call_later(
+                self._send_timeout, self._send_timed_out, self.transport
+            )
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -421,11 +426,12 @@ class ProxyRequestHandler(RequestHandler):
             if not writable.done():
                 writable.set_result(None)
 
-    def _send_timed_out(self) -> None:
+    def _send_timed_out(self, transport: asyncio.Transport | None) -> None:
         self._send_timer = None
-        transport = self.transport
-        if transport is None or not self.writing_paused:
+        if transport is None or (self.transport is transport and not self.writing_paused):
             return
+        # Still stalled - or closed by force_close() meanwhile (which forgets the transport)
+        # while the close waits for the client to read what is buffered: abort it either way.
         log.debug("closing a connection from %s: it accepted no response bytes for %.1fs",
                   self.peername, self._send_timeout)
         # The writer blocked on this client fails; whatever it streamed from the origin is

@@ -32,6 +32,7 @@ from yarl import URL
 from .policy import end_to_end
 
 __all__ = [
+    "ConnectorUnavailable",
     "OriginBusy",
     "OriginClient",
     "OriginError",
@@ -63,6 +64,11 @@ class OriginError(Exception):
 # escapes it is an OSError. Anything else raised during a fetch (e.g. a ValueError from a
 # header built here) is tierproxy's own error and must not count against the origin.
 _ORIGIN_FAULTS = (aiohttp.ClientError, OSError)
+
+
+class ConnectorUnavailable(RuntimeError):
+    """This aiohttp lacks the client connector hooks that keep origin connections clean;
+    start-up stops with this message (there is no running without them)."""
 
 
 class OriginBusy(Exception):
@@ -227,6 +233,13 @@ class _OriginConnector(aiohttp.TCPConnector):
 
     def __init__(self, *, discarded: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not isinstance(getattr(self, "_factory", None), functools.partial):
+            # Replacing an attribute aiohttp no longer uses would silently drop both checks.
+            raise ConnectorUnavailable(
+                f"aiohttp {aiohttp.__version__} builds client connections without the "
+                "TCPConnector._factory tierproxy hooks into; install the aiohttp version "
+                "tierproxy pins (>=3.14.4,<3.15)"
+            )
         self._factory = cast(
             "functools.partial[ResponseHandler]",
             functools.partial(_OriginProtocol, loop=self._loop, discarded=discarded),
@@ -284,9 +297,10 @@ class OriginClient:
 
     async def open(self) -> None:
         if not connector_internals_available():
-            raise RuntimeError(
+            raise ConnectorUnavailable(
                 f"aiohttp {aiohttp.__version__} lacks the connector internals tierproxy uses to "
-                "keep origin connections clean; use the aiohttp version tierproxy pins"
+                "keep origin connections clean; install the aiohttp version tierproxy pins "
+                "(>=3.14.4,<3.15)"
             )
         connector = _OriginConnector(limit=self._max_connections, ttl_dns_cache=60,
                                      discarded=self._discarded)

@@ -179,6 +179,15 @@ _Outcome = _Stored | _Unstorable | _OriginFailed
 
 
 @dataclass(slots=True)
+class _Flight:
+    """The origin fetch in flight for one key: its waiters' future, and the purge generation
+    it began under (a fetch a purge of its key overtook is never joined)."""
+
+    future: asyncio.Future[_Outcome | None]
+    generation: int
+
+
+@dataclass(slots=True)
 class _Recent:
     """A fetch of one key that ended with an entry every matching request may have."""
 
@@ -232,7 +241,7 @@ class ReadThrough:
         # Single flight per key: the fetch in flight (its future gets the outcome the waiters
         # may share, or None), and the recently completed ones that produced an entry (see
         # _recent_outcome). Both bounded: one flight per key being fetched; _RECENT_* records.
-        self._inflight: dict[str, asyncio.Future[_Outcome | None]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._recent: collections.OrderedDict[str, _Recent] = collections.OrderedDict()
         self._recent_bytes = 0
         self._completed = 0
@@ -275,6 +284,10 @@ class ReadThrough:
         own bug) say nothing about the origin: they have their own counters and never count
         against its breaker.
         """
+        if outcome in ("busy", "local-error", "skipped"):
+            # Whatever the breaker let through as its probe did not reach the origin: the
+            # next request probes instead (else a half-open breaker waits out a cooldown).
+            self.origin_breaker.probing = False
         if outcome == "busy":
             self.metrics.origin_busy.inc()
             self._origin_lookups["skipped"].inc()
@@ -414,8 +427,9 @@ class ReadThrough:
                 if not waited:
                     self.metrics.coalesced_waiters.inc()
                 return recent, True
-            leader_future = self._inflight.get(material)
-            if leader_future is None:
+            flight = self._inflight.get(material)
+            if flight is None or self._purged_since(flight.generation, req.key):
+                # (A fetch begun before a purge of this key may bring back what was purged.)
                 return await self._lead(req, stale), False
             if not waited:
                 waited = True
@@ -423,7 +437,7 @@ class ReadThrough:
             try:
                 async with asyncio.timeout(max(0.0, req.deadline - loop.time())):
                     # shield: one waiter's deadline must not cancel what the others wait on
-                    shared = await asyncio.shield(leader_future)
+                    shared = await asyncio.shield(flight.future)
             except TimeoutError:
                 return _OriginFailed("origin-timeout"), True
             if shared is not None and _usable_by(shared, req):
@@ -436,40 +450,40 @@ class ReadThrough:
         """Fetch for ``req`` as the key's single flight; share the outcome when it may be."""
         loop = asyncio.get_running_loop()
         material = req.key.material
-        future: asyncio.Future[_Outcome | None] = loop.create_future()
-        self._inflight[material] = future
         generation = self._purge_generation
+        flight = _Flight(loop.create_future(), generation)
+        self._inflight[material] = flight
         # A timeout of a fetch cut short by the leader's own deadline says nothing about the
         # origin to a waiter with more time left: that waiter fetches next.
         own_deadline = req.deadline - loop.time() < self.settings.origin_timeout
+        # None tells the waiters to go on without it (one of them leads the next fetch): also
+        # when the fetch raised or was cancelled.
+        shared: _Outcome | None = None
         try:
             outcome = await self._fetch(req, stale)
-        except BaseException:
-            # None tells the waiters to go on without it (one of them leads the next fetch).
-            del self._inflight[material]
-            future.set_result(None)
-            raise
-        del self._inflight[material]
-        shared: _Outcome | None = outcome
-        if not _shareable(outcome, req.headers) or (
-            own_deadline and isinstance(outcome, _OriginFailed)
-            and outcome.reason == "origin-timeout" and outcome.response is None
-        ):
-            shared = None
-        elif isinstance(outcome, _Stored):
-            self._remember(req.key, outcome, generation)
-        future.set_result(shared)
+            if _shareable(outcome, req.headers) and not (
+                own_deadline and isinstance(outcome, _OriginFailed)
+                and outcome.reason == "origin-timeout" and outcome.response is None
+            ):
+                shared = outcome
+                if isinstance(outcome, _Stored):
+                    self._remember(req.key, outcome, generation)
+        finally:
+            # A purge may have let another fetch of the key begin meanwhile: remove only ours.
+            if self._inflight.get(material) is flight:
+                del self._inflight[material]
+            flight.future.set_result(shared)
         return outcome
 
     def _remember(self, key: CacheKey, outcome: _Stored, generation: int) -> None:
         """Keep a fetched entry for the requests whose lookup missed it (bounded)."""
         entry = outcome.entry
+        self._forget_recent(key)  # a newer fetch: the older record must not outlive it
         if not self._record_fetches or time.time() >= entry.fresh_until:
             return  # (a revalidated copy that could not be freshened is not fresh)
         if entry.size > _RECENT_FETCH_BYTES:
             return
         now = asyncio.get_running_loop().time()
-        self._forget_recent(key)
         self._completed += 1
         self._recent[key.material] = _Recent(outcome, self._completed, generation, now)
         self._recent_bytes += entry.size
@@ -501,8 +515,8 @@ class ReadThrough:
         that fetch, ``req`` gets it; but never an entry purged since, past its freshness or for
         other Vary values.
         """
-        if not self._recent:
-            return None
+        if not self._recent or (self.trust is not None and not self.trust.held()):
+            return None  # (a replica whose purge lease lapsed may have missed a purge)
         now = asyncio.get_running_loop().time()
         self._prune_recent(now)
         material = req.key.material
@@ -663,30 +677,38 @@ class ReadThrough:
                 counters.labels(tier.name, "fenced").inc()
                 return
             ok = await tier.set(key, entry, blob)
-            if ok and self._purged_since(generation, key):
+            if self._purged_since(generation, key):
+                # Also when the write timed out: it may still land (a statement already sent
+                # to Redis, or queued on SQLite's writer thread), and this delete lands after it.
                 await tier.delete(key)
                 counters.labels(tier.name, "superseded").inc()
                 return
             counters.labels(tier.name, "completed" if ok else "failed").inc()
 
+        storing[material] = storing.get(material, 0) + 1
         if self.background.spawn(f"backfill-{tier.name}", store):
-            storing[material] = storing.get(material, 0) + 1
             counters.labels(tier.name, "started").inc()
         else:
+            left = storing.pop(material) - 1
+            if left:
+                storing[material] = left
             counters.labels(tier.name, "dropped").inc()
 
     async def _invalidate(self, key: CacheKey) -> None:
-        """Forget ``key`` everywhere (RFC 9111 §4.4): L1 now, the other tiers in the background
-        - as required work, never dropped: when that lane is full, the caller waits for it."""
+        """Forget ``key`` everywhere (RFC 9111 §4.4): L1 and any remembered fetch now, then
+        every tier as a purge of the key does (slowest first, between purge generation bumps:
+        a backfill on its way is not written or is undone, and a lookup meanwhile cannot refill
+        L1 from a copy still in L2) - as required work, never dropped: when that lane is full,
+        the caller waits for it."""
+        self._forget_recent(key)
         for tier in self.tiers:
             if tier.synchronous:
                 tier.backend.remove_now(key)
-                continue
 
-            async def delete(t: GuardedTier = tier) -> None:
-                await t.delete(key)
+        async def purge() -> None:
+            await self.purge([key], ())
 
-            await self.background.run_required(f"invalidate-{tier.name}", delete)
+        await self.background.run_required("invalidate", purge)
 
     async def invalidate(self, key: CacheKey) -> None:
         await self._invalidate(key)

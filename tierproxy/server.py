@@ -61,9 +61,9 @@ def _write_exact_head(response: web.StreamResponse, request: web.BaseRequest) ->
     transport.write(wire("\r\n".join(lines) + "\r\n\r\n"))
 
 
-class _ExactHeadResponse(web.Response):
-    """A ``web.Response`` whose head is written by :func:`_write_exact_head` (the body, framing
-    and everything else stay aiohttp's). Used only when a header holds non-UTF-8 bytes."""
+class _ExactHead(web.StreamResponse):
+    """A response whose head is written by :func:`_write_exact_head` (the body, framing and
+    everything else stay aiohttp's). Used only when a header holds non-UTF-8 bytes."""
 
     def __init__(self, request: web.BaseRequest, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -73,26 +73,16 @@ class _ExactHeadResponse(web.Response):
         _write_exact_head(self, self._exact_request)
 
 
-class _ExactHeadStreamResponse(web.StreamResponse):
-    """:class:`_ExactHeadResponse` for a streamed body."""
-
-    def __init__(self, request: web.BaseRequest, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._exact_request = request
-
-    async def _write_headers(self) -> None:
-        _write_exact_head(self, self._exact_request)
+class _ExactHeadResponse(_ExactHead, web.Response):
+    """A whole body in one write, head byte-exact."""
 
 
-class _ExactHeadSharedBodyResponse(SharedBodyResponse):
-    """:class:`_ExactHeadResponse` for a large stored body, sent in slices."""
+class _ExactHeadStreamResponse(_ExactHead):
+    """A streamed body, head byte-exact."""
 
-    def __init__(self, request: web.BaseRequest, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._exact_request = request
 
-    async def _write_headers(self) -> None:
-        _write_exact_head(self, self._exact_request)
+class _ExactHeadSharedBodyResponse(_ExactHead, SharedBodyResponse):
+    """A large stored body sent in slices, head byte-exact."""
 
 
 def _cached_response(request: web.BaseRequest, status: int, body: bytes | None,
@@ -335,7 +325,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     readthrough = ReadThrough(settings, tiers, origin, background, metrics)
     state = ProxyState(
         settings, metrics, tiers, origin, background, readthrough,
-        AccessLog(settings.access_log), Invalidation(settings, tiers, readthrough, metrics),
+        AccessLog(settings.access_log), Invalidation(settings, tiers, readthrough, metrics, keys),
         keys,
     )
     _register_gauges(state)

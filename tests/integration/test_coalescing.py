@@ -168,3 +168,28 @@ async def test_after_an_unshareable_answer_one_waiter_fetches_and_the_others_sha
     assert origin.peak_concurrency("/report") == 1
     assert [r.headers.get("Authorization") for r in origin.requests] == ["Bearer alice-token",
                                                                          None]
+
+
+# -- coalescing never outlives a purge or an invalidation -------------------------------------
+
+_TOKEN = "coalescing-purge-token-0123456789"
+_AUTH = {"Authorization": f"Bearer {_TOKEN}"}
+
+
+async def test_a_request_after_a_purge_never_joins_a_fetch_begun_before_it(origin, make_proxy):
+    """A fetch that began before PURGE answered 200 may bring back what was purged: a request
+    arriving after the purge fetches anew instead of waiting on it."""
+    origin.set("/b", headers=CACHEABLE, body=b"v1", latency=0.6)
+    proxy = await make_proxy(PURGE_TOKEN=_TOKEN)
+    before = asyncio.create_task(proxy.get("/b"))
+    await wait_for_condition(lambda: origin.count("/b") == 1, timeout=5,
+                             message="the first fetch reached the origin")
+    origin.set("/b", headers=CACHEABLE, body=b"v2", latency=0.1)
+    purged = await proxy.request("PURGE", "/b", headers=_AUTH)
+    assert purged.status == 200, purged.body
+    after = await proxy.get("/b")
+    assert after.body == b"v2", (after.x_cache, after.headers.get("Cache-Status"))
+    assert (await before).body == b"v1"  # its own client still gets what it asked for
+    await proxy.settle()
+    again = await proxy.get("/b")
+    assert again.body == b"v2", again.x_cache  # and v1 was not stored over v2

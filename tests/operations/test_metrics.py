@@ -63,11 +63,12 @@ async def test_counters_per_tier_after_a_known_sequence(
     for tier, count in (("l1", 5), ("l2", 4), ("l3", 3), ("origin", 3)):
         assert value(m, "tierproxy_tier_op_seconds_count", tier=tier, op="get") == count, tier
     assert value(m, "tierproxy_tier_op_seconds_bucket", tier="l1", op="get", le="0.001") == 5
+    # The POST's invalidation is a purge of its key in every tier (slowest first).
     assert by_label(m, "tierproxy_tier_writes_total", "op", tier="l2", outcome="ok") == {
-        "set": 2, "delete": 1,
+        "set": 2, "purge": 1,
     }
     assert by_label(m, "tierproxy_tier_writes_total", "op", tier="l3", outcome="ok") == {
-        "set": 1, "delete": 1,
+        "set": 1, "purge": 1,
     }
     assert value(m, "tierproxy_stale_served_total", reason="origin-5xx") == 0
     assert value(m, "tierproxy_coalesced_waiters_total") == 0

@@ -1,5 +1,5 @@
 """Several replicas on one Redis: a purge on any of them reaches every replica's L1 (and its own
-L3), over the ``tierproxy:invalidate`` pub/sub channel; a replica that lost the channel clears
+L3), over the ``tierproxy:<origin id>:invalidate`` pub/sub channel; a replica that lost the channel clears
 its L1 when it subscribes again.
 """
 
@@ -10,7 +10,7 @@ import time
 
 import aiohttp
 from support.proxy import fetch
-from support.storage import redis_key
+from support.storage import purge_channel, redis_key
 from support.wait import wait_for_condition
 
 from .conftest import AUTH, TOKEN, scrape_url, value
@@ -138,7 +138,7 @@ async def test_purges_reach_an_in_process_replica_and_bad_messages_are_ignored(
     no_slash = {"v": 1, "keys": ["no-slash"], "tags": [], "soft": False, "at": 1, "from": "z"}
     for junk in (b"not json", b"{}", json.dumps(no_slash).encode(), b"[1,2]",
                  json.dumps({"v": 99}).encode()):
-        redis_client.publish("tierproxy:invalidate", junk)
+        redis_client.publish(purge_channel(origin.url), junk)
     assert (await one.request("PURGE", "/x", headers={**AUTH, "Soft-Purge": "1"})).status == 200
 
     async def two_applied() -> bool:

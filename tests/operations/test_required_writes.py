@@ -43,8 +43,8 @@ async def test_an_unsafe_requests_invalidation_happens_when_the_background_set_i
     assert not redis_client.exists(redis_key("/x", origin.url))
     assert sqlite_row(sqlite_path, "/x", origin.url) is None
     m = await admin.metrics()
-    assert value(m, "tierproxy_tier_writes_total", tier="l2", op="delete", outcome="ok") == 1
-    assert value(m, "tierproxy_tier_writes_total", tier="l3", op="delete", outcome="ok") == 1
+    assert value(m, "tierproxy_tier_writes_total", tier="l2", op="purge", outcome="ok") == 1
+    assert value(m, "tierproxy_tier_writes_total", tier="l3", op="purge", outcome="ok") == 1
     slow_redis.set_mode("pass")
     assert (await proxy.get("/x")).x_cache == "MISS"  # fetched again, not an old copy
 

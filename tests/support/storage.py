@@ -27,6 +27,7 @@ __all__ = [
     "parse_cache_status",
     "redis_key",
     "redis_tag_key",
+    "purge_channel",
     "redis_tier_keys",
     "sqlite_count",
     "sqlite_exclusive_lock",
@@ -37,10 +38,16 @@ __all__ = [
 ]
 
 REDIS_PREFIX = "tierproxy:"
-# The replicas' purge log and leases (tierproxy.tiers.redis.PurgeLog): not cache entries.
-REDIS_PURGE_KEYS = frozenset(
-    (REDIS_PREFIX + name).encode() for name in ("purge-log", "replicas", "replicas:applied")
-)
+# The replicas' purge log and leases (tierproxy.tiers.redis.PurgeLog, under the origin's id):
+# not cache entries.
+REDIS_PURGE_NAMES = (b":purge-log", b":replicas", b":replicas:applied", b":replicas:lost")
+
+
+def purge_channel(origin: str, prefix: str = "") -> str:
+    """The replicas' purge channel of ``origin``'s deployments."""
+    from tierproxy.keys import KeySpace
+
+    return f"{prefix}{REDIS_PREFIX}{KeySpace(origin).origin_id}:invalidate"
 
 
 def key_id(material: str, origin: str) -> str:
@@ -69,9 +76,9 @@ def redis_tag_key(tag: str, origin: str, prefix: str = "") -> str:
 
 def redis_tier_keys(client: Any) -> list[bytes]:
     """Every ``tierproxy:*`` key in the (sync redis-py) client's database but the purge log's
-    and the replicas' leases (:data:`REDIS_PURGE_KEYS`)."""
+    and the replicas' leases (:data:`REDIS_PURGE_NAMES`)."""
     keys = client.scan_iter(match=REDIS_PREFIX + "*", count=1000)
-    return sorted(key for key in keys if key not in REDIS_PURGE_KEYS)
+    return sorted(key for key in keys if not key.endswith(REDIS_PURGE_NAMES))
 
 
 def _connect(path: Path | str, timeout: float = 2.0) -> sqlite3.Connection:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 
 from tierproxy.entry import Entry
-from tierproxy.tiers.base import LocalTrust
+from tierproxy.tiers.base import LocalTrust, lease_clock
 
 
 def _entry(stored_at: float) -> Entry:
@@ -17,9 +16,9 @@ def _entry(stored_at: float) -> Entry:
 def test_nothing_is_trusted_before_the_first_lease_and_after_it_runs_out():
     trust = LocalTrust()
     assert not trust.held()
-    trust.lease_until = time.monotonic() + 60
+    trust.lease_until = lease_clock() + 60
     assert trust.held()
-    trust.lease_until = time.monotonic() - 0.001
+    trust.lease_until = lease_clock() - 0.001
     assert not trust.held()
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "BytesBackend",
     "GuardedTier",
     "LocalTrust",
+    "lease_clock",
     "PurgeUnsupported",
     "StorageFull",
     "TierBackend",
@@ -67,6 +68,17 @@ class Blob:
 _Fingerprint = tuple[float, float, float, int, str | None]
 
 
+def lease_clock() -> float:
+    """The clock purge leases run on: monotonic, and counting time the host spent suspended
+    (CLOCK_BOOTTIME, Linux), which CLOCK_MONOTONIC does not - after a VM or laptop resumes, a
+    lease that ran out meanwhile must not look held. Elsewhere, the monotonic clock."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+if not hasattr(time, "CLOCK_BOOTTIME"):  # pragma: no cover - not Linux
+    lease_clock = time.monotonic  # noqa: F811
+
+
 class LocalTrust:
     """Whether this replica may serve its local copies (L1, its own L3) as fresh.
 
@@ -74,7 +86,7 @@ class LocalTrust:
     over the purge channel, so while that channel is not confirmed this replica cannot know
     what it missed. Kept by :class:`tierproxy.invalidation.Invalidation`:
 
-    * ``lease_until`` (monotonic clock): local copies are trusted only before it. It is
+    * ``lease_until`` (:func:`lease_clock`): local copies are trusted only before it. It is
       renewed after each confirmation of the channel and registered in Redis, where a PURGE
       waits for this replica's acknowledgement or for this lease to run out. Checked on every
       would-be fresh hit (one clock read), so a replica whose loop stalled past its lease
@@ -101,7 +113,7 @@ class LocalTrust:
         self._written: dict[str, _Fingerprint] = {}
 
     def held(self) -> bool:
-        return time.monotonic() < self.lease_until
+        return lease_clock() < self.lease_until
 
     def raise_floor(self, at: float) -> None:
         if at > self.floor:
@@ -390,7 +402,7 @@ class GuardedTier:
         ):
             return None
         trust = self.trust
-        if trust is not None and time.monotonic() >= trust.lease_until:
+        if trust is not None and lease_clock() >= trust.lease_until:
             return None  # the full path revalidates it (see LocalTrust)
         return entry
 
@@ -458,7 +470,10 @@ class GuardedTier:
         return await self._write("delete", key, self.backend.delete(key))
 
     async def _write(self, op: str, key: CacheKey, call: Coroutine[Any, Any, object]) -> bool:
-        if not self.write_breaker.allow():
+        # A removal (an invalidation, or undoing a write a purge overtook) is tried even while
+        # the writes' breaker is open, as purges are: lookups go on while writes fail (e.g. a
+        # full disk), so a removal skipped here would leave an invalidated copy being served.
+        if op != "delete" and not self.write_breaker.allow():
             call.close()
             self.metrics.tier_write_outcomes.labels(self.name, op, "skipped").inc()
             return False

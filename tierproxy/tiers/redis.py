@@ -102,14 +102,15 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return now
 """
 
-# KEYS as _HEARTBEAT; ARGV: margin ms, limit. The Redis clock, then id, lease end, applied id
-# of every replica whose lease ended less than margin ago or has not ended.
+# KEYS as _HEARTBEAT, KEYS[3] the data-loss mark; ARGV: margin ms, limit. The Redis clock, when
+# a replica found this Redis had lost the purge log (0: not seen), then id, lease end, applied
+# id of every replica whose lease ended less than margin ago or has not ended.
 _REPLICAS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rows = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf',
                         'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {now}
+local out = {now, tonumber(redis.call('GET', KEYS[3]) or '0')}
 for i = 1, #rows, 2 do
   out[#out + 1] = rows[i]
   out[#out + 1] = rows[i + 1]
@@ -147,6 +148,7 @@ class PurgeLog:
         self.channel = prefix + "invalidate"
         self.replicas_key = prefix + "replicas"
         self.applied_key = prefix + "replicas:applied"
+        self.lost_key = prefix + "replicas:lost"
         self._publish = client.register_script(_PUBLISH_PURGE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._replicas = client.register_script(_REPLICAS)
@@ -172,11 +174,11 @@ class PurgeLog:
         return _text(rows[0][0]) if rows else None
 
     async def clock_offset(self) -> float:
-        """Redis's wall clock minus this host's, in seconds, rounded up by the round trip."""
-        before = time.time()
+        """Redis's wall clock minus this host's, in seconds: the smallest the round trip allows,
+        so that a time on Redis's clock turned into this host's is never too early (a trust
+        floor computed with it errs towards distrust)."""
         seconds, micros = await self.client.time()
-        after = time.time()
-        return seconds + micros / 1e6 - before + (after - before)
+        return seconds + micros / 1e6 - time.time()
 
     async def heartbeat(self, replica_id: str, lease_ms: int, applied: str) -> None:
         """Register this replica's lease (from now, Redis clock) and what it has applied."""
@@ -194,16 +196,24 @@ class PurgeLog:
         """Record what this replica has applied (its lease is renewed by heartbeats only)."""
         await self.client.hset(self.applied_key, replica_id, applied)
 
-    async def replicas(self, margin_ms: int) -> tuple[int, list[tuple[str, int, str]]]:
-        """(Redis clock ms, [(replica id, lease end ms, applied id)]) for every replica whose
-        lease has not ended or ended less than ``margin_ms`` ago."""
+    async def replicas(self, margin_ms: int) -> tuple[int, int, list[tuple[str, int, str]]]:
+        """(Redis clock ms, when a replica found this Redis had lost the log (0: never),
+        [(replica id, lease end ms, applied id)]) for every replica whose lease has not ended
+        or ended less than ``margin_ms`` ago."""
         reply = await self._replicas(
-            keys=[self.replicas_key, self.applied_key], args=[margin_ms, _MAX_REPLICAS]
+            keys=[self.replicas_key, self.applied_key, self.lost_key],
+            args=[margin_ms, _MAX_REPLICAS],
         )
-        now = int(reply[0])
+        now, lost = int(reply[0]), int(reply[1])
         rows = [(_text(reply[i]), int(float(_text(reply[i + 1]))), _text(reply[i + 2]))
-                for i in range(1, len(reply) - 2, 3)]
-        return now, rows
+                for i in range(2, len(reply) - 2, 3)]
+        return now, lost, rows
+
+    async def mark_lost(self, keep_ms: int) -> None:
+        """Record (Redis clock) that this Redis lost the purge log - and with it the replicas'
+        leases: a PURGE in the next ``keep_ms`` waits out any lease it cannot see."""
+        seconds, micros = await self.client.time()
+        await self.client.set(self.lost_key, int(seconds * 1000 + micros // 1000), px=keep_ms)
 
 
 def link_retry() -> Retry:
@@ -331,8 +341,10 @@ class RedisTier(BytesBackend):
         return changed
 
     def purge_log(self, client: Redis | None = None) -> PurgeLog:
-        """The purge log over ``client`` (default: this tier's pool), under this tier's prefix."""
-        return PurgeLog(self.client if client is None else client, self.prefix)
+        """The purge log over ``client`` (default: this tier's pool), under this tier's prefix
+        and this origin's id: replicas of another origin sharing the Redis are not ours."""
+        return PurgeLog(self.client if client is None else client,
+                        f"{self.prefix}{self.keys.origin_id}:")
 
     async def ping(self) -> bool:
         """Both connections answer: redis-py's (writes) and the pipelined one (lookups)."""

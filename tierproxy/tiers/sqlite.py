@@ -625,6 +625,12 @@ class SQLiteTier(BytesBackend):
         self._touched.pop(key.digest, None)
         if not self.available:
             raise self._removal_missed()
+        try:
+            return await self._delete(key)
+        except TierUnavailable:  # the file was being reopened under it
+            raise self._removal_missed() from None
+
+    async def _delete(self, key: CacheKey) -> bool:
 
         async def remove(writer: aiosqlite.Connection) -> bool:
             cursor = await writer.execute("DELETE FROM entries WHERE key = ?", (key.digest,))
@@ -639,7 +645,10 @@ class SQLiteTier(BytesBackend):
     async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
         if not self.available:
             raise self._removal_missed()
-        return int(await self._on_writer(lambda w: self._purge(w, keys, tags, soft_at)))
+        try:
+            return int(await self._on_writer(lambda w: self._purge(w, keys, tags, soft_at)))
+        except TierUnavailable:  # the file was being reopened under it
+            raise self._removal_missed() from None
 
     async def _purge(
         self, writer: aiosqlite.Connection, keys: Sequence[CacheKey], tags: Sequence[str],
