@@ -231,3 +231,32 @@ async def test_a_replica_stopped_while_a_purge_ran_serves_no_purged_copy_when_it
         await _lease_held(b)  # back: it applied the purge and holds its lease again
         again = await fetch(session, "GET", b.url + "/s")
         assert not _purged_copy_served_as_hit(again, first.body), again
+
+
+async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
+    origin, make_proxy, redis_server, redis_url, fault_proxy, tmp_path
+):
+    """Redis restarts empty: the replicas' leases are gone from it, but replica B (cut off
+    from the new Redis) still holds its own. A PURGE from A must not answer 200 while B may
+    still serve the purged copy as fresh: A found the log lost, and PURGEs wait out a lease."""
+    origin.set_default(headers=CACHEABLE)
+    link = await fault_proxy(redis_server.port)
+    a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "a.sqlite3", PURGE_LEASE=3.0)
+    b = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "b.sqlite3", PURGE_LEASE=3.0,
+                         REDIS_URL=f"redis://127.0.0.1:{link.port}/0", L2_TIMEOUT=0.1,
+                         L2_WRITE_TIMEOUT=0.5)
+    await _trusting(a)
+    await _trusting(b)
+    old = (await b.get("/p")).body
+    assert (await b.get("/p")).x_cache == "HIT-L1"
+    await b.settle()
+
+    link.set_mode("blackhole")  # B keeps what lease it has; it hears nothing more
+    redis_server.restart()  # empty: the purge log and the leases are gone
+    await wait_for_condition(lambda: a.state.invalidation.subscriptions >= 2, timeout=10,
+                             message="A subscribed to the new Redis")
+    await _trusting(a)
+    purge = await a.request("PURGE", "/p", headers=AUTH)
+    assert purge.status == 200, purge.body
+    after = await b.get("/p")
+    assert not _purged_copy_served_as_hit(after, old), after

@@ -21,13 +21,13 @@ from typing import Any
 
 __all__ = [
     "REDIS_PREFIX",
-    "REDIS_PURGE_KEYS",
+    "REDIS_PURGE_NAMES",
     "CacheStatus",
     "key_id",
     "parse_cache_status",
+    "purge_channel",
     "redis_key",
     "redis_tag_key",
-    "purge_channel",
     "redis_tier_keys",
     "sqlite_count",
     "sqlite_exclusive_lock",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from tierproxy.entry import Entry
 from tierproxy.tiers.base import LocalTrust, lease_clock
 
