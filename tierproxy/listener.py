@@ -200,8 +200,8 @@ def client_connection_cap(settings: Settings, nofile: int | None = None) -> int:
     """
     if nofile is None:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if nofile == resource.RLIM_INFINITY:
-            nofile = 1 << 20
+    if nofile == resource.RLIM_INFINITY:  # (-1) some systems allow an unlimited soft limit
+        nofile = 1 << 20
     reserve = (
         settings.origin_max_connections
         + (settings.redis_max_connections + _REDIS_EXTRA_FDS if settings.redis_url else 0)
