@@ -169,6 +169,21 @@ def _inspect_file(path: str, identity: tuple[int, int] | None) -> str | None:
     return None
 
 
+class _Deadline:
+    """The deadline (monotonic) of the statement a reader connection's thread runs now, and
+    that connection's SQLite progress handler: non-zero stops the statement that runs now -
+    and only that one (unlike ``sqlite3.Connection.interrupt()``, which stops whatever the
+    connection runs when it lands, another request's read included)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = math.inf
+
+    def passed(self) -> int:
+        return 1 if time.monotonic() >= self.at else 0
+
+
 class SQLiteOpenError(RuntimeError):
     """TIERPROXY_SQLITE_PATH can never work as configured (its directory does not exist, or it
     is a directory); start-up stops with this message (exit status 2)."""
@@ -221,7 +236,10 @@ class SQLiteTier(BytesBackend):
         self._reader: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
         self._reader_raw: sqlite3.Connection | None = None
-        self._read_deadline = math.inf  # the reader thread's current statement's deadline
+        # The deadline of the statement the reader's thread runs now: one per reader
+        # connection (a reader replaced by a recovery gets its own, so the old one's last
+        # lookup can neither lift nor shorten the new one's).
+        self._read_deadline = _Deadline()
         self._page_size = 4096
         self._identity: tuple[int, int] | None = None
         self._touched: dict[str, float] = {}
@@ -334,7 +352,8 @@ class SQLiteTier(BytesBackend):
             self.path, timeout=self.read_timeout, isolation_level=None
         )
         await self._reader.execute("PRAGMA query_only=1")
-        await self._reader.set_progress_handler(self._read_progress, _PROGRESS_OPS)
+        self._read_deadline = deadline = _Deadline()
+        await self._reader.set_progress_handler(deadline.passed, _PROGRESS_OPS)
         self._reader_raw = self._reader._connection  # for statements run in its thread
         await self._refresh_stats()
         self._last_sweep = 0.0
@@ -440,26 +459,21 @@ class SQLiteTier(BytesBackend):
 
     # -- reads ------------------------------------------------------------------------
 
-    def _read_progress(self) -> int:
-        # SQLite's progress handler, in the reader's thread: non-zero stops the statement
-        # that runs now - and only that one (unlike sqlite3.Connection.interrupt(), which
-        # stops whatever the connection runs when it lands, another request's read included).
-        return 1 if time.monotonic() >= self._read_deadline else 0
-
-    def _lookup(self, raw: sqlite3.Connection, digest: str, deadline: float) -> Any:
+    @staticmethod
+    def _lookup(raw: sqlite3.Connection, current: _Deadline, digest: str, deadline: float) -> Any:
         """One lookup, run in the reader's thread, bounded by ``deadline`` (monotonic)."""
         if time.monotonic() >= deadline:
             return _LATE  # its caller timed out (or went away) while it was queued
-        self._read_deadline = deadline
+        current.at = deadline
         try:
             return raw.execute(
                 "SELECT value, expires_at FROM entries WHERE key = ?", (digest,)
             ).fetchone()
         finally:
-            self._read_deadline = math.inf
+            current.at = math.inf
 
     async def get_bytes(self, key: CacheKey) -> bytes | None:
-        reader, raw = self._reader, self._reader_raw
+        reader, raw, current = self._reader, self._reader_raw, self._read_deadline
         if reader is None or raw is None or not self.available:
             raise TierUnavailable("L3 file unavailable")
         # A lookup whose caller is cancelled (timeout, client gone) is not interrupted: it
@@ -467,7 +481,7 @@ class SQLiteTier(BytesBackend):
         deadline = time.monotonic() + self.read_timeout
         try:
             row = await reader._execute(  # type: ignore[no-untyped-call]
-                self._lookup, raw, key.digest, deadline
+                self._lookup, raw, current, key.digest, deadline
             )
         except sqlite3.DatabaseError as exc:
             if reader is not self._reader:  # closed under it by a recovery
