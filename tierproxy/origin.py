@@ -306,7 +306,8 @@ class OriginClient:
                                      discarded=self._discarded)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            # Bytes as the origin sent them (PITFALLS.md); no cookies kept between clients.
+            # Bytes as the origin sent them (aiohttp decompresses by default, and a proxy must
+            # store and forward the origin's encoding); no cookies kept between clients.
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             # Budgets come from asyncio.timeout per fetch; the session adds none of its own.

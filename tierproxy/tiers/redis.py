@@ -9,7 +9,7 @@ prefix; deployments of different origins never share an entry or a tag set even 
 
 Lookups (GET) go over one pipelined connection (:mod:`tierproxy.tiers.redis_reads`); writes,
 scripts, purges and pub/sub use redis-py. redis-py's defaults would break the tier budget
-(PITFALLS.md): socket timeouts are set to the tier's write budget, retries are off, and every
+(since 8.x: 5 s socket and connect timeouts plus retries with backoff): socket timeouts are set to the tier's write budget, retries are off, and every
 call still runs under ``asyncio.timeout`` in GuardedTier. Current redis-py disconnects a
 connection whose command was cancelled, and the pipelined reader drops a cancelled GET's late
 reply, so a cancelled command never leaves its reply for the next caller (tests/integration

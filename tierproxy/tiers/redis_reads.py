@@ -6,7 +6,8 @@ connection in the order they were sent (RESP), so lookups need no pool: each GET
 one connection and waits on a future in a FIFO; replies, parsed by hiredis, resolve the futures
 in order (~15 us a GET). Writes, scripts, purges and pub/sub stay on redis-py.
 
-Why this keeps the tier budget (PITFALLS.md):
+Why this keeps the tier budget (a redis-py command cancelled between send and read once left
+its reply for the next caller: redis/redis-py#2665, CVE-2023-28858/28859):
 
 * A GET that times out or is cancelled keeps its place in the FIFO; its reply, when it comes,
   is dropped. A late reply can never reach the next caller - the hazard that makes redis-py
