@@ -114,7 +114,7 @@ async def test_l2_is_used_again_after_redis_restarts_and_the_breaker_cools_down(
 async def test_cancelled_redis_reads_never_answer_another_keys_request(
     origin, make_proxy, redis_server, redis_url, redis_client
 ):
-    """PITFALLS: redis-py#2665 / CVE-2023-28858 - a cancelled read must not poison the pool."""
+    """redis-py#2665 / CVE-2023-28858: a cancelled read must not poison the pool."""
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(
         L1_MAX_BYTES=0, SQLITE_PATH="off", L2_TIMEOUT=L2_TIMEOUT, BREAKER_FAILURES=100000
@@ -141,7 +141,7 @@ async def test_cancelled_redis_reads_never_answer_another_keys_request(
 async def test_redis_client_cancellations_do_not_poison_or_exhaust_the_pool(
     redis_server, redis_url
 ):
-    """The same regression against redis-py directly, configured as PITFALLS recommends."""
+    """The same regression against redis-py directly, configured as tierproxy configures it."""
     client = aioredis.from_url(
         redis_url,
         socket_timeout=0.2,

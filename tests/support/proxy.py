@@ -106,7 +106,8 @@ class _ProductionLikeTestServer(TestServer):
 
     Also aiohttp's production default ``handler_cancellation=False``: the stock TestServer
     turns handler cancellation on; ``tierproxy serve`` does not, and coalescing/backfill
-    behaviour depends on it (PITFALLS). Shutdown is bounded at 5 s. With ``hit_path=False``
+    behaviour depends on it (a client that disconnects must not cancel a shared origin fetch).
+    Shutdown is bounded at 5 s. With ``hit_path=False``
     the runner is aiohttp's plain one, so every request takes the app's full path.
     """
 
