@@ -144,7 +144,7 @@ def sqlite_set_value(path: Path | str, material: str, value: bytes, origin: str)
 def sqlite_exclusive_lock(path: Path | str, *, acquire_timeout: float = 3.0) -> Iterator[None]:
     """Hold ``BEGIN EXCLUSIVE`` on a second connection for the duration of the block.
 
-    (PITFALLS: chmod does not lock anything as root; a competing transaction does.)
+    (chmod does not lock anything as root; a competing transaction does.)
     Always rolls back and closes in ``finally``.
     """
     conn = _connect(path, timeout=acquire_timeout)
