@@ -166,6 +166,7 @@ class Invalidation:
         if self._l2 is not None:
             assert isinstance(self._l2.backend, RedisTier)
             self._log = self._l2.backend.purge_log()
+            self._l2.backend.fence_id = self.replica_id  # L2 writes: only under our lease
             self.trust = LocalTrust()
             for tier in tiers:
                 if not tier.backend.shared:

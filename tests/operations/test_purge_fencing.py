@@ -15,10 +15,10 @@ import signal
 import time
 
 import aiohttp
+import pytest
 from support.proxy import fetch
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
-
 
 from .conftest import AUTH, TOKEN, value
 
@@ -260,3 +260,39 @@ async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
     assert purge.status == 200, purge.body
     after = await b.get("/p")
     assert not _purged_copy_served_as_hit(after, old), after
+
+
+async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(redis_url, redis_client):
+    """The fence is in Redis itself: a write that arrives late - its replica was paused or cut
+    off past its lease, and a PURGE counted it fenced - is refused, however late it lands."""
+    import asyncio
+
+    from tierproxy.entry import Entry
+    from tierproxy.keys import KeySpace
+    from tierproxy.tiers.base import Blob, TierUnavailable
+    from tierproxy.tiers.redis import RedisTier
+
+    keys = KeySpace("http://origin.test")
+    tier = RedisTier(redis_url, socket_timeout=1.0, max_connections=2, keys=keys)
+    tier.fence_id = "replica-1"
+    await tier.open()
+    try:
+        now = time.time()
+        entry = Entry(key="/f", status=200, headers=(), body=b"old", stored_at=now,
+                      fresh_until=now + 60, stale_until=now + 60, swr_until=now,
+                      expires_at=now + 60)
+        key = keys.key("/f")
+        name = tier.entry_name(key)
+        with pytest.raises(TierUnavailable):
+            await tier.set(key, entry, Blob(entry))  # never registered: no lease
+        assert not redis_client.exists(name)
+        await tier.purge_log().heartbeat("replica-1", 300, "0-0")  # a lease of 0.3 s
+        await tier.set(key, entry, Blob(entry))
+        assert redis_client.exists(name)
+        redis_client.delete(name)
+        await asyncio.sleep(0.4)  # real time: the lease, as Redis keeps it, runs out
+        with pytest.raises(TierUnavailable):
+            await tier.set(key, entry, Blob(entry))
+        assert not redis_client.exists(name)
+    finally:
+        await tier.close()

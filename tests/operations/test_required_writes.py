@@ -20,8 +20,8 @@ async def test_an_unsafe_requests_invalidation_happens_when_the_background_set_i
     origin.set_default(headers=CACHEABLE)
     slow_redis = await fault_proxy(redis_server.port)
     redis_url = f"redis://127.0.0.1:{slow_redis.port}/0"
-    seeder = await make_proxy(REDIS_URL=redis_url)  # stores /x in L2 and the shared L3 file
     redis_client.flushall()
+    seeder = await make_proxy(REDIS_URL=redis_url)  # stores /x in L2 and the shared L3 file
     assert (await seeder.get("/x")).x_cache == "MISS"
     await seeder.settle()
     assert redis_client.exists(redis_key("/x", origin.url)) and sqlite_row(sqlite_path, "/x", origin.url)
@@ -61,6 +61,12 @@ async def test_the_first_l2_write_after_redis_restarted_succeeds(
 
     redis_server.restart()  # every pooled connection is reset while idle
     await wait_for_condition(lambda: redis_server.ping(), message="Redis back")
+    # The restarted Redis is empty: L2 writes wait until this replica has caught up with the
+    # purge log and holds its lease there again (tiers/redis.py _SET_FENCED).
+    leases = proxy.state.tier("l2").backend.purge_log().replicas_key
+    replica = proxy.state.invalidation.replica_id
+    await wait_for_condition(lambda: redis_client.zscore(leases, replica) is not None,
+                             timeout=10, message="the replica's lease registered again")
 
     assert (await proxy.get("/after")).x_cache == "MISS"
     await proxy.settle()

@@ -39,7 +39,7 @@ from .. import codec
 from ..entry import Entry
 from ..keys import CacheKey, KeySpace
 from . import redis_reads
-from .base import Blob, BytesBackend, decode_unkeyed, mark_stale
+from .base import Blob, BytesBackend, TierUnavailable, decode_unkeyed, mark_stale
 
 __all__ = ["NAME_ROOT", "PurgeLog", "RedisTier", "link_retry"]
 
@@ -52,10 +52,21 @@ _SOFT_BATCH = 16
 _MAX_SCAN_ROUNDS = 100_000
 
 # KEYS[1] entry key, KEYS[2..] tag set keys; ARGV: value, TTL ms, digest, entry key prefix.
-_SET_TAGGED = """
+# KEYS[1] entry key, KEYS[2] the replicas' leases (zset), KEYS[3..] tag set keys; ARGV: value,
+# TTL ms, digest, entry key prefix, the writing replica's id ('' = no fence: a RedisTier used
+# without replicas). The write happens only while that replica's lease, as Redis has it, holds: a replica that was paused or cut off past its lease
+# (a PURGE then stopped waiting for it and counted it fenced) cannot land a copy that may have
+# been purged, however late its write arrives. Returns 0 when refused.
+_SET_FENCED = """
+if ARGV[5] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local lease = redis.call('ZSCORE', KEYS[2], ARGV[5])
+  if not lease or tonumber(lease) < now then return 0 end
+end
 local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local tag = KEYS[i]
   redis.call('SADD', tag, ARGV[3])
   if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
@@ -70,6 +81,7 @@ return 1
 
 
 # The purge log (a capped stream) and the replicas' leases. See PurgeLog.
+REPLICAS = "replicas"  # the leases' zset, after the purge log's prefix
 PURGE_LOG_MAXLEN = 1024  # purge messages kept for replay (trimmed approximately, never fewer)
 _PURGE_LOG_TTL_MS = 30 * 24 * 3600 * 1000  # with no purge for a month the log may go
 _REPLICAS_TTL_MS = 24 * 3600 * 1000  # with no replica alive for a day the registry may go
@@ -146,7 +158,7 @@ class PurgeLog:
         self.client = client
         self.log_key = prefix + "purge-log"
         self.channel = prefix + "invalidate"
-        self.replicas_key = prefix + "replicas"
+        self.replicas_key = prefix + REPLICAS
         self.applied_key = prefix + "replicas:applied"
         self.lost_key = prefix + "replicas:lost"
         self._publish = client.register_script(_PUBLISH_PURGE)
@@ -255,7 +267,14 @@ class RedisTier(BytesBackend):
             health_check_interval=0,
         )
         self.client: Redis = Redis(connection_pool=self._pool, retry=link_retry())
-        self._set_tagged = self.client.register_script(_SET_TAGGED)
+        self._set_fenced = self.client.register_script(_SET_FENCED)
+        # The replicas' purge channel, log and leases: per origin (PurgeLog).
+        self._log_prefix = f"{self.prefix}{keys.origin_id}:"
+        self._leases_name = self._log_prefix + REPLICAS
+        #: This replica's id in the purge lease registry (set by tierproxy.invalidation, which
+        #: every proxy with Redis runs): every write is then fenced by that lease
+        #: (_SET_FENCED). None: unfenced (a RedisTier used on its own).
+        self.fence_id: str | None = None
         # Lookups: one pipelined connection for all of them (tiers/redis_reads.py).
         self.reads = redis_reads.for_url(url, connect_timeout=socket_timeout,
                                          stale_after=socket_timeout)
@@ -277,13 +296,13 @@ class RedisTier(BytesBackend):
         ttl_ms = int((entry.expires_at - time.time()) * 1000)
         if ttl_ms <= 0:
             return
-        if not entry.tags:
-            await self.client.set(self.entry_name(key), blob.data, px=ttl_ms)
-            return
-        await self._set_tagged(
-            keys=[self.entry_name(key), *(self.tag_name(tag) for tag in entry.tags)],
-            args=[blob.data, ttl_ms, key.digest, self.prefix],
+        written = await self._set_fenced(
+            keys=[self.entry_name(key), self._leases_name,
+                  *(self.tag_name(tag) for tag in entry.tags)],
+            args=[blob.data, ttl_ms, key.digest, self.prefix, self.fence_id or ""],
         )
+        if not written:
+            raise TierUnavailable("L2 write refused: this replica's purge lease has lapsed")
 
     async def delete(self, key: CacheKey) -> bool:
         return bool(await self.client.delete(self.entry_name(key)))
@@ -343,8 +362,7 @@ class RedisTier(BytesBackend):
     def purge_log(self, client: Redis | None = None) -> PurgeLog:
         """The purge log over ``client`` (default: this tier's pool), under this tier's prefix
         and this origin's id: replicas of another origin sharing the Redis are not ours."""
-        return PurgeLog(self.client if client is None else client,
-                        f"{self.prefix}{self.keys.origin_id}:")
+        return PurgeLog(self.client if client is None else client, self._log_prefix)
 
     async def ping(self) -> bool:
         """Both connections answer: redis-py's (writes) and the pipelined one (lookups)."""
