@@ -17,6 +17,7 @@ shared tiers (a bug to log), which says nothing about the tier's health.
 
 from __future__ import annotations
 
+import struct
 import zlib
 from typing import Any
 
@@ -53,6 +54,23 @@ def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
     return tuple(zip(flat[0::2], flat[1::2], strict=True))
 
 
+def _checksum(body: bytes, status: int, headers: list[str], times: tuple[float, ...],
+              etag: str | None, last_modified: str | None, vary: list[str],
+              tags: list[str]) -> int:
+    """CRC-32 of the body and of everything else a response is built from (status, header
+    bytes, lifetimes, validators, Vary values, tags): damage to any of them is a miss, never
+    a wrong header or a wrong lifetime served. The key is checked apart (it must be the one
+    asked for)."""
+    text = "\0".join(("\n".join(headers), "\n".join(vary), "\n".join(tags),
+                      "\x01" if etag is None else etag,
+                      "\x01" if last_modified is None else last_modified))
+    crc = zlib.crc32(_NUMBERS.pack(status, *times), zlib.crc32(body))
+    return zlib.crc32(text.encode("utf-8", "surrogateescape"), crc)
+
+
+_NUMBERS = struct.Struct("<H5d")  # status and the five timestamps, as the checksum sees them
+
+
 def unpack(data: bytes) -> Any:
     """msgpack bytes -> objects, str fields with their exact wire bytes (module docstring)."""
     try:
@@ -65,25 +83,26 @@ def unpack(data: bytes) -> Any:
 def encode(entry: Entry) -> bytes:
     """The entry's bytes; :class:`Unencodable` if it has something msgpack cannot hold."""
     body = entry.body
+    headers, vary, tags = _flatten(entry.headers), _flatten(entry.vary), list(entry.tags)
+    times = (entry.stored_at, entry.fresh_until, entry.stale_until, entry.swr_until,
+             entry.expires_at)
     try:
+        crc = _checksum(body, entry.status, headers, times, entry.etag, entry.last_modified,
+                        vary, tags)
         packed: bytes = msgpack.packb(
             [
                 FORMAT_VERSION,
                 entry.key,
                 entry.status,
-                _flatten(entry.headers),
+                headers,
                 body,
-                entry.stored_at,
-                entry.fresh_until,
-                entry.stale_until,
-                entry.swr_until,
-                entry.expires_at,
+                *times,
                 entry.etag,
                 entry.last_modified,
-                _flatten(entry.vary),
-                list(entry.tags),
+                vary,
+                tags,
                 len(body),
-                zlib.crc32(body),
+                crc,
             ],
             use_bin_type=True,
             unicode_errors="surrogateescape",
@@ -120,8 +139,8 @@ def decode(data: bytes, key: str) -> Entry:
     ) = fields
     if stored_key != key:
         raise CorruptEntry("entry belongs to another key")
-    if not isinstance(body, bytes) or len(body) != body_len or zlib.crc32(body) != crc:
-        raise CorruptEntry("body length or checksum mismatch")
+    if not isinstance(body, bytes) or len(body) != body_len:
+        raise CorruptEntry("body length mismatch")
     if not isinstance(status, int) or not 100 <= status <= 599:
         raise CorruptEntry("bad status")
     times = (stored_at, fresh_until, stale_until, swr_until, expires_at)
@@ -133,6 +152,11 @@ def decode(data: bytes, key: str) -> Entry:
         raise CorruptEntry("bad validators")
     if not isinstance(tags, list) or not _all_str(tags):
         raise CorruptEntry("bad tags")
+    if not (isinstance(headers, list) and _all_str(headers)
+            and isinstance(vary, list) and _all_str(vary)):
+        raise CorruptEntry("bad header list")
+    if _checksum(body, status, headers, times, etag, last_modified, vary, tags) != crc:
+        raise CorruptEntry("checksum mismatch")
     return Entry(
         key=key,
         status=status,

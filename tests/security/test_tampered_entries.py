@@ -1,9 +1,10 @@
 """Issue 4, line 10: corrupted cache content.
 
-An L2/L3 entry carries its key material, its body length and a CRC-32 of the body. One that
-was stored under another key, truncated, or whose body does not match the stored length or
-checksum is detected, deleted, and treated as a miss: a cache never serves one URL's bytes for
-another, nor a damaged body.
+An L2/L3 entry carries its key material, its body length and a CRC-32 of the body and of
+everything else a response is built from (status, header bytes, lifetimes, validators). One
+that was stored under another key, truncated, or whose body, headers, status or lifetimes do
+not match the stored length or checksum is detected, deleted, and treated as a miss: a cache
+never serves one URL's bytes for another, nor a damaged body or header.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from support.storage import redis_key, sqlite_row, sqlite_set_value
 
 # Field positions of tierproxy.codec's format version 2 (the same as in version 1).
-KEY, BODY, BODY_LENGTH, CRC = 1, 4, 14, 15
+KEY, STATUS, HEADERS, BODY, FRESH_UNTIL, BODY_LENGTH, CRC = 1, 2, 3, 4, 6, 14, 15
 
 
 def _fields(blob: bytes) -> list:
@@ -61,7 +62,29 @@ def _key_rewritten(blob: bytes, other: bytes) -> bytes:
     return _pack(fields)
 
 
-TAMPERINGS = [_wrong_key, _truncated_body, _length_mismatch, _flipped_byte, _cut_short]
+def _flipped_header_byte(blob: bytes, other: bytes) -> bytes:
+    """Damage outside the body: a header value that is no longer what the origin sent."""
+    fields = _fields(blob)
+    name, value = fields[HEADERS][0], fields[HEADERS][1]
+    fields[HEADERS][1] = value[:-1] + chr(ord(value[-1]) ^ 0x01)
+    assert fields[HEADERS][0] == name
+    return _pack(fields)
+
+
+def _status_changed(blob: bytes, other: bytes) -> bytes:
+    fields = _fields(blob)
+    fields[STATUS] = 404 if fields[STATUS] != 404 else 200
+    return _pack(fields)
+
+
+def _freshness_extended(blob: bytes, other: bytes) -> bytes:
+    fields = _fields(blob)
+    fields[FRESH_UNTIL] += 10**6
+    return _pack(fields)
+
+
+TAMPERINGS = [_wrong_key, _truncated_body, _length_mismatch, _flipped_byte, _cut_short,
+              _flipped_header_byte, _status_changed, _freshness_extended]
 
 
 @pytest.fixture(params=["l2", "l3"])
