@@ -25,7 +25,7 @@ import msgpack
 
 from .entry import Entry
 
-__all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "encode", "decode", "unpack"]
+__all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "decode", "encode", "unpack"]
 
 # 2: str fields carry the wire bytes (surrogateescape), where 1 refused non-UTF-8 ones.
 # The version is part of every shared-tier key (tierproxy.keys.KeySpace) as well.
