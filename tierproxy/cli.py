@@ -107,12 +107,13 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str
     return int(addresses[-1][1]) if addresses else port
 
 
-async def serve(settings: Settings, nofile: int) -> int:
+async def serve(settings: Settings, nofile: int, cap: int) -> int:
     app = build_app(settings)
     admin_app = build_admin_app(app)
     # aiohttp's runner with hardened connections (tierproxy.listener) that answer fresh L1
     # hits themselves (tierproxy.hits), at most TIERPROXY_MAX_CLIENT_CONNECTIONS of them.
-    runner = make_runner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    runner = make_runner(app, client_connections=cap, access_log=None,
+                         shutdown_timeout=settings.shutdown_timeout)
     # The admin port has its own small cap, inside the descriptor reserve: it always answers.
     admin_cap = app[STATE].metrics.connection_cap(ADMIN_MAX_CONNECTIONS, "admin")
     admin_runner = CappedRunner(admin_app, cap=admin_cap, access_log=None, shutdown_timeout=1.0)
@@ -160,14 +161,14 @@ async def serve(settings: Settings, nofile: int) -> int:
     return 0
 
 
-def _run(settings: Settings, nofile: int) -> int:
+def _run(settings: Settings, nofile: int, cap: int) -> int:
     try:
         import uvloop
     except ImportError:
         log.info("event loop: asyncio (install tierproxy[uvloop] for uvloop)")
-        return asyncio.run(serve(settings, nofile))
+        return asyncio.run(serve(settings, nofile, cap))
     log.info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
-    return uvloop.run(serve(settings, nofile))
+    return uvloop.run(serve(settings, nofile, cap))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("file descriptors: RLIMIT_NOFILE %d (soft limit was %d); client connections "
              "capped at %d", nofile, nofile_before, cap)
     try:
-        return _run(settings, nofile)
+        return _run(settings, nofile, cap)
     except StartupError as exc:
         print(f"tierproxy: cannot start: {exc}", file=sys.stderr)
         return exc.exit_code

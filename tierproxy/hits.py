@@ -47,8 +47,7 @@ if TYPE_CHECKING:
     from .server import ProxyState
     from .tiers.base import GuardedTier
 
-__all__ = ["Answer", "Handover", "HitPath", "SharedBodyResponse", "cached_body_response",
-           "encode_head"]
+__all__ = ["Answer", "Handover", "HitPath", "SharedBodyResponse", "cached_body_response"]
 
 Answer = tuple[bytes, bytes]  # response head, body
 
@@ -68,19 +67,6 @@ _HIT_HEAD = (
     b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s%s\r\n"
     b"X-Request-ID: %s\r\nContent-Length: %d\r\n%s\r\n"
 )
-
-
-def encode_head(entry: Entry) -> bytes | None:
-    """The status line and stored header lines, as aiohttp writes them but byte-exact; None
-    if unsafe.
-
-    Built once per entry (``Entry.wire_head``). Header bytes that are not UTF-8 (obs-text,
-    RFC 9110 §5.5) are written as received. A line with CR, LF or another control character
-    (possible only in a tampered shared-tier entry: the origin's parser refuses them) is left
-    to the full path, which refuses to send it. tierproxy's own fields (X-Cache, Cache-Status,
-    X-Request-ID) are not among the stored lines: every response writes its own.
-    """
-    return entry.wire_head
 
 
 class Handover:

@@ -342,11 +342,15 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     return app
 
 
-def make_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
+def make_runner(
+    app: web.Application, *, client_connections: int | None = None, **kwargs: Any
+) -> ProxyRunner:
     """The runner ``tierproxy serve`` uses for ``app`` (see :func:`build_app`).
 
     Its connections are hardened (:mod:`tierproxy.listener`) and answer fresh L1 hits
-    themselves (:mod:`tierproxy.hits`); ``kwargs`` go to ``web.AppRunner``.
+    themselves (:mod:`tierproxy.hits`), at most ``client_connections`` at once (default:
+    :func:`~tierproxy.listener.client_connection_cap` of the current descriptor limit);
+    ``kwargs`` go to ``web.AppRunner``.
     """
     state = app[STATE]
     return ProxyRunner(
@@ -356,7 +360,9 @@ def make_runner(app: web.Application, **kwargs: Any) -> ProxyRunner:
         hits=HitPath(state, state.tier("l1")) if state.tiers else None,
         allow_unhardened=state.settings.allow_unhardened,
         # Client connections bounded below the descriptor limit (TIERPROXY_MAX_CLIENT_CONNECTIONS).
-        cap=state.metrics.connection_cap(client_connection_cap(state.settings), "proxy"),
+        cap=state.metrics.connection_cap(
+            client_connections or client_connection_cap(state.settings), "proxy"
+        ),
         **kwargs,
     )
 
