@@ -28,14 +28,14 @@ for _cls in _wp.RequestHandler.__mro__:
 '''
 
 
-def _shim_dir(tmp_path: Path) -> Path:
+def _shim_dir(tmp_path: Path, code: str = _SHIM) -> Path:
     shim = tmp_path / "shim"
     shim.mkdir()
-    (shim / "sitecustomize.py").write_text(_SHIM)
+    (shim / "sitecustomize.py").write_text(code)
     return shim
 
 
-def _spawn(origin: Origin, tmp_path: Path, **env: str) -> SpawnedProxy:
+def _spawn(origin: Origin, tmp_path: Path, shim: str = _SHIM, **env: str) -> SpawnedProxy:
     full_env = {
         "TIERPROXY_ORIGIN": origin.url,
         "TIERPROXY_SQLITE_PATH": "off",
@@ -45,7 +45,7 @@ def _spawn(origin: Origin, tmp_path: Path, **env: str) -> SpawnedProxy:
         **env,
     }
     return start_subprocess_proxy(full_env, tmp_path / "logs", tmp_path,
-                                  extra_pythonpath=[str(_shim_dir(tmp_path))])
+                                  extra_pythonpath=[str(_shim_dir(tmp_path, shim))])
 
 
 async def test_serve_refuses_to_start_when_aiohttp_lacks_the_listener_internals(
@@ -111,19 +111,8 @@ async def test_serve_refuses_to_start_when_aiohttp_lacks_the_origin_connector_ho
 ) -> None:
     """Without the connector hooks a pooled origin connection holding a stray response could be
     reused and its bytes cached as another request's answer: no opt-out, one clear line."""
-    shim = tmp_path / "connector-shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(_CONNECTOR_SHIM)
-    full_env = {
-        "TIERPROXY_ORIGIN": origin.url,
-        "TIERPROXY_SQLITE_PATH": "off",
-        "TIERPROXY_HOST": "127.0.0.1",
-        "TIERPROXY_PORT": str(free_port()),
-        "TIERPROXY_ADMIN_PORT": str(free_port()),
-        "TIERPROXY_ALLOW_UNHARDENED": "on",  # the listener's opt-out does not cover this
-    }
-    proxy = start_subprocess_proxy(full_env, tmp_path / "logs", tmp_path,
-                                   extra_pythonpath=[str(shim)])
+    # The listener's opt-out does not cover this.
+    proxy = _spawn(origin, tmp_path, _CONNECTOR_SHIM, TIERPROXY_ALLOW_UNHARDENED="on")
     try:
         code = await proxy.wait(timeout=20)
         lines = [line for line in proxy.stderr.splitlines() if line.strip()]
