@@ -1,0 +1,239 @@
+"""The states of a cacheable request, and the pure decisions between them.
+
+Nothing here does I/O or reads a clock: every function takes ``now`` (wall clock, seconds).
+The orchestrator (:mod:`tierproxy.readthrough`) moves a request through these states; the
+response writer turns the final one into ``X-Cache`` and ``Cache-Status`` (:func:`labels`).
+
+    lookup ─► FreshHit(tier) ─────────────────────────────────────────► final
+           ├► NeedsRevalidation(tier, stale copy) ─► on_stale():
+           │      StaleHit("revalidating")    within stale-while-revalidate (RFC 5861 §3)
+           │      StaleHit("origin-down")     the origin's breaker is open
+           │      NeedsRevalidation           ask the origin, conditionally (RFC 9111 §4.3.1)
+           └► Miss ─► fetch
+    fetch ─► Fetched (stored, or freshened by a 304) | Relayed (not stored)
+          └► origin failed ─► StaleHit(reason) when the copy may serve (RFC 9111 §4.2.4,
+                              RFC 5861 §4) ─ else Relayed (its 5xx) or Failed
+    not cacheable ─► forwarded ─► Relayed | Failed
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, assert_never
+
+from multidict import CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from .entry import Entry
+    from .keys import CacheKey
+    from .origin import OriginResponse
+
+__all__ = [
+    "Failed",
+    "Fetched",
+    "Final",
+    "FreshHit",
+    "Lookup",
+    "Miss",
+    "NeedsRevalidation",
+    "ProxyRequest",
+    "Relayed",
+    "StaleHit",
+    "cache_status_member",
+    "freshness",
+    "labels",
+    "on_stale",
+    "stale_usable",
+]
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """One client request as the orchestrator sees it."""
+
+    method: str
+    key: CacheKey
+    headers: CIMultiDictProxy[str]
+    peer: str | None
+    scheme: str
+    deadline: float  # event-loop clock: the request's whole budget ends here
+    body: bytes | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # tier/origin -> seconds
+    request_id: str = ""  # X-Request-ID, forwarded to the origin
+
+
+# ---- what the tiers held ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FreshHit:
+    """A fresh copy from ``tier`` (``"l1"``, ``"l2"``, ...): served as it is."""
+
+    tier: str
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsRevalidation:
+    """A copy from ``tier`` past its freshness but not expired: what to do with it is
+    :func:`on_stale`'s decision; when the origin is asked, it is asked conditionally."""
+
+    tier: str
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """No usable copy in any tier."""
+
+
+MISS = Miss()
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the tiers held for one request, and when the lookup began.
+
+    ``generation`` is the purge generation then (a copy read before a purge is not written
+    back); ``since`` the count of completed fetches then (one completed later may hold the
+    entry the lookup missed).
+    """
+
+    found: FreshHit | NeedsRevalidation | Miss
+    generation: int
+    since: int
+
+
+# ---- final states: what the client gets ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StaleHit:
+    """A copy past its freshness, served. ``reason``: ``revalidating`` (refreshed in the
+    background), ``origin-down`` (breaker open), or the origin's failure (``origin-timeout``,
+    ``origin-error``, ``origin-5xx``, ``origin-busy``, ``local-error``)."""
+
+    tier: str
+    entry: Entry
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """The origin's answer, stored (``revalidated``: a 304 that freshened the stored copy).
+    ``fwd`` is ``miss`` or ``stale`` (RFC 9211 §2.2: why the origin was asked)."""
+
+    entry: Entry
+    fwd: str
+    revalidated: bool = False
+    collapsed: bool = False  # shared with a fetch another request made
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """The origin's response, passed on without being stored.
+
+    ``fwd``: ``miss`` / ``stale`` (cacheable, but this response was not stored), or
+    ``bypass`` / ``method`` (a request the cache does not answer). ``detail``: why it was
+    not stored (a policy reason, or ``origin-5xx``), None for a bypassed request.
+    """
+
+    response: OriginResponse
+    fwd: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Nothing to serve: ``status`` with a plain-text reason (``origin-timeout`` 504,
+    ``origin-error`` 502, ``origin-busy`` 503, ``local-error`` 500)."""
+
+    status: int
+    reason: str
+    fwd: str
+
+
+Final = FreshHit | StaleHit | Fetched | Relayed | Failed
+
+
+# ---- pure decisions -----------------------------------------------------------------------
+
+
+def freshness(entry: Entry, now: float) -> str:
+    """``fresh``, ``stale`` (past its freshness, still usable: RFC 9111 §4.2.4) or ``expired``."""
+    if now < entry.fresh_until:
+        return "fresh"
+    if now < entry.expires_at:
+        return "stale"
+    return "expired"
+
+
+def on_stale(copy: NeedsRevalidation, now: float, origin_allowed: bool) -> StaleHit | NeedsRevalidation:
+    """A stale copy in hand: serve it now, or ask the origin.
+
+    Within stale-while-revalidate the copy is served and refreshed in the background
+    (RFC 5861 §3). While the origin's breaker is open (``origin_allowed`` False) it is served
+    if it may be on an error (stale-if-error or the configured max-stale: RFC 5861 §4),
+    without waiting out the origin's timeout. Otherwise the origin is asked.
+    """
+    entry = copy.entry
+    if now < entry.swr_until:
+        return StaleHit(copy.tier, entry, "revalidating")
+    if not origin_allowed and stale_usable(entry, now):
+        return StaleHit(copy.tier, entry, "origin-down")
+    return copy
+
+
+def stale_usable(entry: Entry, now: float) -> bool:
+    """Whether a stale copy may stand in for an origin that failed (RFC 5861 §4)."""
+    return now < entry.stale_until
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cache_status_member(final: Final, now: float) -> str:
+    """tierproxy's own ``Cache-Status`` member for ``final`` (RFC 9211 §2)."""
+    match final:
+        case FreshHit(tier, entry):
+            return f"tierproxy; hit; ttl={math.floor(entry.fresh_until - now)}; detail={tier}"
+        case StaleHit(_, entry, reason):
+            ttl = math.floor(entry.fresh_until - now)
+            return f"tierproxy; hit; ttl={ttl}; detail={_quote(reason)}"
+        case Fetched(entry, fwd, revalidated, collapsed):
+            status = 304 if revalidated else entry.status
+            extra = "; collapsed" if collapsed else ""
+            return f"tierproxy; fwd={fwd}; fwd-status={status}; stored{extra}"
+        case Relayed(response, fwd, detail):
+            member = f"tierproxy; fwd={fwd}; fwd-status={response.status}"
+            return member if detail is None else f"{member}; detail={_quote(detail)}"
+        case Failed(_, reason, fwd):
+            return f"tierproxy; fwd={fwd}; detail={_quote(reason)}"
+        case _:
+            assert_never(final)
+
+
+def x_cache(final: Final) -> str:
+    """The ``X-Cache`` value for ``final``: where the answer came from, in one word."""
+    match final:
+        case FreshHit(tier, _):
+            return f"HIT-{tier.upper()}"
+        case StaleHit(tier, _, _):
+            return f"STALE-{tier.upper()}"
+        case Fetched(_, _, revalidated, _):
+            return "REVALIDATED" if revalidated else "MISS"
+        case Relayed(_, fwd, detail):
+            # A cacheable request whose origin failed with a 5xx is a miss; anything else
+            # passed on unstored was not the cache's to answer.
+            return "MISS" if detail == "origin-5xx" else "BYPASS"
+        case Failed(_, _, fwd):
+            return "BYPASS" if fwd in ("bypass", "method") else "MISS"
+        case _:
+            assert_never(final)
+
+
+def labels(final: Final, now: float) -> tuple[str, str]:
+    """``(X-Cache, tierproxy's Cache-Status member)`` for ``final``."""
+    return x_cache(final), cache_status_member(final, now)
