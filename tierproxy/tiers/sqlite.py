@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from .. import codec
 from ..entry import Entry
 from ..keys import CacheKey, KeySpace
 from .base import (
@@ -50,8 +49,7 @@ from .base import (
     BytesBackend,
     StorageFull,
     TierUnavailable,
-    decode_unkeyed,
-    mark_stale,
+    mark_stale_encoded,
 )
 
 if TYPE_CHECKING:
@@ -182,6 +180,17 @@ class _Deadline:
 
     def passed(self) -> int:
         return 1 if time.monotonic() >= self.at else 0
+
+
+def _file_bytes(path: str) -> float:
+    """The file and its WAL on disk (a gauge, read at scrape time)."""
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(path + suffix).st_size
+        except OSError:
+            pass
+    return float(total)
 
 
 class SQLiteOpenError(RuntimeError):
@@ -714,15 +723,9 @@ class SQLiteTier(BytesBackend):
                 f"SELECT key, value FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
             ):
                 data = bytes(value)
-                material = materials.get(str(digest))
-                try:
-                    entry = (codec.decode(data, material) if material is not None
-                             else decode_unkeyed(data, str(digest), self.keys.namespace))
-                except codec.CorruptEntry:
-                    continue  # a lookup will find and delete it
-                marked = mark_stale(entry, soft_at)
-                if marked is not None:
-                    encoded = codec.encode(marked)
+                encoded = mark_stale_encoded(data, materials.get(str(digest)), str(digest),
+                                             self.keys.namespace, soft_at)
+                if encoded is not None:
                     updates.append((encoded, len(encoded), str(digest), data))
             if updates:
                 # Compare-and-set on the old value: an entry rewritten meanwhile is left alone.
@@ -732,6 +735,11 @@ class SQLiteTier(BytesBackend):
                 changed += max(0, cursor.rowcount)
                 await cursor.close()
         return changed
+
+    def watch(self, metrics: Metrics) -> None:
+        metrics.l3_bytes.set_function(lambda: self.bytes)
+        metrics.l3_entries.set_function(lambda: self.entries)
+        metrics.l3_file_bytes.set_function(lambda: _file_bytes(self.path))
 
     async def close(self) -> None:
         supervisor, self._supervisor = self._supervisor, None
