@@ -17,6 +17,7 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
@@ -28,6 +29,9 @@ from .metrics import Metrics
 from .purge import Purges
 from .states import OriginFailed, Outcome, ProxyRequest, Stored
 from .tiers.base import LocalTrust
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 __all__ = ["Coalescer"]
 
@@ -87,20 +91,19 @@ class Coalescer:
 
     def __init__(
         self,
-        *,
-        origin_timeout: float,
-        request_deadline: float,
-        record_fetches: bool,
+        settings: Settings,
         metrics: Metrics,
         purges: Purges,
         backfiller: Backfiller,
+        *,
+        remember: bool,
         clock: Clock = SYSTEM,
     ) -> None:
-        self.origin_timeout = origin_timeout
-        self.request_deadline = request_deadline
+        self.origin_timeout = settings.origin_timeout
+        self.request_deadline = settings.request_deadline
         # Records matter only when a lookup awaits (an L2/L3 tier): an L1-only lookup cannot
         # overlap a fetch.
-        self.record_fetches = record_fetches
+        self.record_fetches = remember
         self.metrics = metrics
         self.purges = purges
         self.backfiller = backfiller

@@ -1,7 +1,7 @@
 """The read-through orchestrator: the request path, top to bottom.
 
     lookup   L1 -> L2 -> L3, each under its budget (tiers.base.GuardedTier)
-             FreshHit ─────────────────────────────────────────────► served (backfilled)
+             FreshHit ──────────────────────────────────────────► served (backfilled)
              NeedsRevalidation ─► states.on_stale(): StaleHit, or ask the origin
              Miss ─► ask the origin
     fetch    one per key at a time (coalescer), conditional for a stale copy (upstream)
@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import policy
 from .backfill import Backfiller
 from .background import BackgroundTasks
 from .clock import SYSTEM, Clock
@@ -75,42 +74,26 @@ class ReadThrough:
         *,
         clock: Clock = SYSTEM,
     ) -> None:
-        self.settings = settings
-        self.tiers = tiers
-        self.metrics = metrics
-        self.clock = clock
+        self.settings, self.tiers, self.metrics, self.clock = settings, tiers, metrics, clock
+        self.background = background
         self._index = {tier.name: index for index, tier in enumerate(tiers)}
         self.purges = Purges(tiers, background)
-        self.backfiller = Backfiller(tiers, background, metrics, self.purges)
-        self.upstream = Upstream(
-            origin=origin, metrics=metrics,
-            cache_policy=policy.CachePolicy(settings.default_ttl, settings.max_stale,
-                                            settings.max_ttl),
-            origin_timeout=settings.origin_timeout, max_entry_bytes=settings.max_entry_bytes,
-            unkeyed_denylist=settings.unkeyed_denylist, breaker_failures=settings.breaker_failures,
-            breaker_cooldown=settings.breaker_cooldown, clock=clock,
-        )
+        self.backfill = Backfiller(tiers, background, metrics, self.purges)
+        self.upstream = Upstream.from_settings(settings, origin, metrics, clock=clock)
         self.origin_breaker = self.upstream.breaker
-        self.coalescer = Coalescer(
-            origin_timeout=settings.origin_timeout, request_deadline=settings.request_deadline,
-            record_fetches=any(not tier.synchronous for tier in tiers), metrics=metrics,
-            purges=self.purges, backfiller=self.backfiller, clock=clock,
-        )
-        self.background = background
+        self.coalescer = Coalescer(settings, metrics, self.purges, self.backfill, clock=clock,
+                                   remember=any(not tier.synchronous for tier in tiers))
         self._trust: LocalTrust | None = None
 
     @property
     def trust(self) -> LocalTrust | None:
-        """With replicas (Redis): this replica writes to a shared tier, and shares remembered
-        fetches, only while it holds its purge lease (see LocalTrust), set by
-        tierproxy.invalidation. None = always."""
+        """With replicas (Redis), set by tierproxy.invalidation: shared tiers are written and
+        remembered fetches shared only while this replica holds its purge lease. None: always."""
         return self._trust
 
     @trust.setter
     def trust(self, trust: LocalTrust | None) -> None:
-        self._trust = self.backfiller.trust = self.coalescer.trust = trust
-
-    # ---- lookup ---------------------------------------------------------------------------
+        self._trust = self.backfill.trust = self.coalescer.trust = trust
 
     async def lookup(self, req: ProxyRequest) -> Lookup:
         """The tiers in order, each under its budget: a fresh hit (backfilled into the tiers
@@ -119,21 +102,19 @@ class ReadThrough:
         generation = self.purges.generation  # copies read before a purge are not written back
         since = self.coalescer.completed  # fetches completed later may hold what this misses
         for index, tier in enumerate(self.tiers):
-            # The tier returns only a copy usable for these request headers (Vary), and counts
-            # the lookup as hit, stale or miss.
+            # The tier returns only a copy usable for these request headers (Vary).
             if tier.synchronous:
                 entry = tier.get_now(req.key, req.headers)
             else:
                 budget = min(tier.read_timeout, req.deadline - loop.time())
-                # Durations use perf_counter (uvloop's loop clock has millisecond resolution).
-                started = time.perf_counter()
+                started = time.perf_counter()  # (uvloop's loop clock has ms resolution)
                 entry = await tier.get(req.key, budget, req.headers)
                 req.timings[tier.name] = time.perf_counter() - started
             if entry is None:
                 continue
             match freshness(entry, self.clock.wall()):
                 case "fresh":
-                    self.backfiller.backfill(req.key, entry, index, generation)
+                    self.backfill.backfill(req.key, entry, index, generation)
                     return Lookup(FreshHit(tier.name, entry), generation, since)
                 case "stale":
                     return Lookup(NeedsRevalidation(tier.name, entry), generation, since)
@@ -161,8 +142,8 @@ class ReadThrough:
                    or self.origin_breaker.allow())
         match on_stale(copy, now, allowed):
             case StaleHit(reason="revalidating") as hit:  # RFC 5861 §3
-                self.backfiller.backfill(req.key, copy.entry, self._index[copy.tier],
-                                         found.generation)
+                index = self._index[copy.tier]
+                self.backfill.backfill(req.key, copy.entry, index, found.generation)
                 self._refresh_in_background(req, copy.entry)
                 self.metrics.stale_served.labels("revalidating").inc()
                 return hit
@@ -173,8 +154,6 @@ class ReadThrough:
                 return await self._fetch(req, copy, found.since)
             case _ as decision:
                 assert_never(decision)
-
-    # ---- fetch ----------------------------------------------------------------------------
 
     async def _fetch(self, req: ProxyRequest, stale: NeedsRevalidation | None, since: int) -> Final:
         held = None if stale is None else stale.entry
@@ -195,17 +174,16 @@ class ReadThrough:
         outcome = await self.upstream.fetch(req, stale)
         match outcome:
             case Stored(entry, _, True):
-                self.backfiller.backfill(req.key, entry, len(self.tiers), generation)
+                self.backfill.backfill(req.key, entry, len(self.tiers), generation)
             case Stored(keep=False) | Unstorable(invalidates=True):
                 await self._invalidate(req.key)
         return outcome
 
     def _refresh_in_background(self, req: ProxyRequest, stale: Entry) -> None:
-        loop = asyncio.get_running_loop()
+        deadline = asyncio.get_running_loop().time() + self.settings.origin_timeout
         background_req = ProxyRequest(
             method="GET", key=req.key, headers=CIMultiDictProxy(CIMultiDict(req.headers)),
-            peer=req.peer, scheme=req.scheme,
-            deadline=loop.time() + self.settings.origin_timeout,
+            peer=req.peer, scheme=req.scheme, deadline=deadline,
         )
 
         async def refresh() -> None:
@@ -223,26 +201,19 @@ class ReadThrough:
             await self._invalidate(req.key)
         return final
 
-    # ---- purges ---------------------------------------------------------------------------
-
     async def _invalidate(self, key: CacheKey) -> None:
         """Forget ``key``: any remembered fetch of it now, then every tier (tierproxy.purge)."""
         self.coalescer.forget(key)
         await self.purges.invalidate(key)
 
     async def purge(
-        self,
-        keys: Sequence[CacheKey],
-        tags: Sequence[str],
-        soft_at: float | None = None,
-        *,
-        shared: bool = True,
-        local: bool = True,
+        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None = None,
+        *, shared: bool = True, local: bool = True,
     ) -> dict[str, int | str]:
         """Purge this process's tiers (see :meth:`tierproxy.purge.Purges.purge`)."""
         return await self.purges.purge(keys, tags, soft_at, shared=shared, local=local)
 
     def distrust_local(self) -> None:
         """Local copies may have missed purges: nothing read or fetched before now is written
-        back anywhere."""
+        back anywhere (tierproxy.purge)."""
         self.purges.distrust_local()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from . import policy
 from .clock import SYSTEM, Clock
@@ -20,6 +21,9 @@ from .metrics import Metrics
 from .origin import OriginBusy, OriginClient, OriginError, OriginTimeout, upstream_headers
 from .states import Failed, OriginFailed, Outcome, ProxyRequest, Relayed, Stored, Unstorable
 from .tiers.base import Breaker
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 __all__ = ["MAX_TAGS_PER_ENTRY", "MAX_TAG_LENGTH", "Upstream", "parse_tags"]
 
@@ -80,6 +84,19 @@ class Upstream:
         }
         self._lookups = metrics.tier_lookup_counters("origin")
         self._latency = metrics.tier_op_seconds.labels("origin", "get")
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, origin: OriginClient, metrics: Metrics, *, clock: Clock = SYSTEM
+    ) -> Upstream:
+        return cls(
+            origin=origin, metrics=metrics,
+            cache_policy=policy.CachePolicy(settings.default_ttl, settings.max_stale,
+                                            settings.max_ttl),
+            origin_timeout=settings.origin_timeout, max_entry_bytes=settings.max_entry_bytes,
+            unkeyed_denylist=settings.unkeyed_denylist, breaker_failures=settings.breaker_failures,
+            breaker_cooldown=settings.breaker_cooldown, clock=clock,
+        )
 
     def _count(self, outcome: str) -> None:
         """Count one origin fetch's outcome; only what the origin did moves its breaker.
