@@ -12,7 +12,7 @@ def _log_only() -> Purges:
     return Purges([], BackgroundTasks(1, Metrics()))  # only the purge bookkeeping is exercised
 
 
-def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all():
+def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all() -> None:
     purges = _log_only()
     a, b = KeySpace("http://o.test").key("/a"), KeySpace("http://o.test").key("/b")
     start = purges.generation
@@ -26,7 +26,7 @@ def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all():
     assert purges.purged_since(start, a)
 
 
-def test_a_copy_older_than_the_log_is_treated_as_purged():
+def test_a_copy_older_than_the_log_is_treated_as_purged() -> None:
     purges = _log_only()
     a = KeySpace("http://o.test").key("/a")
     start = purges.generation
@@ -37,7 +37,7 @@ def test_a_copy_older_than_the_log_is_treated_as_purged():
     assert not purges.purged_since(recent, a)
 
 
-def test_distrusting_local_copies_counts_as_a_purge_of_every_key():
+def test_distrusting_local_copies_counts_as_a_purge_of_every_key() -> None:
     purges = _log_only()
     a = KeySpace("http://o.test").key("/a")
     start = purges.generation
