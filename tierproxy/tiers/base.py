@@ -39,6 +39,7 @@ __all__ = [
     "Blob",
     "Breaker",
     "BytesBackend",
+    "Configured",
     "GuardedTier",
     "LocalTrust",
     "lease_clock",
@@ -216,6 +217,16 @@ class Replicated(Protocol):
     def purge_log(self, client: Redis | None = None) -> PurgeLog: ...
 
     def fence(self, replica_id: str) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Configured:
+    """A backend the settings enable, with its lookup and write budgets (each backend
+    module's ``configured(settings, metrics, keys, *, clock)``; see tierproxy.tiers)."""
+
+    backend: TierBackend
+    read_timeout: float
+    write_timeout: float
 
 
 class TierBackend(ABC):

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 from ..clock import SYSTEM, Clock
 from ..entry import Entry
 from ..keys import CacheKey
-from .base import Blob, TierBackend, mark_stale
+from .base import Blob, Configured, TierBackend, mark_stale
 
 if TYPE_CHECKING:
+    from ..config import Settings
+    from ..keys import KeySpace
     from ..metrics import Metrics
 
-__all__ = ["MemoryTier"]
+__all__ = ["MemoryTier", "configured"]
 
 # Bytes charged per tag of an entry on top of the tag's length: the index's set slot and the
 # dict entry, roughly. Untagged entries cost exactly ``entry.size``.
@@ -30,6 +32,16 @@ def _cost(entry: Entry) -> int:
     if not entry.tags:
         return entry.size
     return entry.size + sum(len(tag) + _TAG_OVERHEAD for tag in entry.tags)
+
+
+def configured(
+    settings: Settings, metrics: Metrics, keys: KeySpace, *, clock: Clock = SYSTEM
+) -> Configured | None:
+    """L1, unless TIERPROXY_L1_MAX_BYTES=0."""
+    if settings.l1_max_bytes <= 0:
+        return None
+    return Configured(MemoryTier(settings.l1_max_bytes, clock=clock),
+                      settings.l1_timeout, settings.l1_timeout)
 
 
 class MemoryTier(TierBackend):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -38,9 +39,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from ..entry import Entry
 from ..keys import CacheKey, KeySpace
 from . import redis_reads
-from .base import Blob, BytesBackend, TierUnavailable, mark_stale_encoded
+from .base import Blob, BytesBackend, Configured, TierUnavailable, mark_stale_encoded
 
-__all__ = ["NAME_ROOT", "PurgeLog", "RedisTier", "link_retry"]
+if TYPE_CHECKING:
+    from ..clock import Clock
+    from ..config import Settings
+    from ..metrics import Metrics
+
+__all__ = ["NAME_ROOT", "PurgeLog", "RedisTier", "configured", "link_retry"]
 
 # What follows TIERPROXY_KEY_PREFIX in every Redis name (see RedisTier.prefix).
 NAME_ROOT = "tierproxy:"
@@ -242,6 +248,19 @@ def link_retry() -> Retry:
 def _batches(items: Sequence[str], size: int = _BATCH) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def configured(
+    settings: Settings, metrics: Metrics, keys: KeySpace, *, clock: Clock | None = None
+) -> Configured | None:
+    """L2, when TIERPROXY_REDIS_URL is set. (Entries' Redis TTLs are real time: Redis expires
+    them, and a copy it keeps longer than the proxy's clock allows is classified expired.)"""
+    if not settings.redis_url:
+        return None
+    backend = RedisTier(settings.redis_url, keys=keys, key_prefix=settings.key_prefix,
+                        socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
+                        max_connections=settings.redis_max_connections)
+    return Configured(backend, settings.l2_timeout, settings.l2_write_timeout)
 
 
 class RedisTier(BytesBackend):

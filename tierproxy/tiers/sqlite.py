@@ -48,14 +48,17 @@ from .base import (
     Blob,
     BytesBackend,
     StorageFull,
+    Configured,
     TierUnavailable,
     mark_stale_encoded,
 )
 
 if TYPE_CHECKING:
+    from ..clock import Clock
+    from ..config import Settings
     from ..metrics import Metrics
 
-__all__ = ["SQLiteOpenError", "SQLiteTier"]
+__all__ = ["SQLiteOpenError", "SQLiteTier", "configured"]
 
 log = logging.getLogger("tierproxy.tiers")
 
@@ -191,6 +194,21 @@ def _file_bytes(path: str) -> float:
         except OSError:
             pass
     return float(total)
+
+
+def configured(
+    settings: Settings, metrics: Metrics, keys: KeySpace, *, clock: Clock | None = None
+) -> Configured | None:
+    """L3, unless TIERPROXY_SQLITE_PATH=off. (Expiry sweeps run on real time: they only drop
+    rows; whether a copy is fresh, stale or expired is the proxy's clock's, in GuardedTier.)"""
+    if not settings.sqlite_path:
+        return None
+    backend = SQLiteTier(settings.sqlite_path, max_bytes=settings.l3_max_bytes, metrics=metrics,
+                         keys=keys, read_timeout=settings.l3_timeout,
+                         write_timeout=settings.l3_write_timeout,
+                         retry_max=settings.breaker_cooldown,
+                         check_interval=min(1.0, settings.breaker_cooldown / 2))
+    return Configured(backend, settings.l3_timeout, settings.l3_write_timeout)
 
 
 class SQLiteOpenError(RuntimeError):
