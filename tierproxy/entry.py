@@ -145,9 +145,6 @@ class Entry:
     def age(self, now: float) -> int:
         return max(0, int(now - self.stored_at))
 
-    def is_fresh(self, now: float) -> bool:
-        return now < self.fresh_until
-
 
 # What an empty ASCII str takes (CPython's compact ASCII object); one of n characters: this + n.
 _ASCII_STR = sys.getsizeof("")

@@ -41,6 +41,7 @@ from .keys import BadTarget, CacheKey, normalise_target
 from .listener import BODY_SLICE_BYTES
 from .logs import request_id
 from .readthrough import Lookup, ProxyRequest
+from .states import FreshHit, labels
 
 if TYPE_CHECKING:
     from .entry import Entry
@@ -126,7 +127,7 @@ class HitPath:
         started = time.perf_counter()
         l1 = self._l1
         if l1 is not None:
-            now = time.time()
+            now = self._state.clock.wall()
             entry = l1.peek_fresh(key, headers, now)
             if entry is not None:
                 if not _answerable(entry):
@@ -157,9 +158,10 @@ class HitPath:
             found = await self._readthrough.lookup(req)
         finally:
             state.inflight -= 1
-        hit = found.hit
-        if hit is not None and _answerable(hit.entry):
-            answer = self._respond(hit.entry, hit.x_cache, hit.cache_status, req.request_id,
+        hit = found.found
+        if isinstance(hit, FreshHit) and _answerable(hit.entry):
+            x_cache, cache_status = labels(hit, self._state.clock.wall())
+            answer = self._respond(hit.entry, x_cache, cache_status, req.request_id,
                                    message.path, started, req.timings, remote)
             if answer is not None:
                 return answer
@@ -190,7 +192,7 @@ class HitPath:
         if not flags & HAS_SERVER:
             tail += _SERVER_LINE
         response_head = _HIT_HEAD % (
-            head, entry.age(time.time()), x_cache.encode(), entry.upstream_cache_status,
+            head, entry.age(self._state.clock.wall()), x_cache.encode(), entry.upstream_cache_status,
             cache_status.encode(), rid.encode(), len(body), tail,
         )
         metrics = self._metrics

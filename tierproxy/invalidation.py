@@ -45,7 +45,6 @@ import logging
 import math
 import random
 import secrets
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,11 +53,12 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .clock import SYSTEM, Clock
 from .keys import MAX_TARGET_LENGTH, KeySpace
-from .readthrough import MAX_TAG_LENGTH, ReadThrough
-from .tiers.base import LocalTrust, lease_clock
-from .tiers.memory import MemoryTier
-from .tiers.redis import PURGE_LOG_MAXLEN, PurgeLog, RedisTier, stream_id
+from .readthrough import ReadThrough
+from .tiers.base import LocalTrust, Replicated, lease_clock
+from .tiers.redis import PURGE_LOG_MAXLEN, PurgeLog, stream_id
+from .upstream import MAX_TAG_LENGTH
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -144,32 +144,38 @@ class Invalidation:
         readthrough: ReadThrough,
         metrics: Metrics,
         keys: KeySpace,
+        *,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.settings = settings
+        # Wall-clock readings compared with stored copies (trust floors, soft purge times).
+        # Leases and the subscriber's timing are real time (lease_clock, the loop clock).
+        self.clock = clock
         self.readthrough = readthrough
         self.metrics = metrics
         self.lease = settings.purge_lease
         #: Tells this replica's own messages apart when they come back on the channel.
         self.replica_id = secrets.token_hex(8)
         self._keys = keys
-        self._l2: GuardedTier | None = None
-        self._l1: MemoryTier | None = None
+        self._l2: GuardedTier | None = None  # the shared tier that carries the purge log
+        self._replicated: Replicated | None = None
+        self._l1: GuardedTier | None = None  # memory: cleared at once when trust is lost
         for tier in tiers:
-            if isinstance(tier.backend, RedisTier):
-                self._l2 = tier
-            elif isinstance(tier.backend, MemoryTier):
-                self._l1 = tier.backend
+            replicated = tier.replicated()
+            if replicated is not None:
+                self._l2, self._replicated = tier, replicated
+            elif tier.synchronous:
+                self._l1 = tier
         self.state = "disabled" if self._l2 is None else "connecting"
         #: None without Redis: one replica's local copies are always its own to trust.
         self.trust: LocalTrust | None = None
         self._log: PurgeLog | None = None
-        if self._l2 is not None:
-            assert isinstance(self._l2.backend, RedisTier)
-            self._log = self._l2.backend.purge_log()
-            self._l2.backend.fence_id = self.replica_id  # L2 writes: only under our lease
+        if self._replicated is not None:
+            self._log = self._replicated.purge_log()
+            self._replicated.fence(self.replica_id)  # L2 writes: only under our lease
             self.trust = LocalTrust()
             for tier in tiers:
-                if not tier.backend.shared:
+                if not tier.shared:
                     tier.trust = self.trust
             readthrough.trust = self.trust
         #: The last purge-log id applied here (None: none yet - everything local untrusted).
@@ -378,8 +384,8 @@ class Invalidation:
             health_check_interval=0,
             max_connections=2,
         )
-        assert isinstance(self._l2.backend, RedisTier)
-        purge_log = self._l2.backend.purge_log(client)
+        assert self._replicated is not None
+        purge_log = self._replicated.purge_log(client)
         self._ack_log = purge_log
         loop = asyncio.get_running_loop()
         attempt = 0
@@ -419,7 +425,7 @@ class Invalidation:
                 else:
                     raise ConnectionError("no subscribe confirmation")
             # From here on every purge reaches this connection; what came before is in the log.
-            subscribed_at = time.time()
+            subscribed_at = self.clock.wall()
             first = self.subscriptions == 0
             self.subscriptions += 1
             await self._catch_up(purge_log, subscribed_at, first, timeout)
@@ -502,7 +508,7 @@ class Invalidation:
                     # next lease wait them out (_await_replicas).
                     await purge_log.mark_lost(int((self.lease + self._ack_timeout) * 2000))
                 oldest = await purge_log.publish(self._message(PurgeOrder((), ())))
-            offset = await purge_log.clock_offset()
+            offset = await purge_log.clock_offset(self.clock.wall)
         # Local copies stored before the oldest purge the log holds may have missed one.
         floor = (stream_id(oldest)[0] + 1) / 1000 - offset
         reason = "connect" if first and self.last_id is None else "gap"
@@ -590,7 +596,7 @@ class Invalidation:
             # Not applied everywhere here: what this replica stored so far can't be trusted.
             log.warning("purge from another replica not applied here (%s): local copies "
                         "stored before now are revalidated", results)
-            self._distrust(time.time(), "purge-failed")
+            self._distrust(self.clock.wall(), "purge-failed")
         log.debug("purge from another replica: %d keys, %d tags -> %s",
                   len(order.keys), len(order.tags), results)
 
@@ -619,4 +625,4 @@ class Invalidation:
         if not isinstance(at, (int, float)) or isinstance(at, bool):
             return None
         # A soft purge from a replica whose clock runs ahead must not mark later copies stale.
-        return PurgeOrder(tuple(keys), tuple(tags), soft, min(float(at), time.time()))
+        return PurgeOrder(tuple(keys), tuple(tags), soft, min(float(at), self.clock.wall()))

@@ -18,7 +18,6 @@ import contextvars
 import functools
 import logging
 import select
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,6 +28,7 @@ from aiohttp.helpers import set_exception
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .clock import SYSTEM, Clock
 from .policy import end_to_end
 
 __all__ = [
@@ -287,8 +287,11 @@ class _OriginConnector(aiohttp.TCPConnector):
 class OriginClient:
     def __init__(self, base_url: str, *, max_connections: int, read_timeout: float,
                  queue_timeout: float = 0.5,
-                 discarded: Callable[[str], None] | None = None) -> None:
+                 discarded: Callable[[str], None] | None = None,
+                 clock: Clock = SYSTEM) -> None:
         self.base_url = base_url
+        # request_time / response_time (RFC 9111 §4.2.3) are wall-clock readings of it.
+        self.clock = clock
         self.read_timeout = read_timeout
         self.queue_timeout = queue_timeout
         self._session: aiohttp.ClientSession | None = None
@@ -347,7 +350,7 @@ class OriginClient:
         if session is None:
             raise OriginError("origin client is closed")
         url = URL(self.base_url + target, encoded=True)
-        request_time = time.time()
+        request_time = self.clock.wall()
         response: aiohttp.ClientResponse | None = None
         loop = asyncio.get_running_loop()
         clock_token: contextvars.Token[_FetchClock | None] | None = None
@@ -364,7 +367,7 @@ class OriginClient:
                     )
                 finally:
                     _FETCH_CLOCK.reset(clock_token)
-                response_time = time.time()
+                response_time = self.clock.wall()
                 length = response.content_length
                 if method == "HEAD" or response.status in (204, 304) or response.status < 200:
                     await response.read()

@@ -10,32 +10,31 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from . import policy
+from . import policy, states
 from .background import BackgroundTasks
+from .clock import SYSTEM, Clock
 from .config import Settings
 from .entry import FORBIDDEN_IN_HEADER, OWN_HEADERS, has_raw_bytes, wire
+from .hits import Handover, HitPath, SharedBodyResponse, cached_body_response
 from .invalidation import Invalidation, PurgeOrder
 from .keys import BadTarget, CacheKey, KeySpace, TargetTooLong, normalise_target
-from .hits import Handover, HitPath, SharedBodyResponse, cached_body_response
 from .listener import BODY_SLICE_BYTES, ProxyRunner, client_connection_cap, handler_args
 from .logs import AccessLog, dropped_lines, request_id
 from .metrics import BREAKER_STATES, Metrics
 from .origin import OriginClient, OriginError, OriginResponse, OriginTimeout
-from .readthrough import Cached, Failed, Forwarded, ProxyRequest, ReadThrough, Result
-from .tiers.base import Breaker, GuardedTier, TierBackend
-from .tiers.memory import MemoryTier
-from .tiers.redis import RedisTier
-from .tiers.sqlite import SQLiteTier
+from .readthrough import ProxyRequest, ReadThrough
+from .states import Failed, Fetched, Final, FreshHit, Relayed, StaleHit
+from .tiers import make_tiers
+from .tiers.base import Breaker, GuardedTier
 
 __all__ = ["STATE", "ProxyState", "build_app", "make_runner"]
 
@@ -119,6 +118,7 @@ class ProxyState:
     ready: bool = False
     inflight: int = 0
     notes: list[str] = field(default_factory=list)
+    clock: Clock = SYSTEM  # freshness, ages and stale windows (tierproxy.clock)
 
     def tier(self, name: str) -> GuardedTier | None:
         for tier in self.tiers:
@@ -143,46 +143,6 @@ class _RequestInfo:
 _INFO = web.RequestKey("tierproxy_request_info", _RequestInfo)
 
 
-def _make_tiers(settings: Settings, metrics: Metrics, keys: KeySpace) -> list[GuardedTier]:
-    backends: list[tuple[TierBackend, float, float]] = []
-    if settings.l1_max_bytes > 0:
-        backends.append((MemoryTier(settings.l1_max_bytes), settings.l1_timeout, settings.l1_timeout))
-    if settings.redis_url:
-        backends.append((
-            RedisTier(
-                settings.redis_url,
-                socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
-                max_connections=settings.redis_max_connections,
-                keys=keys,
-                key_prefix=settings.key_prefix,
-            ),
-            settings.l2_timeout,
-            settings.l2_write_timeout,
-        ))
-    if settings.sqlite_path:
-        backends.append((
-            SQLiteTier(
-                settings.sqlite_path,
-                max_bytes=settings.l3_max_bytes,
-                read_timeout=settings.l3_timeout,
-                write_timeout=settings.l3_write_timeout,
-                retry_max=settings.breaker_cooldown,
-                check_interval=min(1.0, settings.breaker_cooldown / 2),
-                metrics=metrics,
-                keys=keys,
-            ),
-            settings.l3_timeout,
-            settings.l3_write_timeout,
-        ))
-    return [
-        GuardedTier(
-            backend, read_timeout, write_timeout,
-            Breaker(settings.breaker_failures, settings.breaker_cooldown), metrics,
-        )
-        for backend, read_timeout, write_timeout in backends
-    ]
-
-
 def _breaker_open(breaker: Breaker) -> Callable[[], float]:
     return lambda: float(breaker.is_open)
 
@@ -197,27 +157,6 @@ def _health_is(breaker: Breaker, tier_state: str) -> Callable[[], float]:
 
 def _state_is(tier: GuardedTier, tier_state: str) -> Callable[[], float]:
     return lambda: float(tier.state() == tier_state)
-
-
-def _file_bytes(path: str) -> float:
-    total = 0
-    for suffix in ("", "-wal"):
-        try:
-            total += os.stat(path + suffix).st_size
-        except OSError:
-            pass
-    return float(total)
-
-
-def _watch_l1(m: Metrics, l1: MemoryTier) -> None:
-    m.l1_bytes.set_function(lambda: l1.bytes)
-    m.l1_entries.set_function(lambda: len(l1))
-
-
-def _watch_l3(m: Metrics, l3: SQLiteTier) -> None:
-    m.l3_bytes.set_function(lambda: l3.bytes)
-    m.l3_entries.set_function(lambda: l3.entries)
-    m.l3_file_bytes.set_function(lambda: _file_bytes(l3.path))
 
 
 def _register_gauges(state: ProxyState) -> None:
@@ -246,11 +185,7 @@ def _register_gauges(state: ProxyState) -> None:
         )
     for tier in state.tiers:
         m.tier_timeout.labels(tier.name).set(tier.read_timeout)
-        backend = tier.backend
-        if isinstance(backend, MemoryTier):
-            _watch_l1(m, backend)
-        elif isinstance(backend, SQLiteTier):
-            _watch_l3(m, backend)
+        tier.watch(m)
     m.tier_timeout.labels("origin").set(state.settings.origin_timeout)
 
 
@@ -262,7 +197,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         await state.origin.open()
         for tier in state.tiers:
-            await tier.backend.open()
+            await tier.open()
             opened.append(tier)
     except BaseException:
         for tier in opened:
@@ -273,11 +208,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         log.info("L2 off: TIERPROXY_REDIS_URL is unset")
     else:
         l2 = state.tier("l2")
-        assert l2 is not None and isinstance(l2.backend, RedisTier)
+        assert l2 is not None
         state.invalidation.start()  # the replicas' purge channel
         try:
-            async with asyncio.timeout(max(1.0, settings.l2_timeout)):
-                await l2.backend.ping()
+            await l2.ping(max(1.0, settings.l2_timeout))
             log.info("L2 Redis reachable")
             # Subscribing clears L1 (it may have missed purges): do it before serving.
             if not await state.invalidation.wait_subscribed(max(1.0, settings.l2_write_timeout)):
@@ -308,11 +242,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await state.origin.close()
 
 
-def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    """The proxy listener's app. Nothing is opened until the app starts."""
+def build_app(
+    settings: Settings, metrics: Metrics | None = None, *, clock: Clock = SYSTEM
+) -> web.Application:
+    """The proxy listener's app. Nothing is opened until the app starts. ``clock`` is what
+    freshness, stale windows and breaker cool-downs read (tests advance one)."""
     metrics = metrics or Metrics()
     keys = KeySpace(settings.origin)
-    tiers = _make_tiers(settings, metrics, keys)
+    tiers = make_tiers(settings, metrics, keys, clock=clock)
     discarded = metrics.origin_connections_discarded
     origin = OriginClient(
         settings.origin,
@@ -320,13 +257,15 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
         read_timeout=settings.origin_timeout,
         queue_timeout=settings.origin_queue_timeout,
         discarded=lambda reason: discarded.labels(reason).inc(),
+        clock=clock,
     )
     background = BackgroundTasks(settings.backfill_max_tasks, metrics)
-    readthrough = ReadThrough(settings, tiers, origin, background, metrics)
+    readthrough = ReadThrough(settings, tiers, origin, background, metrics, clock=clock)
     state = ProxyState(
         settings, metrics, tiers, origin, background, readthrough,
-        AccessLog(settings.access_log), Invalidation(settings, tiers, readthrough, metrics, keys),
-        keys,
+        AccessLog(settings.access_log),
+        Invalidation(settings, tiers, readthrough, metrics, keys, clock=clock),
+        keys, clock=clock,
     )
     _register_gauges(state)
 
@@ -517,8 +456,10 @@ def _refuse_body(status: int, text: str) -> web.Response:
     return response
 
 
-async def _respond(request: web.Request, state: ProxyState, result: Result) -> web.StreamResponse:
-    if isinstance(result, Cached):
+async def _respond(request: web.Request, state: ProxyState, result: Final) -> web.StreamResponse:
+    now = state.clock.wall()
+    x_cache, cache_status = states.labels(result, now)
+    if isinstance(result, (FreshHit, StaleHit, Fetched)):
         entry = result.entry
         # The same head as the hit path writes (tierproxy.hits): the stored fields but
         # tierproxy's own, then Age, X-Cache, Cache-Status (upstream members first) and
@@ -536,37 +477,37 @@ async def _respond(request: web.Request, state: ProxyState, result: Result) -> w
             )
             status = entry.status
             body = entry.body
-        headers["Age"] = str(entry.age(time.time()))
-        headers["X-Cache"] = result.x_cache
+        headers["Age"] = str(entry.age(now))
+        headers["X-Cache"] = x_cache
         upstream = entry.upstream_cache_status[:-2].decode("utf-8", "surrogateescape")
-        headers["Cache-Status"] = _cache_status(upstream, result.cache_status)
+        headers["Cache-Status"] = _cache_status(upstream, cache_status)
         response = _cached_response(request, status, body, headers, entry.raw_bytes)
-        state.metrics.response(result.x_cache, status)
+        state.metrics.response(x_cache, status)
         return response
 
     if isinstance(result, Failed):
-        state.metrics.response(result.x_cache, result.status)
+        state.metrics.response(x_cache, result.status)
         text = {
             "origin-timeout": f"{result.status} origin timed out",
             "origin-error": f"{result.status} origin refused the connection or sent a broken response",
             "origin-busy": f"{result.status} origin connection pool is busy; retry shortly",
             "local-error": f"{result.status} internal error in the proxy (logged)",
         }.get(result.reason, f"{result.status} {result.reason}")
-        failed = _plain(result.status, text, result.x_cache, result.cache_status)
+        failed = _plain(result.status, text, x_cache, cache_status)
         if result.status == 503:
             failed.headers["Retry-After"] = "1"  # RFC 9110 §10.2.3
         return failed
 
-    assert isinstance(result, Forwarded)
+    assert isinstance(result, Relayed)
     origin_response = result.response
     headers = CIMultiDict(policy.end_to_end(origin_response.headers, _RESPONSE_DROP))
     # tierproxy's own fields replace the origin's; its Cache-Status member follows an
     # upstream's members (RFC 9211 §2).
     upstream = ", ".join(v.strip() for v in headers.popall("Cache-Status", ()) if v.strip())
-    headers["X-Cache"] = result.x_cache
-    headers["Cache-Status"] = _cache_status(upstream, result.cache_status)
+    headers["X-Cache"] = x_cache
+    headers["Cache-Status"] = _cache_status(upstream, cache_status)
     headers["X-Request-ID"] = request[_INFO].rid
-    state.metrics.response(result.x_cache, origin_response.status)
+    state.metrics.response(x_cache, origin_response.status)
     if origin_response.body is not None or origin_response.stream is None:
         if has_raw_bytes(headers.items()):
             return _ExactHeadResponse(request, status=origin_response.status,
@@ -675,7 +616,7 @@ async def _purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.
         return _plain(401, "401 unauthorized")
     soft = request.headers.get("Soft-Purge", "0").strip() == "1"
     outcome = await state.invalidation.purge(
-        PurgeOrder((key.material,), (), soft, time.time()), "proxy"
+        PurgeOrder((key.material,), (), soft, state.clock.wall()), "proxy"
     )
     body = {"key": key.material, **outcome.body}
     return web.Response(status=200 if outcome.ok else 503, text=json.dumps(body),

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .origin import OriginResponse
 
 __all__ = [
+    "FAILED_STATUS",
     "Failed",
     "Fetched",
     "Final",
@@ -37,9 +38,14 @@ __all__ = [
     "Lookup",
     "Miss",
     "NeedsRevalidation",
+    "OriginFailed",
+    "Outcome",
     "ProxyRequest",
     "Relayed",
     "StaleHit",
+    "Stored",
+    "Unstorable",
+    "after_fetch",
     "cache_status_member",
     "freshness",
     "labels",
@@ -157,6 +163,48 @@ class Failed:
 Final = FreshHit | StaleHit | Fetched | Relayed | Failed
 
 
+# ---- what one origin fetch ended with (shared between coalesced requests) ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The origin's answer as an entry every matching request may have.
+
+    ``revalidated``: a 304 answered a conditional request for a stored copy. ``keep``: the
+    entry is to be written to the tiers; False for a copy a 304 could not freshen (it is still
+    this request's answer, but the stored copy is invalidated instead).
+    """
+
+    entry: Entry
+    revalidated: bool
+    keep: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Unstorable:
+    """A response the cache may not store: passed on to the one client that asked.
+    ``invalidates``: the stored copy it replaces must go (RFC 9111 §4.4)."""
+
+    response: OriginResponse
+    reason: str
+    invalidates: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OriginFailed:
+    """The origin did not answer usably: ``reason`` is ``origin-timeout``, ``origin-error``,
+    ``origin-5xx`` (``response`` holds that 5xx), ``origin-busy`` or ``local-error``."""
+
+    reason: str
+    response: OriginResponse | None = None
+
+
+Outcome = Stored | Unstorable | OriginFailed
+
+#: An :class:`OriginFailed` reason -> the status when no stale copy can stand in (else 502).
+FAILED_STATUS = {"origin-timeout": 504, "origin-busy": 503, "local-error": 500}
+
+
 # ---- pure decisions -----------------------------------------------------------------------
 
 
@@ -188,6 +236,31 @@ def on_stale(copy: NeedsRevalidation, now: float, origin_allowed: bool) -> Stale
 def stale_usable(entry: Entry, now: float) -> bool:
     """Whether a stale copy may stand in for an origin that failed (RFC 5861 §4)."""
     return now < entry.stale_until
+
+
+def after_fetch(
+    outcome: Outcome, stale: NeedsRevalidation | None, now: float, collapsed: bool = False
+) -> Final:
+    """What the client gets from a fetch's ``outcome``; ``stale`` is the copy the request held.
+
+    A stored answer is served; an unstorable one is relayed. When the origin failed, a stale
+    copy still within its stale limits beats an error (RFC 9111 §4.2.4, RFC 5861 §4); else the
+    origin's 5xx is relayed, or the request fails with the reason's status.
+    """
+    fwd = "miss" if stale is None else "stale"
+    match outcome:
+        case Stored(entry, revalidated, _):
+            return Fetched(entry, fwd, revalidated, collapsed)
+        case Unstorable(response, reason, _):
+            return Relayed(response, fwd, reason)
+        case OriginFailed(reason, response):
+            if stale is not None and stale_usable(stale.entry, now):
+                return StaleHit(stale.tier, stale.entry, reason)
+            if response is not None:
+                return Relayed(response, fwd, reason)
+            return Failed(FAILED_STATUS.get(reason, 502), reason, fwd)
+        case _:
+            assert_never(outcome)
 
 
 def _quote(value: str) -> str:

@@ -18,7 +18,8 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from support.origin import make_body
 from support.raworigin import Exchange, RawOrigin, head, response
-from support.wait import wait_for_condition, wait_until_wallclock
+from support.clock import SteppedClock
+from support.wait import wait_for_condition
 
 CACHEABLE = {"Cache-Control": "max-age=300", "Content-Type": "application/octet-stream"}
 
@@ -257,12 +258,14 @@ async def test_waiting_for_a_free_origin_connection_is_not_origin_time(origin, m
 
 
 async def test_stale_copy_is_served_when_no_origin_connection_comes_free(origin, make_proxy):
+    clock = SteppedClock()
     proxy = await make_proxy(ORIGIN_MAX_CONNECTIONS=1, ORIGIN_TIMEOUT=5.0, REQUEST_DEADLINE=6.0,
-                             ORIGIN_QUEUE_TIMEOUT=0.3, REDIS_URL=None, SQLITE_PATH="off")
+                             ORIGIN_QUEUE_TIMEOUT=0.3, REDIS_URL=None, SQLITE_PATH="off",
+                             clock=clock)
     origin.set("/s", headers={"Cache-Control": "max-age=1"})
     first = await proxy.get("/s")
     assert first.x_cache == "MISS"
-    await wait_until_wallclock(_date_of(first) + 2.2)  # past max-age=1, whole-second Date
+    clock.advance_to(_date_of(first) + 2.2)  # past max-age=1, whole-second Date
     origin.set("/hold", hang=True)
     holder = asyncio.create_task(proxy.get("/hold"))
     try:

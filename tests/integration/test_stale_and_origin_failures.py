@@ -1,7 +1,7 @@
 """Origin slow or down: serve stale (RFC 5861 style) or answer 504/502, and revalidate.
 
-An entry is made stale by letting the wall clock pass its max-age (freshness is wall-clock
-by design); everything else waits on conditions.
+An entry is made stale by advancing the proxy's clock past its max-age (support.clock: the
+proxy's freshness and breaker cool-downs read it); everything else waits on conditions.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import time
 import aiohttp
 import pytest
 
+from support.clock import SteppedClock
 from support.net import refused_url
 from support.storage import redis_key, sqlite_row
-from support.wait import wait_for_condition, wait_until_wallclock
+from support.wait import wait_for_condition
 
 ORIGIN_TIMEOUT = 0.5
 SLACK = 0.75  # honest slack for a loaded CI box
@@ -37,15 +38,19 @@ def _short_lived(origin, path: str, **rule) -> float:
     return dated
 
 
-async def _cache_and_let_expire(proxy, path: str, stored_at: float) -> bytes:
-    """GET ``path`` (a MISS), then let the wall clock pass its expiry by 0.6 s."""
+async def _cache_and_let_expire(proxy, path: str, stored_at: float, clock: SteppedClock) -> bytes:
+    """GET ``path`` (a MISS), let its backfills land, then advance the proxy's clock 0.6 s
+    past its freshness."""
     first = await proxy.get(path)
     assert first.x_cache == "MISS", first
-    await wait_until_wallclock(stored_at + 1.6)
+    await proxy.settle()
+    clock.advance_to(stored_at + 1.6)
     return first.body
 
 
-def _assert_stale(response, *, tier: str, detail: str, body: bytes, stored_at: float) -> None:
+def _assert_stale(
+    response, *, tier: str, detail: str, body: bytes, stored_at: float, clock: SteppedClock
+) -> None:
     assert response.status == 200, response
     assert response.body == body
     assert response.x_cache == f"STALE-{tier.upper()}", response
@@ -55,7 +60,7 @@ def _assert_stale(response, *, tier: str, detail: str, body: bytes, stored_at: f
     assert status.ttl is not None and status.ttl <= 0, response
     assert status.detail == detail, response
     assert response.age is not None, response
-    assert 1 <= response.age <= time.time() - stored_at + 1, response
+    assert 1 <= response.age <= clock.wall() - stored_at + 1, response
 
 
 @pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
@@ -63,8 +68,9 @@ async def test_stale_copy_served_when_origin_hangs(
     tier, origin, make_proxy, redis_url, redis_client, sqlite_path
 ):
     stored_at = _short_lived(origin, "/s")
-    proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, **TIER_ONLY[tier])
-    body = await _cache_and_let_expire(proxy, "/s", stored_at)
+    clock = SteppedClock()
+    proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, clock=clock, **TIER_ONLY[tier])
+    body = await _cache_and_let_expire(proxy, "/s", stored_at, clock)
     if tier == "l2":
         assert redis_client.exists(redis_key("/s", origin.url))
     if tier == "l3":
@@ -73,20 +79,23 @@ async def test_stale_copy_served_when_origin_hangs(
     origin.set("/s", hang=True)
     stale = await proxy.get("/s")
 
-    _assert_stale(stale, tier=tier, detail="origin-timeout", body=body, stored_at=stored_at)
+    _assert_stale(stale, tier=tier, detail="origin-timeout", body=body, stored_at=stored_at,
+                      clock=clock)
     assert stale.elapsed <= ORIGIN_TIMEOUT + SLACK, stale
     assert origin.count("/s") == 2
 
 
 async def test_stale_copy_served_when_origin_answers_500(origin, make_proxy):
     stored_at = _short_lived(origin, "/s500")
-    proxy = await make_proxy()
-    body = await _cache_and_let_expire(proxy, "/s500", stored_at)
+    clock = SteppedClock()
+    proxy = await make_proxy(clock=clock)
+    body = await _cache_and_let_expire(proxy, "/s500", stored_at, clock)
 
     origin.set("/s500", status=500, body=b"boom")
     stale = await proxy.get("/s500")
 
-    _assert_stale(stale, tier="l1", detail="origin-5xx", body=body, stored_at=stored_at)
+    _assert_stale(stale, tier="l1", detail="origin-5xx", body=body, stored_at=stored_at,
+                  clock=clock)
     assert stale.elapsed <= SLACK, stale
     assert origin.count("/s500") == 2
 
@@ -97,8 +106,9 @@ async def test_stale_copy_served_when_origin_connection_fails(
 ):
     front = await fault_proxy(origin.port)
     stored_at = _short_lived(origin, "/sc")
-    proxy = await make_proxy(ORIGIN=front.url())
-    body = await _cache_and_let_expire(proxy, "/sc", stored_at)
+    clock = SteppedClock()
+    proxy = await make_proxy(ORIGIN=front.url(), clock=clock)
+    body = await _cache_and_let_expire(proxy, "/sc", stored_at, clock)
 
     if failure == "refused":
         await front.stop_listening(drop_open=True)
@@ -106,7 +116,8 @@ async def test_stale_copy_served_when_origin_connection_fails(
         front.set_mode("reset")
     stale = await proxy.get("/sc")
 
-    _assert_stale(stale, tier="l1", detail="origin-error", body=body, stored_at=stored_at)
+    _assert_stale(stale, tier="l1", detail="origin-error", body=body, stored_at=stored_at,
+                  clock=clock)
     assert stale.elapsed <= SLACK, stale
 
 
@@ -114,20 +125,22 @@ async def test_new_process_serves_stale_l3_copy_when_origin_is_down(
     origin, make_proxy, sqlite_path
 ):
     stored_at = _short_lived(origin, "/down")
-    writer = await make_proxy()
+    clock = SteppedClock()
+    writer = await make_proxy(clock=clock)
     await writer.get("/down")
     await wait_for_condition(lambda: sqlite_row(sqlite_path, "/down", origin.url), message="L3 fill")
     body = (await writer.get("/down")).body
     await writer.close()
-    await wait_until_wallclock(stored_at + 1.6)
+    clock.advance_to(stored_at + 1.6)
 
     # The same origin (keys are namespaced by origin), now refusing connections.
     url = origin.url
     await origin.close()
-    reader = await make_proxy(ORIGIN=url)
+    reader = await make_proxy(ORIGIN=url, clock=clock)
     stale = await reader.get("/down")
 
-    _assert_stale(stale, tier="l3", detail="origin-error", body=body, stored_at=stored_at)
+    _assert_stale(stale, tier="l3", detail="origin-error", body=body, stored_at=stored_at,
+                  clock=clock)
 
 
 async def test_stale_copy_reports_a_negative_ttl_even_when_less_than_a_second_stale(
@@ -135,10 +148,11 @@ async def test_stale_copy_reports_a_negative_ttl_even_when_less_than_a_second_st
 ):
     """RFC 9211 §2.5 / DESIGN: a stale copy's Cache-Status ttl is negative, never 0."""
     stored_at = _short_lived(origin, "/ttl")
-    proxy = await make_proxy()
+    clock = SteppedClock()
+    proxy = await make_proxy(clock=clock)
     first = await proxy.get("/ttl")
     assert first.x_cache == "MISS", first
-    await wait_until_wallclock(stored_at + 1.3)  # stale by 0.3 s
+    clock.advance_to(stored_at + 1.3)  # stale by 0.3 s
 
     origin.set("/ttl", status=500)
     stale = await proxy.get("/ttl")
@@ -150,10 +164,11 @@ async def test_stale_copy_reports_a_negative_ttl_even_when_less_than_a_second_st
 
 async def test_copy_older_than_max_stale_is_not_served(origin, make_proxy):
     stored_at = _short_lived(origin, "/old")
-    proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, MAX_STALE=1)
+    clock = SteppedClock()
+    proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, MAX_STALE=1, clock=clock)
     first = await proxy.get("/old")
     assert first.x_cache == "MISS", first
-    await wait_until_wallclock(stored_at + 2.6)  # past fresh (1 s) + max-stale (1 s)
+    clock.advance_to(stored_at + 2.6)  # past fresh (1 s) + max-stale (1 s)
 
     origin.set("/old", hang=True)
     response = await proxy.get("/old")
@@ -219,8 +234,9 @@ async def test_origin_500_with_nothing_cached_is_passed_through(origin, make_pro
 
 async def test_stale_entry_with_etag_is_revalidated_with_if_none_match(origin, make_proxy):
     stored_at = _short_lived(origin, "/r", etag='"v1"', honor_if_none_match=True)
-    proxy = await make_proxy()
-    body = await _cache_and_let_expire(proxy, "/r", stored_at)
+    clock = SteppedClock()
+    proxy = await make_proxy(clock=clock)
+    body = await _cache_and_let_expire(proxy, "/r", stored_at, clock)
 
     # The origin's 304 (with a current Date) grants a new lifetime.
     origin.set("/r", headers={"Cache-Control": "max-age=300"}, etag='"v1"',
@@ -244,8 +260,9 @@ async def test_stale_entry_with_last_modified_is_revalidated_with_if_modified_si
 ):
     last_modified = "Tue, 01 Oct 2024 10:00:00 GMT"
     stored_at = _short_lived(origin, "/lm", last_modified=last_modified)
-    proxy = await make_proxy()
-    await _cache_and_let_expire(proxy, "/lm", stored_at)
+    clock = SteppedClock()
+    proxy = await make_proxy(clock=clock)
+    await _cache_and_let_expire(proxy, "/lm", stored_at, clock)
 
     origin.set("/lm", headers={"Cache-Control": "max-age=300"}, body=b"new version")
     refreshed = await proxy.get("/lm")
@@ -298,23 +315,28 @@ async def test_stale_copies_served_at_once_while_the_origin_breaker_is_open(orig
     # After BREAKER_FAILURES consecutive origin failures, a request holding a usable stale copy
     # no longer waits out the origin timeout; one request per cooldown probes the origin, and
     # once it answers again copies are refreshed as usual.
+    clock = SteppedClock()
     proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, BREAKER_FAILURES=2,
-                             BREAKER_COOLDOWN=1.0, REDIS_URL=None, SQLITE_PATH="off")
+                             BREAKER_COOLDOWN=1.0, REDIS_URL=None, SQLITE_PATH="off", clock=clock)
     stored_at = _short_lived(origin, "/ob")
-    body = await _cache_and_let_expire(proxy, "/ob", stored_at)
+    body = await _cache_and_let_expire(proxy, "/ob", stored_at, clock)
     origin.set("/ob", hang=True)
     for _ in range(2):  # two timeouts open the breaker
         slow = await proxy.get("/ob")
-        _assert_stale(slow, tier="l1", detail="origin-timeout", body=body, stored_at=stored_at)
+        _assert_stale(slow, tier="l1", detail="origin-timeout", body=body, stored_at=stored_at,
+                      clock=clock)
     asked = origin.count("/ob")
     fast = await proxy.get("/ob")
-    _assert_stale(fast, tier="l1", detail="origin-down", body=body, stored_at=stored_at)
+    _assert_stale(fast, tier="l1", detail="origin-down", body=body, stored_at=stored_at,
+                  clock=clock)
     assert fast.elapsed < ORIGIN_TIMEOUT / 2, fast
     assert origin.count("/ob") == asked  # the origin was not asked at all
 
     origin.release()
     origin.set("/ob", body=b"fresh again", headers={"Cache-Control": "max-age=60"})
     # After the cooldown one request probes, succeeds, and closes the breaker.
+    clock.advance(1.0)
+
     async def refreshed() -> bool:
         response = await proxy.get("/ob")
         return response.body == b"fresh again" and response.x_cache in ("MISS", "REVALIDATED")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 
 from support.storage import redis_key, sqlite_row
-from support.wait import wait_for_condition, wait_until_wallclock
+from support.clock import SteppedClock
+from support.wait import wait_for_condition
 
 from .conftest import by_label, value
 
@@ -137,12 +138,13 @@ async def test_timeouts_then_breaker_open_skips_are_counted_with_breaker_gauges(
 
 async def test_stale_lookups_and_stale_served_by_reason(origin, make_proxy, admin_for):
     origin.set("/s", headers={"Cache-Control": "max-age=1"})
-    proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off")
+    clock = SteppedClock()
+    proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off", clock=clock)
     admin = await admin_for(proxy)
     miss = await proxy.get("/s")
     assert miss.x_cache == "MISS"
     entry = proxy.state.tier("l1").backend.get_now(proxy.state.keys.key("/s"))
-    await wait_until_wallclock(entry.fresh_until + 0.05)
+    clock.advance_to(entry.fresh_until + 0.05)
     origin.update("/s", status=500)
 
     stale = await proxy.get("/s")

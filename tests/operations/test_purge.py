@@ -11,7 +11,8 @@ import sqlite3
 
 import pytest
 from support.storage import key_id, redis_key, redis_tag_key, sqlite_row, tag_id
-from support.wait import wait_for_condition, wait_until_wallclock
+from support.clock import SteppedClock
+from support.wait import wait_for_condition
 
 import tierproxy.server
 
@@ -396,10 +397,11 @@ async def test_purge_reports_503_when_a_tier_cannot_be_purged(
 
 async def test_soft_purge_is_idempotent_and_leaves_stale_entries_alone(origin, make_proxy):
     origin.set("/s", headers={"Cache-Control": "max-age=1"})
-    proxy = await make_proxy(PURGE_TOKEN=TOKEN, REDIS_URL=None, SQLITE_PATH="off")
+    clock = SteppedClock()
+    proxy = await make_proxy(PURGE_TOKEN=TOKEN, REDIS_URL=None, SQLITE_PATH="off", clock=clock)
     await proxy.get("/s")
     entry = _in_l1(proxy, "/s")
-    await wait_until_wallclock(entry.fresh_until + 0.05)
+    clock.advance_to(entry.fresh_until + 0.05)
     body = json.loads((await proxy.request("PURGE", "/s", headers={**AUTH, "Soft-Purge": "1"})).body)
     assert body["tiers"] == {"l1": 0}  # already stale: nothing to mark
     assert _in_l1(proxy, "/s") is entry  # left exactly as it was

@@ -5,6 +5,9 @@ in Redis holds (tierproxy.invalidation). A test's Redis is empty, so the log beg
 test's first proxy starts; a copy stored within that same second may carry a ``stored_at``
 (from the origin's one-second ``Date``) before that moment, and a later process revalidates it
 instead of serving it as an L3 hit. Tests that need such an L3 hit let that second pass first.
+
+Real time, not the proxy's clock: both readings come from outside the proxy (the origin's
+``Date`` and Redis's clock), so advancing a proxy's clock would not move either.
 """
 
 from __future__ import annotations

@@ -52,10 +52,12 @@ async def wait_for_condition(
 
 
 async def wait_until_wallclock(when: float, *, max_wait: float = 10.0) -> None:
-    """Let wall-clock time pass until ``time.time() >= when`` (e.g. an entry's expiry).
+    """Let wall-clock time pass until ``time.time() >= when``.
 
-    This is the one legitimate kind of waiting on time itself: freshness is defined by the
-    wall clock. Bounded by ``max_wait`` so a bad ``when`` cannot hang a test.
+    Only for times the proxy's clock does not decide: a test of the proxy's freshness,
+    stale windows or cool-downs advances the proxy's clock instead (support.clock). What is
+    left is real time between processes - e.g. an origin's one-second ``Date`` against the
+    purge log's start in Redis (support.purge_log). Bounded by ``max_wait``.
     """
     await wait_for_condition(
         lambda: time.time() >= when,

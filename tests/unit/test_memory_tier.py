@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from support.clock import SteppedClock
 from tierproxy.entry import Entry
 from tierproxy.keys import KeySpace
 from tierproxy.tiers.base import Breaker
@@ -63,17 +64,28 @@ def test_expired_entries_are_dropped_on_lookup():
     assert tier.bytes == 0
 
 
+def test_an_entry_expires_when_its_clock_says_so():
+    clock = SteppedClock()
+    tier = MemoryTier(max_bytes=10_000, clock=clock)
+    tier.set_now(KEYS.key("/soon"), entry("/soon", expires_in=30))
+    assert tier.get_now(KEYS.key("/soon")) is not None
+    clock.advance(30)
+    assert tier.get_now(KEYS.key("/soon")) is None
+    assert tier.bytes == 0 and len(tier) == 0
+
+
 def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown():
-    breaker = Breaker(failures_to_open=3, cooldown=0.05)
+    clock = SteppedClock()
+    breaker = Breaker(failures_to_open=3, cooldown=5.0, clock=clock)
     for _ in range(2):
         breaker.failure()
     assert breaker.allow()
     breaker.failure()
     assert breaker.is_open and not breaker.allow()
-    deadline = time.monotonic() + 2
-    while not breaker.allow():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    clock.advance(4.9)
+    assert not breaker.allow() and breaker.state() == "open"  # still cooling down
+    clock.advance(0.1)
+    assert breaker.allow()
     assert breaker.state() == "half-open"
     assert not breaker.allow()  # only one probe at a time
     breaker.success()
@@ -81,16 +93,16 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown
 
 
 def test_a_probe_that_never_reports_does_not_hold_the_breaker_half_open_for_ever():
-    breaker = Breaker(failures_to_open=1, cooldown=0.05)
+    clock = SteppedClock()
+    breaker = Breaker(failures_to_open=1, cooldown=5.0, clock=clock)
     breaker.failure()
-    deadline = time.monotonic() + 2
-    while not breaker.allow():  # the first probe starts; say it was cancelled mid-call
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    clock.advance(5.0)
+    assert breaker.allow()  # the first probe starts; say it was cancelled mid-call
     assert not breaker.allow()
-    while not breaker.allow():  # after another cooldown, the next request probes instead
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    clock.advance(4.9)
+    assert not breaker.allow()
+    clock.advance(0.1)
+    assert breaker.allow()  # after another cooldown, the next request probes instead
     assert breaker.state() == "half-open"
 
 

@@ -1,40 +1,46 @@
-"""Which purges a copy in flight must yield to: the purge generation log (readthrough)."""
+"""Which purges a copy in flight must yield to: the purge generation log (tierproxy.purge)."""
 
 from __future__ import annotations
 
+from tierproxy.background import BackgroundTasks
 from tierproxy.keys import KeySpace
-from tierproxy.readthrough import _PURGE_LOG, ReadThrough
+from tierproxy.metrics import Metrics
+from tierproxy.purge import PURGE_LOG, Purges
 
 
-def _log_only() -> ReadThrough:
-    rt = ReadThrough.__new__(ReadThrough)  # only the purge bookkeeping is exercised
-    import collections
-
-    rt._purge_generation = 0
-    rt._purge_log = collections.deque(maxlen=_PURGE_LOG)
-    return rt
+def _log_only() -> Purges:
+    return Purges([], BackgroundTasks(1, Metrics()))  # only the purge bookkeeping is exercised
 
 
-def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all():
-    rt = _log_only()
+def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all() -> None:
+    purges = _log_only()
     a, b = KeySpace("http://o.test").key("/a"), KeySpace("http://o.test").key("/b")
-    start = rt._purge_generation
-    assert not rt._purged_since(start, a)
-    rt._bump_purge_generation(frozenset({"/b"}))
-    rt._bump_purge_generation(frozenset({"/b"}))
-    assert not rt._purged_since(start, a) and rt._purged_since(start, b)
-    after_b = rt._purge_generation
-    rt._bump_purge_generation(None)  # by tag
-    assert rt._purged_since(after_b, a) and rt._purged_since(after_b, b)
-    assert rt._purged_since(start, a)
+    start = purges.generation
+    assert not purges.purged_since(start, a)
+    purges.bump(frozenset({"/b"}))
+    purges.bump(frozenset({"/b"}))
+    assert not purges.purged_since(start, a) and purges.purged_since(start, b)
+    after_b = purges.generation
+    purges.bump(None)  # by tag
+    assert purges.purged_since(after_b, a) and purges.purged_since(after_b, b)
+    assert purges.purged_since(start, a)
 
 
-def test_a_copy_older_than_the_log_is_treated_as_purged():
-    rt = _log_only()
+def test_a_copy_older_than_the_log_is_treated_as_purged() -> None:
+    purges = _log_only()
     a = KeySpace("http://o.test").key("/a")
-    start = rt._purge_generation
-    for i in range(_PURGE_LOG + 1):
-        rt._bump_purge_generation(frozenset({f"/other/{i}"}))
-    assert rt._purged_since(start, a)  # the log no longer reaches back: assume the worst
-    recent = rt._purge_generation - 10
-    assert not rt._purged_since(recent, a)
+    start = purges.generation
+    for i in range(PURGE_LOG + 1):
+        purges.bump(frozenset({f"/other/{i}"}))
+    assert purges.purged_since(start, a)  # the log no longer reaches back: assume the worst
+    recent = purges.generation - 10
+    assert not purges.purged_since(recent, a)
+
+
+def test_distrusting_local_copies_counts_as_a_purge_of_every_key() -> None:
+    purges = _log_only()
+    a = KeySpace("http://o.test").key("/a")
+    start = purges.generation
+    purges.distrust_local()
+    assert purges.purged_since(start, a)
+    assert not purges.purged_since(purges.generation, a)

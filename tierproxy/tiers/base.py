@@ -20,30 +20,37 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDictProxy
 
 from .. import codec, policy
+from ..clock import SYSTEM, Clock
 from ..entry import Entry
 from ..keys import CacheKey
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from ..metrics import Metrics
+    from .redis import PurgeLog
 
 __all__ = [
     "Blob",
     "Breaker",
     "BytesBackend",
+    "Configured",
     "GuardedTier",
     "LocalTrust",
     "lease_clock",
     "PurgeUnsupported",
+    "Replicated",
     "StorageFull",
     "TierBackend",
     "TierUnavailable",
     "decode_unkeyed",
     "mark_stale",
+    "mark_stale_encoded",
 ]
 
 log = logging.getLogger("tierproxy.tiers")
@@ -71,7 +78,12 @@ _Fingerprint = tuple[float, float, float, int, str | None]
 def lease_clock() -> float:
     """The clock purge leases run on: monotonic, and counting time the host spent suspended
     (CLOCK_BOOTTIME, Linux), which CLOCK_MONOTONIC does not - after a VM or laptop resumes, a
-    lease that ran out meanwhile must not look held. Elsewhere, the monotonic clock."""
+    lease that ran out meanwhile must not look held. Elsewhere, the monotonic clock.
+
+    Not the injected :class:`~tierproxy.clock.Clock`, on purpose: a lease is real timing. Its
+    end is registered in Redis and compared there with Redis's own clock (a PURGE waits for
+    it to run out, and L2 writes are fenced by it), so it must run at the rate real time does.
+    """
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
@@ -167,6 +179,22 @@ def mark_stale(entry: Entry, at: float) -> Entry | None:
     )
 
 
+def mark_stale_encoded(
+    data: bytes, material: str | None, digest: str, namespace: str, at: float
+) -> bytes | None:
+    """A soft purge of an encoded entry (L2, L3): the entry re-encoded as :func:`mark_stale`
+    leaves it, or None when there is nothing to change - it is already stale by then, or it
+    cannot be decoded (a lookup will find and delete it). ``material`` is the key material
+    when the entry was found by key; None when only its ``digest`` is known (a tag index)."""
+    try:
+        entry = (codec.decode(data, material) if material is not None
+                 else decode_unkeyed(data, digest, namespace))
+    except codec.CorruptEntry:
+        return None
+    marked = mark_stale(entry, at)
+    return None if marked is None else codec.encode(marked)
+
+
 def decode_unkeyed(data: bytes, digest: str, namespace: str) -> Entry:
     """Decode an entry found through an index that holds only its digest (tag purges).
 
@@ -179,6 +207,26 @@ def decode_unkeyed(data: bytes, digest: str, namespace: str) -> Entry:
     if not isinstance(material, str) or CacheKey(material, namespace).digest != digest:
         raise codec.CorruptEntry("entry does not belong to this digest")
     return codec.decode(data, material)
+
+
+class Replicated(Protocol):
+    """What the replicas' purge fan-out (:mod:`tierproxy.invalidation`) needs from the tier
+    every replica shares (Redis): its purge log and channel, and fencing its writes by this
+    replica's purge lease."""
+
+    def purge_log(self, client: Redis | None = None) -> PurgeLog: ...
+
+    def fence(self, replica_id: str) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Configured:
+    """A backend the settings enable, with its lookup and write budgets (each backend
+    module's ``configured(settings, metrics, keys, *, clock)``; see tierproxy.tiers)."""
+
+    backend: TierBackend
+    read_timeout: float
+    write_timeout: float
 
 
 class TierBackend(ABC):
@@ -220,6 +268,21 @@ class TierBackend(ABC):
 
     async def open(self) -> None:
         """Connect / create schema; called once before the first request."""
+
+    async def ping(self) -> bool:
+        """Whether the storage answers now (a start-up check; the request path never pings)."""
+        return True
+
+    def clear(self) -> int:
+        """Drop every entry at once (a local tier that may have missed purges); how many."""
+        raise NotImplementedError
+
+    def watch(self, metrics: Metrics) -> None:
+        """Register the backend's own gauges (read at scrape time); none by default."""
+
+    def replicated(self) -> Replicated | None:
+        """The replicas' purge log this backend carries (a shared tier: Redis), else None."""
+        return None
 
     async def purge(
         self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
@@ -269,12 +332,14 @@ class BytesBackend(TierBackend):
 class Breaker:
     """Consecutive-failure circuit breaker: closed -> open -> (cooldown) -> one probe -> closed.
 
-    Uses the monotonic clock; never crosses processes.
+    Cool-downs run on the clock's monotonic reading; never crosses processes.
     """
 
-    __slots__ = ("failures_to_open", "cooldown", "failures", "opened_at", "probing", "probe_at")
+    __slots__ = ("failures_to_open", "cooldown", "failures", "opened_at", "probing", "probe_at",
+                 "clock")
 
-    def __init__(self, failures_to_open: int, cooldown: float) -> None:
+    def __init__(self, failures_to_open: int, cooldown: float, *, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self.failures_to_open = failures_to_open
         self.cooldown = cooldown
         self.failures = 0
@@ -289,7 +354,7 @@ class Breaker:
     def allow(self) -> bool:
         if self.opened_at is None:
             return True
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self.opened_at < self.cooldown:
             return False
         # A probe that never reported (its request was cancelled mid-call) must not keep the
@@ -309,7 +374,7 @@ class Breaker:
         self.failures += 1
         self.probing = False
         if self.opened_at is not None or self.failures >= self.failures_to_open:
-            self.opened_at = time.monotonic()
+            self.opened_at = self.clock.monotonic()
 
     def state(self) -> str:
         if self.opened_at is None:
@@ -339,13 +404,17 @@ class GuardedTier:
         write_timeout: float,
         breaker: Breaker,
         metrics: Metrics,
+        *,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.backend = backend
+        self.clock = clock
         self.name = backend.name
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.breaker = breaker
-        self.write_breaker = Breaker(breaker.failures_to_open, breaker.cooldown)
+        self.write_breaker = Breaker(breaker.failures_to_open, breaker.cooldown,
+                                     clock=breaker.clock)
         self.metrics = metrics
         self.synchronous = backend.synchronous
         #: Set on local tiers when replicas share Redis (see :class:`LocalTrust`); None = this
@@ -362,7 +431,7 @@ class GuardedTier:
         A copy this replica may not trust (:class:`LocalTrust`) is returned stale as of now.
         """
         if entry is not None:
-            now = time.time()
+            now = self.clock.wall()
             if now < entry.expires_at and (
                 headers is None or not entry.vary or policy.vary_matches(entry, headers)
             ):
@@ -376,6 +445,43 @@ class GuardedTier:
                 return entry
         self._lookup["miss"].inc()
         return None
+
+    @property
+    def shared(self) -> bool:
+        """Every replica reads this tier's storage (see :attr:`TierBackend.shared`)."""
+        return self.backend.shared
+
+    async def open(self) -> None:
+        """Open the backend (connect, create its schema); once, before the first request."""
+        await self.backend.open()
+
+    async def ping(self, timeout: float) -> bool:
+        """Whether the tier answers within ``timeout`` (a start-up check). Raises what the
+        backend raised, TimeoutError included: the caller logs why."""
+        async with asyncio.timeout(timeout):
+            return await self.backend.ping()
+
+    def watch(self, metrics: Metrics) -> None:
+        """Register the backend's own gauges (L1/L3 size) with ``metrics``."""
+        self.backend.watch(metrics)
+
+    def replicated(self) -> Replicated | None:
+        """The replicas' purge log and write fencing, when this tier carries them (Redis)."""
+        return self.backend.replicated()
+
+    # ---- the synchronous fast path (a tier with ``synchronous``: memory) ----------------
+
+    def set_now(self, key: CacheKey, entry: Entry) -> bool:
+        """Store ``entry`` now (a backfill into memory: nothing to time out)."""
+        return self.backend.set_now(key, entry)
+
+    def remove_now(self, key: CacheKey) -> bool:
+        """Remove ``key`` now (an invalidation's first step, in memory)."""
+        return self.backend.remove_now(key)
+
+    def clear(self) -> int:
+        """Drop every entry now (a local tier that may have missed purges); how many."""
+        return self.backend.clear()
 
     def get_now(
         self, key: CacheKey, headers: CIMultiDictProxy[str] | None = None

@@ -7,15 +7,21 @@ are counted in the byte bound, so the index is bounded with the entries.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from ..clock import SYSTEM, Clock
 from ..entry import Entry
 from ..keys import CacheKey
-from .base import Blob, TierBackend, mark_stale
+from .base import Blob, Configured, TierBackend, mark_stale
 
-__all__ = ["MemoryTier"]
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..keys import KeySpace
+    from ..metrics import Metrics
+
+__all__ = ["MemoryTier", "configured"]
 
 # Bytes charged per tag of an entry on top of the tag's length: the index's set slot and the
 # dict entry, roughly. Untagged entries cost exactly ``entry.size``.
@@ -28,11 +34,22 @@ def _cost(entry: Entry) -> int:
     return entry.size + sum(len(tag) + _TAG_OVERHEAD for tag in entry.tags)
 
 
+def configured(
+    settings: Settings, metrics: Metrics, keys: KeySpace, *, clock: Clock = SYSTEM
+) -> Configured | None:
+    """L1, unless TIERPROXY_L1_MAX_BYTES=0."""
+    if settings.l1_max_bytes <= 0:
+        return None
+    return Configured(MemoryTier(settings.l1_max_bytes, clock=clock),
+                      settings.l1_timeout, settings.l1_timeout)
+
+
 class MemoryTier(TierBackend):
     name = "l1"
     synchronous = True
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, clock: Clock = SYSTEM) -> None:
+        self.clock = clock  # an expired entry is dropped when it is looked up
         self.max_bytes = max_bytes
         # An entry may take at most an eighth of L1, so one large response can't flush it.
         self.max_entry_bytes = max(1, max_bytes // 8)
@@ -47,7 +64,7 @@ class MemoryTier(TierBackend):
         entry = self._entries.get(key.material)
         if entry is None:
             return None
-        if entry.expires_at <= time.time():
+        if entry.expires_at <= self.clock.wall():
             self._remove(key.material)
             return None
         self._entries.move_to_end(key.material)
@@ -87,6 +104,10 @@ class MemoryTier(TierBackend):
     def remove_now(self, key: CacheKey) -> bool:
         return self._remove(key.material)
 
+    def watch(self, metrics: Metrics) -> None:
+        metrics.l1_bytes.set_function(lambda: self.bytes)
+        metrics.l1_entries.set_function(lambda: len(self))
+
     def tagged(self, tag: str) -> int:
         """How many L1 entries carry ``tag``."""
         return len(self._tags.get(tag, ()))
@@ -98,7 +119,7 @@ class MemoryTier(TierBackend):
         self.bytes = 0
         return count
 
-    def purge_now(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
+    async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
         materials = {key.material for key in keys}
         for tag in tags:
             materials.update(self._tags.get(tag, ()))
@@ -114,9 +135,6 @@ class MemoryTier(TierBackend):
                 self._entries[material] = marked
                 changed += 1
         return changed
-
-    async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
-        return self.purge_now(keys, tags, soft_at)
 
     async def get(self, key: CacheKey) -> Entry | None:
         return self.get_now(key)

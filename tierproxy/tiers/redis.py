@@ -28,20 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .. import codec
 from ..entry import Entry
 from ..keys import CacheKey, KeySpace
 from . import redis_reads
-from .base import Blob, BytesBackend, TierUnavailable, decode_unkeyed, mark_stale
+from .base import Blob, BytesBackend, Configured, TierUnavailable, mark_stale_encoded
 
-__all__ = ["NAME_ROOT", "PurgeLog", "RedisTier", "link_retry"]
+if TYPE_CHECKING:
+    from ..clock import Clock
+    from ..config import Settings
+    from ..metrics import Metrics
+
+__all__ = ["NAME_ROOT", "PurgeLog", "RedisTier", "configured", "link_retry"]
 
 # What follows TIERPROXY_KEY_PREFIX in every Redis name (see RedisTier.prefix).
 NAME_ROOT = "tierproxy:"
@@ -185,12 +190,12 @@ class PurgeLog:
         rows = await self.client.xrange(self.log_key, min="-", max="+", count=1)
         return _text(rows[0][0]) if rows else None
 
-    async def clock_offset(self) -> float:
-        """Redis's wall clock minus this host's, in seconds: the smallest the round trip allows,
-        so that a time on Redis's clock turned into this host's is never too early (a trust
-        floor computed with it errs towards distrust)."""
+    async def clock_offset(self, wall: Callable[[], float] = time.time) -> float:
+        """Redis's wall clock minus ``wall`` (this process's), in seconds: the smallest the
+        round trip allows, so that a time on Redis's clock turned into this process's is never
+        too early (a trust floor computed with it errs towards distrust)."""
         seconds, micros = await self.client.time()
-        return seconds + micros / 1e6 - time.time()
+        return seconds + micros / 1e6 - wall()
 
     async def heartbeat(self, replica_id: str, lease_ms: int, applied: str) -> None:
         """Register this replica's lease (from now, Redis clock) and what it has applied."""
@@ -243,6 +248,19 @@ def link_retry() -> Retry:
 def _batches(items: Sequence[str], size: int = _BATCH) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def configured(
+    settings: Settings, metrics: Metrics, keys: KeySpace, *, clock: Clock | None = None
+) -> Configured | None:
+    """L2, when TIERPROXY_REDIS_URL is set. (Entries' Redis TTLs are real time: Redis expires
+    them, and a copy it keeps longer than the proxy's clock allows is classified expired.)"""
+    if not settings.redis_url:
+        return None
+    backend = RedisTier(settings.redis_url, keys=keys, key_prefix=settings.key_prefix,
+                        socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
+                        max_connections=settings.redis_max_connections)
+    return Configured(backend, settings.l2_timeout, settings.l2_write_timeout)
 
 
 class RedisTier(BytesBackend):
@@ -347,17 +365,19 @@ class RedisTier(BytesBackend):
             for digest, data in zip(batch, values, strict=True):
                 if not isinstance(data, bytes):
                     continue
-                material = targets[digest]
-                try:
-                    entry = (codec.decode(data, material) if material is not None
-                             else decode_unkeyed(data, digest, self.keys.namespace))
-                except codec.CorruptEntry:
-                    continue  # a lookup will find and delete it
-                marked = mark_stale(entry, soft_at)
+                marked = mark_stale_encoded(data, targets[digest], digest,
+                                            self.keys.namespace, soft_at)
                 if marked is not None:
-                    writes.append((self.prefix + digest, codec.encode(marked)))
+                    writes.append((self.prefix + digest, marked))
             changed += sum(await asyncio.gather(*(rewrite(n, d) for n, d in writes)))
         return changed
+
+    def replicated(self) -> RedisTier:
+        return self
+
+    def fence(self, replica_id: str) -> None:
+        """Write only while ``replica_id``'s purge lease holds (see :attr:`fence_id`)."""
+        self.fence_id = replica_id
 
     def purge_log(self, client: Redis | None = None) -> PurgeLog:
         """The purge log over ``client`` (default: this tier's pool), under this tier's prefix

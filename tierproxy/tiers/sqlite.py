@@ -42,22 +42,23 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from .. import codec
 from ..entry import Entry
 from ..keys import CacheKey, KeySpace
 from .base import (
     Blob,
     BytesBackend,
     StorageFull,
+    Configured,
     TierUnavailable,
-    decode_unkeyed,
-    mark_stale,
+    mark_stale_encoded,
 )
 
 if TYPE_CHECKING:
+    from ..clock import Clock
+    from ..config import Settings
     from ..metrics import Metrics
 
-__all__ = ["SQLiteOpenError", "SQLiteTier"]
+__all__ = ["SQLiteOpenError", "SQLiteTier", "configured"]
 
 log = logging.getLogger("tierproxy.tiers")
 
@@ -182,6 +183,32 @@ class _Deadline:
 
     def passed(self) -> int:
         return 1 if time.monotonic() >= self.at else 0
+
+
+def _file_bytes(path: str) -> float:
+    """The file and its WAL on disk (a gauge, read at scrape time)."""
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(path + suffix).st_size
+        except OSError:
+            pass
+    return float(total)
+
+
+def configured(
+    settings: Settings, metrics: Metrics, keys: KeySpace, *, clock: Clock | None = None
+) -> Configured | None:
+    """L3, unless TIERPROXY_SQLITE_PATH=off. (Expiry sweeps run on real time: they only drop
+    rows; whether a copy is fresh, stale or expired is the proxy's clock's, in GuardedTier.)"""
+    if not settings.sqlite_path:
+        return None
+    backend = SQLiteTier(settings.sqlite_path, max_bytes=settings.l3_max_bytes, metrics=metrics,
+                         keys=keys, read_timeout=settings.l3_timeout,
+                         write_timeout=settings.l3_write_timeout,
+                         retry_max=settings.breaker_cooldown,
+                         check_interval=min(1.0, settings.breaker_cooldown / 2))
+    return Configured(backend, settings.l3_timeout, settings.l3_write_timeout)
 
 
 class SQLiteOpenError(RuntimeError):
@@ -714,15 +741,9 @@ class SQLiteTier(BytesBackend):
                 f"SELECT key, value FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
             ):
                 data = bytes(value)
-                material = materials.get(str(digest))
-                try:
-                    entry = (codec.decode(data, material) if material is not None
-                             else decode_unkeyed(data, str(digest), self.keys.namespace))
-                except codec.CorruptEntry:
-                    continue  # a lookup will find and delete it
-                marked = mark_stale(entry, soft_at)
-                if marked is not None:
-                    encoded = codec.encode(marked)
+                encoded = mark_stale_encoded(data, materials.get(str(digest)), str(digest),
+                                             self.keys.namespace, soft_at)
+                if encoded is not None:
                     updates.append((encoded, len(encoded), str(digest), data))
             if updates:
                 # Compare-and-set on the old value: an entry rewritten meanwhile is left alone.
@@ -732,6 +753,11 @@ class SQLiteTier(BytesBackend):
                 changed += max(0, cursor.rowcount)
                 await cursor.close()
         return changed
+
+    def watch(self, metrics: Metrics) -> None:
+        metrics.l3_bytes.set_function(lambda: self.bytes)
+        metrics.l3_entries.set_function(lambda: self.entries)
+        metrics.l3_file_bytes.set_function(lambda: _file_bytes(self.path))
 
     async def close(self) -> None:
         supervisor, self._supervisor = self._supervisor, None

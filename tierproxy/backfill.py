@@ -1,0 +1,107 @@
+"""Writing a copy into the tiers before the one it came from: L1 at once, the others as
+owned, bounded background tasks (:class:`~tierproxy.background.BackgroundTasks`).
+
+A backfill yields to purges: a copy read or fetched before a purge that may have been for its
+key is not written, and a write a purge overtook is undone (:mod:`tierproxy.purge`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .background import BackgroundTasks
+from .entry import Entry
+from .keys import CacheKey
+from .metrics import Metrics
+from .purge import Purges
+from .tiers.base import Blob, GuardedTier, LocalTrust
+
+__all__ = ["Backfiller"]
+
+
+class Backfiller:
+    def __init__(
+        self,
+        tiers: Sequence[GuardedTier],
+        background: BackgroundTasks,
+        metrics: Metrics,
+        purges: Purges,
+    ) -> None:
+        self.tiers = tiers
+        self.background = background
+        self.purges = purges
+        self._counters = metrics.backfills
+        # Keys with backfills into L2/L3 still on their way (bounded by the background tasks):
+        # a lookup may miss there until they land (see tierproxy.coalescer).
+        self._storing: dict[str, int] = {}
+        #: With replicas (Redis): write to a shared tier only while this replica holds its
+        #: purge lease (see LocalTrust). None = always.
+        self.trust: LocalTrust | None = None
+
+    def storing(self, key: CacheKey) -> bool:
+        """Whether a backfill of ``key`` into an awaited tier has yet to land."""
+        return key.material in self._storing
+
+    def backfill(self, key: CacheKey, entry: Entry, upto: int, generation: int) -> None:
+        """Fill the tiers before index ``upto``: L1 now (memory), the others in the background.
+
+        ``generation`` is the purge generation when ``entry`` was read or fetched: if a purge
+        that may have been for this key (a purge of it, or by tag) ran since, the copy may be
+        what was purged, and it is not written back anywhere (the client that asked still
+        gets it). A purge is rare; a skipped backfill costs a miss.
+        """
+        if self.purges.purged_since(generation, key):
+            return
+        blob: Blob | None = None
+        for tier in self.tiers[:upto]:
+            if tier.synchronous:
+                tier.set_now(key, entry)
+                continue
+            if blob is None:
+                blob = Blob(entry)
+            self._spawn_store(tier, key, entry, blob, generation)
+
+    def _spawn_store(
+        self, tier: GuardedTier, key: CacheKey, entry: Entry, blob: Blob, generation: int
+    ) -> None:
+        counters, purges = self._counters, self.purges
+        storing, material = self._storing, key.material
+
+        async def store() -> None:
+            try:
+                await write()
+            finally:
+                _release(storing, material)
+
+        async def write() -> None:
+            # A purge since this copy was read may have been for it: don't write it back, and
+            # undo a write that was on its way while the purge ran.
+            if purges.purged_since(generation, key):
+                counters.labels(tier.name, "superseded").inc()
+                return
+            # A replica that may have missed purges (its lease ran out) writes nothing that
+            # every replica reads: a PURGE that counted it as fenced will not look again.
+            if tier.shared and self.trust is not None and not self.trust.held():
+                counters.labels(tier.name, "fenced").inc()
+                return
+            ok = await tier.set(key, entry, blob)
+            if purges.purged_since(generation, key):
+                # Also when the write timed out: it may still land (a statement already sent
+                # to Redis, or queued on SQLite's writer thread), and this delete lands after it.
+                await tier.delete(key)
+                counters.labels(tier.name, "superseded").inc()
+                return
+            counters.labels(tier.name, "completed" if ok else "failed").inc()
+
+        storing[material] = storing.get(material, 0) + 1
+        if self.background.spawn(f"backfill-{tier.name}", store):
+            counters.labels(tier.name, "started").inc()
+        else:
+            _release(storing, material)
+            counters.labels(tier.name, "dropped").inc()
+
+
+def _release(storing: dict[str, int], material: str) -> None:
+    left = storing.pop(material) - 1
+    if left:
+        storing[material] = left

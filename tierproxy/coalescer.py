@@ -1,0 +1,240 @@
+"""Single flight per cache key, covering lookup -> fetch -> store.
+
+A request gets, in this order: the entry of a fetch of its key that completed after its
+lookup began (:meth:`Coalescer._recent_outcome`); else the outcome of the fetch in flight for
+its key, when it can be shared; else it fetches, as the key's single flight.
+
+The leader fetches in its own task (so it can stream to its client). A waiter whose shared
+outcome is not its own (private, Set-Cookie, another Vary variant; or the leader gave up)
+waits for the next fetch of the key: one waiter leads it, the others wait on it - so the
+origin sees one fetch per key at a time, never a burst. Each waiter is bounded by its own
+deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from multidict import CIMultiDictProxy
+
+from . import policy
+from .backfill import Backfiller
+from .clock import SYSTEM, Clock
+from .keys import CacheKey
+from .metrics import Metrics
+from .purge import Purges
+from .states import OriginFailed, Outcome, ProxyRequest, Stored
+from .tiers.base import LocalTrust
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["Coalescer"]
+
+# Fetches that ended with an entry to share, remembered for the requests whose lookup began
+# before the fetch completed (see Coalescer._recent_outcome): at most this many records,
+# holding at most this many bytes of entries, each for at most the request deadline.
+_RECENT_FETCHES = 1024
+_RECENT_FETCH_BYTES = 64 * 1024 * 1024
+# A waiter whose shared answer was not its own waits for the next fetch of the key, one fetch
+# at a time; past this many rounds (its deadline comes first in practice) it fetches alone.
+_MAX_WAIT_ROUNDS = 256
+
+
+@dataclass(slots=True)
+class _Flight:
+    """The origin fetch in flight for one key: its waiters' future, and the purge generation
+    it began under (a fetch a purge of its key overtook is never joined)."""
+
+    future: asyncio.Future[Outcome | None]
+    generation: int
+
+
+@dataclass(slots=True)
+class _Recent:
+    """A fetch of one key that ended with an entry every matching request may have."""
+
+    outcome: Stored
+    seq: int  # its number in Coalescer.completed (the fetches remembered so far)
+    generation: int  # the purge generation when the fetch began
+    at: float  # loop clock, when it completed
+
+
+def _shareable(outcome: Outcome, leader_headers: CIMultiDictProxy[str]) -> bool:
+    if isinstance(outcome, Stored):
+        return True  # each waiter still checks the entry's Vary against its own request
+    if isinstance(outcome, OriginFailed):
+        if outcome.reason == "local-error":
+            return False  # may come from this request's own input: the others try for themselves
+        if outcome.response is None:
+            return True
+        # An unstored 5xx fetched with the leader's credentials may be the leader's alone.
+        return outcome.response.stream is None and policy.may_share_unstored(
+            leader_headers, outcome.response.headers
+        )
+    return False  # may be private to the requester, or a stream only one client can read
+
+
+def _usable_by(outcome: Outcome, req: ProxyRequest) -> bool:
+    """A shared outcome is a waiter's answer only if its Vary values match (RFC 9111 §4.1)."""
+    if isinstance(outcome, Stored) and outcome.entry.vary:
+        return policy.vary_matches(outcome.entry, req.headers)
+    return True
+
+
+class Coalescer:
+    """One origin fetch per key at a time (see module)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        purges: Purges,
+        backfiller: Backfiller,
+        *,
+        remember: bool,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self.origin_timeout = settings.origin_timeout
+        self.request_deadline = settings.request_deadline
+        # Records matter only when a lookup awaits (an L2/L3 tier): an L1-only lookup cannot
+        # overlap a fetch.
+        self.record_fetches = remember
+        self.metrics = metrics
+        self.purges = purges
+        self.backfiller = backfiller
+        self.clock = clock
+        # The fetch in flight per key (its future gets the outcome the waiters may share, or
+        # None), and the recently completed ones that produced an entry. Both bounded: one
+        # flight per key being fetched; _RECENT_* records.
+        self._inflight: dict[str, _Flight] = {}
+        self._recent: collections.OrderedDict[str, _Recent] = collections.OrderedDict()
+        self._recent_bytes = 0
+        #: Fetches remembered so far: a lookup notes it (Lookup.since); a later one may hold
+        #: the entry the lookup missed.
+        self.completed = 0
+        #: With replicas: a replica whose purge lease lapsed may have missed a purge, and
+        #: shares no remembered fetch meanwhile. None = always trusted.
+        self.trust: LocalTrust | None = None
+
+    async def fetch(
+        self, req: ProxyRequest, since: int, fetch: Callable[[], Awaitable[Outcome]]
+    ) -> tuple[Outcome, bool]:
+        """``fetch()`` for ``req`` as its key's single flight, or another fetch's shared
+        outcome (see module). Returns (outcome, collapsed)."""
+        loop = asyncio.get_running_loop()
+        material = req.key.material
+        waited = False
+        for _ in range(_MAX_WAIT_ROUNDS):
+            recent = self._recent_outcome(req, since)
+            if recent is not None:
+                if not waited:
+                    self.metrics.coalesced_waiters.inc()
+                return recent, True
+            flight = self._inflight.get(material)
+            if flight is None or self.purges.purged_since(flight.generation, req.key):
+                # (A fetch begun before a purge of this key may bring back what was purged.)
+                return await self._lead(req, fetch), False
+            if not waited:
+                waited = True
+                self.metrics.coalesced_waiters.inc()
+            try:
+                async with asyncio.timeout(max(0.0, req.deadline - loop.time())):
+                    # shield: one waiter's deadline must not cancel what the others wait on
+                    shared = await asyncio.shield(flight.future)
+            except TimeoutError:
+                return OriginFailed("origin-timeout"), True
+            if shared is not None and _usable_by(shared, req):
+                return shared, True
+            # The leader's flight is gone before its future is set: the first waiter to run
+            # now leads the next fetch, the others find it in flight.
+        return await fetch(), False
+
+    async def _lead(self, req: ProxyRequest, fetch: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """Fetch for ``req`` as the key's single flight; share the outcome when it may be."""
+        loop = asyncio.get_running_loop()
+        material = req.key.material
+        generation = self.purges.generation
+        flight = _Flight(loop.create_future(), generation)
+        self._inflight[material] = flight
+        # A timeout of a fetch cut short by the leader's own deadline says nothing about the
+        # origin to a waiter with more time left: that waiter fetches next.
+        own_deadline = req.deadline - loop.time() < self.origin_timeout
+        # None tells the waiters to go on without it (one of them leads the next fetch): also
+        # when the fetch raised or was cancelled.
+        shared: Outcome | None = None
+        try:
+            outcome = await fetch()
+            if _shareable(outcome, req.headers) and not (
+                own_deadline and isinstance(outcome, OriginFailed)
+                and outcome.reason == "origin-timeout" and outcome.response is None
+            ):
+                shared = outcome
+                if isinstance(outcome, Stored):
+                    self._remember(req.key, outcome, generation)
+        finally:
+            # A purge may have let another fetch of the key begin meanwhile: remove only ours.
+            if self._inflight.get(material) is flight:
+                del self._inflight[material]
+            flight.future.set_result(shared)
+        return outcome
+
+    def _remember(self, key: CacheKey, outcome: Stored, generation: int) -> None:
+        """Keep a fetched entry for the requests whose lookup missed it (bounded)."""
+        entry = outcome.entry
+        self.forget(key)  # a newer fetch: the older record must not outlive it
+        if not self.record_fetches or self.clock.wall() >= entry.fresh_until:
+            return  # (a revalidated copy that could not be freshened is not fresh)
+        if entry.size > _RECENT_FETCH_BYTES:
+            return
+        now = asyncio.get_running_loop().time()
+        self.completed += 1
+        self._recent[key.material] = _Recent(outcome, self.completed, generation, now)
+        self._recent_bytes += entry.size
+        self._prune_recent(now)
+
+    def _prune_recent(self, now: float) -> None:
+        """Drop the records no pending lookup can need (older than the request deadline: a
+        lookup that began before them is over), then the oldest past the bounds."""
+        recent = self._recent
+        horizon = now - self.request_deadline
+        while recent:
+            oldest = next(iter(recent.values()))
+            if (oldest.at >= horizon and len(recent) <= _RECENT_FETCHES
+                    and self._recent_bytes <= _RECENT_FETCH_BYTES):
+                break
+            recent.popitem(last=False)
+            self._recent_bytes -= oldest.outcome.entry.size
+
+    def forget(self, key: CacheKey) -> None:
+        """Drop the remembered fetch of ``key`` (it was invalidated, or a newer one came)."""
+        record = self._recent.pop(key.material, None)
+        if record is not None:
+            self._recent_bytes -= record.outcome.entry.size
+
+    def _recent_outcome(self, req: ProxyRequest, since: int) -> Stored | None:
+        """The entry of a fetch of ``req``'s key that completed after ``req``'s lookup began
+        (``since``: the count of remembered fetches then), so the lookup may have looked in
+        each tier before the entry was stored there - or whose backfills into L2/L3 have not
+        all landed yet, so the lookup may have missed it there all the same. Like a waiter on
+        that fetch, ``req`` gets it; but never an entry purged since, past its freshness or for
+        other Vary values.
+        """
+        if not self._recent or (self.trust is not None and not self.trust.held()):
+            return None  # (a replica whose purge lease lapsed may have missed a purge)
+        now = asyncio.get_running_loop().time()
+        self._prune_recent(now)
+        record = self._recent.get(req.key.material)
+        if record is None or (record.seq <= since and not self.backfiller.storing(req.key)):
+            return None
+        if self.purges.purged_since(record.generation, req.key):
+            self.forget(req.key)
+            return None
+        entry = record.outcome.entry
+        if self.clock.wall() >= entry.fresh_until or not _usable_by(record.outcome, req):
+            return None
+        return record.outcome

@@ -1,0 +1,128 @@
+"""Purging this process's tiers, and remembering that it happened.
+
+* **Generations.** A purge bumps the purge generation before and after it runs. A copy read or
+  fetched under an older generation is served to its client but not written back anywhere
+  (:meth:`Purges.purged_since`), so a purge cannot be undone by a response already on its way
+  or a backfill still pending. The log says what each bump was for - the keys of a key purge,
+  or None (tags, or too many keys: any key) - so a purge of one key does not stop copies of
+  every other key in flight from being stored.
+* **The local purge** (:meth:`Purges.purge`): every tier, slowest first, each under its write
+  timeout (at least :data:`PURGE_MIN_TIMEOUT`).
+* **Invalidation** of one key (RFC 9111 §4.4, :meth:`Purges.invalidate`): required work,
+  never dropped.
+
+The replicas' fan-out (the purge log in Redis, leases) is :mod:`tierproxy.invalidation`'s.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+
+from .background import BackgroundTasks
+from .keys import CacheKey
+from .tiers.base import GuardedTier, PurgeUnsupported
+
+__all__ = ["PURGE_LOG", "PURGE_MIN_TIMEOUT", "Purges"]
+
+log = logging.getLogger("tierproxy.readthrough")
+
+# A purge is an operator's request, not the client path: it gets at least this long per tier.
+PURGE_MIN_TIMEOUT = 5.0
+# Purge generations remembered with their keys; a copy older than them is not stored. A key
+# purge of more keys than _PURGE_SCOPE_KEYS is remembered as "any key" (bounded memory).
+PURGE_LOG = 1024
+_PURGE_SCOPE_KEYS = 256
+
+
+class Purges:
+    """The purge generations, and purges of this process's tiers (see module)."""
+
+    def __init__(self, tiers: Sequence[GuardedTier], background: BackgroundTasks) -> None:
+        self.tiers = tiers
+        self.background = background
+        #: Bumped before and after every purge (and by :meth:`distrust_local`).
+        self.generation = 0
+        self._log: collections.deque[tuple[int, frozenset[str] | None]] = collections.deque(
+            maxlen=PURGE_LOG
+        )
+
+    def bump(self, scope: frozenset[str] | None) -> None:
+        """A purge of the keys in ``scope`` (None: of any key) begins or ends."""
+        self.generation += 1
+        self._log.append((self.generation, scope))
+
+    def purged_since(self, generation: int, key: CacheKey) -> bool:
+        """Whether a purge that began after ``generation`` may have been for ``key``."""
+        if generation == self.generation:
+            return False
+        bumps = self._log
+        if not bumps or bumps[0][0] > generation + 1:
+            return True  # bumps older than the log remembers: assume they were for this key
+        for bumped_to, scope in reversed(bumps):
+            if bumped_to <= generation:
+                break
+            if scope is None or key.material in scope:
+                return True
+        return False
+
+    def distrust_local(self) -> None:
+        """Local copies may have missed purges: a copy read or fetched before now is not
+        written back anywhere (as after a purge of every key)."""
+        self.bump(None)
+
+    async def purge(
+        self,
+        keys: Sequence[CacheKey],
+        tags: Sequence[str],
+        soft_at: float | None = None,
+        *,
+        shared: bool = True,
+        local: bool = True,
+    ) -> dict[str, int | str]:
+        """Purge ``keys`` and every entry tagged with one of ``tags`` now.
+
+        Hard purge deletes; ``soft_at`` (wall clock) marks the entries stale as of then
+        instead, so they are revalidated and can still be served on origin failure.
+        ``shared=False`` (a purge heard from another replica) skips tiers every replica shares;
+        ``local=False`` purges only those. Returns {tier: entries changed, or "error" /
+        "timeout" / "unsupported"}.
+
+        Slowest tier first: a lookup that runs during the purge can then only find an old copy
+        in a tier that is still to be purged, never backfill a purged tier from an unpurged one.
+        """
+        scope = (frozenset(key.material for key in keys)
+                 if not tags and len(keys) <= _PURGE_SCOPE_KEYS else None)
+        self.bump(scope)
+        results: dict[str, int | str] = {}
+        for tier in reversed(self.tiers):
+            if not (shared if tier.shared else local):
+                continue
+            timeout = max(tier.write_timeout, PURGE_MIN_TIMEOUT)
+            try:
+                results[tier.name] = await tier.purge(keys, tags, soft_at, timeout)
+            except PurgeUnsupported:
+                results[tier.name] = "unsupported"
+            except TimeoutError:
+                log.warning("purge in %s timed out after %.1fs", tier.name, timeout)
+                results[tier.name] = "timeout"
+            except Exception as exc:
+                log.warning("purge in %s failed: %r", tier.name, exc)
+                results[tier.name] = "error"
+        self.bump(scope)
+        return dict(reversed(results.items()))
+
+    async def invalidate(self, key: CacheKey) -> None:
+        """Forget ``key`` everywhere (RFC 9111 §4.4): L1 now, then every tier as a purge of
+        the key does (slowest first, between generation bumps: a backfill on its way is not
+        written or is undone, and a lookup meanwhile cannot refill L1 from a copy still in L2)
+        - as required work, never dropped: when that lane is full, the caller waits for it."""
+        for tier in self.tiers:
+            if tier.synchronous:
+                tier.remove_now(key)
+
+        async def purge() -> None:
+            await self.purge([key], ())
+
+        await self.background.run_required("invalidate", purge)

@@ -1,0 +1,242 @@
+"""The origin, as the request path asks it: one fetch per call, under the request's budget,
+each outcome counted, and the origin's breaker fed by what the origin did.
+
+:meth:`Upstream.fetch` asks for a cacheable request (conditionally when a stale copy is held,
+RFC 9111 §4.3.1) and decides whether the answer may be stored (:mod:`tierproxy.policy`);
+:meth:`Upstream.forward` passes on a request the cache does not answer. Neither writes to a
+tier: storing and invalidating are the orchestrator's (:mod:`tierproxy.readthrough`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import policy
+from .clock import SYSTEM, Clock
+from .entry import Entry
+from .metrics import Metrics
+from .origin import OriginBusy, OriginClient, OriginError, OriginTimeout, upstream_headers
+from .states import Failed, OriginFailed, Outcome, ProxyRequest, Relayed, Stored, Unstorable
+from .tiers.base import Breaker
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["MAX_TAGS_PER_ENTRY", "MAX_TAG_LENGTH", "Upstream", "parse_tags"]
+
+log = logging.getLogger("tierproxy.readthrough")
+
+# Surrogate keys kept per entry, and the longest one (Fastly's limits): the tag indexes are
+# bounded by entries x tags, so both are capped; anything past them is not indexed.
+MAX_TAGS_PER_ENTRY = 64
+MAX_TAG_LENGTH = 1024
+
+# origin_fetches outcome -> the origin's row in the per-tier view (tier_lookups).
+_ORIGIN_LOOKUP = {"ok": "hit", "5xx": "error", "error": "error", "timeout": "timeout",
+                  "skipped": "skipped"}
+
+
+def parse_tags(header: str | None) -> tuple[str, ...]:
+    """``Surrogate-Key: a b c`` -> ("a", "b", "c"): space-separated, de-duplicated, capped."""
+    if not header:
+        return ()
+    tags: dict[str, None] = {}
+    for tag in header.split():
+        if len(tag) <= MAX_TAG_LENGTH:
+            tags[tag] = None
+            if len(tags) >= MAX_TAGS_PER_ENTRY:
+                break
+    return tuple(tags)
+
+
+class Upstream:
+    """The origin client with its breaker and its counters (see module)."""
+
+    def __init__(
+        self,
+        *,
+        origin: OriginClient,
+        metrics: Metrics,
+        cache_policy: policy.CachePolicy,
+        origin_timeout: float,
+        max_entry_bytes: int,
+        unkeyed_denylist: frozenset[str],
+        breaker_failures: int,
+        breaker_cooldown: float,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self.origin = origin
+        self.metrics = metrics
+        self.policy = cache_policy
+        self.origin_timeout = origin_timeout
+        self.max_entry_bytes = max_entry_bytes
+        self.unkeyed_denylist = unkeyed_denylist
+        # Opens after TIERPROXY_BREAKER_FAILURES consecutive origin failures: while open, a
+        # request holding a stale copy it may serve gets it at once instead of waiting out
+        # the origin timeout; misses still go to the origin, and one request per cooldown
+        # probes it. Its failure count is also the origin's readiness state (degraded).
+        self.breaker = Breaker(breaker_failures, breaker_cooldown, clock=clock)
+        self._outcomes = {
+            name: metrics.origin_fetches.labels(name) for name in ("ok", "5xx", "timeout", "error")
+        }
+        self._lookups = metrics.tier_lookup_counters("origin")
+        self._latency = metrics.tier_op_seconds.labels("origin", "get")
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, origin: OriginClient, metrics: Metrics, *, clock: Clock = SYSTEM
+    ) -> Upstream:
+        return cls(
+            origin=origin, metrics=metrics,
+            cache_policy=policy.CachePolicy(settings.default_ttl, settings.max_stale,
+                                            settings.max_ttl),
+            origin_timeout=settings.origin_timeout, max_entry_bytes=settings.max_entry_bytes,
+            unkeyed_denylist=settings.unkeyed_denylist, breaker_failures=settings.breaker_failures,
+            breaker_cooldown=settings.breaker_cooldown, clock=clock,
+        )
+
+    def _count(self, outcome: str) -> None:
+        """Count one origin fetch's outcome; only what the origin did moves its breaker.
+
+        ``skipped`` (the deadline was spent before asking), ``busy`` (no free origin
+        connection within TIERPROXY_ORIGIN_QUEUE_TIMEOUT) and ``local-error`` (tierproxy's
+        own bug) say nothing about the origin: they have their own counters and never count
+        against its breaker.
+        """
+        if outcome in ("busy", "local-error", "skipped"):
+            # Whatever the breaker let through as its probe did not reach the origin: the
+            # next request probes instead (else a half-open breaker waits out a cooldown).
+            self.breaker.probing = False
+        if outcome == "busy":
+            self.metrics.origin_busy.inc()
+            self._lookups["skipped"].inc()
+            return
+        if outcome == "local-error":
+            self.metrics.local_errors.labels("origin-fetch").inc()
+            self._lookups["error"].inc()
+            return
+        self._outcomes["timeout" if outcome == "skipped" else outcome].inc()
+        self._lookups[_ORIGIN_LOOKUP[outcome]].inc()
+        if outcome == "ok":
+            self.breaker.success()
+        elif outcome != "skipped":  # a spent deadline says nothing about the origin
+            self.breaker.failure()
+
+    async def fetch(self, req: ProxyRequest, stale: Entry | None) -> Outcome:
+        """Ask the origin for ``req``'s key (a HEAD fills the cache too: the GET it stands
+        for); validate ``stale`` when it is given. Whether the answer is stored is decided
+        here (``Stored.keep``, ``Unstorable.invalidates``); nothing is written."""
+        loop = asyncio.get_running_loop()
+        budget = min(self.origin_timeout, req.deadline - loop.time())
+        if budget <= 0:
+            self._count("skipped")
+            return OriginFailed("origin-timeout")
+        headers = upstream_headers(req.headers, req.peer, req.scheme,
+                                   self.unkeyed_denylist, cacheable=True)
+        if req.request_id:
+            headers["X-Request-ID"] = req.request_id
+        if stale is not None:
+            # RFC 9111 §4.3.1: validate the stored response.
+            if stale.etag:
+                headers["If-None-Match"] = stale.etag
+            if stale.last_modified:
+                headers["If-Modified-Since"] = stale.last_modified
+        started = time.perf_counter()
+        try:
+            response = await self.origin.fetch("GET", req.key.material, headers, None, budget,
+                                               self.max_entry_bytes, deadline=req.deadline)
+        except OriginTimeout:
+            self._count("timeout")
+            req.timings["origin"] = time.perf_counter() - started
+            return OriginFailed("origin-timeout")
+        except OriginError as exc:
+            self._count("error")
+            req.timings["origin"] = time.perf_counter() - started
+            log.info("origin error for %r: %s", req.key.material[:200], exc)
+            return OriginFailed("origin-error")
+        except OriginBusy:
+            self._count("busy")
+            req.timings["origin"] = time.perf_counter() - started
+            return OriginFailed("origin-busy")
+        except Exception:  # tierproxy's own error, not the origin's: no breaker, no sharing
+            self._count("local-error")
+            req.timings["origin"] = time.perf_counter() - started
+            log.exception("local error while fetching %r from the origin", req.key.material[:200])
+            return OriginFailed("local-error")
+        elapsed = time.perf_counter() - started
+        req.timings["origin"] = elapsed
+        self.metrics.origin_fetch_seconds.observe(elapsed)
+        self._latency.observe(elapsed)
+        if response.status >= 500:
+            self._count("5xx")
+            return OriginFailed("origin-5xx", response)
+        self._count("ok")
+
+        if response.status == 304 and stale is not None:
+            refreshed = policy.freshen(stale, response.headers, req.headers,
+                                       response.request_time, response.response_time, self.policy)
+            if refreshed is None:
+                # Still a valid answer for this client, just not storable any more.
+                return Stored(stale, revalidated=True, keep=False)
+            return Stored(refreshed, revalidated=True)
+
+        if response.body is None:
+            return Unstorable(response, "too-large")
+        decision = policy.decide_storage("GET", req.headers, response.status, response.headers,
+                                         response.request_time, response.response_time, self.policy)
+        if not decision.storable:
+            return Unstorable(response, decision.reason, invalidates=stale is not None)
+        entry = Entry(
+            key=req.key.material,
+            status=response.status,
+            headers=policy.storable_headers(response.headers),
+            body=response.body,
+            stored_at=decision.stored_at,
+            fresh_until=decision.fresh_until,
+            stale_until=decision.stale_until,
+            swr_until=decision.swr_until,
+            expires_at=decision.expires_at,
+            etag=response.headers.get("ETag"),
+            last_modified=response.headers.get("Last-Modified"),
+            vary=policy.vary_values(response.headers, req.headers),
+            tags=parse_tags(response.headers.get("Surrogate-Key")),
+        )
+        return Stored(entry, revalidated=False)
+
+    async def forward(self, req: ProxyRequest) -> Relayed | Failed:
+        """A request the cache does not answer: send it on, its answer to be streamed back."""
+        loop = asyncio.get_running_loop()
+        budget = min(self.origin_timeout, req.deadline - loop.time())
+        headers = upstream_headers(req.headers, req.peer, req.scheme,
+                                   self.unkeyed_denylist, cacheable=False)
+        if req.request_id:
+            headers["X-Request-ID"] = req.request_id
+        fwd = "method" if req.method not in ("GET", "HEAD") else "bypass"
+        started = time.perf_counter()
+        try:
+            if budget <= 0:
+                raise OriginTimeout("deadline spent")
+            response = await self.origin.fetch(req.method, req.key.material, headers, req.body,
+                                               budget, self.max_entry_bytes,
+                                               deadline=req.deadline)
+        except OriginTimeout:
+            self._count("timeout")
+            return Failed(504, "origin-timeout", fwd)
+        except OriginError:
+            self._count("error")
+            return Failed(502, "origin-error", fwd)
+        except OriginBusy:
+            self._count("busy")
+            return Failed(503, "origin-busy", fwd)
+        except Exception:  # tierproxy's own error, not the origin's
+            self._count("local-error")
+            log.exception("local error while forwarding %s %r", req.method, req.key.material[:200])
+            return Failed(500, "local-error", fwd)
+        finally:
+            req.timings["origin"] = time.perf_counter() - started
+        self._count("5xx" if response.status >= 500 else "ok")
+        self._latency.observe(req.timings["origin"])
+        return Relayed(response, fwd)
