@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -47,6 +47,9 @@ from support.proxy import (  # noqa: E402
     start_subprocess_proxy,
 )
 from support.redis_server import RedisServer, RedisServerError, find_redis_server  # noqa: E402
+
+if TYPE_CHECKING:
+    from tierproxy.clock import Clock
 
 
 def _in_ci() -> bool:
@@ -177,8 +180,11 @@ async def make_proxy(
     base = _base_env(request, origin, sqlite_path)
     handles: list[ProxyHandle] = []
 
-    async def factory(*, hit_path: bool = True, **overrides: Any) -> ProxyHandle:
-        handle = await start_inprocess_proxy(apply_env(base, overrides), hit_path=hit_path)
+    async def factory(
+        *, hit_path: bool = True, clock: Clock | None = None, **overrides: Any
+    ) -> ProxyHandle:
+        handle = await start_inprocess_proxy(apply_env(base, overrides), hit_path=hit_path,
+                                             clock=clock)
         handles.append(handle)
         return handle
 

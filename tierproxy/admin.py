@@ -57,7 +57,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .invalidation import PurgeOrder
 from .keys import BadTarget, normalise_target
-from .purge import purge_authorized
+from .purge_handler import purge_authorized
 from .state import STATE, ProxyState
 
 __all__ = ["ADMIN_HANDLER_ARGS", "MAX_PURGE_ITEMS", "build_admin_app", "readiness"]

@@ -1,7 +1,7 @@
 """The proxy's request handler: parse, key, then read through the cache or pass through.
 
 It does no caching logic of its own: the request target is normalised into its cache key
-(:mod:`tierproxy.keys`); ``PURGE`` goes to :mod:`tierproxy.purge`; a cacheable request is
+(:mod:`tierproxy.keys`); ``PURGE`` goes to :mod:`tierproxy.purge_handler`; a cacheable request is
 answered by the orchestrator (``ReadThrough.get``), any other passed through
 (``ReadThrough.forward``) with its body read here under its limits; the final state is
 written by :func:`tierproxy.response.respond`. A request the hit path already looked up
@@ -23,7 +23,7 @@ from . import policy
 from .hits import HANDOVER, Handover
 from .keys import BadTarget, TargetTooLong, normalise_target
 from .logs import request_id
-from .purge import purge
+from .purge_handler import purge
 from .response import plain, respond
 from .state import INFO, STATE, ProxyState, RequestInfo
 from .states import ProxyRequest

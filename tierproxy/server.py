@@ -6,7 +6,7 @@ registers the scrape-time gauges, and hands resources to the app's cleanup_ctx
 (:func:`_resources`: opened before serving, drained and closed after). :func:`make_runner`
 gives the runner ``tierproxy serve`` uses. The request path itself lives in
 :mod:`tierproxy.handler` (the full path), :mod:`tierproxy.hits` (the connection's hit path),
-:mod:`tierproxy.response` and :mod:`tierproxy.purge`.
+:mod:`tierproxy.response` and :mod:`tierproxy.purge_handler`.
 """
 
 from __future__ import annotations

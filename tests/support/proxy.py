@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +25,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
 from .storage import CacheStatus, parse_cache_status
+
+if TYPE_CHECKING:
+    from tierproxy.clock import Clock
 
 __all__ = [
     "Fetched",
@@ -191,12 +194,17 @@ class ProxyHandle:
             await self.client.close()
 
 
-async def start_inprocess_proxy(env: Mapping[str, str], *, hit_path: bool = True) -> ProxyHandle:
+async def start_inprocess_proxy(
+    env: Mapping[str, str], *, hit_path: bool = True, clock: Clock | None = None
+) -> ProxyHandle:
+    """An in-process proxy for ``env``; ``clock`` (default: the system's) is the one its
+    freshness and cool-downs read (a test's :class:`~support.clock.SteppedClock`)."""
     import tierproxy.config
     import tierproxy.server
+    from tierproxy.clock import SYSTEM
 
     settings = tierproxy.config.load_settings(dict(env))
-    app = tierproxy.server.build_app(settings)
+    app = tierproxy.server.build_app(settings, clock=SYSTEM if clock is None else clock)
     server = _ProductionLikeTestServer(app, host="127.0.0.1", hit_path=hit_path)
     client: TestClient[Any, Any] = TestClient(server)
     await client.start_server()
