@@ -141,100 +141,237 @@ class Private:
 
     @property
     def label(self) -> str:
-        return f"{self.owner}.{self.name}" + ("" if self.attribute or self.kind == "import" else "()")
+        return f"{self.owner}.{self.name}" + (
+            "" if self.attribute or self.kind == "import" else "()"
+        )
 
 
 _RH = "RequestHandler"
-_NOT_PUBLIC_STATE = ("RequestHandler exposes no public view of its request queue or keep-alive "
-                     "state; handler_args only sets limits, and keepalive_timeout bounds idle "
-                     "time, not a head being trickled or a response not being read")
+_NOT_PUBLIC_STATE = (
+    "RequestHandler exposes no public view of its request queue or keep-alive "
+    "state; handler_args only sets limits, and keepalive_timeout bounds idle "
+    "time, not a head being trickled or a response not being read"
+)
 
 PRIVATE_NAMES: tuple[Private, ...] = (
     # -- the connection handler (server side) --------------------------------------------
-    Private(_RH, "_waiter", "write", "listener", True,
-            "start()'s wait for the next request: cleared while the hit path parses so start() "
-            "is not woken for a request the hit path answers, set to wake it for the rest; "
-            "also 'idle' for the connection cap. " + _NOT_PUBLIC_STATE),
-    Private(_RH, "_messages", "write", "listener", True,
-            "the parsed-request queue start() takes from: the hit path pops what it answers "
-            "and puts a hand-over back at the head, in order. No public queue or hook exists "
-            "between the parser and start()"),
-    Private(_RH, "_request_count", "read", "listener", True,
-            "whether data_received parsed a new head (stops the head timer) or body bytes; "
-            "no public counter or parser callback exists"),
-    Private(_RH, "_current_request", "read", "listener", True,
-            "the request whose body a late framing error must fail; aiohttp drops the body "
-            "stream without telling its reader and offers no error hook"),
-    Private(_RH, "_parser", "read", "listener", True,
-            "message_consumed() after the hit path takes a message, as start() does: else the "
-            "parser's pipelining window stays full (no public way to consume a message)"),
-    Private(_RH, "_buffer_paused", "read", "listener", True,
-            "reading paused for a full pipelining queue: the hit path leaves such a queue to "
-            "start(), which resumes reading as it drains (no public flag; absent before "
-            "3.14.4)"),
-    Private(_RH, "_keepalive", "write", "listener", True,
-            "after a hit-path response the connection is keep-alive, as start() sets it after "
-            "a response; no public setter"),
-    Private(_RH, "_keepalive_handle", "write", "listener", True,
-            "the idle timer start() arms after a response: armed the same way after a "
-            "hit-path response (keepalive_timeout is honoured through it)"),
-    Private(_RH, "_next_keepalive_close_time", "write", "listener", True,
-            "the idle deadline start() sets after a response (and what the connection cap "
-            "orders idle connections by); no public reading or setting"),
-    Private(_RH, "_force_close", "read", "listener", True,
-            "a connection being closed takes no hit-path answer and is not 'idle' for the "
-            "cap; no public flag"),
-    Private(_RH, "_close", "write", "listener", True,
-            "close() asked while a hit-path lookup is in flight: recorded, honoured when it "
-            "ends (aiohttp's close() would drop a request it does not know is in progress)"),
-    Private(_RH, "_process_keepalive", "override", "listener", False,
-            "the idle check must not close a connection whose request the hit path is "
-            "looking up (aiohttp thinks it idle); no public hook or predicate"),
-    Private("web_protocol", "_ErrInfo", "import", "listener", False,
-            "how a parse error is queued (its status and exception): needed to fail a body "
-            "read on a late framing error; not exported"),
-    Private("StreamResponse", "_write_headers", "override", "listener", False,
-            "writes the status line and headers: overridden only for a head holding non-UTF-8 "
-            "bytes, which aiohttp's writer would re-encode (there is no raw-headers option)"),
-    Private("AppRunner", "_make_server", "override", "listener", False,
-            "where AppRunner starts the app and builds its web.Server; AppRunner takes no "
-            "server class or protocol factory, and the proxy needs its own web.Server (the "
-            "connection cap, ProxyRequestHandler connections, the hand-over request_factory). "
-            "The server is then built from public arguments only"),
+    Private(
+        _RH,
+        "_waiter",
+        "write",
+        "listener",
+        True,
+        "start()'s wait for the next request: cleared while the hit path parses so start() "
+        "is not woken for a request the hit path answers, set to wake it for the rest; "
+        "also 'idle' for the connection cap. " + _NOT_PUBLIC_STATE,
+    ),
+    Private(
+        _RH,
+        "_messages",
+        "write",
+        "listener",
+        True,
+        "the parsed-request queue start() takes from: the hit path pops what it answers "
+        "and puts a hand-over back at the head, in order. No public queue or hook exists "
+        "between the parser and start()",
+    ),
+    Private(
+        _RH,
+        "_request_count",
+        "read",
+        "listener",
+        True,
+        "whether data_received parsed a new head (stops the head timer) or body bytes; "
+        "no public counter or parser callback exists",
+    ),
+    Private(
+        _RH,
+        "_current_request",
+        "read",
+        "listener",
+        True,
+        "the request whose body a late framing error must fail; aiohttp drops the body "
+        "stream without telling its reader and offers no error hook",
+    ),
+    Private(
+        _RH,
+        "_parser",
+        "read",
+        "listener",
+        True,
+        "message_consumed() after the hit path takes a message, as start() does: else the "
+        "parser's pipelining window stays full (no public way to consume a message)",
+    ),
+    Private(
+        _RH,
+        "_buffer_paused",
+        "read",
+        "listener",
+        True,
+        "reading paused for a full pipelining queue: the hit path leaves such a queue to "
+        "start(), which resumes reading as it drains (no public flag; absent before "
+        "3.14.4)",
+    ),
+    Private(
+        _RH,
+        "_keepalive",
+        "write",
+        "listener",
+        True,
+        "after a hit-path response the connection is keep-alive, as start() sets it after "
+        "a response; no public setter",
+    ),
+    Private(
+        _RH,
+        "_keepalive_handle",
+        "write",
+        "listener",
+        True,
+        "the idle timer start() arms after a response: armed the same way after a "
+        "hit-path response (keepalive_timeout is honoured through it)",
+    ),
+    Private(
+        _RH,
+        "_next_keepalive_close_time",
+        "write",
+        "listener",
+        True,
+        "the idle deadline start() sets after a response (and what the connection cap "
+        "orders idle connections by); no public reading or setting",
+    ),
+    Private(
+        _RH,
+        "_force_close",
+        "read",
+        "listener",
+        True,
+        "a connection being closed takes no hit-path answer and is not 'idle' for the "
+        "cap; no public flag",
+    ),
+    Private(
+        _RH,
+        "_close",
+        "write",
+        "listener",
+        True,
+        "close() asked while a hit-path lookup is in flight: recorded, honoured when it "
+        "ends (aiohttp's close() would drop a request it does not know is in progress)",
+    ),
+    Private(
+        _RH,
+        "_process_keepalive",
+        "override",
+        "listener",
+        False,
+        "the idle check must not close a connection whose request the hit path is "
+        "looking up (aiohttp thinks it idle); no public hook or predicate",
+    ),
+    Private(
+        "web_protocol",
+        "_ErrInfo",
+        "import",
+        "listener",
+        False,
+        "how a parse error is queued (its status and exception): needed to fail a body "
+        "read on a late framing error; not exported",
+    ),
+    Private(
+        "StreamResponse",
+        "_write_headers",
+        "override",
+        "listener",
+        False,
+        "writes the status line and headers: overridden only for a head holding non-UTF-8 "
+        "bytes, which aiohttp's writer would re-encode (there is no raw-headers option)",
+    ),
+    Private(
+        "AppRunner",
+        "_make_server",
+        "override",
+        "listener",
+        False,
+        "where AppRunner starts the app and builds its web.Server; AppRunner takes no "
+        "server class or protocol factory, and the proxy needs its own web.Server (the "
+        "connection cap, ProxyRequestHandler connections, the hand-over request_factory). "
+        "The server is then built from public arguments only",
+    ),
     # -- the origin connections (client side) -------------------------------------------
-    Private("TCPConnector", "_factory", "write", "origin", True,
-            "the protocol factory of new connections: the only way to make them "
-            "_OriginProtocol; TCPConnector takes no protocol class"),
-    Private("BaseConnector", "_get", "override", "origin", False,
-            "takes a pooled connection after its is_connected() check: marks it busy with no "
-            "await in between. A TraceConfig on_connection_reuseconn signal is awaited at "
-            "that point (a window for stray bytes) and cannot refuse the connection"),
-    Private("BaseConnector", "_release", "override", "origin", False,
-            "a connection returned to the pool becomes idle (stray bytes on it then discard "
-            "it); no public signal for a release"),
-    Private("BaseConnector", "_wait_for_available_connection", "override", "origin", False,
-            "the wait for a free pooled connection: stops the origin budget's clock and bounds "
-            "the wait on its own (TIERPROXY_ORIGIN_QUEUE_TIMEOUT, OriginBusy). "
-            "ClientTimeout(connect=) bounds the wait and the TCP connect together and raises "
-            "the same error as a slow origin; the queued_start/end trace signals can neither "
-            "bound nor fail the wait"),
-    Private("ResponseHandler", "_buffer", "read", "origin", True,
-            "parsed responses no request took (a stray response in the same read as the last "
-            "one's end): checked before reuse; no public view"),
-    Private("ResponseHandler", "_payload", "read", "origin", True,
-            "the body being read when the connection is lost: failed on a reset (aiohttp "
-            "completes a close-delimited body on any loss); no public hook"),
+    Private(
+        "TCPConnector",
+        "_factory",
+        "write",
+        "origin",
+        True,
+        "the protocol factory of new connections: the only way to make them "
+        "_OriginProtocol; TCPConnector takes no protocol class",
+    ),
+    Private(
+        "BaseConnector",
+        "_get",
+        "override",
+        "origin",
+        False,
+        "takes a pooled connection after its is_connected() check: marks it busy with no "
+        "await in between. A TraceConfig on_connection_reuseconn signal is awaited at "
+        "that point (a window for stray bytes) and cannot refuse the connection",
+    ),
+    Private(
+        "BaseConnector",
+        "_release",
+        "override",
+        "origin",
+        False,
+        "a connection returned to the pool becomes idle (stray bytes on it then discard "
+        "it); no public signal for a release",
+    ),
+    Private(
+        "BaseConnector",
+        "_wait_for_available_connection",
+        "override",
+        "origin",
+        False,
+        "the wait for a free pooled connection: stops the origin budget's clock and bounds "
+        "the wait on its own (TIERPROXY_ORIGIN_QUEUE_TIMEOUT, OriginBusy). "
+        "ClientTimeout(connect=) bounds the wait and the TCP connect together and raises "
+        "the same error as a slow origin; the queued_start/end trace signals can neither "
+        "bound nor fail the wait",
+    ),
+    Private(
+        "ResponseHandler",
+        "_buffer",
+        "read",
+        "origin",
+        True,
+        "parsed responses no request took (a stray response in the same read as the last "
+        "one's end): checked before reuse; no public view",
+    ),
+    Private(
+        "ResponseHandler",
+        "_payload",
+        "read",
+        "origin",
+        True,
+        "the body being read when the connection is lost: failed on a reset (aiohttp "
+        "completes a close-delimited body on any loss); no public hook",
+    ),
 )
 
 #: The protocol/server methods overridden that are public names but not documented as
 #: extension points (their signatures are still checked, like the private ones).
 OVERRIDDEN_PUBLIC = (
-    ("RequestHandler", "data_received"), ("RequestHandler", "connection_made"),
-    ("RequestHandler", "connection_lost"), ("RequestHandler", "pause_writing"),
-    ("RequestHandler", "resume_writing"), ("RequestHandler", "handle_error"),
-    ("RequestHandler", "close"), ("RequestHandler", "shutdown"),
-    ("Server", "connection_made"), ("Server", "connection_lost"), ("Server", "__call__"),
-    ("ResponseHandler", "data_received"), ("ResponseHandler", "is_connected"),
+    ("RequestHandler", "data_received"),
+    ("RequestHandler", "connection_made"),
+    ("RequestHandler", "connection_lost"),
+    ("RequestHandler", "pause_writing"),
+    ("RequestHandler", "resume_writing"),
+    ("RequestHandler", "handle_error"),
+    ("RequestHandler", "close"),
+    ("RequestHandler", "shutdown"),
+    ("Server", "connection_made"),
+    ("Server", "connection_lost"),
+    ("Server", "__call__"),
+    ("ResponseHandler", "data_received"),
+    ("ResponseHandler", "is_connected"),
     ("ResponseHandler", "connection_lost"),
 )
 
@@ -276,8 +413,11 @@ def _present(private: Private) -> bool:
 
 def missing_internals() -> list[str]:
     """The private names the hardened listener needs that this aiohttp lacks (none: [])."""
-    return [p.label if p.kind != "import" else f"web_protocol.{p.name}"
-            for p in PRIVATE_NAMES if p.side == "listener" and not _present(p)]
+    return [
+        p.label if p.kind != "import" else f"web_protocol.{p.name}"
+        for p in PRIVATE_NAMES
+        if p.side == "listener" and not _present(p)
+    ]
 
 
 def internals_available() -> bool:
@@ -294,10 +434,12 @@ def connector_internals_available() -> bool:
 
 def unhardened_message(missing: list[str]) -> str:
     """One line for the operator: what is missing, what it costs, what to do."""
-    return (f"aiohttp {aiohttp.__version__} lacks internals the hardened listener needs "
-            f"({', '.join(missing)}): without them there are no request-head/send timeouts; "
-            "install the aiohttp version tierproxy pins (>=3.14.4,<3.15), or set "
-            "TIERPROXY_ALLOW_UNHARDENED=on to run without these protections")
+    return (
+        f"aiohttp {aiohttp.__version__} lacks internals the hardened listener needs "
+        f"({', '.join(missing)}): without them there are no request-head/send timeouts; "
+        "install the aiohttp version tierproxy pins (>=3.14.4,<3.15), or set "
+        "TIERPROXY_ALLOW_UNHARDENED=on to run without these protections"
+    )
 
 
 class UnhardenedListener(RuntimeError):
@@ -362,9 +504,11 @@ class ExactHeadStreamResponse(ExactHead):
 _RESCAN_INTERVAL = 0.05
 
 _REFUSED_BODY = b"503 too many client connections: retry later\n"
-_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(_REFUSED_BODY), _REFUSED_BODY))
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_REFUSED_BODY), _REFUSED_BODY)
+)
 
 
 class ConnectionCap:
@@ -379,8 +523,16 @@ class ConnectionCap:
     connection, ``episode()`` each episode.
     """
 
-    __slots__ = ("_at_cap", "_episode", "_fruitless_scan_at", "_low_water", "_name", "_open",
-                 "_shed", "limit")
+    __slots__ = (
+        "_at_cap",
+        "_episode",
+        "_fruitless_scan_at",
+        "_low_water",
+        "_name",
+        "_open",
+        "_shed",
+        "limit",
+    )
 
     def __init__(
         self,
@@ -408,11 +560,15 @@ class ConnectionCap:
             return
         if not self._at_cap:
             self._at_cap = True
-            log.warning("%s: client connections at the cap (%d): closing the oldest idle "
-                        "keep-alive connections first, refusing new ones with 503 while "
-                        "none is idle; counted in tierproxy_client_connections_shed_total "
-                        "(one line per episode; TIERPROXY_MAX_CLIENT_CONNECTIONS, "
-                        "RLIMIT_NOFILE)", self._name, self.limit)
+            log.warning(
+                "%s: client connections at the cap (%d): closing the oldest idle "
+                "keep-alive connections first, refusing new ones with 503 while "
+                "none is idle; counted in tierproxy_client_connections_shed_total "
+                "(one line per episode; TIERPROXY_MAX_CLIENT_CONNECTIONS, "
+                "RLIMIT_NOFILE)",
+                self._name,
+                self.limit,
+            )
             if self._episode is not None:
                 self._episode()
         now = asyncio.get_running_loop().time()
@@ -421,7 +577,8 @@ class ConnectionCap:
             # O(open connections): a flood of new ones while none is idle must not pay it
             # per connection, so after a scan that found nothing, the next waits a little.
             idle = sorted(
-                (since, id(h), h) for h in self._open
+                (since, id(h), h)
+                for h in self._open
                 if h is not handler and (since := _idle_since(h)) is not None
             )
             if not idle:
@@ -454,8 +611,13 @@ def _idle_since(handler: RequestHandler) -> float | None:
     and nothing is queued or in the hit path's hands.
     """
     waiter = handler._waiter
-    if (waiter is None or waiter.done() or handler._messages or handler._force_close
-            or handler.writing_paused):
+    if (
+        waiter is None
+        or waiter.done()
+        or handler._messages
+        or handler._force_close
+        or handler.writing_paused
+    ):
         # (writing paused: the last response is still being sent - closing it now would only
         # wait for the client, outside the cap's count; the send timeout deals with it)
         return None
@@ -522,9 +684,19 @@ def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field
 class ProxyRequestHandler(RequestHandler, Generic[H]):
     """One client connection. See the module docstring for what it adds to aiohttp's."""
 
-    __slots__ = ("_event_loop", "_handover", "_head_timeout", "_head_timer", "_hits",
-                 "_idle_timeout", "_lookup", "_remote", "_send_timeout", "_send_timer",
-                 "_writable")
+    __slots__ = (
+        "_event_loop",
+        "_handover",
+        "_head_timeout",
+        "_head_timer",
+        "_hits",
+        "_idle_timeout",
+        "_lookup",
+        "_remote",
+        "_send_timeout",
+        "_send_timer",
+        "_writable",
+    )
 
     def __init__(
         self,
@@ -594,8 +766,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
             return
         # Still stalled - or closed by force_close() meanwhile (which forgets the transport)
         # while the close waits for the client to read what is buffered: abort it either way.
-        log.debug("closing a connection from %s: it accepted no response bytes for %.1fs",
-                  self.peername, self._send_timeout)
+        log.debug(
+            "closing a connection from %s: it accepted no response bytes for %.1fs",
+            self.peername,
+            self._send_timeout,
+        )
         # The writer blocked on this client fails; whatever it streamed from the origin is
         # released with it.
         transport.abort()
@@ -609,8 +784,10 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         # Between requests (or before the first): these bytes belong to a request head.
         before = self._request_count
         waiter = self._waiter
-        if self._hits is not None and waiter is not None and (
-            not self._messages or self._lookup is not None
+        if (
+            self._hits is not None
+            and waiter is not None
+            and (not self._messages or self._lookup is not None)
         ):
             # start() waits for the next request, and no request is queued (or the hit path
             # is looking one up): parse without waking start(), answer what the hit path can,
@@ -732,7 +909,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
             # Bounded by the body's slices; stops once the transport is over its high-water
             # mark (it calls pause_writing from inside write) or closing.
             while offset < size and not self.writing_paused and not transport.is_closing():
-                transport.write(view[offset:offset + BODY_SLICE_BYTES])
+                transport.write(view[offset : offset + BODY_SLICE_BYTES])
                 offset += BODY_SLICE_BYTES
             if offset < size:
                 return view[offset:]
@@ -754,7 +931,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
-            transport.write(rest[offset:offset + BODY_SLICE_BYTES])
+            transport.write(rest[offset : offset + BODY_SLICE_BYTES])
         self._response_sent()
 
     def _response_sent(self) -> None:
@@ -843,8 +1020,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         transport = self.transport
         if transport is None or self._request_count != request_count:
             return  # gone, or a head arrived after all
-        log.debug("closing a connection from %s: no complete request head within %.1fs",
-                  self.peername, self._head_timeout)
+        log.debug(
+            "closing a connection from %s: no complete request head within %.1fs",
+            self.peername,
+            self._head_timeout,
+        )
         # No response is in flight (no request since the timer started), so a minimal 408
         # can go straight to the transport before it closes (RFC 9110 §15.5.9).
         body = b"408 request head not received in time\n"
@@ -871,8 +1051,12 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         # A malformed request is the client's error, not ours: no traceback in the log.
         status = _client_error_status(exc, self.max_line_size, self.max_field_size)
         reason = exc.message.split("\n", 1)[0].rstrip(":")[:200] if status == 400 else ""
-        log.debug("refused a malformed request from %s with %d: %s",
-                  request.remote, status, exc.message[:300])
+        log.debug(
+            "refused a malformed request from %s with %d: %s",
+            request.remote,
+            status,
+            exc.message[:300],
+        )
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot answer the parse error")
         phrase = HTTPStatus(status).phrase
@@ -883,7 +1067,13 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
 
 
 RequestFactory = Callable[
-    [RawRequestMessage, "StreamReader", RequestHandler, "AbstractStreamWriter", "asyncio.Task[None]"],
+    [
+        RawRequestMessage,
+        "StreamReader",
+        RequestHandler,
+        "AbstractStreamWriter",
+        "asyncio.Task[None]",
+    ],
     web.BaseRequest,
 ]
 
@@ -924,8 +1114,14 @@ class _ProxyServer(CappedServer, Generic[H]):
                 return request
 
             make_request = with_handover
-        super().__init__(handler, cap=cap, request_factory=make_request,
-                         handler_cancellation=handler_cancellation, loop=loop, **handler_kwargs)
+        super().__init__(
+            handler,
+            cap=cap,
+            request_factory=make_request,
+            handler_cancellation=handler_cancellation,
+            loop=loop,
+            **handler_kwargs,
+        )
         self._proxy_loop = loop
         self._proxy_handler_kwargs = handler_kwargs
         self._head_timeout = head_timeout
@@ -933,9 +1129,14 @@ class _ProxyServer(CappedServer, Generic[H]):
         self._hits = hits
 
     def __call__(self) -> RequestHandler:
-        return ProxyRequestHandler(self, loop=self._proxy_loop, head_timeout=self._head_timeout,
-                                   send_timeout=self._send_timeout, hits=self._hits,
-                                   **self._proxy_handler_kwargs)
+        return ProxyRequestHandler(
+            self,
+            loop=self._proxy_loop,
+            head_timeout=self._head_timeout,
+            send_timeout=self._send_timeout,
+            hits=self._hits,
+            **self._proxy_handler_kwargs,
+        )
 
 
 # Keyword arguments of web.AppRunner that are not RequestHandler's: the runner's own, and
@@ -960,8 +1161,14 @@ class CappedRunner(web.AppRunner):
 
     __slots__ = ("_cap", "_handler_args", "_runner_kwargs")
 
-    def __init__(self, app: web.Application, *, cap: ConnectionCap,
-                 handler_args: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        cap: ConnectionCap,
+        handler_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self._cap = cap
         self._handler_args = handler_args or {}
@@ -972,8 +1179,11 @@ class CappedRunner(web.AppRunner):
         if missing_internals():
             return server  # tierproxy serve refused to start already, unless allowed
         return CappedServer(
-            server.request_handler, cap=self._cap, request_factory=server.request_factory,
-            handler_cancellation=server.handler_cancellation, loop=asyncio.get_running_loop(),
+            server.request_handler,
+            cap=self._cap,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=asyncio.get_running_loop(),
             **_handler_kwargs(self._runner_kwargs, self._handler_args),
         )
 
@@ -988,8 +1198,15 @@ class ProxyRunner(web.AppRunner, Generic[H]):
     each request on the connection itself (:mod:`tierproxy.hits`); the app handles the rest.
     """
 
-    __slots__ = ("_allow_unhardened", "_cap", "_handler_args", "_header_timeout", "_hits",
-                 "_runner_kwargs", "_send_timeout")
+    __slots__ = (
+        "_allow_unhardened",
+        "_cap",
+        "_handler_args",
+        "_header_timeout",
+        "_hits",
+        "_runner_kwargs",
+        "_send_timeout",
+    )
 
     def __init__(
         self,
@@ -1083,8 +1300,9 @@ class _OriginProtocol(ResponseHandler):
       reset included; here a loss with an error fails the body instead.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop,
-                 discarded: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, discarded: Callable[[str], None] | None = None
+    ) -> None:
         super().__init__(loop)
         self.idle = False  # in the pool, no request outstanding
         self._discarded = discarded
@@ -1100,8 +1318,9 @@ class _OriginProtocol(ResponseHandler):
 
     def data_received(self, data: bytes) -> None:
         if self.idle and data:
-            self.discard("unsolicited-bytes",
-                         f"{len(data)} unsolicited bytes on an idle connection")
+            self.discard(
+                "unsolicited-bytes", f"{len(data)} unsolicited bytes on an idle connection"
+            )
             return
         super().data_received(data)
 
@@ -1117,8 +1336,9 @@ class _OriginProtocol(ResponseHandler):
         if self.transport is not None and _input_pending(self.transport):
             # Often just the origin closing an idle connection (a FIN the loop has not read
             # yet): normal, so not a warning; the connection is not reused either way.
-            self.discard("unread-before-reuse", "unread bytes or EOF on an idle connection",
-                         logging.INFO)
+            self.discard(
+                "unread-before-reuse", "unread bytes or EOF on an idle connection", logging.INFO
+            )
             return False
         return True
 
@@ -1164,8 +1384,9 @@ class _OriginConnector(aiohttp.TCPConnector):
             )
         self._factory = cast(
             "functools.partial[ResponseHandler]",
-            functools.partial(_OriginProtocol, loop=asyncio.get_running_loop(),
-                              discarded=discarded),
+            functools.partial(
+                _OriginProtocol, loop=asyncio.get_running_loop(), discarded=discarded
+            ),
         )
 
     async def _get(self, key: Any, traces: list[Any]) -> aiohttp.connector.Connection | None:

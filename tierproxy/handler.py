@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import pending_core  # TEMP until core lands
-from . import policy
+from . import (
+    pending_core,  # TEMP until core lands
+    policy,
+)
 from .hits import HANDOVER, Handover
 from .keys import BadTarget, TargetTooLong, normalise_target
 from .logs import request_id
@@ -79,7 +81,9 @@ async def unrouted_targets(
     return await handler(request)
 
 
-async def _resume(request: web.Request, state: ProxyState, handover: Handover) -> web.StreamResponse:
+async def _resume(
+    request: web.Request, state: ProxyState, handover: Handover
+) -> web.StreamResponse:
     """A plain GET the hit path looked up and could not answer: go on from its lookup."""
     req = handover.req
     req.scheme = "https" if request.secure else "http"  # the hit path cannot tell
@@ -127,7 +131,9 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
     return await respond(request, state, final)
 
 
-async def _read_body(request: web.Request, state: ProxyState, req: ProxyRequest) -> web.Response | None:
+async def _read_body(
+    request: web.Request, state: ProxyState, req: ProxyRequest
+) -> web.Response | None:
     """Read the body to forward into ``req.body``; or return the response refusing it.
 
     The body is forwarded re-framed (the origin client sets Content-Length), so no framing

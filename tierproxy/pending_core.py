@@ -41,8 +41,9 @@ def _final(result: old.Result) -> Final:
             return FreshHit(x_cache[4:].lower(), result.entry)
         if x_cache.startswith("STALE-"):
             return StaleHit(x_cache[6:].lower(), result.entry, _detail(member) or "")
-        return Fetched(result.entry, _fwd(member), x_cache == "REVALIDATED",
-                       member.endswith("; collapsed"))
+        return Fetched(
+            result.entry, _fwd(member), x_cache == "REVALIDATED", member.endswith("; collapsed")
+        )
     if isinstance(result, old.Forwarded):
         return Relayed(result.response, _fwd(result.cache_status), _detail(result.cache_status))
     return Failed(result.status, result.reason, _fwd(result.cache_status))
@@ -65,8 +66,9 @@ def _old_lookup(rt: old.ReadThrough, found: Lookup) -> old.Lookup:
     match found.found:
         case FreshHit(tier, entry):
             x_cache, member = states.labels(found.found, time.time())
-            return old.Lookup(old.Cached(entry, x_cache, member), None, 0, found.generation,
-                              found.since)
+            return old.Lookup(
+                old.Cached(entry, x_cache, member), None, 0, found.generation, found.since
+            )
         case states.NeedsRevalidation(tier, entry):
             return old.Lookup(None, entry, names.index(tier), found.generation, found.since)
         case _:

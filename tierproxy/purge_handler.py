@@ -23,8 +23,9 @@ def purge_authorized(request: web.Request, token: str) -> bool:
     """``Authorization: Bearer <token>``, compared in constant time: the comparison must not
     reveal how much of the token was right. Shared by PURGE and the admin ``POST /purge``."""
     supplied = request.headers.get("Authorization", "")
-    return hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
-                               f"Bearer {token}".encode())
+    return hmac.compare_digest(
+        supplied.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()
+    )
 
 
 async def purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.Response:
@@ -43,6 +44,9 @@ async def purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.R
         PurgeOrder((key.material,), (), soft, state.clock.wall()), "proxy"
     )
     body = {"key": key.material, **outcome.body}
-    return web.Response(status=200 if outcome.ok else 503, text=json.dumps(body),
-                        content_type="application/json",
-                        headers={"X-Cache": REFUSED[0], "Cache-Status": REFUSED[1]})
+    return web.Response(
+        status=200 if outcome.ok else 503,
+        text=json.dumps(body),
+        content_type="application/json",
+        headers={"X-Cache": REFUSED[0], "Cache-Status": REFUSED[1]},
+    )

@@ -41,8 +41,15 @@ if TYPE_CHECKING:
     from .entry import Entry
     from .state import ProxyState
 
-__all__ = ["REFUSED", "SharedBodyResponse", "cache_status", "cached_body_response",
-           "fresh_hit_head", "plain", "respond"]
+__all__ = [
+    "REFUSED",
+    "SharedBodyResponse",
+    "cache_status",
+    "cached_body_response",
+    "fresh_hit_head",
+    "plain",
+    "respond",
+]
 
 log = logging.getLogger("tierproxy.server")
 
@@ -71,7 +78,8 @@ def cache_status(upstream: str, ours: str) -> str:
 def plain(status: int, text: str, labels: tuple[str, str] = REFUSED) -> web.Response:
     """A short plain-text answer with tierproxy's ``(X-Cache, Cache-Status)``."""
     return web.Response(
-        status=status, text=text + "\n",
+        status=status,
+        text=text + "\n",
         headers={"X-Cache": labels[0], "Cache-Status": labels[1]},
     )
 
@@ -118,8 +126,14 @@ def fresh_hit_head(tier: str, entry: Entry, now: float, rid: str) -> tuple[bytes
     if not flags & HAS_SERVER:
         tail += _SERVER_LINE
     return _HIT_HEAD % (
-        head, entry.age(now), encoded[1], entry.upstream_cache_status, encoded[2],
-        rid.encode(), len(body), tail,
+        head,
+        entry.age(now),
+        encoded[1],
+        entry.upstream_cache_status,
+        encoded[2],
+        rid.encode(),
+        len(body),
+        tail,
     ), encoded[0]
 
 
@@ -137,8 +151,9 @@ async def respond(request: web.Request, state: ProxyState, final: Final) -> web.
             return await _relayed(request, state, response, x_cache, member)
         case Failed(status, reason, _):
             state.metrics.response(x_cache, status)
-            failed = plain(status, f"{status} {_FAILED_TEXT.get(reason, reason)}",
-                           (x_cache, member))
+            failed = plain(
+                status, f"{status} {_FAILED_TEXT.get(reason, reason)}", (x_cache, member)
+            )
             if status == 503:
                 failed.headers["Retry-After"] = "1"  # RFC 9110 §10.2.3
             return failed
@@ -146,14 +161,16 @@ async def respond(request: web.Request, state: ProxyState, final: Final) -> web.
             assert_never(final)
 
 
-def _stored(request: web.Request, state: ProxyState, entry: Entry, now: float, x_cache: str,
-            member: str) -> web.StreamResponse:
+def _stored(
+    request: web.Request, state: ProxyState, entry: Entry, now: float, x_cache: str, member: str
+) -> web.StreamResponse:
     # The same head as the hit path writes (fresh_hit_head): the stored fields but
     # tierproxy's own, then Age, X-Cache, Cache-Status (upstream members first) and
     # X-Request-ID (set by the handler).
     if policy.client_not_modified(request.headers, entry):
         headers = CIMultiDict(
-            (name, value) for name, value in entry.headers
+            (name, value)
+            for name, value in entry.headers
             if name.lower() in policy.NOT_MODIFIED_HEADERS or name.lower() == "last-modified"
         )
         status = 304
@@ -173,8 +190,13 @@ def _stored(request: web.Request, state: ProxyState, entry: Entry, now: float, x
     return response
 
 
-async def _relayed(request: web.Request, state: ProxyState, origin_response: OriginResponse,
-                   x_cache: str, member: str) -> web.StreamResponse:
+async def _relayed(
+    request: web.Request,
+    state: ProxyState,
+    origin_response: OriginResponse,
+    x_cache: str,
+    member: str,
+) -> web.StreamResponse:
     headers = CIMultiDict(policy.end_to_end(origin_response.headers, _RESPONSE_DROP))
     # tierproxy's own fields replace the origin's; its Cache-Status member follows an
     # upstream's members (RFC 9211 §2).
@@ -185,10 +207,15 @@ async def _relayed(request: web.Request, state: ProxyState, origin_response: Ori
     state.metrics.response(x_cache, origin_response.status)
     if origin_response.body is not None or origin_response.stream is None:
         if has_raw_bytes(headers.items()):
-            return ExactHeadResponse(request, status=origin_response.status,
-                                     body=origin_response.body or b"", headers=headers)
-        return web.Response(status=origin_response.status, body=origin_response.body or b"",
-                            headers=headers)
+            return ExactHeadResponse(
+                request,
+                status=origin_response.status,
+                body=origin_response.body or b"",
+                headers=headers,
+            )
+        return web.Response(
+            status=origin_response.status, body=origin_response.body or b"", headers=headers
+        )
     return await _stream(request, state, origin_response, headers)
 
 
@@ -229,7 +256,7 @@ class SharedBodyResponse(web.StreamResponse):
         if body is not None:
             view = memoryview(body)
             for offset in range(0, len(view), BODY_SLICE_BYTES):  # bounded by the body
-                await self.write(view[offset:offset + BODY_SLICE_BYTES])
+                await self.write(view[offset : offset + BODY_SLICE_BYTES])
         await super().write_eof(data)
 
 
@@ -247,8 +274,13 @@ def cached_body_response(
     return SharedBodyResponse(status=status, body=body, headers=headers)
 
 
-def _cached_response(request: web.BaseRequest, status: int, body: bytes | None,
-                     headers: CIMultiDict[str], exact_head: bool) -> web.StreamResponse:
+def _cached_response(
+    request: web.BaseRequest,
+    status: int,
+    body: bytes | None,
+    headers: CIMultiDict[str],
+    exact_head: bool,
+) -> web.StreamResponse:
     """The full path's response for a stored entry: a large body as slices of the stored
     bytes (never a copy per slow client), and a head with non-UTF-8 bytes written byte-exact
     (:class:`tierproxy.aiohttp_internals.ExactHead`)."""
@@ -282,8 +314,12 @@ async def _send(response: web.StreamResponse, data: bytes, send_timeout: float) 
         raise _ClientStalled() from None
 
 
-async def _stream(request: web.Request, state: ProxyState, origin_response: OriginResponse,
-                  headers: CIMultiDict[str]) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    state: ProxyState,
+    origin_response: OriginResponse,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
     """Copy a large or unbounded body chunk by chunk; never hold all of it.
 
     Bounded three ways, so that no client holds an origin connection for long: each read
@@ -295,9 +331,11 @@ async def _stream(request: web.Request, state: ProxyState, origin_response: Orig
     assert origin_response.stream is not None
     settings = state.settings
     upstream = origin_response.stream
-    response = (ExactHeadStreamResponse(request, status=origin_response.status, headers=headers)
-                if has_raw_bytes(headers.items())
-                else web.StreamResponse(status=origin_response.status, headers=headers))
+    response = (
+        ExactHeadStreamResponse(request, status=origin_response.status, headers=headers)
+        if has_raw_bytes(headers.items())
+        else web.StreamResponse(status=origin_response.status, headers=headers)
+    )
     length = upstream.content_length
     if length is not None:
         # Keep the origin's framing so the client can tell a truncated body from a whole one.
@@ -321,12 +359,19 @@ async def _stream(request: web.Request, state: ProxyState, origin_response: Orig
         log.warning("origin body broke off for %s: %s", request.path[:200], exc)
     except _ClientStalled:
         cut = "client-stalled"
-        log.info("client %s took no bytes for %.1fs of a streamed %s; cut off",
-                 request.remote, settings.send_timeout, request.path[:200])
+        log.info(
+            "client %s took no bytes for %.1fs of a streamed %s; cut off",
+            request.remote,
+            settings.send_timeout,
+            request.path[:200],
+        )
     except TimeoutError:
         cut = "stream-timeout"
-        log.warning("streamed body of %s not sent within TIERPROXY_STREAM_TIMEOUT=%.1fs; cut off",
-                    request.path[:200], settings.stream_timeout)
+        log.warning(
+            "streamed body of %s not sent within TIERPROXY_STREAM_TIMEOUT=%.1fs; cut off",
+            request.path[:200],
+            settings.stream_timeout,
+        )
     except ConnectionError:
         cut = "client-gone"
     except Exception:  # tierproxy's own error: logged, and the body is not passed off as whole

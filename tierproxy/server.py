@@ -207,7 +207,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             if not await state.invalidation.wait_subscribed(max(1.0, settings.l2_write_timeout)):
                 log.warning("not yet subscribed to the replicas' purge channel; L1 will be "
                             "cleared when it is")
-        except Exception as exc:  # start anyway: L2 is a cache, its breaker handles it
+        except Exception as exc:  # noqa: BLE001 - start anyway: L2 is a cache, its breaker handles it
             log.warning("L2 Redis not reachable at start-up (%r); serving without it until it is",
                         exc)
     if settings.sqlite_path is None:
@@ -227,7 +227,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for tier in state.tiers:
             try:
                 await tier.close()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one tier's close must not stop the rest
                 log.warning("closing %s: %r", tier.name, exc)
         await state.origin.close()
 

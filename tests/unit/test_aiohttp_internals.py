@@ -54,16 +54,22 @@ def test_every_entry_says_why_and_is_private() -> None:
         assert private.owner in OWNERS or private.kind == "import", private
 
 
-@pytest.mark.parametrize("private", [p for p in PRIVATE_NAMES if p.kind in ("override", "call")],
-                         ids=_ids(tuple(p for p in PRIVATE_NAMES if p.kind in ("override", "call"))))
+@pytest.mark.parametrize(
+    "private",
+    [p for p in PRIVATE_NAMES if p.kind in ("override", "call")],
+    ids=_ids(tuple(p for p in PRIVATE_NAMES if p.kind in ("override", "call"))),
+)
 def test_methods_exist_and_are_callable(private: Private) -> None:
     assert not private.attribute
     method = getattr(OWNERS[private.owner], private.name, None)
     assert callable(method), f"aiohttp {aiohttp.__version__} has no {private.label}"
 
 
-@pytest.mark.parametrize("private", [p for p in PRIVATE_NAMES if p.kind == "import"],
-                         ids=_ids(tuple(p for p in PRIVATE_NAMES if p.kind == "import")))
+@pytest.mark.parametrize(
+    "private",
+    [p for p in PRIVATE_NAMES if p.kind == "import"],
+    ids=_ids(tuple(p for p in PRIVATE_NAMES if p.kind == "import")),
+)
 def test_imported_names_exist(private: Private) -> None:
     module = importlib.import_module(f"aiohttp.{private.owner}")
     assert hasattr(module, private.name)
@@ -91,9 +97,11 @@ async def test_instance_attributes_exist_on_live_instances() -> None:
             assert hasattr(instance, private.name), (
                 f"aiohttp {aiohttp.__version__}: {private.owner} instance has no {private.name}"
             )
-            assert not callable(getattr(instance, private.name)) or private.name == "_factory", private
+            assert not callable(getattr(instance, private.name)) or private.name == "_factory", (
+                private
+            )
         connector = instances["TCPConnector"]
-        assert isinstance(getattr(connector, "_factory"), functools.partial)
+        assert isinstance(connector._factory, functools.partial)  # type: ignore[attr-defined]
     finally:
         await instances["TCPConnector"].close()  # type: ignore[attr-defined]
 
@@ -125,13 +133,19 @@ def test_no_other_module_reaches_into_aiohttp() -> None:
         if path.name == "aiohttp_internals.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if (isinstance(node, ast.ImportFrom) and node.level == 0
-                    and (node.module or "").split(".")[0] == "aiohttp"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").split(".")[0] == "aiohttp"
+            ):
                 if node.module in _INTERNAL_MODULES or any(
                     alias.name.startswith("_") for alias in node.names
                 ):
                     offenders.append(f"{path.name}: from {node.module} import ...")
             elif isinstance(node, ast.Import):
-                offenders += [f"{path.name}: import {a.name}" for a in node.names
-                              if a.name in _INTERNAL_MODULES]
+                offenders += [
+                    f"{path.name}: import {a.name}"
+                    for a in node.names
+                    if a.name in _INTERNAL_MODULES
+                ]
     assert offenders == []

@@ -118,5 +118,9 @@ def test_no_import_cycles_in_tierproxy() -> None:
 
 def test_the_admin_listener_does_not_import_the_proxy_app() -> None:
     below_admin = _reachable(import_graph(), "tierproxy.admin")
-    assert not below_admin & {"tierproxy.server", "tierproxy.handler", "tierproxy.hits",
-                              "tierproxy.cli"}, sorted(below_admin)
+    assert not below_admin & {
+        "tierproxy.server",
+        "tierproxy.handler",
+        "tierproxy.hits",
+        "tierproxy.cli",
+    }, sorted(below_admin)
