@@ -49,13 +49,28 @@ with those public ``RequestHandler`` keyword arguments (not by reading ``Server.
 hit path's hand-over reaches the full path through a ``web.Server`` ``request_factory`` (below);
 the loop and keep-alive timeout the handler needs are the ones it was given, not read back.
 
+Public mechanisms considered and why they fall short (per name: :data:`PRIVATE_NAMES`):
+``keepalive_timeout`` bounds only idle time between requests (a head trickled a byte at a
+time is not idle); ``read_bufsize`` bounds how much is buffered, not how long it takes;
+``max_line_size``/``max_field_size``/``max_headers`` are applied (aiohttp answers 400 to all
+three, :meth:`ProxyRequestHandler.handle_error` turns them into 414/431); ``handler_args`` and
+``web.AppRunner``'s keyword arguments only reach ``RequestHandler``'s constructor, never choose
+its class; the client's ``TraceConfig`` signals are awaited inside the connector (a window
+between the reuse check and the hand-out) and cannot refuse a connection or bound a wait;
+``limit``/``limit_per_host`` bound the pool, not the wait for it; ``ClientTimeout(connect=)``
+bounds the wait together with the TCP connect and fails as a slow origin would. The client
+connection cap needs the server's ``connection_made``/``connection_lost`` (public names,
+overridden: :data:`OVERRIDDEN_PUBLIC`).
+
 **The hand-over** (a request the hit path looked up but cannot answer): the connection handler
 keeps the lookup's outcome together with the parsed message it belongs to; the server's
 ``request_factory`` - a public ``web.Server`` argument, called by aiohttp with that very message
 object when it builds the ``Request`` - takes it (matched on the message's identity) and stores
 it on the request under the hit path's typed ``web.RequestKey`` (:attr:`HitAnswerer.handover_key`).
 The handler reads ``request.get(key)``: typed, explicit, no attribute probing on the protocol,
-and no guess from header objects.
+and no guess from header objects. Chosen over a typed attribute on the protocol read by the
+handler: that would still need the handler to know the connection's class and to match the
+request to the stored hand-over itself, while the factory is handed the exact message.
 """
 
 from __future__ import annotations
