@@ -56,7 +56,7 @@ def _labelled_lines(head: bytes) -> dict[bytes, bytes]:
 
 @pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
 @pytest.mark.parametrize("left", [0.2, 1.0, 59.9, 3600.0])
-def test_the_hit_head_carries_the_labels_of_its_final_state(tier, left):
+def test_the_hit_head_carries_the_labels_of_its_final_state(tier: str, left: float) -> None:
     from tierproxy.response import fresh_hit_head
     from tierproxy.states import FreshHit, labels
 
