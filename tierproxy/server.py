@@ -50,6 +50,7 @@ log = logging.getLogger("tierproxy.server")
 # `tier.watch(metrics)`, `tier.open()` and `GuardedTier.ping` from tierproxy.tiers once the
 # core lands: see the marked lines.
 
+
 def _make_tiers(settings: Settings, metrics: Metrics, keys: KeySpace) -> list[GuardedTier]:
     backends: list[tuple[TierBackend, float, float]] = []
     if settings.l1_max_bytes > 0:
