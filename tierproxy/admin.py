@@ -50,7 +50,6 @@ or a replica's acknowledgement failed (``replicas_unconfirmed``; retry); 400 for
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from aiohttp import web
@@ -58,14 +57,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .invalidation import PurgeOrder
 from .keys import BadTarget, normalise_target
-from .server import STATE, ProxyState, purge_authorized
+from .purge_handler import purge_authorized
+from .state import STATE, ProxyState
 
-__all__ = ["MAX_PURGE_ITEMS", "build_admin_app", "readiness"]
+__all__ = ["ADMIN_HANDLER_ARGS", "MAX_PURGE_ITEMS", "build_admin_app", "readiness"]
 
 TIERS = ("l1", "l2", "l3")
 MAX_PURGE_ITEMS = 10_000  # keys + tags in one POST /purge
 _MAX_PURGE_BODY = 4 * 1024 * 1024
-_ADMIN_KEEPALIVE_TIMEOUT = 15.0
+#: The admin listener's RequestHandler arguments (its app's handler_args, and its runner's).
+ADMIN_HANDLER_ARGS: dict[str, Any] = {"keepalive_timeout": 15.0}
 
 
 def _tier_state(state: ProxyState, name: str) -> str:
@@ -101,7 +102,7 @@ def _bad(text: str) -> web.Response:
     return web.json_response({"error": text}, status=400)
 
 
-def _purge_order(payload: Any) -> PurgeOrder | str:
+def _purge_order(payload: Any, now: float) -> PurgeOrder | str:
     """The validated order, or what is wrong with the body."""
     if not isinstance(payload, dict):
         return 'expected a JSON object: {"keys": [...], "tags": [...], "soft": false}'
@@ -128,15 +129,14 @@ def _purge_order(payload: Any) -> PurgeOrder | str:
             materials[normalise_target(key)] = None  # the same key a request for it gets
         except BadTarget as exc:
             return f"key {key[:100]!r} cannot be used: {exc}"
-    return PurgeOrder(tuple(materials), tuple(dict.fromkeys(tags)), soft, time.time())
+    return PurgeOrder(tuple(materials), tuple(dict.fromkeys(tags)), soft, now)
 
 
 def build_admin_app(proxy_app: web.Application) -> web.Application:
     state = proxy_app[STATE]
     # Idle admin connections go soon: the admin port keeps few (tierproxy.listener
     # ADMIN_MAX_CONNECTIONS, oldest idle closed first) so that it always answers.
-    app = web.Application(client_max_size=_MAX_PURGE_BODY,
-                          handler_args={"keepalive_timeout": _ADMIN_KEEPALIVE_TIMEOUT})
+    app = web.Application(client_max_size=_MAX_PURGE_BODY, handler_args=ADMIN_HANDLER_ARGS)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -164,7 +164,7 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
             return web.json_response({"error": "body too large"}, status=413)
         except ValueError:
             return _bad("body is not JSON")
-        order = _purge_order(payload)
+        order = _purge_order(payload, state.clock.wall())
         if isinstance(order, str):
             return _bad(order)
         outcome = await state.invalidation.purge(order, "admin")

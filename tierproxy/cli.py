@@ -17,19 +17,17 @@ from collections.abc import Sequence
 import aiohttp
 from aiohttp import web
 
-from .admin import build_admin_app
-from .config import ConfigError, Settings, load_settings
-from .listener import (
-    ADMIN_BACKLOG,
-    ADMIN_MAX_CONNECTIONS,
+from .admin import ADMIN_HANDLER_ARGS, build_admin_app
+from .aiohttp_internals import (
     CappedRunner,
-    client_connection_cap,
-    listen_backlog,
+    ConnectorUnavailable,
+    connector_internals_available,
     missing_internals,
     unhardened_message,
 )
+from .config import ConfigError, Settings, load_settings
+from .listener import ADMIN_BACKLOG, ADMIN_MAX_CONNECTIONS, client_connection_cap, listen_backlog
 from .logs import configure as configure_logging
-from .origin import ConnectorUnavailable, connector_internals_available
 from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
 
@@ -110,13 +108,14 @@ async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str
 async def serve(settings: Settings, nofile: int, cap: int) -> int:
     app = build_app(settings)
     admin_app = build_admin_app(app)
-    # aiohttp's runner with hardened connections (tierproxy.listener) that answer fresh L1
-    # hits themselves (tierproxy.hits), at most TIERPROXY_MAX_CLIENT_CONNECTIONS of them.
+    # aiohttp's runner with hardened connections (tierproxy.aiohttp_internals) that answer
+    # fresh hits themselves (tierproxy.hits), at most TIERPROXY_MAX_CLIENT_CONNECTIONS of them.
     runner = make_runner(app, client_connections=cap, access_log=None,
                          shutdown_timeout=settings.shutdown_timeout)
     # The admin port has its own small cap, inside the descriptor reserve: it always answers.
     admin_cap = app[STATE].metrics.connection_cap(ADMIN_MAX_CONNECTIONS, "admin")
-    admin_runner = CappedRunner(admin_app, cap=admin_cap, access_log=None, shutdown_timeout=1.0)
+    admin_runner = CappedRunner(admin_app, cap=admin_cap, handler_args=ADMIN_HANDLER_ARGS,
+                                access_log=None, shutdown_timeout=1.0)
     try:
         try:
             await runner.setup()  # opens tiers and the origin session (cleanup_ctx)
@@ -185,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     missing = missing_internals()
     if missing and not settings.allow_unhardened:
-        # Protections never turn off silently: without the internals tierproxy.listener reads
-        # there are no request-head or send timeouts (a trickled head holds a connection).
+        # Protections never turn off silently: without the internals the hardened listener
+        # uses (tierproxy.aiohttp_internals) there are no request-head or send timeouts.
         print(f"tierproxy: cannot start: {unhardened_message(missing)}", file=sys.stderr)
         return 2
     if not connector_internals_available():

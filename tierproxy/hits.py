@@ -3,7 +3,7 @@
 A cache hit need not pay for what aiohttp builds around every request (a ``Request``, a task,
 the router and middleware, a ``Response`` whose headers are merged and serialised anew).
 :class:`HitPath` answers plain GETs from
-:meth:`tierproxy.listener.ProxyRequestHandler.data_received` with the response bytes: the
+:meth:`tierproxy.aiohttp_internals.ProxyRequestHandler.data_received` with the response bytes: the
 entry's status line and stored headers, encoded once per entry (``Entry.wire_head``), plus
 the few header lines that change per request; the handler writes them to the transport.
 
@@ -12,7 +12,10 @@ the few header lines that change per request; the handler writes them to the tra
   <tierproxy.readthrough.ReadThrough.lookup>` (the same tiers, budgets and backfills as the
   full path) and answers a fresh **L2/L3** copy the same way. Anything else - a miss, a stale
   copy - is handed over to the full path with the lookup's outcome (:class:`Handover`), so
-  the tiers are never asked twice and the request keeps its deadline and request id.
+  the tiers are never asked twice and the request keeps its deadline and request id. The
+  hand-over reaches the full path's request under :data:`HANDOVER` (a typed
+  ``web.RequestKey``), put there by the server's request factory for that very message
+  (see :mod:`tierproxy.aiohttp_internals`).
 
 Anything the hit path is not sure of goes the full way from the start: another method, a
 request with a body, ``Connection: close``, HTTP/1.0, a conditional or ``Cache-Control``
@@ -20,35 +23,33 @@ request header, a stored status aiohttp frames specially, the proxy not ready. T
 is the one the full path sends for the same hit, byte for byte but the request id
 (tests/integration/test_hit_path.py holds the two side by side), and it is counted and logged
 the same way (tier lookups and latency, ``tierproxy_responses_total``, one access-log line),
-and also in ``tierproxy_hit_path_responses_total``.
+and also in ``tierproxy_hit_path_responses_total``. Its head is built by
+:func:`tierproxy.response.fresh_hit_head` from the final state ``FreshHit`` - the same labels
+as the full path's - and wall time is the proxy's clock (``ProxyState.clock``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http import HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
 
-from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER
 from .keys import BadTarget, CacheKey, normalise_target
-from .listener import BODY_SLICE_BYTES
 from .logs import request_id
-from .readthrough import Lookup, ProxyRequest
-from .states import FreshHit, labels
+from .response import fresh_hit_head
+from .states import FreshHit, Lookup, ProxyRequest
 
 if TYPE_CHECKING:
     from .entry import Entry
-    from .server import ProxyState
+    from .state import ProxyState
     from .tiers.base import GuardedTier
 
-__all__ = ["Answer", "Handover", "HitPath", "SharedBodyResponse", "cached_body_response"]
+__all__ = ["HANDOVER", "Answer", "Handover", "HitPath"]
 
 Answer = tuple[bytes, bytes]  # response head, body
 
@@ -60,14 +61,7 @@ _FULL_PATH_HEADERS = ("Cache-Control", "If-None-Match", "If-Modified-Since", "If
 # Statuses aiohttp frames specially (no body, no Content-Length): left to aiohttp.
 _SPECIAL_STATUS = frozenset({204, 304})
 
-_SERVER_LINE = b"Server: " + SERVER_SOFTWARE.encode("latin-1") + b"\r\n"
-_OCTET_STREAM_LINE = b"Content-Type: application/octet-stream\r\n"
 _NO_TIMINGS: dict[str, float] = {}
-# After the stored headers: what the full path adds to a hit, in the order aiohttp writes it.
-_HIT_HEAD = (
-    b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s%s\r\n"
-    b"X-Request-ID: %s\r\nContent-Length: %d\r\n%s\r\n"
-)
 
 
 class Handover:
@@ -81,23 +75,30 @@ class Handover:
         self.started = started  # perf_counter at the request's arrival, for the access log
 
 
-class HitPath:
-    """Answers fresh cache hits for :class:`tierproxy.listener.ProxyRequestHandler`."""
+#: Where the full path's request carries the hit path's hand-over, if it has one.
+HANDOVER = web.RequestKey("tierproxy_handover", Handover)
 
-    __slots__ = ("_access_log", "_keys", "_l1", "_l1_label", "_l1_status", "_looks_further",
+
+class HitPath:
+    """Answers fresh cache hits for :class:`tierproxy.aiohttp_internals.ProxyRequestHandler`."""
+
+    __slots__ = ("_access_log", "_clock", "_keys", "_l1", "_l1_name", "_looks_further",
                  "_metrics", "_readthrough", "_state")
 
     def __init__(self, state: ProxyState, l1: GuardedTier | None) -> None:
         self._state = state
         self._keys = state.keys
         self._l1 = l1
+        self._clock = state.clock
         self._metrics = state.metrics
         self._access_log = state.access_log
         self._readthrough = state.readthrough
         self._looks_further = any(not tier.synchronous for tier in state.tiers)
-        name = l1.name if l1 is not None else "l1"
-        self._l1_label = f"HIT-{name.upper()}"
-        self._l1_status = f"; detail={name}"  # what follows "ttl=<n>" in Cache-Status
+        self._l1_name = l1.name if l1 is not None else "l1"
+
+    @property
+    def handover_key(self) -> web.RequestKey[Handover]:
+        return HANDOVER
 
     def answer(
         self, message: RawRequestMessage, remote: str | None
@@ -127,14 +128,13 @@ class HitPath:
         started = time.perf_counter()
         l1 = self._l1
         if l1 is not None:
-            now = self._state.clock.wall()
+            now = self._clock.wall()
             entry = l1.peek_fresh(key, headers, now)
             if entry is not None:
                 if not _answerable(entry):
                     return None
                 looked_up = time.perf_counter() - started
-                cache_status = f"tierproxy; hit; ttl={math.floor(entry.fresh_until - now)}"
-                answer = self._respond(entry, self._l1_label, cache_status + self._l1_status,
+                answer = self._respond(self._l1_name, entry, now,
                                        request_id(headers.get("X-Request-ID")), message.path,
                                        started, _NO_TIMINGS, remote)
                 if answer is not None:
@@ -160,8 +160,7 @@ class HitPath:
             state.inflight -= 1
         hit = found.found
         if isinstance(hit, FreshHit) and _answerable(hit.entry):
-            x_cache, cache_status = labels(hit, self._state.clock.wall())
-            answer = self._respond(hit.entry, x_cache, cache_status, req.request_id,
+            answer = self._respond(hit.tier, hit.entry, self._clock.wall(), req.request_id,
                                    message.path, started, req.timings, remote)
             if answer is not None:
                 return answer
@@ -169,32 +168,20 @@ class HitPath:
 
     def _respond(
         self,
+        tier: str,
         entry: Entry,
-        x_cache: str,
-        cache_status: str,
+        now: float,
         rid: str,
         path: str,
         started: float,
         timings: dict[str, float],
         remote: str | None,
     ) -> Answer | None:
-        head = entry.wire_head
-        if head is None:
+        labelled = fresh_hit_head(tier, entry, now, rid)
+        if labelled is None:
             return None
+        head, x_cache = labelled
         body = entry.body
-        flags = entry.head_flags
-        # The lines aiohttp adds after ours when the stored headers lack them.
-        tail = b""
-        if body and not flags & HAS_CONTENT_TYPE:
-            tail = _OCTET_STREAM_LINE
-        if not flags & HAS_DATE:
-            tail += b"Date: " + rfc822_formatted_time().encode() + b"\r\n"
-        if not flags & HAS_SERVER:
-            tail += _SERVER_LINE
-        response_head = _HIT_HEAD % (
-            head, entry.age(self._state.clock.wall()), x_cache.encode(), entry.upstream_cache_status,
-            cache_status.encode(), rid.encode(), len(body), tail,
-        )
         metrics = self._metrics
         metrics.response(x_cache, entry.status)
         metrics.hit_path_responses.inc()
@@ -202,60 +189,9 @@ class HitPath:
         if access_log.enabled:
             access_log.emit("GET", path, entry.status, x_cache, len(body),
                             time.perf_counter() - started, timings, rid, remote)
-        return response_head, body
+        return head, body
 
 
 def _answerable(entry: Entry) -> bool:
     # 1xx/204/304 are framed specially by aiohttp (no body, no Content-Length): left to it.
     return entry.status >= 200 and entry.status not in _SPECIAL_STATUS
-
-
-class SharedBodyResponse(web.StreamResponse):
-    """A stored body the full path answers, written as slices of the stored bytes.
-
-    ``web.Response(body=...)`` writes the head and the whole body at once (aiohttp joins them
-    on Python 3.11: a copy per connection, kept as long as the client takes to read it). This
-    writes slices of a memoryview of the entry's immutable bytes, each once the transport is
-    back under its high-water mark (aiohttp's writer drains), so a slow client holds about
-    that much. The head is what ``web.Response`` would send for the same body.
-    """
-
-    def __init__(self, *, status: int, body: bytes, headers: Mapping[str, str]) -> None:
-        super().__init__(status=status, headers=headers)
-        self._shared_body: bytes | None = body
-        self._body_size = len(body)
-
-    @property
-    def content_length(self) -> int:
-        return self._body_size
-
-    @content_length.setter
-    def content_length(self, value: int | None) -> None:
-        raise AttributeError("a stored body's Content-Length is its length")
-
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        if not self.prepared:
-            # What web.Response adds when it starts, in the order it adds them.
-            headers = self.headers
-            headers["Content-Length"] = str(self._body_size)
-            if "Content-Type" not in headers:
-                headers["Content-Type"] = "application/octet-stream"
-        return await super().prepare(request)
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        body, self._shared_body = self._shared_body, None
-        if body is not None:
-            view = memoryview(body)
-            for offset in range(0, len(view), BODY_SLICE_BYTES):  # bounded by the body
-                await self.write(view[offset:offset + BODY_SLICE_BYTES])
-        await super().write_eof(data)
-
-
-def cached_body_response(
-    method: str, status: int, body: bytes, headers: Mapping[str, str]
-) -> web.StreamResponse:
-    """The full path's response carrying a stored body: small ones (and HEAD) in one write,
-    larger ones as :class:`SharedBodyResponse`."""
-    if method == "HEAD" or len(body) <= BODY_SLICE_BYTES:
-        return web.Response(status=status, body=body, headers=headers)
-    return SharedBodyResponse(status=status, body=body, headers=headers)

@@ -57,7 +57,7 @@ from .clock import SYSTEM, Clock
 from .keys import MAX_TARGET_LENGTH, KeySpace
 from .readthrough import ReadThrough
 from .tiers.base import LocalTrust, Replicated, lease_clock
-from .tiers.redis import PURGE_LOG_MAXLEN, PurgeLog, stream_id
+from .tiers.purge_log import PURGE_LOG_MAXLEN, PurgeLog, stream_id
 from .upstream import MAX_TAG_LENGTH
 
 if TYPE_CHECKING:

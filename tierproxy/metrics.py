@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .listener import ConnectionCap
+    from .aiohttp_internals import ConnectionCap
 
 __all__ = [
     "BREAKER_STATES", "TIER_OUTCOMES", "X_CACHE_VALUES", "LoopCounter", "LoopHistogram", "Metrics",
@@ -325,8 +325,8 @@ class Metrics:
         }
 
     def connection_cap(self, limit: int, listener: str) -> ConnectionCap:
-        """A :class:`tierproxy.listener.ConnectionCap` for ``listener``, counted here."""
-        from .listener import ConnectionCap
+        """A :class:`tierproxy.aiohttp_internals.ConnectionCap` for ``listener``, counted here."""
+        from .aiohttp_internals import ConnectionCap
 
         shed = self.client_connections_shed
         episodes = self.client_connection_cap_episodes.labels(listener)

@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
-import select
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import set_exception
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+# The connector hooks that keep origin connections clean touch aiohttp internals: they live
+# with every other such piece of code in tierproxy.aiohttp_internals.
+from .aiohttp_internals import (
+    _FETCH_CLOCK,
+    ConnectorUnavailable,
+    OriginBusy,
+    _FetchClock,
+    _OriginConnector,
+    connector_internals_available,
+)
 from .clock import SYSTEM, Clock
 from .policy import end_to_end
 
@@ -64,19 +69,6 @@ class OriginError(Exception):
 # escapes it is an OSError. Anything else raised during a fetch (e.g. a ValueError from a
 # header built here) is tierproxy's own error and must not count against the origin.
 _ORIGIN_FAULTS = (aiohttp.ClientError, OSError)
-
-
-class ConnectorUnavailable(RuntimeError):
-    """This aiohttp lacks the client connector hooks that keep origin connections clean;
-    start-up stops with this message (there is no running without them)."""
-
-
-class OriginBusy(Exception):
-    """No origin connection came free within ``TIERPROXY_ORIGIN_QUEUE_TIMEOUT``.
-
-    Not a failure of the origin (it was never asked), so never counted against its breaker.
-    Deliberately not a TimeoutError: aiohttp would turn that into a connection timeout.
-    """
 
 
 @dataclass(slots=True)
@@ -119,169 +111,6 @@ def upstream_headers(
     headers["X-Forwarded-Proto"] = scheme
     headers.add("Via", "1.1 tierproxy")
     return headers
-
-
-# -- connections: a pooled connection is reused only when nothing unread is on it ----------
-
-# The connector internals the two classes below hook into (aiohttp 3.14); checked at open().
-_CONNECTOR_INTERNALS = ("_get", "_release", "_wait_for_available_connection", "_factory")
-
-
-def connector_internals_available() -> bool:
-    """Whether this aiohttp has the connector hooks that keep pooled connections clean."""
-    connector = aiohttp.TCPConnector
-    return (all(callable(getattr(connector, name, None)) for name in _CONNECTOR_INTERNALS[:3])
-            and callable(getattr(ResponseHandler, "data_received", None)))
-
-
-def _input_pending(transport: asyncio.BaseTransport) -> bool:
-    """Whether the kernel holds bytes (or an EOF, or an error) the loop has not read yet."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))  # POLLHUP/POLLERR are reported whatever is asked
-    except (OSError, ValueError):
-        return True  # a socket that cannot be polled is not one to reuse
-
-
-class _OriginProtocol(ResponseHandler):
-    """aiohttp's client protocol, with the two integrity rules it lacks (aiohttp 3.14).
-
-    * Bytes that arrive on an idle pooled connection belong to no request. aiohttp parses
-      them and keeps the result for the next request sent on that connection, which then
-      takes the stray response as its own (RFC 9112 §9.3: a response matches the oldest
-      outstanding request; with none outstanding, the connection is not usable). Such a
-      connection is closed when the bytes arrive, and one about to be reused is first
-      checked for bytes or an EOF the loop has not read yet.
-    * A close-delimited body (RFC 9112 §6.3 item 8: no Content-Length, not chunked) is
-      complete only at a clean close. aiohttp completes it on any connection loss, a TCP
-      reset included; here a loss with an error fails the body instead.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop,
-                 discarded: Callable[[str], None] | None = None) -> None:
-        super().__init__(loop)
-        self.idle = False  # in the pool, no request outstanding
-        self._discarded = discarded
-
-    def discard(self, reason: str, detail: str, level: int = logging.WARNING) -> None:
-        log.log(level, "origin connection discarded: %s", detail)
-        if self._discarded is not None:
-            self._discarded(reason)
-        self.force_close()
-        transport = self.transport
-        if transport is not None:
-            transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        if self.idle and data:
-            self.discard("unsolicited-bytes",
-                         f"{len(data)} unsolicited bytes on an idle connection")
-            return
-        super().data_received(data)
-
-    def is_connected(self) -> bool:
-        if not super().is_connected():
-            return False
-        if not self.idle:
-            return True
-        if self.should_close or self._buffer:
-            # Bytes that came after the last response, in the same read as its end.
-            self.discard("unsolicited-bytes", "a response no request asked for, left unread")
-            return False
-        if self.transport is not None and _input_pending(self.transport):
-            # Often just the origin closing an idle connection (a FIN the loop has not read
-            # yet): normal, so not a warning; the connection is not reused either way.
-            self.discard("unread-before-reuse", "unread bytes or EOF on an idle connection",
-                         logging.INFO)
-            return False
-        return True
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        payload = self._payload
-        if exc is not None and payload is not None and not payload.is_eof():
-            set_exception(
-                payload,
-                aiohttp.ClientPayloadError(f"origin connection lost mid-body: {exc!r}"),
-                exc,
-            )
-        super().connection_lost(exc)
-
-
-@dataclass(slots=True)
-class _FetchClock:
-    """The running fetch's origin budget, so queueing for a connection can stop its clock."""
-
-    timeout: asyncio.Timeout
-    started: float  # loop time the fetch began
-    budget: float  # origin seconds allowed
-    queue_timeout: float
-    hard_deadline: float | None  # the request's deadline (loop time), never exceeded
-
-
-_FETCH_CLOCK: contextvars.ContextVar[_FetchClock | None] = contextvars.ContextVar(
-    "tierproxy_origin_fetch_clock", default=None
-)
-
-
-class _OriginConnector(aiohttp.TCPConnector):
-    """A TCPConnector whose pooled connections are checked before reuse (_OriginProtocol)
-    and whose wait for a free connection is bounded on its own, outside the origin budget."""
-
-    def __init__(self, *, discarded: Callable[[str], None] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not isinstance(getattr(self, "_factory", None), functools.partial):
-            # Replacing an attribute aiohttp no longer uses would silently drop both checks.
-            raise ConnectorUnavailable(
-                f"aiohttp {aiohttp.__version__} builds client connections without the "
-                "TCPConnector._factory tierproxy hooks into; install the aiohttp version "
-                "tierproxy pins (>=3.14.4,<3.15)"
-            )
-        self._factory = cast(
-            "functools.partial[ResponseHandler]",
-            functools.partial(_OriginProtocol, loop=self._loop, discarded=discarded),
-        )
-
-    async def _get(self, key: Any, traces: list[Any]) -> aiohttp.connector.Connection | None:
-        # No traces are configured, so the parent does not await: nothing runs between its
-        # is_connected() check and the connection leaving the idle state here.
-        connection = await super()._get(key, traces)
-        if connection is not None and isinstance(connection.protocol, _OriginProtocol):
-            connection.protocol.idle = False
-        return connection
-
-    def _release(self, key: Any, protocol: ResponseHandler, *, should_close: bool = False) -> None:
-        super()._release(key, protocol, should_close=should_close)
-        if isinstance(protocol, _OriginProtocol) and protocol.transport is not None:
-            protocol.idle = True  # pooled (a closed one has no transport)
-
-    async def _wait_for_available_connection(self, key: Any, traces: list[Any]) -> None:
-        clock = _FETCH_CLOCK.get()
-        if clock is None:
-            await super()._wait_for_available_connection(key, traces)
-            return
-        loop = self._loop
-        queued_at = loop.time()
-        # Waiting for a free connection is not origin time: stop the origin clock meanwhile.
-        clock.timeout.reschedule(None)
-        wait = clock.queue_timeout
-        if clock.hard_deadline is not None:
-            wait = min(wait, clock.hard_deadline - queued_at)
-        try:
-            async with asyncio.timeout(max(0.0, wait)):
-                await super()._wait_for_available_connection(key, traces)
-        except TimeoutError:
-            # The origin clock stays stopped: this propagates at once (aiohttp awaits nothing
-            # on the way out), and a clock restarted in the past could turn it into a timeout.
-            raise OriginBusy(f"no free origin connection within {wait:.3f}s") from None
-        # A connection is free: the origin clock goes on with what was left of the budget.
-        when = loop.time() + max(0.0, clock.budget - (queued_at - clock.started))
-        if clock.hard_deadline is not None:
-            when = min(when, clock.hard_deadline)
-        clock.timeout.reschedule(when)
 
 
 class OriginClient:

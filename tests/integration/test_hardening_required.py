@@ -1,6 +1,6 @@
 """Issue 10 §9: the hardened listener's protections never turn off silently.
 
-tierproxy.listener reads aiohttp ``RequestHandler`` internals for its request-head and send
+tierproxy.aiohttp_internals reads aiohttp ``RequestHandler`` internals for its request-head and send
 timeouts. An aiohttp without them (3.14.0-3.14.3 lack ``_buffer_paused``) must make
 ``tierproxy serve`` refuse to start with one clear line, unless the operator opts out with
 ``TIERPROXY_ALLOW_UNHARDENED=on`` (then it starts and says so in its log). The missing internal
@@ -81,7 +81,7 @@ async def test_the_opt_out_starts_unhardened_and_says_so(origin: Origin, tmp_pat
 def test_the_pin_admits_only_aiohttp_versions_with_the_internals() -> None:
     # The lower bound of the pin is the oldest version verified to have the internals (CI
     # runs the listener tests on it: .ci/run's OLDEST_AIOHTTP), and the installed one has them.
-    from tierproxy.listener import missing_internals
+    from tierproxy.aiohttp_internals import missing_internals
 
     assert missing_internals() == []
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from support.canned import CannedOrigin
+from support.clock import SteppedClock
 from support.net import RawConnection
 from support.purge_log import past_purge_log_start
 
@@ -192,14 +193,15 @@ async def test_head_http10_and_connection_close_take_the_full_path(make_proxy, o
 async def test_vary_mismatch_and_stale_copies_take_the_full_path(make_proxy, origin):
     origin.set("/v", headers={**CACHEABLE, "Vary": "Accept-Language"}, size=10)
     origin.set("/s", headers={"Cache-Control": "max-age=1, stale-while-revalidate=60"}, size=10)
-    proxy = await make_proxy(SQLITE_PATH="off")
+    clock = SteppedClock()
+    proxy = await make_proxy(SQLITE_PATH="off", clock=clock)
     await proxy.get("/v", headers={"Accept-Language": "de"})
     await proxy.get("/s")
     german = await one_response(proxy.port, get("/v", b"Accept-Language: de\r\n"))
     assert b"HIT-L1" in german and hit_path_count(proxy) == 1
     french = await one_response(proxy.port, get("/v", b"Accept-Language: fr\r\n"))
     assert b"\r\nX-Cache: MISS\r\n" in french and hit_path_count(proxy) == 1
-    await asyncio.sleep(1.2)  # /s goes stale (max-age=1)
+    clock.advance(1.2)  # /s goes stale (max-age=1)
     stale = await one_response(proxy.port, get("/s"))
     assert b"\r\nX-Cache: STALE-L1\r\n" in stale and hit_path_count(proxy) == 1
 

@@ -30,7 +30,7 @@ def test_the_c_http_parser_is_in_use():
 
 
 def test_the_hardened_listener_is_active_with_this_aiohttp():
-    from tierproxy.listener import internals_available
+    from tierproxy.aiohttp_internals import internals_available
 
     # Otherwise ProxyRunner falls back to aiohttp's plain handler (no header/send timeouts).
     assert internals_available()

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 REDIS_PREFIX = "tierproxy:"
-# The replicas' purge log and leases (tierproxy.tiers.redis.PurgeLog, under the origin's id):
+# The replicas' purge log and leases (tierproxy.tiers.purge_log.PurgeLog, under the origin's id):
 # not cache entries.
 REDIS_PURGE_NAMES = (b":purge-log", b":replicas", b":replicas:applied", b":replicas:lost")
 

@@ -47,3 +47,33 @@ def test_unknown_status_has_an_empty_reason_as_in_aiohttp():
 ])
 def test_unsafe_header_lines_are_left_to_the_full_path(name, value):
     assert entry(200, ((name, value),)).wire_head is None
+
+
+def _labelled_lines(head: bytes) -> dict[bytes, bytes]:
+    lines = head.split(b"\r\n")
+    return dict(line.split(b": ", 1) for line in lines[1:] if b": " in line)
+
+
+@pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
+@pytest.mark.parametrize("left", [0.2, 1.0, 59.9, 3600.0])
+def test_the_hit_head_carries_the_labels_of_its_final_state(tier: str, left: float) -> None:
+    from tierproxy.response import fresh_hit_head
+    from tierproxy.states import FreshHit, labels
+
+    now = 1_000_000.0
+    stored = Entry(key="/a", status=200, headers=(("Cache-Status", "cdn; hit"),), body=b"xy",
+                   stored_at=now - 7.5, fresh_until=now + left, stale_until=now + left,
+                   swr_until=now + left, expires_at=now + left)
+    for _ in range(2):  # built once, then remembered: the same either way
+        labelled = fresh_hit_head(tier, stored, now, "rid-1")
+        assert labelled is not None
+        head, x_cache = labelled
+        expected_x_cache, member = labels(FreshHit(tier, stored), now)
+        lines = _labelled_lines(head)
+        assert x_cache == expected_x_cache
+        assert lines[b"X-Cache"] == expected_x_cache.encode()
+        # RFC 9211 §2: the upstream cache's member first, tierproxy's last.
+        assert lines[b"Cache-Status"] == b"cdn; hit, " + member.encode()
+        assert lines[b"Age"] == b"7"
+        assert lines[b"X-Request-ID"] == b"rid-1"
+        assert lines[b"Content-Length"] == b"2"

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from ..metrics import Metrics
-    from .redis import PurgeLog
+    from .purge_log import PurgeLog
 
 __all__ = [
     "Blob",

@@ -1,0 +1,387 @@
+"""Response writing: the one place a request's final state becomes what the client gets.
+
+:func:`respond` turns a final state (:data:`tierproxy.states.Final`) into the full path's
+response; :func:`fresh_hit_head` gives the hit path (:mod:`tierproxy.hits`) the same head as
+bytes. Both take ``X-Cache`` and tierproxy's ``Cache-Status`` member from
+:func:`tierproxy.states.labels` (the only place those strings are built), put an upstream
+cache's ``Cache-Status`` members first (RFC 9211 §2: listed from the origin towards the user
+agent) and compute ``Age`` (RFC 9111 §5.1) from the proxy's clock (``ProxyState.clock``).
+
+Stored bodies go out as slices of the one stored copy (:class:`SharedBodyResponse`), heads
+with non-UTF-8 bytes byte-exact, bodies too large to store are streamed through under three
+bounds (:func:`_stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, assert_never
+
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
+
+from . import policy
+from .aiohttp_internals import (
+    BODY_SLICE_BYTES,
+    ExactHead,
+    ExactHeadResponse,
+    ExactHeadStreamResponse,
+)
+from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER, OWN_HEADERS, has_raw_bytes
+from .origin import OriginError, OriginResponse, OriginTimeout
+from .state import INFO
+from .states import Failed, Fetched, Final, FreshHit, Relayed, StaleHit, labels
+
+if TYPE_CHECKING:
+    from .entry import Entry
+    from .state import ProxyState
+
+__all__ = [
+    "REFUSED",
+    "SharedBodyResponse",
+    "cache_status",
+    "cached_body_response",
+    "fresh_hit_head",
+    "plain",
+    "respond",
+]
+
+log = logging.getLogger("tierproxy.server")
+
+#: ``(X-Cache, Cache-Status)`` of a request answered before it reached the cache (CONNECT, a
+#: bad target, a refused body, PURGE).
+REFUSED = ("BYPASS", "tierproxy; fwd=bypass")
+
+# Response headers never passed from the origin to the client on a relayed response.
+_RESPONSE_DROP = ("content-length", "surrogate-key", "surrogate-control")
+
+# Failed.reason -> the plain-text body's words.
+_FAILED_TEXT = {
+    "origin-timeout": "origin timed out",
+    "origin-error": "origin refused the connection or sent a broken response",
+    "origin-busy": "origin connection pool is busy; retry shortly",
+    "local-error": "internal error in the proxy (logged)",
+}
+
+
+def cache_status(upstream: str, ours: str) -> str:
+    """RFC 9211 §2: members are listed from the origin towards the user agent, so an
+    upstream cache's members come first and tierproxy's last."""
+    return f"{upstream}, {ours}" if upstream else ours
+
+
+def plain(status: int, text: str, labels: tuple[str, str] = REFUSED) -> web.Response:
+    """A short plain-text answer with tierproxy's ``(X-Cache, Cache-Status)``."""
+    return web.Response(
+        status=status,
+        text=text + "\n",
+        headers={"X-Cache": labels[0], "Cache-Status": labels[1]},
+    )
+
+
+# ---- the hit path's head ------------------------------------------------------------------
+
+_SERVER_LINE = b"Server: " + SERVER_SOFTWARE.encode("latin-1") + b"\r\n"
+_OCTET_STREAM_LINE = b"Content-Type: application/octet-stream\r\n"
+# After the stored headers: what the full path adds to a hit, in the order aiohttp writes it.
+_HIT_HEAD = (
+    b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s%s\r\n"
+    b"X-Request-ID: %s\r\nContent-Length: %d\r\n%s\r\n"
+)
+# labels(FreshHit(tier, entry), now), encoded, by (tier, whole seconds of freshness left):
+# what those labels depend on. Building them costs about as much as the rest of an L1 hit,
+# so they are built once per distinct value (bounded: cleared when full).
+_FRESH_LABELS: dict[tuple[str, int], tuple[str, bytes, bytes]] = {}
+_FRESH_LABELS_MAX = 4096
+
+
+def fresh_hit_head(tier: str, entry: Entry, now: float, rid: str) -> tuple[bytes, str] | None:
+    """The head of the full path's response for the final state ``FreshHit(tier, entry)``
+    at ``now``, as bytes, and its ``X-Cache``: the entry's stored head (``Entry.wire_head``;
+    None when a stored line is unsafe to write), then ``Age``, ``X-Cache``, ``Cache-Status``,
+    ``X-Request-ID`` and the lines aiohttp adds to a ``web.Response``."""
+    head = entry.wire_head
+    if head is None:
+        return None
+    memo = (tier, math.floor(entry.fresh_until - now))
+    encoded = _FRESH_LABELS.get(memo)
+    if encoded is None:
+        x_cache, member = labels(FreshHit(tier, entry), now)
+        if len(_FRESH_LABELS) >= _FRESH_LABELS_MAX:
+            _FRESH_LABELS.clear()
+        encoded = _FRESH_LABELS[memo] = (x_cache, x_cache.encode(), member.encode())
+    body = entry.body
+    flags = entry.head_flags
+    # The lines aiohttp adds after ours when the stored headers lack them.
+    tail = b""
+    if body and not flags & HAS_CONTENT_TYPE:
+        tail = _OCTET_STREAM_LINE
+    if not flags & HAS_DATE:
+        tail += b"Date: " + rfc822_formatted_time().encode() + b"\r\n"
+    if not flags & HAS_SERVER:
+        tail += _SERVER_LINE
+    return _HIT_HEAD % (
+        head,
+        entry.age(now),
+        encoded[1],
+        entry.upstream_cache_status,
+        encoded[2],
+        rid.encode(),
+        len(body),
+        tail,
+    ), encoded[0]
+
+
+# ---- the full path ------------------------------------------------------------------------
+
+
+async def respond(request: web.Request, state: ProxyState, final: Final) -> web.StreamResponse:
+    """The response for ``final``; counted in ``tierproxy_responses_total``."""
+    now = state.clock.wall()
+    x_cache, member = labels(final, now)
+    match final:
+        case FreshHit(_, entry) | StaleHit(_, entry, _) | Fetched(entry, _, _, _):
+            return _stored(request, state, entry, now, x_cache, member)
+        case Relayed(response, _, _):
+            return await _relayed(request, state, response, x_cache, member)
+        case Failed(status, reason, _):
+            state.metrics.response(x_cache, status)
+            failed = plain(
+                status, f"{status} {_FAILED_TEXT.get(reason, reason)}", (x_cache, member)
+            )
+            if status == 503:
+                failed.headers["Retry-After"] = "1"  # RFC 9110 §10.2.3
+            return failed
+        case _:
+            assert_never(final)
+
+
+def _stored(
+    request: web.Request, state: ProxyState, entry: Entry, now: float, x_cache: str, member: str
+) -> web.StreamResponse:
+    # The same head as the hit path writes (fresh_hit_head): the stored fields but
+    # tierproxy's own, then Age, X-Cache, Cache-Status (upstream members first) and
+    # X-Request-ID (set by the handler).
+    if policy.client_not_modified(request.headers, entry):
+        headers = CIMultiDict(
+            (name, value)
+            for name, value in entry.headers
+            if name.lower() in policy.NOT_MODIFIED_HEADERS or name.lower() == "last-modified"
+        )
+        status = 304
+        body = None
+    else:
+        headers = CIMultiDict(
+            (name, value) for name, value in entry.headers if name.lower() not in OWN_HEADERS
+        )
+        status = entry.status
+        body = entry.body
+    headers["Age"] = str(entry.age(now))
+    headers["X-Cache"] = x_cache
+    upstream = entry.upstream_cache_status[:-2].decode("utf-8", "surrogateescape")
+    headers["Cache-Status"] = cache_status(upstream, member)
+    response = _cached_response(request, status, body, headers, entry.raw_bytes)
+    state.metrics.response(x_cache, status)
+    return response
+
+
+async def _relayed(
+    request: web.Request,
+    state: ProxyState,
+    origin_response: OriginResponse,
+    x_cache: str,
+    member: str,
+) -> web.StreamResponse:
+    headers = CIMultiDict(policy.end_to_end(origin_response.headers, _RESPONSE_DROP))
+    # tierproxy's own fields replace the origin's; its Cache-Status member follows an
+    # upstream's members (RFC 9211 §2).
+    upstream = ", ".join(v.strip() for v in headers.popall("Cache-Status", ()) if v.strip())
+    headers["X-Cache"] = x_cache
+    headers["Cache-Status"] = cache_status(upstream, member)
+    headers["X-Request-ID"] = request[INFO].rid
+    state.metrics.response(x_cache, origin_response.status)
+    if origin_response.body is not None or origin_response.stream is None:
+        if has_raw_bytes(headers.items()):
+            return ExactHeadResponse(
+                request,
+                status=origin_response.status,
+                body=origin_response.body or b"",
+                headers=headers,
+            )
+        return web.Response(
+            status=origin_response.status, body=origin_response.body or b"", headers=headers
+        )
+    return await _stream(request, state, origin_response, headers)
+
+
+class SharedBodyResponse(web.StreamResponse):
+    """A stored body the full path answers, written as slices of the stored bytes.
+
+    ``web.Response(body=...)`` writes the head and the whole body at once (aiohttp joins them
+    on Python 3.11: a copy per connection, kept as long as the client takes to read it). This
+    writes slices of a memoryview of the entry's immutable bytes, each once the transport is
+    back under its high-water mark (aiohttp's writer drains), so a slow client holds about
+    that much. The head is what ``web.Response`` would send for the same body.
+    """
+
+    def __init__(self, *, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        super().__init__(status=status, headers=headers)
+        self._shared_body: bytes | None = body
+        self._body_size = len(body)
+
+    @property
+    def content_length(self) -> int:
+        return self._body_size
+
+    @content_length.setter
+    def content_length(self, value: int | None) -> None:
+        raise AttributeError("a stored body's Content-Length is its length")
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if not self.prepared:
+            # What web.Response adds when it starts, in the order it adds them.
+            headers = self.headers
+            headers["Content-Length"] = str(self._body_size)
+            if "Content-Type" not in headers:
+                headers["Content-Type"] = "application/octet-stream"
+        return await super().prepare(request)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        body, self._shared_body = self._shared_body, None
+        if body is not None:
+            view = memoryview(body)
+            for offset in range(0, len(view), BODY_SLICE_BYTES):  # bounded by the body
+                await self.write(view[offset : offset + BODY_SLICE_BYTES])
+        await super().write_eof(data)
+
+
+class _ExactHeadSharedBodyResponse(ExactHead, SharedBodyResponse):
+    """A large stored body sent in slices, head byte-exact."""
+
+
+def cached_body_response(
+    method: str, status: int, body: bytes, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """The full path's response carrying a stored body: small ones (and HEAD) in one write,
+    larger ones as :class:`SharedBodyResponse`."""
+    if method == "HEAD" or len(body) <= BODY_SLICE_BYTES:
+        return web.Response(status=status, body=body, headers=headers)
+    return SharedBodyResponse(status=status, body=body, headers=headers)
+
+
+def _cached_response(
+    request: web.BaseRequest,
+    status: int,
+    body: bytes | None,
+    headers: CIMultiDict[str],
+    exact_head: bool,
+) -> web.StreamResponse:
+    """The full path's response for a stored entry: a large body as slices of the stored
+    bytes (never a copy per slow client), and a head with non-UTF-8 bytes written byte-exact
+    (:class:`tierproxy.aiohttp_internals.ExactHead`)."""
+    if not exact_head:
+        if body is None:
+            return web.Response(status=status, headers=headers)
+        return cached_body_response(request.method, status, body, headers)
+    if body is None or request.method == "HEAD" or len(body) <= BODY_SLICE_BYTES:
+        return ExactHeadResponse(request, status=status, body=body, headers=headers)
+    return _ExactHeadSharedBodyResponse(request, status=status, body=body, headers=headers)
+
+
+# ---- bodies streamed through --------------------------------------------------------------
+
+
+class _ClientStalled(Exception):
+    """The client took no response bytes for TIERPROXY_SEND_TIMEOUT."""
+
+
+async def _send(response: web.StreamResponse, data: bytes, send_timeout: float) -> None:
+    """Write ``data``; a client that does not take it within ``send_timeout`` is stalled.
+
+    aiohttp waits for the transport to drain (without a bound) when its buffer is full; the
+    hardened listener also cuts such a client off (tierproxy.aiohttp_internals), but this
+    bound holds under any runner, so a stalled client never holds an origin connection longer.
+    """
+    try:
+        async with asyncio.timeout(send_timeout):
+            await response.write(data)
+    except TimeoutError:
+        raise _ClientStalled() from None
+
+
+async def _stream(
+    request: web.Request,
+    state: ProxyState,
+    origin_response: OriginResponse,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    """Copy a large or unbounded body chunk by chunk; never hold all of it.
+
+    Bounded three ways, so that no client holds an origin connection for long: each read
+    from the origin by the origin timeout (an idle bound), each write to the client by
+    TIERPROXY_SEND_TIMEOUT, the whole body by TIERPROXY_STREAM_TIMEOUT. A body that cannot
+    be sent whole ends with the client connection cut (its headers are gone; a clean end
+    would pass a short body off as complete).
+    """
+    assert origin_response.stream is not None
+    settings = state.settings
+    upstream = origin_response.stream
+    response = (
+        ExactHeadStreamResponse(request, status=origin_response.status, headers=headers)
+        if has_raw_bytes(headers.items())
+        else web.StreamResponse(status=origin_response.status, headers=headers)
+    )
+    length = upstream.content_length
+    if length is not None:
+        # Keep the origin's framing so the client can tell a truncated body from a whole one.
+        response.content_length = length
+    cut: str | None = None
+    try:
+        async with asyncio.timeout(settings.stream_timeout):
+            await response.prepare(request)
+            if request.method == "HEAD":
+                return response
+            if origin_response.prefix:
+                await _send(response, origin_response.prefix, settings.send_timeout)
+            for _ in range(1 << 40):  # bounded by the body, each read by the origin timeout
+                chunk = await state.origin.read_chunk(upstream)
+                if not chunk:
+                    break
+                await _send(response, chunk, settings.send_timeout)
+            await response.write_eof()
+    except (OriginError, OriginTimeout) as exc:
+        cut = "origin-timeout" if isinstance(exc, OriginTimeout) else "origin-error"
+        log.warning("origin body broke off for %s: %s", request.path[:200], exc)
+    except _ClientStalled:
+        cut = "client-stalled"
+        log.info(
+            "client %s took no bytes for %.1fs of a streamed %s; cut off",
+            request.remote,
+            settings.send_timeout,
+            request.path[:200],
+        )
+    except TimeoutError:
+        cut = "stream-timeout"
+        log.warning(
+            "streamed body of %s not sent within TIERPROXY_STREAM_TIMEOUT=%.1fs; cut off",
+            request.path[:200],
+            settings.stream_timeout,
+        )
+    except ConnectionError:
+        cut = "client-gone"
+    except Exception:  # tierproxy's own error: logged, and the body is not passed off as whole
+        cut = "local-error"
+        log.exception("local error while streaming %s", request.path[:200])
+    finally:
+        origin_response.release()
+    if cut is not None:
+        state.metrics.streams_cut.labels(cut).inc()
+        # Headers are gone; the only honest signal left is to cut the connection.
+        if request.transport is not None:
+            request.transport.abort()
+    return response
