@@ -146,9 +146,10 @@ async def test_key_prefix_starts_every_redis_name_and_separates_environments(
 def _old_format_entry(material: str, body: bytes) -> bytes:
     """An entry as format version 1 wrote it (header strings, no namespace)."""
     now = time.time()
-    return msgpack.packb([1, material, 200, ["Content-Type", "text/plain"], body, now,
+    packed: bytes = msgpack.packb([1, material, 200, ["Content-Type", "text/plain"], body, now,
                           now + 300, now + 600, now + 300, now + 900, None, None, [], [],
                           len(body), __import__("zlib").crc32(body)], use_bin_type=True)
+    return packed
 
 
 async def test_entries_of_the_old_key_scheme_and_format_are_misses_never_errors(

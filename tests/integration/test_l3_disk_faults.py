@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 from support.disk import fill, small_disk
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
 from support.proxy import fetch
 from support.storage import sqlite_exclusive_lock, sqlite_row
 from support.wait import wait_for_condition
@@ -56,7 +58,7 @@ async def _readyz(admin_url: str) -> dict[str, Any]:
 # -- the size bound covers the WAL --------------------------------------------------------
 
 
-async def test_l3_file_and_wal_stay_within_max_bytes(origin, make_proxy, sqlite_path):
+async def test_l3_file_and_wal_stay_within_max_bytes(origin: Origin, make_proxy: MakeProxy, sqlite_path: Path) -> None:
     bound, size = 2_000_000, 20_000
     origin.set_default(size=size, headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, L3_MAX_BYTES=bound)
@@ -79,8 +81,8 @@ async def test_l3_file_and_wal_stay_within_max_bytes(origin, make_proxy, sqlite_
 
 
 async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
-    origin, make_proxy, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
     size = 50_000
     origin.set_default(size=size, headers=CACHEABLE)
     with small_disk(tmp_path / "disk", 3_000_000) as disk:
@@ -131,8 +133,8 @@ async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
 
 
 async def test_start_up_with_a_locked_l3_file_serves_without_l3_then_recovers(
-    origin, spawn_proxy, sqlite_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     sqlite3.connect(sqlite_path).close()  # an empty file, held locked by another process
     with sqlite_exclusive_lock(sqlite_path):
@@ -158,8 +160,8 @@ async def test_start_up_with_a_locked_l3_file_serves_without_l3_then_recovers(
 
 
 async def test_start_up_on_a_full_disk_serves_without_l3_then_recovers(
-    origin, spawn_proxy, tmp_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     with small_disk(tmp_path / "disk", 1_000_000) as disk:
         filler = fill(disk)
@@ -184,7 +186,7 @@ async def test_start_up_on_a_full_disk_serves_without_l3_then_recovers(
         assert await proc.wait(15) == 0, proc.stderr
 
 
-async def test_start_up_with_a_garbage_l3_file_moves_it_aside(origin, spawn_proxy, sqlite_path):
+async def test_start_up_with_a_garbage_l3_file_moves_it_aside(origin: Origin, spawn_proxy: SpawnProxy, sqlite_path: Path) -> None:
     origin.set_default(headers=CACHEABLE)
     sqlite_path.write_bytes(os.urandom(8192))
     proc = await spawn_proxy(L1_MAX_BYTES=0)
@@ -195,7 +197,7 @@ async def test_start_up_with_a_garbage_l3_file_moves_it_aside(origin, spawn_prox
     assert list(sqlite_path.parent.glob(sqlite_path.name + ".corrupt-*")), proc.stderr
 
 
-async def test_a_directory_at_the_l3_path_is_a_clear_start_up_error(spawn_proxy, tmp_path):
+async def test_a_directory_at_the_l3_path_is_a_clear_start_up_error(spawn_proxy: SpawnProxy, tmp_path: Path) -> None:
     # A path that can never work as configured (and must not be moved aside): exit 2.
     directory = tmp_path / "cache.sqlite3"
     directory.mkdir()
@@ -223,8 +225,8 @@ async def _recovers(proxy: Any, path: Path, probe: str) -> None:
 
 
 async def test_l3_file_deleted_at_run_time_is_recreated_without_a_restart(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, BREAKER_COOLDOWN=2)
     assert (await proxy.get("/before")).x_cache == "MISS"
@@ -250,8 +252,8 @@ async def test_l3_file_deleted_at_run_time_is_recreated_without_a_restart(
 
 
 async def test_l3_file_overwritten_with_garbage_at_run_time_is_moved_aside_and_recreated(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, BREAKER_COOLDOWN=2)
     for p in ("/x", "/y"):
@@ -276,8 +278,8 @@ async def test_l3_file_overwritten_with_garbage_at_run_time_is_moved_aside_and_r
 
 
 async def test_disconnecting_clients_never_interrupt_other_clients_l3_reads(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(size=200_000, headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, BREAKER_FAILURES=5)
     paths = [f"/r{i}" for i in range(20)]
@@ -315,7 +317,7 @@ async def test_disconnecting_clients_never_interrupt_other_clients_l3_reads(
 # -- housekeeping never scans the whole table --------------------------------------------
 
 
-async def test_eviction_and_expiry_sweep_use_their_indexes(origin, make_proxy, sqlite_path):
+async def test_eviction_and_expiry_sweep_use_their_indexes(origin: Origin, make_proxy: MakeProxy, sqlite_path: Path) -> None:
     from tierproxy.tiers.sqlite import EVICT_SQL, SWEEP_SQL
 
     origin.set_default(headers=CACHEABLE)
@@ -336,8 +338,8 @@ async def test_eviction_and_expiry_sweep_use_their_indexes(origin, make_proxy, s
 
 
 async def test_an_entry_purged_while_l3_was_unavailable_is_not_served_when_it_returns(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     first = await make_proxy(L1_MAX_BYTES=0)
     await first.get("/p")

@@ -82,8 +82,12 @@ class Admin:
                                   headers=AUTH if headers is None else headers)
 
 
+# ``await admin_for(proxy)`` -> an Admin client for that proxy's admin app.
+AdminFor = Callable[[Any], Awaitable[Admin]]
+
+
 @pytest.fixture
-async def admin_for() -> AsyncIterator[Callable[[Any], Awaitable[Admin]]]:
+async def admin_for() -> AsyncIterator[AdminFor]:
     from tierproxy.admin import build_admin_app
 
     clients: list[TestClient[Any, Any]] = []

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any, TextIO, cast
 
 import aiohttp
+import pytest
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
 from support.proxy import fetch
 from support.wait import wait_for_condition
 from yarl import URL
+
+from tierproxy.logs import AccessRecord
 
 from .conftest import AUTH, TOKEN
 
@@ -19,18 +25,18 @@ ACCESS_FIELDS = {"method", "path", "status", "cache", "bytes", "duration_ms", "r
                  "client"}
 
 
-def _json_lines(stderr: str) -> list[dict]:
+def _json_lines(stderr: str) -> list[dict[str, Any]]:
     lines = [line for line in stderr.splitlines() if line.strip()]
     return [json.loads(line) for line in lines]  # every line must be JSON
 
 
-def _access(lines: list[dict]) -> list[dict]:
+def _access(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [line for line in lines if line["logger"] == "tierproxy.access"]
 
 
 async def test_json_access_lines_carry_the_fields_and_never_a_secret(
-    origin, spawn_proxy, redis_url
-):
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str
+) -> None:
     origin.set("/a", headers={**CACHEABLE, "Set-Cookie": "x=1"}, size=321)
     origin.set("/b", headers=CACHEABLE, size=10)
     proc = await spawn_proxy(LOG_FORMAT="json", PURGE_TOKEN=TOKEN)
@@ -80,7 +86,7 @@ async def test_json_access_lines_carry_the_fields_and_never_a_secret(
         assert secret not in everything, secret
 
 
-async def test_text_access_line_is_readable(origin, spawn_proxy):
+async def test_text_access_line_is_readable(origin: Origin, spawn_proxy: SpawnProxy) -> None:
     origin.set("/t", headers=CACHEABLE, size=5)
     proc = await spawn_proxy()
     async with aiohttp.ClientSession() as session:
@@ -98,7 +104,7 @@ async def test_text_access_line_is_readable(origin, spawn_proxy):
     assert "client=127.0.0.1" in line
 
 
-async def test_access_log_off_and_level_warning_write_no_access_lines(origin, spawn_proxy):
+async def test_access_log_off_and_level_warning_write_no_access_lines(origin: Origin, spawn_proxy: SpawnProxy) -> None:
     origin.set_default(headers=CACHEABLE)
     off = await spawn_proxy(ACCESS_LOG="off", LOG_FORMAT="json")
     quiet = await spawn_proxy(LOG_LEVEL="WARNING", LOG_FORMAT="json")
@@ -116,8 +122,8 @@ async def test_access_log_off_and_level_warning_write_no_access_lines(origin, sp
 
 
 async def test_request_id_is_passed_through_or_generated_and_forwarded_to_the_origin(
-    origin, make_proxy
-):
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set_default(headers={"Cache-Control": "no-store"})
     proxy = await make_proxy()
 
@@ -136,7 +142,7 @@ async def test_request_id_is_passed_through_or_generated_and_forwarded_to_the_or
                     "/r5": ["post-1"]}
 
 
-async def test_request_id_is_on_hits_streams_and_errors(origin, make_proxy):
+async def test_request_id_is_on_hits_streams_and_errors(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.set("/big", headers=CACHEABLE, size=200_000)
     origin.set("/hit", headers=CACHEABLE)
     proxy = await make_proxy(MAX_ENTRY_BYTES=10_000, ORIGIN_TIMEOUT=0.3)
@@ -153,7 +159,7 @@ async def test_request_id_is_on_hits_streams_and_errors(origin, make_proxy):
     assert (bad.status, bad.headers["X-Request-ID"]) == (400, "b1")
 
 
-async def test_access_record_has_the_tier_timings(origin, make_proxy, redis_url, caplog):
+async def test_access_record_has_the_tier_timings(origin: Origin, make_proxy: MakeProxy, redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tierproxy.access")
     origin.set("/timed", headers=CACHEABLE)
     proxy = await make_proxy()
@@ -164,14 +170,14 @@ async def test_access_record_has_the_tier_timings(origin, make_proxy, redis_url,
 
     records = [r for r in caplog.records if r.name == "tierproxy.access"]
     assert len(records) == 2
-    miss, hit = (record.msg.fields for record in records)
+    miss, hit = (cast(AccessRecord, record.msg).fields for record in records)
     assert miss["cache"] == "MISS" and {"l2_ms", "l3_ms", "origin_ms"} <= set(miss)
     assert hit["cache"] == "HIT-L2" and "l2_ms" in hit and "l3_ms" not in hit
     assert 0 < hit["l2_ms"] < 100 and hit["duration_ms"] >= hit["l2_ms"]
     assert records[1].getMessage().startswith("GET /timed 200 HIT-L2 ")
 
 
-def test_access_line_is_the_same_through_log_records_and_the_direct_path():
+def test_access_line_is_the_same_through_log_records_and_the_direct_path() -> None:
     from tierproxy.logs import AccessRecord, JsonFormatter, TextFormatter
 
     fields = {"method": "GET", "path": '/a b"\u00e9\n', "status": 200, "cache": "MISS",
@@ -187,7 +193,7 @@ def test_access_line_is_the_same_through_log_records_and_the_direct_path():
     assert "\n" not in text and 'GET "/a b\\"\\u00e9\\n" 200 MISS -B 1.5ms origin=1.25ms' in text
 
 
-def test_a_blocked_stderr_never_blocks_the_caller_lines_are_dropped_and_counted():
+def test_a_blocked_stderr_never_blocks_the_caller_lines_are_dropped_and_counted() -> None:
     import threading
     import time
 
@@ -205,7 +211,8 @@ def test_a_blocked_stderr_never_blocks_the_caller_lines_are_dropped_and_counted(
         def flush(self) -> None:
             pass
 
-    handler = logs.BatchingStreamHandler(BlockedStream(), max_lines=100, interval=0.01)
+    handler = logs.BatchingStreamHandler(cast(TextIO, BlockedStream()), max_lines=100,
+                                         interval=0.01)
     handler.setFormatter(logs.TextFormatter())
     logger = logging.getLogger("tierproxy.test-blocked")
     logger.propagate = False

@@ -13,37 +13,42 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from support.proxy import fetch
+from support.fixture_types import MakeFaultProxy, MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.proxy import Fetched, ProxyHandle, SpawnedProxy, fetch
+from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
-from .conftest import AUTH, TOKEN, value
+from .conftest import AUTH, TOKEN, AdminFor, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 LEASE = 1.0
 
 
-def _purged_copy_served_as_hit(response, old_body: bytes) -> bool:
+def _purged_copy_served_as_hit(response: Fetched, old_body: bytes) -> bool:
     return (response.x_cache or "").startswith("HIT") and response.body == old_body
 
 
-def _l2_holds(redis_client, origin, path: str, body: bytes) -> bool:
+def _l2_holds(redis_client: Any, origin: Origin, path: str, body: bytes) -> bool:
     raw = redis_client.get(redis_key(path, origin.url))
     return raw is not None and body in raw
 
 
-async def _trusting(proxy) -> None:
+async def _trusting(proxy: ProxyHandle) -> None:
     invalidation = proxy.state.invalidation
     await wait_for_condition(lambda: invalidation.state == "connected" and getattr(invalidation, "trusted", lambda: True)(),
                              timeout=20, message="replica subscribed and holding its lease")
 
 
 async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_purged_copy(
-    origin, make_proxy, admin_for, redis_server, redis_url, redis_client, fault_proxy, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_server: RedisServer, redis_url: str, redis_client: Any, fault_proxy: MakeFaultProxy, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     link = await fault_proxy(redis_server.port)
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "a.sqlite3", PURGE_LEASE=LEASE)
@@ -72,7 +77,8 @@ async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_
         during = await b.get("/p")
         assert during.status == 200, during
         assert not _purged_copy_served_as_hit(during, old), during
-    assert not (await b.get("/p")).x_cache.startswith("HIT-L3")
+    after = await b.get("/p")
+    assert after.x_cache is not None and not after.x_cache.startswith("HIT-L3"), after
     # A applied it; B neither acknowledged nor renewed its lease: it is fenced, and said so.
     assert body.get("replicas_acked") == 1 and body.get("replicas_fenced") == 1, body
     assert "replicas_notified" not in body, body
@@ -92,8 +98,8 @@ async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_
 
 
 async def test_a_replica_restarted_with_its_l3_file_does_not_resurrect_a_purged_copy(
-    origin, make_proxy, redis_url, redis_client, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     b_file = tmp_path / "b.sqlite3"
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "a.sqlite3", PURGE_LEASE=LEASE)
@@ -121,8 +127,8 @@ async def test_a_replica_restarted_with_its_l3_file_does_not_resurrect_a_purged_
 
 
 async def test_a_replica_that_lost_its_subscription_replays_the_purges_it_missed(
-    origin, make_proxy, admin_for, redis_server, redis_url, redis_client, fault_proxy, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_server: RedisServer, redis_url: str, redis_client: Any, fault_proxy: MakeFaultProxy, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     link = await fault_proxy(redis_server.port)
     b_file = tmp_path / "b.sqlite3"
@@ -157,8 +163,8 @@ async def test_a_replica_that_lost_its_subscription_replays_the_purges_it_missed
 
 
 async def test_a_purge_is_acknowledged_by_every_connected_replica(
-    origin, make_proxy, redis_url, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off", PURGE_LEASE=5)
     b = await make_proxy(SQLITE_PATH="off", PURGE_LEASE=5)
@@ -176,7 +182,7 @@ async def test_a_purge_is_acknowledged_by_every_connected_replica(
         assert proxy.state.tier("l1").backend.get_now(proxy.state.keys.key("/k")) is None
 
 
-async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(origin, make_proxy, redis_url):
+async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(origin: Origin, make_proxy: MakeProxy, redis_url: str) -> None:
     origin.set_default(headers=CACHEABLE)
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off", PURGE_LEASE=5)
     b = await make_proxy(SQLITE_PATH="off", PURGE_LEASE=5)
@@ -191,20 +197,20 @@ async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(origin, make_pr
     assert time.monotonic() - started < 1.0  # not a lease's wait
 
 
-async def _lease_held(proc) -> None:
+async def _lease_held(proc: SpawnedProxy) -> None:
     async def held() -> bool:
         async with (
             aiohttp.ClientSession() as session,
             session.get(proc.admin_url + "/readyz") as resp,
         ):
-            return (await resp.json()).get("purge_lease", "held") == "held"
+            return bool((await resp.json()).get("purge_lease", "held") == "held")
 
     await wait_for_condition(held, timeout=20, message=f"{proc.url} holding its purge lease")
 
 
 async def test_a_replica_stopped_while_a_purge_ran_serves_no_purged_copy_when_it_resumes(
-    origin, spawn_proxy, redis_url, tmp_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str, tmp_path: Path
+) -> None:
     # SIGSTOP: the replica's connections stay open but it answers nothing. When it resumes,
     # the request may be read before the purge message waiting on its subscription: its lease,
     # checked on every would-be fresh hit, has run out meanwhile.
@@ -234,8 +240,8 @@ async def test_a_replica_stopped_while_a_purge_ran_serves_no_purged_copy_when_it
 
 
 async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
-    origin, make_proxy, redis_server, redis_url, fault_proxy, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_server: RedisServer, redis_url: str, fault_proxy: MakeFaultProxy, tmp_path: Path
+) -> None:
     """Redis restarts empty: the replicas' leases are gone from it, but replica B (cut off
     from the new Redis) still holds its own. A PURGE from A must not answer 200 while B may
     still serve the purged copy as fresh: A found the log lost, and PURGEs wait out a lease."""
@@ -262,7 +268,7 @@ async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
     assert not _purged_copy_served_as_hit(after, old), after
 
 
-async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(redis_url, redis_client):
+async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(redis_url: str, redis_client: Any) -> None:
     """The fence is in Redis itself: a write that arrives late - its replica was paused or cut
     off past its lease, and a PURGE counted it fenced - is refused, however late it lands."""
     import asyncio

@@ -7,31 +7,36 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
-from support.proxy import fetch
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.proxy import SpawnedProxy, fetch
+from support.redis_server import RedisServer
 from support.storage import purge_channel, redis_key
 from support.wait import wait_for_condition
 
-from .conftest import AUTH, TOKEN, scrape_url, value
+from .conftest import AUTH, TOKEN, AdminFor, scrape_url, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 
-async def _ready(proc) -> None:
+async def _ready(proc: SpawnedProxy) -> None:
     async def subscribed() -> bool:
         async with (
             aiohttp.ClientSession() as session,
             session.get(proc.admin_url + "/readyz") as resp,
         ):
-            return (await resp.json())["invalidation"] == "connected"
+            return bool((await resp.json())["invalidation"] == "connected")
 
     await wait_for_condition(subscribed, timeout=10, message=f"{proc.url} subscribed")
 
 
 async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
-    origin, spawn_proxy, redis_url, redis_client, tmp_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
     origin.set_default(headers={**CACHEABLE, "Surrogate-Key": "shared"})
     origin.set("/r", headers=CACHEABLE)
     # Separate L3 files, as on separate hosts: the purge must reach the other's L3 too.
@@ -88,8 +93,8 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
 
 
 async def test_replica_that_reconnects_clears_its_l1(
-    origin, make_proxy, admin_for, redis_server, redis_url
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_server: RedisServer, redis_url: str
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(SQLITE_PATH="off")
     admin = await admin_for(proxy)
@@ -123,8 +128,8 @@ async def test_replica_that_reconnects_clears_its_l1(
 
 
 async def test_purges_reach_an_in_process_replica_and_bad_messages_are_ignored(
-    origin, make_proxy, admin_for, redis_url, redis_client
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str, redis_client: Any
+) -> None:
     origin.set_default(headers=CACHEABLE)
     one = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off")
     two = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off")

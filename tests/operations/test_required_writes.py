@@ -5,18 +5,23 @@ first L2 write after the Redis link was reset does not fail on a dead pooled con
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from support.fixture_types import MakeFaultProxy, MakeProxy
+from support.origin import Origin
+from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
-
-from .conftest import value
+from .conftest import AdminFor, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 
 async def test_an_unsafe_requests_invalidation_happens_when_the_background_set_is_full(
-    origin, make_proxy, admin_for, redis_server, redis_client, fault_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_server: RedisServer, redis_client: Any, fault_proxy: MakeFaultProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     slow_redis = await fault_proxy(redis_server.port)
     redis_url = f"redis://127.0.0.1:{slow_redis.port}/0"
@@ -50,8 +55,8 @@ async def test_an_unsafe_requests_invalidation_happens_when_the_background_set_i
 
 
 async def test_the_first_l2_write_after_redis_restarted_succeeds(
-    origin, make_proxy, admin_for, redis_server, redis_url, redis_client
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(SQLITE_PATH="off", L2_WRITE_TIMEOUT=1)
     admin = await admin_for(proxy)

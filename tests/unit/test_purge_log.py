@@ -15,7 +15,7 @@ def _log_only() -> ReadThrough:
     return rt
 
 
-def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all():
+def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all() -> None:
     rt = _log_only()
     a, b = KeySpace("http://o.test").key("/a"), KeySpace("http://o.test").key("/b")
     start = rt._purge_generation
@@ -29,7 +29,7 @@ def test_key_purges_touch_only_their_keys_and_tag_purges_touch_all():
     assert rt._purged_since(start, a)
 
 
-def test_a_copy_older_than_the_log_is_treated_as_purged():
+def test_a_copy_older_than_the_log_is_treated_as_purged() -> None:
     rt = _log_only()
     a = KeySpace("http://o.test").key("/a")
     start = rt._purge_generation
