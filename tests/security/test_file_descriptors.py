@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support.fixture_types import MakeProxy
 from support.net import free_port
 from support.origin import Origin
 from support.proxy import SpawnedProxy, start_subprocess_proxy
@@ -210,13 +211,13 @@ async def test_a_cap_the_descriptor_limit_cannot_hold_stops_start_up(
 
 
 async def test_a_new_connection_is_refused_with_503_when_none_is_idle(
-    origin: Origin, make_proxy: Callable[..., object]
+    origin: Origin, make_proxy: MakeProxy
 ) -> None:
     # Every connection has a request in progress (the origin hangs): nothing idle to close,
     # so the one over the cap gets a 503 and is closed; the others are answered when the
     # origin is.
     origin.set("/slow", hang=True, headers={"Cache-Control": "no-store"})
-    proxy = await make_proxy(MAX_CLIENT_CONNECTIONS=4, ORIGIN_TIMEOUT=10,  # type: ignore[operator]
+    proxy = await make_proxy(MAX_CLIENT_CONNECTIONS=4, ORIGIN_TIMEOUT=10,
                              REQUEST_DEADLINE=10, SQLITE_PATH="off")
     busy: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:

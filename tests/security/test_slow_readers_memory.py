@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support.fixture_types import MakeProxy
 from support.net import free_port
 from support.origin import Origin, make_body
 from support.proxy import SpawnedProxy, start_subprocess_proxy
@@ -190,14 +191,14 @@ def _split_response(data: bytes) -> tuple[bytes, bytes, bytes] | None:
 
 
 async def test_requests_pipelined_behind_a_big_hit_are_answered_in_order(
-    origin: Origin, make_proxy: Callable[..., object]
+    origin: Origin, make_proxy: MakeProxy
 ) -> None:
     # The rest of a big body goes out as the client drains it; what was pipelined behind it
     # (hit-path hits and full-path answers alike) waits its turn and is answered whole.
     big = make_body(2 * 1024 * 1024, seed=3)
     origin.set("/big", body=big, headers={"Cache-Control": "public, max-age=600"})
     origin.set("/small", body=b"small body", headers={"Cache-Control": "public, max-age=600"})
-    proxy = await make_proxy(SQLITE_PATH="off")  # type: ignore[operator]
+    proxy = await make_proxy(SQLITE_PATH="off")
     for path in ("/big", "/small"):
         assert (await proxy.get(path)).x_cache == "MISS"
     requests = [
@@ -222,26 +223,26 @@ async def test_requests_pipelined_behind_a_big_hit_are_answered_in_order(
                 answers.append((head, body))
     finally:
         sock.close()
-    for (path, _), (head, body) in zip(requests, answers, strict=True):
+    for (target, _), (head, body) in zip(requests, answers, strict=True):
         assert head.startswith(b"HTTP/1.1 200 "), head[:200]
         assert b"\r\nX-Cache: HIT-L1" in head, head
-        assert body == (big if path == b"/big" else b"small body"), (path, len(body))
+        assert body == (big if target == b"/big" else b"small body"), (target, len(body))
     assert data == b""
 
 
 async def test_a_big_l3_hit_looked_up_by_the_hit_path_is_sent_whole_to_a_slow_reader(
-    origin: Origin, make_proxy: Callable[..., object]
+    origin: Origin, make_proxy: MakeProxy
 ) -> None:
     # The hit path awaits the L3 lookup, then writes the body as the client drains it, in
     # the same task; the request pipelined behind it is answered after it, whole.
     big = make_body(3 * 1024 * 1024, seed=5)
     origin.set("/big", body=big, headers={"Cache-Control": "public, max-age=600"})
     origin.set("/small", body=b"small body", headers={"Cache-Control": "public, max-age=600"})
-    first = await make_proxy()  # type: ignore[operator]
+    first = await make_proxy()
     for path in ("/big", "/small"):
         assert (await first.get(path)).x_cache == "MISS"
     await first.settle()
-    second = await make_proxy()  # type: ignore[operator]  # same L3 file, empty L1
+    second = await make_proxy()  # same L3 file, empty L1
     sock = _slow_socket(second.port, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
                                      b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
     loop = asyncio.get_running_loop()

@@ -12,6 +12,9 @@ import asyncio
 import aiohttp.http_parser
 import aiohttp.web_protocol
 import pytest
+from support.fixture_types import MakeProxy
+from support.origin import Origin
+from support.proxy import Fetched
 
 from .helpers import RawConnection, raw_exchange, status_of
 
@@ -22,14 +25,15 @@ def _post(headers: bytes, body: bytes) -> bytes:
     return b"POST /submit HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + body
 
 
-def test_the_c_http_parser_is_in_use():
+def test_the_c_http_parser_is_in_use() -> None:
     # The smuggling fixes land in aiohttp's C parser (llhttp) first; the pure-Python fallback
     # (AIOHTTP_NO_EXTENSIONS, or a wheel without the extension) must not be what serves us.
     assert aiohttp.http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
-    assert aiohttp.web_protocol.HttpRequestParser is aiohttp.http_parser.HttpRequestParser
+    # (web_protocol imports the parser without re-exporting it: hence the ignore.)
+    assert aiohttp.web_protocol.HttpRequestParser is aiohttp.http_parser.HttpRequestParser  # type: ignore[attr-defined]
 
 
-def test_the_hardened_listener_is_active_with_this_aiohttp():
+def test_the_hardened_listener_is_active_with_this_aiohttp() -> None:
     from tierproxy.listener import internals_available
 
     # Otherwise ProxyRunner falls back to aiohttp's plain handler (no header/send timeouts).
@@ -74,8 +78,8 @@ def test_the_hardened_listener_is_active_with_this_aiohttp():
     ],
 )
 async def test_ambiguous_framing_is_refused_and_never_reaches_the_origin(
-    request_bytes, origin, make_proxy
-):
+    request_bytes: bytes, origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_exchange(proxy.port, request_bytes)
@@ -99,8 +103,8 @@ async def test_ambiguous_framing_is_refused_and_never_reaches_the_origin(
     ids=["bad-chunk-ending", "huge-chunk-size", "LF-in-chunk-extension"],
 )
 async def test_bad_chunk_framing_after_the_body_began_is_a_prompt_400(
-    second_packet, origin, make_proxy
-):
+    second_packet: bytes, origin: Origin, make_proxy: MakeProxy
+) -> None:
     """The handler is already reading the body when the bad framing arrives.
 
     aiohttp drops the body stream on such an error without telling its reader; the listener
@@ -124,7 +128,7 @@ async def test_bad_chunk_framing_after_the_body_began_is_a_prompt_400(
     assert origin.count() == 0
 
 
-async def test_a_request_inside_a_body_reaches_the_origin_only_as_body_bytes(origin, make_proxy):
+async def test_a_request_inside_a_body_reaches_the_origin_only_as_body_bytes(origin: Origin, make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
     body = SMUGGLED * 2
 
@@ -140,7 +144,7 @@ async def test_a_request_inside_a_body_reaches_the_origin_only_as_body_bytes(ori
     assert "Transfer-Encoding" not in seen.headers
 
 
-async def test_a_chunked_body_is_forwarded_re_framed_with_a_length(origin, make_proxy):
+async def test_a_chunked_body_is_forwarded_re_framed_with_a_length(origin: Origin, make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
 
     response = await raw_exchange(
@@ -156,7 +160,7 @@ async def test_a_chunked_body_is_forwarded_re_framed_with_a_length(origin, make_
     assert "Transfer-Encoding" not in seen.headers
 
 
-async def test_transfer_encoding_in_http_1_0_is_refused(origin, make_proxy):
+async def test_transfer_encoding_in_http_1_0_is_refused(origin: Origin, make_proxy: MakeProxy) -> None:
     """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means the framing is faulty."""
     proxy = await make_proxy()
 
@@ -170,7 +174,7 @@ async def test_transfer_encoding_in_http_1_0_is_refused(origin, make_proxy):
     assert origin.count() == 0
 
 
-async def test_a_transfer_coding_other_than_chunked_is_not_forwarded_undeclared(origin, make_proxy):
+async def test_a_transfer_coding_other_than_chunked_is_not_forwarded_undeclared(origin: Origin, make_proxy: MakeProxy) -> None:
     """"gzip, chunked" is valid framing, but only chunked is removed here: forwarding the rest
     without declaring it would hand the origin a body it cannot read (RFC 9112 §6.1: 501)."""
     proxy = await make_proxy()
@@ -184,7 +188,7 @@ async def test_a_transfer_coding_other_than_chunked_is_not_forwarded_undeclared(
     assert origin.count() == 0
 
 
-async def test_a_compressed_request_body_is_forwarded_as_sent(origin, make_proxy):
+async def test_a_compressed_request_body_is_forwarded_as_sent(origin: Origin, make_proxy: MakeProxy) -> None:
     """The listener must not decompress: the origin gets the bytes and the Content-Encoding."""
     import gzip
 
@@ -225,7 +229,7 @@ _HOP_NAMES = ("Connection", "X-Listed-Secret", "Keep-Alive", "TE", "Upgrade", "H
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-async def test_hop_by_hop_request_fields_never_reach_the_origin(method, origin, make_proxy):
+async def test_hop_by_hop_request_fields_never_reach_the_origin(method: str, origin: Origin, make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
     body = b"data" if method == "POST" else b""
     conn = await RawConnection.open(proxy.port)
@@ -264,7 +268,7 @@ _HOP_RESPONSE_FIELDS = {
 }
 
 
-def _assert_no_hop_fields(response) -> None:
+def _assert_no_hop_fields(response: Fetched) -> None:
     headers = response.headers
     assert headers.get("X-End-To-End") == "kept", response
     for name in ("X-Hop-Listed", "Keep-Alive", "Proxy-Authenticate", "Proxy-Status", "Proxy",
@@ -275,7 +279,7 @@ def _assert_no_hop_fields(response) -> None:
     assert not ("Content-Length" in headers and "Transfer-Encoding" in headers), dict(headers)
 
 
-async def test_hop_by_hop_response_fields_never_reach_the_client(origin, make_proxy):
+async def test_hop_by_hop_response_fields_never_reach_the_client(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.set("/hop", headers=_HOP_RESPONSE_FIELDS)
     origin.set("/hop-post", headers=_HOP_RESPONSE_FIELDS)
     origin.set("/hop-stream", headers=_HOP_RESPONSE_FIELDS, size=200_000, chunked=True)
