@@ -14,21 +14,27 @@ import email.utils
 import re
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from support.canned import CannedOrigin
+from support.fixture_types import MakeProxy, SpawnProxy
 from support.net import RawConnection
+from support.origin import Origin
+from support.proxy import ProxyHandle
 from support.purge_log import past_purge_log_start
+from support.redis_server import RedisServer
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 
-def hit_path_count(proxy) -> float:
+def hit_path_count(proxy: ProxyHandle) -> float:
     value = proxy.state.metrics.registry.get_sample_value("tierproxy_hit_path_responses_total")
     return value or 0.0
 
 
-def l1_lookups(proxy, outcome: str) -> float:
+def l1_lookups(proxy: ProxyHandle, outcome: str) -> float:
     value = proxy.state.metrics.registry.get_sample_value(
         "tierproxy_tier_lookups_total", {"tier": "l1", "outcome": outcome})
     return value or 0.0
@@ -36,6 +42,13 @@ def l1_lookups(proxy, outcome: str) -> float:
 
 def get(target: str, extra: bytes = b"") -> bytes:
     return b"GET %s HTTP/1.1\r\nHost: proxy.test\r\n%s\r\n" % (target.encode(), extra)
+
+
+def field(pattern: bytes, response: bytes) -> bytes:
+    """The first group of ``pattern`` in ``response``; the pattern must match."""
+    found = re.search(pattern, response)
+    assert found is not None, (pattern, response[:300])
+    return found.group(1)
 
 
 async def one_response(port: int, request: bytes, *, pause: float = 0.05) -> bytes:
@@ -94,7 +107,7 @@ def _mask_clock(response: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("name", sorted(STORED))
-async def test_hit_path_answers_byte_for_byte_as_the_full_path(make_proxy, raw_origin, name):
+async def test_hit_path_answers_byte_for_byte_as_the_full_path(make_proxy: MakeProxy, raw_origin: CannedOrigin, name: str) -> None:
     status_line, header_lines, body = STORED[name]
     origin_date = email.utils.formatdate(usegmt=True).encode()
     header_lines = [line.replace(b"{now}", origin_date) for line in header_lines]
@@ -119,7 +132,7 @@ async def test_hit_path_answers_byte_for_byte_as_the_full_path(make_proxy, raw_o
     assert raw_origin.count == 2  # one miss per proxy; every hit came from L1
 
 
-async def test_hit_path_gives_each_request_its_own_id_and_a_true_age(make_proxy, origin):
+async def test_hit_path_gives_each_request_its_own_id_and_a_true_age(make_proxy: MakeProxy, origin: Origin) -> None:
     origin.set("/a", headers={"Cache-Control": "max-age=300"}, size=64)
     proxy = await make_proxy(SQLITE_PATH="off")
     await proxy.get("/a")
@@ -130,7 +143,7 @@ async def test_hit_path_gives_each_request_its_own_id_and_a_true_age(make_proxy,
         heads = [await conn.read_response() for _ in range(3)]
     finally:
         await conn.close()
-    ids = [re.search(rb"\r\nX-Request-ID: ([^\r]+)", h).group(1) for h in heads]
+    ids = [field(rb"\r\nX-Request-ID: ([^\r]+)", h) for h in heads]
     assert len(set(ids)) == 3 and b"bad id" not in ids, ids  # a bad client id is replaced
     assert all(b"\r\nX-Cache: HIT-L1\r\n" in h and b"\r\nAge: " in h for h in heads)
     assert hit_path_count(proxy) == 3
@@ -147,7 +160,7 @@ DECLINED = {
 
 
 @pytest.mark.parametrize("name", sorted(DECLINED))
-async def test_requests_the_hit_path_declines_get_the_full_paths_answer(make_proxy, origin, name):
+async def test_requests_the_hit_path_declines_get_the_full_paths_answer(make_proxy: MakeProxy, origin: Origin, name: str) -> None:
     origin.set("/d", headers=CACHEABLE, etag='"v1"', last_modified="Tue, 24 Nov 2026 10:00:00 GMT",
                size=32)
     proxy = await make_proxy(SQLITE_PATH="off")
@@ -163,7 +176,7 @@ async def test_requests_the_hit_path_declines_get_the_full_paths_answer(make_pro
     assert hit_path_count(proxy) == 0
 
 
-async def test_head_http10_and_connection_close_take_the_full_path(make_proxy, origin):
+async def test_head_http10_and_connection_close_take_the_full_path(make_proxy: MakeProxy, origin: Origin) -> None:
     origin.set("/h", headers=CACHEABLE, size=50)
     proxy = await make_proxy(SQLITE_PATH="off")
     await proxy.get("/h")
@@ -189,7 +202,7 @@ async def test_head_http10_and_connection_close_take_the_full_path(make_proxy, o
     assert hit_path_count(proxy) == 0
 
 
-async def test_vary_mismatch_and_stale_copies_take_the_full_path(make_proxy, origin):
+async def test_vary_mismatch_and_stale_copies_take_the_full_path(make_proxy: MakeProxy, origin: Origin) -> None:
     origin.set("/v", headers={**CACHEABLE, "Vary": "Accept-Language"}, size=10)
     origin.set("/s", headers={"Cache-Control": "max-age=1, stale-while-revalidate=60"}, size=10)
     proxy = await make_proxy(SQLITE_PATH="off")
@@ -204,7 +217,7 @@ async def test_vary_mismatch_and_stale_copies_take_the_full_path(make_proxy, ori
     assert b"\r\nX-Cache: STALE-L1\r\n" in stale and hit_path_count(proxy) == 1
 
 
-async def test_l1_lookups_are_counted_once_whichever_path_answers(make_proxy, origin):
+async def test_l1_lookups_are_counted_once_whichever_path_answers(make_proxy: MakeProxy, origin: Origin) -> None:
     origin.set("/c", headers=CACHEABLE, size=10)
     proxy = await make_proxy(SQLITE_PATH="off")
     await proxy.get("/c")  # miss: one L1 miss
@@ -220,13 +233,13 @@ async def test_l1_lookups_are_counted_once_whichever_path_answers(make_proxy, or
 
 
 @pytest.mark.parametrize("tier", ["l1", "l2"])
-async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy, origin, request, tier):
+async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy: MakeProxy, origin: Origin, request: pytest.FixtureRequest, tier: str) -> None:
     # l1: answered inside data_received; l2: around a lookup the hit path awaits.
     for name in ("a", "c"):
         origin.set(f"/{name}", headers=CACHEABLE, body=f"body {name}".encode())
     origin.set("/b", headers=CACHEABLE, body=b"body b", latency=0.3)
     if tier == "l1":
-        env = {"SQLITE_PATH": "off"}
+        env: dict[str, Any] = {"SQLITE_PATH": "off"}
         writer = proxy = await make_proxy(**env)
     else:
         env = {"L1_MAX_BYTES": 0, "REDIS_URL": request.getfixturevalue("redis_url")}
@@ -249,7 +262,7 @@ async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy, origi
         await conn.close()
     bodies = [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses]
     assert bodies == [b"body a", b"body b", b"body c", b"body a", b"body c"]
-    caches = [re.search(rb"\r\nX-Cache: ([^\r]+)", r).group(1) for r in responses]
+    caches = [field(rb"\r\nX-Cache: ([^\r]+)", r) for r in responses]
     hit = f"HIT-{tier.upper()}".encode()
     assert caches == [hit, b"MISS", hit, hit, hit]
     if tier == "l1":
@@ -257,7 +270,7 @@ async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy, origi
         assert hit_path_count(proxy) == 2
 
 
-async def test_idle_connection_is_closed_after_a_hit_path_answer(make_proxy, origin):
+async def test_idle_connection_is_closed_after_a_hit_path_answer(make_proxy: MakeProxy, origin: Origin) -> None:
     origin.set("/k", headers=CACHEABLE, size=10)
     proxy = await make_proxy(SQLITE_PATH="off", KEEPALIVE_TIMEOUT=0.5)
     await proxy.get("/k")
@@ -276,7 +289,7 @@ async def test_idle_connection_is_closed_after_a_hit_path_answer(make_proxy, ori
     assert 0.4 <= idle < 3.0, idle
 
 
-async def test_client_that_stops_reading_pipelined_hits_is_cut_off(make_proxy, origin):
+async def test_client_that_stops_reading_pipelined_hits_is_cut_off(make_proxy: MakeProxy, origin: Origin) -> None:
     # 1 MiB a response, 24 pipelined requests (fewer than aiohttp queues before it stops
     # reading), nothing read: the hit path must stop at the transport's high-water mark, and
     # the send timeout must cut the connection off, without the proxy ever holding 24 MiB.
@@ -316,7 +329,7 @@ async def test_client_that_stops_reading_pipelined_hits_is_cut_off(make_proxy, o
 # ---- L2/L3 hits: the hit path awaits the lookup, then answers or hands over ---------------
 
 
-def lookups(proxy, tier: str, outcome: str) -> float:
+def lookups(proxy: ProxyHandle, tier: str, outcome: str) -> float:
     value = proxy.state.metrics.registry.get_sample_value(
         "tierproxy_tier_lookups_total", {"tier": tier, "outcome": outcome})
     return value or 0.0
@@ -324,8 +337,8 @@ def lookups(proxy, tier: str, outcome: str) -> float:
 
 @pytest.mark.parametrize("tier", ["l2", "l3"])
 async def test_l2_and_l3_hits_answer_byte_for_byte_as_the_full_path(
-    make_proxy, raw_origin, redis_url, tier
-):
+    make_proxy: MakeProxy, raw_origin: CannedOrigin, redis_url: str, tier: str
+) -> None:
     status_line, header_lines, body = STORED["repeated-and-utf8"]
     raw_origin.set("/lower", header_lines, body, status_line)
     env = {"ORIGIN": raw_origin.url, "L1_MAX_BYTES": 0}
@@ -349,8 +362,8 @@ async def test_l2_and_l3_hits_answer_byte_for_byte_as_the_full_path(
 
 
 async def test_a_miss_is_handed_over_and_the_tiers_are_asked_once(
-    make_proxy, origin, redis_url
-):
+    make_proxy: MakeProxy, origin: Origin, redis_url: str
+) -> None:
     origin.set("/m", headers=CACHEABLE, size=20)
     proxy = await make_proxy(L1_MAX_BYTES=0)
     response = await one_response(proxy.port, get("/m", b"X-Request-ID: handed-over\r\n"))
@@ -367,8 +380,8 @@ async def test_a_miss_is_handed_over_and_the_tiers_are_asked_once(
 
 
 async def test_frozen_redis_during_a_lookup_is_waited_out_once(
-    make_proxy, origin, redis_server, redis_url, sqlite_path
-):
+    make_proxy: MakeProxy, origin: Origin, redis_server: RedisServer, redis_url: str, sqlite_path: Path
+) -> None:
     origin.set("/f", headers=CACHEABLE, size=10)
     writer = await make_proxy(L1_MAX_BYTES=0)
     await past_purge_log_start(writer)  # so that the second proxy trusts its L3 copy
@@ -390,7 +403,7 @@ async def test_frozen_redis_during_a_lookup_is_waited_out_once(
     assert 0.15 <= miss_elapsed < 0.2 + 1.0, miss_elapsed  # not two L2 budgets
 
 
-async def test_sigterm_waits_for_a_lookup_in_flight(spawn_proxy, origin, redis_server, redis_url):
+async def test_sigterm_waits_for_a_lookup_in_flight(spawn_proxy: SpawnProxy, origin: Origin, redis_server: RedisServer, redis_url: str) -> None:
     origin.set("/s", headers=CACHEABLE, size=10)
     proc = await spawn_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=1.5, SQLITE_PATH="off")
     assert b"MISS" in await one_response(proc.port, get("/s"))
@@ -409,8 +422,8 @@ async def test_sigterm_waits_for_a_lookup_in_flight(spawn_proxy, origin, redis_s
 
 
 async def test_idle_timer_spares_a_slow_lookup_and_applies_after_it(
-    make_proxy, origin, redis_server, redis_url
-):
+    make_proxy: MakeProxy, origin: Origin, redis_server: RedisServer, redis_url: str
+) -> None:
     # The L2 lookup (Redis frozen, 0.8 s budget) outlasts the 0.3 s keep-alive: the
     # connection is not idle meanwhile. After the answer, idleness closes it as usual.
     origin.set("/k", headers=CACHEABLE, size=10)

@@ -9,24 +9,28 @@ from __future__ import annotations
 import email.utils
 import math
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-
+from support.fixture_types import MakeFaultProxy, MakeProxy
 from support.net import refused_url
+from support.origin import Origin
+from support.proxy import Fetched, ProxyHandle
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition, wait_until_wallclock
 
 ORIGIN_TIMEOUT = 0.5
 SLACK = 0.75  # honest slack for a loaded CI box
-TIER_ONLY = {
+TIER_ONLY: dict[str, dict[str, Any]] = {
     "l1": {"REDIS_URL": None, "SQLITE_PATH": "off"},
     "l2": {"L1_MAX_BYTES": 0, "SQLITE_PATH": "off"},
     "l3": {"L1_MAX_BYTES": 0, "REDIS_URL": None},
 }
 
 
-def _short_lived(origin, path: str, **rule) -> float:
+def _short_lived(origin: Origin, path: str, **rule: Any) -> float:
     """Make ``path`` answer max-age=1 with a pinned ``Date`` (a whole second, now or just
     before), so the entry's age - and so its expiry - is exact: RFC 9111 §4.2.3 ages a
     response by its Date. Returns that Date as epoch seconds (= the entry's stored_at).
@@ -37,7 +41,7 @@ def _short_lived(origin, path: str, **rule) -> float:
     return dated
 
 
-async def _cache_and_let_expire(proxy, path: str, stored_at: float) -> bytes:
+async def _cache_and_let_expire(proxy: ProxyHandle, path: str, stored_at: float) -> bytes:
     """GET ``path`` (a MISS), then let the wall clock pass its expiry by 0.6 s."""
     first = await proxy.get(path)
     assert first.x_cache == "MISS", first
@@ -45,7 +49,9 @@ async def _cache_and_let_expire(proxy, path: str, stored_at: float) -> bytes:
     return first.body
 
 
-def _assert_stale(response, *, tier: str, detail: str, body: bytes, stored_at: float) -> None:
+def _assert_stale(
+    response: Fetched, *, tier: str, detail: str, body: bytes, stored_at: float
+) -> None:
     assert response.status == 200, response
     assert response.body == body
     assert response.x_cache == f"STALE-{tier.upper()}", response
@@ -60,8 +66,8 @@ def _assert_stale(response, *, tier: str, detail: str, body: bytes, stored_at: f
 
 @pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
 async def test_stale_copy_served_when_origin_hangs(
-    tier, origin, make_proxy, redis_url, redis_client, sqlite_path
-):
+    tier: str, origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
     stored_at = _short_lived(origin, "/s")
     proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, **TIER_ONLY[tier])
     body = await _cache_and_let_expire(proxy, "/s", stored_at)
@@ -78,7 +84,7 @@ async def test_stale_copy_served_when_origin_hangs(
     assert origin.count("/s") == 2
 
 
-async def test_stale_copy_served_when_origin_answers_500(origin, make_proxy):
+async def test_stale_copy_served_when_origin_answers_500(origin: Origin, make_proxy: MakeProxy) -> None:
     stored_at = _short_lived(origin, "/s500")
     proxy = await make_proxy()
     body = await _cache_and_let_expire(proxy, "/s500", stored_at)
@@ -93,8 +99,8 @@ async def test_stale_copy_served_when_origin_answers_500(origin, make_proxy):
 
 @pytest.mark.parametrize("failure", ["refused", "reset"])
 async def test_stale_copy_served_when_origin_connection_fails(
-    failure, origin, make_proxy, fault_proxy
-):
+    failure: str, origin: Origin, make_proxy: MakeProxy, fault_proxy: MakeFaultProxy
+) -> None:
     front = await fault_proxy(origin.port)
     stored_at = _short_lived(origin, "/sc")
     proxy = await make_proxy(ORIGIN=front.url())
@@ -111,8 +117,8 @@ async def test_stale_copy_served_when_origin_connection_fails(
 
 
 async def test_new_process_serves_stale_l3_copy_when_origin_is_down(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     stored_at = _short_lived(origin, "/down")
     writer = await make_proxy()
     await writer.get("/down")
@@ -131,8 +137,8 @@ async def test_new_process_serves_stale_l3_copy_when_origin_is_down(
 
 
 async def test_stale_copy_reports_a_negative_ttl_even_when_less_than_a_second_stale(
-    origin, make_proxy
-):
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """RFC 9211 §2.5 / DESIGN: a stale copy's Cache-Status ttl is negative, never 0."""
     stored_at = _short_lived(origin, "/ttl")
     proxy = await make_proxy()
@@ -148,7 +154,7 @@ async def test_stale_copy_reports_a_negative_ttl_even_when_less_than_a_second_st
     assert stale.cache_status.ttl <= -1, stale
 
 
-async def test_copy_older_than_max_stale_is_not_served(origin, make_proxy):
+async def test_copy_older_than_max_stale_is_not_served(origin: Origin, make_proxy: MakeProxy) -> None:
     stored_at = _short_lived(origin, "/old")
     proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT, MAX_STALE=1)
     first = await proxy.get("/old")
@@ -162,7 +168,7 @@ async def test_copy_older_than_max_stale_is_not_served(origin, make_proxy):
     assert response.body != first.body
 
 
-async def test_origin_timeout_with_nothing_cached_is_504_plain_text(origin, make_proxy):
+async def test_origin_timeout_with_nothing_cached_is_504_plain_text(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.set("/hang", hang=True)
     proxy = await make_proxy(ORIGIN_TIMEOUT=ORIGIN_TIMEOUT)
 
@@ -174,7 +180,7 @@ async def test_origin_timeout_with_nothing_cached_is_504_plain_text(origin, make
     assert response.elapsed <= ORIGIN_TIMEOUT + SLACK, response
 
 
-async def test_origin_refusing_connections_with_nothing_cached_is_502_plain_text(make_proxy):
+async def test_origin_refusing_connections_with_nothing_cached_is_502_plain_text(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy(ORIGIN=refused_url())
 
     response = await proxy.get("/x")
@@ -186,8 +192,8 @@ async def test_origin_refusing_connections_with_nothing_cached_is_502_plain_text
 
 
 async def test_origin_resetting_connections_with_nothing_cached_is_502(
-    origin, make_proxy, fault_proxy
-):
+    origin: Origin, make_proxy: MakeProxy, fault_proxy: MakeFaultProxy
+) -> None:
     front = await fault_proxy(origin.port, mode="reset")
     proxy = await make_proxy(ORIGIN=front.url())
 
@@ -197,7 +203,7 @@ async def test_origin_resetting_connections_with_nothing_cached_is_502(
     assert response.headers["Content-Type"].startswith("text/plain"), response
 
 
-async def test_origin_blackholed_with_nothing_cached_is_504(origin, make_proxy, fault_proxy):
+async def test_origin_blackholed_with_nothing_cached_is_504(origin: Origin, make_proxy: MakeProxy, fault_proxy: MakeFaultProxy) -> None:
     front = await fault_proxy(origin.port, mode="blackhole")
     proxy = await make_proxy(ORIGIN=front.url(), ORIGIN_TIMEOUT=ORIGIN_TIMEOUT)
 
@@ -207,7 +213,7 @@ async def test_origin_blackholed_with_nothing_cached_is_504(origin, make_proxy, 
     assert response.elapsed <= ORIGIN_TIMEOUT + SLACK, response
 
 
-async def test_origin_500_with_nothing_cached_is_passed_through(origin, make_proxy):
+async def test_origin_500_with_nothing_cached_is_passed_through(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.set("/e", status=500, body=b"origin says no")
     proxy = await make_proxy()
 
@@ -217,7 +223,7 @@ async def test_origin_500_with_nothing_cached_is_passed_through(origin, make_pro
     assert response.body == b"origin says no"
 
 
-async def test_stale_entry_with_etag_is_revalidated_with_if_none_match(origin, make_proxy):
+async def test_stale_entry_with_etag_is_revalidated_with_if_none_match(origin: Origin, make_proxy: MakeProxy) -> None:
     stored_at = _short_lived(origin, "/r", etag='"v1"', honor_if_none_match=True)
     proxy = await make_proxy()
     body = await _cache_and_let_expire(proxy, "/r", stored_at)
@@ -240,8 +246,8 @@ async def test_stale_entry_with_etag_is_revalidated_with_if_none_match(origin, m
 
 
 async def test_stale_entry_with_last_modified_is_revalidated_with_if_modified_since(
-    origin, make_proxy
-):
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     last_modified = "Tue, 01 Oct 2024 10:00:00 GMT"
     stored_at = _short_lived(origin, "/lm", last_modified=last_modified)
     proxy = await make_proxy()
@@ -256,7 +262,7 @@ async def test_stale_entry_with_last_modified_is_revalidated_with_if_modified_si
     assert after.x_cache == "HIT-L1" and after.body == b"new version", after
 
 
-async def test_hit_never_waits_on_a_hanging_origin(origin, make_proxy):
+async def test_hit_never_waits_on_a_hanging_origin(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.set("/fast", headers={"Cache-Control": "max-age=300"})
     proxy = await make_proxy(ORIGIN_TIMEOUT=2.0)
     await proxy.get("/fast")
@@ -274,8 +280,8 @@ async def test_hit_never_waits_on_a_hanging_origin(origin, make_proxy):
     ids=["buffered", "streamed"],
 )
 async def test_truncated_origin_response_is_never_served_as_complete_or_stored(
-    size, env, origin, make_proxy, sqlite_path
-):
+    size: int, env: dict[str, Any], origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set("/cut", size=size, close_mid_body=True, headers={"Cache-Control": "max-age=300"})
     proxy = await make_proxy(**env)
 
@@ -294,7 +300,7 @@ async def test_truncated_origin_response_is_never_served_as_complete_or_stored(
     assert origin.count("/cut") == 2
 
 
-async def test_stale_copies_served_at_once_while_the_origin_breaker_is_open(origin, make_proxy):
+async def test_stale_copies_served_at_once_while_the_origin_breaker_is_open(origin: Origin, make_proxy: MakeProxy) -> None:
     # After BREAKER_FAILURES consecutive origin failures, a request holding a usable stale copy
     # no longer waits out the origin timeout; one request per cooldown probes the origin, and
     # once it answers again copies are refreshed as usual.

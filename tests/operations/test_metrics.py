@@ -6,23 +6,28 @@ Scrapes go through ``GET /metrics`` and are parsed with prometheus_client's own 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
+from support.fixture_types import MakeProxy
+from support.origin import Origin
+from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition, wait_until_wallclock
 
-from .conftest import by_label, value
+from .conftest import AdminFor, Samples, by_label, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 TIERS = ("l1", "l2", "l3", "origin")
 
 
-def lookups(samples, tier):
+def lookups(samples: Samples, tier: str) -> dict[str, float]:
     return by_label(samples, "tierproxy_tier_lookups_total", "outcome", tier=tier)
 
 
 async def test_counters_per_tier_after_a_known_sequence(
-    origin, make_proxy, admin_for, redis_url, redis_client, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
     origin.set("/m", headers=CACHEABLE)
     origin.set("/private", headers={"Cache-Control": "private"})
     proxy = await make_proxy()
@@ -91,7 +96,7 @@ async def test_counters_per_tier_after_a_known_sequence(
     assert origin.count("/m") == 2  # the GET that missed, the POST
 
 
-async def test_size_gauges_follow_l1_and_l3(origin, make_proxy, admin_for, sqlite_path):
+async def test_size_gauges_follow_l1_and_l3(origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, sqlite_path: Path) -> None:
     origin.set_default(headers=CACHEABLE, size=1000)
     proxy = await make_proxy()
     admin = await admin_for(proxy)
@@ -109,8 +114,8 @@ async def test_size_gauges_follow_l1_and_l3(origin, make_proxy, admin_for, sqlit
 
 
 async def test_timeouts_then_breaker_open_skips_are_counted_with_breaker_gauges(
-    origin, make_proxy, admin_for, redis_server, redis_url
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_server: RedisServer, redis_url: str
+) -> None:
     origin.set_default(headers={"Cache-Control": "no-store"})  # no backfill writes to Redis
     proxy = await make_proxy(L1_MAX_BYTES=0, SQLITE_PATH="off", L2_TIMEOUT=0.05,
                              BREAKER_FAILURES=2, BREAKER_COOLDOWN=60)
@@ -135,7 +140,7 @@ async def test_timeouts_then_breaker_open_skips_are_counted_with_breaker_gauges(
     assert by_label(m, "tierproxy_responses_total", "cache") == {"BYPASS": 3}
 
 
-async def test_stale_lookups_and_stale_served_by_reason(origin, make_proxy, admin_for):
+async def test_stale_lookups_and_stale_served_by_reason(origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor) -> None:
     origin.set("/s", headers={"Cache-Control": "max-age=1"})
     proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off")
     admin = await admin_for(proxy)
@@ -156,7 +161,7 @@ async def test_stale_lookups_and_stale_served_by_reason(origin, make_proxy, admi
     assert by_label(m, "tierproxy_responses_total", "cache") == {"MISS": 1, "STALE-L1": 1}
 
 
-async def test_coalesced_waiters_are_counted(origin, make_proxy, admin_for):
+async def test_coalesced_waiters_are_counted(origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor) -> None:
     origin.set("/c", headers=CACHEABLE, hang=True)
     proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off")
     admin = await admin_for(proxy)
@@ -184,7 +189,7 @@ async def test_coalesced_waiters_are_counted(origin, make_proxy, admin_for):
     assert value(m, "tierproxy_inflight_requests") == 0
 
 
-async def test_every_documented_metric_is_exposed(origin, make_proxy, admin_for, redis_url):
+async def test_every_documented_metric_is_exposed(origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str) -> None:
     proxy = await make_proxy()
     admin = await admin_for(proxy)
     await proxy.get("/x")
@@ -203,8 +208,8 @@ async def test_every_documented_metric_is_exposed(origin, make_proxy, admin_for,
 
 
 async def test_grafana_dashboard_uses_only_exposed_metric_names(
-    origin, make_proxy, admin_for, redis_url
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str
+) -> None:
     import json
     import re
     from pathlib import Path

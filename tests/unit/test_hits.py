@@ -13,28 +13,28 @@ def entry(status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Entry
                  fresh_until=1.0, stale_until=1.0, swr_until=1.0, expires_at=1.0)
 
 
-def test_head_is_the_status_line_and_stored_lines_in_order():
+def test_head_is_the_status_line_and_stored_lines_in_order() -> None:
     head = entry(200, (("Content-Type", "text/plain"), ("Link", "</a>"),
                                    ("Link", "</b>"), ("X-Title", "caf\u00e9"))).wire_head
     assert head == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nLink: </a>\r\n"
                     b"Link: </b>\r\nX-Title: caf\xc3\xa9\r\n")
 
 
-def test_obs_text_bytes_are_written_as_received():
+def test_obs_text_bytes_are_written_as_received() -> None:
     # aiohttp decodes header bytes as UTF-8 with surrogateescape: latin-1 "caf\xe9" arrives as
     # "caf\udce9" and must leave as the same four bytes.
     head = entry(200, (("X-Name", b"caf\xe9".decode("utf-8", "surrogateescape")),)).wire_head
     assert head == b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\n"
 
 
-def test_tierproxys_own_fields_are_not_among_the_stored_lines():
+def test_tierproxys_own_fields_are_not_among_the_stored_lines() -> None:
     stored = entry(200, (("X-Cache", "HIT"), ("Cache-Status", "cdn; hit"), ("X-Request-ID", "o"),
                          ("X-Kept", "1")))
     assert stored.wire_head == b"HTTP/1.1 200 OK\r\nX-Kept: 1\r\n"
     assert stored.upstream_cache_status == b"cdn; hit, "
 
 
-def test_unknown_status_has_an_empty_reason_as_in_aiohttp():
+def test_unknown_status_has_an_empty_reason_as_in_aiohttp() -> None:
     assert entry(299).wire_head == b"HTTP/1.1 299 \r\n"
 
 
@@ -45,5 +45,5 @@ def test_unknown_status_has_an_empty_reason_as_in_aiohttp():
     ("X-Bad", "\ud800"),  # a surrogate no byte decodes to: not encodable
     ("X-Nul", "a\x00b"),  # a control character aiohttp refuses too
 ])
-def test_unsafe_header_lines_are_left_to_the_full_path(name, value):
+def test_unsafe_header_lines_are_left_to_the_full_path(name: str, value: str) -> None:
     assert entry(200, ((name, value),)).wire_head is None

@@ -19,7 +19,7 @@ def entry(key: str, size: int = 100, expires_in: float = 60) -> Entry:
                  swr_until=now + expires_in, expires_at=now + expires_in)
 
 
-def test_byte_bound_holds_and_least_recently_used_goes_first():
+def test_byte_bound_holds_and_least_recently_used_goes_first() -> None:
     one = entry("/1").size
     tier = MemoryTier(max_bytes=one * 3)  # room for exactly three
     tier.max_entry_bytes = one  # lift the one-eighth cap so three fit
@@ -33,7 +33,7 @@ def test_byte_bound_holds_and_least_recently_used_goes_first():
     assert tier.bytes == 3 * one
 
 
-def test_bytes_stay_within_bound_under_many_keys():
+def test_bytes_stay_within_bound_under_many_keys() -> None:
     tier = MemoryTier(max_bytes=100_000)
     for i in range(10_000):
         tier.set_now(KEYS.key(f"/k?{i}"), entry(f"/k?{i}", size=i % 500))
@@ -41,7 +41,7 @@ def test_bytes_stay_within_bound_under_many_keys():
     assert tier.bytes == sum(e.size for e in tier._entries.values())
 
 
-def test_replacing_a_key_does_not_leak_bytes():
+def test_replacing_a_key_does_not_leak_bytes() -> None:
     tier = MemoryTier(max_bytes=10_000)
     for size in (10, 500, 20):
         tier.set_now(KEYS.key("/a"), entry("/a", size=size))
@@ -49,21 +49,21 @@ def test_replacing_a_key_does_not_leak_bytes():
     assert tier.bytes == entry("/a", size=20).size
 
 
-def test_oversized_entry_is_not_kept():
+def test_oversized_entry_is_not_kept() -> None:
     tier = MemoryTier(max_bytes=8_000)
     assert not tier.set_now(KEYS.key("/big"), entry("/big", size=5_000))
     assert tier.get_now(KEYS.key("/big")) is None
     assert tier.bytes == 0
 
 
-def test_expired_entries_are_dropped_on_lookup():
+def test_expired_entries_are_dropped_on_lookup() -> None:
     tier = MemoryTier(max_bytes=10_000)
     tier.set_now(KEYS.key("/old"), entry("/old", expires_in=-1))
     assert tier.get_now(KEYS.key("/old")) is None
     assert tier.bytes == 0
 
 
-def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown():
+def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown() -> None:
     breaker = Breaker(failures_to_open=3, cooldown=0.05)
     for _ in range(2):
         breaker.failure()
@@ -80,7 +80,7 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown
     assert breaker.state() == "closed" and breaker.allow()
 
 
-def test_a_probe_that_never_reports_does_not_hold_the_breaker_half_open_for_ever():
+def test_a_probe_that_never_reports_does_not_hold_the_breaker_half_open_for_ever() -> None:
     breaker = Breaker(failures_to_open=1, cooldown=0.05)
     breaker.failure()
     deadline = time.monotonic() + 2
@@ -94,7 +94,7 @@ def test_a_probe_that_never_reports_does_not_hold_the_breaker_half_open_for_ever
     assert breaker.state() == "half-open"
 
 
-def test_an_entry_is_charged_what_it_holds_headers_and_wire_head_included():
+def test_an_entry_is_charged_what_it_holds_headers_and_wire_head_included() -> None:
     import sys
 
     headers = tuple((f"X-Header-{i}", "v" * 40) for i in range(12))
