@@ -22,8 +22,19 @@ from aiohttp import web
 
 from loadtest.origin import install_loop
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "transfer-encoding", "upgrade", "content-length", "date", "server"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "date",
+    "server",
+}
 
 
 def fetch(url: str) -> tuple[bytes, dict[str, str]]:
@@ -33,7 +44,9 @@ def fetch(url: str) -> tuple[bytes, dict[str, str]]:
     return body, headers
 
 
-async def serve(host: str, port: int, body: bytes, headers: dict[str, str], max_lifetime: float) -> None:
+async def serve(
+    host: str, port: int, body: bytes, headers: dict[str, str], max_lifetime: float
+) -> None:
     stored_headers = {**headers, "X-Cache": "HIT-L1", "Cache-Status": "bare; hit", "Age": "0"}
 
     async def handler(request: web.Request) -> web.Response:
@@ -61,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.bare")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9100)
-    ap.add_argument("--origin", required=True, help="origin base URL to fetch the stored bytes from")
+    ap.add_argument(
+        "--origin", required=True, help="origin base URL to fetch the stored bytes from"
+    )
     ap.add_argument("--path", default="/bench/1")
     ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     ap.add_argument("--max-lifetime", type=float, default=3600.0)

@@ -45,7 +45,14 @@ from loadtest.procs import LOOPBACK, ProcGroup, StartupError, host_busy_seconds
 BENCH_PATH = "/bench/1"
 ALL_TARGETS = ("bare", "bare-asyncio", "l1", "l2", "l3", "nginx")
 DEFAULT_TARGETS = ("bare", "l1", "l2", "l3", "nginx")
-EXPECT = {"l1": "HIT-L1", "l2": "HIT-L2", "l3": "HIT-L3", "nginx": "HIT", "bare": "HIT-L1", "bare-asyncio": "HIT-L1"}
+EXPECT = {
+    "l1": "HIT-L1",
+    "l2": "HIT-L2",
+    "l3": "HIT-L3",
+    "nginx": "HIT",
+    "bare": "HIT-L1",
+    "bare-asyncio": "HIT-L1",
+}
 LABELS = {
     "bare": "(a) bare aiohttp handler, stored bytes",
     "bare-asyncio": "(a') bare aiohttp handler, asyncio loop",
@@ -111,12 +118,30 @@ def pace_script(work: Path, connections: int, rps: float) -> Path:
     return p
 
 
-def run_wrk(url: str, duration: float, connections: int, threads: int, cpu: str | None,
-            script: Path | None = None) -> dict[str, Any]:
+def run_wrk(
+    url: str,
+    duration: float,
+    connections: int,
+    threads: int,
+    cpu: str | None,
+    script: Path | None = None,
+) -> dict[str, Any]:
     if not url.startswith(f"http://{LOOPBACK}:"):
         raise ValueError("wrk targets loopback only")
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", "--latency",
-           "--timeout", "5s", *(["-s", str(script)] if script else []), url]
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration:g}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        *(["-s", str(script)] if script else []),
+        url,
+    ]
     if cpu and shutil.which("taskset"):
         cmd = ["taskset", "-c", cpu, *cmd]
     p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=duration + 30)
@@ -165,8 +190,12 @@ http {{
 """
 
 
-def start_nginx(group: ProcGroup, workdir: Path, origin_hostport: str, cpu: str | None) -> tuple[procs.Proc, int]:
-    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+def start_nginx(
+    group: ProcGroup, workdir: Path, origin_hostport: str, cpu: str | None
+) -> tuple[procs.Proc, int]:
+    exe = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+    )
     if not exe:
         raise StartupError("nginx not installed (apt-get install nginx-light)")
     tmp = workdir / "nginx"
@@ -174,8 +203,12 @@ def start_nginx(group: ProcGroup, workdir: Path, origin_hostport: str, cpu: str 
     port = procs.free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, origin=origin_hostport, host=LOOPBACK, port=port))
-    p = group.start("nginx", [exe, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
-                    workdir / "nginx.log", taskset=cpu)
+    p = group.start(
+        "nginx",
+        [exe, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+        workdir / "nginx.log",
+        taskset=cpu,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if not p.alive():
@@ -189,6 +222,7 @@ def start_nginx(group: ProcGroup, workdir: Path, origin_hostport: str, cpu: str 
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 class Target:
     def __init__(self, name: str, url: str, proc: procs.Proc, admin: int | None = None) -> None:
@@ -217,11 +251,21 @@ def prime(t: Target, tries: int = 60) -> str:
         if status == 200 and xc == want:
             return xc
         time.sleep(0.1)
-    raise StartupError(f"{t.name}: never answered with X-Cache {want} in {tries} tries: {dict(seen)}")
+    raise StartupError(
+        f"{t.name}: never answered with X-Cache {want} in {tries} tries: {dict(seen)}"
+    )
 
 
-def start_targets(group: ProcGroup, work: Path, logs: Path, names: list[str], ns: argparse.Namespace,
-                  origin_url: str, redis_url: str | None, server_cpu: str | None) -> dict[str, Target]:
+def start_targets(
+    group: ProcGroup,
+    work: Path,
+    logs: Path,
+    names: list[str],
+    ns: argparse.Namespace,
+    origin_url: str,
+    redis_url: str | None,
+    server_cpu: str | None,
+) -> dict[str, Target]:
     out: dict[str, Target] = {}
     origin_hostport = origin_url.split("//", 1)[1]
     lifetime = str(int(ns.rounds * len(names) * (ns.duration + 10) + 600))
@@ -229,9 +273,26 @@ def start_targets(group: ProcGroup, work: Path, logs: Path, names: list[str], ns
         if name in ("bare", "bare-asyncio"):
             port = procs.free_port()
             loop = "asyncio" if name == "bare-asyncio" else ns.bare_loop
-            p = group.start(name, [sys.executable, "-m", "loadtest.bare", "--port", str(port), "--origin",
-                                   origin_url, "--path", BENCH_PATH, "--loop", loop, "--max-lifetime", lifetime],
-                            logs / f"{name}.log", taskset=server_cpu)
+            p = group.start(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "loadtest.bare",
+                    "--port",
+                    str(port),
+                    "--origin",
+                    origin_url,
+                    "--path",
+                    BENCH_PATH,
+                    "--loop",
+                    loop,
+                    "--max-lifetime",
+                    lifetime,
+                ],
+                logs / f"{name}.log",
+                taskset=server_cpu,
+            )
             procs.wait_http(f"http://{LOOPBACK}:{port}{BENCH_PATH}", p, 15, name)
             out[name] = Target(name, f"http://{LOOPBACK}:{port}{BENCH_PATH}", p)
         elif name in ("l1", "l2", "l3"):
@@ -242,15 +303,31 @@ def start_targets(group: ProcGroup, work: Path, logs: Path, names: list[str], ns
             elif name == "l2":
                 if not redis_url:
                     raise StartupError("l2 needs redis-server")
-                env.update({"TIERPROXY_L1_MAX_BYTES": "0", "TIERPROXY_REDIS_URL": redis_url,
-                            "TIERPROXY_SQLITE_PATH": "off"})
+                env.update(
+                    {
+                        "TIERPROXY_L1_MAX_BYTES": "0",
+                        "TIERPROXY_REDIS_URL": redis_url,
+                        "TIERPROXY_SQLITE_PATH": "off",
+                    }
+                )
             else:
-                env.update({"TIERPROXY_L1_MAX_BYTES": "0", "TIERPROXY_SQLITE_PATH": str(work / "l3.sqlite3")})
+                env.update(
+                    {
+                        "TIERPROXY_L1_MAX_BYTES": "0",
+                        "TIERPROXY_SQLITE_PATH": str(work / "l3.sqlite3"),
+                    }
+                )
             for kv in ns.proxy_env:
                 k, _, v = kv.partition("=")
                 env[k] = v
-            p, port, admin = procs.start_proxy(group, logs, env, name=f"proxy-{name}", cmd_override=ns.proxy_cmd,
-                                               taskset=server_cpu)
+            p, port, admin = procs.start_proxy(
+                group,
+                logs,
+                env,
+                name=f"proxy-{name}",
+                cmd_override=ns.proxy_cmd,
+                taskset=server_cpu,
+            )
             out[name] = Target(name, f"http://{LOOPBACK}:{port}{BENCH_PATH}", p, admin)
         elif name == "nginx":
             p, port = start_nginx(group, work, origin_hostport, server_cpu)
@@ -258,7 +335,9 @@ def start_targets(group: ProcGroup, work: Path, logs: Path, names: list[str], ns
     return out
 
 
-def tier_get_ms(before: dict[M.Sample, float], after: dict[M.Sample, float], tier: str) -> dict[str, float | None]:
+def tier_get_ms(
+    before: dict[M.Sample, float], after: dict[M.Sample, float], tier: str
+) -> dict[str, float | None]:
     if not after:
         return {}
     d = M.diff(before, after)
@@ -284,7 +363,9 @@ def proc_tree_cpu(pid: int) -> float | None:
     return total
 
 
-def served_share(before: dict[M.Sample, float], after: dict[M.Sample, float], want: str) -> float | None:
+def served_share(
+    before: dict[M.Sample, float], after: dict[M.Sample, float], want: str
+) -> float | None:
     if not after:
         return None
     d = M.by_label(M.diff(before, after), "tierproxy_responses_total", "cache")
@@ -302,8 +383,21 @@ def profile(t: Target, ns: argparse.Namespace, out: Path, wrk_cpu: str | None) -
     raw = out / f"profile-{t.name}.txt"
     svg = out / f"profile-{t.name}.svg"
     for fmt, path in (("raw", raw), ("flamegraph", svg)):
-        cmd = [spy, "record", "--pid", str(t.proc.pid), "--duration", str(dur), "--rate", "250", "--nonblocking",
-               "--format", fmt, "--output", str(path)]
+        cmd = [
+            spy,
+            "record",
+            "--pid",
+            str(t.proc.pid),
+            "--duration",
+            str(dur),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--format",
+            fmt,
+            "--output",
+            str(path),
+        ]
         if wrk_cpu and shutil.which("taskset"):
             cmd = ["taskset", "-c", wrk_cpu, *cmd]
         spy_p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -344,14 +438,30 @@ def top_frames(collapsed: str, n: int = 25) -> dict[str, Any]:
                 incl[f] += c
 
     def fmt(cn: Counter[str]) -> list[dict[str, Any]]:
-        return [{"frame": f, "share": round(v / total, 4), "samples": v} for f, v in cn.most_common(n)]
+        return [
+            {"frame": f, "share": round(v / total, 4), "samples": v} for f, v in cn.most_common(n)
+        ]
 
-    return {"samples": total, "top_self": fmt(self_f), "top_self_lines": fmt(self_l), "top_inclusive": fmt(incl)}
+    return {
+        "samples": total,
+        "top_self": fmt(self_f),
+        "top_self_lines": fmt(self_l),
+        "top_inclusive": fmt(incl),
+    }
 
 
 # the frames every sample of the main thread sits under; not interesting as "inclusive"
-_BOOT_FRAMES = ("_run_module_as_main ", "_run_code ", "<module> ", "main (tierproxy", "_run (tierproxy",
-                "run (uvloop", "Runner.run ", "Thread._bootstrap", "Thread.run ")
+_BOOT_FRAMES = (
+    "_run_module_as_main ",
+    "_run_code ",
+    "<module> ",
+    "main (tierproxy",
+    "_run (tierproxy",
+    "run (uvloop",
+    "Runner.run ",
+    "Thread._bootstrap",
+    "Thread.run ",
+)
 
 
 def _short(frame: str, lines: bool = True) -> str:
@@ -362,9 +472,9 @@ def _short(frame: str, lines: bool = True) -> str:
     fn, path, line = m.groups()
     parts = path.split("/")
     if "site-packages" in parts:
-        path = "/".join(parts[parts.index("site-packages") + 1:])
+        path = "/".join(parts[parts.index("site-packages") + 1 :])
     elif "tierproxy" in parts:
-        path = "/".join(parts[parts.index("tierproxy"):])
+        path = "/".join(parts[parts.index("tierproxy") :])
     else:
         path = "/".join(parts[-2:])
     return f"{fn} ({path}:{line})" if lines else f"{fn} ({path})"
@@ -376,12 +486,18 @@ def table(results: dict[str, Any]) -> str:
     ng = rows.get("nginx", {}).get("rps") or None
     l1p99 = rows.get("l1", {}).get("p99_ms")
     ratios = results.get("ratios", {})
-    out = [("| target | req/s | p50 ms | p99 ms | × (a) bare | × (e) nginx | × (a), × (e) per round "
-            "| served as | server CPU | rounds (req/s) |"),
-           "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    out = [
+        (
+            "| target | req/s | p50 ms | p99 ms | × (a) bare | × (e) nginx | × (a), × (e) per round "
+            "| served as | server CPU | rounds (req/s) |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
     for name, r in rows.items():
         if not r.get("rps"):
-            out.append(f"| {LABELS.get(name, name)} | — | — | — | — | — | — | {r.get('error', '')} | | |")
+            out.append(
+                f"| {LABELS.get(name, name)} | — | — | — | — | — | — | {r.get('error', '')} | | |"
+            )
             continue
         ra = f"{r['rps'] / base:.2f}" if base else "—"
         rn = f"{r['rps'] / ng:.2f}" if ng else "—"
@@ -390,14 +506,20 @@ def table(results: dict[str, Any]) -> str:
         rounds = ", ".join(f"{x:.0f}" for x in r.get("rounds_rps", []))
         cpu = f"{r['server_cpu_pct']:.0f}%" if r.get("server_cpu_pct") is not None else "—"
         rr = ratios.get(name, {})
-        per_round = f"{_f(rr.get('to_bare_per_round_median'))}, {_f(rr.get('to_nginx_per_round_median'))}"
-        out.append(f"| {LABELS.get(name, name)} | {r['rps']:.0f} | {r.get('p50_ms', 0):.2f} | "
-                   f"{r.get('p99_ms', 0):.2f} | {ra} | {rn} | {per_round} | {served} | {cpu} | {rounds} |")
+        per_round = (
+            f"{_f(rr.get('to_bare_per_round_median'))}, {_f(rr.get('to_nginx_per_round_median'))}"
+        )
+        out.append(
+            f"| {LABELS.get(name, name)} | {r['rps']:.0f} | {r.get('p50_ms', 0):.2f} | "
+            f"{r.get('p99_ms', 0):.2f} | {ra} | {rn} | {per_round} | {served} | {cpu} | {rounds} |"
+        )
     m = results["meta"]
     out.append("")
-    out.append(f"wrk -t{m['threads']} -c{m['connections']} -d{m['duration']}s, {m['rounds']} interleaved round(s), "
-               f"median round shown (per-round ratios: median of the ratios within each round); body {m['size']} bytes; server pinned to CPU {m['server_cpu']} (Redis: {m.get('redis_cpu', 'wrk')}), "
-               f"wrk to CPU {m['wrk_cpu']}; bare loop: {m['bare_loop']}; {m['cpus']} CPUs, Python {m['python']}.")
+    out.append(
+        f"wrk -t{m['threads']} -c{m['connections']} -d{m['duration']}s, {m['rounds']} interleaved round(s), "
+        f"median round shown (per-round ratios: median of the ratios within each round); body {m['size']} bytes; server pinned to CPU {m['server_cpu']} (Redis: {m.get('redis_cpu', 'wrk')}), "
+        f"wrk to CPU {m['wrk_cpu']}; bare loop: {m['bare_loop']}; {m['cpus']} CPUs, Python {m['python']}."
+    )
     if l1p99 is not None:
         extra = []
         for name, lim in (("l2", 2.0), ("l3", 5.0)):
@@ -407,11 +529,17 @@ def table(results: dict[str, Any]) -> str:
         if extra:
             out.append("Saturated (closed loop): " + "; ".join(extra) + ".")
     if any(r.get("paced") for r in rows.values()):
-        out += ["", (f"Latency at about {m.get('paced_rps', 0):g} req/s offered over the same "
-                     f"{m['connections']} connections (wrk with a per-connection delay; not saturated; "
-                     f"{m['rounds']} interleaved round(s), the round with the median p99 shown):"), "",
-                "| target | req/s | p50 ms | p99 ms | max ms | p99 per round ms | tier get p50 / p99 ms (proxy's histogram) |",
-                "|---|---:|---:|---:|---:|---|---|"]
+        out += [
+            "",
+            (
+                f"Latency at about {m.get('paced_rps', 0):g} req/s offered over the same "
+                f"{m['connections']} connections (wrk with a per-connection delay; not saturated; "
+                f"{m['rounds']} interleaved round(s), the round with the median p99 shown):"
+            ),
+            "",
+            "| target | req/s | p50 ms | p99 ms | max ms | p99 per round ms | tier get p50 / p99 ms (proxy's histogram) |",
+            "|---|---:|---:|---:|---:|---|---|",
+        ]
         for name, r in rows.items():
             pc = r.get("paced")
             if not pc:
@@ -419,16 +547,20 @@ def table(results: dict[str, Any]) -> str:
             tg = pc.get("tier_get_ms") or {}
             tgs = f"{_f(tg.get('p50'))} / {_f(tg.get('p99'))}" if tg else ""
             per_round = ", ".join(_f(x) for x in pc.get("p99_rounds_ms", []))
-            out.append(f"| {LABELS.get(name, name)} | {pc['rps']:.0f} | {_f(pc.get('p50_ms'))} | "
-                       f"{_f(pc.get('p99_ms'))} | {_f(pc.get('max_ms'))} | {per_round} | {tgs} |")
+            out.append(
+                f"| {LABELS.get(name, name)} | {pc['rps']:.0f} | {_f(pc.get('p50_ms'))} | "
+                f"{_f(pc.get('p99_ms'))} | {_f(pc.get('max_ms'))} | {per_round} | {tgs} |"
+            )
         extra = []
         for name, lim in (("l2", 2.0), ("l3", 5.0)):
             pc = rows.get(name, {}).get("paced") or {}
             gap = pc.get("p99_minus_l1_median_ms")
             if gap is not None:
                 rounds = ", ".join(f"{g:+.2f}" for g in pc.get("p99_minus_l1_rounds_ms", []))
-                extra.append(f"{name} p99 − l1 p99 = {gap:+.2f} ms, median of rounds ({rounds}) "
-                             f"(goal ≤ {lim:g}) {'met' if gap <= lim else 'MISSED'}")
+                extra.append(
+                    f"{name} p99 − l1 p99 = {gap:+.2f} ms, median of rounds ({rounds}) "
+                    f"(goal ≤ {lim:g}) {'met' if gap <= lim else 'MISSED'}"
+                )
         if extra:
             out += ["", "Paced: " + "; ".join(extra) + "."]
     return "\n".join(out) + "\n"
@@ -439,32 +571,64 @@ def _f(v: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                    help=f"comma list from {','.join(ALL_TARGETS)} (nginx is skipped when not installed)")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (<= 120)")
-    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured wrk per target first")
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma list from {','.join(ALL_TARGETS)} (nginx is skipped when not installed)",
+    )
+    ap.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per measured wrk run (<= 120)"
+    )
+    ap.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of unmeasured wrk per target first"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="wrk threads")
     ap.add_argument("--size", type=int, default=1024, help="body bytes of the benchmarked key")
-    ap.add_argument("--paced-rps", type=float, default=1000.0,
-                    help="after the throughput rounds, one latency run per target at about this offered "
-                         "rate over the same connections (0 = skip)")
+    ap.add_argument(
+        "--paced-rps",
+        type=float,
+        default=1000.0,
+        help="after the throughput rounds, one latency run per target at about this offered "
+        "rate over the same connections (0 = skip)",
+    )
     ap.add_argument("--bare-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    ap.add_argument("--no-pin", action="store_true", help="don't pin the server to CPU 0 and wrk to CPU 1")
-    ap.add_argument("--redis-cpu", default="server",
-                    help="where Redis runs: 'server' (default: on the server's CPU - it is part "
-                         "of the system under test, not of the load generator), 'wrk' (beside "
-                         "wrk), a CPU list, or '' (unpinned)")
-    ap.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra env for the tierproxy targets")
-    ap.add_argument("--proxy-cmd", help="command that starts the proxy (default: python -m tierproxy serve)")
-    ap.add_argument("--profile", default="", help="also py-spy these targets under wrk, e.g. l1 or l1,l3")
+    ap.add_argument(
+        "--no-pin", action="store_true", help="don't pin the server to CPU 0 and wrk to CPU 1"
+    )
+    ap.add_argument(
+        "--redis-cpu",
+        default="server",
+        help="where Redis runs: 'server' (default: on the server's CPU - it is part "
+        "of the system under test, not of the load generator), 'wrk' (beside "
+        "wrk), a CPU list, or '' (unpinned)",
+    )
+    ap.add_argument(
+        "--proxy-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra env for the tierproxy targets",
+    )
+    ap.add_argument(
+        "--proxy-cmd", help="command that starts the proxy (default: python -m tierproxy serve)"
+    )
+    ap.add_argument(
+        "--profile", default="", help="also py-spy these targets under wrk, e.g. l1 or l1,l3"
+    )
     ap.add_argument("--profile-seconds", type=float, default=10.0)
-    ap.add_argument("--quiet-wait", type=float, default=20.0,
-                    help="before each measured run, wait up to this many seconds for the machine to be idle")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="before each measured run, wait up to this many seconds for the machine to be idle",
+    )
     ap.add_argument("--out", type=Path)
     ns = ap.parse_args(argv)
 
@@ -490,14 +654,26 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tierproxy-bench-"))
     results: dict[str, Any] = {
-        "meta": {"threads": ns.threads, "connections": ns.connections, "duration": ns.duration,
-                 "paced_rps": ns.paced_rps,
-                 "rounds": ns.rounds, "size": ns.size, "server_cpu": server_cpu or "any",
-                 "wrk_cpu": wrk_cpu or "any", "redis_cpu": ns.redis_cpu or "any",
-                 "bare_loop": ns.bare_loop, "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "wrk": subprocess.run(["wrk", "--version"], check=False, capture_output=True, text=True).stdout.split("\n")[0]},
-        "targets": {}, "notes": notes,
+        "meta": {
+            "threads": ns.threads,
+            "connections": ns.connections,
+            "duration": ns.duration,
+            "paced_rps": ns.paced_rps,
+            "rounds": ns.rounds,
+            "size": ns.size,
+            "server_cpu": server_cpu or "any",
+            "wrk_cpu": wrk_cpu or "any",
+            "redis_cpu": ns.redis_cpu or "any",
+            "bare_loop": ns.bare_loop,
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "wrk": subprocess.run(
+                ["wrk", "--version"], check=False, capture_output=True, text=True
+            ).stdout.split("\n")[0],
+        },
+        "targets": {},
+        "notes": notes,
     }
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401
@@ -507,27 +683,38 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         with procs.sigterm_as_interrupt():
-            _, oport = procs.start_origin(group, out, ["--body-size", f"fixed:{ns.size}", "--max-age", "86400",
-                                                        "--latency", "fixed:0"],
-                                          max_lifetime=3600, taskset=wrk_cpu)
+            _, oport = procs.start_origin(
+                group,
+                out,
+                ["--body-size", f"fixed:{ns.size}", "--max-age", "86400", "--latency", "fixed:0"],
+                max_lifetime=3600,
+                taskset=wrk_cpu,
+            )
             origin_url = f"http://{LOOPBACK}:{oport}"
             redis_url = None
             if "l2" in names:
-                redis_cpu = {"server": server_cpu, "wrk": wrk_cpu}.get(ns.redis_cpu,
-                                                                        ns.redis_cpu or None)
+                redis_cpu = {"server": server_cpu, "wrk": wrk_cpu}.get(
+                    ns.redis_cpu, ns.redis_cpu or None
+                )
                 _, rport = procs.start_redis(group, work, taskset=redis_cpu)
                 redis_url = f"redis://{LOOPBACK}:{rport}/0"
             targets: dict[str, Target] = {}
             for name in names:
                 try:
-                    targets.update(start_targets(group, work, out, [name], ns, origin_url, redis_url, server_cpu))
+                    targets.update(
+                        start_targets(
+                            group, work, out, [name], ns, origin_url, redis_url, server_cpu
+                        )
+                    )
                     targets[name].primed = prime(targets[name])
                 except StartupError as e:
                     log(f"{name}: {e}")
                     results["targets"][name] = {"error": str(e).splitlines()[0][:200]}
                     rc = 1
             order = [n for n in names if n in targets]
-            log(f"targets up: {', '.join(f'{n} {targets[n].url} [{targets[n].primed}]' for n in order)}")
+            log(
+                f"targets up: {', '.join(f'{n} {targets[n].url} [{targets[n].primed}]' for n in order)}"
+            )
             if ns.warmup:
                 for n in order:
                     run_wrk(targets[n].url, ns.warmup, ns.connections, ns.threads, wrk_cpu)
@@ -538,21 +725,43 @@ def main(argv: list[str] | None = None) -> int:
                     before = t.metrics()
                     c0, h0, w0 = proc_tree_cpu(t.proc.pid), host_busy_seconds(), time.monotonic()
                     r = run_wrk(t.url, ns.duration, ns.connections, ns.threads, wrk_cpu)
-                    c1, h1, el = proc_tree_cpu(t.proc.pid), host_busy_seconds(), time.monotonic() - w0
+                    c1, h1, el = (
+                        proc_tree_cpu(t.proc.pid),
+                        host_busy_seconds(),
+                        time.monotonic() - w0,
+                    )
                     r["outside_busy_pct_before"] = quiet
-                    r["server_cpu_pct"] = round((c1 - c0) / el * 100, 1) if c0 is not None and c1 is not None else None
-                    r["host_busy_pct"] = round((h1 - h0) / el * 100, 1) if h0 is not None and h1 is not None else None
+                    r["server_cpu_pct"] = (
+                        round((c1 - c0) / el * 100, 1)
+                        if c0 is not None and c1 is not None
+                        else None
+                    )
+                    r["host_busy_pct"] = (
+                        round((h1 - h0) / el * 100, 1)
+                        if h0 is not None and h1 is not None
+                        else None
+                    )
                     after = t.metrics()
                     r["hit_share"] = served_share(before, after, EXPECT[n])
                     if n in ("l1", "l2", "l3"):
                         r["tier_get_ms"] = tier_get_ms(before, after, n)
                     r["alive"] = t.proc.alive()
                     t.runs.append(r)
-                    log(f"round {rnd + 1} {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
+                    log(
+                        f"round {rnd + 1} {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
                         f"p99 {r.get('p99_ms', 0):6.2f} ms  non2xx {r['non_2xx']}  sockerr {r['socket_errors']}  "
                         f"server CPU {r['server_cpu_pct']}%  host busy {r['host_busy_pct']}% (of {os.cpu_count()}00)"
-                        + (f"  [busy before: {quiet}%]" if quiet is not None and quiet >= 35 else "")
-                        + (f"  hit share {r['hit_share']:.1%}" if r["hit_share"] is not None else ""))
+                        + (
+                            f"  [busy before: {quiet}%]"
+                            if quiet is not None and quiet >= 35
+                            else ""
+                        )
+                        + (
+                            f"  hit share {r['hit_share']:.1%}"
+                            if r["hit_share"] is not None
+                            else ""
+                        )
+                    )
             paced: dict[str, dict[str, Any]] = {}
             if ns.paced_rps > 0:
                 # Interleaved rounds like the saturated runs: a p99 from one 5-10 s run on a
@@ -567,19 +776,30 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_wrk(t.url, ns.duration, ns.connections, ns.threads, wrk_cpu, script)
                         after = t.metrics()
                         tier = {"l1": "l1", "l2": "l2", "l3": "l3"}.get(n)
-                        run = {"rps": r["rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms"),
-                               "max_ms": r.get("max_ms"), "non_2xx": r["non_2xx"],
-                               "hit_share": served_share(before, after, EXPECT[n]),
-                               "tier_get_ms": tier_get_ms(before, after, tier) if tier else {}}
+                        run = {
+                            "rps": r["rps"],
+                            "p50_ms": r.get("p50_ms"),
+                            "p99_ms": r.get("p99_ms"),
+                            "max_ms": r.get("max_ms"),
+                            "non_2xx": r["non_2xx"],
+                            "hit_share": served_share(before, after, EXPECT[n]),
+                            "tier_get_ms": tier_get_ms(before, after, tier) if tier else {},
+                        }
                         paced_runs[n].append(run)
-                        log(f"paced {rnd + 1} {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
-                            f"p99 {r.get('p99_ms', 0):6.2f} ms" + (f"  tier get {run['tier_get_ms']}" if tier else ""))
+                        log(
+                            f"paced {rnd + 1} {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
+                            f"p99 {r.get('p99_ms', 0):6.2f} ms"
+                            + (f"  tier get {run['tier_get_ms']}" if tier else "")
+                        )
                 for n, runs_n in paced_runs.items():
                     med = sorted(runs_n, key=lambda r: r.get("p99_ms") or 0.0)[len(runs_n) // 2]
                     paced[n] = {**med, "p99_rounds_ms": [r.get("p99_ms") for r in runs_n]}
                     if n != "l1" and "l1" in paced_runs:
-                        gaps = [a["p99_ms"] - b["p99_ms"] for a, b in zip(runs_n, paced_runs["l1"])
-                                if a.get("p99_ms") is not None and b.get("p99_ms") is not None]
+                        gaps = [
+                            a["p99_ms"] - b["p99_ms"]
+                            for a, b in zip(runs_n, paced_runs["l1"])
+                            if a.get("p99_ms") is not None and b.get("p99_ms") is not None
+                        ]
                         if gaps:
                             paced[n]["p99_minus_l1_rounds_ms"] = [round(g, 2) for g in gaps]
                             paced[n]["p99_minus_l1_median_ms"] = round(statistics.median(gaps), 2)
@@ -587,38 +807,61 @@ def main(argv: list[str] | None = None) -> int:
                 runs = targets[n].runs
                 med = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
                 results["targets"][n] = {
-                    "url": targets[n].url, "primed": targets[n].primed,
-                    "rps": med["rps"], "p50_ms": med.get("p50_ms"), "p99_ms": med.get("p99_ms"),
-                    "max_ms": med.get("max_ms"), "hit_share": med.get("hit_share"),
+                    "url": targets[n].url,
+                    "primed": targets[n].primed,
+                    "rps": med["rps"],
+                    "p50_ms": med.get("p50_ms"),
+                    "p99_ms": med.get("p99_ms"),
+                    "max_ms": med.get("max_ms"),
+                    "hit_share": med.get("hit_share"),
                     "rounds_rps": [r["rps"] for r in runs],
                     "rps_median_of_rounds": statistics.median(r["rps"] for r in runs),
-                    "non_2xx": sum(r["non_2xx"] for r in runs), "socket_errors": sum(r["socket_errors"] for r in runs),
+                    "non_2xx": sum(r["non_2xx"] for r in runs),
+                    "socket_errors": sum(r["socket_errors"] for r in runs),
                     "tier_get_ms_saturated": med.get("tier_get_ms"),
-                    "server_cpu_pct": med.get("server_cpu_pct"), "host_busy_pct": med.get("host_busy_pct"),
+                    "server_cpu_pct": med.get("server_cpu_pct"),
+                    "host_busy_pct": med.get("host_busy_pct"),
                     "paced": paced.get(n),
                     "wrk_median_output": med["raw"],
                 }
-            results["targets"] = {n: results["targets"][n] for n in names if n in results["targets"]}
+            results["targets"] = {
+                n: results["targets"][n] for n in names if n in results["targets"]
+            }
             base = results["targets"].get("bare", {}).get("rps")
             ng = results["targets"].get("nginx", {}).get("rps")
-            results["ratios"] = {n: {"to_bare": round(r["rps"] / base, 3) if base and r.get("rps") else None,
-                                     "to_nginx": round(r["rps"] / ng, 3) if ng and r.get("rps") else None}
-                                 for n, r in results["targets"].items()}
+            results["ratios"] = {
+                n: {
+                    "to_bare": round(r["rps"] / base, 3) if base and r.get("rps") else None,
+                    "to_nginx": round(r["rps"] / ng, 3) if ng and r.get("rps") else None,
+                }
+                for n, r in results["targets"].items()
+            }
             # the same ratios taken within each round (both runs seconds apart), then the median:
             # steadier than a ratio of medians when the machine's speed drifts between rounds
-            for ref, key in (("bare", "to_bare_per_round_median"), ("nginx", "to_nginx_per_round_median")):
+            for ref, key in (
+                ("bare", "to_bare_per_round_median"),
+                ("nginx", "to_nginx_per_round_median"),
+            ):
                 if ref in targets and targets[ref].runs:
                     for n in order:
-                        pairs = [a["rps"] / b["rps"] for a, b in zip(targets[n].runs, targets[ref].runs) if b["rps"]]
+                        pairs = [
+                            a["rps"] / b["rps"]
+                            for a, b in zip(targets[n].runs, targets[ref].runs)
+                            if b["rps"]
+                        ]
                         if pairs:
-                            results["ratios"].setdefault(n, {})[key] = round(statistics.median(pairs), 3)
+                            results["ratios"].setdefault(n, {})[key] = round(
+                                statistics.median(pairs), 3
+                            )
             if ns.profile:
                 results["profiles"] = {}
                 for n in [x.strip() for x in ns.profile.split(",") if x.strip()]:
                     if n not in targets:
                         log(f"profile: no running target {n}")
                         continue
-                    log(f"profiling {n} with py-spy for {ns.profile_seconds:g}s (x2: raw + flamegraph)")
+                    log(
+                        f"profiling {n} with py-spy for {ns.profile_seconds:g}s (x2: raw + flamegraph)"
+                    )
                     results["profiles"][n] = prof = profile(targets[n], ns, out, wrk_cpu)
                     for f in prof["top_self"][:15]:
                         log(f"  self {f['share']:6.1%}  {f['frame']}")
@@ -642,7 +885,9 @@ def main(argv: list[str] | None = None) -> int:
             md += "| self | function |\n|---:|---|\n"
             md += "".join(f"| {f['share']:.1%} | `{f['frame']}` |\n" for f in prof["top_self"][:15])
             md += f"\nTop inclusive (self + callees), {n}:\n\n| total | function |\n|---:|---|\n"
-            md += "".join(f"| {f['share']:.1%} | `{f['frame']}` |\n" for f in prof["top_inclusive"][:20])
+            md += "".join(
+                f"| {f['share']:.1%} | `{f['frame']}` |\n" for f in prof["top_inclusive"][:20]
+            )
     (out / "bench.md").write_text(md)
     print()
     print(md)

@@ -35,7 +35,9 @@ class Dist:
             try:
                 return cls._check(cls("fixed", float(kind)), text)
             except ValueError:
-                raise ValueError(f"bad distribution {spec!r}: want fixed:N, uniform:A,B or lognormal:P50,P99") from None
+                raise ValueError(
+                    f"bad distribution {spec!r}: want fixed:N, uniform:A,B or lognormal:P50,P99"
+                ) from None
         try:
             nums = [float(x) for x in rest.split(",")]
         except ValueError:
@@ -46,7 +48,9 @@ class Dist:
             return cls._check(cls("uniform", nums[0], nums[1]), text)
         if kind == "lognormal" and len(nums) == 2:
             return cls._check(cls("lognormal", nums[0], nums[1]), text)
-        raise ValueError(f"bad distribution {spec!r}: want fixed:N, uniform:A,B or lognormal:P50,P99")
+        raise ValueError(
+            f"bad distribution {spec!r}: want fixed:N, uniform:A,B or lognormal:P50,P99"
+        )
 
     @staticmethod
     def _check(d: Dist, text: str) -> Dist:

@@ -131,7 +131,9 @@ class Recorder:
             }
         return b
 
-    def record(self, ms: float, cls: str, xcache: str | None, status: int, nbytes: int, is_get: bool) -> None:
+    def record(
+        self, ms: float, cls: str, xcache: str | None, status: int, nbytes: int, is_get: bool
+    ) -> None:
         b = self._bucket(int(time.time()))
         b["cls"][cls] += 1
         b["status"][str(status)] += 1
@@ -232,7 +234,9 @@ class ProxyUser(FastHttpUser):
                 resp.success()
             elif status >= 500:
                 cls = "err_cached" if key in REC.seen else "err_uncached"
-                resp.failure(f"{status} for a {'cached' if cls == 'err_cached' else 'never-cached'} key")
+                resp.failure(
+                    f"{status} for a {'cached' if cls == 'err_cached' else 'never-cached'} key"
+                )
             elif status >= 400:
                 cls = "http_4xx"
                 resp.failure(f"{status}")
@@ -244,10 +248,18 @@ class ProxyUser(FastHttpUser):
                 resp.success()
         if cls != "ok":
             first_ok = REC.seen.get(key)
-            REC.detail(cls=cls, method="GET", key=key, status=status, ms=round(ms, 1), x_cache=xcache,
-                       cache_status=resp.headers.get("Cache-Status") if resp.headers else None,
-                       body=(resp.text or "")[:200] if status else str(resp.error)[:200],
-                       first_ok_at=first_ok[0] if first_ok else None, first_ok_x_cache=first_ok[1] if first_ok else None)
+            REC.detail(
+                cls=cls,
+                method="GET",
+                key=key,
+                status=status,
+                ms=round(ms, 1),
+                x_cache=xcache,
+                cache_status=resp.headers.get("Cache-Status") if resp.headers else None,
+                body=(resp.text or "")[:200] if status else str(resp.error)[:200],
+                first_ok_at=first_ok[0] if first_ok else None,
+                first_ok_x_cache=first_ok[1] if first_ok else None,
+            )
         REC.record(ms, cls, xcache, status, nbytes, True)
 
     def purge(self, key: str) -> None:
@@ -255,7 +267,11 @@ class ProxyUser(FastHttpUser):
         REC.purged_at[key] = math.inf  # until it finishes, no GET proves a copy exists
         t0 = time.perf_counter()
         with self.client.request(
-            "PURGE", key, name="PURGE", catch_response=True, headers={"Authorization": f"Bearer {PURGE_TOKEN}"}
+            "PURGE",
+            key,
+            name="PURGE",
+            catch_response=True,
+            headers={"Authorization": f"Bearer {PURGE_TOKEN}"},
         ) as resp:
             ms = (time.perf_counter() - t0) * 1000.0
             status = resp.status_code or 0
@@ -273,7 +289,12 @@ class ProxyUser(FastHttpUser):
                 resp.failure(f"PURGE answered {status}")
         REC.purged_at[key] = time.perf_counter()
         if cls != "purge_ok":
-            REC.detail(cls=cls, method="PURGE", key=key, status=status, ms=round(ms, 1),
-                       body=(resp.text or "")[:200] if status else str(resp.error)[:200])
+            REC.detail(
+                cls=cls,
+                method="PURGE",
+                key=key,
+                status=status,
+                ms=round(ms, 1),
+                body=(resp.text or "")[:200] if status else str(resp.error)[:200],
+            )
         REC.record(ms, cls, None, status, 0, False)
-

@@ -48,15 +48,20 @@ def key_str(s: Sample) -> str:
 
 
 def select(samples: Mapping[Sample, float], name: str, **match: str) -> dict[Sample, float]:
-    return {s: v for s, v in samples.items()
-            if s[0] == name and all(dict(s[1]).get(k) == want for k, want in match.items())}
+    return {
+        s: v
+        for s, v in samples.items()
+        if s[0] == name and all(dict(s[1]).get(k) == want for k, want in match.items())
+    }
 
 
 def total(samples: Mapping[Sample, float], name: str, **match: str) -> float:
     return sum(select(samples, name, **match).values())
 
 
-def by_label(samples: Mapping[Sample, float], name: str, label: str, **match: str) -> dict[str, float]:
+def by_label(
+    samples: Mapping[Sample, float], name: str, label: str, **match: str
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for s, v in select(samples, name, **match).items():
         lv = dict(s[1]).get(label, "")
@@ -73,12 +78,19 @@ def counters_only(samples: Mapping[Sample, float]) -> dict[Sample, float]:
     return {s: v for s, v in samples.items() if s[0].endswith(("_total", "_count", "_sum"))}
 
 
-def compact(samples: Mapping[Sample, float], drop_buckets: bool = True, drop_zero: bool = True) -> dict[str, float]:
-    return {key_str(s): round(v, 6) for s, v in sorted(samples.items())
-            if not (drop_buckets and s[0].endswith("_bucket")) and not (drop_zero and v == 0)}
+def compact(
+    samples: Mapping[Sample, float], drop_buckets: bool = True, drop_zero: bool = True
+) -> dict[str, float]:
+    return {
+        key_str(s): round(v, 6)
+        for s, v in sorted(samples.items())
+        if not (drop_buckets and s[0].endswith("_bucket")) and not (drop_zero and v == 0)
+    }
 
 
-def histogram_quantile(samples: Mapping[Sample, float], name: str, q: float, **match: str) -> float | None:
+def histogram_quantile(
+    samples: Mapping[Sample, float], name: str, q: float, **match: str
+) -> float | None:
     """Prometheus-style quantile from cumulative `name_bucket` series (summed over other labels)."""
     buckets: dict[float, float] = {}
     for s, v in select(samples, name + "_bucket", **match).items():

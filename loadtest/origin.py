@@ -97,7 +97,9 @@ class Knobs:
         names = {f.name: f.type for f in fields(self)}
         unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise ValueError(f"unknown knob(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"unknown knob(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
         data = asdict(self)
         for k, v in changes.items():
             cur = data[k]
@@ -113,7 +115,11 @@ class Knobs:
                     raise TypeError(f"{k} must be a number")
                 v = float(v)
             else:
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k in ("latency", "body_size"):
+                if (
+                    isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    and k in ("latency", "body_size")
+                ):
                     v = f"fixed:{v}"
                 if not isinstance(v, str):
                     raise TypeError(f"{k} must be a string")
@@ -230,7 +236,9 @@ class Origin:
                 del st.inflight_by_key[path]
             st.by_outcome[outcome] += 1
 
-    async def _answer(self, request: web.Request, path: str, k: Knobs) -> tuple[str, web.StreamResponse]:
+    async def _answer(
+        self, request: web.Request, path: str, k: Knobs
+    ) -> tuple[str, web.StreamResponse]:
         roll = random.random()
         if roll < k.error_rate:
             fault = "error"
@@ -259,7 +267,13 @@ class Origin:
             headers["Cache-Control"] = cc
         etag = None
         if k.etag:
-            etag = '"' + hashlib.blake2b(f"{k.seed}:{k.version}:{path}:{len(body)}".encode(), digest_size=8).hexdigest() + '"'
+            etag = (
+                '"'
+                + hashlib.blake2b(
+                    f"{k.seed}:{k.version}:{path}:{len(body)}".encode(), digest_size=8
+                ).hexdigest()
+                + '"'
+            )
             headers["ETag"] = etag
         if k.last_modified:
             headers["Last-Modified"] = self._born
@@ -330,13 +344,18 @@ def install_loop(choice: str) -> str:
     return "asyncio"
 
 
-async def serve(origin: Origin, host: str, port: int, max_lifetime: float, ready_line: bool = True) -> None:
+async def serve(
+    origin: Origin, host: str, port: int, max_lifetime: float, ready_line: bool = True
+) -> None:
     runner = web.AppRunner(make_app(origin), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=1.0, backlog=1024)
     await site.start()
     if ready_line:
-        print(f"loadtest.origin listening on http://{host}:{port} knobs={json.dumps(asdict(origin.knobs))}", flush=True)
+        print(
+            f"loadtest.origin listening on http://{host}:{port} knobs={json.dumps(asdict(origin.knobs))}",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -354,16 +373,22 @@ async def serve(origin: Origin, host: str, port: int, max_lifetime: float, ready
 
 def build_parser() -> argparse.ArgumentParser:
     d = Knobs()
-    ap = argparse.ArgumentParser(prog="python -m loadtest.origin", description="Simulated origin with fault knobs.")
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.origin", description="Simulated origin with fault knobs."
+    )
     ap.add_argument("--host", default="127.0.0.1", help="listen address (loopback only by default)")
     ap.add_argument("--port", type=int, default=9000)
-    ap.add_argument("--latency", default=d.latency, help="ms: fixed:N | uniform:A,B | lognormal:P50,P99")
+    ap.add_argument(
+        "--latency", default=d.latency, help="ms: fixed:N | uniform:A,B | lognormal:P50,P99"
+    )
     ap.add_argument("--error-rate", type=float, default=d.error_rate)
     ap.add_argument("--error-status", type=int, default=d.error_status)
     ap.add_argument("--hang-rate", type=float, default=d.hang_rate)
     ap.add_argument("--hang-seconds", type=float, default=d.hang_seconds)
     ap.add_argument("--reset-rate", type=float, default=d.reset_rate)
-    ap.add_argument("--body-size", default=d.body_size, help="bytes: fixed:N | uniform:A,B | lognormal:P50,P99")
+    ap.add_argument(
+        "--body-size", default=d.body_size, help="bytes: fixed:N | uniform:A,B | lognormal:P50,P99"
+    )
     ap.add_argument("--max-age", type=int, default=d.max_age, help="-1 = no Cache-Control header")
     ap.add_argument("--stale-while-revalidate", type=int, default=d.stale_while_revalidate)
     ap.add_argument("--stale-if-error", type=int, default=d.stale_if_error)
@@ -373,7 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", type=int, default=d.version, help="content version")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
-    ap.add_argument("--max-lifetime", type=float, default=3600.0, help="exit after this many seconds (0 = never)")
+    ap.add_argument(
+        "--max-lifetime",
+        type=float,
+        default=3600.0,
+        help="exit after this many seconds (0 = never)",
+    )
     return ap
 
 

@@ -54,8 +54,15 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Proc:
-    def __init__(self, name: str, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None, taskset: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        taskset: str | None = None,
+    ) -> None:
         self.name = name
         self.cmd = list(cmd)
         if taskset and shutil.which("taskset"):
@@ -144,8 +151,12 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes, dict[str, str]
 def http_post_json(url: str, payload: dict[str, Any], timeout: float = 2.0) -> Any:
     import json
 
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(payload).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -155,8 +166,10 @@ def wait_http(url: str, proc: Proc | None, timeout: float = 20.0, what: str = ""
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
-            raise StartupError(f"{what or proc.name} exited with code {proc.popen.returncode} before "
-                               f"{url} answered; last log lines:\n{proc.tail()}")
+            raise StartupError(
+                f"{what or proc.name} exited with code {proc.popen.returncode} before "
+                f"{url} answered; last log lines:\n{proc.tail()}"
+            )
         try:
             status, _, _ = http_get(url, timeout=1.0)
             if status == 200:
@@ -180,20 +193,42 @@ def redis_ping(port: int, timeout: float = 0.5) -> bool:
 
 def redis_server_path() -> str | None:
     return shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
 
 
-def start_redis(group: ProcGroup, workdir: Path, port: int | None = None,
-                taskset: str | None = None) -> tuple[Proc, int]:
+def start_redis(
+    group: ProcGroup, workdir: Path, port: int | None = None, taskset: str | None = None
+) -> tuple[Proc, int]:
     exe = redis_server_path()
     if not exe:
         raise StartupError("redis-server not found (apt-get install redis-server)")
     port = port or free_port()
     if port == 6379:
         raise StartupError("refusing to use port 6379 (the machine's own Redis)")
-    cmd = [exe, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
-           "--daemonize", "no", "--protected-mode", "yes", "--dir", str(workdir),
-           "--maxmemory", "512mb", "--maxmemory-policy", "allkeys-lru", "--loglevel", "warning"]
+    cmd = [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        LOOPBACK,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+        "--dir",
+        str(workdir),
+        "--maxmemory",
+        "512mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--loglevel",
+        "warning",
+    ]
     p = group.start("redis", cmd, workdir / "redis.log", taskset=taskset)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -205,11 +240,25 @@ def start_redis(group: ProcGroup, workdir: Path, port: int | None = None,
     raise StartupError("redis-server did not answer PING within 10s")
 
 
-def start_origin(group: ProcGroup, workdir: Path, args: Sequence[str], port: int | None = None,
-                 max_lifetime: float = 3600, taskset: str | None = None) -> tuple[Proc, int]:
+def start_origin(
+    group: ProcGroup,
+    workdir: Path,
+    args: Sequence[str],
+    port: int | None = None,
+    max_lifetime: float = 3600,
+    taskset: str | None = None,
+) -> tuple[Proc, int]:
     port = port or free_port()
-    cmd = [sys.executable, "-m", "loadtest.origin", "--port", str(port),
-           "--max-lifetime", str(int(max_lifetime)), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.origin",
+        "--port",
+        str(port),
+        "--max-lifetime",
+        str(int(max_lifetime)),
+        *args,
+    ]
     p = group.start("origin", cmd, workdir / "origin.log", taskset=taskset)
     wait_http(f"http://{LOOPBACK}:{port}/__health", p, 15, "origin")
     return p, port
@@ -222,15 +271,30 @@ def proxy_command(override: str | None = None) -> list[str]:
     return [sys.executable, "-m", "tierproxy", "serve"]
 
 
-def start_proxy(group: ProcGroup, workdir: Path, env_extra: dict[str, str], name: str = "proxy",
-                cmd_override: str | None = None, taskset: str | None = None,
-                timeout: float = 30.0) -> tuple[Proc, int, int]:
+def start_proxy(
+    group: ProcGroup,
+    workdir: Path,
+    env_extra: dict[str, str],
+    name: str = "proxy",
+    cmd_override: str | None = None,
+    taskset: str | None = None,
+    timeout: float = 30.0,
+) -> tuple[Proc, int, int]:
     port = int(env_extra.get("TIERPROXY_PORT") or free_port())
     admin = int(env_extra.get("TIERPROXY_ADMIN_PORT") or free_port())
-    env = {"TIERPROXY_HOST": LOOPBACK, "TIERPROXY_PORT": str(port), "TIERPROXY_ADMIN_PORT": str(admin),
-           **env_extra}
-    p = group.start(name, proxy_command(cmd_override), workdir / f"{name}.log", env=child_env(env),
-                    taskset=taskset)
+    env = {
+        "TIERPROXY_HOST": LOOPBACK,
+        "TIERPROXY_PORT": str(port),
+        "TIERPROXY_ADMIN_PORT": str(admin),
+        **env_extra,
+    }
+    p = group.start(
+        name,
+        proxy_command(cmd_override),
+        workdir / f"{name}.log",
+        env=child_env(env),
+        taskset=taskset,
+    )
     wait_http(f"http://{LOOPBACK}:{admin}/healthz", p, timeout, name)
     return p, port, admin
 

@@ -33,9 +33,17 @@ ALWAYS_UNEXPECTED = {"err_cached", "http_4xx", "client_error", "purge_refused", 
 
 # colours per X-Cache value (stable across plots)
 XCACHE_COLORS = {
-    "HIT-L1": "#1b9e77", "HIT-L2": "#66a61e", "HIT-L3": "#a6d854",
-    "REVALIDATED": "#7570b3", "STALE-L1": "#e6ab02", "STALE-L2": "#f0c75e", "STALE-L3": "#fde39c",
-    "MISS": "#d95f02", "BYPASS": "#999999", "ERROR": "#e7298a", "(no X-Cache)": "#444444",
+    "HIT-L1": "#1b9e77",
+    "HIT-L2": "#66a61e",
+    "HIT-L3": "#a6d854",
+    "REVALIDATED": "#7570b3",
+    "STALE-L1": "#e6ab02",
+    "STALE-L2": "#f0c75e",
+    "STALE-L3": "#fde39c",
+    "MISS": "#d95f02",
+    "BYPASS": "#999999",
+    "ERROR": "#e7298a",
+    "(no X-Cache)": "#444444",
 }
 
 
@@ -108,15 +116,21 @@ def locust_aggregate(run_dir: Path) -> dict[str, Any]:
     with p.open() as f:
         for row in csv.DictReader(f):
             if row.get("Name") == "Aggregated":
+
                 def num(k: str, row: dict[str, str] = row) -> float | None:
                     try:
                         return float(row[k])
                     except (KeyError, ValueError, TypeError):
                         return None
+
                 return {
-                    "requests": num("Request Count"), "failures": num("Failure Count"),
-                    "rps": num("Requests/s"), "avg_ms": num("Average Response Time"),
-                    "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"),
+                    "requests": num("Request Count"),
+                    "failures": num("Failure Count"),
+                    "rps": num("Requests/s"),
+                    "avg_ms": num("Average Response Time"),
+                    "p50_ms": num("50%"),
+                    "p95_ms": num("95%"),
+                    "p99_ms": num("99%"),
                     "max_ms": num("Max Response Time"),
                 }
     return {}
@@ -134,13 +148,21 @@ def metric_summary(before: dict[M.Sample, float], after: dict[M.Sample, float]) 
         "tier_lookups": lookups,
         "origin_fetches": M.by_label(d, "tierproxy_origin_fetches_total", "outcome"),
         "stale_served": M.by_label(d, "tierproxy_stale_served_total", "reason"),
-        "backfills": {f"{k}": v for k, v in _two_label(d, "tierproxy_backfills_total", "tier", "outcome").items()},
+        "backfills": {
+            f"{k}": v
+            for k, v in _two_label(d, "tierproxy_backfills_total", "tier", "outcome").items()
+        },
         "coalesced_waiters": M.total(d, "tierproxy_coalesced_waiters_total"),
         "origin_fetch_p99_s": M.histogram_quantile(d, "tierproxy_origin_fetch_seconds", 0.99),
-        "tier_get_ms": {tier: _quantiles_ms(d, "tierproxy_tier_op_seconds", tier=tier, op="get")
-                        for tier in ("l1", "l2", "l3")},
-        "gauges_at_end": {M.key_str(s): v for s, v in after.items()
-                          if not s[0].endswith(("_total", "_bucket", "_count", "_sum", "_created"))},
+        "tier_get_ms": {
+            tier: _quantiles_ms(d, "tierproxy_tier_op_seconds", tier=tier, op="get")
+            for tier in ("l1", "l2", "l3")
+        },
+        "gauges_at_end": {
+            M.key_str(s): v
+            for s, v in after.items()
+            if not s[0].endswith(("_total", "_bucket", "_count", "_sum", "_created"))
+        },
         "counters_delta": M.compact(M.counters_only(d)),
     }
 
@@ -157,7 +179,9 @@ def _two_label(d: dict[M.Sample, float], name: str, a: str, b: str) -> dict[str,
     out: dict[str, float] = {}
     for s, v in M.select(d, name).items():
         lab = dict(s[1])
-        out[f"{lab.get(a, '?')}/{lab.get(b, '?')}"] = out.get(f"{lab.get(a, '?')}/{lab.get(b, '?')}", 0) + v
+        out[f"{lab.get(a, '?')}/{lab.get(b, '?')}"] = (
+            out.get(f"{lab.get(a, '?')}/{lab.get(b, '?')}", 0) + v
+        )
     return out
 
 
@@ -171,7 +195,9 @@ def cpu_series(mts: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]
             continue
         for name in cb:
             if name in ca:
-                out.setdefault(name, []).append((b["t"], max(0.0, (cb[name] - ca[name]) / dt * 100)))
+                out.setdefault(name, []).append(
+                    (b["t"], max(0.0, (cb[name] - ca[name]) / dt * 100))
+                )
     return out
 
 
@@ -199,8 +225,16 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             cls_all[c] += v
             if c in OK_CLASSES:
                 continue
-            if c == "err_uncached" and run.get("uncached_errors_expected_in_fault") and in_fault(ln["t"], grace) or (c == "purge_unavailable" and run.get("purge_unavailable_expected_in_fault")
-                  and in_fault(ln["t"], grace)):
+            if (
+                c == "err_uncached"
+                and run.get("uncached_errors_expected_in_fault")
+                and in_fault(ln["t"], grace)
+                or (
+                    c == "purge_unavailable"
+                    and run.get("purge_unavailable_expected_in_fault")
+                    and in_fault(ln["t"], grace)
+                )
+            ):
                 expected[c] += v
             else:  # ALWAYS_UNEXPECTED, err_uncached outside a fault, anything unknown
                 unexpected[c] += v
@@ -253,23 +287,33 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "x_cache": overall["x_cache"],
         "hit_ratio": _hit_ratio(overall["x_cache"]),
         "outcomes": dict(cls_all),
-        "errors": {"expected": sum(expected.values()), "unexpected": sum(unexpected.values()),
-                   "expected_by_class": dict(expected), "unexpected_by_class": dict(unexpected)},
+        "errors": {
+            "expected": sum(expected.values()),
+            "unexpected": sum(unexpected.values()),
+            "expected_by_class": dict(expected),
+            "unexpected_by_class": dict(unexpected),
+        },
         "origin": {
             "requests": origin_requests,
             "requests_per_client_get": round(origin_requests / get_requests, 4)
-            if origin_requests is not None and get_requests else None,
+            if origin_requests is not None and get_requests
+            else None,
             "by_outcome": _counter_diff(oa.get("by_outcome", {}), ob.get("by_outcome", {})),
             "max_inflight_per_key": oa.get("max_inflight_per_key"),
-            "overlapping_same_key": (oa.get("overlapping_same_key", 0) - ob.get("overlapping_same_key", 0))
-            if oa else None,
+            "overlapping_same_key": (
+                oa.get("overlapping_same_key", 0) - ob.get("overlapping_same_key", 0)
+            )
+            if oa
+            else None,
             "warmup_requests": run.get("origin_warmup_requests"),
         },
         "stale_served": msum.get("stale_served", {}),
         "proxy_metrics": msum,
         "breaker_open_max": breaker_seen,
         "cpu_percent": cpu,
-        "fault": {"kind": run.get("fault"), "window_s": run.get("fault_window_rel")} if fault else None,
+        "fault": {"kind": run.get("fault"), "window_s": run.get("fault_window_rel")}
+        if fault
+        else None,
         "windows": windows,
         "locust": locust_aggregate(run_dir),
         "error_details": _error_details(run_dir, t_first),
@@ -306,12 +350,14 @@ def _hit_ratio(xc: dict[str, int]) -> dict[str, float]:
     out = {k: round(v / n, 4) for k, v in sorted(xc.items())}
     out["any_hit"] = round(sum(v for k, v in xc.items() if k.startswith("HIT")) / n, 4)
     out["served_from_cache"] = round(
-        sum(v for k, v in xc.items() if k.startswith(("HIT", "STALE")) or k == "REVALIDATED") / n, 4)
+        sum(v for k, v in xc.items() if k.startswith(("HIT", "STALE")) or k == "REVALIDATED") / n, 4
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # checks: each scenario's expectations, reported (not enforced unless `run --strict`)
+
 
 def _check(name: str, ok: bool, detail: str) -> dict[str, Any]:
     return {"name": name, "ok": bool(ok), "detail": detail}
@@ -320,10 +366,16 @@ def _check(name: str, ok: bool, detail: str) -> dict[str, Any]:
 def run_checks(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
     out = [
         _check("requests > 0", s["requests"] > 0, f"{s['requests']} requests"),
-        _check("no unexpected errors", s["errors"]["unexpected"] == 0,
-               f"{s['errors']['unexpected']} unexpected {s['errors']['unexpected_by_class']}"),
-        _check("proxy still running at the end", run.get("proxy_alive_at_end", True),
-               f"proxy exit code {run.get('proxy_exit')}"),
+        _check(
+            "no unexpected errors",
+            s["errors"]["unexpected"] == 0,
+            f"{s['errors']['unexpected']} unexpected {s['errors']['unexpected_by_class']}",
+        ),
+        _check(
+            "proxy still running at the end",
+            run.get("proxy_alive_at_end", True),
+            f"proxy exit code {run.get('proxy_exit')}",
+        ),
     ]
     fn = SCENARIO_CHECKS.get(s["scenario"])
     if fn:
@@ -351,12 +403,17 @@ def _checks_stampede(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, A
     bound = keys * (math.ceil(dur / max(1, max_age)) + 2)
     req = o.get("requests") or 0
     return [
-        _check("origin requests bounded by keys x refreshes", req <= bound,
-               f"origin {req} for {s['get_requests']} client GETs (bound {bound})"),
-        _check("at most one origin request per key at a time (coalescing)",
-               (o.get("max_inflight_per_key") or 0) <= 1,
-               f"max_inflight_per_key={o.get('max_inflight_per_key')}, "
-               f"overlapping={o.get('overlapping_same_key')}"),
+        _check(
+            "origin requests bounded by keys x refreshes",
+            req <= bound,
+            f"origin {req} for {s['get_requests']} client GETs (bound {bound})",
+        ),
+        _check(
+            "at most one origin request per key at a time (coalescing)",
+            (o.get("max_inflight_per_key") or 0) <= 1,
+            f"max_inflight_per_key={o.get('max_inflight_per_key')}, "
+            f"overlapping={o.get('overlapping_same_key')}",
+        ),
     ]
 
 
@@ -366,14 +423,22 @@ def _checks_origin_outage(s: dict[str, Any], run: dict[str, Any]) -> list[dict[s
     stale = sum(s.get("stale_served", {}).values())
     stale_x = sum(v for k, v in during.get("x_cache", {}).items() if k.startswith("STALE"))
     return [
-        _check("stale copies served during the outage", stale > 0 or stale_x > 0,
-               f"stale_served metric={stale}, STALE-* responses in window={stale_x}"),
-        _check("every answer within the request deadline during the outage",
-               during.get("max_ms", 0) <= deadline * 1000 + 500,
-               f"max={during.get('max_ms')} ms, deadline={deadline * 1000:.0f} ms"),
-        _check("no 5xx for keys that had been cached", s["outcomes"].get("err_cached", 0) == 0,
-               f"err_cached={s['outcomes'].get('err_cached', 0)}, "
-               f"err_uncached={s['outcomes'].get('err_uncached', 0)}"),
+        _check(
+            "stale copies served during the outage",
+            stale > 0 or stale_x > 0,
+            f"stale_served metric={stale}, STALE-* responses in window={stale_x}",
+        ),
+        _check(
+            "every answer within the request deadline during the outage",
+            during.get("max_ms", 0) <= deadline * 1000 + 500,
+            f"max={during.get('max_ms')} ms, deadline={deadline * 1000:.0f} ms",
+        ),
+        _check(
+            "no 5xx for keys that had been cached",
+            s["outcomes"].get("err_cached", 0) == 0,
+            f"err_cached={s['outcomes'].get('err_cached', 0)}, "
+            f"err_uncached={s['outcomes'].get('err_uncached', 0)}",
+        ),
     ]
 
 
@@ -385,15 +450,21 @@ def _checks_redis_outage(s: dict[str, Any], run: dict[str, Any]) -> list[dict[st
     end = s["proxy_metrics"].get("gauges_at_end", {}).get('tierproxy_breaker_open{tier="l2"}')
     l2_lookups = s["proxy_metrics"].get("tier_lookups", {}).get("l2", {})
     return [
-        _check("p99 during the freeze <= p99 before + L2 timeout + 25 ms",
-               during_p99 <= before_p99 + _env_f(run, "TIERPROXY_L2_TIMEOUT", 0.1) * 1000 + 25,
-               f"p99 before={before_p99} ms, during={during_p99} ms"),
-        _check("L2 breaker opened during the freeze", opened >= 1, f"max breaker_open{{l2}}={opened}"),
+        _check(
+            "p99 during the freeze <= p99 before + L2 timeout + 25 ms",
+            during_p99 <= before_p99 + _env_f(run, "TIERPROXY_L2_TIMEOUT", 0.1) * 1000 + 25,
+            f"p99 before={before_p99} ms, during={during_p99} ms",
+        ),
+        _check(
+            "L2 breaker opened during the freeze", opened >= 1, f"max breaker_open{{l2}}={opened}"
+        ),
         _check("L2 breaker closed again after", end == 0, f"breaker_open{{l2}} at end={end}"),
-        _check("L2 hits again after the freeze",
-               w.get("after", {}).get("x_cache", {}).get("HIT-L2", 0) > 0,
-               f"HIT-L2 after={w.get('after', {}).get('x_cache', {}).get('HIT-L2', 0)}, "
-               f"l2 lookups={l2_lookups}"),
+        _check(
+            "L2 hits again after the freeze",
+            w.get("after", {}).get("x_cache", {}).get("HIT-L2", 0) > 0,
+            f"HIT-L2 after={w.get('after', {}).get('x_cache', {}).get('HIT-L2', 0)}, "
+            f"l2 lookups={l2_lookups}",
+        ),
     ]
 
 
@@ -401,7 +472,11 @@ def _checks_tiny_l1(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, An
     xc = s["x_cache"]
     n = sum(xc.values()) or 1
     lower = (xc.get("HIT-L2", 0) + xc.get("HIT-L3", 0)) / n
-    return [_check("L2+L3 carry a real share (>= 0.3)", lower >= 0.3, f"(HIT-L2+HIT-L3)/GETs={lower:.3f}")]
+    return [
+        _check(
+            "L2+L3 carry a real share (>= 0.3)", lower >= 0.3, f"(HIT-L2+HIT-L3)/GETs={lower:.3f}"
+        )
+    ]
 
 
 SCENARIO_CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]]] = {
@@ -416,6 +491,7 @@ SCENARIO_CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[dict[
 
 # ---------------------------------------------------------------------------------------------
 # plots
+
 
 def save_small_png(fig: Any, path: Path, dpi: int = 80) -> None:
     """Save a figure as a palette PNG (a third of the RGBA size, so plots are commit-sized)."""
@@ -455,8 +531,16 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
             return
         a, b = fault[0] - t0, fault[1] - t0
         if on_top:  # over a filled plot: hatch and edges, drawn above the data
-            ax.axvspan(a, b, facecolor="none", edgecolor="#d62728", hatch="//", lw=1.2, zorder=5,
-                       label=f"fault: {run.get('fault')}")
+            ax.axvspan(
+                a,
+                b,
+                facecolor="none",
+                edgecolor="#d62728",
+                hatch="//",
+                lw=1.2,
+                zorder=5,
+                label=f"fault: {run.get('fault')}",
+            )
         else:
             ax.axvspan(a, b, color="#d62728", alpha=0.12, lw=0, label=f"fault: {run.get('fault')}")
 
@@ -465,11 +549,13 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     # 1. latency percentiles + throughput
     cpu = cpu_series(mts)
     if cpu:
-        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 7.6), sharex=True,
-                                            gridspec_kw={"height_ratios": [3, 1.3, 1.3]})
+        fig, (ax1, ax2, ax3) = plt.subplots(
+            3, 1, figsize=(10, 7.6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3, 1.3]}
+        )
     else:
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.2), sharex=True,
-                                       gridspec_kw={"height_ratios": [3, 1.4]})
+        fig, (ax1, ax2) = plt.subplots(
+            2, 1, figsize=(10, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]}
+        )
         ax3 = None
     for key, style in (("p50", "-"), ("p95", "-"), ("p99", "-"), ("max", ":")):
         ys = [max(ln.get(key, 0.0), H0) if ln.get("n") else float("nan") for ln in lines]
@@ -477,8 +563,9 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     ax1.set_yscale("log")
     fmt = ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax1.yaxis.set_major_formatter(fmt)
-    ax1.yaxis.set_minor_formatter(ticker.FuncFormatter(
-        lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else ""))
+    ax1.yaxis.set_minor_formatter(
+        ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.1e}"[0] in "25" else "")
+    )
     ax1.set_ylabel("latency per second (ms, log)")
     shade(ax1)
     ax1.grid(True, which="both", alpha=0.25)
@@ -515,14 +602,23 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     cats = [c for c in XCACHE_COLORS if any(ln.get("xcache", {}).get(c) for ln in lines)]
     others = sorted({c for ln in lines for c in ln.get("xcache", {})} - set(cats))
     cats += others
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.2), sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1.6]})
+    fig, (ax1, ax2) = plt.subplots(
+        2, 1, figsize=(10, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1.6]}
+    )
     stacks = []
     for c in cats:
-        stacks.append([ln.get("xcache", {}).get(c, 0) / ln["n"] if ln.get("n") else 0.0 for ln in lines])
+        stacks.append(
+            [ln.get("xcache", {}).get(c, 0) / ln["n"] if ln.get("n") else 0.0 for ln in lines]
+        )
     if stacks:
-        ax1.stackplot(xs, *stacks, labels=cats, colors=[XCACHE_COLORS.get(c, None) for c in cats],
-                      alpha=0.9, step=None)
+        ax1.stackplot(
+            xs,
+            *stacks,
+            labels=cats,
+            colors=[XCACHE_COLORS.get(c, None) for c in cats],
+            alpha=0.9,
+            step=None,
+        )
     shade(ax1, on_top=True)
     ax1.set_ylim(0, 1)
     ax1.set_ylabel("share of GET responses")
@@ -544,9 +640,14 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         def origin_rate() -> list[float]:
             out = []
             for a, b in itertools.pairwise(mts):
-                ra, rb = (a.get("origin") or {}).get("requests"), (b.get("origin") or {}).get("requests")
+                ra, rb = (
+                    (a.get("origin") or {}).get("requests"),
+                    (b.get("origin") or {}).get("requests"),
+                )
                 dt = max(1e-3, b["t"] - a["t"])
-                out.append(max(0.0, (rb - ra) / dt) if ra is not None and rb is not None else float("nan"))
+                out.append(
+                    max(0.0, (rb - ra) / dt) if ra is not None and rb is not None else float("nan")
+                )
             return out
 
         series["origin requests/s (origin count)"] = origin_rate()
@@ -568,7 +669,9 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
             ys = [(m.get("gauges") or {}).get(key, float("nan")) for m in mts[1:]]
             if any(not math.isnan(v) and v > 0 for v in ys):
                 br_any = True
-                axb.step(mt, ys, where="post", lw=1.6, ls="--", color=col, label=f"breaker open {tier}")
+                axb.step(
+                    mt, ys, where="post", lw=1.6, ls="--", color=col, label=f"breaker open {tier}"
+                )
         axb.set_ylim(-0.05, 1.5)
         axb.set_yticks([0, 1])
         axb.set_ylabel("breaker open" if br_any else "")
@@ -598,33 +701,59 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "| requests | req/s | p50 ms | p95 ms | p99 ms | max ms | unexpected errors | expected errors | origin requests |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        (f"| {s['requests']} | {s['rps']} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} "
-         f"| {s['errors']['unexpected']} | {s['errors']['expected']} | {s['origin']['requests']} |"),
+        (
+            f"| {s['requests']} | {s['rps']} | {lat['p50_ms']} | {lat['p95_ms']} | {lat['p99_ms']} | {lat['max_ms']} "
+            f"| {s['errors']['unexpected']} | {s['errors']['expected']} | {s['origin']['requests']} |"
+        ),
         "",
-        "X-Cache: " + ", ".join(f"{k} {v}" for k, v in sorted(s["x_cache"].items(), key=lambda kv: -kv[1])),
+        "X-Cache: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(s["x_cache"].items(), key=lambda kv: -kv[1])),
         "",
     ]
     if s.get("cpu_percent"):
-        lines += ["CPU % of one core (mean / max): " + ", ".join(
-            f"{k} {v['mean']:.0f} / {v['max']:.0f}" for k, v in sorted(s["cpu_percent"].items())), ""]
+        lines += [
+            "CPU % of one core (mean / max): "
+            + ", ".join(
+                f"{k} {v['mean']:.0f} / {v['max']:.0f}" for k, v in sorted(s["cpu_percent"].items())
+            ),
+            "",
+        ]
     if s.get("windows"):
-        lines += ["| window | GETs | req/s | p50 ms | p99 ms | max ms | X-Cache |", "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "| window | GETs | req/s | p50 ms | p99 ms | max ms | X-Cache |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for w in ("before", "during", "after"):
             b = s["windows"].get(w)
             if b:
-                xc = ", ".join(f"{k} {v}" for k, v in sorted(b["x_cache"].items(), key=lambda kv: -kv[1])[:5])
-                lines.append(f"| {w} | {b['get_requests']} | {b['rps']} | {b['p50_ms']} | {b['p99_ms']} "
-                             f"| {b['max_ms']} | {xc} |")
+                xc = ", ".join(
+                    f"{k} {v}" for k, v in sorted(b["x_cache"].items(), key=lambda kv: -kv[1])[:5]
+                )
+                lines.append(
+                    f"| {w} | {b['get_requests']} | {b['rps']} | {b['p50_ms']} | {b['p99_ms']} "
+                    f"| {b['max_ms']} | {xc} |"
+                )
         lines.append("")
-    unexpected = [d for d in s.get("error_details", []) if d.get("cls") in s["errors"]["unexpected_by_class"]]
+    unexpected = [
+        d for d in s.get("error_details", []) if d.get("cls") in s["errors"]["unexpected_by_class"]
+    ]
     if unexpected:
-        lines += ["Unexpected answers (first 5; all in summary.json `error_details`, errors.jsonl):", ""]
+        lines += [
+            "Unexpected answers (first 5; all in summary.json `error_details`, errors.jsonl):",
+            "",
+        ]
         for d in unexpected[:5]:
-            lines.append(f"- t={d.get('t_rel')} s {d.get('method')} {d.get('key')} → {d.get('status')} "
-                         f"({d.get('cls')}, {d.get('ms')} ms, X-Cache {d.get('x_cache')}, "
-                         f"Cache-Status {d.get('cache_status')!r}, body {str(d.get('body', ''))[:80]!r}"
-                         + (f"; first 200 at t={d['first_ok_rel']} s as {d.get('first_ok_x_cache')}"
-                            if d.get("first_ok_rel") is not None else "") + ")")
+            lines.append(
+                f"- t={d.get('t_rel')} s {d.get('method')} {d.get('key')} → {d.get('status')} "
+                f"({d.get('cls')}, {d.get('ms')} ms, X-Cache {d.get('x_cache')}, "
+                f"Cache-Status {d.get('cache_status')!r}, body {str(d.get('body', ''))[:80]!r}"
+                + (
+                    f"; first 200 at t={d['first_ok_rel']} s as {d.get('first_ok_x_cache')}"
+                    if d.get("first_ok_rel") is not None
+                    else ""
+                )
+                + ")"
+            )
         lines.append("")
     lines += ["| check | ok | detail |", "|---|---|---|"]
     for c in s["checks"]:

@@ -69,48 +69,119 @@ class Scenario:
     client_timeout: float = 10.0
 
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
-    Scenario(
-        "steady",
-        "warm cache, Zipf keys: throughput, latency percentiles, hit ratio per tier",
-        duration=60, users=50, rps=1500, keys=10000, zipf=1.1,
-        origin_args=["--latency", "lognormal:20,200", "--body-size", "lognormal:2048,32768", "--max-age", "600"],
-    ),
-    Scenario(
-        "cold-stampede",
-        "empty cache, many users on few keys: origin requests vs client requests (coalescing)",
-        duration=30, users=200, spawn_rate=200, rps=1000, keys=20, zipf=0.0, purge_ratio=0.0, warmup_keys=0,
-        origin_args=["--latency", "fixed:300", "--body-size", "fixed:4096", "--max-age", "5"],
-    ),
-    Scenario(
-        "origin-outage",
-        "origin hangs for a window in the middle: stale within the deadline, errors only for never-cached keys",
-        duration=60, users=50, rps=400, keys=4000, zipf=1.0, warmup_keys=1000,
-        origin_args=["--latency", "lognormal:10,80", "--body-size", "lognormal:2048,16384", "--max-age", "3",
-                     "--hang-seconds", "30"],
-        fault="origin-hang", fault_start=0.35, fault_length=0.3, uncached_errors_expected_in_fault=True,
-    ),
-    Scenario(
-        "redis-outage",
-        "Redis frozen (SIGSTOP) for a window, then resumed: latency bump bounded by the L2 timeout, "
-        "breaker opens and closes",
-        duration=60, users=50, rps=1000, keys=5000, zipf=1.1, l1_max_bytes=1 << 20,
-        origin_args=["--latency", "lognormal:10,80", "--body-size", "lognormal:2048,16384", "--max-age", "600"],
-        fault="redis-stop", fault_start=0.35, fault_length=0.3, purge_unavailable_expected_in_fault=True,
-    ),
-    Scenario(
-        "tiny-l1",
-        "L1 much smaller than the working set: L2 and L3 carry the load",
-        duration=60, users=50, rps=1500, keys=10000, zipf=1.0, l1_max_bytes=2 << 20,
-        origin_args=["--latency", "lognormal:10,80", "--body-size", "lognormal:2048,32768", "--max-age", "600"],
-    ),
-    Scenario(
-        "smoke",
-        "CI smoke: a few seconds of steady load at a small rate (keeps the tooling from rotting)",
-        duration=10, users=5, spawn_rate=5, rps=50, keys=200, zipf=1.1, purge_ratio=0.01, redis="auto",
-        origin_args=["--latency", "fixed:2", "--body-size", "fixed:1024", "--max-age", "600"],
-    ),
-]}
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario(
+            "steady",
+            "warm cache, Zipf keys: throughput, latency percentiles, hit ratio per tier",
+            duration=60,
+            users=50,
+            rps=1500,
+            keys=10000,
+            zipf=1.1,
+            origin_args=[
+                "--latency",
+                "lognormal:20,200",
+                "--body-size",
+                "lognormal:2048,32768",
+                "--max-age",
+                "600",
+            ],
+        ),
+        Scenario(
+            "cold-stampede",
+            "empty cache, many users on few keys: origin requests vs client requests (coalescing)",
+            duration=30,
+            users=200,
+            spawn_rate=200,
+            rps=1000,
+            keys=20,
+            zipf=0.0,
+            purge_ratio=0.0,
+            warmup_keys=0,
+            origin_args=["--latency", "fixed:300", "--body-size", "fixed:4096", "--max-age", "5"],
+        ),
+        Scenario(
+            "origin-outage",
+            "origin hangs for a window in the middle: stale within the deadline, errors only for never-cached keys",
+            duration=60,
+            users=50,
+            rps=400,
+            keys=4000,
+            zipf=1.0,
+            warmup_keys=1000,
+            origin_args=[
+                "--latency",
+                "lognormal:10,80",
+                "--body-size",
+                "lognormal:2048,16384",
+                "--max-age",
+                "3",
+                "--hang-seconds",
+                "30",
+            ],
+            fault="origin-hang",
+            fault_start=0.35,
+            fault_length=0.3,
+            uncached_errors_expected_in_fault=True,
+        ),
+        Scenario(
+            "redis-outage",
+            "Redis frozen (SIGSTOP) for a window, then resumed: latency bump bounded by the L2 timeout, "
+            "breaker opens and closes",
+            duration=60,
+            users=50,
+            rps=1000,
+            keys=5000,
+            zipf=1.1,
+            l1_max_bytes=1 << 20,
+            origin_args=[
+                "--latency",
+                "lognormal:10,80",
+                "--body-size",
+                "lognormal:2048,16384",
+                "--max-age",
+                "600",
+            ],
+            fault="redis-stop",
+            fault_start=0.35,
+            fault_length=0.3,
+            purge_unavailable_expected_in_fault=True,
+        ),
+        Scenario(
+            "tiny-l1",
+            "L1 much smaller than the working set: L2 and L3 carry the load",
+            duration=60,
+            users=50,
+            rps=1500,
+            keys=10000,
+            zipf=1.0,
+            l1_max_bytes=2 << 20,
+            origin_args=[
+                "--latency",
+                "lognormal:10,80",
+                "--body-size",
+                "lognormal:2048,32768",
+                "--max-age",
+                "600",
+            ],
+        ),
+        Scenario(
+            "smoke",
+            "CI smoke: a few seconds of steady load at a small rate (keeps the tooling from rotting)",
+            duration=10,
+            users=5,
+            spawn_rate=5,
+            rps=50,
+            keys=200,
+            zipf=1.1,
+            purge_ratio=0.01,
+            redis="auto",
+            origin_args=["--latency", "fixed:2", "--body-size", "fixed:1024", "--max-age", "600"],
+        ),
+    ]
+}
 
 
 def log(msg: str) -> None:
@@ -119,12 +190,20 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+
 class Sampler(threading.Thread):
     """Scrapes /metrics and the origin's /__stats every `interval` seconds into a JSONL file."""
 
-    def __init__(self, metrics_url: str | None, origin_url: str, path: Path, interval: float = 1.0) -> None:
+    def __init__(
+        self, metrics_url: str | None, origin_url: str, path: Path, interval: float = 1.0
+    ) -> None:
         super().__init__(daemon=True, name="sampler")
-        self.metrics_url, self.origin_url, self.path, self.interval = metrics_url, origin_url, path, interval
+        self.metrics_url, self.origin_url, self.path, self.interval = (
+            metrics_url,
+            origin_url,
+            path,
+            interval,
+        )
         self.stop_ev = threading.Event()
         self.errors = 0
         self.pids: dict[str, int] = {}  # name -> pid whose CPU time is sampled
@@ -137,8 +216,11 @@ class Sampler(threading.Thread):
         if self.metrics_url:
             try:
                 samples = scrape(self.metrics_url)
-                rec["counters"] = {M.key_str(s): v for s, v in samples.items()
-                                   if s[0].endswith("_total") and s[0].startswith("tierproxy_")}
+                rec["counters"] = {
+                    M.key_str(s): v
+                    for s, v in samples.items()
+                    if s[0].endswith("_total") and s[0].startswith("tierproxy_")
+                }
                 rec["gauges"] = {M.key_str(s): v for s, v in samples.items() if _is_gauge(s[0])}
             except Exception:  # noqa: BLE001
                 self.errors += 1
@@ -195,6 +277,7 @@ async def _warm(base: str, paths: list[str], concurrency: int = 32) -> dict[str,
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(timeout=timeout) as session:
+
         async def one(p: str) -> None:
             async with sem:
                 try:
@@ -242,6 +325,7 @@ def first_timeseries_second(path: Path, timeout: float) -> int | None:
 
 # ---------------------------------------------------------------------------------------------
 
+
 class Fault:
     def __init__(self, kind: str | None, origin_url: str, redis_proc: procs.Proc | None) -> None:
         self.kind, self.origin_url, self.redis = kind, origin_url, redis_proc
@@ -272,9 +356,18 @@ class Fault:
 
 # ---------------------------------------------------------------------------------------------
 
-def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots: bool = True,
-                 seed: int | None = None, extra_proxy_env: dict[str, str] | None = None,
-                 keep_work: bool = False, quiet_wait: float = 0.0) -> dict[str, Any]:
+
+def run_scenario(
+    sc: Scenario,
+    out: Path,
+    *,
+    proxy_cmd: str | None = None,
+    plots: bool = True,
+    seed: int | None = None,
+    extra_proxy_env: dict[str, str] | None = None,
+    keep_work: bool = False,
+    quiet_wait: float = 0.0,
+) -> dict[str, Any]:
     from loadtest import report
 
     out.mkdir(parents=True, exist_ok=True)
@@ -285,10 +378,17 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
     use_redis = sc.redis == "on" or (sc.redis == "auto" and procs.redis_server_path() is not None)
     lifetime = sc.duration + 300
     run: dict[str, Any] = {
-        "scenario": sc.name, "description": sc.description,
+        "scenario": sc.name,
+        "description": sc.description,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "params": {k: v for k, v in asdict(sc).items() if k not in ("name", "description", "proxy_env", "origin_args")},
-        "fault": sc.fault, "fault_window": None, "fault_window_rel": None,
+        "params": {
+            k: v
+            for k, v in asdict(sc).items()
+            if k not in ("name", "description", "proxy_env", "origin_args")
+        },
+        "fault": sc.fault,
+        "fault_window": None,
+        "fault_window_rel": None,
         "uncached_errors_expected_in_fault": sc.uncached_errors_expected_in_fault,
         "purge_unavailable_expected_in_fault": sc.purge_unavailable_expected_in_fault,
         "notes": [],
@@ -334,48 +434,104 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
             try:
                 scrape(metrics_url)
             except Exception as e:  # noqa: BLE001
-                run["notes"].append(f"/metrics unusable ({e}); summary has client-side numbers only")
+                run["notes"].append(
+                    f"/metrics unusable ({e}); summary has client-side numbers only"
+                )
                 metrics_url = None
-            log(f"origin {origin_url}, proxy {proxy_url} (admin :{aport})"
-                + (f", redis :{env['TIERPROXY_REDIS_URL'].rsplit(':', 1)[1]}" if use_redis else ", no redis"))
+            log(
+                f"origin {origin_url}, proxy {proxy_url} (admin :{aport})"
+                + (
+                    f", redis :{env['TIERPROXY_REDIS_URL'].rsplit(':', 1)[1]}"
+                    if use_redis
+                    else ", no redis"
+                )
+            )
 
             nwarm = sc.keys if sc.warmup_keys < 0 else min(sc.warmup_keys, sc.keys)
             if nwarm:
                 t = time.monotonic()
                 counts = asyncio.run(_warm(proxy_url, [f"/k/{i}" for i in range(nwarm)]))
                 drained = wait_background_drained(metrics_url)
-                run["warmup"] = {"keys": nwarm, "seconds": round(time.monotonic() - t, 2), "answers": counts,
-                                 "background_tasks_after": drained}
+                run["warmup"] = {
+                    "keys": nwarm,
+                    "seconds": round(time.monotonic() - t, 2),
+                    "answers": counts,
+                    "background_tasks_after": drained,
+                }
                 log(f"warmed {nwarm} keys in {time.monotonic() - t:.1f}s: {counts}")
             if quiet_wait > 0:
                 busy = procs.wait_quiet(quiet_wait)
                 run["host_busy_pct_before_load"] = busy
                 if busy is not None and busy >= 35:
-                    log(f"the machine is busy ({busy:.0f}% of a core outside this run): numbers will be noisy")
-                    run["notes"].append(f"host {busy:.0f}% busy (100 = one core) before the load started")
+                    log(
+                        f"the machine is busy ({busy:.0f}% of a core outside this run): numbers will be noisy"
+                    )
+                    run["notes"].append(
+                        f"host {busy:.0f}% busy (100 = one core) before the load started"
+                    )
             run["origin_warmup_requests"] = origin_stats(origin_url)["requests"]
-            run["metrics_before"] = M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False) if metrics_url else {}
+            run["metrics_before"] = (
+                M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False)
+                if metrics_url
+                else {}
+            )
             run["origin_before"] = origin_stats(origin_url)
 
             sampler = Sampler(metrics_url, origin_url, out / "metrics_timeseries.jsonl")
-            sampler.pids = {"proxy": proxy.pid, "origin": origin.pid, **({"redis": redis.pid} if redis else {})}
+            sampler.pids = {
+                "proxy": proxy.pid,
+                "origin": origin.pid,
+                **({"redis": redis.pid} if redis else {}),
+            }
             sampler.start()
 
             rps_per_user = (sc.rps / sc.users) if sc.rps > 0 else 0
-            lenv = procs.child_env({
-                "LT_KEYS": str(sc.keys), "LT_PREFIX": "/k/", "LT_ZIPF_S": str(sc.zipf),
-                "LT_RPS_PER_USER": f"{rps_per_user:.6f}", "LT_PURGE_RATIO": str(sc.purge_ratio),
-                "LT_PURGE_TOKEN": PURGE_TOKEN, "LT_CLIENT_TIMEOUT": str(sc.client_timeout),
-                "LT_TIMESERIES": str(out / "timeseries.jsonl"), "LT_ERRORS": str(out / "errors.jsonl"),
-                **({"LT_SEED": str(seed)} if seed is not None else {}),
-            })
-            lcmd = [sys.executable, "-m", "locust", "-f", str(procs.REPO / "loadtest" / "locustfile.py"),
-                    "--headless", "--host", proxy_url, "-u", str(sc.users), "-r", str(sc.spawn_rate),
-                    "-t", f"{sc.duration}s", "--stop-timeout", "5", "--csv", str(out / "locust"),
-                    "--csv-full-history", "--html", str(out / "locust.html"), "--only-summary",
-                    "--loglevel", "WARNING", "--exit-code-on-error", "0"]
-            log(f"locust: {sc.users} users, target {sc.rps or 'max'} req/s, {sc.keys} keys zipf s={sc.zipf}, "
-                f"{sc.duration}s" + (f", fault {sc.fault}" if sc.fault else ""))
+            lenv = procs.child_env(
+                {
+                    "LT_KEYS": str(sc.keys),
+                    "LT_PREFIX": "/k/",
+                    "LT_ZIPF_S": str(sc.zipf),
+                    "LT_RPS_PER_USER": f"{rps_per_user:.6f}",
+                    "LT_PURGE_RATIO": str(sc.purge_ratio),
+                    "LT_PURGE_TOKEN": PURGE_TOKEN,
+                    "LT_CLIENT_TIMEOUT": str(sc.client_timeout),
+                    "LT_TIMESERIES": str(out / "timeseries.jsonl"),
+                    "LT_ERRORS": str(out / "errors.jsonl"),
+                    **({"LT_SEED": str(seed)} if seed is not None else {}),
+                }
+            )
+            lcmd = [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(procs.REPO / "loadtest" / "locustfile.py"),
+                "--headless",
+                "--host",
+                proxy_url,
+                "-u",
+                str(sc.users),
+                "-r",
+                str(sc.spawn_rate),
+                "-t",
+                f"{sc.duration}s",
+                "--stop-timeout",
+                "5",
+                "--csv",
+                str(out / "locust"),
+                "--csv-full-history",
+                "--html",
+                str(out / "locust.html"),
+                "--only-summary",
+                "--loglevel",
+                "WARNING",
+                "--exit-code-on-error",
+                "0",
+            ]
+            log(
+                f"locust: {sc.users} users, target {sc.rps or 'max'} req/s, {sc.keys} keys zipf s={sc.zipf}, "
+                f"{sc.duration}s" + (f", fault {sc.fault}" if sc.fault else "")
+            )
             launch = time.time()
             locust = group.start("locust", lcmd, out / "locust.log", env=lenv)
             sampler.pids["locust"] = locust.pid
@@ -411,8 +567,11 @@ def run_scenario(sc: Scenario, out: Path, *, proxy_cmd: str | None = None, plots
             sampler.join(5)
             run["proxy_alive_at_end"] = proxy.alive()
             try:
-                run["metrics_after"] = (M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False)
-                                        if metrics_url else {})
+                run["metrics_after"] = (
+                    M.compact(scrape(metrics_url), drop_buckets=False, drop_zero=False)
+                    if metrics_url
+                    else {}
+                )
             except Exception as e:  # noqa: BLE001 - a dead proxy is a finding, not a crash of the tool
                 run["notes"].append(f"final /metrics scrape failed: {e}")
                 run["metrics_after"] = {}
@@ -451,6 +610,7 @@ def _sleep_until(t: float, proc: procs.Proc) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def parse_env_pairs(items: list[str]) -> dict[str, str]:
     out = {}
     for it in items:
@@ -462,8 +622,11 @@ def parse_env_pairs(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("scenario", nargs="?", choices=sorted(SCENARIOS))
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     ap.add_argument("--duration", type=int, help="seconds of load (bounded: at most 3600)")
@@ -476,20 +639,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", choices=("on", "off", "auto"))
     ap.add_argument("--sqlite", choices=("on", "off"))
     ap.add_argument("--l1-max-bytes", type=int)
-    ap.add_argument("--fault-start", type=float, help="seconds after load start (or a fraction < 1)")
-    ap.add_argument("--fault-length", type=float, help="seconds (or a fraction < 1 of the duration)")
-    ap.add_argument("--origin", dest="origin_extra", default="",
-                    help='extra origin flags, e.g. --origin="--latency fixed:50 --max-age 5"')
+    ap.add_argument(
+        "--fault-start", type=float, help="seconds after load start (or a fraction < 1)"
+    )
+    ap.add_argument(
+        "--fault-length", type=float, help="seconds (or a fraction < 1 of the duration)"
+    )
+    ap.add_argument(
+        "--origin",
+        dest="origin_extra",
+        default="",
+        help='extra origin flags, e.g. --origin="--latency fixed:50 --max-age 5"',
+    )
     ap.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE")
-    ap.add_argument("--proxy-cmd", help="command that starts the proxy (default: python -m tierproxy serve; "
-                    "env LOADTEST_PROXY_CMD)")
-    ap.add_argument("--out", type=Path, help="report folder (default loadtest/runs/<scenario>-<time>)")
+    ap.add_argument(
+        "--proxy-cmd",
+        help="command that starts the proxy (default: python -m tierproxy serve; "
+        "env LOADTEST_PROXY_CMD)",
+    )
+    ap.add_argument(
+        "--out", type=Path, help="report folder (default loadtest/runs/<scenario>-<time>)"
+    )
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--keep-work", action="store_true", help="keep the SQLite file etc. in <out>/work")
+    ap.add_argument(
+        "--keep-work", action="store_true", help="keep the SQLite file etc. in <out>/work"
+    )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a scenario check fails")
-    ap.add_argument("--quiet-wait", type=float, default=30.0,
-                    help="before the load, wait up to this many seconds for the machine to be idle (0 = don't)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before the load, wait up to this many seconds for the machine to be idle (0 = don't)",
+    )
     ns = ap.parse_args(argv)
 
     if ns.list or not ns.scenario:
@@ -498,10 +680,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ns.list else 2
     sc = SCENARIOS[ns.scenario]
     changes: dict[str, Any] = {}
-    for attr, val in (("duration", ns.duration), ("users", ns.users), ("rps", ns.rps), ("keys", ns.keys),
-                      ("zipf", ns.zipf), ("purge_ratio", ns.purge_ratio), ("warmup_keys", ns.warmup_keys),
-                      ("redis", ns.redis), ("l1_max_bytes", ns.l1_max_bytes),
-                      ("fault_start", ns.fault_start), ("fault_length", ns.fault_length)):
+    for attr, val in (
+        ("duration", ns.duration),
+        ("users", ns.users),
+        ("rps", ns.rps),
+        ("keys", ns.keys),
+        ("zipf", ns.zipf),
+        ("purge_ratio", ns.purge_ratio),
+        ("warmup_keys", ns.warmup_keys),
+        ("redis", ns.redis),
+        ("l1_max_bytes", ns.l1_max_bytes),
+        ("fault_start", ns.fault_start),
+        ("fault_length", ns.fault_length),
+    ):
         if val is not None:
             changes[attr] = val
     if ns.sqlite is not None:
@@ -515,11 +706,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--duration must be within 1..3600 seconds")
     if sc.users < 1 or sc.keys < 1:
         ap.error("--users and --keys must be >= 1")
-    out = ns.out or (procs.REPO / "loadtest" / "runs" / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = ns.out or (
+        procs.REPO / "loadtest" / "runs" / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     try:
-        summary = run_scenario(sc, out, proxy_cmd=ns.proxy_cmd, plots=not ns.no_plots, seed=ns.seed,
-                               extra_proxy_env=parse_env_pairs(ns.proxy_env), keep_work=ns.keep_work,
-                               quiet_wait=ns.quiet_wait)
+        summary = run_scenario(
+            sc,
+            out,
+            proxy_cmd=ns.proxy_cmd,
+            plots=not ns.no_plots,
+            seed=ns.seed,
+            extra_proxy_env=parse_env_pairs(ns.proxy_env),
+            keep_work=ns.keep_work,
+            quiet_wait=ns.quiet_wait,
+        )
     except StartupError as e:
         log(f"could not run: {e}")
         return 2

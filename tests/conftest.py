@@ -183,8 +183,9 @@ async def make_proxy(
     async def factory(
         *, hit_path: bool = True, clock: Clock | None = None, **overrides: Any
     ) -> ProxyHandle:
-        handle = await start_inprocess_proxy(apply_env(base, overrides), hit_path=hit_path,
-                                             clock=clock)
+        handle = await start_inprocess_proxy(
+            apply_env(base, overrides), hit_path=hit_path, clock=clock
+        )
         handles.append(handle)
         return handle
 

@@ -112,8 +112,9 @@ def _purge_order(payload: Any, now: float) -> PurgeOrder | str:
     keys, tags, soft = payload.get("keys", []), payload.get("tags", []), payload.get("soft", False)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         return '"keys" must be a list of strings such as "/path?q=1"'
-    if not isinstance(tags, list) or not all(isinstance(t, str) and t and " " not in t
-                                             for t in tags):
+    if not isinstance(tags, list) or not all(
+        isinstance(t, str) and t and " " not in t for t in tags
+    ):
         return '"tags" must be a list of non-empty strings without spaces'
     if not isinstance(soft, bool):
         return '"soft" must be true or false'
@@ -146,8 +147,10 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(state.metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(state.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
 
     async def purge(request: web.Request) -> web.Response:
         token = state.settings.purge_token

@@ -50,7 +50,9 @@ class BackgroundTasks:
         self._start(self._tasks, name, factory)
         return True
 
-    async def run_required(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    async def run_required(
+        self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]
+    ) -> None:
         """Run ``factory()`` for sure: in the background while the required lane has room,
         else (lane full, or shutting down) right here, awaited by the caller.
 
@@ -64,7 +66,9 @@ class BackgroundTasks:
         await self._run(name, factory(), counted=False)
 
     def _start(
-        self, lane: set[asyncio.Task[Any]], name: str,
+        self,
+        lane: set[asyncio.Task[Any]],
+        name: str,
         factory: Callable[[], Coroutine[Any, Any, Any]],
     ) -> None:
         task = asyncio.get_running_loop().create_task(self._run(name, factory()), name=name)
@@ -97,6 +101,7 @@ class BackgroundTasks:
             task.cancel()
         if still_running:
             await asyncio.wait(still_running, timeout=1.0)
-            log.warning("shutdown: %d background tasks cancelled after %.1fs",
-                        len(still_running), timeout)
+            log.warning(
+                "shutdown: %d background tasks cancelled after %.1fs", len(still_running), timeout
+            )
         return len(still_running)

@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy (configured by TIERPROXY_* env vars)")
     for flag, env in _FLAGS.items():
-        serve.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar=env, help=f"overrides {env}")
+        serve.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, metavar=env, help=f"overrides {env}"
+        )
     return parser
 
 
@@ -92,8 +94,9 @@ def _raise_nofile_limit() -> tuple[int, int]:
     return soft, soft
 
 
-async def _start_site(runner: web.AppRunner, host: str, port: int, env_name: str,
-                      backlog: int) -> int:
+async def _start_site(
+    runner: web.AppRunner, host: str, port: int, env_name: str, backlog: int
+) -> int:
     site = web.TCPSite(runner, host, port, backlog=backlog)
     try:
         await site.start()
@@ -110,12 +113,18 @@ async def serve(settings: Settings, nofile: int, cap: int) -> int:
     admin_app = build_admin_app(app)
     # aiohttp's runner with hardened connections (tierproxy.aiohttp_internals) that answer
     # fresh hits themselves (tierproxy.hits), at most TIERPROXY_MAX_CLIENT_CONNECTIONS of them.
-    runner = make_runner(app, client_connections=cap, access_log=None,
-                         shutdown_timeout=settings.shutdown_timeout)
+    runner = make_runner(
+        app, client_connections=cap, access_log=None, shutdown_timeout=settings.shutdown_timeout
+    )
     # The admin port has its own small cap, inside the descriptor reserve: it always answers.
     admin_cap = app[STATE].metrics.connection_cap(ADMIN_MAX_CONNECTIONS, "admin")
-    admin_runner = CappedRunner(admin_app, cap=admin_cap, handler_args=ADMIN_HANDLER_ARGS,
-                                access_log=None, shutdown_timeout=1.0)
+    admin_runner = CappedRunner(
+        admin_app,
+        cap=admin_cap,
+        handler_args=ADMIN_HANDLER_ARGS,
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
     try:
         try:
             await runner.setup()  # opens tiers and the origin session (cleanup_ctx)
@@ -128,10 +137,16 @@ async def serve(settings: Settings, nofile: int, cap: int) -> int:
             # would only make a supervisor restart it in a loop.
             raise StartupError(str(exc), 2) from None
         await admin_runner.setup()
-        port = await _start_site(runner, settings.host, settings.port, "TIERPROXY_PORT",
-                                 listen_backlog(nofile))
-        admin_port = await _start_site(admin_runner, settings.admin_host, settings.admin_port,
-                                       "TIERPROXY_ADMIN_PORT", ADMIN_BACKLOG)
+        port = await _start_site(
+            runner, settings.host, settings.port, "TIERPROXY_PORT", listen_backlog(nofile)
+        )
+        admin_port = await _start_site(
+            admin_runner,
+            settings.admin_host,
+            settings.admin_port,
+            "TIERPROXY_ADMIN_PORT",
+            ADMIN_BACKLOG,
+        )
     except StartupError:
         await admin_runner.cleanup()
         await runner.cleanup()
@@ -142,8 +157,14 @@ async def serve(settings: Settings, nofile: int, cap: int) -> int:
     # (a full collection over the start-up heap is a pause of tens of ms).
     gc.collect()
     gc.freeze()
-    log.info("tierproxy serving %s on http://%s:%d (admin on http://%s:%d)",
-             settings.origin, settings.host, port, settings.admin_host, admin_port)
+    log.info(
+        "tierproxy serving %s on http://%s:%d (admin on http://%s:%d)",
+        settings.origin,
+        settings.host,
+        port,
+        settings.admin_host,
+        admin_port,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -191,9 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not connector_internals_available():
         # No opt-out: without these hooks a pooled origin connection holding a stray response
         # could be reused, and its bytes served (and cached) as another request's answer.
-        print(f"tierproxy: cannot start: aiohttp {aiohttp.__version__} lacks the connector "
-              "internals tierproxy uses to keep origin connections clean; install the aiohttp "
-              "version tierproxy pins (>=3.14.4,<3.15)", file=sys.stderr)
+        print(
+            f"tierproxy: cannot start: aiohttp {aiohttp.__version__} lacks the connector "
+            "internals tierproxy uses to keep origin connections clean; install the aiohttp "
+            "version tierproxy pins (>=3.14.4,<3.15)",
+            file=sys.stderr,
+        )
         return 2
     nofile_before, nofile = _raise_nofile_limit()
     try:
@@ -202,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tierproxy: cannot start: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings)
-    log.info("file descriptors: RLIMIT_NOFILE %d (soft limit was %d); client connections "
-             "capped at %d", nofile, nofile_before, cap)
+    log.info(
+        "file descriptors: RLIMIT_NOFILE %d (soft limit was %d); client connections capped at %d",
+        nofile,
+        nofile_before,
+        cap,
+    )
     try:
         return _run(settings, nofile, cap)
     except StartupError as exc:

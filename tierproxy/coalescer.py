@@ -170,8 +170,10 @@ class Coalescer:
         try:
             outcome = await fetch()
             if _shareable(outcome, req.headers) and not (
-                own_deadline and isinstance(outcome, OriginFailed)
-                and outcome.reason == "origin-timeout" and outcome.response is None
+                own_deadline
+                and isinstance(outcome, OriginFailed)
+                and outcome.reason == "origin-timeout"
+                and outcome.response is None
             ):
                 shared = outcome
                 if isinstance(outcome, Stored):
@@ -204,8 +206,11 @@ class Coalescer:
         horizon = now - self.request_deadline
         while recent:
             oldest = next(iter(recent.values()))
-            if (oldest.at >= horizon and len(recent) <= _RECENT_FETCHES
-                    and self._recent_bytes <= _RECENT_FETCH_BYTES):
+            if (
+                oldest.at >= horizon
+                and len(recent) <= _RECENT_FETCHES
+                and self._recent_bytes <= _RECENT_FETCH_BYTES
+            ):
                 break
             recent.popitem(last=False)
             self._recent_bytes -= oldest.outcome.entry.size

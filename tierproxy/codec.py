@@ -54,16 +54,29 @@ def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
     return tuple(zip(flat[0::2], flat[1::2], strict=True))
 
 
-def _checksum(body: bytes, status: int, headers: list[str], times: tuple[float, ...],
-              etag: str | None, last_modified: str | None, vary: list[str],
-              tags: list[str]) -> int:
+def _checksum(
+    body: bytes,
+    status: int,
+    headers: list[str],
+    times: tuple[float, ...],
+    etag: str | None,
+    last_modified: str | None,
+    vary: list[str],
+    tags: list[str],
+) -> int:
     """CRC-32 of the body and of everything else a response is built from (status, header
     bytes, lifetimes, validators, Vary values, tags): damage to any of them is a miss, never
     a wrong header or a wrong lifetime served. The key is checked apart (it must be the one
     asked for)."""
-    text = "\0".join(("\n".join(headers), "\n".join(vary), "\n".join(tags),
-                      "\x01" if etag is None else etag,
-                      "\x01" if last_modified is None else last_modified))
+    text = "\0".join(
+        (
+            "\n".join(headers),
+            "\n".join(vary),
+            "\n".join(tags),
+            "\x01" if etag is None else etag,
+            "\x01" if last_modified is None else last_modified,
+        )
+    )
     crc = zlib.crc32(_NUMBERS.pack(status, *times), zlib.crc32(body))
     return zlib.crc32(text.encode("utf-8", "surrogateescape"), crc)
 
@@ -74,9 +87,10 @@ _NUMBERS = struct.Struct("<H5d")  # status and the five timestamps, as the check
 def unpack(data: bytes) -> Any:
     """msgpack bytes -> objects, str fields with their exact wire bytes (module docstring)."""
     try:
-        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True,
-                               unicode_errors="surrogateescape")
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        return msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=True, unicode_errors="surrogateescape"
+        )
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
         raise CorruptEntry(f"undecodable: {type(exc).__name__}") from None
 
 
@@ -84,11 +98,17 @@ def encode(entry: Entry) -> bytes:
     """The entry's bytes; :class:`Unencodable` if it has something msgpack cannot hold."""
     body = entry.body
     headers, vary, tags = _flatten(entry.headers), _flatten(entry.vary), list(entry.tags)
-    times = (entry.stored_at, entry.fresh_until, entry.stale_until, entry.swr_until,
-             entry.expires_at)
+    times = (
+        entry.stored_at,
+        entry.fresh_until,
+        entry.stale_until,
+        entry.swr_until,
+        entry.expires_at,
+    )
     try:
-        crc = _checksum(body, entry.status, headers, times, entry.etag, entry.last_modified,
-                        vary, tags)
+        crc = _checksum(
+            body, entry.status, headers, times, entry.etag, entry.last_modified, vary, tags
+        )
         packed: bytes = msgpack.packb(
             [
                 FORMAT_VERSION,
@@ -152,8 +172,12 @@ def decode(data: bytes, key: str) -> Entry:
         raise CorruptEntry("bad validators")
     if not isinstance(tags, list) or not _all_str(tags):
         raise CorruptEntry("bad tags")
-    if not (isinstance(headers, list) and _all_str(headers)
-            and isinstance(vary, list) and _all_str(vary)):
+    if not (
+        isinstance(headers, list)
+        and _all_str(headers)
+        and isinstance(vary, list)
+        and _all_str(vary)
+    ):
         raise CorruptEntry("bad header list")
     if _checksum(body, status, headers, times, etag, last_modified, vary, tags) != crc:
         raise CorruptEntry("checksum mismatch")

@@ -165,9 +165,7 @@ class Settings:
     purge_lease: float = 5.0
 
 
-def _parse(
-    env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str
-) -> T:
+def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
     raw = env.get(name)
     if raw is None or raw == "":
         raw = ENV_DEFAULTS[name]
@@ -320,7 +318,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         origin_timeout=_parse(env, "TIERPROXY_ORIGIN_TIMEOUT", _seconds(True), timeout),
         request_deadline=_parse(env, "TIERPROXY_REQUEST_DEADLINE", _seconds(True), timeout),
         l1_max_bytes=_parse(env, "TIERPROXY_L1_MAX_BYTES", _integer(0), size),
-        l3_max_bytes=_parse(env, "TIERPROXY_L3_MAX_BYTES", _integer(1), "a positive number of bytes"),
+        l3_max_bytes=_parse(
+            env, "TIERPROXY_L3_MAX_BYTES", _integer(1), "a positive number of bytes"
+        ),
         max_entry_bytes=_parse(
             env, "TIERPROXY_MAX_ENTRY_BYTES", _integer(1), "a positive number of bytes"
         ),
@@ -338,10 +338,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         shutdown_timeout=_parse(env, "TIERPROXY_SHUTDOWN_TIMEOUT", _seconds(True), timeout),
         origin_max_connections=_parse(
-            env, "TIERPROXY_ORIGIN_MAX_CONNECTIONS", _integer(1, 100_000), "a whole number, 1 or more"
+            env,
+            "TIERPROXY_ORIGIN_MAX_CONNECTIONS",
+            _integer(1, 100_000),
+            "a whole number, 1 or more",
         ),
         redis_max_connections=_parse(
-            env, "TIERPROXY_REDIS_MAX_CONNECTIONS", _integer(1, 100_000), "a whole number, 1 or more"
+            env,
+            "TIERPROXY_REDIS_MAX_CONNECTIONS",
+            _integer(1, 100_000),
+            "a whole number, 1 or more",
         ),
         max_body_bytes=_parse(env, "TIERPROXY_MAX_BODY_BYTES", _integer(0), size),
         unkeyed_denylist=frozenset(DEFAULT_UNKEYED_DENYLIST) - forward,
@@ -349,11 +355,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=_parse(env, "TIERPROXY_LOG_FORMAT", _log_format, "text or json"),
         access_log=_parse(env, "TIERPROXY_ACCESS_LOG", _on_off, "on or off"),
         max_url_bytes=_parse(
-            env, "TIERPROXY_MAX_URL_BYTES", _integer(256, MAX_URL_BYTES_LIMIT),
+            env,
+            "TIERPROXY_MAX_URL_BYTES",
+            _integer(256, MAX_URL_BYTES_LIMIT),
             f"a whole number of bytes, 256-{MAX_URL_BYTES_LIMIT}",
         ),
         max_header_bytes=_parse(
-            env, "TIERPROXY_MAX_HEADER_BYTES", _integer(256, 1_048_576),
+            env,
+            "TIERPROXY_MAX_HEADER_BYTES",
+            _integer(256, 1_048_576),
             "a whole number of bytes, 256-1048576",
         ),
         max_headers=_parse(
@@ -363,14 +373,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         body_timeout=_parse(env, "TIERPROXY_BODY_TIMEOUT", _seconds(True), timeout),
         keepalive_timeout=_parse(env, "TIERPROXY_KEEPALIVE_TIMEOUT", _seconds(True), timeout),
         send_timeout=_parse(env, "TIERPROXY_SEND_TIMEOUT", _seconds(True), timeout),
-        origin_queue_timeout=_parse(
-            env, "TIERPROXY_ORIGIN_QUEUE_TIMEOUT", _seconds(True), timeout
-        ),
+        origin_queue_timeout=_parse(env, "TIERPROXY_ORIGIN_QUEUE_TIMEOUT", _seconds(True), timeout),
         stream_timeout=_parse(env, "TIERPROXY_STREAM_TIMEOUT", _seconds(True), timeout),
         key_prefix=_key_prefix(env),
         max_ttl=_parse(env, "TIERPROXY_MAX_TTL", _seconds(True), "a positive number of seconds"),
         max_client_connections=_parse(
-            env, "TIERPROXY_MAX_CLIENT_CONNECTIONS", _optional_count,
+            env,
+            "TIERPROXY_MAX_CLIENT_CONNECTIONS",
+            _optional_count,
             "a whole number, 1 or more (unset: derived from RLIMIT_NOFILE)",
         ),
         allow_unhardened=_parse(env, "TIERPROXY_ALLOW_UNHARDENED", _on_off, "on or off"),

@@ -90,7 +90,8 @@ class Entry:
         setattr_ = object.__setattr__
         headers = self.headers
         status_line = b"HTTP/1.1 %d %s\r\n" % (
-            self.status, REASON_PHRASES.get(self.status, "").encode()
+            self.status,
+            REASON_PHRASES.get(self.status, "").encode(),
         )
         names = frozenset(map(str.lower, map(itemgetter(0), headers)))
         upstream = b""
@@ -107,7 +108,7 @@ class Entry:
                 # An ASCII str takes _ASCII_STR + its length: the pairs' size without a
                 # call per string (": " and CRLF are 4 characters of each line).
                 count = len(headers)
-                size = (getsizeof(headers) + count * (72 + 2 * _ASCII_STR - 4) + len(block))
+                size = getsizeof(headers) + count * (72 + 2 * _ASCII_STR - 4) + len(block)
             else:
                 size = _pairs_size(headers)
                 try:
@@ -116,17 +117,24 @@ class Entry:
                     raw_bytes = True
             head = None
             # One CR and one LF per line, no other control character (RFC 9110 §5.5).
-            if (block.count("\r") == block.count("\n") == len(headers)
-                    and not _CONTROL_BUT_CRLF.search(block)):
+            if block.count("\r") == block.count("\n") == len(
+                headers
+            ) and not _CONTROL_BUT_CRLF.search(block):
                 try:
                     head = status_line + wire(block)
                 except UnicodeEncodeError:  # a surrogate no byte decodes to: not from the wire
                     head = None
         setattr_(self, "wire_head", head)
         setattr_(self, "upstream_cache_status", upstream)
-        setattr_(self, "head_flags", ((HAS_CONTENT_TYPE if "content-type" in names else 0)
-                                      | (HAS_DATE if "date" in names else 0)
-                                      | (HAS_SERVER if "server" in names else 0)))
+        setattr_(
+            self,
+            "head_flags",
+            (
+                (HAS_CONTENT_TYPE if "content-type" in names else 0)
+                | (HAS_DATE if "date" in names else 0)
+                | (HAS_SERVER if "server" in names else 0)
+            ),
+        )
         setattr_(self, "raw_bytes", raw_bytes)
         size += getsizeof(self) + getsizeof(self.body) + getsizeof(self.key) + _INDEX_OVERHEAD
         if head is not None:
@@ -158,8 +166,11 @@ _COLON_SPACE = ": "
 
 def _pairs_size(pairs: Headers) -> int:
     """Memory held by a tuple of (name, value) pairs: the tuples and their strings."""
-    return (sys.getsizeof(pairs) + 72 * len(pairs)  # 72: one (name, value) tuple
-            + sum(map(sys.getsizeof, chain.from_iterable(pairs))))
+    return (
+        sys.getsizeof(pairs)
+        + 72 * len(pairs)  # 72: one (name, value) tuple
+        + sum(map(sys.getsizeof, chain.from_iterable(pairs)))
+    )
 
 
 def has_raw_bytes(headers: Iterable[tuple[str, str]]) -> bool:
@@ -194,8 +205,7 @@ def _head_without_own(status_line: bytes, headers: Headers) -> tuple[bytes | Non
         lname = name.lower()
         if lname in OWN_HEADERS:
             if lname == "cache-status" and value.strip():
-                upstream.append(line[len(name) + 2:].strip())
+                upstream.append(line[len(name) + 2 :].strip())
             continue
         lines.append(line + b"\r\n")
-    return (b"".join(lines) if safe else None,
-            b", ".join(upstream) + b", " if upstream else b"")
+    return (b"".join(lines) if safe else None, b", ".join(upstream) + b", " if upstream else b"")

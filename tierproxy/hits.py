@@ -55,8 +55,16 @@ Answer = tuple[bytes, bytes]  # response head, body
 
 # Request headers that change what a hit answers (RFC 9110 §13 conditionals, RFC 9111 §5.2.1
 # request directives): such requests take the full path, which knows what to do with them.
-_FULL_PATH_HEADERS = ("Cache-Control", "If-None-Match", "If-Modified-Since", "If-Match",
-                      "If-Unmodified-Since", "If-Range", "Range", "Expect")
+_FULL_PATH_HEADERS = (
+    "Cache-Control",
+    "If-None-Match",
+    "If-Modified-Since",
+    "If-Match",
+    "If-Unmodified-Since",
+    "If-Range",
+    "Range",
+    "Expect",
+)
 
 # Statuses aiohttp frames specially (no body, no Content-Length): left to aiohttp.
 _SPECIAL_STATUS = frozenset({204, 304})
@@ -82,8 +90,17 @@ HANDOVER = web.RequestKey("tierproxy_handover", Handover)
 class HitPath:
     """Answers fresh cache hits for :class:`tierproxy.aiohttp_internals.ProxyRequestHandler`."""
 
-    __slots__ = ("_access_log", "_clock", "_keys", "_l1", "_l1_name", "_looks_further",
-                 "_metrics", "_readthrough", "_state")
+    __slots__ = (
+        "_access_log",
+        "_clock",
+        "_keys",
+        "_l1",
+        "_l1_name",
+        "_looks_further",
+        "_metrics",
+        "_readthrough",
+        "_state",
+    )
 
     def __init__(self, state: ProxyState, l1: GuardedTier | None) -> None:
         self._state = state
@@ -134,9 +151,16 @@ class HitPath:
                 if not _answerable(entry):
                     return None
                 looked_up = time.perf_counter() - started
-                answer = self._respond(self._l1_name, entry, now,
-                                       request_id(headers.get("X-Request-ID")), message.path,
-                                       started, _NO_TIMINGS, remote)
+                answer = self._respond(
+                    self._l1_name,
+                    entry,
+                    now,
+                    request_id(headers.get("X-Request-ID")),
+                    message.path,
+                    started,
+                    _NO_TIMINGS,
+                    remote,
+                )
                 if answer is not None:
                     l1.count_hit(looked_up)
                 return answer
@@ -149,7 +173,11 @@ class HitPath:
     ) -> Answer | Handover:
         state = self._state
         req = ProxyRequest(
-            method="GET", key=key, headers=message.headers, peer=remote, scheme="http",
+            method="GET",
+            key=key,
+            headers=message.headers,
+            peer=remote,
+            scheme="http",
             deadline=asyncio.get_running_loop().time() + state.settings.request_deadline,
             request_id=request_id(message.headers.get("X-Request-ID")),
         )
@@ -160,8 +188,16 @@ class HitPath:
             state.inflight -= 1
         hit = found.found
         if isinstance(hit, FreshHit) and _answerable(hit.entry):
-            answer = self._respond(hit.tier, hit.entry, self._clock.wall(), req.request_id,
-                                   message.path, started, req.timings, remote)
+            answer = self._respond(
+                hit.tier,
+                hit.entry,
+                self._clock.wall(),
+                req.request_id,
+                message.path,
+                started,
+                req.timings,
+                remote,
+            )
             if answer is not None:
                 return answer
         return Handover(req, found, started)
@@ -187,8 +223,17 @@ class HitPath:
         metrics.hit_path_responses.inc()
         access_log = self._access_log
         if access_log.enabled:
-            access_log.emit("GET", path, entry.status, x_cache, len(body),
-                            time.perf_counter() - started, timings, rid, remote)
+            access_log.emit(
+                "GET",
+                path,
+                entry.status,
+                x_cache,
+                len(body),
+                time.perf_counter() - started,
+                timings,
+                rid,
+                remote,
+            )
         return head, body
 
 

@@ -99,8 +99,9 @@ class PurgeOrder:
             batch: list[str] = []
             size = 0
             for item in getattr(self, field):
-                if batch and (len(batch) >= _MAX_ITEMS_PER_MESSAGE
-                              or size + len(item) > _TARGET_MESSAGE_BYTES):
+                if batch and (
+                    len(batch) >= _MAX_ITEMS_PER_MESSAGE or size + len(item) > _TARGET_MESSAGE_BYTES
+                ):
                     yield self._with(field, tuple(batch))
                     batch, size = [], 0
                 batch.append(item)
@@ -124,7 +125,6 @@ def _backoff(attempt: int) -> float:
     """Capped exponential backoff with jitter: half fixed, half random (no thundering herd)."""
     ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * float(1 << min(attempt, 16)))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
-
 
 
 def _reached(applied: str, target: tuple[int, int]) -> bool:
@@ -187,8 +187,7 @@ class Invalidation:
         self._subscribed = asyncio.Event()
         self.subscriptions = 0
         self._published = {
-            outcome: metrics.invalidations_published.labels(outcome)
-            for outcome in ("ok", "error")
+            outcome: metrics.invalidations_published.labels(outcome) for outcome in ("ok", "error")
         }
         self._received = {
             outcome: metrics.invalidations_received.labels(outcome)
@@ -199,8 +198,9 @@ class Invalidation:
             for outcome in ("acked", "fenced", "unconfirmed")
         }
         metrics.invalidation_connected.set_function(lambda: float(self.state == "connected"))
-        metrics.purge_lease_held.set_function(lambda: float(self.trust is not None
-                                                            and self.trust.held()))
+        metrics.purge_lease_held.set_function(
+            lambda: float(self.trust is not None and self.trust.held())
+        )
 
     def trusted(self) -> bool:
         """Whether this replica's local copies may be served fresh right now."""
@@ -240,12 +240,20 @@ class Invalidation:
                     ok = ok and all(isinstance(count, int) for count in again.values())
                 acked += 1  # this replica
             ok = ok and unconfirmed == 0
-            body.update(replicas_acked=acked, replicas_fenced=fenced,
-                        replicas_unconfirmed=unconfirmed)
+            body.update(
+                replicas_acked=acked, replicas_fenced=fenced, replicas_unconfirmed=unconfirmed
+            )
             replicas = f", replicas acked {acked}, fenced {fenced}, unconfirmed {unconfirmed}"
         self.metrics.purge_requests.labels(source, "ok" if ok else "partial").inc()
-        log.info("purge from %s: %d keys, %d tags, soft=%s -> %s%s", source, len(order.keys),
-                 len(order.tags), order.soft, tiers, replicas)
+        log.info(
+            "purge from %s: %d keys, %d tags, soft=%s -> %s%s",
+            source,
+            len(order.keys),
+            len(order.tags),
+            order.soft,
+            tiers,
+            replicas,
+        )
         return PurgeOutcome(ok, body)
 
     async def _publish(self, order: PurgeOrder) -> str | None:
@@ -257,7 +265,7 @@ class Invalidation:
             for chunk in order.chunks():
                 async with asyncio.timeout(max(self._l2.write_timeout, 1.0)):
                     last = await self._log.publish(self._message(chunk))
-        except Exception as exc:  # TimeoutError included: the purge is reported as partial
+        except Exception as exc:  # noqa: BLE001 - TimeoutError included: the purge is reported as partial
             self._published["error"].inc()
             log.warning("purge not published to other replicas: %r", exc)
             return None
@@ -284,7 +292,7 @@ class Invalidation:
             try:
                 async with asyncio.timeout(max(0.5, self._l2.write_timeout)):
                     now_ms, lost_ms, rows = await self._log.replicas(margin_ms)
-            except Exception as exc:  # TimeoutError included
+            except Exception as exc:  # TimeoutError included  # noqa: BLE001 - any failure, timeouts included: poll again until the deadline
                 log.warning("purge: cannot read the replicas' acknowledgements: %r", exc)
             else:
                 pending = set()
@@ -319,11 +327,15 @@ class Invalidation:
         self._replicas["fenced"].inc(len(fenced))
         self._replicas["unconfirmed"].inc(unconfirmed or 0)
         if fenced:
-            log.warning("purge: %d replicas did not acknowledge within their lease and are "
-                        "fenced (they revalidate their local copies)", len(fenced))
+            log.warning(
+                "purge: %d replicas did not acknowledge within their lease and are "
+                "fenced (they revalidate their local copies)",
+                len(fenced),
+            )
         if unconfirmed:
-            log.warning("purge: %d replicas neither acknowledged nor let their lease run out",
-                        unconfirmed)
+            log.warning(
+                "purge: %d replicas neither acknowledged nor let their lease run out", unconfirmed
+            )
         return len(acked), len(fenced), unconfirmed, waited_out_loss
 
     # ---- subscribing -----------------------------------------------------------------------
@@ -358,7 +370,7 @@ class Invalidation:
         try:
             async with asyncio.timeout(1.0):
                 await self._log.leave(self.replica_id)
-        except Exception as exc:  # its lease then simply runs out
+        except Exception as exc:  # noqa: BLE001 - its lease then simply runs out
             log.debug("leaving the replicas' registry: %r", exc)
         task.cancel()
         try:
@@ -366,7 +378,7 @@ class Invalidation:
                 await task
         except (asyncio.CancelledError, TimeoutError):
             pass
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - shutdown logs whatever the subscriber ended with
             log.warning("invalidation subscriber ended with %r", exc)
 
     async def _run(self) -> None:
@@ -397,10 +409,14 @@ class Invalidation:
                     await self._session(client, purge_log, timeout)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:
-                    log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
-                            "invalidation channel lost (%r); reconnecting (local copies are "
-                            "revalidated once the %.1fs lease runs out)", exc, self.lease)
+                except Exception as exc:  # noqa: BLE001 - any channel failure means reconnect, never a dead subscriber
+                    log.log(
+                        logging.WARNING if attempt == 0 else logging.DEBUG,
+                        "invalidation channel lost (%r); reconnecting (local copies are "
+                        "revalidated once the %.1fs lease runs out)",
+                        exc,
+                        self.lease,
+                    )
                 self.state = "connecting"
                 if loop.time() - started >= _STABLE_AFTER:
                     attempt = 0
@@ -410,7 +426,7 @@ class Invalidation:
             self.state = "disabled"
             try:
                 await client.aclose()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - closing is best effort
                 log.debug("closing the invalidation client: %r", exc)
 
     async def _session(self, client: Redis, purge_log: PurgeLog, timeout: float) -> None:
@@ -446,7 +462,7 @@ class Invalidation:
             try:
                 async with asyncio.timeout(1.0):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - closing is best effort
                 log.debug("closing the pub/sub connection: %r", exc)
 
     async def _beat(self, pubsub: Any, purge_log: PurgeLog, timeout: float) -> None:
@@ -514,8 +530,11 @@ class Invalidation:
         reason = "connect" if first and self.last_id is None else "gap"
         self._distrust(min(floor, subscribed_at), reason)
         if reason == "gap":
-            log.warning("purge log gap (this replica missed purges the log no longer holds): "
-                        "L1 cleared, L3 copies stored before %.3f are revalidated", floor)
+            log.warning(
+                "purge log gap (this replica missed purges the log no longer holds): "
+                "L1 cleared, L3 copies stored before %.3f are revalidated",
+                floor,
+            )
         start, include = oldest, True
         for _ in range(_MAX_REPLAY_ROUNDS):
             async with asyncio.timeout(timeout):
@@ -524,7 +543,7 @@ class Invalidation:
                 # The log was trimmed past where this replay had got to: purges were lost.
                 self._distrust(subscribed_at, "gap")
                 break
-            for entry_id, payload in (rows if include else rows[1:]):
+            for entry_id, payload in rows if include else rows[1:]:
                 await self._apply(payload, "replayed")
                 self.last_id = entry_id
             if len(rows) < _REPLAY_BATCH:
@@ -545,10 +564,16 @@ class Invalidation:
         self._clear_l1("connect" if reason == "connect" else "reconnect")
 
     def _message(self, order: PurgeOrder) -> bytes:
-        return json.dumps({
-            "v": MESSAGE_VERSION, "from": self.replica_id, "keys": list(order.keys),
-            "tags": list(order.tags), "soft": order.soft, "at": order.at,
-        }).encode()
+        return json.dumps(
+            {
+                "v": MESSAGE_VERSION,
+                "from": self.replica_id,
+                "keys": list(order.keys),
+                "tags": list(order.tags),
+                "soft": order.soft,
+                "at": order.at,
+            }
+        ).encode()
 
     def _clear_l1(self, reason: str) -> None:
         if self._l1 is None:
@@ -594,11 +619,18 @@ class Invalidation:
         self._received[outcome if ok else "failed"].inc()
         if not ok:
             # Not applied everywhere here: what this replica stored so far can't be trusted.
-            log.warning("purge from another replica not applied here (%s): local copies "
-                        "stored before now are revalidated", results)
+            log.warning(
+                "purge from another replica not applied here (%s): local copies "
+                "stored before now are revalidated",
+                results,
+            )
             self._distrust(self.clock.wall(), "purge-failed")
-        log.debug("purge from another replica: %d keys, %d tags -> %s",
-                  len(order.keys), len(order.tags), results)
+        log.debug(
+            "purge from another replica: %d keys, %d tags -> %s",
+            len(order.keys),
+            len(order.tags),
+            results,
+        )
 
     def _parse(self, data: object) -> PurgeOrder | str | None:
         if not isinstance(data, bytes) or len(data) > _MAX_MESSAGE_BYTES:
@@ -617,8 +649,9 @@ class Invalidation:
         soft, at = fields.get("soft"), fields.get("at")
         if not isinstance(keys, list) or not isinstance(tags, list) or not isinstance(soft, bool):
             return None
-        if not all(isinstance(k, str) and k.startswith("/") and len(k) <= MAX_TARGET_LENGTH
-                   for k in keys):
+        if not all(
+            isinstance(k, str) and k.startswith("/") and len(k) <= MAX_TARGET_LENGTH for k in keys
+        ):
             return None
         if not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_LENGTH for t in tags):
             return None

@@ -20,13 +20,13 @@ from urllib.parse import urlsplit
 from .codec import FORMAT_VERSION, Unencodable
 
 __all__ = [
+    "MAX_TARGET_LENGTH",
     "BadTarget",
-    "TargetTooLong",
     "CacheKey",
     "KeySpace",
+    "TargetTooLong",
     "normalise_target",
     "origin_identity",
-    "MAX_TARGET_LENGTH",
 ]
 
 # A backstop: the listener refuses targets over TIERPROXY_MAX_URL_BYTES (at most this) with 414
@@ -38,9 +38,7 @@ MAX_TARGET_LENGTH = 65536
 # segments are joined by exactly one "/", so no input can be split two ways. (The former
 # ``(?:[pchar]+/?)*`` backtracked exponentially: "/" + 30 letters + "%" froze the loop.)
 _SEGMENT = r"(?!\.\.?(?:/|\?|$))[A-Za-z0-9\-._~!$&'()*+,;=:@]++"
-_PLAIN = re.compile(
-    rf"/(?:{_SEGMENT}(?:/{_SEGMENT})*+/?)?(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/?]++)?"
-)
+_PLAIN = re.compile(rf"/(?:{_SEGMENT}(?:/{_SEGMENT})*+/?)?(?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@/?]++)?")
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
 _PCT = re.compile(r"%(..)?", re.DOTALL)
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -109,7 +107,7 @@ class CacheKey:
     """Key material, its namespace (see :class:`KeySpace`) and, computed only when a shared
     tier needs it, the fixed-length id of both."""
 
-    __slots__ = ("material", "namespace", "_digest")
+    __slots__ = ("_digest", "material", "namespace")
 
     def __init__(self, material: str, namespace: str) -> None:
         self.material = material
@@ -146,7 +144,9 @@ def _normalise_escapes(part: str) -> str:
     if any(c not in _ALLOWED and c != "%" for c in out):
         # Anything else (spaces, controls, non-ASCII) is escaped, never passed through raw.
         out = "".join(
-            c if (c in _ALLOWED or c == "%") else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
+            c
+            if (c in _ALLOWED or c == "%")
+            else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
             for c in out
         )
     return out
@@ -179,7 +179,7 @@ def normalise_target(raw: str) -> str:
         absolute = _ABSOLUTE.match(raw)
         if absolute is None:
             raise BadTarget("target must be origin-form or absolute-form")
-        raw = raw[absolute.end():] or "/"
+        raw = raw[absolute.end() :] or "/"
         if not raw.startswith(("/", "?")):
             raise BadTarget("bad absolute-form target")
         if raw.startswith("?"):

@@ -17,8 +17,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["ADMIN_BACKLOG", "ADMIN_MAX_CONNECTIONS", "client_connection_cap", "handler_args",
-           "listen_backlog"]
+__all__ = [
+    "ADMIN_BACKLOG",
+    "ADMIN_MAX_CONNECTIONS",
+    "client_connection_cap",
+    "handler_args",
+    "listen_backlog",
+]
 
 
 def handler_args(settings: Settings) -> dict[str, Any]:
@@ -76,21 +81,27 @@ def client_connection_cap(settings: Settings, nofile: int | None = None) -> int:
         settings.origin_max_connections
         + (settings.redis_max_connections + _REDIS_EXTRA_FDS if settings.redis_url else 0)
         + (_SQLITE_FDS if settings.sqlite_path else 0)
-        + ADMIN_MAX_CONNECTIONS + ADMIN_BACKLOG
+        + ADMIN_MAX_CONNECTIONS
+        + ADMIN_BACKLOG
         + _PROCESS_FDS
         + listen_backlog(nofile)
     )
     available = nofile - reserve
-    what = (f"RLIMIT_NOFILE={nofile} leaves {available} descriptors for client connections "
-            f"after {reserve} reserved (TIERPROXY_ORIGIN_MAX_CONNECTIONS, "
-            "TIERPROXY_REDIS_MAX_CONNECTIONS, SQLite, the admin port, the process)")
+    what = (
+        f"RLIMIT_NOFILE={nofile} leaves {available} descriptors for client connections "
+        f"after {reserve} reserved (TIERPROXY_ORIGIN_MAX_CONNECTIONS, "
+        "TIERPROXY_REDIS_MAX_CONNECTIONS, SQLite, the admin port, the process)"
+    )
     configured = settings.max_client_connections
     if configured is not None:
         if configured > available:
-            raise ValueError(f"TIERPROXY_MAX_CLIENT_CONNECTIONS={configured} is more than "
-                             f"{what}: lower it, or raise the hard descriptor limit")
+            raise ValueError(
+                f"TIERPROXY_MAX_CLIENT_CONNECTIONS={configured} is more than "
+                f"{what}: lower it, or raise the hard descriptor limit"
+            )
         return configured
     if available < _MIN_CLIENT_CONNECTIONS:
-        raise ValueError(f"{what}: raise the hard descriptor limit (ulimit -Hn), or lower "
-                         "the pools")
+        raise ValueError(
+            f"{what}: raise the hard descriptor limit (ulimit -Hn), or lower the pools"
+        )
     return available

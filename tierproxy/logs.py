@@ -180,8 +180,9 @@ class AccessLog:
             self._direct.emit_access(fields, time.time())
             return
         # A record made directly: no caller lookup (findCaller walks the stack) per request.
-        record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, "", 0, AccessRecord(fields),
-                                   None, None)
+        record = logging.LogRecord(
+            ACCESS_LOGGER, logging.INFO, "", 0, AccessRecord(fields), None, None
+        )
         self._logger.handle(record)
 
 
@@ -237,9 +238,12 @@ def _only_batching_handler(logger: logging.Logger) -> BatchingStreamHandler | No
     if len(handlers) != 1:
         return None
     handler = handlers[0]
-    if (not isinstance(handler, BatchingStreamHandler) or handler.filters
-            or handler.level > logging.INFO
-            or not isinstance(handler.formatter, (JsonFormatter, TextFormatter))):
+    if (
+        not isinstance(handler, BatchingStreamHandler)
+        or handler.filters
+        or handler.level > logging.INFO
+        or not isinstance(handler.formatter, (JsonFormatter, TextFormatter))
+    ):
         return None
     return handler
 
@@ -255,8 +259,12 @@ class JsonFormatter(logging.Formatter):
         """The JSON line of an access record made at ``created``, built directly: the fields
         are flat, named by us and of JSON types, and this is ~4x cheaper than an encoder."""
         msecs = int((created - int(created)) * 1000)
-        parts = [(f'{{"ts": "{self._second(created)}.{msecs:03d}Z", "level": "INFO", '
-                  f'"logger": "{ACCESS_LOGGER}", "msg": "access"')]
+        parts = [
+            (
+                f'{{"ts": "{self._second(created)}.{msecs:03d}Z", "level": "INFO", '
+                f'"logger": "{ACCESS_LOGGER}", "msg": "access"'
+            )
+        ]
         for name, value in fields.items():
             parts.append(f', "{name}": {_json_value(value)}')
         parts.append("}")
@@ -306,8 +314,9 @@ class BatchingStreamHandler(logging.Handler):
     lines are dropped and counted instead of ever blocking the caller.
     """
 
-    def __init__(self, stream: TextIO, *, max_lines: int = _BUFFER_LINES,
-                 interval: float = _FLUSH_INTERVAL) -> None:
+    def __init__(
+        self, stream: TextIO, *, max_lines: int = _BUFFER_LINES, interval: float = _FLUSH_INTERVAL
+    ) -> None:
         super().__init__()
         self._stream = stream
         self._max_lines = max_lines
@@ -315,15 +324,14 @@ class BatchingStreamHandler(logging.Handler):
         self._lines: deque[str] = deque()  # append/popleft are thread-safe
         self._wake = threading.Event()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="tierproxy-log-writer",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="tierproxy-log-writer", daemon=True)
         self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         global _dropped
         try:
             line = self.format(record)
-        except Exception:
+        except Exception:  # noqa: BLE001 - logging.Handler contract: handleError, never raise
             self.handleError(record)
             return
         if len(self._lines) >= self._max_lines:

@@ -30,20 +30,48 @@ if TYPE_CHECKING:
     from .aiohttp_internals import ConnectionCap
 
 __all__ = [
-    "BREAKER_STATES", "TIER_OUTCOMES", "X_CACHE_VALUES", "LoopCounter", "LoopHistogram", "Metrics",
+    "BREAKER_STATES",
+    "TIER_OUTCOMES",
+    "X_CACHE_VALUES",
+    "LoopCounter",
+    "LoopHistogram",
+    "Metrics",
 ]
 
 TIER_OUTCOMES = ("hit", "stale", "miss", "timeout", "error", "skipped", "corrupt")
 X_CACHE_VALUES = (
-    "HIT-L1", "HIT-L2", "HIT-L3", "MISS", "STALE-L1", "STALE-L2", "STALE-L3", "REVALIDATED", "BYPASS",
+    "HIT-L1",
+    "HIT-L2",
+    "HIT-L3",
+    "MISS",
+    "STALE-L1",
+    "STALE-L2",
+    "STALE-L3",
+    "REVALIDATED",
+    "BYPASS",
 )
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 BREAKER_STATES = ("closed", "open", "half-open")
 
 # Sub-millisecond resolution for L1/L2, up to the default request deadline and beyond.
 LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -81,8 +109,14 @@ class _LoopCollector(Collector, Generic[ChildT]):
     be counted on the hit path.
     """
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry, child: type[ChildT]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        child: type[ChildT],
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
@@ -117,8 +151,9 @@ class _LoopCollector(Collector, Generic[ChildT]):
 class LoopHistogram(_LoopCollector[LoopHistogramChild]):
     """A Histogram (``_bucket``/``_count``/``_sum``, same name and labels) without locks."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
         super().__init__(name, documentation, labelnames, registry, LoopHistogramChild)
 
     def _family(self) -> Metric:
@@ -137,8 +172,9 @@ class LoopHistogram(_LoopCollector[LoopHistogramChild]):
 class LoopCounter(_LoopCollector[LoopCounterChild]):
     """A Counter (``<name>_total``, same name and labels) without locks."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
         super().__init__(name, documentation, labelnames, registry, LoopCounterChild)
 
     def _family(self) -> Metric:
@@ -155,48 +191,65 @@ class Metrics:
         r = self.registry
         # The two counters every hit touches are loop-local (no lock per increment).
         self.tier_lookups = LoopCounter(
-            "tierproxy_tier_lookups", "Cache tier lookups by outcome", ["tier", "outcome"], registry=r
+            "tierproxy_tier_lookups",
+            "Cache tier lookups by outcome",
+            ["tier", "outcome"],
+            registry=r,
         )
         self.tier_op_seconds = LoopHistogram(
-            "tierproxy_tier_op_seconds", "Latency of successful tier operations",
-            ["tier", "op"], registry=r,
+            "tierproxy_tier_op_seconds",
+            "Latency of successful tier operations",
+            ["tier", "op"],
+            registry=r,
         )
         self.tier_write_outcomes = Counter(
-            "tierproxy_tier_writes", "Tier writes (set/delete) by outcome",
-            ["tier", "op", "outcome"], registry=r,
+            "tierproxy_tier_writes",
+            "Tier writes (set/delete) by outcome",
+            ["tier", "op", "outcome"],
+            registry=r,
         )
         self.origin_fetches = Counter(
             "tierproxy_origin_fetches", "Origin fetches by outcome", ["outcome"], registry=r
         )
         self.origin_fetch_seconds = Histogram(
-            "tierproxy_origin_fetch_seconds", "Origin time to response headers",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "tierproxy_origin_fetch_seconds",
+            "Origin time to response headers",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.origin_connections_discarded = Counter(
             "tierproxy_origin_connections_discarded",
             "Pooled origin connections closed instead of reused because bytes no request asked "
             "for arrived on them (unsolicited-bytes) or were found before reuse "
-            "(unread-before-reuse)", ["reason"], registry=r,
+            "(unread-before-reuse)",
+            ["reason"],
+            registry=r,
         )
         self.origin_busy = Counter(
             "tierproxy_origin_busy",
             "Requests that found no free origin connection within TIERPROXY_ORIGIN_QUEUE_TIMEOUT "
-            "(answered stale or 503; not origin failures)", registry=r,
+            "(answered stale or 503; not origin failures)",
+            registry=r,
         )
         self.streams_cut = Counter(
             "tierproxy_streams_cut",
             "Streamed pass-through responses cut off mid-body, by reason (origin-error, "
             "origin-timeout, stream-timeout, client-stalled, client-gone, local-error)",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.local_errors = Counter(
             "tierproxy_local_errors",
             "Unexpected errors in tierproxy's own code on the request path (answered 500; "
-            "never counted against the origin)", ["where"], registry=r,
+            "never counted against the origin)",
+            ["where"],
+            registry=r,
         )
         self.responses = LoopCounter(
-            "tierproxy_responses", "Responses by X-Cache value and status class",
-            ["cache", "status_class"], registry=r,
+            "tierproxy_responses",
+            "Responses by X-Cache value and status class",
+            ["cache", "status_class"],
+            registry=r,
         )
         self.stale_served = Counter(
             "tierproxy_stale_served", "Stale copies served, by reason", ["reason"], registry=r
@@ -207,14 +260,17 @@ class Metrics:
         self.hit_path_responses = LoopCounter(
             "tierproxy_hit_path_responses",
             "Fresh L1 hits answered by the connection handler itself (a subset of responses)",
-            [], registry=r,
+            [],
+            registry=r,
         ).labels()
         self.coalesced_waiters = Counter(
-            "tierproxy_coalesced_waiters", "Requests that waited on another request's origin fetch",
+            "tierproxy_coalesced_waiters",
+            "Requests that waited on another request's origin fetch",
             registry=r,
         )
         self.background_dropped = Counter(
-            "tierproxy_background_dropped", "Background tasks refused because the set was full",
+            "tierproxy_background_dropped",
+            "Background tasks refused because the set was full",
             registry=r,
         )
         self.background_inline = Counter(
@@ -230,7 +286,10 @@ class Metrics:
             "tierproxy_breaker_open", "1 while a tier's breaker is open", ["tier"], registry=r
         )
         self.tier_timeout = Gauge(
-            "tierproxy_tier_timeout_seconds", "Effective lookup timeout per tier", ["tier"], registry=r
+            "tierproxy_tier_timeout_seconds",
+            "Effective lookup timeout per tier",
+            ["tier"],
+            registry=r,
         )
         self.l1_bytes = Gauge("tierproxy_l1_bytes", "Bytes held in L1", registry=r)
         self.l1_entries = Gauge("tierproxy_l1_entries", "Entries held in L1", registry=r)
@@ -242,43 +301,59 @@ class Metrics:
         self.l3_recoveries = Counter(
             "tierproxy_l3_recoveries",
             "L3 files found missing, replaced or corrupt under the running proxy and reopened",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.breaker_state = Gauge(
-            "tierproxy_breaker_state", "1 for the breaker's current state (closed, open, half-open)",
-            ["tier", "state"], registry=r,
+            "tierproxy_breaker_state",
+            "1 for the breaker's current state (closed, open, half-open)",
+            ["tier", "state"],
+            registry=r,
         )
         self.tier_state = Gauge(
-            "tierproxy_tier_state", "1 for each tier's readiness state (up, degraded, breaker-open, unavailable)",
-            ["tier", "state"], registry=r,
+            "tierproxy_tier_state",
+            "1 for each tier's readiness state (up, degraded, breaker-open, unavailable)",
+            ["tier", "state"],
+            registry=r,
         )
         self.request_deadline = Gauge(
             "tierproxy_request_deadline_seconds", "The whole request's budget", registry=r
         )
         # -- purge and invalidation --------------------------------------------------------
         self.purge_requests = Counter(
-            "tierproxy_purge_requests", "Purge requests by where they came from and outcome",
-            ["source", "outcome"], registry=r,
+            "tierproxy_purge_requests",
+            "Purge requests by where they came from and outcome",
+            ["source", "outcome"],
+            registry=r,
         )
         self.purged_entries = Counter(
-            "tierproxy_purged_entries", "Entries removed (hard) or marked stale (soft) by purges",
-            ["tier", "mode"], registry=r,
+            "tierproxy_purged_entries",
+            "Entries removed (hard) or marked stale (soft) by purges",
+            ["tier", "mode"],
+            registry=r,
         )
         self.invalidations_published = Counter(
-            "tierproxy_invalidations_published", "Purge messages published to the other replicas",
-            ["outcome"], registry=r,
+            "tierproxy_invalidations_published",
+            "Purge messages published to the other replicas",
+            ["outcome"],
+            registry=r,
         )
         self.invalidations_received = Counter(
-            "tierproxy_invalidations_received", "Purge messages received from other replicas",
-            ["outcome"], registry=r,
+            "tierproxy_invalidations_received",
+            "Purge messages received from other replicas",
+            ["outcome"],
+            registry=r,
         )
         self.invalidation_connected = Gauge(
             "tierproxy_invalidation_connected",
-            "1 while subscribed to the replicas' invalidation channel", registry=r,
+            "1 while subscribed to the replicas' invalidation channel",
+            registry=r,
         )
         self.l1_clears = Counter(
-            "tierproxy_l1_clears", "Whole-L1 clears (on (re)connecting to the invalidation channel)",
-            ["reason"], registry=r,
+            "tierproxy_l1_clears",
+            "Whole-L1 clears (on (re)connecting to the invalidation channel)",
+            ["reason"],
+            registry=r,
         )
         # -- client connections (file descriptors) ----------------------------------------
         self.client_connections = Gauge(
@@ -287,16 +362,21 @@ class Metrics:
         self.client_connections_max = Gauge(
             "tierproxy_client_connections_max",
             "The client connection cap (TIERPROXY_MAX_CLIENT_CONNECTIONS or derived from "
-            "RLIMIT_NOFILE)", ["listener"], registry=r,
+            "RLIMIT_NOFILE)",
+            ["listener"],
+            registry=r,
         )
         self.client_connections_shed = Counter(
             "tierproxy_client_connections_shed",
             "Client connections closed at the cap: idle-closed (oldest idle keep-alive first) "
-            "or refused (503, none idle)", ["listener", "action"], registry=r,
+            "or refused (503, none idle)",
+            ["listener", "action"],
+            registry=r,
         )
         self.client_connection_cap_episodes = Counter(
             "tierproxy_client_connection_cap_episodes",
-            "Times the client connections reached the cap (each logged once)", ["listener"],
+            "Times the client connections reached the cap (each logged once)",
+            ["listener"],
             registry=r,
         )
         self.purge_lease_held = Gauge(
@@ -307,15 +387,18 @@ class Metrics:
         self.local_distrusts = Counter(
             "tierproxy_local_distrusts",
             "Local copies (L1, L3) stored before now made untrusted: connect, gap, purge-failed",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.purge_replicas = Counter(
             "tierproxy_purge_replicas",
             "Other replicas per published purge: acked, fenced (lease ran out), unconfirmed",
-            ["outcome"], registry=r,
+            ["outcome"],
+            registry=r,
         )
         self.log_dropped = Gauge(
-            "tierproxy_log_lines_dropped", "Log lines dropped because the log buffer was full",
+            "tierproxy_log_lines_dropped",
+            "Log lines dropped because the log buffer was full",
             registry=r,
         )
         self._responses = {
@@ -330,8 +413,12 @@ class Metrics:
 
         shed = self.client_connections_shed
         episodes = self.client_connection_cap_episodes.labels(listener)
-        cap = ConnectionCap(limit, listener, shed=lambda action: shed.labels(listener, action).inc(),
-                            episode=episodes.inc)
+        cap = ConnectionCap(
+            limit,
+            listener,
+            shed=lambda action: shed.labels(listener, action).inc(),
+            episode=episodes.inc,
+        )
         self.client_connections.labels(listener).set_function(lambda: len(cap))
         self.client_connections_max.labels(listener).set(limit)
         return cap
@@ -340,7 +427,9 @@ class Metrics:
         return {outcome: self.tier_lookups.labels(tier, outcome) for outcome in TIER_OUTCOMES}
 
     def tier_latency(self, tier: str) -> dict[str, LoopHistogramChild]:
-        return {op: self.tier_op_seconds.labels(tier, op) for op in ("get", "set", "delete", "purge")}
+        return {
+            op: self.tier_op_seconds.labels(tier, op) for op in ("get", "set", "delete", "purge")
+        }
 
     def response(self, x_cache: str, status: int) -> None:
         cls = f"{status // 100}xx"

@@ -49,10 +49,22 @@ __all__ = [
 
 log = logging.getLogger("tierproxy.origin")
 
-_CONDITIONALS = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
-                 "if-range", "range")
-_ALWAYS_DROP = ("host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto",
-                "x-real-ip")
+_CONDITIONALS = (
+    "if-none-match",
+    "if-modified-since",
+    "if-match",
+    "if-unmodified-since",
+    "if-range",
+    "range",
+)
+_ALWAYS_DROP = (
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-real-ip",
+)
 
 
 class OriginTimeout(Exception):
@@ -114,10 +126,16 @@ def upstream_headers(
 
 
 class OriginClient:
-    def __init__(self, base_url: str, *, max_connections: int, read_timeout: float,
-                 queue_timeout: float = 0.5,
-                 discarded: Callable[[str], None] | None = None,
-                 clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        read_timeout: float,
+        queue_timeout: float = 0.5,
+        discarded: Callable[[str], None] | None = None,
+        clock: Clock = SYSTEM,
+    ) -> None:
         self.base_url = base_url
         # request_time / response_time (RFC 9111 §4.2.3) are wall-clock readings of it.
         self.clock = clock
@@ -134,8 +152,9 @@ class OriginClient:
                 "keep origin connections clean; install the aiohttp version tierproxy pins "
                 "(>=3.14.4,<3.15)"
             )
-        connector = _OriginConnector(limit=self._max_connections, ttl_dns_cache=60,
-                                     discarded=self._discarded)
+        connector = _OriginConnector(
+            limit=self._max_connections, ttl_dns_cache=60, discarded=self._discarded
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             # Bytes as the origin sent them (aiohttp decompresses by default, and a proxy must
@@ -190,7 +209,11 @@ class OriginClient:
                 )
                 try:
                     response = await session.request(
-                        method, url, headers=headers, data=body, allow_redirects=False,
+                        method,
+                        url,
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
                         # absolute URL from TIERPROXY_ORIGIN only; no proxy from the environment
                         proxy=None,
                     )
@@ -202,8 +225,15 @@ class OriginClient:
                     await response.read()
                     return self._buffered(response, b"", request_time, response_time)
                 if length is not None and length > buffer_limit:
-                    return OriginResponse(response.status, response.headers, None, response, b"",
-                                          request_time, response_time)
+                    return OriginResponse(
+                        response.status,
+                        response.headers,
+                        None,
+                        response,
+                        b"",
+                        request_time,
+                        response_time,
+                    )
                 if length is not None:
                     data = await response.read()
                     return self._buffered(response, data, request_time, response_time)
@@ -216,8 +246,15 @@ class OriginClient:
                         return self._buffered(response, bytes(prefix), request_time, response_time)
                     prefix += chunk
                     if len(prefix) > buffer_limit:
-                        return OriginResponse(response.status, response.headers, None, response,
-                                              bytes(prefix), request_time, response_time)
+                        return OriginResponse(
+                            response.status,
+                            response.headers,
+                            None,
+                            response,
+                            bytes(prefix),
+                            request_time,
+                            response_time,
+                        )
         except BaseException as exc:  # cancellation included: close, then re-raise below
             if response is not None:
                 response.close()
@@ -232,8 +269,9 @@ class OriginClient:
         response: aiohttp.ClientResponse, data: bytes, request_time: float, response_time: float
     ) -> OriginResponse:
         response.release()
-        return OriginResponse(response.status, response.headers, data, None, b"",
-                              request_time, response_time)
+        return OriginResponse(
+            response.status, response.headers, data, None, b"", request_time, response_time
+        )
 
     async def read_chunk(self, response: aiohttp.ClientResponse) -> bytes:
         """One chunk of a streamed body, within the origin timeout (an idle bound)."""

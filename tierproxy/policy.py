@@ -16,19 +16,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .entry import Entry, Headers
 
 __all__ = [
+    "HOP_BY_HOP",
+    "NOT_MODIFIED_HEADERS",
     "CachePolicy",
     "StoreDecision",
-    "HOP_BY_HOP",
-    "parse_cache_control",
     "bypass_reason",
-    "decide_storage",
-    "may_share_unstored",
-    "end_to_end",
-    "vary_values",
-    "vary_matches",
-    "freshen",
     "client_not_modified",
-    "NOT_MODIFIED_HEADERS",
+    "decide_storage",
+    "end_to_end",
+    "freshen",
+    "may_share_unstored",
+    "parse_cache_control",
+    "vary_matches",
+    "vary_values",
 ]
 
 AnyHeaders = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -54,13 +54,23 @@ HOP_BY_HOP = frozenset(
 # response (X-Cache, X-Request-ID: the origin's are about another hop and another request).
 # An upstream Cache-Status is stored: tierproxy appends its member to it (RFC 9211 §2).
 _NOT_STORED = frozenset(
-    {"age", "content-length", "set-cookie", "set-cookie2", "surrogate-key", "surrogate-control",
-     "x-cache", "x-request-id"}
+    {
+        "age",
+        "content-length",
+        "set-cookie",
+        "set-cookie2",
+        "surrogate-key",
+        "surrogate-control",
+        "x-cache",
+        "x-request-id",
+    }
 )
 
 # RFC 9111 §3 + §4.2.2: statuses this cache understands and may store; the heuristically
 # cacheable subset may be given a default lifetime when the origin states none.
-STORABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501})
+STORABLE_STATUSES = frozenset(
+    {200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501}
+)
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 
 # RFC 9110 §15.4.5: what a 304 carries when the 200 would have had it.
@@ -211,7 +221,9 @@ def decide_storage(
     if lifetime is None and "expires" in response_headers:
         expires = _http_date(response_headers.get("Expires"))
         # An invalid Expires (e.g. "0") means already expired (§5.3).
-        lifetime = max(0.0, expires - (date if date is not None else response_time)) if expires else 0.0
+        lifetime = (
+            max(0.0, expires - (date if date is not None else response_time)) if expires else 0.0
+        )
     if "no-cache" in cc:
         lifetime = 0.0  # §5.2.2.4: store, but revalidate before every use
     if lifetime is None:
@@ -275,7 +287,8 @@ def end_to_end(headers: AnyHeaders, extra_drop: Iterable[str] = ()) -> list[tupl
     for value in headers.getall("Connection", ()):
         drop.update(token.strip().lower() for token in value.split(",") if token.strip())
     return [
-        (name, value) for name, value in headers.items()
+        (name, value)
+        for name, value in headers.items()
         if (lname := name.lower()) not in drop and not _is_proxy_field(lname)
     ]
 
@@ -349,7 +362,7 @@ def freshen(
 
 def _weak_etag(tag: str) -> str:
     tag = tag.strip()
-    return tag[2:] if tag.startswith("W/") else tag
+    return tag.removeprefix("W/")
 
 
 def client_not_modified(request_headers: AnyHeaders | Mapping[str, str], entry: Entry) -> bool:

@@ -92,8 +92,11 @@ class Purges:
         Slowest tier first: a lookup that runs during the purge can then only find an old copy
         in a tier that is still to be purged, never backfill a purged tier from an unpurged one.
         """
-        scope = (frozenset(key.material for key in keys)
-                 if not tags and len(keys) <= _PURGE_SCOPE_KEYS else None)
+        scope = (
+            frozenset(key.material for key in keys)
+            if not tags and len(keys) <= _PURGE_SCOPE_KEYS
+            else None
+        )
         self.bump(scope)
         results: dict[str, int | str] = {}
         for tier in reversed(self.tiers):
@@ -107,7 +110,7 @@ class Purges:
             except TimeoutError:
                 log.warning("purge in %s timed out after %.1fs", tier.name, timeout)
                 results[tier.name] = "timeout"
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one tier's failure is reported per tier; the others proceed
                 log.warning("purge in %s failed: %r", tier.name, exc)
                 results[tier.name] = "error"
         self.bump(scope)

@@ -81,8 +81,14 @@ class ReadThrough:
         self.backfill = Backfiller(tiers, background, metrics, self.purges)
         self.upstream = Upstream.from_settings(settings, origin, metrics, clock=clock)
         self.origin_breaker = self.upstream.breaker
-        self.coalescer = Coalescer(settings, metrics, self.purges, self.backfill, clock=clock,
-                                   remember=any(not tier.synchronous for tier in tiers))
+        self.coalescer = Coalescer(
+            settings,
+            metrics,
+            self.purges,
+            self.backfill,
+            clock=clock,
+            remember=any(not tier.synchronous for tier in tiers),
+        )
         self._trust: LocalTrust | None = None
 
     @property
@@ -138,8 +144,11 @@ class ReadThrough:
     async def _stale(self, req: ProxyRequest, copy: NeedsRevalidation, found: Lookup) -> Final:
         now = self.clock.wall()
         # The breaker is asked only when its answer matters (asking may make this its probe).
-        allowed = (now < copy.entry.swr_until or not stale_usable(copy.entry, now)
-                   or self.origin_breaker.allow())
+        allowed = (
+            now < copy.entry.swr_until
+            or not stale_usable(copy.entry, now)
+            or self.origin_breaker.allow()
+        )
         match on_stale(copy, now, allowed):
             case StaleHit(reason="revalidating") as hit:  # RFC 5861 §3
                 index = self._index[copy.tier]
@@ -182,13 +191,20 @@ class ReadThrough:
     def _refresh_in_background(self, req: ProxyRequest, stale: Entry) -> None:
         deadline = asyncio.get_running_loop().time() + self.settings.origin_timeout
         background_req = ProxyRequest(
-            method="GET", key=req.key, headers=CIMultiDictProxy(CIMultiDict(req.headers)),
-            peer=req.peer, scheme=req.scheme, deadline=deadline,
+            method="GET",
+            key=req.key,
+            headers=CIMultiDictProxy(CIMultiDict(req.headers)),
+            peer=req.peer,
+            scheme=req.scheme,
+            deadline=deadline,
         )
 
         async def refresh() -> None:
-            await self.coalescer.fetch(background_req, self.coalescer.completed,
-                                       lambda: self._fetch_and_store(background_req, stale))
+            await self.coalescer.fetch(
+                background_req,
+                self.coalescer.completed,
+                lambda: self._fetch_and_store(background_req, stale),
+            )
 
         self.background.spawn("revalidate", refresh)
 
@@ -196,8 +212,11 @@ class ReadThrough:
         """A request the cache does not answer: send it on, stream the answer back."""
         final = await self.upstream.forward(req)
         # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
-        if (isinstance(final, Relayed) and req.method not in _SAFE_METHODS
-                and final.response.status < 400):
+        if (
+            isinstance(final, Relayed)
+            and req.method not in _SAFE_METHODS
+            and final.response.status < 400
+        ):
             await self._invalidate(req.key)
         return final
 
@@ -207,8 +226,13 @@ class ReadThrough:
         await self.purges.invalidate(key)
 
     async def purge(
-        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None = None,
-        *, shared: bool = True, local: bool = True,
+        self,
+        keys: Sequence[CacheKey],
+        tags: Sequence[str],
+        soft_at: float | None = None,
+        *,
+        shared: bool = True,
+        local: bool = True,
     ) -> dict[str, int | str]:
         """Purge this process's tiers (see :meth:`tierproxy.purge.Purges.purge`)."""
         return await self.purges.purge(keys, tags, soft_at, shared=shared, local=local)

@@ -11,7 +11,6 @@ gives the runner ``tierproxy serve`` uses. The request path itself lives in
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -112,11 +111,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             log.info("L2 Redis reachable")
             # Subscribing clears L1 (it may have missed purges): do it before serving.
             if not await state.invalidation.wait_subscribed(max(1.0, settings.l2_write_timeout)):
-                log.warning("not yet subscribed to the replicas' purge channel; L1 will be "
-                            "cleared when it is")
+                log.warning(
+                    "not yet subscribed to the replicas' purge channel; L1 will be "
+                    "cleared when it is"
+                )
         except Exception as exc:  # noqa: BLE001 - start anyway: L2 is a cache, its breaker handles it
-            log.warning("L2 Redis not reachable at start-up (%r); serving without it until it is",
-                        exc)
+            log.warning(
+                "L2 Redis not reachable at start-up (%r); serving without it until it is", exc
+            )
     if settings.sqlite_path is None:
         log.info("L3 off: TIERPROXY_SQLITE_PATH=off")
     if settings.l1_max_bytes == 0:
@@ -163,13 +165,22 @@ def build_app(
     readthrough = ReadThrough(settings, tiers, origin, background, metrics, clock=clock)
     invalidation = Invalidation(settings, tiers, readthrough, metrics, keys, clock=clock)
     state = ProxyState(
-        settings, metrics, tiers, origin, background, readthrough,
-        AccessLog(settings.access_log), invalidation, keys, clock,
+        settings,
+        metrics,
+        tiers,
+        origin,
+        background,
+        readthrough,
+        AccessLog(settings.access_log),
+        invalidation,
+        keys,
+        clock,
     )
     _register_gauges(state)
 
     app = web.Application(
-        client_max_size=max(1, settings.max_body_bytes), middlewares=[unrouted_targets],
+        client_max_size=max(1, settings.max_body_bytes),
+        middlewares=[unrouted_targets],
         # Request limits every runner applies; the ProxyRunner `tierproxy serve` runs
         # (make_runner) adds the header read timeout and answers 414/431.
         handler_args=handler_args(settings),
@@ -204,5 +215,3 @@ def make_runner(
         ),
         **kwargs,
     )
-
-

@@ -217,7 +217,9 @@ def freshness(entry: Entry, now: float) -> str:
     return "expired"
 
 
-def on_stale(copy: NeedsRevalidation, now: float, origin_allowed: bool) -> StaleHit | NeedsRevalidation:
+def on_stale(
+    copy: NeedsRevalidation, now: float, origin_allowed: bool
+) -> StaleHit | NeedsRevalidation:
     """A stale copy in hand: serve it now, or ask the origin.
 
     Within stale-while-revalidate the copy is served and refreshed in the background

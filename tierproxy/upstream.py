@@ -35,8 +35,13 @@ MAX_TAGS_PER_ENTRY = 64
 MAX_TAG_LENGTH = 1024
 
 # origin_fetches outcome -> the origin's row in the per-tier view (tier_lookups).
-_ORIGIN_LOOKUP = {"ok": "hit", "5xx": "error", "error": "error", "timeout": "timeout",
-                  "skipped": "skipped"}
+_ORIGIN_LOOKUP = {
+    "ok": "hit",
+    "5xx": "error",
+    "error": "error",
+    "timeout": "timeout",
+    "skipped": "skipped",
+}
 
 
 def parse_tags(header: str | None) -> tuple[str, ...]:
@@ -90,12 +95,17 @@ class Upstream:
         cls, settings: Settings, origin: OriginClient, metrics: Metrics, *, clock: Clock = SYSTEM
     ) -> Upstream:
         return cls(
-            origin=origin, metrics=metrics,
-            cache_policy=policy.CachePolicy(settings.default_ttl, settings.max_stale,
-                                            settings.max_ttl),
-            origin_timeout=settings.origin_timeout, max_entry_bytes=settings.max_entry_bytes,
-            unkeyed_denylist=settings.unkeyed_denylist, breaker_failures=settings.breaker_failures,
-            breaker_cooldown=settings.breaker_cooldown, clock=clock,
+            origin=origin,
+            metrics=metrics,
+            cache_policy=policy.CachePolicy(
+                settings.default_ttl, settings.max_stale, settings.max_ttl
+            ),
+            origin_timeout=settings.origin_timeout,
+            max_entry_bytes=settings.max_entry_bytes,
+            unkeyed_denylist=settings.unkeyed_denylist,
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown=settings.breaker_cooldown,
+            clock=clock,
         )
 
     def _count(self, outcome: str) -> None:
@@ -134,8 +144,9 @@ class Upstream:
         if budget <= 0:
             self._count("skipped")
             return OriginFailed("origin-timeout")
-        headers = upstream_headers(req.headers, req.peer, req.scheme,
-                                   self.unkeyed_denylist, cacheable=True)
+        headers = upstream_headers(
+            req.headers, req.peer, req.scheme, self.unkeyed_denylist, cacheable=True
+        )
         if req.request_id:
             headers["X-Request-ID"] = req.request_id
         if stale is not None:
@@ -146,8 +157,15 @@ class Upstream:
                 headers["If-Modified-Since"] = stale.last_modified
         started = time.perf_counter()
         try:
-            response = await self.origin.fetch("GET", req.key.material, headers, None, budget,
-                                               self.max_entry_bytes, deadline=req.deadline)
+            response = await self.origin.fetch(
+                "GET",
+                req.key.material,
+                headers,
+                None,
+                budget,
+                self.max_entry_bytes,
+                deadline=req.deadline,
+            )
         except OriginTimeout:
             self._count("timeout")
             req.timings["origin"] = time.perf_counter() - started
@@ -176,8 +194,14 @@ class Upstream:
         self._count("ok")
 
         if response.status == 304 and stale is not None:
-            refreshed = policy.freshen(stale, response.headers, req.headers,
-                                       response.request_time, response.response_time, self.policy)
+            refreshed = policy.freshen(
+                stale,
+                response.headers,
+                req.headers,
+                response.request_time,
+                response.response_time,
+                self.policy,
+            )
             if refreshed is None:
                 # Still a valid answer for this client, just not storable any more.
                 return Stored(stale, revalidated=True, keep=False)
@@ -185,8 +209,15 @@ class Upstream:
 
         if response.body is None:
             return Unstorable(response, "too-large")
-        decision = policy.decide_storage("GET", req.headers, response.status, response.headers,
-                                         response.request_time, response.response_time, self.policy)
+        decision = policy.decide_storage(
+            "GET",
+            req.headers,
+            response.status,
+            response.headers,
+            response.request_time,
+            response.response_time,
+            self.policy,
+        )
         if not decision.storable:
             return Unstorable(response, decision.reason, invalidates=stale is not None)
         entry = Entry(
@@ -210,8 +241,9 @@ class Upstream:
         """A request the cache does not answer: send it on, its answer to be streamed back."""
         loop = asyncio.get_running_loop()
         budget = min(self.origin_timeout, req.deadline - loop.time())
-        headers = upstream_headers(req.headers, req.peer, req.scheme,
-                                   self.unkeyed_denylist, cacheable=False)
+        headers = upstream_headers(
+            req.headers, req.peer, req.scheme, self.unkeyed_denylist, cacheable=False
+        )
         if req.request_id:
             headers["X-Request-ID"] = req.request_id
         fwd = "method" if req.method not in ("GET", "HEAD") else "bypass"
@@ -219,9 +251,15 @@ class Upstream:
         try:
             if budget <= 0:
                 raise OriginTimeout("deadline spent")
-            response = await self.origin.fetch(req.method, req.key.material, headers, req.body,
-                                               budget, self.max_entry_bytes,
-                                               deadline=req.deadline)
+            response = await self.origin.fetch(
+                req.method,
+                req.key.material,
+                headers,
+                req.body,
+                budget,
+                self.max_entry_bytes,
+                deadline=req.deadline,
+            )
         except OriginTimeout:
             self._count("timeout")
             return Failed(504, "origin-timeout", fwd)

@@ -12,7 +12,10 @@ import asyncio
 
 import aiohttp
 import pytest
-from support.proxy import Fetched, fetch
+from support.fixture_types import MakeFaultProxy, MakeProxy
+from support.origin import Origin
+from support.proxy import Fetched, ProxyHandle, fetch
+from support.redis_server import RedisServer
 from support.storage import parse_cache_status
 from support.wait import wait_for_condition
 
@@ -24,25 +27,32 @@ ARRIVALS_OVER = 0.7  # seconds over which the clients of every key arrive
 ORIGIN_LATENCY = 0.5
 
 
-def _waiters(proxy) -> float:
+def _waiters(proxy: ProxyHandle) -> float:
     value = proxy.state.metrics.registry.get_sample_value("tierproxy_coalesced_waiters_total")
     return value or 0.0
 
 
 def _collapsed(response: Fetched) -> bool:
-    return any(m.params.get("collapsed") is True
-               for m in parse_cache_status(response.headers.get("Cache-Status")))
+    return any(
+        m.params.get("collapsed") is True
+        for m in parse_cache_status(response.headers.get("Cache-Status"))
+    )
 
 
 @pytest.mark.parametrize("l1", ["on", "off"])
 async def test_a_stampede_on_cold_keys_fetches_each_key_from_the_origin_once(
-    origin, make_proxy, redis_url, l1
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, l1: str
+) -> None:
     """20 cold keys x 200 clients arriving over 0.7 s, origin 0.5 s, L2 and L3 on (lookups
     take real time): exactly one origin fetch per key, every client gets that fetch's body."""
     origin.set_default(headers=CACHEABLE, latency=ORIGIN_LATENCY)
-    overrides = {"ACCESS_LOG": "off", "REQUEST_DEADLINE": 10, "ORIGIN_TIMEOUT": 5,
-                 "L2_TIMEOUT": 2, "L3_TIMEOUT": 2}
+    overrides = {
+        "ACCESS_LOG": "off",
+        "REQUEST_DEADLINE": 10,
+        "ORIGIN_TIMEOUT": 5,
+        "L2_TIMEOUT": 2,
+        "L3_TIMEOUT": 2,
+    }
     if l1 == "off":
         overrides["L1_MAX_BYTES"] = 0
     proxy = await make_proxy(**overrides)
@@ -74,21 +84,31 @@ async def test_a_stampede_on_cold_keys_fetches_each_key_from_the_origin_once(
 
 
 async def test_a_request_whose_lookup_outlasts_the_fetch_gets_the_fetched_entry(
-    origin, make_proxy, redis_url, redis_server, fault_proxy
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_url: str,
+    redis_server: RedisServer,
+    fault_proxy: MakeFaultProxy,
+) -> None:
     """B's L2 lookup is still waiting when A's fetch of the same key finishes, and ends well
     after the L2 write could have landed: B must get A's entry (collapsed), not start a
     second fetch. L1 and L3 off, Redis unreachable from before B's lookup: no tier holds it."""
     front = await fault_proxy(redis_server.port)
     origin.set("/late", headers=CACHEABLE, hang=True)
-    proxy = await make_proxy(REDIS_URL=f"redis://127.0.0.1:{front.port}/0", L1_MAX_BYTES=0,
-                             SQLITE_PATH="off", L2_TIMEOUT=1.0, L2_WRITE_TIMEOUT=0.1)
+    proxy = await make_proxy(
+        REDIS_URL=f"redis://127.0.0.1:{front.port}/0",
+        L1_MAX_BYTES=0,
+        SQLITE_PATH="off",
+        L2_TIMEOUT=1.0,
+        L2_WRITE_TIMEOUT=0.1,
+    )
     first = asyncio.create_task(proxy.get("/late"))
     await wait_for_condition(lambda: origin.count("/late") == 1, message="A's fetch started")
     front.set_mode("blackhole")
     second = asyncio.create_task(proxy.get("/late"))
-    await wait_for_condition(lambda: proxy.state.inflight == 2,
-                             message="B looking up L2 (Redis unreachable)")
+    await wait_for_condition(
+        lambda: proxy.state.inflight == 2, message="B looking up L2 (Redis unreachable)"
+    )
     origin.release()
     a = await first
     b = await second
@@ -108,13 +128,14 @@ async def test_a_request_whose_lookup_outlasts_the_fetch_gets_the_fetched_entry(
     ids=["private", "set-cookie"],
 )
 async def test_unshareable_answers_are_fetched_by_the_waiters_one_at_a_time(
-    origin, make_proxy, headers
-):
+    origin: Origin, make_proxy: MakeProxy, headers: dict[str, str]
+) -> None:
     """A private answer is each client's own: every client gets its own fetch, but the
     origin never sees more than one of them at a time for the key."""
     origin.set("/own", headers=headers, latency=0.1)
-    proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off", REQUEST_DEADLINE=10,
-                             ORIGIN_TIMEOUT=5)
+    proxy = await make_proxy(
+        REDIS_URL=None, SQLITE_PATH="off", REQUEST_DEADLINE=10, ORIGIN_TIMEOUT=5
+    )
     clients = 6
 
     results = await asyncio.gather(*(proxy.get("/own") for _ in range(clients)))
@@ -130,11 +151,14 @@ async def test_unshareable_answers_are_fetched_by_the_waiters_one_at_a_time(
     assert _waiters(proxy) >= clients - 1
 
 
-async def test_a_waiter_past_its_deadline_gives_up_while_the_queue_goes_on(origin, make_proxy):
+async def test_a_waiter_past_its_deadline_gives_up_while_the_queue_goes_on(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """Waiting one at a time is bounded by each waiter's own deadline (504, not a hang)."""
     origin.set("/queue", headers={"Cache-Control": "private"}, latency=0.5)
-    proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off", REQUEST_DEADLINE=1.2,
-                             ORIGIN_TIMEOUT=1.2)
+    proxy = await make_proxy(
+        REDIS_URL=None, SQLITE_PATH="off", REQUEST_DEADLINE=1.2, ORIGIN_TIMEOUT=1.2
+    )
 
     results = await asyncio.gather(*(proxy.get("/queue") for _ in range(4)))
 
@@ -146,8 +170,8 @@ async def test_a_waiter_past_its_deadline_gives_up_while_the_queue_goes_on(origi
 
 
 async def test_after_an_unshareable_answer_one_waiter_fetches_and_the_others_share_its_entry(
-    origin, make_proxy
-):
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """Alice's request carries credentials, so her answer is hers alone (RFC 9111 §3.5): the
     clients waiting on her fetch send one more fetch between them, and share its entry."""
     origin.set("/report", headers={"Cache-Control": "max-age=60"}, latency=0.3)
@@ -166,8 +190,7 @@ async def test_after_an_unshareable_answer_one_waiter_fetches_and_the_others_sha
     assert sorted(_collapsed(r) for r in others) == [False, True, True, True], others
     assert origin.count("/report") == 2
     assert origin.peak_concurrency("/report") == 1
-    assert [r.headers.get("Authorization") for r in origin.requests] == ["Bearer alice-token",
-                                                                         None]
+    assert [r.headers.get("Authorization") for r in origin.requests] == ["Bearer alice-token", None]
 
 
 # -- coalescing never outlives a purge or an invalidation -------------------------------------
@@ -176,14 +199,17 @@ _TOKEN = "coalescing-purge-token-0123456789"
 _AUTH = {"Authorization": f"Bearer {_TOKEN}"}
 
 
-async def test_a_request_after_a_purge_never_joins_a_fetch_begun_before_it(origin, make_proxy):
+async def test_a_request_after_a_purge_never_joins_a_fetch_begun_before_it(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """A fetch that began before PURGE answered 200 may bring back what was purged: a request
     arriving after the purge fetches anew instead of waiting on it."""
     origin.set("/b", headers=CACHEABLE, body=b"v1", latency=0.6)
     proxy = await make_proxy(PURGE_TOKEN=_TOKEN)
     before = asyncio.create_task(proxy.get("/b"))
-    await wait_for_condition(lambda: origin.count("/b") == 1, timeout=5,
-                             message="the first fetch reached the origin")
+    await wait_for_condition(
+        lambda: origin.count("/b") == 1, timeout=5, message="the first fetch reached the origin"
+    )
     origin.set("/b", headers=CACHEABLE, body=b"v2", latency=0.1)
     purged = await proxy.request("PURGE", "/b", headers=_AUTH)
     assert purged.status == 200, purged.body

@@ -20,12 +20,12 @@ from support.net import free_port
 from support.origin import Origin
 from support.proxy import REPO_ROOT, SpawnedProxy, start_subprocess_proxy
 
-_SHIM = '''
+_SHIM = """
 import aiohttp.web_protocol as _wp
 for _cls in _wp.RequestHandler.__mro__:
     if "_buffer_paused" in _cls.__dict__.get("__slots__", ()):
         _cls.__slots__ = tuple(n for n in _cls.__slots__ if n != "_buffer_paused")
-'''
+"""
 
 
 def _shim_dir(tmp_path: Path, code: str = _SHIM) -> Path:
@@ -44,8 +44,9 @@ def _spawn(origin: Origin, tmp_path: Path, shim: str = _SHIM, **env: str) -> Spa
         "TIERPROXY_ADMIN_PORT": str(free_port()),
         **env,
     }
-    return start_subprocess_proxy(full_env, tmp_path / "logs", tmp_path,
-                                  extra_pythonpath=[str(_shim_dir(tmp_path, shim))])
+    return start_subprocess_proxy(
+        full_env, tmp_path / "logs", tmp_path, extra_pythonpath=[str(_shim_dir(tmp_path, shim))]
+    )
 
 
 async def test_serve_refuses_to_start_when_aiohttp_lacks_the_listener_internals(
@@ -97,13 +98,15 @@ def test_the_opt_out_takes_on_or_off_only(value: str) -> None:
     from tierproxy.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError, match="TIERPROXY_ALLOW_UNHARDENED"):
-        load_settings({"TIERPROXY_ORIGIN": "http://127.0.0.1:9", "TIERPROXY_ALLOW_UNHARDENED": value})
+        load_settings(
+            {"TIERPROXY_ORIGIN": "http://127.0.0.1:9", "TIERPROXY_ALLOW_UNHARDENED": value}
+        )
 
 
-_CONNECTOR_SHIM = '''
+_CONNECTOR_SHIM = """
 import aiohttp.connector
 del aiohttp.connector.BaseConnector._wait_for_available_connection
-'''
+"""
 
 
 async def test_serve_refuses_to_start_when_aiohttp_lacks_the_origin_connector_hooks(

@@ -8,18 +8,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from typing import Any
 
 import aiohttp
 import pytest
-
-from support.net import raw_http_exchange, refused_url
-from support.origin import make_body
+from support.fixture_types import MakeFaultProxy
+from support.net import CanaryListener, raw_http_exchange, refused_url
+from support.origin import Origin, make_body
 from support.proxy import fetch
+from support.redis_server import RedisServer
 from support.storage import parse_cache_status
 from support.wait import wait_for_condition
 
 
-async def test_origin_scripts_status_headers_and_counts_requests(origin):
+async def test_origin_scripts_status_headers_and_counts_requests(origin: Origin) -> None:
     pinned_date = "Tue, 01 Oct 2024 10:00:00 GMT"
     origin.set(
         "/a",
@@ -41,7 +43,7 @@ async def test_origin_scripts_status_headers_and_counts_requests(origin):
     assert origin.requests_for("/b")[0].headers["X-Probe"] == "yes"
 
 
-async def test_origin_answers_304_to_matching_if_none_match(origin):
+async def test_origin_answers_304_to_matching_if_none_match(origin: Origin) -> None:
     origin.set("/e", etag='"v1"', honor_if_none_match=True)
     async with aiohttp.ClientSession() as session:
         plain = await fetch(session, "GET", origin.url + "/e")
@@ -51,7 +53,7 @@ async def test_origin_answers_304_to_matching_if_none_match(origin):
     assert plain.headers["ETag"] == '"v1"'
 
 
-async def test_origin_sized_chunked_and_truncated_bodies(origin):
+async def test_origin_sized_chunked_and_truncated_bodies(origin: Origin) -> None:
     origin.set("/big", size=300_000, seed=7)
     origin.set("/chunked", size=100_000, seed=8, chunked=True)
     origin.set("/cut", size=100_000, close_mid_body=True)
@@ -67,7 +69,7 @@ async def test_origin_sized_chunked_and_truncated_bodies(origin):
     assert chunked.headers["Transfer-Encoding"] == "chunked"
 
 
-async def test_origin_hang_is_released(origin):
+async def test_origin_hang_is_released(origin: Origin) -> None:
     origin.set("/h", hang=True)
     async with aiohttp.ClientSession() as session:
         task = asyncio.ensure_future(fetch(session, "GET", origin.url + "/h"))
@@ -80,20 +82,19 @@ async def test_origin_hang_is_released(origin):
     assert result.status == 200
 
 
-async def test_origin_pause_after_streams_first_part(origin):
+async def test_origin_pause_after_streams_first_part(origin: Origin) -> None:
     origin.set("/p", size=200_000, pause_after=50_000)
-    async with aiohttp.ClientSession() as session:
-        async with session.get(origin.url + "/p") as resp:
-            got = b""
-            async with asyncio.timeout(3):
-                while len(got) < 50_000:
-                    got += await resp.content.read(65536)
-            origin.release()
-            got += await resp.read()
+    async with aiohttp.ClientSession() as session, session.get(origin.url + "/p") as resp:
+        got = b""
+        async with asyncio.timeout(3):
+            while len(got) < 50_000:
+                got += await resp.content.read(65536)
+        origin.release()
+        got += await resp.read()
     assert got == make_body(200_000)
 
 
-async def test_fault_proxy_modes(origin, fault_proxy):
+async def test_fault_proxy_modes(origin: Origin, fault_proxy: MakeFaultProxy) -> None:
     proxy = await fault_proxy(origin.port)
     async with aiohttp.ClientSession() as session:
         assert (await fetch(session, "GET", proxy.url(path="/x"))).status == 200
@@ -114,7 +115,7 @@ async def test_fault_proxy_modes(origin, fault_proxy):
             await fetch(session, "GET", refused_url() + "/x")
 
 
-async def test_canary_counts_connections(canary):
+async def test_canary_counts_connections(canary: CanaryListener) -> None:
     response = await raw_http_exchange(
         canary.host, canary.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
@@ -122,7 +123,9 @@ async def test_canary_counts_connections(canary):
     assert canary.connections == 1
 
 
-def test_redis_server_freeze_kill_restart(redis_server, redis_url, redis_client):
+def test_redis_server_freeze_kill_restart(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     redis_client.set("k", "v")
     with redis_server.frozen():
         assert not redis_server.ping(timeout=0.2)
@@ -135,11 +138,11 @@ def test_redis_server_freeze_kill_restart(redis_server, redis_url, redis_client)
     assert redis_server.url == redis_url
 
 
-def test_redis_url_fixture_flushes(redis_client):
+def test_redis_url_fixture_flushes(redis_client: Any) -> None:
     assert redis_client.dbsize() == 0
 
 
-def test_cache_status_parser():
+def test_cache_status_parser() -> None:
     [member] = parse_cache_status('tierproxy; hit; ttl=-42; detail="origin-timeout"')
     assert member.cache == "tierproxy" and member.hit and member.ttl == -42
     assert member.detail == "origin-timeout"
@@ -147,7 +150,7 @@ def test_cache_status_parser():
     assert member.fwd == "miss" and member.params["stored"] is True and not member.hit
 
 
-async def test_wait_for_condition_is_bounded():
+async def test_wait_for_condition_is_bounded() -> None:
     started = time.monotonic()
     with pytest.raises(AssertionError, match="never"):
         await wait_for_condition(lambda: False, timeout=0.2, message="never")

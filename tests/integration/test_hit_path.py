@@ -14,29 +14,43 @@ import email.utils
 import re
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from support.canned import CannedOrigin
 from support.clock import SteppedClock
+from support.fixture_types import MakeProxy, SpawnProxy
 from support.net import RawConnection
+from support.origin import Origin
+from support.proxy import ProxyHandle
 from support.purge_log import past_purge_log_start
+from support.redis_server import RedisServer
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 
-def hit_path_count(proxy) -> float:
+def hit_path_count(proxy: ProxyHandle) -> float:
     value = proxy.state.metrics.registry.get_sample_value("tierproxy_hit_path_responses_total")
     return value or 0.0
 
 
-def l1_lookups(proxy, outcome: str) -> float:
+def l1_lookups(proxy: ProxyHandle, outcome: str) -> float:
     value = proxy.state.metrics.registry.get_sample_value(
-        "tierproxy_tier_lookups_total", {"tier": "l1", "outcome": outcome})
+        "tierproxy_tier_lookups_total", {"tier": "l1", "outcome": outcome}
+    )
     return value or 0.0
 
 
 def get(target: str, extra: bytes = b"") -> bytes:
     return b"GET %s HTTP/1.1\r\nHost: proxy.test\r\n%s\r\n" % (target.encode(), extra)
+
+
+def field(pattern: bytes, response: bytes) -> bytes:
+    """The first group of ``pattern`` in ``response``; the pattern must match."""
+    found = re.search(pattern, response)
+    assert found is not None, (pattern, response[:300])
+    return found.group(1)
 
 
 async def one_response(port: int, request: bytes, *, pause: float = 0.05) -> bytes:
@@ -60,29 +74,53 @@ async def raw_origin() -> AsyncIterator[CannedOrigin]:
 
 
 STORED = {
-    "typical": (b"HTTP/1.1 200 OK", [
-        b"Content-Type: text/html; charset=utf-8", b"Cache-Control: public, max-age=300",
-        b'ETag: "v1"', b"Last-Modified: Tue, 24 Nov 2026 10:00:00 GMT",
-        b"Date: {now}", b"Server: origin/1.0",
-    ], b"<p>hello</p>" * 40),
+    "typical": (
+        b"HTTP/1.1 200 OK",
+        [
+            b"Content-Type: text/html; charset=utf-8",
+            b"Cache-Control: public, max-age=300",
+            b'ETag: "v1"',
+            b"Last-Modified: Tue, 24 Nov 2026 10:00:00 GMT",
+            b"Date: {now}",
+            b"Server: origin/1.0",
+        ],
+        b"<p>hello</p>" * 40,
+    ),
     # aiohttp adds Content-Type, Date and Server when the stored headers lack them.
     "bare": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300"], b"x" * 100),
     "empty-body": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300"], b""),
-    "repeated-and-utf8": (b"HTTP/1.1 200 OK", [
-        b"Cache-Control: max-age=300", b"Link: </a.css>; rel=preload",
-        b"Link: </b.js>; rel=preload", "X-Title: caf\u00e9".encode(),
-        b"Surrogate-Key: tag-a tag-b",
-    ], b"body"),
-    "not-found": (b"HTTP/1.1 404 Not Found", [b"Cache-Control: max-age=300",
-                                               b"Content-Type: text/plain"], b"gone"),
-    "redirect": (b"HTTP/1.1 301 Moved Permanently", [b"Cache-Control: max-age=300",
-                                                      b"Location: /elsewhere"], b""),
-    "large": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300",
-                                   b"Content-Type: application/octet-stream"],
-              bytes(range(256)) * 1024),
+    "repeated-and-utf8": (
+        b"HTTP/1.1 200 OK",
+        [
+            b"Cache-Control: max-age=300",
+            b"Link: </a.css>; rel=preload",
+            b"Link: </b.js>; rel=preload",
+            "X-Title: caf\u00e9".encode(),
+            b"Surrogate-Key: tag-a tag-b",
+        ],
+        b"body",
+    ),
+    "not-found": (
+        b"HTTP/1.1 404 Not Found",
+        [b"Cache-Control: max-age=300", b"Content-Type: text/plain"],
+        b"gone",
+    ),
+    "redirect": (
+        b"HTTP/1.1 301 Moved Permanently",
+        [b"Cache-Control: max-age=300", b"Location: /elsewhere"],
+        b"",
+    ),
+    "large": (
+        b"HTTP/1.1 200 OK",
+        [b"Cache-Control: max-age=300", b"Content-Type: application/octet-stream"],
+        bytes(range(256)) * 1024,
+    ),
     # Written in slices of the stored bytes by both paths; aiohttp's default Content-Type.
-    "large-untyped": (b"HTTP/1.1 200 OK", [b"Cache-Control: max-age=300"],
-                      bytes(range(255, -1, -1)) * 1200),
+    "large-untyped": (
+        b"HTTP/1.1 200 OK",
+        [b"Cache-Control: max-age=300"],
+        bytes(range(255, -1, -1)) * 1200,
+    ),
 }
 
 
@@ -95,7 +133,9 @@ def _mask_clock(response: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("name", sorted(STORED))
-async def test_hit_path_answers_byte_for_byte_as_the_full_path(make_proxy, raw_origin, name):
+async def test_hit_path_answers_byte_for_byte_as_the_full_path(
+    make_proxy: MakeProxy, raw_origin: CannedOrigin, name: str
+) -> None:
     status_line, header_lines, body = STORED[name]
     origin_date = email.utils.formatdate(usegmt=True).encode()
     header_lines = [line.replace(b"{now}", origin_date) for line in header_lines]
@@ -120,7 +160,9 @@ async def test_hit_path_answers_byte_for_byte_as_the_full_path(make_proxy, raw_o
     assert raw_origin.count == 2  # one miss per proxy; every hit came from L1
 
 
-async def test_hit_path_gives_each_request_its_own_id_and_a_true_age(make_proxy, origin):
+async def test_hit_path_gives_each_request_its_own_id_and_a_true_age(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
     origin.set("/a", headers={"Cache-Control": "max-age=300"}, size=64)
     proxy = await make_proxy(SQLITE_PATH="off")
     await proxy.get("/a")
@@ -131,7 +173,7 @@ async def test_hit_path_gives_each_request_its_own_id_and_a_true_age(make_proxy,
         heads = [await conn.read_response() for _ in range(3)]
     finally:
         await conn.close()
-    ids = [re.search(rb"\r\nX-Request-ID: ([^\r]+)", h).group(1) for h in heads]
+    ids = [field(rb"\r\nX-Request-ID: ([^\r]+)", h) for h in heads]
     assert len(set(ids)) == 3 and b"bad id" not in ids, ids  # a bad client id is replaced
     assert all(b"\r\nX-Cache: HIT-L1\r\n" in h and b"\r\nAge: " in h for h in heads)
     assert hit_path_count(proxy) == 3
@@ -148,9 +190,12 @@ DECLINED = {
 
 
 @pytest.mark.parametrize("name", sorted(DECLINED))
-async def test_requests_the_hit_path_declines_get_the_full_paths_answer(make_proxy, origin, name):
-    origin.set("/d", headers=CACHEABLE, etag='"v1"', last_modified="Tue, 24 Nov 2026 10:00:00 GMT",
-               size=32)
+async def test_requests_the_hit_path_declines_get_the_full_paths_answer(
+    make_proxy: MakeProxy, origin: Origin, name: str
+) -> None:
+    origin.set(
+        "/d", headers=CACHEABLE, etag='"v1"', last_modified="Tue, 24 Nov 2026 10:00:00 GMT", size=32
+    )
     proxy = await make_proxy(SQLITE_PATH="off")
     assert (await proxy.get("/d")).x_cache == "MISS"
     extra, status, x_cache = DECLINED[name]
@@ -164,7 +209,9 @@ async def test_requests_the_hit_path_declines_get_the_full_paths_answer(make_pro
     assert hit_path_count(proxy) == 0
 
 
-async def test_head_http10_and_connection_close_take_the_full_path(make_proxy, origin):
+async def test_head_http10_and_connection_close_take_the_full_path(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
     origin.set("/h", headers=CACHEABLE, size=50)
     proxy = await make_proxy(SQLITE_PATH="off")
     await proxy.get("/h")
@@ -190,7 +237,9 @@ async def test_head_http10_and_connection_close_take_the_full_path(make_proxy, o
     assert hit_path_count(proxy) == 0
 
 
-async def test_vary_mismatch_and_stale_copies_take_the_full_path(make_proxy, origin):
+async def test_vary_mismatch_and_stale_copies_take_the_full_path(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
     origin.set("/v", headers={**CACHEABLE, "Vary": "Accept-Language"}, size=10)
     origin.set("/s", headers={"Cache-Control": "max-age=1, stale-while-revalidate=60"}, size=10)
     clock = SteppedClock()
@@ -206,7 +255,9 @@ async def test_vary_mismatch_and_stale_copies_take_the_full_path(make_proxy, ori
     assert b"\r\nX-Cache: STALE-L1\r\n" in stale and hit_path_count(proxy) == 1
 
 
-async def test_l1_lookups_are_counted_once_whichever_path_answers(make_proxy, origin):
+async def test_l1_lookups_are_counted_once_whichever_path_answers(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
     origin.set("/c", headers=CACHEABLE, size=10)
     proxy = await make_proxy(SQLITE_PATH="off")
     await proxy.get("/c")  # miss: one L1 miss
@@ -217,18 +268,21 @@ async def test_l1_lookups_are_counted_once_whichever_path_answers(make_proxy, or
     assert hit_path_count(proxy) == 5
     assert (l1_lookups(proxy, "hit"), l1_lookups(proxy, "miss")) == (5, 2)
     responses = proxy.state.metrics.registry.get_sample_value(
-        "tierproxy_responses_total", {"cache": "HIT-L1", "status_class": "2xx"})
+        "tierproxy_responses_total", {"cache": "HIT-L1", "status_class": "2xx"}
+    )
     assert responses == 5
 
 
 @pytest.mark.parametrize("tier", ["l1", "l2"])
-async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy, origin, request, tier):
+async def test_pipelined_hits_and_misses_are_answered_in_order(
+    make_proxy: MakeProxy, origin: Origin, request: pytest.FixtureRequest, tier: str
+) -> None:
     # l1: answered inside data_received; l2: around a lookup the hit path awaits.
     for name in ("a", "c"):
         origin.set(f"/{name}", headers=CACHEABLE, body=f"body {name}".encode())
     origin.set("/b", headers=CACHEABLE, body=b"body b", latency=0.3)
     if tier == "l1":
-        env = {"SQLITE_PATH": "off"}
+        env: dict[str, Any] = {"SQLITE_PATH": "off"}
         writer = proxy = await make_proxy(**env)
     else:
         env = {"L1_MAX_BYTES": 0, "REDIS_URL": request.getfixturevalue("redis_url")}
@@ -251,7 +305,7 @@ async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy, origi
         await conn.close()
     bodies = [r.rsplit(b"\r\n\r\n", 1)[1] for r in responses]
     assert bodies == [b"body a", b"body b", b"body c", b"body a", b"body c"]
-    caches = [re.search(rb"\r\nX-Cache: ([^\r]+)", r).group(1) for r in responses]
+    caches = [field(rb"\r\nX-Cache: ([^\r]+)", r) for r in responses]
     hit = f"HIT-{tier.upper()}".encode()
     assert caches == [hit, b"MISS", hit, hit, hit]
     if tier == "l1":
@@ -259,7 +313,9 @@ async def test_pipelined_hits_and_misses_are_answered_in_order(make_proxy, origi
         assert hit_path_count(proxy) == 2
 
 
-async def test_idle_connection_is_closed_after_a_hit_path_answer(make_proxy, origin):
+async def test_idle_connection_is_closed_after_a_hit_path_answer(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
     origin.set("/k", headers=CACHEABLE, size=10)
     proxy = await make_proxy(SQLITE_PATH="off", KEEPALIVE_TIMEOUT=0.5)
     await proxy.get("/k")
@@ -278,7 +334,9 @@ async def test_idle_connection_is_closed_after_a_hit_path_answer(make_proxy, ori
     assert 0.4 <= idle < 3.0, idle
 
 
-async def test_client_that_stops_reading_pipelined_hits_is_cut_off(make_proxy, origin):
+async def test_client_that_stops_reading_pipelined_hits_is_cut_off(
+    make_proxy: MakeProxy, origin: Origin
+) -> None:
     # 1 MiB a response, 24 pipelined requests (fewer than aiohttp queues before it stops
     # reading), nothing read: the hit path must stop at the transport's high-water mark, and
     # the send timeout must cut the connection off, without the proxy ever holding 24 MiB.
@@ -318,16 +376,17 @@ async def test_client_that_stops_reading_pipelined_hits_is_cut_off(make_proxy, o
 # ---- L2/L3 hits: the hit path awaits the lookup, then answers or hands over ---------------
 
 
-def lookups(proxy, tier: str, outcome: str) -> float:
+def lookups(proxy: ProxyHandle, tier: str, outcome: str) -> float:
     value = proxy.state.metrics.registry.get_sample_value(
-        "tierproxy_tier_lookups_total", {"tier": tier, "outcome": outcome})
+        "tierproxy_tier_lookups_total", {"tier": tier, "outcome": outcome}
+    )
     return value or 0.0
 
 
 @pytest.mark.parametrize("tier", ["l2", "l3"])
 async def test_l2_and_l3_hits_answer_byte_for_byte_as_the_full_path(
-    make_proxy, raw_origin, redis_url, tier
-):
+    make_proxy: MakeProxy, raw_origin: CannedOrigin, redis_url: str, tier: str
+) -> None:
     status_line, header_lines, body = STORED["repeated-and-utf8"]
     raw_origin.set("/lower", header_lines, body, status_line)
     env = {"ORIGIN": raw_origin.url, "L1_MAX_BYTES": 0}
@@ -351,8 +410,8 @@ async def test_l2_and_l3_hits_answer_byte_for_byte_as_the_full_path(
 
 
 async def test_a_miss_is_handed_over_and_the_tiers_are_asked_once(
-    make_proxy, origin, redis_url
-):
+    make_proxy: MakeProxy, origin: Origin, redis_url: str
+) -> None:
     origin.set("/m", headers=CACHEABLE, size=20)
     proxy = await make_proxy(L1_MAX_BYTES=0)
     response = await one_response(proxy.port, get("/m", b"X-Request-ID: handed-over\r\n"))
@@ -369,8 +428,12 @@ async def test_a_miss_is_handed_over_and_the_tiers_are_asked_once(
 
 
 async def test_frozen_redis_during_a_lookup_is_waited_out_once(
-    make_proxy, origin, redis_server, redis_url, sqlite_path
-):
+    make_proxy: MakeProxy,
+    origin: Origin,
+    redis_server: RedisServer,
+    redis_url: str,
+    sqlite_path: Path,
+) -> None:
     origin.set("/f", headers=CACHEABLE, size=10)
     writer = await make_proxy(L1_MAX_BYTES=0)
     await past_purge_log_start(writer)  # so that the second proxy trusts its L3 copy
@@ -392,7 +455,9 @@ async def test_frozen_redis_during_a_lookup_is_waited_out_once(
     assert 0.15 <= miss_elapsed < 0.2 + 1.0, miss_elapsed  # not two L2 budgets
 
 
-async def test_sigterm_waits_for_a_lookup_in_flight(spawn_proxy, origin, redis_server, redis_url):
+async def test_sigterm_waits_for_a_lookup_in_flight(
+    spawn_proxy: SpawnProxy, origin: Origin, redis_server: RedisServer, redis_url: str
+) -> None:
     origin.set("/s", headers=CACHEABLE, size=10)
     proc = await spawn_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=1.5, SQLITE_PATH="off")
     assert b"MISS" in await one_response(proc.port, get("/s"))
@@ -411,8 +476,8 @@ async def test_sigterm_waits_for_a_lookup_in_flight(spawn_proxy, origin, redis_s
 
 
 async def test_idle_timer_spares_a_slow_lookup_and_applies_after_it(
-    make_proxy, origin, redis_server, redis_url
-):
+    make_proxy: MakeProxy, origin: Origin, redis_server: RedisServer, redis_url: str
+) -> None:
     # The L2 lookup (Redis frozen, 0.8 s budget) outlasts the 0.3 s keep-alive: the
     # connection is not idle meanwhile. After the answer, idleness closes it as usual.
     origin.set("/k", headers=CACHEABLE, size=10)
@@ -420,8 +485,9 @@ async def test_idle_timer_spares_a_slow_lookup_and_applies_after_it(
     await past_purge_log_start(writer)  # so that the second proxy trusts its L3 copy
     await writer.get("/k")
     await writer.settle()
-    proxy = await make_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=0.8, KEEPALIVE_TIMEOUT=0.3,
-                             BREAKER_FAILURES=100)
+    proxy = await make_proxy(
+        L1_MAX_BYTES=0, L2_TIMEOUT=0.8, KEEPALIVE_TIMEOUT=0.3, BREAKER_FAILURES=100
+    )
     loop = asyncio.get_running_loop()
     conn = await RawConnection.open(proxy.port)
     try:

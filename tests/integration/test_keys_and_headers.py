@@ -72,24 +72,33 @@ def _breakers(tier: Any) -> list[Any]:
 
 
 def breakers_closed(proxy: Any) -> bool:
-    return all(not breaker.is_open and breaker.failures == 0
-               for tier in proxy.state.tiers for breaker in _breakers(tier))
+    return all(
+        not breaker.is_open and breaker.failures == 0
+        for tier in proxy.state.tiers
+        for breaker in _breakers(tier)
+    )
 
 
 async def wait_stored(proxy: Any, redis_client: Any, sqlite_path: Any, material: str) -> None:
     origin = proxy.settings.origin
     await proxy.settle()
-    await wait_for_condition(lambda: redis_client.exists(redis_key(material, origin)),
-                             message=f"{material} in L2")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, material, origin) is not None,
-                             message=f"{material} in L3")
+    await wait_for_condition(
+        lambda: redis_client.exists(redis_key(material, origin)), message=f"{material} in L2"
+    )
+    await wait_for_condition(
+        lambda: sqlite_row(sqlite_path, material, origin) is not None, message=f"{material} in L3"
+    )
 
 
 # -- §3 keys are namespaced by origin --------------------------------------------------------
 
 
 async def test_two_origins_sharing_one_redis_and_one_sqlite_never_serve_each_others_content(
-    make_proxy: Any, origin: Origin, second_origin: Origin, redis_client: Any, sqlite_path: Any,
+    make_proxy: Any,
+    origin: Origin,
+    second_origin: Origin,
+    redis_client: Any,
+    sqlite_path: Any,
 ) -> None:
     origin.set("/same", body=b"from origin A", headers={"Cache-Control": "max-age=300"})
     second_origin.set("/same", body=b"from origin B", headers={"Cache-Control": "max-age=300"})
@@ -119,15 +128,18 @@ async def test_two_origins_sharing_one_redis_and_one_sqlite_never_serve_each_oth
 
 
 async def test_key_prefix_starts_every_redis_name_and_separates_environments(
-    make_proxy: Any, origin: Origin, redis_client: Any,
+    make_proxy: Any,
+    origin: Origin,
+    redis_client: Any,
 ) -> None:
     origin.set("/env", headers={"Cache-Control": "max-age=300", "Surrogate-Key": "t1 t2"})
-    staging = await make_proxy(KEY_PREFIX="staging:", SQLITE_PATH="off",
-                               PURGE_TOKEN="p" * 20)
+    staging = await make_proxy(KEY_PREFIX="staging:", SQLITE_PATH="off", PURGE_TOKEN="p" * 20)
     assert (await staging.get("/env")).x_cache == "MISS"
     await staging.settle()
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/env", origin.url, "staging:")),
-                             message="staging's L2 copy")
+    await wait_for_condition(
+        lambda: redis_client.exists(redis_key("/env", origin.url, "staging:")),
+        message="staging's L2 copy",
+    )
     names = [name.decode() for name in redis_client.scan_iter(count=1000)]
     assert names and all(name.startswith("staging:") for name in names), names
     assert any(":tag:" in name for name in names), names  # the tag sets too
@@ -139,20 +151,43 @@ async def test_key_prefix_starts_every_redis_name_and_separates_environments(
     assert (await production.get("/env")).x_cache == "MISS"
     assert origin.count("/env") == 2
     # And a new staging replica finds staging's copy.
-    assert (await (await make_proxy(KEY_PREFIX="staging:", SQLITE_PATH="off")).get("/env")
-            ).x_cache == "HIT-L2"
+    assert (
+        await (await make_proxy(KEY_PREFIX="staging:", SQLITE_PATH="off")).get("/env")
+    ).x_cache == "HIT-L2"
 
 
 def _old_format_entry(material: str, body: bytes) -> bytes:
     """An entry as format version 1 wrote it (header strings, no namespace)."""
     now = time.time()
-    return msgpack.packb([1, material, 200, ["Content-Type", "text/plain"], body, now,
-                          now + 300, now + 600, now + 300, now + 900, None, None, [], [],
-                          len(body), __import__("zlib").crc32(body)], use_bin_type=True)
+    packed: bytes = msgpack.packb(
+        [
+            1,
+            material,
+            200,
+            ["Content-Type", "text/plain"],
+            body,
+            now,
+            now + 300,
+            now + 600,
+            now + 300,
+            now + 900,
+            None,
+            None,
+            [],
+            [],
+            len(body),
+            __import__("zlib").crc32(body),
+        ],
+        use_bin_type=True,
+    )
+    return packed
 
 
 async def test_entries_of_the_old_key_scheme_and_format_are_misses_never_errors(
-    make_proxy: Any, origin: Origin, redis_client: Any, sqlite_path: Any,
+    make_proxy: Any,
+    origin: Origin,
+    redis_client: Any,
+    sqlite_path: Any,
 ) -> None:
     import sqlite3
 
@@ -172,7 +207,9 @@ async def test_entries_of_the_old_key_scheme_and_format_are_misses_never_errors(
         for ident in (legacy_id, current_id):
             conn.execute(
                 "INSERT OR REPLACE INTO entries (key, value, size, expires_at, accessed_at, tags)"
-                " VALUES (?, ?, ?, ?, ?, '[]')", (ident, old, len(old), time.time() + 300, 0))
+                " VALUES (?, ?, ?, ?, ?, '[]')",
+                (ident, old, len(old), time.time() + 300, 0),
+            )
     finally:
         conn.close()
     for proxy in (await make_proxy(), await make_proxy(REDIS_URL=None)):
@@ -185,10 +222,21 @@ async def test_entries_of_the_old_key_scheme_and_format_are_misses_never_errors(
 
 
 async def test_obs_text_header_bytes_served_exactly_from_every_tier_and_path(
-    make_proxy: Any, raw_origin: CannedOrigin, redis_client: Any, sqlite_path: Any,
+    make_proxy: Any,
+    raw_origin: CannedOrigin,
+    redis_client: Any,
+    sqlite_path: Any,
 ) -> None:
-    raw_origin.set("/latin", [b"Cache-Control: max-age=300", b"X-Name: caf\xe9",
-                              b"ETag: \"caf\xe9\"", b"Surrogate-Key: t\xe9g"], b"body")
+    raw_origin.set(
+        "/latin",
+        [
+            b"Cache-Control: max-age=300",
+            b"X-Name: caf\xe9",
+            b'ETag: "caf\xe9"',
+            b"Surrogate-Key: t\xe9g",
+        ],
+        b"body",
+    )
     proxy = await make_proxy(ORIGIN=raw_origin.url)
     full_path = b"Connection: close\r\n"  # not the connection handler's hit path
 
@@ -214,16 +262,22 @@ async def test_obs_text_header_bytes_served_exactly_from_every_tier_and_path(
 
 
 async def test_non_utf8_vary_values_from_clients_never_open_a_tier_breaker(
-    make_proxy: Any, origin: Origin, redis_client: Any, sqlite_path: Any,
+    make_proxy: Any,
+    origin: Origin,
+    redis_client: Any,
+    sqlite_path: Any,
 ) -> None:
     origin.set_default(headers={"Cache-Control": "max-age=300", "Vary": "X-Lang"})
     proxy = await make_proxy(BREAKER_FAILURES=3)
     for i in range(12):
-        response = await raw_get(proxy.port, f"/v{i}", b"X-Lang: \xff\xfe" + bytes([0x80 + i]) + b"\r\n")
+        response = await raw_get(
+            proxy.port, f"/v{i}", b"X-Lang: \xff\xfe" + bytes([0x80 + i]) + b"\r\n"
+        )
         assert response.startswith(b"HTTP/1.1 200"), response[:200]
     await proxy.settle()
-    assert breakers_closed(proxy), [(t.name, [b.failures for b in _breakers(t)])
-                                    for t in proxy.state.tiers]
+    assert breakers_closed(proxy), [
+        (t.name, [b.failures for b in _breakers(t)]) for t in proxy.state.tiers
+    ]
     # The odd bytes were stored too, and are found again by the same bytes.
     await wait_stored(proxy, redis_client, sqlite_path, "/v3")
     fresh = await make_proxy(L1_MAX_BYTES=0)
@@ -232,26 +286,43 @@ async def test_non_utf8_vary_values_from_clients_never_open_a_tier_breaker(
     # Normal requests still hit L2 and L3.
     assert (await proxy.get("/plain", headers={"X-Lang": "en"})).x_cache == "MISS"
     await wait_stored(proxy, redis_client, sqlite_path, "/plain")
-    assert (await (await make_proxy(L1_MAX_BYTES=0)).get("/plain", headers={"X-Lang": "en"})
-            ).x_cache == "HIT-L2"
-    assert (await (await make_proxy(L1_MAX_BYTES=0, REDIS_URL=None)).get(
-        "/plain", headers={"X-Lang": "en"})).x_cache == "HIT-L3"
+    assert (
+        await (await make_proxy(L1_MAX_BYTES=0)).get("/plain", headers={"X-Lang": "en"})
+    ).x_cache == "HIT-L2"
+    assert (
+        await (await make_proxy(L1_MAX_BYTES=0, REDIS_URL=None)).get(
+            "/plain", headers={"X-Lang": "en"}
+        )
+    ).x_cache == "HIT-L3"
 
 
 # -- §10 the origin's X-Cache / Cache-Status / X-Request-ID ----------------------------------
 
 
 async def test_hits_and_misses_carry_one_x_cache_one_request_id_and_an_appended_cache_status(
-    make_proxy: Any, origin: Origin, redis_client: Any, sqlite_path: Any,
+    make_proxy: Any,
+    origin: Origin,
+    redis_client: Any,
+    sqlite_path: Any,
 ) -> None:
-    origin.set("/cdn", headers={
-        "Cache-Control": "max-age=300", "X-Cache": "HIT from upstream",
-        "Cache-Status": "upstream-cdn; hit; ttl=10", "X-Request-ID": "origin-id-123",
-    })
-    origin.set("/pass", headers={
-        "Cache-Control": "no-store", "X-Cache": "HIT from upstream",
-        "Cache-Status": "upstream-cdn; fwd=miss", "X-Request-ID": "origin-id-456",
-    })
+    origin.set(
+        "/cdn",
+        headers={
+            "Cache-Control": "max-age=300",
+            "X-Cache": "HIT from upstream",
+            "Cache-Status": "upstream-cdn; hit; ttl=10",
+            "X-Request-ID": "origin-id-123",
+        },
+    )
+    origin.set(
+        "/pass",
+        headers={
+            "Cache-Control": "no-store",
+            "X-Cache": "HIT from upstream",
+            "Cache-Status": "upstream-cdn; fwd=miss",
+            "X-Request-ID": "origin-id-456",
+        },
+    )
     proxy = await make_proxy()
     mine = b"X-Request-ID: client-7\r\n"
     checks = [(proxy.port, "/cdn", b"", b"MISS"), (proxy.port, "/pass", b"", b"BYPASS")]
@@ -263,10 +334,12 @@ async def test_hits_and_misses_carry_one_x_cache_one_request_id_and_an_appended_
         assert status.startswith(b"upstream-cdn; ") and b", tierproxy" in status, response
     await wait_stored(proxy, redis_client, sqlite_path, "/cdn")
     l2 = await make_proxy(L1_MAX_BYTES=0)
-    for port, extra, label in ((proxy.port, b"", b"HIT-L1"),
-                               (proxy.port, b"Connection: close\r\n", b"HIT-L1"),
-                               (l2.port, b"", b"HIT-L2"),
-                               (l2.port, b"Connection: close\r\n", b"HIT-L2")):
+    for port, extra, label in (
+        (proxy.port, b"", b"HIT-L1"),
+        (proxy.port, b"Connection: close\r\n", b"HIT-L1"),
+        (l2.port, b"", b"HIT-L2"),
+        (l2.port, b"Connection: close\r\n", b"HIT-L2"),
+    ):
         response = await raw_get(port, "/cdn", mine + extra)
         assert header_lines(response, b"X-Cache") == [label], response
         assert header_lines(response, b"X-Request-ID") == [b"client-7"], response
@@ -278,13 +351,19 @@ async def test_hits_and_misses_carry_one_x_cache_one_request_id_and_an_appended_
 # -- §10 TIERPROXY_MAX_TTL ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [
-    {"Expires": "Fri, 31 Dec 9999 23:59:59 GMT"},
-    {"Cache-Control": "max-age=999999999999"},
-    {"Cache-Control": "public, s-maxage=999999999"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Expires": "Fri, 31 Dec 9999 23:59:59 GMT"},
+        {"Cache-Control": "max-age=999999999999"},
+        {"Cache-Control": "public, s-maxage=999999999"},
+    ],
+)
 async def test_freshness_never_exceeds_max_ttl(
-    make_proxy: Any, origin: Origin, redis_client: Any, headers: dict[str, str],
+    make_proxy: Any,
+    origin: Origin,
+    redis_client: Any,
+    headers: dict[str, str],
 ) -> None:
     origin.set("/forever", headers=headers)
     default = await make_proxy(SQLITE_PATH="off")
@@ -294,8 +373,9 @@ async def test_freshness_never_exceeds_max_ttl(
     assert hit.cache_status is not None and hit.cache_status.ttl is not None
     assert hit.cache_status.ttl <= 31536000, hit
     await default.settle()
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/forever", origin.url)),
-                             message="L2 fill")
+    await wait_for_condition(
+        lambda: redis_client.exists(redis_key("/forever", origin.url)), message="L2 fill"
+    )
     # The Redis TTL is freshness + the stale window at most.
     assert redis_client.ttl(redis_key("/forever", origin.url)) <= 31536000 + 86400 + 5
 
@@ -307,7 +387,8 @@ async def test_freshness_never_exceeds_max_ttl(
 
 
 async def test_an_entry_that_cannot_be_encoded_is_skipped_and_counted_never_a_tier_failure(
-    tmp_path: Any, redis_url: str,
+    tmp_path: Any,
+    redis_url: str,
 ) -> None:
     """The guard behind the two tests above: whatever else an entry may one day hold that
     cannot be encoded, it is that entry's miss (a bug, logged and counted), and the tier's
@@ -324,13 +405,26 @@ async def test_an_entry_that_cannot_be_encoded_is_skipped_and_counted_never_a_ti
     now = time.time()
 
     def entry(material: str, value: str) -> Entry:
-        return Entry(key=material, status=200, headers=(("X-Value", value),), body=b"b",
-                     stored_at=now, fresh_until=now + 60, stale_until=now + 60,
-                     swr_until=now + 60, expires_at=now + 60)
+        return Entry(
+            key=material,
+            status=200,
+            headers=(("X-Value", value),),
+            body=b"b",
+            stored_at=now,
+            fresh_until=now + 60,
+            stale_until=now + 60,
+            swr_until=now + 60,
+            expires_at=now + 60,
+        )
 
     backends = [
-        SQLiteTier(str(tmp_path / "c.sqlite3"), max_bytes=10**7, read_timeout=1.0,
-                   write_timeout=1.0, keys=keys),
+        SQLiteTier(
+            str(tmp_path / "c.sqlite3"),
+            max_bytes=10**7,
+            read_timeout=1.0,
+            write_timeout=1.0,
+            keys=keys,
+        ),
         RedisTier(redis_url, socket_timeout=1.0, max_connections=4, keys=keys),
     ]
     for backend in backends:
@@ -344,8 +438,12 @@ async def test_an_entry_that_cannot_be_encoded_is_skipped_and_counted_never_a_ti
             good = entry("/good", "fine")
             assert await tier.set(keys.key("/good"), good, Blob(good))
             assert await tier.get(keys.key("/good"), 1.0) is not None
-            assert metrics.registry.get_sample_value(
-                "tierproxy_tier_writes_total",
-                {"tier": backend.name, "op": "set", "outcome": "unencodable"}) == 5
+            assert (
+                metrics.registry.get_sample_value(
+                    "tierproxy_tier_writes_total",
+                    {"tier": backend.name, "op": "set", "outcome": "unencodable"},
+                )
+                == 5
+            )
         finally:
             await tier.close()

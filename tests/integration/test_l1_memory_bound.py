@@ -67,23 +67,35 @@ async def l1_bytes(admin: str) -> float:
     raise AssertionError("no tierproxy_l1_bytes metric")
 
 
-@pytest.mark.parametrize(("bound", "body", "count", "concurrency"), [
-    # Many small entries: under the old accounting (~1.1 kB charged, ~5 kB held each) these
-    # fill the nominal bound about twice over.
-    pytest.param(8 * MB, 200, 14_000, 16, id="many-small"),
-    # A few large entries (an entry may take an eighth of L1), one request at a time so the
-    # transient buffers of a response in flight are the same in the baseline and after.
-    pytest.param(16 * MB, 1_500_000, 40, 1, id="few-large"),
-])
+@pytest.mark.parametrize(
+    ("bound", "body", "count", "concurrency"),
+    [
+        # Many small entries: under the old accounting (~1.1 kB charged, ~5 kB held each) these
+        # fill the nominal bound about twice over.
+        pytest.param(8 * MB, 200, 14_000, 16, id="many-small"),
+        # A few large entries (an entry may take an eighth of L1), one request at a time so the
+        # transient buffers of a response in flight are the same in the baseline and after.
+        pytest.param(16 * MB, 1_500_000, 40, 1, id="few-large"),
+    ],
+)
 async def test_resident_memory_stays_within_the_l1_bound(
-    spawn_proxy: Any, origin: Origin, bound: int, body: int, count: int, concurrency: int,
+    spawn_proxy: Any,
+    origin: Origin,
+    bound: int,
+    body: int,
+    count: int,
+    concurrency: int,
 ) -> None:
     origin.set_default(headers=HEADERS, size=body)
     warm_up = [f"/warm/{i}" for i in range(200)]
     for path in warm_up:
         origin.set(path, headers={"Cache-Control": "no-store"}, size=body)
-    proxy = await spawn_proxy(L1_MAX_BYTES=bound, SQLITE_PATH="off", ACCESS_LOG="off",
-                              MAX_ENTRY_BYTES=max(body * 2, 1 * MB))
+    proxy = await spawn_proxy(
+        L1_MAX_BYTES=bound,
+        SQLITE_PATH="off",
+        ACCESS_LOG="off",
+        MAX_ENTRY_BYTES=max(body * 2, 1 * MB),
+    )
     # Warm up the connection machinery (pools, buffers) with requests that are not stored.
     await fetch_all(proxy.url, warm_up, concurrency)
     baseline = rss_bytes(proxy.pid)
@@ -96,7 +108,8 @@ async def test_resident_memory_stays_within_the_l1_bound(
     allowed = int(bound * 1.25) + 6 * MB
     assert grown <= allowed, (
         f"RSS grew {grown / MB:.1f} MB with L1 bound {bound / MB:.0f} MB "
-        f"(L1 counts {held / MB:.1f} MB; allowed {allowed / MB:.1f} MB)")
+        f"(L1 counts {held / MB:.1f} MB; allowed {allowed / MB:.1f} MB)"
+    )
     # Going on evicting does not grow it further than the same allowance.
     await fetch_all(proxy.url, [f"/b/{i}" for i in range(count)], concurrency)
     grown = rss_bytes(proxy.pid) - baseline

@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 from support.disk import fill, small_disk
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
 from support.proxy import fetch
 from support.storage import sqlite_exclusive_lock, sqlite_row
 from support.wait import wait_for_condition
@@ -45,9 +47,10 @@ def _on_disk(path: Path) -> int:
 
 async def _readyz(admin_url: str) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession() as session, session.get(
-        admin_url + "/readyz", timeout=timeout
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(admin_url + "/readyz", timeout=timeout) as resp,
+    ):
         body: dict[str, Any] = await resp.json()
         body["status"] = resp.status
         return body
@@ -56,14 +59,16 @@ async def _readyz(admin_url: str) -> dict[str, Any]:
 # -- the size bound covers the WAL --------------------------------------------------------
 
 
-async def test_l3_file_and_wal_stay_within_max_bytes(origin, make_proxy, sqlite_path):
+async def test_l3_file_and_wal_stay_within_max_bytes(
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     bound, size = 2_000_000, 20_000
     origin.set_default(size=size, headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, L3_MAX_BYTES=bound)
     peak = 0
     paths = [f"/w{i}" for i in range(300)]  # 6 MB of bodies: three times the bound
     for start in range(0, len(paths), 10):
-        batch = paths[start:start + 10]
+        batch = paths[start : start + 10]
         responses = await asyncio.gather(*(proxy.get(p) for p in batch))
         assert all(r.status == 200 for r in responses), responses
         await proxy.settle()
@@ -79,14 +84,15 @@ async def test_l3_file_and_wal_stay_within_max_bytes(origin, make_proxy, sqlite_
 
 
 async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
-    origin, make_proxy, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, tmp_path: Path
+) -> None:
     size = 50_000
     origin.set_default(size=size, headers=CACHEABLE)
     with small_disk(tmp_path / "disk", 3_000_000) as disk:
         path = disk / "cache.sqlite3"
-        proxy = await make_proxy(L1_MAX_BYTES=0, SQLITE_PATH=path, BREAKER_FAILURES=3,
-                                 BREAKER_COOLDOWN=2)
+        proxy = await make_proxy(
+            L1_MAX_BYTES=0, SQLITE_PATH=path, BREAKER_FAILURES=3, BREAKER_COOLDOWN=2
+        )
         stored = ["/a", "/b", "/c"]
         for p in stored:
             assert (await proxy.get(p)).x_cache == "MISS"
@@ -96,8 +102,9 @@ async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
 
         filler = fill(disk)
         for start in range(0, 40, 10):  # 2 MB of new entries on a full disk, 10 at a time
-            responses = await asyncio.gather(*(proxy.get(f"/new{i}")
-                                               for i in range(start, start + 10)))
+            responses = await asyncio.gather(
+                *(proxy.get(f"/new{i}") for i in range(start, start + 10))
+            )
             assert all(r.status == 200 for r in responses), responses
             await proxy.settle()
 
@@ -122,8 +129,12 @@ async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
             await proxy.settle()
             return sqlite_row(path, "/after", origin.url) is not None
 
-        await wait_for_condition(stored_again, timeout=10, interval=0.2,
-                                 message="L3 writes to resume once there is space")
+        await wait_for_condition(
+            stored_again,
+            timeout=10,
+            interval=0.2,
+            message="L3 writes to resume once there is space",
+        )
         await proxy.close()
 
 
@@ -131,13 +142,14 @@ async def test_disk_full_skips_l3_writes_and_keeps_serving_stored_entries(
 
 
 async def test_start_up_with_a_locked_l3_file_serves_without_l3_then_recovers(
-    origin, spawn_proxy, sqlite_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     sqlite3.connect(sqlite_path).close()  # an empty file, held locked by another process
     with sqlite_exclusive_lock(sqlite_path):
-        proc = await spawn_proxy(L1_MAX_BYTES=0, L3_TIMEOUT=0.2, L3_WRITE_TIMEOUT=0.2,
-                                 BREAKER_COOLDOWN=1)
+        proc = await spawn_proxy(
+            L1_MAX_BYTES=0, L3_TIMEOUT=0.2, L3_WRITE_TIMEOUT=0.2, BREAKER_COOLDOWN=1
+        )
         body = await _readyz(proc.admin_url)
         assert body["status"] == 200, body
         assert body["tiers"]["l3"] == "unavailable", body
@@ -150,16 +162,17 @@ async def test_start_up_with_a_locked_l3_file_serves_without_l3_then_recovers(
             response = await fetch(session, "GET", proc.url + "/y")
         return response.x_cache == "HIT-L3"
 
-    await wait_for_condition(l3_hit, timeout=15, interval=0.2,
-                             message="L3 reopened after the lock went away")
+    await wait_for_condition(
+        l3_hit, timeout=15, interval=0.2, message="L3 reopened after the lock went away"
+    )
     assert (await _readyz(proc.admin_url))["tiers"]["l3"] == "up"
     assert proc.stderr.count("L3 unavailable") == 1, proc.stderr  # said once, not per retry
     assert proc.returncode is None
 
 
 async def test_start_up_on_a_full_disk_serves_without_l3_then_recovers(
-    origin, spawn_proxy, tmp_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     with small_disk(tmp_path / "disk", 1_000_000) as disk:
         filler = fill(disk)
@@ -178,24 +191,31 @@ async def test_start_up_on_a_full_disk_serves_without_l3_then_recovers(
                 response = await fetch(session, "GET", proc.url + "/y")
             return response.x_cache == "HIT-L3"
 
-        await wait_for_condition(l3_hit, timeout=15, interval=0.2,
-                                 message="L3 created once the disk had space")
+        await wait_for_condition(
+            l3_hit, timeout=15, interval=0.2, message="L3 created once the disk had space"
+        )
         proc.terminate()
         assert await proc.wait(15) == 0, proc.stderr
 
 
-async def test_start_up_with_a_garbage_l3_file_moves_it_aside(origin, spawn_proxy, sqlite_path):
+async def test_start_up_with_a_garbage_l3_file_moves_it_aside(
+    origin: Origin, spawn_proxy: SpawnProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     sqlite_path.write_bytes(os.urandom(8192))
     proc = await spawn_proxy(L1_MAX_BYTES=0)
     async with aiohttp.ClientSession() as session:
         await fetch(session, "GET", proc.url + "/g")
-        await wait_for_condition(lambda: sqlite_row(sqlite_path, "/g", origin.url), message="L3 fill")
+        await wait_for_condition(
+            lambda: sqlite_row(sqlite_path, "/g", origin.url), message="L3 fill"
+        )
         assert (await fetch(session, "GET", proc.url + "/g")).x_cache == "HIT-L3"
     assert list(sqlite_path.parent.glob(sqlite_path.name + ".corrupt-*")), proc.stderr
 
 
-async def test_a_directory_at_the_l3_path_is_a_clear_start_up_error(spawn_proxy, tmp_path):
+async def test_a_directory_at_the_l3_path_is_a_clear_start_up_error(
+    spawn_proxy: SpawnProxy, tmp_path: Path
+) -> None:
     # A path that can never work as configured (and must not be moved aside): exit 2.
     directory = tmp_path / "cache.sqlite3"
     directory.mkdir()
@@ -218,13 +238,14 @@ async def _recovers(proxy: Any, path: Path, probe: str) -> None:
         return first.x_cache == "HIT-L3" and path.exists()
 
     # In use again within the breaker cool-down (2 s in these tests), plus slack for load.
-    await wait_for_condition(l3_hit_again, timeout=2 + 2, interval=0.1,
-                             message="L3 recreated and hitting again")
+    await wait_for_condition(
+        l3_hit_again, timeout=2 + 2, interval=0.1, message="L3 recreated and hitting again"
+    )
 
 
 async def test_l3_file_deleted_at_run_time_is_recreated_without_a_restart(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, BREAKER_COOLDOWN=2)
     assert (await proxy.get("/before")).x_cache == "MISS"
@@ -241,8 +262,9 @@ async def test_l3_file_deleted_at_run_time_is_recreated_without_a_restart(
         states.append(_l3_state(proxy))
         return sqlite_path.exists()
 
-    await wait_for_condition(recreated, timeout=2 + 1, interval=0.02,
-                             message="the deleted L3 file recreated")
+    await wait_for_condition(
+        recreated, timeout=2 + 1, interval=0.02, message="the deleted L3 file recreated"
+    )
     assert "up" not in states[:-1] or len(states) == 1, states
     await _recovers(proxy, sqlite_path, "/after")
     assert sqlite_row(sqlite_path, "/after", origin.url) is not None
@@ -250,8 +272,8 @@ async def test_l3_file_deleted_at_run_time_is_recreated_without_a_restart(
 
 
 async def test_l3_file_overwritten_with_garbage_at_run_time_is_moved_aside_and_recreated(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, BREAKER_COOLDOWN=2)
     for p in ("/x", "/y"):
@@ -264,7 +286,8 @@ async def test_l3_file_overwritten_with_garbage_at_run_time_is_moved_aside_and_r
 
     await wait_for_condition(
         lambda: list(sqlite_path.parent.glob(sqlite_path.name + ".corrupt-*")),
-        timeout=2 + 1, message="the corrupt L3 file moved aside",
+        timeout=2 + 1,
+        message="the corrupt L3 file moved aside",
     )
     await _recovers(proxy, sqlite_path, "/z")
     with sqlite3.connect(sqlite_path) as db:
@@ -276,8 +299,8 @@ async def test_l3_file_overwritten_with_garbage_at_run_time_is_moved_aside_and_r
 
 
 async def test_disconnecting_clients_never_interrupt_other_clients_l3_reads(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(size=200_000, headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, BREAKER_FAILURES=5)
     paths = [f"/r{i}" for i in range(20)]
@@ -302,8 +325,9 @@ async def test_disconnecting_clients_never_interrupt_other_clients_l3_reads(
                 seen.append(response.x_cache)
         return seen
 
-    results = await asyncio.gather(*(disconnector(60) for _ in range(10)),
-                                   *(reader(30) for _ in range(4)))
+    results = await asyncio.gather(
+        *(disconnector(60) for _ in range(10)), *(reader(30) for _ in range(4))
+    )
     seen = [x for r in results if r is not None for x in r]
 
     assert set(seen) == {"HIT-L3"}, {x: seen.count(x) for x in set(seen)}
@@ -311,11 +335,12 @@ async def test_disconnecting_clients_never_interrupt_other_clients_l3_reads(
     assert proxy.state.tier("l3").breaker.state() == "closed"
 
 
-
 # -- housekeeping never scans the whole table --------------------------------------------
 
 
-async def test_eviction_and_expiry_sweep_use_their_indexes(origin, make_proxy, sqlite_path):
+async def test_eviction_and_expiry_sweep_use_their_indexes(
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     from tierproxy.tiers.sqlite import EVICT_SQL, SWEEP_SQL
 
     origin.set_default(headers=CACHEABLE)
@@ -336,8 +361,8 @@ async def test_eviction_and_expiry_sweep_use_their_indexes(origin, make_proxy, s
 
 
 async def test_an_entry_purged_while_l3_was_unavailable_is_not_served_when_it_returns(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     first = await make_proxy(L1_MAX_BYTES=0)
     await first.get("/p")
@@ -351,8 +376,9 @@ async def test_an_entry_purged_while_l3_was_unavailable_is_not_served_when_it_re
         # A purge heard from another replica while this one's L3 cannot be written.
         await proxy.state.readthrough.purge([proxy.state.keys.key("/p")], [], shared=False)
 
-    await wait_for_condition(lambda: _l3_state(proxy) == "up", timeout=10,
-                             message="L3 back after the lock went away")
+    await wait_for_condition(
+        lambda: _l3_state(proxy) == "up", timeout=10, message="L3 back after the lock went away"
+    )
     response = await proxy.get("/p")
     assert response.x_cache == "MISS", response
     assert response.body == b"origin body for /p (request 2)"

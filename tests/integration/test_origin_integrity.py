@@ -11,14 +11,17 @@ import asyncio
 import contextlib
 import email.utils
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
-from support.origin import make_body
-from support.raworigin import Exchange, RawOrigin, head, response
 from support.clock import SteppedClock
+from support.fixture_types import MakeProxy
+from support.origin import Origin, make_body
+from support.proxy import Fetched, ProxyHandle
+from support.raworigin import Exchange, RawOrigin, head, response
 from support.wait import wait_for_condition
 
 CACHEABLE = {"Cache-Control": "max-age=300", "Content-Type": "application/octet-stream"}
@@ -33,7 +36,7 @@ async def raw_origin() -> AsyncIterator[RawOrigin]:
         await server.close()
 
 
-def _metric(proxy, name: str, **labels: str) -> float:
+def _metric(proxy: ProxyHandle, name: str, **labels: str) -> float:
     value = proxy.state.metrics.registry.get_sample_value(name, labels)
     return float(value or 0.0)
 
@@ -42,8 +45,8 @@ def _metric(proxy, name: str, **labels: str) -> float:
 
 
 async def test_stray_response_on_an_idle_connection_is_never_taken_for_the_next_answer(
-    raw_origin, make_proxy, redis_url, sqlite_path
-):
+    raw_origin: RawOrigin, make_proxy: MakeProxy, redis_url: str, sqlite_path: Path
+) -> None:
     send_stray, stray_sent = asyncio.Event(), asyncio.Event()
 
     async def answer_then_stray(exchange: Exchange) -> bool:
@@ -90,7 +93,7 @@ async def test_stray_response_on_an_idle_connection_is_never_taken_for_the_next_
 # -- §1 a close-delimited body cut short by a reset ------------------------------------------
 
 
-def _cut_after(size: int) -> tuple[bytes, object]:
+def _cut_after(size: int) -> tuple[bytes, Callable[[Exchange], Awaitable[bool]]]:
     body = make_body(size, 7)
 
     async def cut(exchange: Exchange) -> bool:
@@ -104,7 +107,9 @@ def _cut_after(size: int) -> tuple[bytes, object]:
     return body, cut
 
 
-async def _assert_nothing_stored(proxy, make_proxy, raw_origin, path: str, asked: int) -> None:
+async def _assert_nothing_stored(
+    proxy: ProxyHandle, make_proxy: MakeProxy, raw_origin: RawOrigin, path: str, asked: int
+) -> None:
     """A later request goes to the origin again, from this proxy (L1) and from a fresh one
     sharing its Redis and SQLite (L2, L3)."""
     await proxy.settle()
@@ -118,8 +123,8 @@ async def _assert_nothing_stored(proxy, make_proxy, raw_origin, path: str, asked
 
 
 async def test_buffered_close_delimited_body_cut_by_a_reset_is_a_502_and_not_stored(
-    raw_origin, make_proxy, redis_url, sqlite_path
-):
+    raw_origin: RawOrigin, make_proxy: MakeProxy, redis_url: str, sqlite_path: Path
+) -> None:
     _body, cut = _cut_after(40_000)
     raw_origin.route("/cut", cut)
     proxy = await make_proxy(ORIGIN=raw_origin.url)
@@ -134,8 +139,8 @@ async def test_buffered_close_delimited_body_cut_by_a_reset_is_a_502_and_not_sto
 
 
 async def test_streamed_close_delimited_body_cut_by_a_reset_aborts_the_client(
-    raw_origin, make_proxy, redis_url, sqlite_path
-):
+    raw_origin: RawOrigin, make_proxy: MakeProxy, redis_url: str, sqlite_path: Path
+) -> None:
     _body, cut = _cut_after(600_000)
     raw_origin.route("/cut", cut)
     proxy = await make_proxy(ORIGIN=raw_origin.url, MAX_ENTRY_BYTES=65_536)
@@ -155,8 +160,8 @@ async def test_streamed_close_delimited_body_cut_by_a_reset_aborts_the_client(
 
 @pytest.mark.parametrize("size", [40_000, 600_000], ids=["buffered", "streamed"])
 async def test_close_delimited_body_ended_by_a_clean_close_is_complete(
-    size, raw_origin, make_proxy
-):
+    size: int, raw_origin: RawOrigin, make_proxy: MakeProxy
+) -> None:
     body = make_body(size, 9)
 
     async def clean(exchange: Exchange) -> bool:
@@ -165,7 +170,9 @@ async def test_close_delimited_body_ended_by_a_clean_close_is_complete(
         return False  # FIN after the last byte: the body is complete
 
     raw_origin.route("/whole", clean)
-    proxy = await make_proxy(ORIGIN=raw_origin.url, MAX_ENTRY_BYTES=65_536 if size > 65_536 else 8_388_608)
+    proxy = await make_proxy(
+        ORIGIN=raw_origin.url, MAX_ENTRY_BYTES=65_536 if size > 65_536 else 8_388_608
+    )
 
     first = await proxy.get("/whole")
     assert first.status == 200 and first.body == body, first
@@ -190,13 +197,18 @@ def _stalled_client(port: int, path: str) -> socket.socket:
 
 
 async def test_stalled_pass_through_clients_neither_starve_misses_nor_open_the_origin_breaker(
-    origin, make_proxy
-):
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     send_timeout, origin_timeout = 3.0, 1.0
     proxy = await make_proxy(
-        ORIGIN_MAX_CONNECTIONS=4, SEND_TIMEOUT=send_timeout, ORIGIN_TIMEOUT=origin_timeout,
-        REQUEST_DEADLINE=2.0, MAX_ENTRY_BYTES=65_536, BREAKER_FAILURES=3,
-        REDIS_URL=None, SQLITE_PATH="off",
+        ORIGIN_MAX_CONNECTIONS=4,
+        SEND_TIMEOUT=send_timeout,
+        ORIGIN_TIMEOUT=origin_timeout,
+        REQUEST_DEADLINE=2.0,
+        MAX_ENTRY_BYTES=65_536,
+        BREAKER_FAILURES=3,
+        REDIS_URL=None,
+        SQLITE_PATH="off",
     )
     for i in range(6):
         origin.set(f"/big{i}", size=16_000_000, chunked=True, headers=CACHEABLE)
@@ -204,7 +216,8 @@ async def test_stalled_pass_through_clients_neither_starve_misses_nor_open_the_o
     try:
         # Four take every origin connection; two wait for one.
         await wait_for_condition(
-            lambda: sum(origin.count(f"/big{i}") for i in range(6)) >= 4, timeout=5,
+            lambda: sum(origin.count(f"/big{i}") for i in range(6)) >= 4,
+            timeout=5,
             message="four stalled clients to hold the four origin connections",
         )
         loop = asyncio.get_running_loop()
@@ -231,21 +244,34 @@ async def test_stalled_pass_through_clients_neither_starve_misses_nor_open_the_o
         assert _metric(proxy, "tierproxy_origin_fetches_total", outcome="timeout") == 0
         # The stalled clients were cut off (send timeout), releasing their connections.
         await wait_for_condition(
-            lambda: sum(_metric(proxy, "tierproxy_streams_cut_total", reason=reason)
-                        for reason in ("client-stalled", "client-gone")) >= 4,
-            timeout=send_timeout + 5, message="the stalled clients to be cut off",
+            lambda: (
+                sum(
+                    _metric(proxy, "tierproxy_streams_cut_total", reason=reason)
+                    for reason in ("client-stalled", "client-gone")
+                )
+                >= 4
+            ),
+            timeout=send_timeout + 5,
+            message="the stalled clients to be cut off",
         )
     finally:
         for sock in stalled:
             sock.close()
 
 
-async def test_waiting_for_a_free_origin_connection_is_not_origin_time(origin, make_proxy):
+async def test_waiting_for_a_free_origin_connection_is_not_origin_time(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     # One origin connection; /first holds it for 1.2 s, /second queues behind it, then its
     # origin answers in 0.6 s: 1.8 s in all, but only 0.6 s of it is origin time (< 1.5 s).
-    proxy = await make_proxy(ORIGIN_MAX_CONNECTIONS=1, ORIGIN_TIMEOUT=1.5,
-                             ORIGIN_QUEUE_TIMEOUT=3.0, REQUEST_DEADLINE=5.0,
-                             REDIS_URL=None, SQLITE_PATH="off")
+    proxy = await make_proxy(
+        ORIGIN_MAX_CONNECTIONS=1,
+        ORIGIN_TIMEOUT=1.5,
+        ORIGIN_QUEUE_TIMEOUT=3.0,
+        REQUEST_DEADLINE=5.0,
+        REDIS_URL=None,
+        SQLITE_PATH="off",
+    )
     origin.set("/first", latency=1.2)
     origin.set("/second", latency=0.6)
     first = asyncio.create_task(proxy.get("/first"))
@@ -257,11 +283,19 @@ async def test_waiting_for_a_free_origin_connection_is_not_origin_time(origin, m
     assert proxy.state.readthrough.origin_breaker.failures == 0
 
 
-async def test_stale_copy_is_served_when_no_origin_connection_comes_free(origin, make_proxy):
+async def test_stale_copy_is_served_when_no_origin_connection_comes_free(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     clock = SteppedClock()
-    proxy = await make_proxy(ORIGIN_MAX_CONNECTIONS=1, ORIGIN_TIMEOUT=5.0, REQUEST_DEADLINE=6.0,
-                             ORIGIN_QUEUE_TIMEOUT=0.3, REDIS_URL=None, SQLITE_PATH="off",
-                             clock=clock)
+    proxy = await make_proxy(
+        ORIGIN_MAX_CONNECTIONS=1,
+        ORIGIN_TIMEOUT=5.0,
+        REQUEST_DEADLINE=6.0,
+        ORIGIN_QUEUE_TIMEOUT=0.3,
+        REDIS_URL=None,
+        SQLITE_PATH="off",
+        clock=clock,
+    )
     origin.set("/s", headers={"Cache-Control": "max-age=1"})
     first = await proxy.get("/s")
     assert first.x_cache == "MISS"
@@ -280,17 +314,30 @@ async def test_stale_copy_is_served_when_no_origin_connection_comes_free(origin,
         await asyncio.wait_for(holder, 10)
 
 
-def _date_of(fetched) -> float:
+def _date_of(fetched: Fetched) -> float:
     """When a response was generated, from its Date header (whole seconds)."""
     return email.utils.parsedate_to_datetime(fetched.headers["Date"]).timestamp()
 
 
-async def test_streamed_pass_through_has_an_overall_deadline(origin, make_proxy):
+async def test_streamed_pass_through_has_an_overall_deadline(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     # Every chunk comes well within the origin timeout, but the whole body would take ~6 s.
-    origin.set("/slow", size=2_000_000, chunked=True, chunk_size=16_384, chunk_delay=0.05,
-               headers=CACHEABLE)
-    proxy = await make_proxy(MAX_ENTRY_BYTES=65_536, STREAM_TIMEOUT=1.0, ORIGIN_TIMEOUT=2.0,
-                             REDIS_URL=None, SQLITE_PATH="off")
+    origin.set(
+        "/slow",
+        size=2_000_000,
+        chunked=True,
+        chunk_size=16_384,
+        chunk_delay=0.05,
+        headers=CACHEABLE,
+    )
+    proxy = await make_proxy(
+        MAX_ENTRY_BYTES=65_536,
+        STREAM_TIMEOUT=1.0,
+        ORIGIN_TIMEOUT=2.0,
+        REDIS_URL=None,
+        SQLITE_PATH="off",
+    )
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -305,7 +352,9 @@ async def test_streamed_pass_through_has_an_overall_deadline(origin, make_proxy)
 # -- §10 a local error is not an origin failure ----------------------------------------------
 
 
-async def test_a_local_error_is_a_500_and_never_counted_against_the_origin(origin, make_proxy):
+async def test_a_local_error_is_a_500_and_never_counted_against_the_origin(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """No client input reaches this (aiohttp's parser refuses control characters with 400),
     so a request built in-process stands for a bug in tierproxy's own header composition:
     aiohttp's writer raises ValueError for the control character while sending it."""
@@ -316,14 +365,18 @@ async def test_a_local_error_is_a_500_and_never_counted_against_the_origin(origi
     loop = asyncio.get_running_loop()
 
     def request(path: str, value: str, method: str = "GET") -> ProxyRequest:
-        return ProxyRequest(method=method, key=proxy.state.keys.key(path),
-                            headers=CIMultiDictProxy(CIMultiDict({"X-Note": value})),
-                            peer="127.0.0.1", scheme="http", deadline=loop.time() + 3)
+        return ProxyRequest(
+            method=method,
+            key=proxy.state.keys.key(path),
+            headers=CIMultiDictProxy(CIMultiDict({"X-Note": value})),
+            peer="127.0.0.1",
+            scheme="http",
+            deadline=loop.time() + 3,
+        )
 
     for method in ("GET", "POST"):
         req = request(f"/local-{method}", "bad\x01value", method)
-        result = (await readthrough.get(req) if method == "GET"
-                  else await readthrough.forward(req))
+        result = await readthrough.get(req) if method == "GET" else await readthrough.forward(req)
         assert isinstance(result, Failed), result
         assert (result.status, result.reason) == (500, "local-error"), result
     assert readthrough.origin_breaker.failures == 0
@@ -334,4 +387,4 @@ async def test_a_local_error_is_a_500_and_never_counted_against_the_origin(origi
 
     # The same request with a clean header reaches the origin.
     ok = await readthrough.get(request("/local-GET", "fine"))
-    assert ok.entry.status == 200  # type: ignore[union-attr]
+    assert ok.entry.status == 200

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-
-from support.proxy import fetch
+from support.fixture_types import MakeFaultProxy, MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.proxy import SpawnedProxy, fetch
+from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_exclusive_lock, sqlite_row
 from support.wait import wait_for_condition
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 
-def _stderr_lines(proc) -> list[str]:
+def _stderr_lines(proc: SpawnedProxy) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
@@ -34,8 +38,8 @@ BAD_ENV = [
 
 @pytest.mark.parametrize(("name", "value"), BAD_ENV)
 async def test_bad_configuration_exits_2_with_one_line_naming_the_variable(
-    name, value, spawn_proxy
-):
+    name: str, value: str | None, spawn_proxy: SpawnProxy
+) -> None:
     proc = await spawn_proxy(wait_healthy=False, **{name: value})
 
     code = await proc.wait(15)
@@ -50,7 +54,9 @@ async def test_bad_configuration_exits_2_with_one_line_naming_the_variable(
 
 
 @pytest.mark.parametrize("which", ["PORT", "ADMIN_PORT"])
-async def test_port_already_taken_stops_start_up_with_a_clear_error(which, spawn_proxy):
+async def test_port_already_taken_stops_start_up_with_a_clear_error(
+    which: str, spawn_proxy: SpawnProxy
+) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -64,7 +70,9 @@ async def test_port_already_taken_stops_start_up_with_a_clear_error(which, spawn
     assert str(port) in proc.stderr or f"TIERPROXY_{which}" in proc.stderr, proc.stderr
 
 
-async def test_unwritable_sqlite_path_stops_start_up_with_a_clear_error(spawn_proxy, tmp_path):
+async def test_unwritable_sqlite_path_stops_start_up_with_a_clear_error(
+    spawn_proxy: SpawnProxy, tmp_path: Path
+) -> None:
     not_a_dir = tmp_path / "a-file"
     not_a_dir.write_text("I am a file, not a directory")
     proc = await spawn_proxy(wait_healthy=False, SQLITE_PATH=not_a_dir / "cache.sqlite3")
@@ -76,7 +84,9 @@ async def test_unwritable_sqlite_path_stops_start_up_with_a_clear_error(spawn_pr
     assert "TIERPROXY_SQLITE_PATH" in proc.stderr or str(not_a_dir) in proc.stderr, proc.stderr
 
 
-async def test_served_process_caches_and_admin_listener_is_never_proxied(origin, spawn_proxy):
+async def test_served_process_caches_and_admin_listener_is_never_proxied(
+    origin: Origin, spawn_proxy: SpawnProxy
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proc = await spawn_proxy()
 
@@ -95,7 +105,9 @@ async def test_served_process_caches_and_admin_listener_is_never_proxied(origin,
     assert origin.count() == 1
 
 
-async def test_sigterm_lets_an_in_flight_request_finish_and_exits_0(origin, spawn_proxy):
+async def test_sigterm_lets_an_in_flight_request_finish_and_exits_0(
+    origin: Origin, spawn_proxy: SpawnProxy
+) -> None:
     origin.set("/slow", latency=0.5)
     proc = await spawn_proxy()
 
@@ -111,14 +123,21 @@ async def test_sigterm_lets_an_in_flight_request_finish_and_exits_0(origin, spaw
 
 
 async def test_sigterm_drains_pending_backfills_then_exits_0(
-    origin, spawn_proxy, redis_server, redis_url, redis_client, sqlite_path, fault_proxy
-):
+    origin: Origin,
+    spawn_proxy: SpawnProxy,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+    sqlite_path: Path,
+    fault_proxy: MakeFaultProxy,
+) -> None:
     origin.set_default(headers=CACHEABLE)
     slow_redis = await fault_proxy(redis_server.port, mode="delay", delay=0.15)
     # Lookups and writes get time to spare on the slow link (0.3 s a round trip; a new
     # redis-py connection for the writes takes several): this tests draining, not timeouts.
-    proc = await spawn_proxy(REDIS_URL=slow_redis.url("redis", "/0"), L2_TIMEOUT=2,
-                             L2_WRITE_TIMEOUT=5)
+    proc = await spawn_proxy(
+        REDIS_URL=slow_redis.url("redis", "/0"), L2_TIMEOUT=2, L2_WRITE_TIMEOUT=5
+    )
     paths = [f"/d{i}" for i in range(20)]
 
     async with aiohttp.ClientSession() as session:
@@ -135,12 +154,14 @@ async def test_sigterm_drains_pending_backfills_then_exits_0(
 
 
 async def test_backfill_pending_on_a_locked_l3_lands_when_drained(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0)
     await proxy.get("/warm")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/warm", origin.url), message="L3 fill")
+    await wait_for_condition(
+        lambda: sqlite_row(sqlite_path, "/warm", origin.url), message="L3 fill"
+    )
 
     with sqlite_exclusive_lock(sqlite_path):
         response = await proxy.get("/pending")

@@ -7,9 +7,12 @@ background tasks: tests poll for them with a bound, never sleep.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
-
+from support.fixture_types import MakeProxy
+from support.origin import Origin
 from support.purge_log import past_purge_log_start
 from support.storage import redis_key, redis_tier_keys, sqlite_count, sqlite_row
 from support.wait import wait_for_condition
@@ -17,14 +20,16 @@ from support.wait import wait_for_condition
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 # One tier switched on at a time: the same contract must hold for each.
-TIER_ONLY = {
+TIER_ONLY: dict[str, dict[str, Any]] = {
     "l1": {"REDIS_URL": None, "SQLITE_PATH": "off"},
     "l2": {"L1_MAX_BYTES": 0, "SQLITE_PATH": "off"},
     "l3": {"L1_MAX_BYTES": 0, "REDIS_URL": None},
 }
 
 
-async def _stored_in(tier: str, path: str, redis_client, sqlite_path, origin) -> None:
+async def _stored_in(
+    tier: str, path: str, redis_client: Any, sqlite_path: Path, origin: Origin
+) -> None:
     if tier == "l2":
         await wait_for_condition(
             lambda: redis_client.exists(redis_key(path, origin.url)), message=f"{path} in Redis"
@@ -35,7 +40,9 @@ async def _stored_in(tier: str, path: str, redis_client, sqlite_path, origin) ->
         )
 
 
-async def test_first_request_is_a_miss_and_the_second_an_l1_hit(origin, make_proxy):
+async def test_first_request_is_a_miss_and_the_second_an_l1_hit(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set("/a", headers={**CACHEABLE, "X-Origin-Header": "kept"}, etag='"e1"')
     proxy = await make_proxy()
 
@@ -60,8 +67,13 @@ async def test_first_request_is_a_miss_and_the_second_an_l1_hit(origin, make_pro
 
 @pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
 async def test_each_tier_alone_serves_a_hit_with_the_origin_response(
-    tier, origin, make_proxy, redis_url, redis_client, sqlite_path
-):
+    tier: str,
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_url: str,
+    redis_client: Any,
+    sqlite_path: Path,
+) -> None:
     origin.set("/only", status=200, headers={**CACHEABLE, "X-Origin-Header": "kept"}, etag='"t"')
     proxy = await make_proxy(**TIER_ONLY[tier])
     assert proxy.tier_names() == [tier]
@@ -84,8 +96,8 @@ async def test_each_tier_alone_serves_a_hit_with_the_origin_response(
 
 
 async def test_entry_is_served_by_each_tier_in_turn_and_the_origin_is_asked_once(
-    origin, make_proxy, redis_url, redis_client, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
     origin.set("/walk", headers=CACHEABLE)
 
     # Process 1: MISS, then HIT-L1; the fetch backfills L2 and L3 in the background.
@@ -94,8 +106,12 @@ async def test_entry_is_served_by_each_tier_in_turn_and_the_origin_is_asked_once
     miss = await first.get("/walk")
     assert miss.x_cache == "MISS", miss
     assert (await first.get("/walk")).x_cache == "HIT-L1"
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/walk", origin.url)), message="L2 fill")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/walk", origin.url), message="L3 fill")
+    await wait_for_condition(
+        lambda: redis_client.exists(redis_key("/walk", origin.url)), message="L2 fill"
+    )
+    await wait_for_condition(
+        lambda: sqlite_row(sqlite_path, "/walk", origin.url), message="L3 fill"
+    )
     # Redis TTL = time until the entry may no longer be served stale (300 s fresh + 100 s).
     ttl = redis_client.ttl(redis_key("/walk", origin.url))
     assert 300 < ttl <= 400, ttl
@@ -131,7 +147,9 @@ async def test_entry_is_served_by_each_tier_in_turn_and_the_origin_is_asked_once
     assert origin.count("/walk") == 1
 
 
-async def test_concurrent_misses_for_one_key_share_one_origin_request(origin, make_proxy):
+async def test_concurrent_misses_for_one_key_share_one_origin_request(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set("/slow", latency=0.3, headers=CACHEABLE)
     proxy = await make_proxy()
 
@@ -147,7 +165,9 @@ async def test_concurrent_misses_for_one_key_share_one_origin_request(origin, ma
     assert waiters == 9
 
 
-async def test_concurrent_misses_for_different_keys_are_fetched_separately(origin, make_proxy):
+async def test_concurrent_misses_for_different_keys_are_fetched_separately(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set("/q", latency=0.2, headers=CACHEABLE)
     proxy = await make_proxy()
 
@@ -159,7 +179,7 @@ async def test_concurrent_misses_for_different_keys_are_fetched_separately(origi
     assert origin.count("/q") == 3
 
 
-async def test_head_is_answered_from_the_get_entry(origin, make_proxy):
+async def test_head_is_answered_from_the_get_entry(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.set("/h", headers=CACHEABLE)
     proxy = await make_proxy()
 
@@ -176,8 +196,8 @@ async def test_head_is_answered_from_the_get_entry(origin, make_proxy):
 
 
 async def test_post_passes_through_as_bypass_every_time_and_is_never_stored(
-    origin, make_proxy, redis_url, redis_client, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
     origin.set("/p", headers=CACHEABLE)  # even a "cacheable" answer to a POST is not stored
     proxy = await make_proxy()
 
@@ -195,13 +215,15 @@ async def test_post_passes_through_as_bypass_every_time_and_is_never_stored(
 
 
 async def test_unsafe_method_invalidates_the_cached_entry(
-    origin, make_proxy, redis_url, redis_client, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
     origin.set("/inv", headers=CACHEABLE)
     proxy = await make_proxy()
     assert (await proxy.get("/inv")).x_cache == "MISS"
     await proxy.settle()
-    assert redis_client.exists(redis_key("/inv", origin.url)) and sqlite_row(sqlite_path, "/inv", origin.url)
+    assert redis_client.exists(redis_key("/inv", origin.url)) and sqlite_row(
+        sqlite_path, "/inv", origin.url
+    )
 
     assert (await proxy.request("POST", "/inv", data=b"x")).x_cache == "BYPASS"
     await proxy.settle()
@@ -215,11 +237,10 @@ async def test_unsafe_method_invalidates_the_cached_entry(
     assert (await fresh.get("/inv")).body == after.body
 
 
-async def test_no_tiers_configured_still_proxies(origin, make_proxy):
+async def test_no_tiers_configured_still_proxies(origin: Origin, make_proxy: MakeProxy) -> None:
     proxy = await make_proxy(L1_MAX_BYTES=0, SQLITE_PATH="off", REDIS_URL=None)
     assert proxy.tier_names() == []
     first = await proxy.get("/plain")
     second = await proxy.get("/plain")
     assert (first.status, second.status) == (200, 200)
     assert origin.count("/plain") == 2
-

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
+from support.faultproxy import FaultProxy
+from support.fixture_types import MakeFaultProxy, MakeProxy
+from support.origin import Origin
 from support.purge_log import past_purge_log_start
+from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
@@ -23,26 +30,39 @@ L2_TIMEOUT = 0.1
 L3_TIMEOUT = 0.5
 SLACK = 0.5
 CACHEABLE = {"Cache-Control": "max-age=300"}
+# How Redis is made unavailable: SIGSTOP, SIGKILL, or a fault-proxy mode in front of it.
+Unavailable = Literal["frozen", "killed", "blackhole", "reset"]
 
 
-async def _fill_l2_and_l3(make_proxy, origin, redis_client, sqlite_path, paths, **env):
+async def _fill_l2_and_l3(
+    make_proxy: MakeProxy,
+    origin: Origin,
+    redis_client: Any,
+    sqlite_path: Path,
+    paths: list[str],
+    **env: Any,
+) -> dict[str, bytes]:
     origin.set_default(headers=CACHEABLE)
     writer = await make_proxy(**env)
     await past_purge_log_start(writer)  # so that a later process trusts these L3 copies
-    bodies = {}
+    bodies: dict[str, bytes] = {}
     for path in paths:
         response = await writer.get(path)
         assert response.x_cache == "MISS", response
         bodies[path] = response.body
     for path in paths:
-        await wait_for_condition(lambda p=path: redis_client.exists(redis_key(p, origin.url)), message="L2")
-        await wait_for_condition(lambda p=path: sqlite_row(sqlite_path, p, origin.url), message="L3")
+        await wait_for_condition(
+            partial(redis_client.exists, redis_key(path, origin.url)), message="L2"
+        )
+        await wait_for_condition(partial(sqlite_row, sqlite_path, path, origin.url), message="L3")
     await writer.close()
     return bodies
 
 
 @contextlib.asynccontextmanager
-async def _redis_unavailable(kind, redis_server, front):
+async def _redis_unavailable(
+    kind: Unavailable, redis_server: RedisServer, front: FaultProxy
+) -> AsyncIterator[None]:
     if kind == "frozen":
         with redis_server.frozen():
             yield
@@ -59,11 +79,21 @@ async def _redis_unavailable(kind, redis_server, front):
 
 @pytest.mark.parametrize("kind", ["frozen", "killed", "blackhole", "reset"])
 async def test_requests_are_served_from_l3_within_budget_while_redis_is_unavailable(
-    kind, origin, make_proxy, redis_server, redis_url, redis_client, sqlite_path, fault_proxy
-):
+    kind: Unavailable,
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+    sqlite_path: Path,
+    fault_proxy: MakeFaultProxy,
+) -> None:
     front = await fault_proxy(redis_server.port)
-    env = {"REDIS_URL": front.url("redis", "/0"), "L2_TIMEOUT": L2_TIMEOUT,
-           "L3_TIMEOUT": L3_TIMEOUT}
+    env = {
+        "REDIS_URL": front.url("redis", "/0"),
+        "L2_TIMEOUT": L2_TIMEOUT,
+        "L3_TIMEOUT": L3_TIMEOUT,
+    }
     paths = [f"/f{i}" for i in range(5)]
     bodies = await _fill_l2_and_l3(make_proxy, origin, redis_client, sqlite_path, paths, **env)
     proxy = await make_proxy(**env)  # a fresh process: empty L1
@@ -84,15 +114,22 @@ async def test_requests_are_served_from_l3_within_budget_while_redis_is_unavaila
 
 
 async def test_l2_is_used_again_after_redis_restarts_and_the_breaker_cools_down(
-    origin, make_proxy, redis_server, redis_url, redis_client, sqlite_path
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+    sqlite_path: Path,
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(
         L1_MAX_BYTES=0, L2_TIMEOUT=L2_TIMEOUT, BREAKER_FAILURES=2, BREAKER_COOLDOWN=0.5
     )
     assert (await proxy.get("/k")).x_cache == "MISS"
     await wait_for_condition(lambda: sqlite_row(sqlite_path, "/k", origin.url), message="L3 fill")
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/k", origin.url)), message="L2 fill")
+    await wait_for_condition(
+        lambda: redis_client.exists(redis_key("/k", origin.url)), message="L2 fill"
+    )
 
     redis_server.kill()
     for i in range(5):  # enough failures to open the breaker; every request still served
@@ -112,8 +149,12 @@ async def test_l2_is_used_again_after_redis_restarts_and_the_breaker_cools_down(
 
 
 async def test_cancelled_redis_reads_never_answer_another_keys_request(
-    origin, make_proxy, redis_server, redis_url, redis_client
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+) -> None:
     """redis-py#2665 / CVE-2023-28858: a cancelled read must not poison the pool."""
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(
@@ -123,7 +164,9 @@ async def test_cancelled_redis_reads_never_answer_another_keys_request(
     for path in paths:
         assert (await proxy.get(path)).x_cache == "MISS"
     for path in paths:
-        await wait_for_condition(lambda p=path: redis_client.exists(redis_key(p, origin.url)), message="L2")
+        await wait_for_condition(
+            partial(redis_client.exists, redis_key(path, origin.url)), message="L2"
+        )
 
     with redis_server.frozen():
         # Every L2 read times out (is cancelled) mid-command; the origin answers instead.
@@ -139,8 +182,8 @@ async def test_cancelled_redis_reads_never_answer_another_keys_request(
 
 
 async def test_redis_client_cancellations_do_not_poison_or_exhaust_the_pool(
-    redis_server, redis_url
-):
+    redis_server: RedisServer, redis_url: str
+) -> None:
     """The same regression against redis-py directly, configured as tierproxy configures it."""
     client = aioredis.from_url(
         redis_url,
@@ -172,7 +215,8 @@ async def test_redis_client_cancellations_do_not_poison_or_exhaust_the_pool(
                 *(client.get(f"k{i}") for i in range(100)), return_exceptions=True
             )
             wrong = [
-                (i, value) for i, value in enumerate(got)
+                (i, value)
+                for i, value in enumerate(got)
                 if not isinstance(value, Exception) and value != expected[i]
             ]
             assert wrong == [], f"replies delivered to the wrong command: {wrong[:5]}"

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 import redis
+from support.redis_server import RedisServer
 from support.wait import wait_for_condition
 
 from tierproxy.tiers.redis_reads import PipelinedReader, ReadChannelError, for_url
 
 
-def reader_for(url: str, **overrides) -> PipelinedReader:
+def reader_for(url: str, **overrides: Any) -> PipelinedReader:
     options = {"connect_timeout": 0.5, "stale_after": 0.5, **overrides}
     if "max_pending" in options:
         max_pending = options.pop("max_pending")
@@ -35,8 +37,8 @@ async def get_within(reader: PipelinedReader, key: bytes, budget: float) -> byte
 
 
 async def test_concurrent_gets_share_one_connection_and_each_gets_its_own_value(
-    redis_server, redis_url, redis_client
-):
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     values = {f"k{i}".encode(): f"value {i}".encode() * (i + 1) for i in range(200)}
     redis_client.mset(values)
     before = redis_client.info("clients")["connected_clients"]
@@ -50,7 +52,9 @@ async def test_concurrent_gets_share_one_connection_and_each_gets_its_own_value(
         await reader.close()
 
 
-async def test_abandoned_gets_never_answer_another_keys_get(redis_server, redis_url, redis_client):
+async def test_abandoned_gets_never_answer_another_keys_get(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     redis_client.mset({f"k{i}": f"v{i}" for i in range(100)})
     reader = reader_for(redis_url, stale_after=30)  # keep the connection: replies come late
     try:
@@ -59,13 +63,15 @@ async def test_abandoned_gets_never_answer_another_keys_get(redis_server, redis_
             for _batch in range(10):  # 1,000 GETs that give up mid-command
                 results = await asyncio.gather(
                     *(get_within(reader, f"k{i}".encode(), 0.02) for i in range(100)),
-                    return_exceptions=True)
+                    return_exceptions=True,
+                )
                 assert all(isinstance(r, TimeoutError) for r in results), results[:3]
             assert reader.pending == 1000
         # After SIGCONT the 1,000 late replies arrive first and are dropped.
         for _round in range(3):
-            got = await asyncio.gather(*(get_within(reader, f"k{i}".encode(), 5)
-                                         for i in range(100)))
+            got = await asyncio.gather(
+                *(get_within(reader, f"k{i}".encode(), 5) for i in range(100))
+            )
             assert got == [f"v{i}".encode() for i in range(100)]
         assert reader.pending == 0
     finally:
@@ -73,8 +79,8 @@ async def test_abandoned_gets_never_answer_another_keys_get(redis_server, redis_
 
 
 async def test_a_connection_that_stops_answering_is_dropped_and_replaced(
-    redis_server, redis_url, redis_client
-):
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     redis_client.set("k", "v")
     reader = reader_for(redis_url, stale_after=0.3)
     loop = asyncio.get_running_loop()
@@ -94,14 +100,17 @@ async def test_a_connection_that_stops_answering_is_dropped_and_replaced(
         await reader.close()
 
 
-async def test_waiting_gets_are_bounded_while_redis_is_frozen(redis_server, redis_url, redis_client):
+async def test_waiting_gets_are_bounded_while_redis_is_frozen(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     redis_client.set("k", "v")
     reader = reader_for(redis_url, stale_after=30, max_pending=50)
     try:
         await reader.get(b"k")
         with redis_server.frozen():
-            results = await asyncio.gather(*(get_within(reader, b"k", 0.2) for _ in range(80)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(get_within(reader, b"k", 0.2) for _ in range(80)), return_exceptions=True
+            )
             refused = [r for r in results if isinstance(r, ReadChannelError)]
             timed_out = [r for r in results if isinstance(r, TimeoutError)]
             assert (len(timed_out), len(refused)) == (50, 30), results
@@ -114,8 +123,8 @@ async def test_waiting_gets_are_bounded_while_redis_is_frozen(redis_server, redi
 
 
 async def test_killed_redis_fails_gets_at_once_and_the_reader_reconnects_after_restart(
-    redis_server, redis_url, redis_client
-):
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     redis_client.set("k", "v")
     reader = reader_for(redis_url)
     loop = asyncio.get_running_loop()
@@ -135,8 +144,8 @@ async def test_killed_redis_fails_gets_at_once_and_the_reader_reconnects_after_r
 
 
 async def test_database_number_and_password_in_the_url_are_used(
-    redis_server, redis_url, redis_client
-):
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     base = redis_url.rsplit("/", 1)[0]
     db3 = redis.Redis.from_url(base + "/3", socket_timeout=2)
     db3.set("k", "in db 3")
@@ -163,17 +172,20 @@ async def test_database_number_and_password_in_the_url_are_used(
             await wrong.close()
     finally:
         with contextlib.suppress(redis.RedisError):
-            admin = redis.Redis.from_url(base.replace("redis://", f"redis://:{password}@"),
-                                         socket_timeout=2)
+            admin = redis.Redis.from_url(
+                base.replace("redis://", f"redis://:{password}@"), socket_timeout=2
+            )
             admin.flushall()
             admin.config_set("requirepass", "")
 
 
-def test_tls_urls_stay_on_redis_py():
+def test_tls_urls_stay_on_redis_py() -> None:
     assert for_url("rediss://127.0.0.1:6380/0", connect_timeout=1, stale_after=1) is None
 
 
-def test_reader_runs_on_uvloop(redis_server, redis_url, redis_client):
+def test_reader_runs_on_uvloop(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
     """``tierproxy serve`` runs on uvloop, whose transports are not asyncio.Transport s."""
     uvloop = pytest.importorskip("uvloop")
     redis_client.mset({f"u{i}": f"uv {i}" for i in range(50)})
@@ -182,8 +194,9 @@ def test_reader_runs_on_uvloop(redis_server, redis_url, redis_client):
         reader = reader_for(redis_url)
         try:
             assert await reader.ping()
-            return await asyncio.gather(*(get_within(reader, f"u{i}".encode(), 2)
-                                          for i in range(50)))
+            return await asyncio.gather(
+                *(get_within(reader, f"u{i}".encode(), 2) for i in range(50))
+            )
         finally:
             await reader.close()
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
-
+from support.fixture_types import MakeProxy
+from support.origin import Origin
 from support.storage import redis_tier_keys, sqlite_count
 from support.wait import wait_for_condition
 
@@ -39,8 +43,14 @@ UNCACHEABLE = [
 
 @pytest.mark.parametrize(("rule", "request_headers"), UNCACHEABLE)
 async def test_uncacheable_response_is_fetched_every_time_and_never_stored(
-    rule, request_headers, origin, make_proxy, redis_url, redis_client, sqlite_path
-):
+    rule: dict[str, Any],
+    request_headers: dict[str, str],
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_url: str,
+    redis_client: Any,
+    sqlite_path: Path,
+) -> None:
     origin.set("/u", **rule)
     proxy = await make_proxy()
 
@@ -64,8 +74,8 @@ async def test_uncacheable_response_is_fetched_every_time_and_never_stored(
     "cache_control", ["public, max-age=300", "s-maxage=300"], ids=["public", "s-maxage"]
 )
 async def test_authorized_response_is_cached_when_marked_public_or_s_maxage(
-    cache_control, origin, make_proxy
-):
+    cache_control: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set("/auth", headers={"Cache-Control": cache_control})
     proxy = await make_proxy()
     auth = {"Authorization": "Bearer t"}
@@ -79,8 +89,8 @@ async def test_authorized_response_is_cached_when_marked_public_or_s_maxage(
 
 
 async def test_response_without_freshness_is_not_stored_when_default_ttl_is_zero(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     proxy = await make_proxy(DEFAULT_TTL=0)
 
     first = await proxy.get("/nottl")
@@ -108,14 +118,18 @@ FRESHNESS = [
         id="max-age-over-expires-and-default",
     ),
     pytest.param(lambda: {"Expires": _http_date(3)}, {"DEFAULT_TTL": 600}, 3, id="expires"),
-    pytest.param(lambda: {}, {"DEFAULT_TTL": 2}, 2, id="default-ttl"),
+    pytest.param(dict, {"DEFAULT_TTL": 2}, 2, id="default-ttl"),
 ]
 
 
 @pytest.mark.parametrize(("headers", "env", "lifetime"), FRESHNESS)
 async def test_freshness_lifetime_decides_when_the_origin_is_asked_again(
-    headers, env, lifetime, origin, make_proxy
-):
+    headers: Callable[[], dict[str, str]],
+    env: dict[str, Any],
+    lifetime: float,
+    origin: Origin,
+    make_proxy: MakeProxy,
+) -> None:
     origin.set("/fresh", headers=headers())
     proxy = await make_proxy(**env)
     loop = asyncio.get_running_loop()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
-
-from support.origin import make_body
+from support.fixture_types import MakeProxy
+from support.origin import Origin, make_body
 from support.storage import (
     redis_key,
     redis_tier_keys,
@@ -37,8 +39,8 @@ def _sha(data: bytes) -> str:
 
 @pytest.mark.parametrize("garbage", GARBAGE)
 async def test_corrupt_l2_entry_is_a_miss_not_an_error(
-    garbage, origin, make_proxy, redis_url, redis_client
-):
+    garbage: bytes, origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any
+) -> None:
     origin.set("/c", headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0, SQLITE_PATH="off")
     assert (await proxy.get("/c")).x_cache == "MISS"
@@ -59,7 +61,9 @@ async def test_corrupt_l2_entry_is_a_miss_not_an_error(
 
 
 @pytest.mark.parametrize("garbage", GARBAGE)
-async def test_corrupt_l3_entry_is_a_miss_not_an_error(garbage, origin, make_proxy, sqlite_path):
+async def test_corrupt_l3_entry_is_a_miss_not_an_error(
+    garbage: bytes, origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set("/c", headers=CACHEABLE)
     proxy = await make_proxy(L1_MAX_BYTES=0)
     assert (await proxy.get("/c")).x_cache == "MISS"
@@ -82,13 +86,15 @@ async def test_corrupt_l3_entry_is_a_miss_not_an_error(garbage, origin, make_pro
 
 
 async def test_requests_are_served_while_sqlite_is_locked_by_another_connection(
-    origin, make_proxy, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     l3_timeout = 0.3
     proxy = await make_proxy(L1_MAX_BYTES=0, L3_TIMEOUT=l3_timeout)
     warm = await proxy.get("/warm")
-    await wait_for_condition(lambda: sqlite_row(sqlite_path, "/warm", origin.url), message="L3 fill")
+    await wait_for_condition(
+        lambda: sqlite_row(sqlite_path, "/warm", origin.url), message="L3 fill"
+    )
 
     with sqlite_exclusive_lock(sqlite_path):
         for path in ["/warm", "/locked-0", "/locked-1", "/locked-2", "/warm"]:
@@ -101,14 +107,20 @@ async def test_requests_are_served_while_sqlite_is_locked_by_another_connection(
     after = await proxy.get("/after-unlock")
     assert after.status == 200, after
     await wait_for_condition(
-        lambda: sqlite_row(sqlite_path, "/after-unlock", origin.url), message="L3 writes resume after unlock"
+        lambda: sqlite_row(sqlite_path, "/after-unlock", origin.url),
+        message="L3 writes resume after unlock",
     )
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_oversized_body_is_streamed_intact_and_never_stored(
-    chunked, origin, make_proxy, redis_url, redis_client, sqlite_path
-):
+    chunked: bool,
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_url: str,
+    redis_client: Any,
+    sqlite_path: Path,
+) -> None:
     size = 1_000_000
     origin.set("/big", size=size, seed=3, chunked=chunked, headers=CACHEABLE)
     proxy = await make_proxy(MAX_ENTRY_BYTES=65_536)
@@ -129,8 +141,8 @@ async def test_oversized_body_is_streamed_intact_and_never_stored(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_oversized_body_reaches_the_client_before_the_origin_finishes(
-    chunked, origin, make_proxy
-):
+    chunked: bool, origin: Origin, make_proxy: MakeProxy
+) -> None:
     size, first_part = 1_000_000, 300_000
     origin.set("/stream", size=size, chunked=chunked, pause_after=first_part, headers=CACHEABLE)
     proxy = await make_proxy(MAX_ENTRY_BYTES=65_536, ORIGIN_TIMEOUT=10)
@@ -156,7 +168,9 @@ async def test_oversized_body_reaches_the_client_before_the_origin_finishes(
     assert _sha(bytes(received)) == _sha(make_body(size))
 
 
-async def test_chunked_body_without_content_length_is_relayed_intact(origin, make_proxy):
+async def test_chunked_body_without_content_length_is_relayed_intact(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set("/ch", size=50_000, seed=5, chunked=True, headers=CACHEABLE)
     proxy = await make_proxy()
 
@@ -168,7 +182,7 @@ async def test_chunked_body_without_content_length_is_relayed_intact(origin, mak
     assert second.body == first.body
 
 
-async def test_body_below_max_entry_bytes_is_stored(origin, make_proxy):
+async def test_body_below_max_entry_bytes_is_stored(origin: Origin, make_proxy: MakeProxy) -> None:
     origin.set("/edge", size=60_000, headers=CACHEABLE)
     proxy = await make_proxy(MAX_ENTRY_BYTES=65_536)
 

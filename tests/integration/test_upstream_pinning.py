@@ -7,17 +7,20 @@ Requests that aiohttp's client would normalise are sent as raw bytes.
 from __future__ import annotations
 
 import pytest
-
-from support.net import raw_http_exchange
+from support.fixture_types import MakeProxy
+from support.net import CanaryListener, raw_http_exchange
+from support.origin import Origin
 
 
 def _raw(target: str, host: str, extra: str = "") -> bytes:
-    return (
-        f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
-    ).encode("latin-1")
+    return (f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n").encode(
+        "latin-1"
+    )
 
 
-async def test_absolute_form_target_never_changes_the_upstream(origin, make_proxy, canary):
+async def test_absolute_form_target_never_changes_the_upstream(
+    origin: Origin, make_proxy: MakeProxy, canary: CanaryListener
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_http_exchange(
@@ -38,11 +41,18 @@ async def test_absolute_form_target_never_changes_the_upstream(origin, make_prox
 
 @pytest.mark.parametrize(
     "target",
-    ["http://{canary}", "https://{canary}/x", "//{canary}/x", "http://user:pw@{canary}/x",
-     "http://{canary}/../../x"],
+    [
+        "http://{canary}",
+        "https://{canary}/x",
+        "//{canary}/x",
+        "http://user:pw@{canary}/x",
+        "http://{canary}/../../x",
+    ],
     ids=["absolute-no-path", "https-absolute", "network-path", "userinfo", "dot-segments"],
 )
-async def test_odd_request_targets_never_reach_another_host(target, origin, make_proxy, canary):
+async def test_odd_request_targets_never_reach_another_host(
+    target: str, origin: Origin, make_proxy: MakeProxy, canary: CanaryListener
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_http_exchange(
@@ -58,7 +68,9 @@ async def test_odd_request_targets_never_reach_another_host(target, origin, make
         assert seen.headers["Host"] == f"127.0.0.1:{origin.port}"
 
 
-async def test_absolute_form_target_with_an_empty_path_means_the_root(origin, make_proxy, canary):
+async def test_absolute_form_target_with_an_empty_path_means_the_root(
+    origin: Origin, make_proxy: MakeProxy, canary: CanaryListener
+) -> None:
     """RFC 9110 §4.2.3: an http URI with an empty path is equivalent to one with "/"."""
     proxy = await make_proxy()
 
@@ -72,7 +84,9 @@ async def test_absolute_form_target_with_an_empty_path_means_the_root(origin, ma
     assert [r.path_qs for r in origin.requests] == ["/"]
 
 
-async def test_host_header_never_changes_the_upstream(origin, make_proxy, canary):
+async def test_host_header_never_changes_the_upstream(
+    origin: Origin, make_proxy: MakeProxy, canary: CanaryListener
+) -> None:
     proxy = await make_proxy()
 
     via_client = await proxy.get("/h", headers={"Host": canary.authority})
@@ -86,7 +100,9 @@ async def test_host_header_never_changes_the_upstream(origin, make_proxy, canary
         assert seen.headers["Host"] == f"127.0.0.1:{origin.port}"
 
 
-async def test_forwarded_headers_are_set_and_hop_by_hop_headers_dropped(origin, make_proxy):
+async def test_forwarded_headers_are_set_and_hop_by_hop_headers_dropped(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     response = await proxy.get(

@@ -35,10 +35,25 @@ def test_smoke_scenario_produces_a_report(tmp_path: Path) -> None:
     _need("locust")
     _need("matplotlib")
     out = tmp_path / "smoke"
-    cmd = [sys.executable, "-m", "loadtest.run", "smoke", "--duration", "8", "--quiet-wait", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.run",
+        "smoke",
+        "--duration",
+        "8",
+        "--quiet-wait",
+        "0",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env["PYTHONPATH"] = str(REPO) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    proc = subprocess.run(
+        cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     logs = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, logs
 

@@ -78,19 +78,26 @@ class Admin:
         return response.status, json.loads(response.body)
 
     async def purge(self, body: Any, headers: dict[str, str] | None = None) -> Fetched:
-        return await self.request("POST", "/purge", json=body,
-                                  headers=AUTH if headers is None else headers)
+        return await self.request(
+            "POST", "/purge", json=body, headers=AUTH if headers is None else headers
+        )
+
+
+# ``await admin_for(proxy)`` -> an Admin client for that proxy's admin app.
+AdminFor = Callable[[Any], Awaitable[Admin]]
 
 
 @pytest.fixture
-async def admin_for() -> AsyncIterator[Callable[[Any], Awaitable[Admin]]]:
+async def admin_for() -> AsyncIterator[AdminFor]:
     from tierproxy.admin import build_admin_app
 
     clients: list[TestClient[Any, Any]] = []
 
     async def factory(proxy: Any) -> Admin:
         app = proxy if hasattr(proxy, "router") else proxy.app
-        client: TestClient[Any, Any] = TestClient(TestServer(build_admin_app(app), host="127.0.0.1"))
+        client: TestClient[Any, Any] = TestClient(
+            TestServer(build_admin_app(app), host="127.0.0.1")
+        )
         await client.start_server()
         clients.append(client)
         return Admin(client)

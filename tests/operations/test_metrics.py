@@ -6,24 +6,34 @@ Scrapes go through ``GET /metrics`` and are parsed with prometheus_client's own 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
-from support.storage import redis_key, sqlite_row
 from support.clock import SteppedClock
+from support.fixture_types import MakeProxy
+from support.origin import Origin
+from support.redis_server import RedisServer
+from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
-from .conftest import by_label, value
+from .conftest import AdminFor, Samples, by_label, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 TIERS = ("l1", "l2", "l3", "origin")
 
 
-def lookups(samples, tier):
+def lookups(samples: Samples, tier: str) -> dict[str, float]:
     return by_label(samples, "tierproxy_tier_lookups_total", "outcome", tier=tier)
 
 
 async def test_counters_per_tier_after_a_known_sequence(
-    origin, make_proxy, admin_for, redis_url, redis_client, sqlite_path
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_url: str,
+    redis_client: Any,
+    sqlite_path: Path,
+) -> None:
     origin.set("/m", headers=CACHEABLE)
     origin.set("/private", headers={"Cache-Control": "private"})
     proxy = await make_proxy()
@@ -31,7 +41,9 @@ async def test_counters_per_tier_after_a_known_sequence(
     l1 = proxy.state.tier("l1").backend
 
     assert (await proxy.get("/m")).x_cache == "MISS"  # L1, L2, L3 miss; origin
-    await wait_for_condition(lambda: redis_client.exists(redis_key("/m", origin.url)), message="L2 fill")
+    await wait_for_condition(
+        lambda: redis_client.exists(redis_key("/m", origin.url)), message="L2 fill"
+    )
     await wait_for_condition(lambda: sqlite_row(sqlite_path, "/m", origin.url), message="L3 fill")
     await proxy.settle()
     assert (await proxy.get("/m")).x_cache == "HIT-L1"
@@ -52,13 +64,19 @@ async def test_counters_per_tier_after_a_known_sequence(
     assert lookups(m, "origin") == {"hit": 3}
     assert by_label(m, "tierproxy_origin_fetches_total", "outcome") == {"ok": 3}
     assert by_label(m, "tierproxy_responses_total", "cache", status_class="2xx") == {
-        "MISS": 1, "HIT-L1": 1, "HIT-L2": 1, "HIT-L3": 1, "BYPASS": 2,
+        "MISS": 1,
+        "HIT-L1": 1,
+        "HIT-L2": 1,
+        "HIT-L3": 1,
+        "BYPASS": 2,
     }
     assert by_label(m, "tierproxy_backfills_total", "outcome", tier="l2") == {
-        "started": 2, "completed": 2,
+        "started": 2,
+        "completed": 2,
     }
     assert by_label(m, "tierproxy_backfills_total", "outcome", tier="l3") == {
-        "started": 1, "completed": 1,
+        "started": 1,
+        "completed": 1,
     }
     # Every successful lookup is timed, L1 included (sub-millisecond buckets).
     for tier, count in (("l1", 5), ("l2", 4), ("l3", 3), ("origin", 3)):
@@ -66,10 +84,12 @@ async def test_counters_per_tier_after_a_known_sequence(
     assert value(m, "tierproxy_tier_op_seconds_bucket", tier="l1", op="get", le="0.001") == 5
     # The POST's invalidation is a purge of its key in every tier (slowest first).
     assert by_label(m, "tierproxy_tier_writes_total", "op", tier="l2", outcome="ok") == {
-        "set": 2, "purge": 1,
+        "set": 2,
+        "purge": 1,
     }
     assert by_label(m, "tierproxy_tier_writes_total", "op", tier="l3", outcome="ok") == {
-        "set": 1, "purge": 1,
+        "set": 1,
+        "purge": 1,
     }
     assert value(m, "tierproxy_stale_served_total", reason="origin-5xx") == 0
     assert value(m, "tierproxy_coalesced_waiters_total") == 0
@@ -92,7 +112,9 @@ async def test_counters_per_tier_after_a_known_sequence(
     assert origin.count("/m") == 2  # the GET that missed, the POST
 
 
-async def test_size_gauges_follow_l1_and_l3(origin, make_proxy, admin_for, sqlite_path):
+async def test_size_gauges_follow_l1_and_l3(
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, sqlite_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE, size=1000)
     proxy = await make_proxy()
     admin = await admin_for(proxy)
@@ -110,11 +132,16 @@ async def test_size_gauges_follow_l1_and_l3(origin, make_proxy, admin_for, sqlit
 
 
 async def test_timeouts_then_breaker_open_skips_are_counted_with_breaker_gauges(
-    origin, make_proxy, admin_for, redis_server, redis_url
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
     origin.set_default(headers={"Cache-Control": "no-store"})  # no backfill writes to Redis
-    proxy = await make_proxy(L1_MAX_BYTES=0, SQLITE_PATH="off", L2_TIMEOUT=0.05,
-                             BREAKER_FAILURES=2, BREAKER_COOLDOWN=60)
+    proxy = await make_proxy(
+        L1_MAX_BYTES=0, SQLITE_PATH="off", L2_TIMEOUT=0.05, BREAKER_FAILURES=2, BREAKER_COOLDOWN=60
+    )
     admin = await admin_for(proxy)
 
     with redis_server.frozen():
@@ -136,7 +163,9 @@ async def test_timeouts_then_breaker_open_skips_are_counted_with_breaker_gauges(
     assert by_label(m, "tierproxy_responses_total", "cache") == {"BYPASS": 3}
 
 
-async def test_stale_lookups_and_stale_served_by_reason(origin, make_proxy, admin_for):
+async def test_stale_lookups_and_stale_served_by_reason(
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor
+) -> None:
     origin.set("/s", headers={"Cache-Control": "max-age=1"})
     clock = SteppedClock()
     proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off", clock=clock)
@@ -158,13 +187,16 @@ async def test_stale_lookups_and_stale_served_by_reason(origin, make_proxy, admi
     assert by_label(m, "tierproxy_responses_total", "cache") == {"MISS": 1, "STALE-L1": 1}
 
 
-async def test_coalesced_waiters_are_counted(origin, make_proxy, admin_for):
+async def test_coalesced_waiters_are_counted(
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor
+) -> None:
     origin.set("/c", headers=CACHEABLE, hang=True)
     proxy = await make_proxy(REDIS_URL=None, SQLITE_PATH="off")
     admin = await admin_for(proxy)
 
     requests = [asyncio.create_task(proxy.get("/c")) for _ in range(5)]
     try:
+
         async def four_waiting() -> bool:
             m = await admin.metrics()
             return value(m, "tierproxy_coalesced_waiters_total") == 4
@@ -186,32 +218,46 @@ async def test_coalesced_waiters_are_counted(origin, make_proxy, admin_for):
     assert value(m, "tierproxy_inflight_requests") == 0
 
 
-async def test_every_documented_metric_is_exposed(origin, make_proxy, admin_for, redis_url):
+async def test_every_documented_metric_is_exposed(
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str
+) -> None:
     proxy = await make_proxy()
     admin = await admin_for(proxy)
     await proxy.get("/x")
     names = {name for name, _ in await admin.metrics()}
     expected = {
-        "tierproxy_tier_lookups_total", "tierproxy_tier_op_seconds_bucket",
-        "tierproxy_tier_writes_total", "tierproxy_origin_fetches_total",
-        "tierproxy_origin_fetch_seconds_bucket", "tierproxy_responses_total",
-        "tierproxy_inflight_requests", "tierproxy_background_tasks", "tierproxy_breaker_open",
-        "tierproxy_breaker_state", "tierproxy_tier_state", "tierproxy_tier_timeout_seconds",
-        "tierproxy_request_deadline_seconds", "tierproxy_l1_bytes", "tierproxy_l1_entries",
-        "tierproxy_l3_bytes", "tierproxy_l3_entries", "tierproxy_invalidation_connected",
-        "tierproxy_l1_clears_total", "tierproxy_log_lines_dropped",
+        "tierproxy_tier_lookups_total",
+        "tierproxy_tier_op_seconds_bucket",
+        "tierproxy_tier_writes_total",
+        "tierproxy_origin_fetches_total",
+        "tierproxy_origin_fetch_seconds_bucket",
+        "tierproxy_responses_total",
+        "tierproxy_inflight_requests",
+        "tierproxy_background_tasks",
+        "tierproxy_breaker_open",
+        "tierproxy_breaker_state",
+        "tierproxy_tier_state",
+        "tierproxy_tier_timeout_seconds",
+        "tierproxy_request_deadline_seconds",
+        "tierproxy_l1_bytes",
+        "tierproxy_l1_entries",
+        "tierproxy_l3_bytes",
+        "tierproxy_l3_entries",
+        "tierproxy_invalidation_connected",
+        "tierproxy_l1_clears_total",
+        "tierproxy_log_lines_dropped",
     }
     assert expected <= names, expected - names
 
 
 async def test_grafana_dashboard_uses_only_exposed_metric_names(
-    origin, make_proxy, admin_for, redis_url
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str
+) -> None:
     import json
     import re
     from pathlib import Path
 
-    dashboard = (Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json")
+    dashboard = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json"
     exprs = [
         target["expr"]
         for panel in json.loads(dashboard.read_text())["panels"]

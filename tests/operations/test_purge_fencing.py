@@ -13,50 +13,74 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from support.proxy import fetch
+from support.fixture_types import MakeFaultProxy, MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.proxy import Fetched, ProxyHandle, SpawnedProxy, fetch
+from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
-from .conftest import AUTH, TOKEN, value
+from .conftest import AUTH, TOKEN, AdminFor, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 LEASE = 1.0
 
 
-def _purged_copy_served_as_hit(response, old_body: bytes) -> bool:
+def _purged_copy_served_as_hit(response: Fetched, old_body: bytes) -> bool:
     return (response.x_cache or "").startswith("HIT") and response.body == old_body
 
 
-def _l2_holds(redis_client, origin, path: str, body: bytes) -> bool:
+def _l2_holds(redis_client: Any, origin: Origin, path: str, body: bytes) -> bool:
     raw = redis_client.get(redis_key(path, origin.url))
     return raw is not None and body in raw
 
 
-async def _trusting(proxy) -> None:
+async def _trusting(proxy: ProxyHandle) -> None:
     invalidation = proxy.state.invalidation
-    await wait_for_condition(lambda: invalidation.state == "connected" and getattr(invalidation, "trusted", lambda: True)(),
-                             timeout=20, message="replica subscribed and holding its lease")
+    await wait_for_condition(
+        lambda: (
+            invalidation.state == "connected" and getattr(invalidation, "trusted", lambda: True)()
+        ),
+        timeout=20,
+        message="replica subscribed and holding its lease",
+    )
 
 
 async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_purged_copy(
-    origin, make_proxy, admin_for, redis_server, redis_url, redis_client, fault_proxy, tmp_path
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+    fault_proxy: MakeFaultProxy,
+    tmp_path: Path,
+) -> None:
     origin.set_default(headers=CACHEABLE)
     link = await fault_proxy(redis_server.port)
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "a.sqlite3", PURGE_LEASE=LEASE)
-    b = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "b.sqlite3", PURGE_LEASE=LEASE,
-                         REDIS_URL=f"redis://127.0.0.1:{link.port}/0", L2_TIMEOUT=0.1,
-                         L2_WRITE_TIMEOUT=0.5)
+    b = await make_proxy(
+        PURGE_TOKEN=TOKEN,
+        SQLITE_PATH=tmp_path / "b.sqlite3",
+        PURGE_LEASE=LEASE,
+        REDIS_URL=f"redis://127.0.0.1:{link.port}/0",
+        L2_TIMEOUT=0.1,
+        L2_WRITE_TIMEOUT=0.5,
+    )
     await _trusting(a)
     await _trusting(b)
     first = await b.get("/p")  # B fetched it: B's L1, L2 and B's own L3 hold it
     assert first.x_cache == "MISS"
     old = first.body
     await b.settle()
-    await wait_for_condition(lambda: sqlite_row(tmp_path / "b.sqlite3", "/p", origin.url), message="B's L3")
+    await wait_for_condition(
+        lambda: sqlite_row(tmp_path / "b.sqlite3", "/p", origin.url), message="B's L3"
+    )
     assert (await a.get("/p")).x_cache == "HIT-L2"
     assert (await b.get("/p")).x_cache == "HIT-L1"
 
@@ -72,7 +96,8 @@ async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_
         during = await b.get("/p")
         assert during.status == 200, during
         assert not _purged_copy_served_as_hit(during, old), during
-    assert not (await b.get("/p")).x_cache.startswith("HIT-L3")
+    after = await b.get("/p")
+    assert after.x_cache is not None and not after.x_cache.startswith("HIT-L3"), after
     # A applied it; B neither acknowledged nor renewed its lease: it is fenced, and said so.
     assert body.get("replicas_acked") == 1 and body.get("replicas_fenced") == 1, body
     assert "replicas_notified" not in body, body
@@ -92,8 +117,8 @@ async def test_a_replica_cut_off_during_a_purge_never_serves_or_writes_back_the_
 
 
 async def test_a_replica_restarted_with_its_l3_file_does_not_resurrect_a_purged_copy(
-    origin, make_proxy, redis_url, redis_client, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     b_file = tmp_path / "b.sqlite3"
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "a.sqlite3", PURGE_LEASE=LEASE)
@@ -121,14 +146,22 @@ async def test_a_replica_restarted_with_its_l3_file_does_not_resurrect_a_purged_
 
 
 async def test_a_replica_that_lost_its_subscription_replays_the_purges_it_missed(
-    origin, make_proxy, admin_for, redis_server, redis_url, redis_client, fault_proxy, tmp_path
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+    fault_proxy: MakeFaultProxy,
+    tmp_path: Path,
+) -> None:
     origin.set_default(headers=CACHEABLE)
     link = await fault_proxy(redis_server.port)
     b_file = tmp_path / "b.sqlite3"
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "a.sqlite3", PURGE_LEASE=LEASE)
-    b = await make_proxy(SQLITE_PATH=b_file, PURGE_LEASE=LEASE,
-                         REDIS_URL=f"redis://127.0.0.1:{link.port}/0")
+    b = await make_proxy(
+        SQLITE_PATH=b_file, PURGE_LEASE=LEASE, REDIS_URL=f"redis://127.0.0.1:{link.port}/0"
+    )
     admin_b = await admin_for(b)
     await _trusting(a)
     await _trusting(b)
@@ -138,8 +171,11 @@ async def test_a_replica_that_lost_its_subscription_replays_the_purges_it_missed
     assert sqlite_row(b_file, "/q", origin.url) is not None
 
     link.set_mode("reset")  # B's connections are reset and it cannot reconnect
-    await wait_for_condition(lambda: b.state.invalidation.state != "connected", timeout=10,
-                             message="B noticing its subscription is gone")
+    await wait_for_condition(
+        lambda: b.state.invalidation.state != "connected",
+        timeout=10,
+        message="B noticing its subscription is gone",
+    )
     purge = await a.request("PURGE", "/q", headers=AUTH)
     assert purge.status == 200, purge
     assert sqlite_row(b_file, "/q", origin.url) is not None  # B's own L3: only B can purge it
@@ -147,7 +183,9 @@ async def test_a_replica_that_lost_its_subscription_replays_the_purges_it_missed
     link.set_mode("pass")
     await _trusting(b)
     # The purge log in Redis covered the gap: B applied what it missed, to its L3 as well...
-    await wait_for_condition(lambda: sqlite_row(b_file, "/q", origin.url) is None, message="B's L3 purged")
+    await wait_for_condition(
+        lambda: sqlite_row(b_file, "/q", origin.url) is None, message="B's L3 purged"
+    )
     assert b.state.tier("l1").backend.get_now(b.state.keys.key("/q")) is None
     m = await admin_b.metrics()
     assert value(m, "tierproxy_invalidations_received_total", outcome="replayed") == 1
@@ -157,8 +195,8 @@ async def test_a_replica_that_lost_its_subscription_replays_the_purges_it_missed
 
 
 async def test_a_purge_is_acknowledged_by_every_connected_replica(
-    origin, make_proxy, redis_url, tmp_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, tmp_path: Path
+) -> None:
     origin.set_default(headers=CACHEABLE)
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off", PURGE_LEASE=5)
     b = await make_proxy(SQLITE_PATH="off", PURGE_LEASE=5)
@@ -176,7 +214,9 @@ async def test_a_purge_is_acknowledged_by_every_connected_replica(
         assert proxy.state.tier("l1").backend.get_now(proxy.state.keys.key("/k")) is None
 
 
-async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(origin, make_proxy, redis_url):
+async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str
+) -> None:
     origin.set_default(headers=CACHEABLE)
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off", PURGE_LEASE=5)
     b = await make_proxy(SQLITE_PATH="off", PURGE_LEASE=5)
@@ -191,26 +231,27 @@ async def test_a_replica_that_shut_down_does_not_hold_up_a_purge(origin, make_pr
     assert time.monotonic() - started < 1.0  # not a lease's wait
 
 
-async def _lease_held(proc) -> None:
+async def _lease_held(proc: SpawnedProxy) -> None:
     async def held() -> bool:
         async with (
             aiohttp.ClientSession() as session,
             session.get(proc.admin_url + "/readyz") as resp,
         ):
-            return (await resp.json()).get("purge_lease", "held") == "held"
+            return bool((await resp.json()).get("purge_lease", "held") == "held")
 
     await wait_for_condition(held, timeout=20, message=f"{proc.url} holding its purge lease")
 
 
 async def test_a_replica_stopped_while_a_purge_ran_serves_no_purged_copy_when_it_resumes(
-    origin, spawn_proxy, redis_url, tmp_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str, tmp_path: Path
+) -> None:
     # SIGSTOP: the replica's connections stay open but it answers nothing. When it resumes,
     # the request may be read before the purge message waiting on its subscription: its lease,
     # checked on every would-be fresh hit, has run out meanwhile.
     origin.set_default(headers=CACHEABLE)
-    a = await spawn_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=str(tmp_path / "a.sqlite3"),
-                          PURGE_LEASE=LEASE)
+    a = await spawn_proxy(
+        PURGE_TOKEN=TOKEN, SQLITE_PATH=str(tmp_path / "a.sqlite3"), PURGE_LEASE=LEASE
+    )
     b = await spawn_proxy(SQLITE_PATH=str(tmp_path / "b.sqlite3"), PURGE_LEASE=LEASE)
     await _lease_held(a)
     await _lease_held(b)
@@ -234,17 +275,27 @@ async def test_a_replica_stopped_while_a_purge_ran_serves_no_purged_copy_when_it
 
 
 async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
-    origin, make_proxy, redis_server, redis_url, fault_proxy, tmp_path
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_server: RedisServer,
+    redis_url: str,
+    fault_proxy: MakeFaultProxy,
+    tmp_path: Path,
+) -> None:
     """Redis restarts empty: the replicas' leases are gone from it, but replica B (cut off
     from the new Redis) still holds its own. A PURGE from A must not answer 200 while B may
     still serve the purged copy as fresh: A found the log lost, and PURGEs wait out a lease."""
     origin.set_default(headers=CACHEABLE)
     link = await fault_proxy(redis_server.port)
     a = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "a.sqlite3", PURGE_LEASE=3.0)
-    b = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH=tmp_path / "b.sqlite3", PURGE_LEASE=3.0,
-                         REDIS_URL=f"redis://127.0.0.1:{link.port}/0", L2_TIMEOUT=0.1,
-                         L2_WRITE_TIMEOUT=0.5)
+    b = await make_proxy(
+        PURGE_TOKEN=TOKEN,
+        SQLITE_PATH=tmp_path / "b.sqlite3",
+        PURGE_LEASE=3.0,
+        REDIS_URL=f"redis://127.0.0.1:{link.port}/0",
+        L2_TIMEOUT=0.1,
+        L2_WRITE_TIMEOUT=0.5,
+    )
     await _trusting(a)
     await _trusting(b)
     old = (await b.get("/p")).body
@@ -253,8 +304,11 @@ async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
 
     link.set_mode("blackhole")  # B keeps what lease it has; it hears nothing more
     redis_server.restart()  # empty: the purge log and the leases are gone
-    await wait_for_condition(lambda: a.state.invalidation.subscriptions >= 2, timeout=10,
-                             message="A subscribed to the new Redis")
+    await wait_for_condition(
+        lambda: a.state.invalidation.subscriptions >= 2,
+        timeout=10,
+        message="A subscribed to the new Redis",
+    )
     await _trusting(a)
     purge = await a.request("PURGE", "/p", headers=AUTH)
     assert purge.status == 200, purge.body
@@ -262,7 +316,9 @@ async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
     assert not _purged_copy_served_as_hit(after, old), after
 
 
-async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(redis_url, redis_client):
+async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(
+    redis_url: str, redis_client: Any
+) -> None:
     """The fence is in Redis itself: a write that arrives late - its replica was paused or cut
     off past its lease, and a PURGE counted it fenced - is refused, however late it lands."""
     import asyncio
@@ -278,9 +334,17 @@ async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(redi
     await tier.open()
     try:
         now = time.time()
-        entry = Entry(key="/f", status=200, headers=(), body=b"old", stored_at=now,
-                      fresh_until=now + 60, stale_until=now + 60, swr_until=now,
-                      expires_at=now + 60)
+        entry = Entry(
+            key="/f",
+            status=200,
+            headers=(),
+            body=b"old",
+            stored_at=now,
+            fresh_until=now + 60,
+            stale_until=now + 60,
+            swr_until=now,
+            expires_at=now + 60,
+        )
         key = keys.key("/f")
         name = tier.entry_name(key)
         with pytest.raises(TierUnavailable):

@@ -7,21 +7,30 @@ be unready: the proxy still answers from other tiers, stale copies or with a fas
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.redis_server import RedisServer
 
 from tierproxy.config import load_settings
 from tierproxy.server import build_app
 
-from .conftest import parse_metrics, value
+from .conftest import AdminFor, parse_metrics, value
 
 
-async def test_healthz_answers_while_the_loop_runs(make_proxy, admin_for):
+async def test_healthz_answers_while_the_loop_runs(
+    make_proxy: MakeProxy, admin_for: AdminFor
+) -> None:
     admin = await admin_for(await make_proxy())
     response = await admin.request("GET", "/healthz")
     assert (response.status, response.body) == (200, b"ok\n")
 
 
-async def test_ready_with_every_tier_up(origin, make_proxy, admin_for, redis_url):
+async def test_ready_with_every_tier_up(
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str
+) -> None:
     admin = await admin_for(await make_proxy())
 
     status, body = await admin.readyz()
@@ -34,24 +43,30 @@ async def test_ready_with_every_tier_up(origin, make_proxy, admin_for, redis_url
     assert body["inflight"] == 0 and body["background_tasks"] == 0
 
 
-async def test_tiers_that_are_off_are_disabled_and_the_proxy_is_ready(make_proxy, admin_for):
+async def test_tiers_that_are_off_are_disabled_and_the_proxy_is_ready(
+    make_proxy: MakeProxy, admin_for: AdminFor
+) -> None:
     admin = await admin_for(await make_proxy(L1_MAX_BYTES=0, REDIS_URL=None, SQLITE_PATH="off"))
 
     status, body = await admin.readyz()
 
     assert status == 200, body
-    assert body["tiers"] == {"l1": "disabled", "l2": "disabled", "l3": "disabled",
-                             "origin": "up"}
+    assert body["tiers"] == {"l1": "disabled", "l2": "disabled", "l3": "disabled", "origin": "up"}
     assert body["invalidation"] == "disabled"
     assert body["purge_lease"] == "disabled"
 
 
 async def test_degraded_then_breaker_open_redis_keeps_the_proxy_ready(
-    origin, make_proxy, admin_for, redis_server, redis_url
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
     origin.set_default(headers={"Cache-Control": "no-store"})
-    proxy = await make_proxy(L1_MAX_BYTES=0, L2_TIMEOUT=0.05, BREAKER_FAILURES=2,
-                             BREAKER_COOLDOWN=60)
+    proxy = await make_proxy(
+        L1_MAX_BYTES=0, L2_TIMEOUT=0.05, BREAKER_FAILURES=2, BREAKER_COOLDOWN=60
+    )
     admin = await admin_for(proxy)
 
     with redis_server.frozen():
@@ -67,7 +82,9 @@ async def test_degraded_then_breaker_open_redis_keeps_the_proxy_ready(
     assert served.status == 200 and served.elapsed < 0.05 + 0.5, served
 
 
-async def test_failing_origin_is_degraded_not_unready(origin, make_proxy, admin_for):
+async def test_failing_origin_is_degraded_not_unready(
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor
+) -> None:
     origin.set_default(status=503)
     proxy = await make_proxy()
     admin = await admin_for(proxy)
@@ -84,10 +101,11 @@ async def test_failing_origin_is_degraded_not_unready(origin, make_proxy, admin_
 
 
 async def test_not_ready_before_start_up_and_after_shutdown_begins(
-    origin, sqlite_path, make_proxy, admin_for
-):
-    unstarted = build_app(load_settings({"TIERPROXY_ORIGIN": origin.url,
-                                         "TIERPROXY_SQLITE_PATH": str(sqlite_path)}))
+    origin: Origin, sqlite_path: Path, make_proxy: MakeProxy, admin_for: AdminFor
+) -> None:
+    unstarted = build_app(
+        load_settings({"TIERPROXY_ORIGIN": origin.url, "TIERPROXY_SQLITE_PATH": str(sqlite_path)})
+    )
     status, body = await (await admin_for(unstarted)).readyz()
     assert status == 503 and body["ready"] is False, body
 
@@ -102,8 +120,8 @@ async def test_not_ready_before_start_up_and_after_shutdown_begins(
 
 
 async def test_spawned_proxy_serves_health_readiness_and_metrics_on_the_admin_port(
-    origin, spawn_proxy, redis_url
-):
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str
+) -> None:
     proc = await spawn_proxy()
     async with aiohttp.ClientSession() as session:
         async with session.get(proc.admin_url + "/readyz") as resp:

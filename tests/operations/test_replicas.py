@@ -7,31 +7,36 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
-from support.proxy import fetch
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.proxy import SpawnedProxy, fetch
+from support.redis_server import RedisServer
 from support.storage import purge_channel, redis_key
 from support.wait import wait_for_condition
 
-from .conftest import AUTH, TOKEN, scrape_url, value
+from .conftest import AUTH, TOKEN, AdminFor, scrape_url, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 
-async def _ready(proc) -> None:
+async def _ready(proc: SpawnedProxy) -> None:
     async def subscribed() -> bool:
         async with (
             aiohttp.ClientSession() as session,
             session.get(proc.admin_url + "/readyz") as resp,
         ):
-            return (await resp.json())["invalidation"] == "connected"
+            return bool((await resp.json())["invalidation"] == "connected")
 
     await wait_for_condition(subscribed, timeout=10, message=f"{proc.url} subscribed")
 
 
 async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
-    origin, spawn_proxy, redis_url, redis_client, tmp_path
-):
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
     origin.set_default(headers={**CACHEABLE, "Surrogate-Key": "shared"})
     origin.set("/r", headers=CACHEABLE)
     # Separate L3 files, as on separate hosts: the purge must reach the other's L3 too.
@@ -41,7 +46,9 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
     await _ready(b)
     async with aiohttp.ClientSession() as session:
         assert (await fetch(session, "GET", a.url + "/r")).x_cache == "MISS"
-        await wait_for_condition(lambda: redis_client.exists(redis_key("/r", origin.url)), message="A's L2 copy")
+        await wait_for_condition(
+            lambda: redis_client.exists(redis_key("/r", origin.url)), message="A's L2 copy"
+        )
         assert (await fetch(session, "GET", b.url + "/r")).x_cache == "HIT-L2"
         assert (await fetch(session, "GET", b.url + "/r")).x_cache == "HIT-L1"
         before = await scrape_url(b.admin_url)
@@ -72,11 +79,14 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
         for i in range(5):
             await fetch(session, "GET", a.url + f"/tagged/{i}")
         await wait_for_condition(  # A's backfills done: nothing can re-add them after the purge
-            lambda: all(redis_client.exists(redis_key(f"/tagged/{i}", origin.url)) for i in range(5)),
+            lambda: all(
+                redis_client.exists(redis_key(f"/tagged/{i}", origin.url)) for i in range(5)
+            ),
             message="A's tagged entries in L2",
         )
-        tag_purge = await fetch(session, "POST", b.admin_url + "/purge",
-                                json={"tags": ["shared"]}, headers=AUTH)
+        tag_purge = await fetch(
+            session, "POST", b.admin_url + "/purge", json={"tags": ["shared"]}, headers=AUTH
+        )
         assert tag_purge.status == 200, tag_purge
 
         async def a_l1_empty() -> bool:
@@ -88,8 +98,12 @@ async def test_a_purge_on_one_replica_empties_the_other_replicas_l1_and_l3(
 
 
 async def test_replica_that_reconnects_clears_its_l1(
-    origin, make_proxy, admin_for, redis_server, redis_url
-):
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
     origin.set_default(headers=CACHEABLE)
     proxy = await make_proxy(SQLITE_PATH="off")
     admin = await admin_for(proxy)
@@ -103,8 +117,11 @@ async def test_replica_that_reconnects_clears_its_l1(
 
     redis_server.kill()
     try:
-        await wait_for_condition(lambda: invalidation.state != "connected", timeout=10,
-                                 message="the subscriber noticing Redis is gone")
+        await wait_for_condition(
+            lambda: invalidation.state != "connected",
+            timeout=10,
+            message="the subscriber noticing Redis is gone",
+        )
         # Within its purge lease L1 keeps serving (nothing was purged yet that it knows of).
         assert (await proxy.get("/k0")).x_cache == "HIT-L1"
         status, body = await admin.readyz()
@@ -112,8 +129,11 @@ async def test_replica_that_reconnects_clears_its_l1(
     finally:
         redis_server.start()
 
-    await wait_for_condition(lambda: invalidation.state == "connected", timeout=15,
-                             message="resubscribed after Redis came back")
+    await wait_for_condition(
+        lambda: invalidation.state == "connected",
+        timeout=15,
+        message="resubscribed after Redis came back",
+    )
     assert len(l1) == 0  # Redis came back empty, purge log included: L1 starts over
     m = await admin.metrics()
     assert value(m, "tierproxy_l1_clears_total", reason="reconnect") == 1
@@ -123,8 +143,8 @@ async def test_replica_that_reconnects_clears_its_l1(
 
 
 async def test_purges_reach_an_in_process_replica_and_bad_messages_are_ignored(
-    origin, make_proxy, admin_for, redis_url, redis_client
-):
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor, redis_url: str, redis_client: Any
+) -> None:
     origin.set_default(headers=CACHEABLE)
     one = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off")
     two = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off")
@@ -136,8 +156,13 @@ async def test_purges_reach_an_in_process_replica_and_bad_messages_are_ignored(
     admin_two = await admin_for(two)
 
     no_slash = {"v": 1, "keys": ["no-slash"], "tags": [], "soft": False, "at": 1, "from": "z"}
-    for junk in (b"not json", b"{}", json.dumps(no_slash).encode(), b"[1,2]",
-                 json.dumps({"v": 99}).encode()):
+    for junk in (
+        b"not json",
+        b"{}",
+        json.dumps(no_slash).encode(),
+        b"[1,2]",
+        json.dumps({"v": 99}).encode(),
+    ):
         redis_client.publish(purge_channel(origin.url), junk)
     assert (await one.request("PURGE", "/x", headers={**AUTH, "Soft-Purge": "1"})).status == 200
 

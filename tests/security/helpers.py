@@ -62,8 +62,10 @@ class EchoOrigin:
         return web.Response(
             body=json.dumps(seen).encode(),
             content_type="application/json",
-            headers={"Cache-Control": "public, max-age=60",
-                     "X-Echo-Host": request.headers.get("X-Forwarded-Host", "")},
+            headers={
+                "Cache-Control": "public, max-age=60",
+                "X-Echo-Host": request.headers.get("X-Forwarded-Host", ""),
+            },
         )
 
 
@@ -114,7 +116,7 @@ class _FastOriginProtocol(asyncio.Protocol):
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 break
-            head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
             self.origin.count += 1
             body = b"origin body for " + head.split(b" ", 2)[1]
             assert self.transport is not None
@@ -143,9 +145,7 @@ class FastOrigin:
 
     async def start(self) -> FastOrigin:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _FastOriginProtocol(self), "127.0.0.1", 0
-        )
+        self._server = await loop.create_server(lambda: _FastOriginProtocol(self), "127.0.0.1", 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 
@@ -165,10 +165,10 @@ async def pipelined_gets(port: int, targets: list[str], batch: int = 32) -> list
     statuses: list[int] = []
     try:
         for start in range(0, len(targets), batch):
-            part = targets[start:start + batch]
-            await conn.send(b"".join(
-                b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % t.encode() for t in part
-            ))
+            part = targets[start : start + batch]
+            await conn.send(
+                b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % t.encode() for t in part)
+            )
             for _ in part:
                 statuses.append(status_of(await conn.read_response(timeout=10)))
     finally:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.fixture_types import MakeProxy
+from support.origin import Origin
 
-from .helpers import raw_exchange, status_of
+from .helpers import EchoOrigin, raw_exchange, status_of
 
 INJECTED = "evil.example<script>alert(1)</script>"
 
@@ -42,8 +44,8 @@ def _seen_headers(body: bytes) -> dict[str, str]:
 
 @pytest.mark.parametrize("header", UNKEYED)
 async def test_an_unkeyed_header_never_shapes_what_the_next_client_gets(
-    header, echo_origin, make_proxy
-):
+    header: str, echo_origin: EchoOrigin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(ORIGIN=echo_origin.url)
     target = f"/page?for={header}"
 
@@ -60,11 +62,14 @@ async def test_an_unkeyed_header_never_shapes_what_the_next_client_gets(
     assert all("evil" not in value for value in seen.values()), seen
 
 
-async def test_the_allowlist_forwards_a_header_the_operator_trusts(echo_origin, make_proxy):
+async def test_the_allowlist_forwards_a_header_the_operator_trusts(
+    echo_origin: EchoOrigin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(ORIGIN=echo_origin.url, FORWARD_HEADERS="X-Forwarded-Host")
 
-    response = await proxy.get("/page", headers={"X-Forwarded-Host": "cdn.example",
-                                                 "X-Original-URL": "/admin"})
+    response = await proxy.get(
+        "/page", headers={"X-Forwarded-Host": "cdn.example", "X-Original-URL": "/admin"}
+    )
 
     seen = _seen_headers(response.body)
     assert seen.get("x-forwarded-host") == "cdn.example"
@@ -72,8 +77,8 @@ async def test_the_allowlist_forwards_a_header_the_operator_trusts(echo_origin, 
 
 
 async def test_x_forwarded_for_is_the_peer_unless_the_operator_trusts_the_clients_value(
-    echo_origin, make_proxy
-):
+    echo_origin: EchoOrigin, make_proxy: MakeProxy
+) -> None:
     default = await make_proxy(ORIGIN=echo_origin.url)
     behind_lb = await make_proxy(ORIGIN=echo_origin.url, FORWARD_HEADERS="X-Forwarded-For")
 
@@ -87,8 +92,8 @@ async def test_x_forwarded_for_is_the_peer_unless_the_operator_trusts_the_client
 
 
 async def test_a_method_override_never_turns_a_cached_get_into_something_else(
-    echo_origin, make_proxy
-):
+    echo_origin: EchoOrigin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(ORIGIN=echo_origin.url)
 
     response = await proxy.get("/item", headers={"X-HTTP-Method-Override": "DELETE"})
@@ -101,7 +106,9 @@ async def test_a_method_override_never_turns_a_cached_get_into_something_else(
 # -- fat GET ----------------------------------------------------------------------------------
 
 
-async def test_a_get_with_a_body_is_passed_through_and_never_cached(echo_origin, make_proxy):
+async def test_a_get_with_a_body_is_passed_through_and_never_cached(
+    echo_origin: EchoOrigin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(ORIGIN=echo_origin.url)
 
     fat = await proxy.request("GET", "/search?q=1", data=b"q=evil")
@@ -116,7 +123,9 @@ async def test_a_get_with_a_body_is_passed_through_and_never_cached(echo_origin,
     assert b"evil" not in clean_again.body
 
 
-async def test_a_fat_get_is_not_answered_from_the_cache_either(echo_origin, make_proxy):
+async def test_a_fat_get_is_not_answered_from_the_cache_either(
+    echo_origin: EchoOrigin, make_proxy: MakeProxy
+) -> None:
     """A body the key does not see may change the answer: never serve a stored one for it."""
     proxy = await make_proxy(ORIGIN=echo_origin.url)
     await proxy.get("/search?q=2")
@@ -128,7 +137,9 @@ async def test_a_fat_get_is_not_answered_from_the_cache_either(echo_origin, make
     assert len(echo_origin.requests) == 2
 
 
-async def test_a_chunked_fat_get_is_passed_through_too(echo_origin, make_proxy):
+async def test_a_chunked_fat_get_is_passed_through_too(
+    echo_origin: EchoOrigin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(ORIGIN=echo_origin.url)
 
     response = await raw_exchange(
@@ -158,7 +169,9 @@ async def test_a_chunked_fat_get_is_passed_through_too(echo_origin, make_proxy):
         "/p;jsessionid=1?a=1",
     ],
 )
-async def test_no_parameter_is_dropped_from_the_key_that_is_forwarded(target, origin, make_proxy):
+async def test_no_parameter_is_dropped_from_the_key_that_is_forwarded(
+    target: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     from tierproxy.keys import normalise_target
 
     proxy = await make_proxy()

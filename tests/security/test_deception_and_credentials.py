@@ -9,8 +9,13 @@ concurrent fetch it was coalesced with.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
+from support.fixture_types import MakeProxy
+from support.origin import Origin
+from support.proxy import ProxyHandle
 
 ALICE = {"Cookie": "session=alice"}
 BOB = {"Cookie": "session=bob"}
@@ -21,19 +26,32 @@ BOB = {"Cookie": "session=bob"}
     [
         ({"Set-Cookie": "session=alice; HttpOnly"}, {}),
         ({"Cache-Control": "private, max-age=60"}, {}),
-        ({"Cache-Control": "max-age=60, private=\"Set-Cookie\""}, {}),
+        ({"Cache-Control": 'max-age=60, private="Set-Cookie"'}, {}),
         ({"Cache-Control": "no-store"}, {}),
         ({}, ALICE),  # heuristically cacheable .css, but the request carried a cookie
         ({"Cache-Control": "max-age=60"}, ALICE),
         ({"Cache-Control": "max-age=60"}, {"Authorization": "Bearer alice-token"}),
         ({"Cache-Control": "public, max-age=60", "Set-Cookie": "session=alice"}, ALICE),
     ],
-    ids=["set-cookie", "private", "private-with-field", "no-store", "cookie-request",
-         "cookie-request-max-age", "authorization-request", "public-but-set-cookie"],
+    ids=[
+        "set-cookie",
+        "private",
+        "private-with-field",
+        "no-store",
+        "cookie-request",
+        "cookie-request-max-age",
+        "authorization-request",
+        "public-but-set-cookie",
+    ],
 )
 async def test_a_personal_static_looking_response_is_never_served_to_another_client(
-    response_headers, request_headers, origin, make_proxy, redis_client, sqlite_path
-):
+    response_headers: dict[str, str],
+    request_headers: dict[str, str],
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_client: Any,
+    sqlite_path: Path,
+) -> None:
     from support.storage import redis_tier_keys, sqlite_count
 
     origin.set("/account/me.css", headers=response_headers)
@@ -52,7 +70,9 @@ async def test_a_personal_static_looking_response_is_never_served_to_another_cli
     assert (stored_in_l2, stored_in_l3) == (0, 0)  # nothing reached a shared tier either
 
 
-async def test_extension_alone_makes_nothing_cacheable(origin, make_proxy):
+async def test_extension_alone_makes_nothing_cacheable(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """Path confusion (/account/me/x.css served by /account/me): headers decide, not ".css"."""
     origin.set("/account/me/x.css", headers={"Cache-Control": "no-cache, no-store"})
     proxy = await make_proxy()
@@ -63,11 +83,14 @@ async def test_extension_alone_makes_nothing_cacheable(origin, make_proxy):
     assert other.x_cache == "BYPASS" and other.body.endswith(b"(request 2)")
 
 
-async def test_set_cookie_is_never_replayed_from_the_cache(origin, make_proxy):
+async def test_set_cookie_is_never_replayed_from_the_cache(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     # Explicitly shareable, yet it sets a cookie: not stored at all (belt and braces: the
     # header is never part of a stored entry either).
-    origin.set("/promo", headers={"Cache-Control": "public, s-maxage=60",
-                                  "Set-Cookie": "tracking=alice"})
+    origin.set(
+        "/promo", headers={"Cache-Control": "public, s-maxage=60", "Set-Cookie": "tracking=alice"}
+    )
     proxy = await make_proxy()
 
     responses = [await proxy.get("/promo") for _ in range(3)]
@@ -87,8 +110,8 @@ async def test_set_cookie_is_never_replayed_from_the_cache(origin, make_proxy):
     ],
 )
 async def test_responses_to_authorized_requests_follow_rfc_9111_section_3_5(
-    cache_control, shared, origin, make_proxy
-):
+    cache_control: str, shared: bool, origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set("/api/report", headers={"Cache-Control": cache_control})
     proxy = await make_proxy()
 
@@ -110,15 +133,16 @@ async def test_responses_to_authorized_requests_follow_rfc_9111_section_3_5(
 
 
 async def test_a_coalesced_waiter_never_gets_a_variant_chosen_for_another_client(
-    origin, make_proxy
-):
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """Vary: Cookie - the origin says the answer depends on who asks.
 
     Two clients miss on one key at once; the second waits for the first's fetch. It must not
     be handed the first client's variant.
     """
-    origin.set("/dashboard", headers={"Cache-Control": "public, max-age=60", "Vary": "Cookie"},
-               latency=0.3)
+    origin.set(
+        "/dashboard", headers={"Cache-Control": "public, max-age=60", "Vary": "Cookie"}, latency=0.3
+    )
     proxy = await make_proxy()
 
     alice_task = asyncio.create_task(proxy.get("/dashboard", headers=ALICE))
@@ -128,7 +152,7 @@ async def test_a_coalesced_waiter_never_gets_a_variant_chosen_for_another_client
 
     assert alice.body.endswith(b"(request 1)")
     assert bob.body.endswith(b"(request 2)"), bob
-    cookies = [r.headers.get("Cookie") for r in origin.requests]
+    cookies = [r.headers.get("Cookie", "") for r in origin.requests]
     assert sorted(cookies) == ["session=alice", "session=bob"]
     # Bob was coalesced with alice's fetch (he waited on it), then fetched his own variant
     # after it: never two fetches of the key at once.
@@ -137,11 +161,10 @@ async def test_a_coalesced_waiter_never_gets_a_variant_chosen_for_another_client
 
 
 async def test_a_coalesced_waiter_never_gets_another_clients_error_with_its_cookie(
-    origin, make_proxy
-):
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """An origin 5xx is shared with waiters only when nothing in it is personal."""
-    origin.set("/profile", status=500, headers={"Set-Cookie": "session=alice-renewed"},
-               latency=0.3)
+    origin.set("/profile", status=500, headers={"Set-Cookie": "session=alice-renewed"}, latency=0.3)
     proxy = await make_proxy()
 
     alice_task = asyncio.create_task(proxy.get("/profile", headers=ALICE))
@@ -158,6 +181,6 @@ async def test_a_coalesced_waiter_never_gets_another_clients_error_with_its_cook
     assert origin.peak_concurrency("/profile") == 1
 
 
-def _coalesced_waiters(proxy) -> float:
+def _coalesced_waiters(proxy: ProxyHandle) -> float:
     value = proxy.state.metrics.registry.get_sample_value("tierproxy_coalesced_waiters_total")
     return value or 0.0

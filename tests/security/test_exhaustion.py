@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.proxy import Fetched, ProxyHandle
 from support.wait import wait_for_condition
 
 from .helpers import (
@@ -27,13 +32,18 @@ UNIQUE_URLS = 10_000
 
 @pytest.mark.slow
 async def test_ten_thousand_unique_query_strings_keep_l1_bounded_and_every_redis_key_expires(
-    make_proxy, redis_client
-):
+    make_proxy: MakeProxy, redis_client: Any
+) -> None:
     l1_max = 200_000
     fast_origin = await FastOrigin().start()
     try:
-        proxy = await make_proxy(ORIGIN=fast_origin.url, L1_MAX_BYTES=l1_max, SQLITE_PATH="off",
-                                 BACKFILL_MAX_TASKS=1024, ACCESS_LOG="off")
+        proxy = await make_proxy(
+            ORIGIN=fast_origin.url,
+            L1_MAX_BYTES=l1_max,
+            SQLITE_PATH="off",
+            BACKFILL_MAX_TASKS=1024,
+            ACCESS_LOG="off",
+        )
         l1 = proxy.state.tiers[0].backend
         assert l1.name == "l1"
         high_water = 0
@@ -80,7 +90,9 @@ def _get(target: bytes, extra: bytes = b"") -> bytes:
     return b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + extra + b"Connection: close\r\n\r\n"
 
 
-async def test_an_over_long_request_target_is_refused_with_414(origin, make_proxy):
+async def test_an_over_long_request_target_is_refused_with_414(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(MAX_URL_BYTES=1024)
 
     at_limit = await raw_exchange(proxy.port, _get(b"/" + b"a" * 1023))
@@ -94,7 +106,9 @@ async def test_an_over_long_request_target_is_refused_with_414(origin, make_prox
     assert [r.path_qs for r in origin.requests] == ["/" + "a" * 1023]
 
 
-async def test_the_default_target_limit_is_8192_bytes(origin, make_proxy):
+async def test_the_default_target_limit_is_8192_bytes(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     at_limit = await raw_exchange(proxy.port, _get(b"/" + b"b" * 8191))
@@ -107,7 +121,9 @@ async def test_the_default_target_limit_is_8192_bytes(origin, make_proxy):
     assert status_of(too_long) == 414
 
 
-async def test_over_long_or_too_many_header_lines_are_refused_with_431(origin, make_proxy):
+async def test_over_long_or_too_many_header_lines_are_refused_with_431(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(MAX_HEADER_BYTES=1024, MAX_HEADERS=20)
     # A value of exactly 1024 bytes is allowed; one more byte is not.
     at_limit = await raw_exchange(proxy.port, _get(b"/h1", b"X-Big: " + b"v" * 1024 + b"\r\n"))
@@ -123,7 +139,9 @@ async def test_over_long_or_too_many_header_lines_are_refused_with_431(origin, m
     assert [r.path for r in origin.requests] == ["/h1"]
 
 
-async def test_the_default_header_limits_refuse_a_huge_header_and_header_floods(origin, make_proxy):
+async def test_the_default_header_limits_refuse_a_huge_header_and_header_floods(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     huge = await raw_exchange(proxy.port, _get(b"/h", b"Cookie: " + b"c" * 9000 + b"\r\n"))
@@ -135,7 +153,9 @@ async def test_the_default_header_limits_refuse_a_huge_header_and_header_floods(
     assert origin.count() == 0
 
 
-async def test_request_bodies_over_the_cap_are_refused_with_413(origin, make_proxy):
+async def test_request_bodies_over_the_cap_are_refused_with_413(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(MAX_BODY_BYTES=1000)
 
     by_length = await first_response(
@@ -149,7 +169,12 @@ async def test_request_bodies_over_the_cap_are_refused_with_413(origin, make_pro
     chunked = await first_response(
         proxy.port,
         b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + b"200\r\n" + b"y" * 512 + b"\r\n" + b"200\r\n" + b"y" * 512 + b"\r\n0\r\n\r\n",
+        + b"200\r\n"
+        + b"y" * 512
+        + b"\r\n"
+        + b"200\r\n"
+        + b"y" * 512
+        + b"\r\n0\r\n\r\n",
     )
     fat_get = await first_response(
         proxy.port, b"GET /up HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"z" * 2000
@@ -166,7 +191,9 @@ async def test_request_bodies_over_the_cap_are_refused_with_413(origin, make_pro
 # -- slow clients ----------------------------------------------------------------------------
 
 
-async def test_a_slowloris_head_is_cut_off_without_blocking_other_clients(origin, make_proxy):
+async def test_a_slowloris_head_is_cut_off_without_blocking_other_clients(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(HEADER_TIMEOUT=0.5)
     loop = asyncio.get_running_loop()
     slow = await RawConnection.open(proxy.port)
@@ -206,7 +233,7 @@ async def test_a_slowloris_head_is_cut_off_without_blocking_other_clients(origin
     assert origin.count("/slow") == 0
 
 
-async def test_a_client_that_connects_and_says_nothing_is_cut_off(make_proxy):
+async def test_a_client_that_connects_and_says_nothing_is_cut_off(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy(HEADER_TIMEOUT=0.3)
     conn = await RawConnection.open(proxy.port)
     try:
@@ -216,7 +243,9 @@ async def test_a_client_that_connects_and_says_nothing_is_cut_off(make_proxy):
     assert status_of(answer) == 408, answer
 
 
-async def test_an_idle_keep_alive_connection_is_not_cut_by_the_head_timer(origin, make_proxy):
+async def test_an_idle_keep_alive_connection_is_not_cut_by_the_head_timer(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """Between requests the connection is idle, not slow: only the keep-alive timeout applies."""
     proxy = await make_proxy(HEADER_TIMEOUT=0.3, KEEPALIVE_TIMEOUT=1.5)
     loop = asyncio.get_running_loop()
@@ -240,7 +269,9 @@ async def test_an_idle_keep_alive_connection_is_not_cut_by_the_head_timer(origin
     assert [r.path for r in origin.requests] == ["/ka", "/ka2"]
 
 
-async def test_a_trickled_body_is_cut_off_by_the_body_timeout(origin, make_proxy):
+async def test_a_trickled_body_is_cut_off_by_the_body_timeout(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy(BODY_TIMEOUT=0.5)
     conn = await RawConnection.open(proxy.port)
     loop = asyncio.get_running_loop()
@@ -256,7 +287,9 @@ async def test_a_trickled_body_is_cut_off_by_the_body_timeout(origin, make_proxy
     assert origin.count() == 0
 
 
-async def test_the_cli_listener_has_the_same_limits(origin, spawn_proxy):
+async def test_the_cli_listener_has_the_same_limits(
+    origin: Origin, spawn_proxy: SpawnProxy
+) -> None:
     """`tierproxy serve` runs the hardened listener (not only this suite's fixture)."""
     proxy = await spawn_proxy(HEADER_TIMEOUT=0.5, MAX_URL_BYTES=1024, SQLITE_PATH="off")
 
@@ -273,15 +306,18 @@ async def test_the_cli_listener_has_the_same_limits(origin, spawn_proxy):
     assert origin.count() == 0
 
 
-async def test_a_client_that_stops_reading_cannot_hold_origin_connections(origin, make_proxy):
+async def test_a_client_that_stops_reading_cannot_hold_origin_connections(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """Slow read: clients that ask for a streamed response and never read it.
 
     Each holds a pooled origin connection while its response waits; as many of them as the
     pool has connections would stop every cache miss. The send timeout cuts them off.
     """
     origin.set("/big", size=30_000_000, chunked=True)
-    proxy = await make_proxy(MAX_ENTRY_BYTES=65536, ORIGIN_MAX_CONNECTIONS=2, ORIGIN_TIMEOUT=1.0,
-                             SEND_TIMEOUT=0.5)
+    proxy = await make_proxy(
+        MAX_ENTRY_BYTES=65536, ORIGIN_MAX_CONNECTIONS=2, ORIGIN_TIMEOUT=1.0, SEND_TIMEOUT=0.5
+    )
     loop = asyncio.get_running_loop()
     stalled = [await RawConnection.open(proxy.port) for _ in range(2)]
     try:
@@ -298,13 +334,13 @@ async def test_a_client_that_stops_reading_cannot_hold_origin_connections(origin
         for conn in stalled:
             await conn.close()
 
-    assert other.x_cache == "MISS", other
+    assert other is not None and other.x_cache == "MISS", other
     assert served_after < 4.0, served_after
     assert all(n < 30_000_000 for n in received), received  # cut off, not served in full
 
 
-def _fetch_ok(proxy, path):
-    async def fetch():
+def _fetch_ok(proxy: ProxyHandle, path: str) -> Callable[[], Awaitable[Fetched | None]]:
+    async def fetch() -> Fetched | None:
         response = await proxy.get(path, timeout=3)
         return response if response.status == 200 else None
 
@@ -322,10 +358,16 @@ def _fetch_ok(proxy, path):
         "/" + "a" * 60 + "?q=%41",
         "/x" * 40 + "/./%",
     ],
-    ids=["long-segment-then-escape", "many-segments-then-bad-char", "path-then-escaped-query",
-         "dot-segment-then-escape"],
+    ids=[
+        "long-segment-then-escape",
+        "many-segments-then-bad-char",
+        "path-then-escaped-query",
+        "dot-segment-then-escape",
+    ],
 )
-async def test_key_normalisation_stays_linear_on_adversarial_targets(target, origin, make_proxy):
+async def test_key_normalisation_stays_linear_on_adversarial_targets(
+    target: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     """A regex that backtracks exponentially on client bytes would freeze every client."""
     from tierproxy.keys import BadTarget, normalise_target
 
@@ -349,7 +391,9 @@ async def test_key_normalisation_stays_linear_on_adversarial_targets(target, ori
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["no-length", "length-over-entry-cap"])
-async def test_large_responses_are_streamed_not_buffered(chunked, origin, make_proxy):
+async def test_large_responses_are_streamed_not_buffered(
+    chunked: bool, origin: Origin, make_proxy: MakeProxy
+) -> None:
     size, first_part = 4_000_000, 1_000_000
     origin.set("/big", size=size, chunked=chunked, pause_after=first_part, chunk_size=65536)
     proxy = await make_proxy(MAX_ENTRY_BYTES=65536)

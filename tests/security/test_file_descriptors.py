@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support.fixture_types import MakeProxy
 from support.net import free_port
 from support.origin import Origin
 from support.proxy import SpawnedProxy, start_subprocess_proxy
@@ -33,7 +34,9 @@ REQUEST = b"GET /a HTTP/1.1\r\nHost: proxy\r\n\r\n"
 
 
 @pytest.fixture
-async def spawn_limited(origin: Origin, tmp_path: Path) -> AsyncIterator[Callable[..., SpawnedProxy]]:
+async def spawn_limited(
+    origin: Origin, tmp_path: Path
+) -> AsyncIterator[Callable[..., SpawnedProxy]]:
     procs: list[SpawnedProxy] = []
 
     def factory(nofile: int, event_loop: str = "uvloop", **env: str) -> SpawnedProxy:
@@ -52,8 +55,9 @@ async def spawn_limited(origin: Origin, tmp_path: Path) -> AsyncIterator[Callabl
             "TIERPROXY_ACCESS_LOG": "off",
             **env,
         }
-        proc = start_subprocess_proxy(full_env, tmp_path / "logs", tmp_path, nofile=nofile,
-                                      extra_pythonpath=extra)
+        proc = start_subprocess_proxy(
+            full_env, tmp_path / "logs", tmp_path, nofile=nofile, extra_pythonpath=extra
+        )
         procs.append(proc)
         return proc
 
@@ -106,11 +110,15 @@ async def test_idle_keepalive_connections_at_the_descriptor_limit_lock_nobody_ou
     origin: Origin, spawn_limited: Callable[..., SpawnedProxy], event_loop: str
 ) -> None:
     origin.set("/a", body=b"a body", headers={"Cache-Control": "public, max-age=600"})
-    proxy = spawn_limited(NOFILE, event_loop, TIERPROXY_ORIGIN_MAX_CONNECTIONS="10",
-                          TIERPROXY_KEEPALIVE_TIMEOUT="300")
+    proxy = spawn_limited(
+        NOFILE, event_loop, TIERPROXY_ORIGIN_MAX_CONNECTIONS="10", TIERPROXY_KEEPALIVE_TIMEOUT="300"
+    )
     await proxy.wait_healthy(20)
-    await wait_for_condition(lambda: f"event loop: {event_loop}" in proxy.stderr, timeout=10,
-                             message=f"the proxy on {event_loop}")
+    await wait_for_condition(
+        lambda: f"event loop: {event_loop}" in proxy.stderr,
+        timeout=10,
+        message=f"the proxy on {event_loop}",
+    )
     clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     unanswered = 0
     try:
@@ -126,17 +134,20 @@ async def test_idle_keepalive_connections_at_the_descriptor_limit_lock_nobody_ou
             metrics = await session.get(proxy.admin_url + "/metrics")
             text = await metrics.text()
         assert unanswered == 0, f"{unanswered} of {IDLE_CLIENTS} clients got no answer"
-        closed = _metric(text, "tierproxy_client_connections_shed_total",
-                         'action="idle-closed",listener="proxy"')
+        closed = _metric(
+            text, "tierproxy_client_connections_shed_total", 'action="idle-closed",listener="proxy"'
+        )
         assert closed >= IDLE_CLIENTS - NOFILE, text[-2000:]
-        assert _metric(text, "tierproxy_client_connection_cap_episodes_total",
-                       'listener="proxy"') == 1
+        assert (
+            _metric(text, "tierproxy_client_connection_cap_episodes_total", 'listener="proxy"') == 1
+        )
         # The oldest idle connections were the ones closed: the first client's is gone.
         first_reader = clients[0][0]
         async with asyncio.timeout(5):
             assert await first_reader.read(100) == b""
         cap_lines = await wait_for_condition(
-            lambda: _cap_lines(proxy), timeout=10, message="the cap's log line")
+            lambda: _cap_lines(proxy), timeout=10, message="the cap's log line"
+        )
         assert len(cap_lines) == 1, cap_lines  # one line for the episode, not one per connection
 
         # The episode ends when the connections fall to half the cap; the next one is new.
@@ -145,14 +156,17 @@ async def test_idle_keepalive_connections_at_the_descriptor_limit_lock_nobody_ou
         clients.clear()
         async with aiohttp.ClientSession() as session:
             await wait_for_condition(
-                lambda: _open_connections(session, proxy), timeout=10,
-                message="the proxy to see the clients gone")
+                lambda: _open_connections(session, proxy),
+                timeout=10,
+                message="the proxy to see the clients gone",
+            )
         for _ in range(3):
             batch = await asyncio.gather(*(_keepalive_exchange(proxy.port) for _ in range(50)))
             clients += [c for c in batch if c is not None]
             assert all(c is not None for c in batch)
         second = await wait_for_condition(
-            lambda: len(_cap_lines(proxy)) == 2, timeout=10, message="a second episode's line")
+            lambda: len(_cap_lines(proxy)) == 2, timeout=10, message="a second episode's line"
+        )
         assert second
     finally:
         for _, writer in clients:
@@ -170,7 +184,8 @@ async def _open_connections(session: aiohttp.ClientSession, proxy: SpawnedProxy)
     async with session.get(proxy.admin_url + "/metrics") as resp:
         text = await resp.text()
     return _metric(text, "tierproxy_client_connections", 'listener="proxy"') <= (
-        _metric(text, "tierproxy_client_connections_max", 'listener="proxy"') // 2)
+        _metric(text, "tierproxy_client_connections_max", 'listener="proxy"') // 2
+    )
 
 
 async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(
@@ -190,8 +205,11 @@ async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(
         limits = Path(f"/proc/{proxy.pid}/limits").read_text()
         line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
         assert line.split()[3:5] == ["512", "512"], line
-        await wait_for_condition(lambda: "RLIMIT_NOFILE" in proxy.stderr, timeout=10,
-                                 message="the descriptor limit in the log")
+        await wait_for_condition(
+            lambda: "RLIMIT_NOFILE" in proxy.stderr,
+            timeout=10,
+            message="the descriptor limit in the log",
+        )
     finally:
         proxy.cleanup()
 
@@ -210,22 +228,26 @@ async def test_a_cap_the_descriptor_limit_cannot_hold_stops_start_up(
 
 
 async def test_a_new_connection_is_refused_with_503_when_none_is_idle(
-    origin: Origin, make_proxy: Callable[..., object]
+    origin: Origin, make_proxy: MakeProxy
 ) -> None:
     # Every connection has a request in progress (the origin hangs): nothing idle to close,
     # so the one over the cap gets a 503 and is closed; the others are answered when the
     # origin is.
     origin.set("/slow", hang=True, headers={"Cache-Control": "no-store"})
-    proxy = await make_proxy(MAX_CLIENT_CONNECTIONS=4, ORIGIN_TIMEOUT=10,  # type: ignore[operator]
-                             REQUEST_DEADLINE=10, SQLITE_PATH="off")
+    proxy = await make_proxy(
+        MAX_CLIENT_CONNECTIONS=4, ORIGIN_TIMEOUT=10, REQUEST_DEADLINE=10, SQLITE_PATH="off"
+    )
     busy: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         for n in range(4):  # distinct keys: no coalescing
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(b"GET /slow?%d HTTP/1.1\r\nHost: x\r\n\r\n" % n)
             busy.append((reader, writer))
-        await wait_for_condition(lambda: len(origin.requests_for("/slow")) == 4, timeout=5,
-                                 message="four requests at the origin")
+        await wait_for_condition(
+            lambda: len(origin.requests_for("/slow")) == 4,
+            timeout=5,
+            message="four requests at the origin",
+        )
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         try:
             async with asyncio.timeout(5):
@@ -263,8 +285,14 @@ async def test_idle_admin_connections_never_stop_the_admin_port_answering(
         async with aiohttp.ClientSession() as session:
             assert await _get(session, proxy.admin_url + "/healthz") == 200
             text = await (await session.get(proxy.admin_url + "/metrics")).text()
-        assert _metric(text, "tierproxy_client_connections_shed_total",
-                       'action="idle-closed",listener="admin"') >= IDLE_CLIENTS - 32
+        assert (
+            _metric(
+                text,
+                "tierproxy_client_connections_shed_total",
+                'action="idle-closed",listener="admin"',
+            )
+            >= IDLE_CLIENTS - 32
+        )
     finally:
         for writer in idle:
             writer.close()

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.fixture_types import MakeProxy
+from support.origin import Origin
+from support.proxy import ProxyHandle
 from yarl import URL
 
 from tierproxy.keys import BadTarget, normalise_target
@@ -23,12 +28,66 @@ from .helpers import raw_exchange, status_of
 # backslashes, mixed-case escapes, escaped unreserved characters, malformed escapes,
 # matrix parameters, doubled slashes, fragments, spaces and non-ASCII.
 _PIECES = [
-    "a", "B", "x.css", ".", "..", "...", "%2e", "%2E", "%2e%2E", "%2f", "%2F", "%5c", "\\",
-    "%61", "%41", "%7e", "%7E", "~", "%25", "%", "%zz", "%4", ";", ";x=1", "..;", "=", "&",
-    "@", ":", "+", "%20", " ", "%C3%A9", "\u00e9", "*", "!", "$", "'", "(", ")", ",", "%00",
+    "a",
+    "B",
+    "x.css",
+    ".",
+    "..",
+    "...",
+    "%2e",
+    "%2E",
+    "%2e%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "\\",
+    "%61",
+    "%41",
+    "%7e",
+    "%7E",
+    "~",
+    "%25",
+    "%",
+    "%zz",
+    "%4",
+    ";",
+    ";x=1",
+    "..;",
+    "=",
+    "&",
+    "@",
+    ":",
+    "+",
+    "%20",
+    " ",
+    "%C3%A9",
+    "\u00e9",
+    "*",
+    "!",
+    "$",
+    "'",
+    "(",
+    ")",
+    ",",
+    "%00",
 ]
-_QUERY_PIECES = ["a=1", "b=%2F", "b=%2f", "c=%7e", "c=~", "d=a+b", "d=a%20b", "e", "", "%zz",
-                 "f=/x/../y", "g=?", "h=%3D", "#frag", "i=\u00e9"]
+_QUERY_PIECES = [
+    "a=1",
+    "b=%2F",
+    "b=%2f",
+    "c=%7e",
+    "c=~",
+    "d=a+b",
+    "d=a%20b",
+    "e",
+    "",
+    "%zz",
+    "f=/x/../y",
+    "g=?",
+    "h=%3D",
+    "#frag",
+    "i=\u00e9",
+]
 
 segments = st.lists(st.sampled_from(_PIECES), min_size=0, max_size=4).map("".join)
 paths = st.lists(segments, min_size=1, max_size=6).map(lambda parts: "/" + "/".join(parts))
@@ -59,8 +118,8 @@ def _variant(target: str, rnd: random.Random) -> str:
     i = 0
     while i < len(target):
         char = target[i]
-        if char == "%" and len(target[i + 1:i + 3]) == 2:
-            digits = target[i + 1:i + 3]
+        if char == "%" and len(target[i + 1 : i + 3]) == 2:
+            digits = target[i + 1 : i + 3]
             out.append("%" + (digits.swapcase() if rnd.random() < 0.5 else digits))
             i += 3
             continue
@@ -78,7 +137,7 @@ def _variant(target: str, rnd: random.Random) -> str:
 
 @settings(max_examples=250, deadline=None)
 @given(targets)
-def test_key_material_is_a_fixed_point_and_is_exactly_the_forwarded_target(target):
+def test_key_material_is_a_fixed_point_and_is_exactly_the_forwarded_target(target: str) -> None:
     try:
         material = normalise_target(target)
     except BadTarget:
@@ -95,7 +154,9 @@ def test_key_material_is_a_fixed_point_and_is_exactly_the_forwarded_target(targe
 
 @settings(max_examples=200, deadline=None)
 @given(targets, st.randoms(use_true_random=False))
-def test_equivalent_spellings_get_one_key_and_one_forwarded_url(target, rnd):
+def test_equivalent_spellings_get_one_key_and_one_forwarded_url(
+    target: str, rnd: random.Random
+) -> None:
     variant = _variant(target, rnd)
     try:
         material = normalise_target(target)
@@ -111,24 +172,25 @@ def test_equivalent_spellings_get_one_key_and_one_forwarded_url(target, rnd):
     assert forwarded_url(variant_material) == forwarded_url(material)
 
 
-_shared: dict[str, object] = {}
+_shared: dict[str, Any] = {}
 
 
-async def _proxy_for(origin, make_proxy):
+async def _proxy_for(origin: Origin, make_proxy: MakeProxy) -> ProxyHandle:
     """One proxy for all examples of a hypothesis run (fixtures are set up once per test)."""
-    handle = _shared.get("proxy")
+    handle: ProxyHandle | None = _shared.get("proxy")
     if handle is None or handle.closed or _shared.get("origin") is not origin:
         handle = await make_proxy(SQLITE_PATH="off")
         _shared.update(proxy=handle, origin=origin)
     return handle
 
 
-@settings(max_examples=120, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(target=targets)
 async def test_through_the_proxy_a_target_is_refused_or_forwarded_exactly_as_keyed(
-    target, origin, make_proxy
-):
+    target: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     """End to end, raw bytes: 400, or the origin sees exactly the key material.
 
     One proxy serves every example (hypothesis reuses the fixtures), so a key met before is
@@ -175,8 +237,8 @@ async def test_through_the_proxy_a_target_is_refused_or_forwarded_exactly_as_key
     ],
 )
 async def test_equivalent_targets_share_one_entry_and_one_forwarded_url(
-    first, second, origin, make_proxy
-):
+    first: str, second: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     one = await raw_exchange(proxy.port, _get(first))
@@ -199,7 +261,9 @@ async def test_equivalent_targets_share_one_entry_and_one_forwarded_url(
         "/q?" + "k=v&" * 1700,  # a very long query string (under the 8192-byte target limit)
     ],
 )
-async def test_odd_targets_are_forwarded_exactly_as_keyed(target, origin, make_proxy):
+async def test_odd_targets_are_forwarded_exactly_as_keyed(
+    target: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_exchange(
@@ -213,7 +277,9 @@ async def test_odd_targets_are_forwarded_exactly_as_keyed(target, origin, make_p
 
 
 @pytest.mark.parametrize("target", ["/a%zz", "/a%", "/a%4", "/q?x=%g1", "/a#frag", "*"])
-async def test_unkeyable_targets_are_refused_with_400(target, origin, make_proxy):
+async def test_unkeyable_targets_are_refused_with_400(
+    target: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_exchange(
@@ -225,8 +291,8 @@ async def test_unkeyable_targets_are_refused_with_400(target, origin, make_proxy
 
 
 async def test_shared_tier_keys_are_a_fixed_length_sha256_of_namespace_and_key_material(
-    origin, make_proxy, redis_client, sqlite_path
-):
+    origin: Origin, make_proxy: MakeProxy, redis_client: Any, sqlite_path: Path
+) -> None:
     from support.storage import sqlite_keys
 
     proxy = await make_proxy()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support.fixture_types import MakeProxy
 from support.net import free_port
 from support.origin import Origin, make_body
 from support.proxy import SpawnedProxy, start_subprocess_proxy
@@ -121,7 +122,10 @@ async def _read_response(sock: socket.socket, length: int, timeout: float = 30.0
     ],
 )
 async def test_slow_readers_of_a_big_hit_share_the_stored_bytes(
-    origin: Origin, spawn: Callable[..., SpawnedProxy], event_loop: str, path_name: str,
+    origin: Origin,
+    spawn: Callable[..., SpawnedProxy],
+    event_loop: str,
+    path_name: str,
     extra_header: bytes,
 ) -> None:
     body = make_body(BODY_BYTES, seed=7)
@@ -134,8 +138,9 @@ async def test_slow_readers_of_a_big_hit_share_the_stored_bytes(
                 assert (await resp.read()) == body
                 assert resp.headers["X-Cache"] == expected
     loop_line = "event loop: uvloop" if event_loop == "uvloop" else "event loop: asyncio"
-    await wait_for_condition(lambda: loop_line in proxy.stderr, timeout=10,
-                             message=f"{loop_line!r} in the proxy's log")
+    await wait_for_condition(
+        lambda: loop_line in proxy.stderr, timeout=10, message=f"{loop_line!r} in the proxy's log"
+    )
 
     request = b"GET /big HTTP/1.1\r\nHost: proxy\r\n" + extra_header + b"\r\n"
     before = _rss(proxy.pid)
@@ -145,9 +150,12 @@ async def test_slow_readers_of_a_big_hit_share_the_stored_bytes(
             socks.append(_slow_socket(proxy.port, request))
         # Every client has had the first bytes of its answer: the proxy wrote to all of them.
         await wait_for_condition(
-            lambda: all(_has_bytes(s) for s in socks), timeout=30,
-            message=lambda: f"answers started on all {CLIENTS} connections "
-                            f"({sum(_has_bytes(s) for s in socks)} so far)",
+            lambda: all(_has_bytes(s) for s in socks),
+            timeout=30,
+            message=lambda: (
+                f"answers started on all {CLIENTS} connections "
+                f"({sum(_has_bytes(s) for s in socks)} so far)"
+            ),
         )
         peak = before
         for _ in range(10):  # a few samples while nothing is read: the worst seen counts
@@ -186,23 +194,26 @@ def _split_response(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     start = end + 4
     if len(data) < start + length:
         return None
-    return head, data[start:start + length], data[start + length:]
+    return head, data[start : start + length], data[start + length :]
 
 
 async def test_requests_pipelined_behind_a_big_hit_are_answered_in_order(
-    origin: Origin, make_proxy: Callable[..., object]
+    origin: Origin, make_proxy: MakeProxy
 ) -> None:
     # The rest of a big body goes out as the client drains it; what was pipelined behind it
     # (hit-path hits and full-path answers alike) waits its turn and is answered whole.
     big = make_body(2 * 1024 * 1024, seed=3)
     origin.set("/big", body=big, headers={"Cache-Control": "public, max-age=600"})
     origin.set("/small", body=b"small body", headers={"Cache-Control": "public, max-age=600"})
-    proxy = await make_proxy(SQLITE_PATH="off")  # type: ignore[operator]
+    proxy = await make_proxy(SQLITE_PATH="off")
     for path in ("/big", "/small"):
         assert (await proxy.get(path)).x_cache == "MISS"
     requests = [
-        (b"/big", b""), (b"/small", b""), (b"/big", b'If-None-Match: "other"\r\n'),
-        (b"/small", b""), (b"/big", b""),
+        (b"/big", b""),
+        (b"/small", b""),
+        (b"/big", b'If-None-Match: "other"\r\n'),
+        (b"/small", b""),
+        (b"/big", b""),
     ]
     wire = b"".join(b"GET " + p + b" HTTP/1.1\r\nHost: x\r\n" + h + b"\r\n" for p, h in requests)
     sock = _slow_socket(proxy.port, wire)
@@ -222,28 +233,29 @@ async def test_requests_pipelined_behind_a_big_hit_are_answered_in_order(
                 answers.append((head, body))
     finally:
         sock.close()
-    for (path, _), (head, body) in zip(requests, answers, strict=True):
+    for (target, _), (head, body) in zip(requests, answers, strict=True):
         assert head.startswith(b"HTTP/1.1 200 "), head[:200]
         assert b"\r\nX-Cache: HIT-L1" in head, head
-        assert body == (big if path == b"/big" else b"small body"), (path, len(body))
+        assert body == (big if target == b"/big" else b"small body"), (target, len(body))
     assert data == b""
 
 
 async def test_a_big_l3_hit_looked_up_by_the_hit_path_is_sent_whole_to_a_slow_reader(
-    origin: Origin, make_proxy: Callable[..., object]
+    origin: Origin, make_proxy: MakeProxy
 ) -> None:
     # The hit path awaits the L3 lookup, then writes the body as the client drains it, in
     # the same task; the request pipelined behind it is answered after it, whole.
     big = make_body(3 * 1024 * 1024, seed=5)
     origin.set("/big", body=big, headers={"Cache-Control": "public, max-age=600"})
     origin.set("/small", body=b"small body", headers={"Cache-Control": "public, max-age=600"})
-    first = await make_proxy()  # type: ignore[operator]
+    first = await make_proxy()
     for path in ("/big", "/small"):
         assert (await first.get(path)).x_cache == "MISS"
     await first.settle()
-    second = await make_proxy()  # type: ignore[operator]  # same L3 file, empty L1
-    sock = _slow_socket(second.port, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
-                                     b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    second = await make_proxy()  # same L3 file, empty L1
+    sock = _slow_socket(
+        second.port, b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     loop = asyncio.get_running_loop()
     data = b""
     answers: list[tuple[bytes, bytes]] = []

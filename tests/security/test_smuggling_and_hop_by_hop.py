@@ -12,6 +12,9 @@ import asyncio
 import aiohttp.http_parser
 import aiohttp.web_protocol
 import pytest
+from support.fixture_types import MakeProxy
+from support.origin import Origin
+from support.proxy import Fetched
 
 from .helpers import RawConnection, raw_exchange, status_of
 
@@ -22,14 +25,15 @@ def _post(headers: bytes, body: bytes) -> bytes:
     return b"POST /submit HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + body
 
 
-def test_the_c_http_parser_is_in_use():
+def test_the_c_http_parser_is_in_use() -> None:
     # The smuggling fixes land in aiohttp's C parser (llhttp) first; the pure-Python fallback
     # (AIOHTTP_NO_EXTENSIONS, or a wheel without the extension) must not be what serves us.
     assert aiohttp.http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
-    assert aiohttp.web_protocol.HttpRequestParser is aiohttp.http_parser.HttpRequestParser
+    # (web_protocol imports the parser without re-exporting it: hence the ignore.)
+    assert aiohttp.web_protocol.HttpRequestParser is aiohttp.http_parser.HttpRequestParser  # type: ignore[attr-defined]
 
 
-def test_the_hardened_listener_is_active_with_this_aiohttp():
+def test_the_hardened_listener_is_active_with_this_aiohttp() -> None:
     from tierproxy.aiohttp_internals import internals_available
 
     # Otherwise ProxyRunner falls back to aiohttp's plain handler (no header/send timeouts).
@@ -49,8 +53,10 @@ def test_the_hardened_listener_is_active_with_this_aiohttp():
         _post(b"Transfer-Encoding: chunked, identity\r\n", b"0\r\n\r\n" + SMUGGLED),
         _post(b"Transfer-Encoding : chunked\r\n", b"0\r\n\r\n" + SMUGGLED),
         _post(b"Transfer-Encoding:\r\n chunked\r\n", b"0\r\n\r\n" + SMUGGLED),
-        _post(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
-              b"0\r\n\r\n" + SMUGGLED),
+        _post(
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            b"0\r\n\r\n" + SMUGGLED,
+        ),
         _post(b"Transfer-Encoding: \x0bchunked\r\n", b"0\r\n\r\n" + SMUGGLED),
         _post(b"Transfer-Encoding: chunked\r\n", b"4;ext\nx\r\nabcd\r\n0\r\n\r\n" + SMUGGLED),
         _post(b"Transfer-Encoding: chunked\r\n", b"FFFFFFFFFFFFFFFFFFFF\r\nabcd\r\n0\r\n\r\n"),
@@ -66,16 +72,35 @@ def test_the_hardened_listener_is_active_with_this_aiohttp():
         b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
     ],
     ids=[
-        "CL+TE", "TE+CL", "duplicate-CL", "duplicate-CL-same-value", "CL-list", "CL-plus-sign",
-        "TE-xchunked", "TE-chunked-not-last", "TE-space-before-colon", "TE-folded",
-        "TE-two-lines", "TE-vertical-tab", "LF-in-chunk-extension", "huge-chunk-size",
-        "chunk-size-over-2^64", "bad-chunk-ending", "bare-LF-chunk-lines", "space-after-chunk-size",
-        "CL-in-trailer", "obs-fold", "bare-LF-head", "bare-CR-head", "two-Host", "NUL-in-field",
+        "CL+TE",
+        "TE+CL",
+        "duplicate-CL",
+        "duplicate-CL-same-value",
+        "CL-list",
+        "CL-plus-sign",
+        "TE-xchunked",
+        "TE-chunked-not-last",
+        "TE-space-before-colon",
+        "TE-folded",
+        "TE-two-lines",
+        "TE-vertical-tab",
+        "LF-in-chunk-extension",
+        "huge-chunk-size",
+        "chunk-size-over-2^64",
+        "bad-chunk-ending",
+        "bare-LF-chunk-lines",
+        "space-after-chunk-size",
+        "CL-in-trailer",
+        "obs-fold",
+        "bare-LF-head",
+        "bare-CR-head",
+        "two-Host",
+        "NUL-in-field",
     ],
 )
 async def test_ambiguous_framing_is_refused_and_never_reaches_the_origin(
-    request_bytes, origin, make_proxy
-):
+    request_bytes: bytes, origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_exchange(proxy.port, request_bytes)
@@ -99,8 +124,8 @@ async def test_ambiguous_framing_is_refused_and_never_reaches_the_origin(
     ids=["bad-chunk-ending", "huge-chunk-size", "LF-in-chunk-extension"],
 )
 async def test_bad_chunk_framing_after_the_body_began_is_a_prompt_400(
-    second_packet, origin, make_proxy
-):
+    second_packet: bytes, origin: Origin, make_proxy: MakeProxy
+) -> None:
     """The handler is already reading the body when the bad framing arrives.
 
     aiohttp drops the body stream on such an error without telling its reader; the listener
@@ -124,7 +149,9 @@ async def test_bad_chunk_framing_after_the_body_began_is_a_prompt_400(
     assert origin.count() == 0
 
 
-async def test_a_request_inside_a_body_reaches_the_origin_only_as_body_bytes(origin, make_proxy):
+async def test_a_request_inside_a_body_reaches_the_origin_only_as_body_bytes(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
     body = SMUGGLED * 2
 
@@ -140,13 +167,17 @@ async def test_a_request_inside_a_body_reaches_the_origin_only_as_body_bytes(ori
     assert "Transfer-Encoding" not in seen.headers
 
 
-async def test_a_chunked_body_is_forwarded_re_framed_with_a_length(origin, make_proxy):
+async def test_a_chunked_body_is_forwarded_re_framed_with_a_length(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_exchange(
         proxy.port,
-        _post(b"Transfer-Encoding: chunked\r\nConnection: close\r\n",
-              b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+        _post(
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n",
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        ),
     )
 
     assert status_of(response) == 200, response[:300]
@@ -156,7 +187,9 @@ async def test_a_chunked_body_is_forwarded_re_framed_with_a_length(origin, make_
     assert "Transfer-Encoding" not in seen.headers
 
 
-async def test_transfer_encoding_in_http_1_0_is_refused(origin, make_proxy):
+async def test_transfer_encoding_in_http_1_0_is_refused(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means the framing is faulty."""
     proxy = await make_proxy()
 
@@ -170,8 +203,10 @@ async def test_transfer_encoding_in_http_1_0_is_refused(origin, make_proxy):
     assert origin.count() == 0
 
 
-async def test_a_transfer_coding_other_than_chunked_is_not_forwarded_undeclared(origin, make_proxy):
-    """"gzip, chunked" is valid framing, but only chunked is removed here: forwarding the rest
+async def test_a_transfer_coding_other_than_chunked_is_not_forwarded_undeclared(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """ "gzip, chunked" is valid framing, but only chunked is removed here: forwarding the rest
     without declaring it would hand the origin a body it cannot read (RFC 9112 §6.1: 501)."""
     proxy = await make_proxy()
 
@@ -184,7 +219,9 @@ async def test_a_transfer_coding_other_than_chunked_is_not_forwarded_undeclared(
     assert origin.count() == 0
 
 
-async def test_a_compressed_request_body_is_forwarded_as_sent(origin, make_proxy):
+async def test_a_compressed_request_body_is_forwarded_as_sent(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     """The listener must not decompress: the origin gets the bytes and the Content-Encoding."""
     import gzip
 
@@ -220,18 +257,32 @@ _HOP_REQUEST_FIELDS = (
     b"X-End-To-End: kept\r\n"
 )
 # An h2c upgrade attempt included: forwarded, it could turn the origin connection into a tunnel.
-_HOP_NAMES = ("Connection", "X-Listed-Secret", "Keep-Alive", "TE", "Upgrade", "HTTP2-Settings",
-              "Trailer", "Proxy", "Proxy-Authorization", "Proxy-Connection", "Proxy-Anything")
+_HOP_NAMES = (
+    "Connection",
+    "X-Listed-Secret",
+    "Keep-Alive",
+    "TE",
+    "Upgrade",
+    "HTTP2-Settings",
+    "Trailer",
+    "Proxy",
+    "Proxy-Authorization",
+    "Proxy-Connection",
+    "Proxy-Anything",
+)
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
-async def test_hop_by_hop_request_fields_never_reach_the_origin(method, origin, make_proxy):
+async def test_hop_by_hop_request_fields_never_reach_the_origin(
+    method: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
     proxy = await make_proxy()
     body = b"data" if method == "POST" else b""
     conn = await RawConnection.open(proxy.port)
     try:
         await conn.send(
-            f"{method} /hop HTTP/1.1\r\nHost: x\r\n".encode() + _HOP_REQUEST_FIELDS
+            f"{method} /hop HTTP/1.1\r\nHost: x\r\n".encode()
+            + _HOP_REQUEST_FIELDS
             + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         head = await conn.read_response_head()
@@ -264,18 +315,27 @@ _HOP_RESPONSE_FIELDS = {
 }
 
 
-def _assert_no_hop_fields(response) -> None:
+def _assert_no_hop_fields(response: Fetched) -> None:
     headers = response.headers
     assert headers.get("X-End-To-End") == "kept", response
-    for name in ("X-Hop-Listed", "Keep-Alive", "Proxy-Authenticate", "Proxy-Status", "Proxy",
-                 "Upgrade", "Trailer"):
+    for name in (
+        "X-Hop-Listed",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Status",
+        "Proxy",
+        "Upgrade",
+        "Trailer",
+    ):
         assert name not in headers, (name, dict(headers))
     assert "x-hop-listed" not in headers.get("Connection", "").lower()
     # Framing is the proxy's own: one of Content-Length or chunked, never both.
     assert not ("Content-Length" in headers and "Transfer-Encoding" in headers), dict(headers)
 
 
-async def test_hop_by_hop_response_fields_never_reach_the_client(origin, make_proxy):
+async def test_hop_by_hop_response_fields_never_reach_the_client(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
     origin.set("/hop", headers=_HOP_RESPONSE_FIELDS)
     origin.set("/hop-post", headers=_HOP_RESPONSE_FIELDS)
     origin.set("/hop-stream", headers=_HOP_RESPONSE_FIELDS, size=200_000, chunked=True)
@@ -290,7 +350,11 @@ async def test_hop_by_hop_response_fields_never_reach_the_client(origin, make_pr
     from_l3 = await other_process.get("/hop")
 
     assert (miss.x_cache, hit.x_cache, posted.x_cache, from_l3.x_cache) == (
-        "MISS", "HIT-L1", "BYPASS", "HIT-L3"), (miss, hit, posted, from_l3)
+        "MISS",
+        "HIT-L1",
+        "BYPASS",
+        "HIT-L3",
+    ), (miss, hit, posted, from_l3)
     assert streamed.x_cache == "BYPASS" and len(streamed.body) == 200_000, streamed
     for response in (miss, hit, posted, streamed, from_l3):
         _assert_no_hop_fields(response)

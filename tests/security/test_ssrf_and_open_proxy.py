@@ -8,6 +8,9 @@ listener on 127.0.0.2 stands for "anywhere else" and must see no connection at a
 from __future__ import annotations
 
 import pytest
+from support.fixture_types import MakeProxy
+from support.net import CanaryListener
+from support.origin import Origin
 
 from .helpers import raw_exchange, status_of
 
@@ -30,16 +33,33 @@ def _request(method: str, target: str, host: str, extra: str = "") -> bytes:
         ("/x", "{canary}", ""),
         ("/x", "localhost", "X-Forwarded-Host: {canary}\r\nForwarded: host={canary}\r\n"),
         ("/@{canary}/x", "{canary}", ""),
-        ("/x", "{canary}",
-         "X-Original-URL: http://{canary}/\r\nX-Rewrite-URL: http://{canary}/\r\n"),
+        (
+            "/x",
+            "{canary}",
+            "X-Original-URL: http://{canary}/\r\nX-Rewrite-URL: http://{canary}/\r\n",
+        ),
     ],
-    ids=["absolute-http", "absolute-https", "absolute-userinfo", "absolute-no-path",
-         "absolute-upper-scheme", "network-path", "host-header", "forwarded-host-headers",
-         "at-sign-path", "rewrite-url-headers"],
+    ids=[
+        "absolute-http",
+        "absolute-https",
+        "absolute-userinfo",
+        "absolute-no-path",
+        "absolute-upper-scheme",
+        "network-path",
+        "host-header",
+        "forwarded-host-headers",
+        "at-sign-path",
+        "rewrite-url-headers",
+    ],
 )
 async def test_no_request_makes_the_proxy_connect_anywhere_but_the_origin(
-    target, host_header, extra, origin, make_proxy, canary
-):
+    target: str,
+    host_header: str,
+    extra: str,
+    origin: Origin,
+    make_proxy: MakeProxy,
+    canary: CanaryListener,
+) -> None:
     proxy = await make_proxy()
     fill = {"canary": canary.authority}
 
@@ -56,7 +76,9 @@ async def test_no_request_makes_the_proxy_connect_anywhere_but_the_origin(
         assert seen.path_qs.startswith("/") and "://" not in seen.path_qs
 
 
-async def test_connect_is_refused_with_405(origin, make_proxy, canary):
+async def test_connect_is_refused_with_405(
+    origin: Origin, make_proxy: MakeProxy, canary: CanaryListener
+) -> None:
     proxy = await make_proxy()
 
     response = await raw_exchange(
@@ -70,8 +92,8 @@ async def test_connect_is_refused_with_405(origin, make_proxy, canary):
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_origin_redirects_are_passed_to_the_client_never_followed(
-    status, origin, make_proxy, canary
-):
+    status: int, origin: Origin, make_proxy: MakeProxy, canary: CanaryListener
+) -> None:
     location = f"http://{canary.authority}/internal"
     origin.set("/go", status=status, headers={"Location": location})
     proxy = await make_proxy()
@@ -84,7 +106,9 @@ async def test_origin_redirects_are_passed_to_the_client_never_followed(
     assert origin.count() == 1
 
 
-async def test_environment_proxy_settings_are_ignored(origin, make_proxy, canary, monkeypatch):
+async def test_environment_proxy_settings_are_ignored(
+    origin: Origin, make_proxy: MakeProxy, canary: CanaryListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An HTTP_PROXY in the proxy's environment must not divert origin fetches (trust_env off)."""
     monkeypatch.setenv("HTTP_PROXY", f"http://{canary.authority}")
     monkeypatch.setenv("http_proxy", f"http://{canary.authority}")

@@ -9,22 +9,29 @@ never serves one URL's bytes for another, nor a damaged body or header.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import msgpack
 import pytest
+from support.fixture_types import MakeProxy
+from support.origin import Origin
 from support.storage import redis_key, sqlite_row, sqlite_set_value
 
 # Field positions of tierproxy.codec's format version 2 (the same as in version 1).
 KEY, STATUS, HEADERS, BODY, FRESH_UNTIL, BODY_LENGTH, CRC = 1, 2, 3, 4, 6, 14, 15
 
 
-def _fields(blob: bytes) -> list:
-    fields = msgpack.unpackb(blob, raw=False)
+def _fields(blob: bytes) -> list[Any]:
+    fields: list[Any] = msgpack.unpackb(blob, raw=False)
     assert fields[0] == 2, "codec format changed: update the field positions above"
     return fields
 
 
-def _pack(fields: list) -> bytes:
-    return msgpack.packb(fields, use_bin_type=True)
+def _pack(fields: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return packed
 
 
 def _wrong_key(blob: bytes, other: bytes) -> bytes:
@@ -83,29 +90,44 @@ def _freshness_extended(blob: bytes, other: bytes) -> bytes:
     return _pack(fields)
 
 
-TAMPERINGS = [_wrong_key, _truncated_body, _length_mismatch, _flipped_byte, _cut_short,
-              _flipped_header_byte, _status_changed, _freshness_extended]
+TAMPERINGS = [
+    _wrong_key,
+    _truncated_body,
+    _length_mismatch,
+    _flipped_byte,
+    _cut_short,
+    _flipped_header_byte,
+    _status_changed,
+    _freshness_extended,
+]
 
 
 @pytest.fixture(params=["l2", "l3"])
-def tier(request):
-    return request.param
+def tier(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.mark.parametrize("tamper", TAMPERINGS, ids=lambda f: f.__name__.strip("_"))
 async def test_a_tampered_entry_is_a_miss_never_served(
-    tamper, tier, origin, make_proxy, redis_client, sqlite_path
-):
+    tamper: Callable[[bytes, bytes], bytes],
+    tier: str,
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_client: Any,
+    sqlite_path: Path,
+) -> None:
     # Only the tier under test holds entries (and L1 is off), so a hit can only come from it.
-    env = {"L1_MAX_BYTES": 0}
+    env: dict[str, Any] = {"L1_MAX_BYTES": 0}
     if tier == "l2":
         env["SQLITE_PATH"] = "off"
     else:
         env["REDIS_URL"] = "off"
-    origin.set("/victim", body=b"victim's own bytes " * 20,
-               headers={"Cache-Control": "max-age=600"})
-    origin.set("/other", body=b"someone else's bytes " * 20,
-               headers={"Cache-Control": "max-age=600"})
+    origin.set(
+        "/victim", body=b"victim's own bytes " * 20, headers={"Cache-Control": "max-age=600"}
+    )
+    origin.set(
+        "/other", body=b"someone else's bytes " * 20, headers={"Cache-Control": "max-age=600"}
+    )
     proxy = await make_proxy(**env)
     await proxy.get("/victim")
     await proxy.get("/other")
@@ -117,8 +139,10 @@ async def test_a_tampered_entry_is_a_miss_never_served(
         other = redis_client.get(redis_key("/other", origin.url))
         redis_client.set(redis_key("/victim", origin.url), tamper(victim, other), keepttl=True)
     else:
-        victim = bytes(sqlite_row(sqlite_path, "/victim", origin.url)["value"])
-        other = bytes(sqlite_row(sqlite_path, "/other", origin.url)["value"])
+        victim_row = sqlite_row(sqlite_path, "/victim", origin.url)
+        other_row = sqlite_row(sqlite_path, "/other", origin.url)
+        assert victim_row is not None and other_row is not None
+        victim, other = bytes(victim_row["value"]), bytes(other_row["value"])
         assert sqlite_set_value(sqlite_path, "/victim", tamper(victim, other), origin.url) == 1
     fetches_before = origin.count("/victim")
 
@@ -134,14 +158,22 @@ async def test_a_tampered_entry_is_a_miss_never_served(
     assert again.x_cache == f"HIT-{tier.upper()}" and again.body == response.body
 
 
-def test_the_codec_refuses_each_tampering():
+def test_the_codec_refuses_each_tampering() -> None:
     from tierproxy.codec import CorruptEntry, decode, encode
     from tierproxy.entry import Entry
 
     def entry(key: str, body: bytes) -> Entry:
-        return Entry(key=key, status=200, headers=(("Content-Type", "text/plain"),), body=body,
-                     stored_at=1.0, fresh_until=2.0, stale_until=3.0, swr_until=2.0,
-                     expires_at=4.0)
+        return Entry(
+            key=key,
+            status=200,
+            headers=(("Content-Type", "text/plain"),),
+            body=body,
+            stored_at=1.0,
+            fresh_until=2.0,
+            stale_until=3.0,
+            swr_until=2.0,
+            expires_at=4.0,
+        )
 
     victim, other = encode(entry("/victim", b"v" * 100)), encode(entry("/other", b"o" * 100))
     assert decode(victim, "/victim").body == b"v" * 100

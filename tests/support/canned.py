@@ -29,14 +29,17 @@ class CannedOrigin:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def set(self, target: str, header_lines: list[bytes], body: bytes,
-            status_line: bytes = b"HTTP/1.1 200 OK") -> None:
+    def set(
+        self,
+        target: str,
+        header_lines: list[bytes],
+        body: bytes,
+        status_line: bytes = b"HTTP/1.1 200 OK",
+    ) -> None:
         """Answer ``target`` (a path: any query; or an exact ``path?query``) with these bytes
         and a Content-Length."""
         head = status_line + b"\r\n" + b"".join(line + b"\r\n" for line in header_lines)
-        self.responses[target.encode()] = (
-            head + b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
+        self.responses[target.encode()] = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
     async def start(self) -> CannedOrigin:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -51,7 +54,8 @@ class CannedOrigin:
                 self.count += 1
                 target = head.split(b" ", 2)[1]
                 answer = self.responses.get(target) or self.responses.get(
-                    target.split(b"?")[0], _NOT_FOUND)
+                    target.split(b"?")[0], _NOT_FOUND
+                )
                 writer.write(answer)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):

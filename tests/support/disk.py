@@ -23,7 +23,9 @@ def small_disk(directory: Path, size_bytes: int) -> Iterator[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(directory)],
-        capture_output=True, timeout=10, check=False,
+        capture_output=True,
+        timeout=10,
+        check=False,
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs for a disk-full test: {result.stderr!r}")
@@ -31,8 +33,12 @@ def small_disk(directory: Path, size_bytes: int) -> Iterator[Path]:
         yield directory
     finally:
         for _ in range(50):  # the proxy may still hold the file for a moment: bounded retries
-            if subprocess.run(["umount", "-l", str(directory)], capture_output=True,
-                              timeout=10, check=False).returncode == 0:
+            if (
+                subprocess.run(
+                    ["umount", "-l", str(directory)], capture_output=True, timeout=10, check=False
+                ).returncode
+                == 0
+            ):
                 break
 
 

@@ -235,7 +235,7 @@ class Origin:
             headers.setdefault("Content-Type", "text/plain; charset=utf-8")
 
         if request.method == "HEAD":
-            response = web.Response(status=rule.status, headers=headers)
+            response: web.StreamResponse = web.Response(status=rule.status, headers=headers)
             response.content_length = len(body)
             return response
 

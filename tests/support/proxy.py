@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from .storage import CacheStatus, parse_cache_status
 
@@ -93,7 +94,7 @@ class Fetched:
 
 
 async def fetch(
-    session_or_client: Any, method: str, url: str, *, timeout: float = 15.0, **kwargs: Any
+    session_or_client: Any, method: str, url: str | URL, *, timeout: float = 15.0, **kwargs: Any
 ) -> Fetched:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -159,7 +160,7 @@ class ProxyHandle:
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self.state.tiers]
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> Fetched:
+    async def request(self, method: str, path: str | URL, **kwargs: Any) -> Fetched:
         return await fetch(self.client, method, path, **kwargs)
 
     async def get(self, path: str, **kwargs: Any) -> Fetched:

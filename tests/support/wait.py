@@ -6,13 +6,29 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, overload
 
 __all__ = ["wait_for_condition", "wait_until_wallclock"]
 
 T = TypeVar("T")
 
 
+@overload
+async def wait_for_condition(
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float = ...,
+    *,
+    interval: float = ...,
+    message: str | Callable[[], str] | None = ...,
+) -> T: ...
+@overload
+async def wait_for_condition(
+    predicate: Callable[[], T],
+    timeout: float = ...,
+    *,
+    interval: float = ...,
+    message: str | Callable[[], str] | None = ...,
+) -> T: ...
 async def wait_for_condition(
     predicate: Callable[[], T | Awaitable[T]],
     timeout: float = 5.0,
@@ -37,7 +53,7 @@ async def wait_for_condition(
                 value = await value
             last = value
             if value:
-                return value  # type: ignore[return-value]
+                return value
         except AssertionError:
             raise
         except Exception as exc:  # noqa: BLE001 - keep polling, report the last error

@@ -9,7 +9,7 @@ from tierproxy.config import ConfigError, load_settings
 ORIGIN = {"TIERPROXY_ORIGIN": "http://127.0.0.1:9000"}
 
 
-def test_defaults_match_the_design_card():
+def test_defaults_match_the_design_card() -> None:
     s = load_settings(ORIGIN)
     assert (s.host, s.port, s.admin_port) == ("127.0.0.1", 8080, 8081)
     assert s.redis_url is None
@@ -22,16 +22,17 @@ def test_defaults_match_the_design_card():
     assert (s.breaker_failures, s.breaker_cooldown) == (5, 5.0)
 
 
-def test_key_prefix_and_max_ttl():
+def test_key_prefix_and_max_ttl() -> None:
     s = load_settings(ORIGIN)
     assert (s.key_prefix, s.max_ttl) == ("", 31536000)
     s = load_settings({**ORIGIN, "TIERPROXY_KEY_PREFIX": "staging:", "TIERPROXY_MAX_TTL": "600"})
     assert (s.key_prefix, s.max_ttl) == ("staging:", 600)
 
 
-def test_sqlite_off_and_redis_url():
-    s = load_settings({**ORIGIN, "TIERPROXY_SQLITE_PATH": "off",
-                       "TIERPROXY_REDIS_URL": "unix:///run/redis.sock"})
+def test_sqlite_off_and_redis_url() -> None:
+    s = load_settings(
+        {**ORIGIN, "TIERPROXY_SQLITE_PATH": "off", "TIERPROXY_REDIS_URL": "unix:///run/redis.sock"}
+    )
     assert s.sqlite_path is None
     assert s.redis_url == "unix:///run/redis.sock"
 
@@ -63,7 +64,7 @@ def test_sqlite_off_and_redis_url():
         ("TIERPROXY_PURGE_LEASE", "nan"),
     ],
 )
-def test_bad_value_names_the_variable(name, value):
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({**ORIGIN, name: value})
     message = str(info.value)
@@ -71,6 +72,6 @@ def test_bad_value_names_the_variable(name, value):
     assert "\n" not in message
 
 
-def test_origin_is_required():
+def test_origin_is_required() -> None:
     with pytest.raises(ConfigError, match="TIERPROXY_ORIGIN is required"):
         load_settings({})

@@ -7,12 +7,20 @@ from tierproxy.tiers.base import LocalTrust, lease_clock
 
 
 def _entry(stored_at: float) -> Entry:
-    return Entry(key="/a", status=200, headers=(), body=b"x", stored_at=stored_at,
-                 fresh_until=stored_at + 60, stale_until=stored_at + 120,
-                 swr_until=stored_at, expires_at=stored_at + 200)
+    return Entry(
+        key="/a",
+        status=200,
+        headers=(),
+        body=b"x",
+        stored_at=stored_at,
+        fresh_until=stored_at + 60,
+        stale_until=stored_at + 120,
+        swr_until=stored_at,
+        expires_at=stored_at + 200,
+    )
 
 
-def test_nothing_is_trusted_before_the_first_lease_and_after_it_runs_out():
+def test_nothing_is_trusted_before_the_first_lease_and_after_it_runs_out() -> None:
     trust = LocalTrust()
     assert not trust.held()
     trust.lease_until = lease_clock() + 60
@@ -21,7 +29,7 @@ def test_nothing_is_trusted_before_the_first_lease_and_after_it_runs_out():
     assert not trust.held()
 
 
-def test_a_copy_is_after_the_floor_by_its_stored_at_or_by_a_write_seen_here():
+def test_a_copy_is_after_the_floor_by_its_stored_at_or_by_a_write_seen_here() -> None:
     trust = LocalTrust()
     trust.raise_floor(1000.0)
     assert trust.stored_after_floor("/a", _entry(1000.0))
@@ -38,7 +46,7 @@ def test_a_copy_is_after_the_floor_by_its_stored_at_or_by_a_write_seen_here():
     assert trust.floor == 2000.0
 
 
-def test_the_writes_remembered_are_bounded():
+def test_the_writes_remembered_are_bounded() -> None:
     trust = LocalTrust()
     for i in range(LocalTrust.MAX_WRITTEN + 50):
         trust.writing(f"/k{i}", _entry(-1.0))

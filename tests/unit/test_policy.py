@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -16,8 +19,13 @@ def h(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(pairs))
 
 
-def decide(resp: list[tuple[str, str]], req: list[tuple[str, str]] = (), status: int = 200,
-           method: str = "GET", pol: policy.CachePolicy = POLICY) -> policy.StoreDecision:
+def decide(
+    resp: Sequence[tuple[str, str]],
+    req: Sequence[tuple[str, str]] = (),
+    status: int = 200,
+    method: str = "GET",
+    pol: policy.CachePolicy = POLICY,
+) -> policy.StoreDecision:
     return policy.decide_storage(method, h(*req), status, h(*resp), NOW, NOW, pol)
 
 
@@ -37,7 +45,12 @@ def decide(resp: list[tuple[str, str]], req: list[tuple[str, str]] = (), status:
         ([("Cache-Control", "max-age=0")], [], 200, "expired"),  # no validators, nothing to keep
     ],
 )
-def test_not_storable(response_headers, request_headers, status, reason):
+def test_not_storable(
+    response_headers: list[tuple[str, str]],
+    request_headers: list[tuple[str, str]],
+    status: int,
+    reason: str,
+) -> None:
     pol = policy.CachePolicy(default_ttl=60, max_stale=0)
     decision = decide(response_headers, request_headers, status, pol=pol)
     assert not decision.storable
@@ -51,26 +64,45 @@ def test_not_storable(response_headers, request_headers, status, reason):
         ([("Cache-Control", "max-age=100, s-maxage=7")], [], 7),  # §4.2.1: s-maxage first
         ([("Cache-Control", "MAX-AGE=100")], [], 100),  # directive names are case-insensitive
         ([("Cache-Control", 'max-age="100"')], [], 100),
-        ([("Expires", "Fri, 15 Jan 2027 08:00:30 GMT"), ("Date", "Fri, 15 Jan 2027 08:00:00 GMT")], [], 30),
+        (
+            [
+                ("Expires", "Fri, 15 Jan 2027 08:00:30 GMT"),
+                ("Date", "Fri, 15 Jan 2027 08:00:00 GMT"),
+            ],
+            [],
+            30,
+        ),
         ([], [], 60),  # default TTL for a heuristically cacheable status
         ([("Cache-Control", "public, max-age=10")], [("Authorization", "x")], 10),  # §3.5
         ([("Cache-Control", "s-maxage=10")], [("Cookie", "a=b")], 10),
         ([("Cache-Control", "max-age=100, no-cache"), ("ETag", '"x"')], [], 0),
     ],
 )
-def test_storable_with_lifetime(response_headers, request_headers, lifetime):
+def test_storable_with_lifetime(
+    response_headers: list[tuple[str, str]], request_headers: list[tuple[str, str]], lifetime: int
+) -> None:
     decision = decide(response_headers, request_headers)
     assert decision.storable, decision.reason
     assert decision.fresh_until - decision.stored_at == pytest.approx(lifetime)
 
 
-@pytest.mark.parametrize("response_headers", [
-    [("Expires", "Fri, 31 Dec 9999 23:59:59 GMT"), ("Date", "Fri, 15 Jan 2027 08:00:00 GMT")],
-    [("Cache-Control", "max-age=999999999999")],
-    [("Cache-Control", "public, s-maxage=999999999")],
-    [("Cache-Control", "max-age=999999999, stale-if-error=999999999, stale-while-revalidate=999999999")],
-])
-def test_no_lifetime_or_stale_window_exceeds_max_ttl(response_headers):
+@pytest.mark.parametrize(
+    "response_headers",
+    [
+        [("Expires", "Fri, 31 Dec 9999 23:59:59 GMT"), ("Date", "Fri, 15 Jan 2027 08:00:00 GMT")],
+        [("Cache-Control", "max-age=999999999999")],
+        [("Cache-Control", "public, s-maxage=999999999")],
+        [
+            (
+                "Cache-Control",
+                "max-age=999999999, stale-if-error=999999999, stale-while-revalidate=999999999",
+            )
+        ],
+    ],
+)
+def test_no_lifetime_or_stale_window_exceeds_max_ttl(
+    response_headers: list[tuple[str, str]],
+) -> None:
     pol = policy.CachePolicy(default_ttl=60, max_stale=3600, max_ttl=1000)
     decision = decide(response_headers, pol=pol)
     assert decision.storable
@@ -79,26 +111,26 @@ def test_no_lifetime_or_stale_window_exceeds_max_ttl(response_headers):
     assert decision.stale_until - decision.fresh_until <= max(1000, 3600)
 
 
-def test_max_ttl_caps_the_default_ttl_too():
+def test_max_ttl_caps_the_default_ttl_too() -> None:
     pol = policy.CachePolicy(default_ttl=600, max_stale=0, max_ttl=30)
     decision = decide([], pol=pol)
     assert decision.fresh_until - decision.stored_at == pytest.approx(30)
 
 
-def test_invalid_expires_means_already_expired_but_kept_for_revalidation():
+def test_invalid_expires_means_already_expired_but_kept_for_revalidation() -> None:
     decision = decide([("Expires", "0"), ("ETag", '"v"')])
     assert decision.storable
     assert decision.fresh_until == pytest.approx(NOW)
     assert decision.expires_at > NOW
 
 
-def test_age_header_makes_the_copy_older():
+def test_age_header_makes_the_copy_older() -> None:
     decision = decide([("Cache-Control", "max-age=100"), ("Age", "40")])
     assert decision.stored_at == pytest.approx(NOW - 40)
     assert decision.fresh_until == pytest.approx(NOW + 60)
 
 
-def test_default_ttl_zero_stores_nothing_without_explicit_freshness():
+def test_default_ttl_zero_stores_nothing_without_explicit_freshness() -> None:
     pol = policy.CachePolicy(default_ttl=0, max_stale=3600)
     assert decide([], pol=pol).reason == "no-freshness"
     assert decide([("Cache-Control", "max-age=5")], pol=pol).storable
@@ -115,12 +147,12 @@ def test_default_ttl_zero_stores_nothing_without_explicit_freshness():
         ("max-age=10, must-revalidate, stale-if-error=30", 30),  # RFC 5861 grant
     ],
 )
-def test_stale_if_error_window(cache_control, stale_for):
+def test_stale_if_error_window(cache_control: str, stale_for: int) -> None:
     decision = decide([("Cache-Control", cache_control)])
     assert decision.stale_until - decision.fresh_until == pytest.approx(stale_for)
 
 
-def test_stale_while_revalidate_window():
+def test_stale_while_revalidate_window() -> None:
     decision = decide([("Cache-Control", "max-age=10, stale-while-revalidate=30")])
     assert decision.swr_until - decision.fresh_until == pytest.approx(30)
     decision = decide([("Cache-Control", "max-age=10, stale-while-revalidate=30, must-revalidate")])
@@ -139,26 +171,44 @@ def test_stale_while_revalidate_window():
         ("GET", [("Cache-Control", "no-cache")], False, None),  # preference, not honoured
     ],
 )
-def test_bypass_reason(method, headers, has_body, reason):
+def test_bypass_reason(
+    method: str, headers: list[tuple[str, str]], has_body: bool, reason: str | None
+) -> None:
     assert policy.bypass_reason(method, h(*headers), has_body) == reason
 
 
-def test_parse_cache_control_handles_quotes_and_duplicates():
+def test_parse_cache_control_handles_quotes_and_duplicates() -> None:
     cc = policy.parse_cache_control(['max-age=5, no-cache="a, b"', "max-age=9, Public"])
     assert cc == {"max-age": "5", "no-cache": "a, b", "public": None}
 
 
-def test_end_to_end_strips_hop_by_hop_and_connection_listed():
-    headers = h(("Connection", "close, X-Secret"), ("X-Secret", "1"), ("Keep-Alive", "5"),
-                ("TE", "trailers"), ("Upgrade", "h2c"), ("Proxy-Authorization", "x"),
-                ("Content-Type", "text/plain"))
+def test_end_to_end_strips_hop_by_hop_and_connection_listed() -> None:
+    headers = h(
+        ("Connection", "close, X-Secret"),
+        ("X-Secret", "1"),
+        ("Keep-Alive", "5"),
+        ("TE", "trailers"),
+        ("Upgrade", "h2c"),
+        ("Proxy-Authorization", "x"),
+        ("Content-Type", "text/plain"),
+    )
     assert policy.end_to_end(headers) == [("Content-Type", "text/plain")]
 
 
-def _entry(**kw) -> Entry:
-    base = dict(key="/x", status=200, headers=(("ETag", '"v1"'),), body=b"x", stored_at=NOW,
-                fresh_until=NOW + 10, stale_until=NOW + 20, swr_until=NOW + 10,
-                expires_at=NOW + 20, etag='"v1"', last_modified="Fri, 15 Jan 2027 08:00:00 GMT")
+def _entry(**kw: Any) -> Entry:
+    base: dict[str, Any] = {
+        "key": "/x",
+        "status": 200,
+        "headers": (("ETag", '"v1"'),),
+        "body": b"x",
+        "stored_at": NOW,
+        "fresh_until": NOW + 10,
+        "stale_until": NOW + 20,
+        "swr_until": NOW + 10,
+        "expires_at": NOW + 20,
+        "etag": '"v1"',
+        "last_modified": "Fri, 15 Jan 2027 08:00:00 GMT",
+    }
     base.update(kw)
     return Entry(**base)
 
@@ -173,15 +223,18 @@ def _entry(**kw) -> Entry:
         ([("If-None-Match", '"v2"')], False),
         ([("If-Modified-Since", "Fri, 15 Jan 2027 08:00:00 GMT")], True),
         ([("If-Modified-Since", "Fri, 15 Jan 2027 07:59:59 GMT")], False),
-        ([("If-None-Match", '"v2"'), ("If-Modified-Since", "Fri, 15 Jan 2027 09:00:00 GMT")], False),
+        (
+            [("If-None-Match", '"v2"'), ("If-Modified-Since", "Fri, 15 Jan 2027 09:00:00 GMT")],
+            False,
+        ),
         ([], False),
     ],
 )
-def test_client_not_modified(request_headers, expected):
+def test_client_not_modified(request_headers: list[tuple[str, str]], expected: bool) -> None:
     assert policy.client_not_modified(h(*request_headers), _entry()) is expected
 
 
-def test_vary_values_and_matching():
+def test_vary_values_and_matching() -> None:
     response = h(("Vary", "Accept-Encoding, accept-language"))
     request = h(("Accept-Encoding", "gzip"), ("Accept-Language", "en"))
     values = policy.vary_values(response, request)
@@ -192,10 +245,16 @@ def test_vary_values_and_matching():
     assert not policy.vary_matches(entry, h(("Accept-Language", "en")))
 
 
-def test_freshen_from_304_updates_headers_and_lifetime():
+def test_freshen_from_304_updates_headers_and_lifetime() -> None:
     entry = _entry(headers=(("ETag", '"v1"'), ("Cache-Control", "max-age=10"), ("X-Old", "1")))
-    fresh = policy.freshen(entry, h(("Cache-Control", "max-age=100"), ("ETag", '"v1"')), h(),
-                           NOW + 50, NOW + 50, POLICY)
+    fresh = policy.freshen(
+        entry,
+        h(("Cache-Control", "max-age=100"), ("ETag", '"v1"')),
+        h(),
+        NOW + 50,
+        NOW + 50,
+        POLICY,
+    )
     assert fresh is not None
     assert fresh.fresh_until == pytest.approx(NOW + 150)
     assert dict(fresh.headers)["Cache-Control"] == "max-age=100"
@@ -203,11 +262,18 @@ def test_freshen_from_304_updates_headers_and_lifetime():
     assert fresh.body == entry.body
 
 
-def test_freshen_refuses_when_the_304_forbids_storing():
+def test_freshen_refuses_when_the_304_forbids_storing() -> None:
     assert policy.freshen(_entry(), h(("Cache-Control", "no-store")), h(), NOW, NOW, POLICY) is None
 
 
-def test_storable_headers_drop_age_length_and_cookies():
-    stored = policy.storable_headers(h(("Age", "3"), ("Content-Length", "1"), ("Set-Cookie", "a"),
-                                       ("Surrogate-Key", "t"), ("Content-Type", "text/html")))
+def test_storable_headers_drop_age_length_and_cookies() -> None:
+    stored = policy.storable_headers(
+        h(
+            ("Age", "3"),
+            ("Content-Length", "1"),
+            ("Set-Cookie", "a"),
+            ("Surrogate-Key", "t"),
+            ("Content-Type", "text/html"),
+        )
+    )
     assert stored == (("Content-Type", "text/html"),)

@@ -31,12 +31,21 @@ from tierproxy.states import (
 NOW = 1_700_000_000.0
 
 
-def _entry(*, fresh: float = 10, swr: float = 0, stale: float = 30, expires: float = 60,
-           status: int = 200) -> Entry:
+def _entry(
+    *, fresh: float = 10, swr: float = 0, stale: float = 30, expires: float = 60, status: int = 200
+) -> Entry:
     """An entry stored at NOW - 5, fresh/swr/stale/expiry ``fresh``... seconds after NOW."""
-    return Entry(key="/k", status=status, headers=(), body=b"x", stored_at=NOW - 5,
-                 fresh_until=NOW + fresh, stale_until=NOW + stale, swr_until=NOW + swr,
-                 expires_at=NOW + expires)
+    return Entry(
+        key="/k",
+        status=status,
+        headers=(),
+        body=b"x",
+        stored_at=NOW - 5,
+        fresh_until=NOW + fresh,
+        stale_until=NOW + stale,
+        swr_until=NOW + swr,
+        expires_at=NOW + expires,
+    )
 
 
 def _response(status: int) -> OriginResponse:
@@ -46,78 +55,119 @@ def _response(status: int) -> OriginResponse:
 # ---- labels: X-Cache and tierproxy's Cache-Status member ------------------------------------
 
 
-@pytest.mark.parametrize(("tier", "x_cache"), [("l1", "HIT-L1"), ("l2", "HIT-L2"),
-                                              ("l3", "HIT-L3")])
+@pytest.mark.parametrize(
+    ("tier", "x_cache"), [("l1", "HIT-L1"), ("l2", "HIT-L2"), ("l3", "HIT-L3")]
+)
 def test_fresh_hit(tier: str, x_cache: str) -> None:
     assert labels(FreshHit(tier, _entry(fresh=10.7)), NOW) == (
-        x_cache, f"tierproxy; hit; ttl=10; detail={tier}")
+        x_cache,
+        f"tierproxy; hit; ttl=10; detail={tier}",
+    )
 
 
-@pytest.mark.parametrize("reason", ["revalidating", "origin-down", "origin-timeout",
-                                    "origin-error", "origin-5xx", "origin-busy", "local-error"])
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "revalidating",
+        "origin-down",
+        "origin-timeout",
+        "origin-error",
+        "origin-5xx",
+        "origin-busy",
+        "local-error",
+    ],
+)
 def test_stale_hit_has_a_negative_ttl_and_its_reason_quoted(reason: str) -> None:
     stale = _entry(fresh=-0.3)
     assert labels(StaleHit("l2", stale, reason), NOW) == (
-        "STALE-L2", f'tierproxy; hit; ttl=-1; detail="{reason}"')
+        "STALE-L2",
+        f'tierproxy; hit; ttl=-1; detail="{reason}"',
+    )
 
 
-@pytest.mark.parametrize(("fwd", "collapsed", "member"), [
-    ("miss", False, "tierproxy; fwd=miss; fwd-status=200; stored"),
-    ("stale", False, "tierproxy; fwd=stale; fwd-status=200; stored"),
-    ("miss", True, "tierproxy; fwd=miss; fwd-status=200; stored; collapsed"),
-])
+@pytest.mark.parametrize(
+    ("fwd", "collapsed", "member"),
+    [
+        ("miss", False, "tierproxy; fwd=miss; fwd-status=200; stored"),
+        ("stale", False, "tierproxy; fwd=stale; fwd-status=200; stored"),
+        ("miss", True, "tierproxy; fwd=miss; fwd-status=200; stored; collapsed"),
+    ],
+)
 def test_fetched_and_stored(fwd: str, collapsed: bool, member: str) -> None:
     assert labels(Fetched(_entry(), fwd, collapsed=collapsed), NOW) == ("MISS", member)
 
 
 def test_a_fetched_entry_reports_its_own_status() -> None:
     assert labels(Fetched(_entry(status=404), "miss"), NOW) == (
-        "MISS", "tierproxy; fwd=miss; fwd-status=404; stored")
+        "MISS",
+        "tierproxy; fwd=miss; fwd-status=404; stored",
+    )
 
 
-@pytest.mark.parametrize(("collapsed", "member"), [
-    (False, "tierproxy; fwd=stale; fwd-status=304; stored"),
-    (True, "tierproxy; fwd=stale; fwd-status=304; stored; collapsed"),
-])
+@pytest.mark.parametrize(
+    ("collapsed", "member"),
+    [
+        (False, "tierproxy; fwd=stale; fwd-status=304; stored"),
+        (True, "tierproxy; fwd=stale; fwd-status=304; stored; collapsed"),
+    ],
+)
 def test_revalidated(collapsed: bool, member: str) -> None:
     assert labels(Fetched(_entry(), "stale", revalidated=True, collapsed=collapsed), NOW) == (
-        "REVALIDATED", member)
+        "REVALIDATED",
+        member,
+    )
 
 
-@pytest.mark.parametrize(("fwd", "reason"), [("miss", "no-store"), ("stale", "private"),
-                                             ("miss", "too-large")])
+@pytest.mark.parametrize(
+    ("fwd", "reason"), [("miss", "no-store"), ("stale", "private"), ("miss", "too-large")]
+)
 def test_relayed_unstorable_is_a_bypass_with_its_reason(fwd: str, reason: str) -> None:
     assert labels(Relayed(_response(200), fwd, reason), NOW) == (
-        "BYPASS", f'tierproxy; fwd={fwd}; fwd-status=200; detail="{reason}"')
+        "BYPASS",
+        f'tierproxy; fwd={fwd}; fwd-status=200; detail="{reason}"',
+    )
 
 
 @pytest.mark.parametrize("fwd", ["miss", "stale"])
 def test_relayed_origin_5xx_is_a_miss(fwd: str) -> None:
     assert labels(Relayed(_response(503), fwd, "origin-5xx"), NOW) == (
-        "MISS", f'tierproxy; fwd={fwd}; fwd-status=503; detail="origin-5xx"')
+        "MISS",
+        f'tierproxy; fwd={fwd}; fwd-status=503; detail="origin-5xx"',
+    )
 
 
 @pytest.mark.parametrize(("fwd", "status"), [("bypass", 200), ("method", 201), ("bypass", 502)])
 def test_relayed_pass_through_has_no_detail(fwd: str, status: int) -> None:
     assert labels(Relayed(_response(status), fwd), NOW) == (
-        "BYPASS", f"tierproxy; fwd={fwd}; fwd-status={status}")
+        "BYPASS",
+        f"tierproxy; fwd={fwd}; fwd-status={status}",
+    )
 
 
-@pytest.mark.parametrize(("status", "reason"), [(504, "origin-timeout"), (502, "origin-error"),
-                                                (503, "origin-busy"), (500, "local-error")])
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(504, "origin-timeout"), (502, "origin-error"), (503, "origin-busy"), (500, "local-error")],
+)
 def test_failed(status: int, reason: str) -> None:
     assert labels(Failed(status, reason, "miss"), NOW) == (
-        "MISS", f'tierproxy; fwd=miss; detail="{reason}"')
+        "MISS",
+        f'tierproxy; fwd=miss; detail="{reason}"',
+    )
     assert labels(Failed(status, reason, "stale"), NOW) == (
-        "MISS", f'tierproxy; fwd=stale; detail="{reason}"')
+        "MISS",
+        f'tierproxy; fwd=stale; detail="{reason}"',
+    )
     for fwd in ("bypass", "method"):
         assert labels(Failed(status, reason, fwd), NOW) == (
-            "BYPASS", f'tierproxy; fwd={fwd}; detail="{reason}"')
+            "BYPASS",
+            f'tierproxy; fwd={fwd}; detail="{reason}"',
+        )
 
 
 def test_a_detail_is_quoted_as_an_sf_string() -> None:
     assert labels(Relayed(_response(200), "miss", 'a"b\\c'), NOW)[1] == (
-        'tierproxy; fwd=miss; fwd-status=200; detail="a\\"b\\\\c"')
+        'tierproxy; fwd=miss; fwd-status=200; detail="a\\"b\\\\c"'
+    )
 
 
 # ---- freshness -------------------------------------------------------------------------------
@@ -169,23 +219,26 @@ def test_a_stored_answer_is_fetched() -> None:
     assert after_fetch(Stored(entry, revalidated=False), None, NOW) == Fetched(entry, "miss")
     held = NeedsRevalidation("l1", _entry(fresh=-1))
     assert after_fetch(Stored(entry, revalidated=True), held, NOW, collapsed=True) == Fetched(
-        entry, "stale", revalidated=True, collapsed=True)
+        entry, "stale", revalidated=True, collapsed=True
+    )
     # A 304 whose copy could not be freshened is still this request's answer.
     assert after_fetch(Stored(entry, True, keep=False), held, NOW) == Fetched(
-        entry, "stale", revalidated=True)
+        entry, "stale", revalidated=True
+    )
 
 
 def test_an_unstorable_answer_is_relayed_with_its_reason() -> None:
     response = _response(200)
     assert after_fetch(Unstorable(response, "no-store"), None, NOW) == Relayed(
-        response, "miss", "no-store")
+        response, "miss", "no-store"
+    )
     held = NeedsRevalidation("l1", _entry(fresh=-1))
     assert after_fetch(Unstorable(response, "private", invalidates=True), held, NOW) == Relayed(
-        response, "stale", "private")
+        response, "stale", "private"
+    )
 
 
-@pytest.mark.parametrize("reason", ["origin-timeout", "origin-error", "origin-busy",
-                                    "local-error"])
+@pytest.mark.parametrize("reason", ["origin-timeout", "origin-error", "origin-busy", "local-error"])
 def test_an_origin_failure_is_answered_with_a_usable_stale_copy(reason: str) -> None:
     held = NeedsRevalidation("l2", _entry(fresh=-1, stale=30))
     assert after_fetch(OriginFailed(reason), held, NOW) == StaleHit("l2", held.entry, reason)
@@ -200,15 +253,21 @@ def test_an_origin_5xx_is_answered_with_a_usable_stale_copy() -> None:
 def test_an_origin_5xx_without_a_usable_copy_is_relayed() -> None:
     response = _response(502)
     assert after_fetch(OriginFailed("origin-5xx", response), None, NOW) == Relayed(
-        response, "miss", "origin-5xx")
+        response, "miss", "origin-5xx"
+    )
     too_old = NeedsRevalidation("l1", _entry(fresh=-10, stale=-1))
     assert after_fetch(OriginFailed("origin-5xx", response), too_old, NOW) == Relayed(
-        response, "stale", "origin-5xx")
+        response, "stale", "origin-5xx"
+    )
 
 
-@pytest.mark.parametrize(("reason", "status"), [("origin-timeout", 504), ("origin-error", 502),
-                                                ("origin-busy", 503), ("local-error", 500)])
-def test_an_origin_failure_without_a_usable_copy_fails_with_its_status(reason: str, status: int) -> None:
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [("origin-timeout", 504), ("origin-error", 502), ("origin-busy", 503), ("local-error", 500)],
+)
+def test_an_origin_failure_without_a_usable_copy_fails_with_its_status(
+    reason: str, status: int
+) -> None:
     assert after_fetch(OriginFailed(reason), None, NOW) == Failed(status, reason, "miss")
     too_old = NeedsRevalidation("l3", _entry(fresh=-10, stale=-1))
     assert after_fetch(OriginFailed(reason), too_old, NOW) == Failed(status, reason, "stale")

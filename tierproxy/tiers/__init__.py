@@ -37,6 +37,14 @@ def make_tiers(
         made = configure(settings, metrics, keys, clock=clock)
         if made is not None:
             breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown, clock=clock)
-            tiers.append(GuardedTier(made.backend, made.read_timeout, made.write_timeout,
-                                     breaker, metrics, clock=clock))
+            tiers.append(
+                GuardedTier(
+                    made.backend,
+                    made.read_timeout,
+                    made.write_timeout,
+                    breaker,
+                    metrics,
+                    clock=clock,
+                )
+            )
     return tiers

@@ -42,13 +42,13 @@ __all__ = [
     "Configured",
     "GuardedTier",
     "LocalTrust",
-    "lease_clock",
     "PurgeUnsupported",
     "Replicated",
     "StorageFull",
     "TierBackend",
     "TierUnavailable",
     "decode_unkeyed",
+    "lease_clock",
     "mark_stale",
     "mark_stale_encoded",
 ]
@@ -59,7 +59,7 @@ log = logging.getLogger("tierproxy.tiers")
 class Blob:
     """An entry's encoded bytes, encoded at most once however many tiers store it."""
 
-    __slots__ = ("_entry", "_data")
+    __slots__ = ("_data", "_entry")
 
     def __init__(self, entry: Entry) -> None:
         self._entry = entry
@@ -88,7 +88,7 @@ def lease_clock() -> float:
 
 
 if not hasattr(time, "CLOCK_BOOTTIME"):  # pragma: no cover - not Linux
-    lease_clock = time.monotonic  # noqa: F811
+    lease_clock = time.monotonic
 
 
 class LocalTrust:
@@ -187,8 +187,11 @@ def mark_stale_encoded(
     cannot be decoded (a lookup will find and delete it). ``material`` is the key material
     when the entry was found by key; None when only its ``digest`` is known (a tag index)."""
     try:
-        entry = (codec.decode(data, material) if material is not None
-                 else decode_unkeyed(data, digest, namespace))
+        entry = (
+            codec.decode(data, material)
+            if material is not None
+            else decode_unkeyed(data, digest, namespace)
+        )
     except codec.CorruptEntry:
         return None
     marked = mark_stale(entry, at)
@@ -323,8 +326,12 @@ class BytesBackend(TierBackend):
         try:
             return codec.decode(data, key.material)
         except codec.CorruptEntry as exc:
-            log.warning("corrupt entry in %s for %r (%s): deleted, treated as a miss",
-                        self.name, key.material[:200], exc)
+            log.warning(
+                "corrupt entry in %s for %r (%s): deleted, treated as a miss",
+                self.name,
+                key.material[:200],
+                exc,
+            )
             await self.delete(key)
             raise
 
@@ -335,8 +342,15 @@ class Breaker:
     Cool-downs run on the clock's monotonic reading; never crosses processes.
     """
 
-    __slots__ = ("failures_to_open", "cooldown", "failures", "opened_at", "probing", "probe_at",
-                 "clock")
+    __slots__ = (
+        "clock",
+        "cooldown",
+        "failures",
+        "failures_to_open",
+        "opened_at",
+        "probe_at",
+        "probing",
+    )
 
     def __init__(self, failures_to_open: int, cooldown: float, *, clock: Clock = SYSTEM) -> None:
         self.clock = clock
@@ -413,8 +427,9 @@ class GuardedTier:
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.breaker = breaker
-        self.write_breaker = Breaker(breaker.failures_to_open, breaker.cooldown,
-                                     clock=breaker.clock)
+        self.write_breaker = Breaker(
+            breaker.failures_to_open, breaker.cooldown, clock=breaker.clock
+        )
         self.metrics = metrics
         self.synchronous = backend.synchronous
         #: Set on local tiers when replicas share Redis (see :class:`LocalTrust`); None = this
@@ -436,9 +451,16 @@ class GuardedTier:
                 headers is None or not entry.vary or policy.vary_matches(entry, headers)
             ):
                 trust = self.trust
-                if trust is not None and (now < entry.fresh_until or now < entry.swr_until) and (
-                    not trust.held()
-                    or (not self.synchronous and not trust.stored_after_floor(key.material, entry))
+                if (
+                    trust is not None
+                    and (now < entry.fresh_until or now < entry.swr_until)
+                    and (
+                        not trust.held()
+                        or (
+                            not self.synchronous
+                            and not trust.stored_after_floor(key.material, entry)
+                        )
+                    )
                 ):
                     entry = mark_stale(entry, now) or entry
                 self._lookup["hit" if now < entry.fresh_until else "stale"].inc()
@@ -483,9 +505,7 @@ class GuardedTier:
         """Drop every entry now (a local tier that may have missed purges); how many."""
         return self.backend.clear()
 
-    def get_now(
-        self, key: CacheKey, headers: CIMultiDictProxy[str] | None = None
-    ) -> Entry | None:
+    def get_now(self, key: CacheKey, headers: CIMultiDictProxy[str] | None = None) -> Entry | None:
         """Synchronous lookup for in-memory tiers: nothing to time out, nothing to break.
 
         Returns only a copy usable for ``headers`` (its Vary values match) and not expired.
@@ -503,8 +523,10 @@ class GuardedTier:
         :meth:`get_now` counts that lookup once.
         """
         entry = self.backend.get_now(key)
-        if entry is None or now >= entry.fresh_until or (
-            entry.vary and not policy.vary_matches(entry, headers)
+        if (
+            entry is None
+            or now >= entry.fresh_until
+            or (entry.vary and not policy.vary_matches(entry, headers))
         ):
             return None
         trust = self.trust
@@ -552,7 +574,7 @@ class GuardedTier:
             self._unencodable(key, "get", exc)
             self._lookup["miss"].inc()
             return None
-        except Exception as exc:  # a broken tier is a miss, whatever the driver raised
+        except Exception as exc:  # noqa: BLE001 - a broken tier is a miss, whatever the driver raised
             self._fail("error", key, "get", exc)
             return None
         self._latency["get"].observe(time.perf_counter() - started)
@@ -603,7 +625,7 @@ class GuardedTier:
             self.write_breaker.probing = False
             self._unencodable(key, op, exc)
             return False
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed write is counted, never raised to the request
             self._fail("error", key, op, exc)
             self.metrics.tier_write_outcomes.labels(self.name, op, "error").inc()
             return False
@@ -661,8 +683,13 @@ class GuardedTier:
     def _unencodable(self, key: CacheKey, op: str, exc: codec.Unencodable) -> None:
         """An entry or key that cannot be encoded: a bug in tierproxy, not a tier failure.
         Logged (one line per occurrence, key truncated) and counted; the breaker is untouched."""
-        log.error("bug: %s %s for %r skipped, cannot encode it: %s",
-                  self.name, op, key.material[:200], exc)
+        log.error(
+            "bug: %s %s for %r skipped, cannot encode it: %s",
+            self.name,
+            op,
+            key.material[:200],
+            exc,
+        )
         self.metrics.tier_write_outcomes.labels(self.name, op, "unencodable").inc()
 
     def _fail(self, outcome: str, key: CacheKey, op: str, exc: BaseException | None = None) -> None:
@@ -672,9 +699,14 @@ class GuardedTier:
         if op == "get":
             self._lookup[outcome].inc()
         if breaker.is_open and not was_open:
-            log.warning("%s %sbreaker opened after %d consecutive failures (last: %s %s)",
-                        self.name, "" if op == "get" else "write ", breaker.failures, op,
-                        exc or outcome)
+            log.warning(
+                "%s %sbreaker opened after %d consecutive failures (last: %s %s)",
+                self.name,
+                "" if op == "get" else "write ",
+                breaker.failures,
+                op,
+                exc or outcome,
+            )
         else:
             log.debug("%s %s %s for %r: %r", self.name, op, outcome, key.material[:200], exc)
 

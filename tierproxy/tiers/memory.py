@@ -40,8 +40,9 @@ def configured(
     """L1, unless TIERPROXY_L1_MAX_BYTES=0."""
     if settings.l1_max_bytes <= 0:
         return None
-    return Configured(MemoryTier(settings.l1_max_bytes, clock=clock),
-                      settings.l1_timeout, settings.l1_timeout)
+    return Configured(
+        MemoryTier(settings.l1_max_bytes, clock=clock), settings.l1_timeout, settings.l1_timeout
+    )
 
 
 class MemoryTier(TierBackend):
@@ -119,7 +120,9 @@ class MemoryTier(TierBackend):
         self.bytes = 0
         return count
 
-    async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
+    async def purge(
+        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
+    ) -> int:
         materials = {key.material for key in keys}
         for tag in tags:
             materials.update(self._tags.get(tag, ()))

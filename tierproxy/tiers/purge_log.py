@@ -102,10 +102,12 @@ class PurgeLog:
 
     async def publish(self, message: bytes) -> str:
         """Append ``message`` to the log and publish it; its log id."""
-        return _text(await self._publish(
-            keys=[self.log_key],
-            args=[message, self.channel, PURGE_LOG_MAXLEN, _PURGE_LOG_TTL_MS],
-        ))
+        return _text(
+            await self._publish(
+                keys=[self.log_key],
+                args=[message, self.channel, PURGE_LOG_MAXLEN, _PURGE_LOG_TTL_MS],
+            )
+        )
 
     async def read(self, start: str, count: int) -> list[tuple[str, bytes]]:
         """Up to ``count`` log entries from id ``start`` on (``start`` included)."""
@@ -152,8 +154,10 @@ class PurgeLog:
             args=[margin_ms, _MAX_REPLICAS],
         )
         now, lost = int(reply[0]), int(reply[1])
-        rows = [(_text(reply[i]), int(float(_text(reply[i + 1]))), _text(reply[i + 2]))
-                for i in range(2, len(reply) - 2, 3)]
+        rows = [
+            (_text(reply[i]), int(float(_text(reply[i + 1]))), _text(reply[i + 2]))
+            for i in range(2, len(reply) - 2, 3)
+        ]
         return now, lost, rows
 
     async def mark_lost(self, keep_ms: int) -> None:

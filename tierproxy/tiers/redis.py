@@ -100,7 +100,7 @@ def link_retry() -> Retry:
 
 def _batches(items: Sequence[str], size: int = _BATCH) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def configured(
@@ -110,9 +110,13 @@ def configured(
     them, and a copy it keeps longer than the proxy's clock allows is classified expired.)"""
     if not settings.redis_url:
         return None
-    backend = RedisTier(settings.redis_url, keys=keys, key_prefix=settings.key_prefix,
-                        socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
-                        max_connections=settings.redis_max_connections)
+    backend = RedisTier(
+        settings.redis_url,
+        keys=keys,
+        key_prefix=settings.key_prefix,
+        socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
+        max_connections=settings.redis_max_connections,
+    )
     return Configured(backend, settings.l2_timeout, settings.l2_write_timeout)
 
 
@@ -120,8 +124,15 @@ class RedisTier(BytesBackend):
     name = "l2"
     shared = True
 
-    def __init__(self, url: str, *, socket_timeout: float, max_connections: int,
-                 keys: KeySpace, key_prefix: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        socket_timeout: float,
+        max_connections: int,
+        keys: KeySpace,
+        key_prefix: str = "",
+    ) -> None:
         self.url = url
         self.keys = keys
         #: The start of every Redis name this process uses (entries, tag sets, channels, and
@@ -147,8 +158,9 @@ class RedisTier(BytesBackend):
         #: (_SET_FENCED). None: unfenced (a RedisTier used on its own).
         self.fence_id: str | None = None
         # Lookups: one pipelined connection for all of them (tiers/redis_reads.py).
-        self.reads = redis_reads.for_url(url, connect_timeout=socket_timeout,
-                                         stale_after=socket_timeout)
+        self.reads = redis_reads.for_url(
+            url, connect_timeout=socket_timeout, stale_after=socket_timeout
+        )
 
     def entry_name(self, key: CacheKey) -> str:
         return self.prefix + key.digest
@@ -168,8 +180,11 @@ class RedisTier(BytesBackend):
         if ttl_ms <= 0:
             return
         written = await self._set_fenced(
-            keys=[self.entry_name(key), self._leases_name,
-                  *(self.tag_name(tag) for tag in entry.tags)],
+            keys=[
+                self.entry_name(key),
+                self._leases_name,
+                *(self.tag_name(tag) for tag in entry.tags),
+            ],
             args=[blob.data, ttl_ms, key.digest, self.prefix, self.fence_id or ""],
         )
         if not written:
@@ -190,7 +205,9 @@ class RedisTier(BytesBackend):
                 break
         return sorted(members)
 
-    async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
+    async def purge(
+        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
+    ) -> int:
         # Digest -> key material when known (purge by key), else None (found through a tag).
         targets: dict[str, str | None] = {key.digest: key.material for key in keys}
         for tag in tags:
@@ -218,8 +235,9 @@ class RedisTier(BytesBackend):
             for digest, data in zip(batch, values, strict=True):
                 if not isinstance(data, bytes):
                     continue
-                marked = mark_stale_encoded(data, targets[digest], digest,
-                                            self.keys.namespace, soft_at)
+                marked = mark_stale_encoded(
+                    data, targets[digest], digest, self.keys.namespace, soft_at
+                )
                 if marked is not None:
                     writes.append((self.prefix + digest, marked))
             changed += sum(await asyncio.gather(*(rewrite(n, d) for n, d in writes)))

@@ -127,8 +127,9 @@ class PipelinedReader:
         self._path = path
         self._handshake: list[bytes] = []
         if password is not None:
-            self._handshake.append(_command(
-                b"AUTH", *((username.encode(),) if username else ()), password.encode()))
+            self._handshake.append(
+                _command(b"AUTH", *((username.encode(),) if username else ()), password.encode())
+            )
         if db:
             self._handshake.append(_command(b"SELECT", str(db).encode()))
         self._connect_timeout = connect_timeout
@@ -155,8 +156,11 @@ class PipelinedReader:
             if len(waiting) >= self._max_pending:
                 raise ReadChannelError(f"{len(waiting)} Redis reads already waiting")
             if time.monotonic() - waiting[0][1] > self._stale_after:
-                protocol.abort(ReadChannelError(
-                    f"no Redis reply for {self._stale_after:g}s: connection dropped"))
+                protocol.abort(
+                    ReadChannelError(
+                        f"no Redis reply for {self._stale_after:g}s: connection dropped"
+                    )
+                )
                 raise ReadChannelError("Redis stopped answering; reconnecting on the next read")
         return await protocol.send(payload)
 
@@ -197,7 +201,8 @@ class PipelinedReader:
                     raise
         except TimeoutError:
             raise ReadChannelError(
-                f"connecting to Redis took over {self._connect_timeout:g}s") from None
+                f"connecting to Redis took over {self._connect_timeout:g}s"
+            ) from None
         except OSError as exc:
             raise ReadChannelError(f"cannot connect to Redis: {exc}") from None
         return protocol

@@ -47,8 +47,8 @@ from ..keys import CacheKey, KeySpace
 from .base import (
     Blob,
     BytesBackend,
-    StorageFull,
     Configured,
+    StorageFull,
     TierUnavailable,
     mark_stale_encoded,
 )
@@ -120,10 +120,13 @@ _WAL_MAX = 64 * 1024 * 1024
 
 # The writer's housekeeping after each write: bounded batches, through the indexes on
 # expires_at and accessed_at (tests check the plans: never a scan of the whole table).
-SWEEP_SQL = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries"
-             " WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)")
-EVICT_SQL = ("DELETE FROM entries WHERE key IN"
-             " (SELECT key FROM entries ORDER BY accessed_at LIMIT ?)")
+SWEEP_SQL = (
+    "DELETE FROM entries WHERE key IN (SELECT key FROM entries"
+    " WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
+)
+EVICT_SQL = (
+    "DELETE FROM entries WHERE key IN (SELECT key FROM entries ORDER BY accessed_at LIMIT ?)"
+)
 
 # Every statement on the reader runs under a deadline its progress handler checks, every
 # _PROGRESS_OPS virtual-machine instructions (see SQLiteTier._lookup).
@@ -203,11 +206,16 @@ def configured(
     rows; whether a copy is fresh, stale or expired is the proxy's clock's, in GuardedTier.)"""
     if not settings.sqlite_path:
         return None
-    backend = SQLiteTier(settings.sqlite_path, max_bytes=settings.l3_max_bytes, metrics=metrics,
-                         keys=keys, read_timeout=settings.l3_timeout,
-                         write_timeout=settings.l3_write_timeout,
-                         retry_max=settings.breaker_cooldown,
-                         check_interval=min(1.0, settings.breaker_cooldown / 2))
+    backend = SQLiteTier(
+        settings.sqlite_path,
+        max_bytes=settings.l3_max_bytes,
+        metrics=metrics,
+        keys=keys,
+        read_timeout=settings.l3_timeout,
+        write_timeout=settings.l3_write_timeout,
+        retry_max=settings.breaker_cooldown,
+        check_interval=min(1.0, settings.breaker_cooldown / 2),
+    )
     return Configured(backend, settings.l3_timeout, settings.l3_write_timeout)
 
 
@@ -313,9 +321,7 @@ class SQLiteTier(BytesBackend):
                 f"TIERPROXY_SQLITE_PATH={self.path!r}: directory {directory!r} does not exist"
             )
         if os.path.isdir(self.path):
-            raise SQLiteOpenError(
-                f"TIERPROXY_SQLITE_PATH={self.path!r} is a directory, not a file"
-            )
+            raise SQLiteOpenError(f"TIERPROXY_SQLITE_PATH={self.path!r} is a directory, not a file")
 
     async def _open_or_replace(self) -> None:
         """Open the file; one that is not a usable database is moved aside and replaced."""
@@ -397,8 +403,11 @@ class SQLiteTier(BytesBackend):
             raise _NewerSchema(f"schema version {version} is newer than {SCHEMA_VERSION}")
         columns = {row[1] for row in await writer.execute_fetchall("PRAGMA table_info(entries)")}
         if columns and "tags" not in columns:
-            log.warning("L3 file has schema version %d: adding the tag index and dropping its "
-                        "entries (their surrogate keys were never indexed)", version)
+            log.warning(
+                "L3 file has schema version %d: adding the tag index and dropping its "
+                "entries (their surrogate keys were never indexed)",
+                version,
+            )
             try:
                 await writer.execute(
                     "ALTER TABLE entries ADD COLUMN tags TEXT NOT NULL DEFAULT '[]'"
@@ -412,8 +421,9 @@ class SQLiteTier(BytesBackend):
         was = self.available
         self.available = False
         if was or self._supervisor is None:  # said once per episode, not per retry
-            log.warning("L3 unavailable (%s); serving without it, retrying in the background",
-                        reason)
+            log.warning(
+                "L3 unavailable (%s); serving without it, retrying in the background", reason
+            )
 
     def _became_available(self, *, first: bool = False) -> None:
         self.available = True
@@ -448,8 +458,9 @@ class SQLiteTier(BytesBackend):
                 problem = "corrupt" if self._suspect is not None else await self._check_file()
                 if problem is None:
                     continue
-                self._went_unavailable(f"file {self.path} {problem}"
-                                       + (f": {self._suspect}" if self._suspect else ""))
+                self._went_unavailable(
+                    f"file {self.path} {problem}" + (f": {self._suspect}" if self._suspect else "")
+                )
                 self._count_recovery(problem)
                 await self._close_connections()
                 if problem == "corrupt":
@@ -462,8 +473,7 @@ class SQLiteTier(BytesBackend):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - still unavailable: try again later
-                log.debug("L3 %s still unavailable: %r (next try in %.2fs)",
-                          self.path, exc, delay)
+                log.debug("L3 %s still unavailable: %r (next try in %.2fs)", self.path, exc, delay)
                 await self._sleep(delay)
                 delay = min(delay * 2, self.retry_max)
                 continue
@@ -578,9 +588,7 @@ class SQLiteTier(BytesBackend):
             await self._insert(insert, len(data))
             await self._on_writer(lambda w: self._maintain(w, now))
 
-    async def _insert(
-        self, insert: Callable[[aiosqlite.Connection], Any], size: int
-    ) -> None:
+    async def _insert(self, insert: Callable[[aiosqlite.Connection], Any], size: int) -> None:
         try:
             await self._on_writer(insert)
         except sqlite3.OperationalError as exc:
@@ -620,10 +628,12 @@ class SQLiteTier(BytesBackend):
 
     async def _used_bytes(self, writer: aiosqlite.Connection) -> int:
         """Bytes of the main file's pages in use (free pages are reused before it grows)."""
-        rows = list(await writer.execute_fetchall(
-            "SELECT (SELECT page_count FROM pragma_page_count())"
-            " - (SELECT freelist_count FROM pragma_freelist_count())"
-        ))
+        rows = list(
+            await writer.execute_fetchall(
+                "SELECT (SELECT page_count FROM pragma_page_count())"
+                " - (SELECT freelist_count FROM pragma_freelist_count())"
+            )
+        )
         return int(rows[0][0]) * self._page_size if rows else 0
 
     async def _evict(self, writer: aiosqlite.Connection, need: int) -> None:
@@ -683,7 +693,9 @@ class SQLiteTier(BytesBackend):
 
         return bool(await self._on_writer(remove))
 
-    async def purge(self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None) -> int:
+    async def purge(
+        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
+    ) -> int:
         if not self.available:
             raise self._removal_missed()
         try:
@@ -692,7 +704,10 @@ class SQLiteTier(BytesBackend):
             raise self._removal_missed() from None
 
     async def _purge(
-        self, writer: aiosqlite.Connection, keys: Sequence[CacheKey], tags: Sequence[str],
+        self,
+        writer: aiosqlite.Connection,
+        keys: Sequence[CacheKey],
+        tags: Sequence[str],
         soft_at: float | None,
     ) -> int:
         digests = [key.digest for key in keys]
@@ -701,7 +716,7 @@ class SQLiteTier(BytesBackend):
         if soft_at is None:
             # Each DELETE is one statement; the triggers drop the tag rows and fix the stats.
             for start in range(0, len(digests), _BATCH):
-                batch = digests[start:start + _BATCH]
+                batch = digests[start : start + _BATCH]
                 cursor = await writer.execute(
                     f"DELETE FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
                 )
@@ -722,7 +737,10 @@ class SQLiteTier(BytesBackend):
         return changed
 
     async def _soft_purge(
-        self, writer: aiosqlite.Connection, keys: Sequence[CacheKey], tag_ids: list[str],
+        self,
+        writer: aiosqlite.Connection,
+        keys: Sequence[CacheKey],
+        tag_ids: list[str],
         soft_at: float,
     ) -> int:
         """Rewrite each entry marked stale, a few at a time (entries can be megabytes)."""
@@ -735,14 +753,15 @@ class SQLiteTier(BytesBackend):
         digests = list(materials)
         changed = 0
         for start in range(0, len(digests), _SOFT_BATCH):
-            batch = digests[start:start + _SOFT_BATCH]
+            batch = digests[start : start + _SOFT_BATCH]
             updates: list[tuple[bytes, int, str, bytes]] = []
             for digest, value in await writer.execute_fetchall(
                 f"SELECT key, value FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
             ):
                 data = bytes(value)
-                encoded = mark_stale_encoded(data, materials.get(str(digest)), str(digest),
-                                             self.keys.namespace, soft_at)
+                encoded = mark_stale_encoded(
+                    data, materials.get(str(digest)), str(digest), self.keys.namespace, soft_at
+                )
                 if encoded is not None:
                     updates.append((encoded, len(encoded), str(digest), data))
             if updates:
@@ -777,5 +796,5 @@ class SQLiteTier(BytesBackend):
                     # Queued statements finish first; each is bounded by its busy timeout.
                     async with asyncio.timeout(max(5.0, 4 * self.write_timeout)):
                         await conn.close()
-                except Exception as exc:  # closing must never stop shutdown or a recovery
+                except Exception as exc:  # noqa: BLE001 - closing must never stop shutdown or a recovery
                     log.warning("closing L3 %s connection: %r", attr.strip("_"), exc)
