@@ -364,8 +364,9 @@ class Invalidation:
         if task is None:
             return
         assert self.trust is not None and self._log is not None
-        # Shutting down: trust nothing local and write nothing shared from now on (backfills
-        # still draining included), so that PURGEs need not wait for this replica any more.
+        # Shutting down (the backfills were drained first, under the lease): trust nothing
+        # local and write nothing shared from now on, so that PURGEs need not wait for this
+        # replica any more.
         self.trust.lease_until = -math.inf
         try:
             async with asyncio.timeout(1.0):

@@ -129,10 +129,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         state.ready = False
+        # Backfills write to the tiers: let them finish (bounded) before the tiers close - and
+        # before this replica leaves the replicas' registry: its L2 writes land only while it
+        # holds its purge lease (a PURGE meanwhile still waits for its ack), so leaving first
+        # would drop every L2 backfill still pending.
+        # From here on the subscriber's purges run their required work inline (drained lanes
+        # take no new tasks), so nothing is left behind when it stops.
+        await state.background.drain(settings.shutdown_timeout)
         # Its purges write to L1/L3: stop listening before the tiers close.
         await state.invalidation.stop()
-        # Backfills write to the tiers: let them finish (bounded) before the tiers close.
-        await state.background.drain(settings.shutdown_timeout)
         for tier in state.tiers:
             try:
                 await tier.close()
