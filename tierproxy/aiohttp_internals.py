@@ -187,8 +187,9 @@ class Private:
 _RH = "RequestHandler"
 _NOT_PUBLIC_STATE = (
     "RequestHandler exposes no public view of its request queue or keep-alive "
-    "state; handler_args only sets limits, and keepalive_timeout bounds idle "
-    "time, not a head being trickled or a response not being read"
+    "state; handler_args only sets limits, and keepalive_timeout closes a connection "
+    "whose head trickles only silently, at the idle deadline, and never one whose "
+    "response is not being read"
 )
 
 PRIVATE_NAMES: tuple[Private, ...] = (
