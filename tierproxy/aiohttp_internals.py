@@ -16,7 +16,8 @@ with:
   75 s by default), so a head could not be bounded tighter than idle connections are kept;
   and it is not restarted for a request head (a head gets whatever is left of the idle
   period that began when the connection opened or the last response ended, not a bound from
-  its own first byte).
+  its own first byte). That timer still runs: a head begun just before the idle deadline is
+  cut there, silently, as aiohttp does (the idle-close race of RFC 9112 §9.5).
 * The right status for over-long input: 414 for the request-target, 431 for a header line or
   too many lines (aiohttp answers 400 to all three), logged at debug (a client cannot flood
   the log with tracebacks).
@@ -47,8 +48,8 @@ imported here, each with why no public mechanism does the job. :func:`missing_in
 :func:`connector_internals_available` check that list against the running aiohttp at start-up
 (``tierproxy serve`` refuses to start without them; for the listener's connection handler
 only, ``TIERPROXY_ALLOW_UNHARDENED=on`` lets it run on aiohttp's own, :func:`unhardened_message`
-says what is lost then), and
-tests/unit/test_aiohttp_internals.py checks it on every aiohttp version CI runs.
+says what is lost then), and tests/unit/test_aiohttp_internals.py checks it on every aiohttp
+version CI runs, with the signature of every method overridden or called (:data:`SIGNATURES`).
 
 Public mechanisms used instead of internals: the limits are aiohttp's own ``handler_args``
 (``max_line_size``, ``max_field_size``, ``max_headers``, ``keepalive_timeout``,
@@ -57,14 +58,14 @@ with those public ``RequestHandler`` keyword arguments (not by reading ``Server.
 ``debug=False`` always (aiohttp passes ``debug`` from the event loop's debug mode, and in it a
 handler exception's 500 carries the traceback to the client: a proxy facing untrusted clients
 never sends one); ``web.Server.requests_count`` (public; aiohttp's gunicorn worker's
-``max_requests`` reads it) counts hit-path answers too; the
-hit path's hand-over reaches the full path through a ``web.Server`` ``request_factory`` (below);
-the loop and keep-alive timeout the handler needs are the ones it was given, not read back.
+``max_requests`` reads it) counts hit-path answers too; the hit path's hand-over reaches the
+full path through a ``web.Server`` ``request_factory`` (below); the loop and keep-alive
+timeout the handler needs are the ones it was given, not read back.
 
 Public mechanisms considered and why they fall short (per name: :data:`PRIVATE_NAMES`):
 ``keepalive_timeout`` closes a connection whose head is still arriving only silently and on
-the idle keep-alive deadline (above); ``read_bufsize`` bounds how much is buffered, not how long it takes;
-``max_line_size``/``max_field_size``/``max_headers`` are applied (aiohttp answers 400 to all
+the idle keep-alive deadline (above); ``read_bufsize`` bounds how much is buffered, not how
+long it takes; ``max_line_size``/``max_field_size``/``max_headers`` are applied (aiohttp answers 400 to all
 three, :meth:`ProxyRequestHandler.handle_error` turns them into 414/431); ``handler_args`` and
 ``web.AppRunner``'s keyword arguments only reach ``RequestHandler``'s constructor, never choose
 its class; the client's ``TraceConfig`` signals are awaited inside the connector (a window
