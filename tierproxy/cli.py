@@ -218,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = missing_internals()
     if missing and not settings.allow_unhardened:
         # Protections never turn off silently: without the internals the hardened listener
-        # uses (tierproxy.aiohttp_internals) there are no request-head or send timeouts.
+        # uses (tierproxy.aiohttp_internals) the proxy port runs on aiohttp's own connection
+        # handler (unhardened_message says what that loses).
         print(f"tierproxy: cannot start: {unhardened_message(missing)}", file=sys.stderr)
         return 2
     if not connector_internals_available():
