@@ -281,6 +281,8 @@ async def test_line_too_long_carries_the_limit_and_tells_a_target_from_a_header(
     )
     assert target.args[1] == line_limit and header.args[1] == field_limit
     assert isinstance(target.args[0], bytes | bytearray)
+    if SERVER_PARSER is aiohttp.http_parser.HttpRequestParserPy and line_limit == field_limit:
+        pytest.skip("aiohttp's pure-Python parser (no C extension) gives bytes for both")
     if SERVER_PARSER is not aiohttp.http_parser.HttpRequestParserPy:
         # aiohttp's C parser: the request-target as a bytearray, a header value as bytes
         # (how equal limits are told apart: 414 vs 431)
