@@ -8,8 +8,16 @@ with:
 
 * A request-head timeout (slowloris): a head must be complete ``TIERPROXY_HEADER_TIMEOUT``
   seconds after its first byte (for a connection's first request: after the connection
-  opened), else 408 and close. aiohttp bounds only idle keep-alive time, and bytes of an
-  unfinished head do not count as activity for it.
+  opened), else 408 and close. aiohttp's only bound on a head is its keep-alive timer (armed
+  when the connection opens and after each response; when it fires while ``start()`` waits for
+  a request, a head still arriving included, the connection is closed), and it falls short:
+  the connection is dropped without an answer (no 408, RFC 9110 §15.5.9); the one setting,
+  ``keepalive_timeout``, is also the idle keep-alive time (``TIERPROXY_KEEPALIVE_TIMEOUT``,
+  75 s by default), so a head could not be bounded tighter than idle connections are kept;
+  and it is not restarted for a request head (a head gets whatever is left of the idle
+  period that began when the connection opened or the last response ended, not a bound from
+  its own first byte). That timer still runs: a head begun just before the idle deadline is
+  cut there, silently, as aiohttp does (the idle-close race of RFC 9112 §9.5).
 * The right status for over-long input: 414 for the request-target, 431 for a header line or
   too many lines (aiohttp answers 400 to all three), logged at debug (a client cannot flood
   the log with tracebacks).
@@ -38,21 +46,26 @@ bound the wait for a free pooled connection on its own clock (:class:`_FetchCloc
 :data:`PRIVATE_NAMES` is the exact list of private names read, written, overridden, called or
 imported here, each with why no public mechanism does the job. :func:`missing_internals` and
 :func:`connector_internals_available` check that list against the running aiohttp at start-up
-(``tierproxy serve`` refuses to start without them; for the listener only
-``TIERPROXY_ALLOW_UNHARDENED=on`` lets it run on aiohttp's own handler), and
-tests/unit/test_aiohttp_internals.py checks it on every aiohttp version CI runs.
+(``tierproxy serve`` refuses to start without them; for the listener's connection handler
+only, ``TIERPROXY_ALLOW_UNHARDENED=on`` lets it run on aiohttp's own, :func:`unhardened_message`
+says what is lost then), and tests/unit/test_aiohttp_internals.py checks it on every aiohttp
+version CI runs, with the signature of every method overridden or called (:data:`SIGNATURES`).
 
 Public mechanisms used instead of internals: the limits are aiohttp's own ``handler_args``
 (``max_line_size``, ``max_field_size``, ``max_headers``, ``keepalive_timeout``,
 ``auto_decompress``: :func:`tierproxy.listener.handler_args`); the connection handler is built
-with those public ``RequestHandler`` keyword arguments (not by reading ``Server._kwargs``); the
-hit path's hand-over reaches the full path through a ``web.Server`` ``request_factory`` (below);
-the loop and keep-alive timeout the handler needs are the ones it was given, not read back.
+with those public ``RequestHandler`` keyword arguments (not by reading ``Server._kwargs``), with
+``debug=False`` always (aiohttp passes ``debug`` from the event loop's debug mode, and in it a
+handler exception's 500 carries the traceback to the client: a proxy facing untrusted clients
+never sends one); ``web.Server.requests_count`` (public; aiohttp's gunicorn worker's
+``max_requests`` reads it) counts hit-path answers too; the hit path's hand-over reaches the
+full path through a ``web.Server`` ``request_factory`` (below); the loop and keep-alive
+timeout the handler needs are the ones it was given, not read back.
 
 Public mechanisms considered and why they fall short (per name: :data:`PRIVATE_NAMES`):
-``keepalive_timeout`` bounds only idle time between requests (a head trickled a byte at a
-time is not idle); ``read_bufsize`` bounds how much is buffered, not how long it takes;
-``max_line_size``/``max_field_size``/``max_headers`` are applied (aiohttp answers 400 to all
+``keepalive_timeout`` closes a connection whose head is still arriving only silently and on
+the idle keep-alive deadline (above); ``read_bufsize`` bounds how much is buffered, not how
+long it takes; ``max_line_size``/``max_field_size``/``max_headers`` are applied (aiohttp answers 400 to all
 three, :meth:`ProxyRequestHandler.handle_error` turns them into 414/431); ``handler_args`` and
 ``web.AppRunner``'s keyword arguments only reach ``RequestHandler``'s constructor, never choose
 its class; the client's ``TraceConfig`` signals are awaited inside the connector (a window
@@ -78,6 +91,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import importlib
+import inspect
 import logging
 import select
 from collections.abc import Awaitable, Callable
@@ -87,13 +102,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 
 import aiohttp
 import aiohttp.connector
+import aiohttp.helpers
 from aiohttp import web
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import set_exception
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.http_parser import RawRequestMessage
+from aiohttp.client_proto import ResponseHandler  # PRIVATE_NAMES (not exported)
+from aiohttp.helpers import rfc822_formatted_time, set_exception  # PRIVATE_NAMES
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong  # LineTooLong: PRIVATE_NAMES
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_log import AccessLogger
 from aiohttp.web_protocol import RequestHandler
 
 from .entry import FORBIDDEN_IN_HEADER, wire
@@ -126,13 +141,19 @@ __all__ = [
     "connector_internals_available",
     "internals_available",
     "missing_internals",
+    "missing_serving_internals",
+    "rfc822_formatted_time",
     "unhardened_message",
 ]
 
 log = logging.getLogger("tierproxy.listener")
 origin_log = logging.getLogger("tierproxy.origin")
 
-Kind = Literal["read", "write", "override", "call", "import"]
+Kind = Literal["read", "write", "override", "call", "import", "layout"]
+#: ``listener``: the proxy's connection handler (``TIERPROXY_ALLOW_UNHARDENED=on`` runs without);
+#: ``serving``: every response and runner (no opt-out); ``origin``: the origin connections (no
+#: opt-out).
+Side = Literal["listener", "serving", "origin"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,31 +162,35 @@ class Private:
 
     ``owner``: the class (or module) holding it; ``kind``: what is done with it (``read``,
     ``write`` - read too -, ``override``: a method redefined in a subclass, ``call``,
-    ``import``); ``side``: ``listener`` (the proxy's connections; opt-out possible) or
-    ``origin`` (the origin connections; no opt-out); ``attribute``: an instance attribute
-    (a ``__slots__`` entry, or set by ``__init__``) rather than a class attribute;
+    ``layout``: the undocumented layout of a value aiohttp hands over,
+    ``import``: a name the module does not export - not in its ``__all__`` - imported, or
+    read as ``module.name``); ``side``: ``listener`` (the proxy's connection handler;
+    ``TIERPROXY_ALLOW_UNHARDENED=on`` runs without), ``serving`` (every response and runner; no
+    opt-out) or ``origin`` (the origin connections; no opt-out); ``attribute``: an instance
+    attribute (a ``__slots__`` entry, or set by ``__init__``) rather than a class attribute;
     ``why``: why no public mechanism does it.
     """
 
     owner: str
     name: str
     kind: Kind
-    side: Literal["listener", "origin"]
+    side: Side
     attribute: bool
     why: str
 
     @property
     def label(self) -> str:
-        return f"{self.owner}.{self.name}" + (
-            "" if self.attribute or self.kind == "import" else "()"
-        )
+        if self.kind == "import":
+            return f"aiohttp.{self.owner}.{self.name}"
+        return f"{self.owner}.{self.name}" + ("" if self.attribute else "()")
 
 
 _RH = "RequestHandler"
 _NOT_PUBLIC_STATE = (
     "RequestHandler exposes no public view of its request queue or keep-alive "
-    "state; handler_args only sets limits, and keepalive_timeout bounds idle "
-    "time, not a head being trickled or a response not being read"
+    "state; handler_args only sets limits, and keepalive_timeout closes a connection "
+    "whose head trickles only silently, at the idle deadline, and never one whose "
+    "response is not being read"
 )
 
 PRIVATE_NAMES: tuple[Private, ...] = (
@@ -291,10 +316,39 @@ PRIVATE_NAMES: tuple[Private, ...] = (
         "read on a late framing error; not exported",
     ),
     Private(
+        "_ErrInfo",
+        "exc",
+        "read",
+        "listener",
+        True,
+        "the parse error a queued _ErrInfo carries: what the body read that a late framing "
+        "error ends is failed with (no public error hook)",
+    ),
+    Private(
+        "http_exceptions",
+        "LineTooLong",
+        "import",
+        "listener",
+        False,
+        "the parse error for an over-long request-target or header line, told apart from "
+        "other 400s to answer 414/431; http_exceptions exports only HttpProcessingError",
+    ),
+    Private(
+        "LineTooLong",
+        "args",
+        "layout",
+        "listener",
+        True,
+        "(line, limit, actual_size): args[1] is the limit that was exceeded (max_line_size: "
+        "the request-target, 414; max_field_size: a header, 431); with both limits equal, "
+        "aiohttp's C parser hands over the request-target as a bytearray and a header as "
+        "bytes. No attribute or subclass tells the two apart",
+    ),
+    Private(
         "StreamResponse",
         "_write_headers",
         "override",
-        "listener",
+        "serving",
         False,
         "writes the status line and headers: overridden only for a head holding non-UTF-8 "
         "bytes, which aiohttp's writer would re-encode (there is no raw-headers option)",
@@ -303,7 +357,7 @@ PRIVATE_NAMES: tuple[Private, ...] = (
         "AppRunner",
         "_make_server",
         "override",
-        "listener",
+        "serving",
         False,
         "where AppRunner starts the app and builds its web.Server; AppRunner takes no "
         "server class or protocol factory, and the proxy needs its own web.Server (the "
@@ -369,10 +423,48 @@ PRIVATE_NAMES: tuple[Private, ...] = (
         "the body being read when the connection is lost: failed on a reset (aiohttp "
         "completes a close-delimited body on any loss); no public hook",
     ),
+    Private(
+        "client_proto",
+        "ResponseHandler",
+        "import",
+        "origin",
+        False,
+        "aiohttp's client connection protocol, subclassed by _OriginProtocol (the only "
+        "place bytes on a pooled connection are seen); not exported",
+    ),
+    Private(
+        "helpers",
+        "set_exception",
+        "import",
+        "origin",
+        False,
+        "fails a body being read with the connection's error as its cause, as aiohttp's "
+        "own protocol does; helpers exports no such function",
+    ),
+    Private(
+        "connector",
+        "Connection",
+        "import",
+        "origin",
+        False,
+        "the type BaseConnector._get returns (read as aiohttp.connector.Connection in the "
+        "override's annotation); not in connector's __all__ nor aiohttp's",
+    ),
+    # -- every response (server side; no opt-out) ----------------------------------------
+    Private(
+        "helpers",
+        "rfc822_formatted_time",
+        "import",
+        "serving",
+        False,
+        "the Date field aiohttp writes, cached per second (tierproxy.response adds it to a "
+        "hit's head as aiohttp would); helpers does not export it, and formatting a date per "
+        "hit would cost the hit path",
+    ),
 )
 
 #: The protocol/server methods overridden that are public names but not documented as
-#: extension points (their signatures are still checked, like the private ones).
+#: extension points (their signatures are still checked, like the private ones: SIGNATURES).
 OVERRIDDEN_PUBLIC = (
     ("RequestHandler", "data_received"),
     ("RequestHandler", "connection_made"),
@@ -398,6 +490,42 @@ OWNERS: dict[str, Any] = {
     "TCPConnector": aiohttp.TCPConnector,
     "BaseConnector": aiohttp.connector.BaseConnector,
     "ResponseHandler": ResponseHandler,
+    "_ErrInfo": _ErrInfo,
+    "LineTooLong": LineTooLong,
+}
+
+#: What tierproxy relies on of each aiohttp method it overrides or calls that aiohttp does not
+#: document as an extension point (every ``override``/``call`` in PRIVATE_NAMES, every
+#: OVERRIDDEN_PUBLIC entry, and the undocumented functions and methods called): whether it is
+#: a coroutine function, and its parameters in order with their kinds (:func:`shape`). An
+#: override whose parameters drift from aiohttp's would no longer be given what aiohttp passes,
+#: or be awaited wrongly: such a drift counts as the name missing.
+SIGNATURES: dict[tuple[str, str], tuple[bool, str]] = {
+    ("RequestHandler", "_process_keepalive"): (False, "self"),
+    ("StreamResponse", "_write_headers"): (True, "self"),
+    ("AppRunner", "_make_server"): (True, "self"),
+    ("BaseConnector", "_get"): (True, "self, key, traces"),
+    ("BaseConnector", "_release"): (False, "self, key, protocol, *, should_close"),
+    ("BaseConnector", "_wait_for_available_connection"): (True, "self, key, traces"),
+    ("RequestHandler", "data_received"): (False, "self, data"),
+    ("RequestHandler", "connection_made"): (False, "self, transport"),
+    ("RequestHandler", "connection_lost"): (False, "self, exc"),
+    ("RequestHandler", "pause_writing"): (False, "self"),
+    ("RequestHandler", "resume_writing"): (False, "self"),
+    ("RequestHandler", "handle_error"): (False, "self, request, status, exc, message"),
+    ("RequestHandler", "close"): (False, "self"),
+    ("RequestHandler", "shutdown"): (True, "self, timeout"),
+    ("Server", "connection_made"): (False, "self, handler, transport"),
+    ("Server", "connection_lost"): (False, "self, handler, exc"),
+    ("Server", "__call__"): (False, "self"),
+    ("ResponseHandler", "__init__"): (False, "self, loop"),
+    ("ResponseHandler", "data_received"): (False, "self, data"),
+    ("ResponseHandler", "is_connected"): (False, "self"),
+    ("ResponseHandler", "connection_lost"): (False, "self, exc"),
+    # called on RequestHandler._parser (the parser RequestHandler builds), as start() does
+    ("HttpRequestParser", "message_consumed"): (False, "self"),
+    ("helpers", "set_exception"): (False, "fut, exc, exc_cause"),
+    ("helpers", "rfc822_formatted_time"): (False, ""),
 }
 
 
@@ -413,26 +541,119 @@ def _fully_slotted(cls: type) -> bool:
     return all("__slots__" in klass.__dict__ for klass in cls.__mro__ if klass is not object)
 
 
+def shape(function: Any) -> str:
+    """``function``'s parameters in order, ``*`` before keyword-only ones, ``/`` after
+    positional-only ones, ``*args``/``**kwargs`` as such (names matter: aiohttp passes some
+    by keyword); "?" when it cannot be read."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return "?"
+    out: list[str] = []
+    keyword_only = False
+    for index, parameter in enumerate(parameters):
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            out.append(f"*{parameter.name}")
+            keyword_only = True
+            continue
+        if parameter.kind is parameter.VAR_KEYWORD:
+            out.append(f"**{parameter.name}")
+            continue
+        if parameter.kind is parameter.KEYWORD_ONLY and not keyword_only:
+            out.append("*")
+            keyword_only = True
+        out.append(parameter.name)
+        following = parameters[index + 1] if index + 1 < len(parameters) else None
+        if parameter.kind is parameter.POSITIONAL_ONLY and (
+            following is None or following.kind is not parameter.POSITIONAL_ONLY
+        ):
+            out.append("/")
+    return ", ".join(out)
+
+
+def _parser_class() -> Any:
+    """The request parser class ``RequestHandler`` builds (aiohttp's C parser when built)."""
+    return HttpRequestParser
+
+
+def _signature_owner(owner: str) -> Any:
+    if owner == "HttpRequestParser":
+        return _parser_class()
+    if owner == "helpers":
+        return aiohttp.helpers
+    return OWNERS[owner]
+
+
+def signature_drift(owner: str, name: str) -> str | None:
+    """How ``owner.name`` differs from what :data:`SIGNATURES` records (None: it does not)."""
+    is_async, expected = SIGNATURES[(owner, name)]
+    function = getattr(_signature_owner(owner), name, None)
+    if not callable(function) or getattr(function, "__isabstractmethod__", False):
+        return "missing"  # (an abstract one: a base class's placeholder, not aiohttp's work)
+    actual = shape(function)
+    if actual != expected or inspect.iscoroutinefunction(function) != is_async:
+        kind = "async " if inspect.iscoroutinefunction(function) else ""
+        return f"is {kind}({actual}), tierproxy expects {'async ' if is_async else ''}({expected})"
+    return None
+
+
+def _line_too_long_layout() -> bool:
+    """Whether LineTooLong keeps the line and the exceeded limit at args[0] and args[1]."""
+    try:
+        exc = LineTooLong(b"x" * 3, 2)
+    except Exception:  # noqa: BLE001 - another constructor: the layout is not the expected one
+        return False
+    return len(exc.args) > 1 and exc.args[0] == b"xxx" and exc.args[1] == 2
+
+
 def _present(private: Private) -> bool:
-    """Whether ``private`` is on this aiohttp (instance attributes of slotted classes by their
-    slot; others are checked where they are used, or by the test on an instance)."""
+    """Whether ``private`` is on this aiohttp: a module name by import; an instance attribute
+    of a class slotted all the way down by its slot (others: :func:`_origin_instance_ok`, and
+    the test on live instances); a method by its presence and :data:`SIGNATURES`."""
     if private.kind == "import":
-        return _ErrInfo is not None
+        try:
+            module = importlib.import_module(f"aiohttp.{private.owner}")
+        except ImportError:
+            return False
+        return hasattr(module, private.name)
+    if private.kind == "layout":
+        return _line_too_long_layout()
     owner = OWNERS[private.owner]
+    if owner is None:
+        return False
     if private.attribute:
-        # Only a class slotted all the way down lists every instance attribute; others are
-        # checked where they are used (_OriginConnector) and by the test, on an instance.
         return private.name in _slots(owner) if _fully_slotted(owner) else True
+    if (private.owner, private.name) in SIGNATURES:
+        return signature_drift(private.owner, private.name) is None
     return callable(getattr(owner, private.name, None))
 
 
+def _missing(side: Side) -> list[str]:
+    return [p.label for p in PRIVATE_NAMES if p.side == side and not _present(p)]
+
+
 def missing_internals() -> list[str]:
-    """The private names the hardened listener needs that this aiohttp lacks (none: [])."""
-    return [
-        p.label if p.kind != "import" else f"web_protocol.{p.name}"
-        for p in PRIVATE_NAMES
-        if p.side == "listener" and not _present(p)
+    """The private names the hardened connection handler needs that this aiohttp lacks (none:
+    []); ``TIERPROXY_ALLOW_UNHARDENED=on`` runs without them (:func:`unhardened_message`)."""
+    drifted = [
+        f"{owner}.{name}()"
+        for owner, name in OVERRIDDEN_PUBLIC
+        if owner == "RequestHandler" and signature_drift(owner, name) is not None
     ]
+    if signature_drift("HttpRequestParser", "message_consumed") is not None:
+        drifted.append("HttpRequestParser.message_consumed()")
+    return _missing("listener") + drifted
+
+
+def missing_serving_internals() -> list[str]:
+    """The private names every response and runner needs that this aiohttp lacks (none: []):
+    no opt-out (``tierproxy serve`` refuses to start)."""
+    drifted = [
+        f"{owner}.{name}()"
+        for owner, name in OVERRIDDEN_PUBLIC
+        if owner == "Server" and signature_drift(owner, name) is not None
+    ]
+    return _missing("serving") + drifted
 
 
 def internals_available() -> bool:
@@ -440,10 +661,35 @@ def internals_available() -> bool:
     return not missing_internals()
 
 
+def _origin_instance_ok() -> bool:
+    """Whether a ``ResponseHandler`` has the instance attributes listed for it. It is not
+    slotted all the way down (no slot lists them), so one is made on a throwaway event loop
+    (closed afterwards) and looked at."""
+    names = [
+        p.name
+        for p in PRIVATE_NAMES
+        if p.owner == "ResponseHandler" and p.attribute and p.side == "origin"
+    ]
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = ResponseHandler(loop)
+        return all(hasattr(protocol, name) for name in names)
+    except Exception:  # noqa: BLE001 - a constructor that changed: not the hooks tierproxy knows
+        return False
+    finally:
+        loop.close()
+
+
 def connector_internals_available() -> bool:
     """Whether this aiohttp has the connector hooks that keep pooled connections clean."""
-    return all(_present(p) for p in PRIVATE_NAMES if p.side == "origin") and callable(
-        getattr(ResponseHandler, "data_received", None)
+    return (
+        not _missing("origin")
+        and all(
+            signature_drift(owner, name) is None
+            for owner, name in OVERRIDDEN_PUBLIC
+            if owner == "ResponseHandler"
+        )
+        and _origin_instance_ok()
     )
 
 
@@ -451,9 +697,12 @@ def unhardened_message(missing: list[str]) -> str:
     """One line for the operator: what is missing, what it costs, what to do."""
     return (
         f"aiohttp {aiohttp.__version__} lacks internals the hardened listener needs "
-        f"({', '.join(missing)}): without them there are no request-head/send timeouts; "
-        "install the aiohttp version tierproxy pins (>=3.14.4,<3.15), or set "
-        "TIERPROXY_ALLOW_UNHARDENED=on to run without these protections"
+        f"({', '.join(missing)}): without them the proxy port runs on aiohttp's own connection "
+        "handler, with no request-head or send timeouts, no client connection cap, 400 instead "
+        "of 414/431, no hit path (every request takes the full path) and a body read that a "
+        "late framing error ends waiting for the client to go; install the aiohttp version "
+        "tierproxy pins (>=3.14.4,<3.15), or set TIERPROXY_ALLOW_UNHARDENED=on to run without "
+        "these protections"
     )
 
 
@@ -707,6 +956,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         "_hits",
         "_idle_timeout",
         "_lookup",
+        "_proxy_server",
         "_remote",
         "_send_timeout",
         "_send_timer",
@@ -725,6 +975,9 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, loop=loop, keepalive_timeout=keepalive_timeout, **kwargs)
+        # The server, kept here (aiohttp's own reference is private and dropped at
+        # connection_lost): its public requests_count counts hit-path answers too.
+        self._proxy_server = manager
         self._event_loop = loop
         self._idle_timeout = keepalive_timeout
         self._head_timeout = head_timeout
@@ -911,6 +1164,9 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         """Write a hit-path answer; return what of its body waits for the client to drain."""
         if self._parser is not None:
             self._parser.message_consumed()
+        # As start() counts each request it takes (aiohttp's gunicorn worker restarts after
+        # max_requests of them): a request the hit path answers is one too.
+        self._proxy_server.requests_count += 1
         head, body = answer
         transport = self.transport
         assert transport is not None
@@ -1160,18 +1416,40 @@ _RUNNER_KWARGS = frozenset({"handle_signals", "shutdown_timeout", "handler_cance
 
 
 def _handler_kwargs(runner_kwargs: dict[str, Any], handler_args: dict[str, Any]) -> dict[str, Any]:
-    """The RequestHandler arguments AppRunner would give its server: the runner's own keyword
-    arguments but its own, then the app's ``handler_args`` (which win, as in aiohttp)."""
+    """The RequestHandler arguments for a proxy runner's server: what AppRunner would give its
+    server - the runner's own keyword arguments but its own, then the app's ``handler_args``
+    (which win, as in aiohttp) - except ``debug``, always False.
+
+    aiohttp passes ``debug=app._debug`` (the event loop's debug mode unless the app says
+    otherwise), and in debug mode a handler exception's 500 carries the traceback in its body.
+    tierproxy's listeners face untrusted clients: a traceback (paths, code, values) is never
+    sent, whatever the loop's mode (asyncio debug, PYTHONASYNCIODEBUG=1, python -X dev).
+    """
     kwargs = {k: v for k, v in runner_kwargs.items() if k not in _RUNNER_KWARGS}
-    kwargs.setdefault("access_log_class", AccessLogger)
     kwargs.update(handler_args)
+    kwargs["debug"] = False
     return kwargs
+
+
+def _plain_server(server: web.Server, kwargs: dict[str, Any]) -> web.Server:
+    """aiohttp's own server (no internals: the unhardened fallback), as AppRunner made
+    ``server`` but with :func:`_handler_kwargs`' arguments (``debug=False``)."""
+    return web.Server(
+        server.request_handler,
+        request_factory=server.request_factory,
+        handler_cancellation=server.handler_cancellation,
+        loop=asyncio.get_running_loop(),
+        **kwargs,
+    )
 
 
 class CappedRunner(web.AppRunner):
     """``web.AppRunner`` whose connections a :class:`ConnectionCap` bounds (the admin port).
 
-    ``handler_args`` must be the app's (``web.Application(handler_args=...)``).
+    ``handler_args`` are the app's (``web.Application(handler_args=...)``), required:
+    AppRunner builds its server from the app's, but aiohttp offers no public way to read them
+    back, and a runner that silently lacked them would run the listener on aiohttp's
+    defaults (a 3630 s keep-alive).
     """
 
     __slots__ = ("_cap", "_handler_args", "_runner_kwargs")
@@ -1181,25 +1459,28 @@ class CappedRunner(web.AppRunner):
         app: web.Application,
         *,
         cap: ConnectionCap,
-        handler_args: dict[str, Any] | None = None,
+        handler_args: dict[str, Any],
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._cap = cap
-        self._handler_args = handler_args or {}
+        self._handler_args = handler_args
         self._runner_kwargs = kwargs
 
     async def _make_server(self) -> web.Server:  # PRIVATE_NAMES
         server = await super()._make_server()  # starts the app
+        kwargs = _handler_kwargs(self._runner_kwargs, self._handler_args)
         if missing_internals():
-            return server  # tierproxy serve refused to start already, unless allowed
+            # tierproxy serve refused to start already, unless allowed: no cap (it reads
+            # RequestHandler internals to find idle connections).
+            return _plain_server(server, kwargs)
         return CappedServer(
             server.request_handler,
             cap=self._cap,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=asyncio.get_running_loop(),
-            **_handler_kwargs(self._runner_kwargs, self._handler_args),
+            **kwargs,
         )
 
 
@@ -1209,8 +1490,9 @@ class ProxyRunner(web.AppRunner, Generic[H]):
     ``header_timeout`` and ``send_timeout`` are ``TIERPROXY_HEADER_TIMEOUT`` and
     ``TIERPROXY_SEND_TIMEOUT``; ``cap`` bounds the open connections
     (``TIERPROXY_MAX_CLIENT_CONNECTIONS``); ``handler_args`` are the app's
-    (:func:`tierproxy.listener.handler_args`). ``hits``, when given, answers what it can of
-    each request on the connection itself (:mod:`tierproxy.hits`); the app handles the rest.
+    (:func:`tierproxy.listener.handler_args`; required, as for :class:`CappedRunner`).
+    ``hits``, when given, answers what it can of each request on the connection itself
+    (:mod:`tierproxy.hits`); the app handles the rest.
     """
 
     __slots__ = (
@@ -1246,6 +1528,7 @@ class ProxyRunner(web.AppRunner, Generic[H]):
 
     async def _make_server(self) -> web.Server:  # PRIVATE_NAMES
         server = await super()._make_server()  # starts the app (on_startup, cleanup_ctx)
+        kwargs = _handler_kwargs(self._runner_kwargs, self._handler_args)
         missing = missing_internals()
         if missing:
             message = unhardened_message(missing)
@@ -1254,7 +1537,7 @@ class ProxyRunner(web.AppRunner, Generic[H]):
             # Still safe from smuggling (aiohttp's limits and framing checks apply), but a
             # client may hold a connection as long as it likes: said at every start.
             log.warning("TIERPROXY_ALLOW_UNHARDENED=on: serving unhardened: %s", message)
-            return server
+            return _plain_server(server, kwargs)
         return _ProxyServer(
             server.request_handler,
             request_factory=server.request_factory,
@@ -1264,7 +1547,7 @@ class ProxyRunner(web.AppRunner, Generic[H]):
             send_timeout=self._send_timeout,
             hits=self._hits,
             cap=self._cap,
-            **_handler_kwargs(self._runner_kwargs, self._handler_args),
+            **kwargs,
         )
 
 

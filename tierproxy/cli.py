@@ -23,6 +23,7 @@ from .aiohttp_internals import (
     ConnectorUnavailable,
     connector_internals_available,
     missing_internals,
+    missing_serving_internals,
     unhardened_message,
 )
 from .config import ConfigError, Settings, load_settings
@@ -203,10 +204,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tierproxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    serving = missing_serving_internals()
+    if serving:
+        # No opt-out: every response and runner needs these (a head with non-UTF-8 bytes
+        # written byte-exact, the proxy's own server built at all).
+        print(
+            f"tierproxy: cannot start: aiohttp {aiohttp.__version__} lacks internals every "
+            f"response needs ({', '.join(serving)}); install the aiohttp version tierproxy "
+            "pins (>=3.14.4,<3.15)",
+            file=sys.stderr,
+        )
+        return 2
     missing = missing_internals()
     if missing and not settings.allow_unhardened:
         # Protections never turn off silently: without the internals the hardened listener
-        # uses (tierproxy.aiohttp_internals) there are no request-head or send timeouts.
+        # uses (tierproxy.aiohttp_internals) the proxy port runs on aiohttp's own connection
+        # handler (unhardened_message says what that loses).
         print(f"tierproxy: cannot start: {unhardened_message(missing)}", file=sys.stderr)
         return 2
     if not connector_internals_available():

@@ -94,7 +94,9 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_LOG_LEVEL": "INFO",
     "TIERPROXY_LOG_FORMAT": "text",
     "TIERPROXY_ACCESS_LOG": "on",  # one line per request on tierproxy.access; off for benchmarks
-    # Client-side limits of the HTTP/1.1 listener (tierproxy.listener):
+    # Client-side limits of the HTTP/1.1 listener: the request limits and keep-alive are
+    # aiohttp's handler_args (tierproxy.listener), the head and send timeouts are
+    # tierproxy.aiohttp_internals', the body timeout is tierproxy.handler's:
     "TIERPROXY_MAX_URL_BYTES": "8192",  # longer request-target -> 414
     "TIERPROXY_MAX_HEADER_BYTES": "8190",  # a longer header name or value -> 431
     "TIERPROXY_MAX_HEADERS": "100",  # more header lines -> 431

@@ -6,10 +6,9 @@ import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from itertools import chain
 from operator import itemgetter
-
-from aiohttp.web_response import REASON_PHRASES
 
 __all__ = ["OWN_HEADERS", "Entry", "Headers", "has_raw_bytes", "wire"]
 
@@ -27,6 +26,10 @@ OWN_HEADERS = frozenset({"x-cache", "x-request-id", "cache-status"})
 FORBIDDEN_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Bits of Entry.head_flags: stored fields that spare aiohttp from adding its own.
+# The reason phrases aiohttp writes (aiohttp 3.14 builds its own table exactly so, from the
+# standard library; tests/unit/test_aiohttp_internals.py checks that the two agree).
+REASON_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
 HAS_CONTENT_TYPE = 1
 HAS_DATE = 2
 HAS_SERVER = 4

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, assert_never
 
 from aiohttp import web
-from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
@@ -31,6 +30,7 @@ from .aiohttp_internals import (
     ExactHead,
     ExactHeadResponse,
     ExactHeadStreamResponse,
+    rfc822_formatted_time,
 )
 from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER, OWN_HEADERS, has_raw_bytes
 from .origin import OriginError, OriginResponse, OriginTimeout

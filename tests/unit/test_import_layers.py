@@ -1,5 +1,14 @@
-"""tierproxy's modules import each other without cycles (issue 11: no module imports one above
-it), and the admin listener reads the proxy's state without importing the proxy app.
+"""What is checked of how tierproxy's modules import each other, exactly:
+
+* no import cycles among tierproxy's modules (a cycle through a package's ``__init__`` too);
+* the admin listener (``tierproxy.admin``) does not reach the proxy app - ``server``,
+  ``handler``, ``hits``, ``cli`` - directly or through other modules (it reads the proxy's
+  state from ``tierproxy.state``);
+* the entry points are imported only from above: ``tierproxy.server`` (the composition root)
+  only by ``cli``, and ``cli`` only by ``__main__``.
+
+No full layer table is checked (docs/ARCHITECTURE.md draws the layers; a few imports cross
+them, e.g. ``tiers.base`` uses ``policy``).
 
 The graph is read from the source (ast), so imports made only for type checking count too: a
 cycle there is still two modules that each need the other to be understood.
@@ -124,3 +133,15 @@ def test_the_admin_listener_does_not_import_the_proxy_app() -> None:
         "tierproxy.hits",
         "tierproxy.cli",
     }, sorted(below_admin)
+
+
+def test_the_entry_points_are_imported_only_from_above() -> None:
+    graph = import_graph()
+    importers = {
+        target: sorted(name for name, imports in graph.items() if target in imports)
+        for target in ("tierproxy.server", "tierproxy.cli")
+    }
+    assert importers == {
+        "tierproxy.server": ["tierproxy.cli"],
+        "tierproxy.cli": ["tierproxy.__main__"],
+    }
