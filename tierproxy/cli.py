@@ -27,7 +27,13 @@ from .aiohttp_internals import (
     unhardened_message,
 )
 from .config import ConfigError, Settings, load_settings
-from .listener import ADMIN_BACKLOG, ADMIN_MAX_CONNECTIONS, client_connection_cap, listen_backlog
+from .listener import (
+    ADMIN_BACKLOG,
+    ADMIN_MAX_CONNECTIONS,
+    client_connection_cap,
+    counted_cap,
+    listen_backlog,
+)
 from .logs import configure as configure_logging
 from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
@@ -118,7 +124,7 @@ async def serve(settings: Settings, nofile: int, cap: int) -> int:
         app, client_connections=cap, access_log=None, shutdown_timeout=settings.shutdown_timeout
     )
     # The admin port has its own small cap, inside the descriptor reserve: it always answers.
-    admin_cap = app[STATE].metrics.connection_cap(ADMIN_MAX_CONNECTIONS, "admin")
+    admin_cap = counted_cap(app[STATE].metrics, ADMIN_MAX_CONNECTIONS, "admin")
     admin_runner = CappedRunner(
         admin_app,
         cap=admin_cap,

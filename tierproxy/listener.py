@@ -14,13 +14,17 @@ from __future__ import annotations
 import resource
 from typing import TYPE_CHECKING, Any
 
+from .aiohttp_internals import ConnectionCap
+
 if TYPE_CHECKING:
     from .config import Settings
+    from .metrics import Metrics
 
 __all__ = [
     "ADMIN_BACKLOG",
     "ADMIN_MAX_CONNECTIONS",
     "client_connection_cap",
+    "counted_cap",
     "handler_args",
     "listen_backlog",
 ]
@@ -105,3 +109,19 @@ def client_connection_cap(settings: Settings, nofile: int | None = None) -> int:
             f"{what}: raise the hard descriptor limit (ulimit -Hn), or lower the pools"
         )
     return available
+
+
+def counted_cap(metrics: Metrics, limit: int, listener: str) -> ConnectionCap:
+    """A :class:`~tierproxy.aiohttp_internals.ConnectionCap` of ``limit`` connections for
+    ``listener`` (``proxy``, ``admin``), its connections and sheds counted in ``metrics``."""
+    shed = metrics.client_connections_shed
+    episodes = metrics.client_connection_cap_episodes.labels(listener)
+    cap = ConnectionCap(
+        limit,
+        listener,
+        shed=lambda action: shed.labels(listener, action).inc(),
+        episode=episodes.inc,
+    )
+    metrics.client_connections.labels(listener).set_function(lambda: len(cap))
+    metrics.client_connections_max.labels(listener).set(limit)
+    return cap

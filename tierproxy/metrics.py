@@ -20,14 +20,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from .aiohttp_internals import ConnectionCap
 
 __all__ = [
     "BREAKER_STATES",
@@ -406,22 +403,6 @@ class Metrics:
             for cache in X_CACHE_VALUES
             for cls in STATUS_CLASSES
         }
-
-    def connection_cap(self, limit: int, listener: str) -> ConnectionCap:
-        """A :class:`tierproxy.aiohttp_internals.ConnectionCap` for ``listener``, counted here."""
-        from .aiohttp_internals import ConnectionCap
-
-        shed = self.client_connections_shed
-        episodes = self.client_connection_cap_episodes.labels(listener)
-        cap = ConnectionCap(
-            limit,
-            listener,
-            shed=lambda action: shed.labels(listener, action).inc(),
-            episode=episodes.inc,
-        )
-        self.client_connections.labels(listener).set_function(lambda: len(cap))
-        self.client_connections_max.labels(listener).set(limit)
-        return cap
 
     def tier_lookup_counters(self, tier: str) -> dict[str, LoopCounterChild]:
         return {outcome: self.tier_lookups.labels(tier, outcome) for outcome in TIER_OUTCOMES}

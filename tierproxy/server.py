@@ -25,7 +25,7 @@ from .handler import handle, unrouted_targets
 from .hits import Handover, HitPath
 from .invalidation import Invalidation
 from .keys import KeySpace
-from .listener import client_connection_cap, handler_args
+from .listener import client_connection_cap, counted_cap, handler_args
 from .logs import AccessLog, dropped_lines
 from .metrics import BREAKER_STATES, Metrics
 from .origin import OriginClient
@@ -219,8 +219,8 @@ def make_runner(
         hits=HitPath(state, state.tier("l1")) if state.tiers else None,
         allow_unhardened=state.settings.allow_unhardened,
         # Client connections bounded below the descriptor limit (TIERPROXY_MAX_CLIENT_CONNECTIONS).
-        cap=state.metrics.connection_cap(
-            client_connections or client_connection_cap(state.settings), "proxy"
+        cap=counted_cap(
+            state.metrics, client_connections or client_connection_cap(state.settings), "proxy"
         ),
         **kwargs,
     )
