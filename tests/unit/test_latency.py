@@ -5,6 +5,7 @@ No sleeping: samples are fed in, and the monitor's rate limit runs on a SteppedC
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -36,7 +37,7 @@ def _jittered(center: float, count: int, seed: int = 1) -> list[float]:
 
 def test_the_buckets_are_quarter_octaves_from_10us_past_any_timeout() -> None:
     assert BUCKET_BOUNDS[0] == pytest.approx(1e-5)
-    assert all(b / a == pytest.approx(2**0.25) for a, b in zip(BUCKET_BOUNDS, BUCKET_BOUNDS[1:]))
+    assert all(b / a == pytest.approx(2**0.25) for a, b in itertools.pairwise(BUCKET_BOUNDS))
     assert BUCKET_BOUNDS[-1] > 100
 
 
@@ -117,7 +118,7 @@ def test_timeouts_climb_to_the_ceiling_even_when_every_lookup_times_out_at_the_f
     # Doubling per consecutive timeout: the ceiling within log2(ceiling / floor) + 1 steps.
     assert adaptive.current == CEILING
     assert len(used) <= math.ceil(math.log2(CEILING / FLOOR)) + 1, used
-    assert all(b >= 2 * a for a, b in zip(used, used[1:])), used
+    assert all(b >= 2 * a for a, b in itertools.pairwise(used)), used
 
 
 def test_a_success_ends_the_widening_and_timeout_samples_keep_it_cautious() -> None:
