@@ -88,7 +88,7 @@ class AdaptiveTimeout:
         floor: float,
         *,
         half_life: int = 256,
-        warmup: int = 32,
+        warmup: int = 100,
         refresh: int = 16,
     ) -> None:
         if not 0 < floor <= ceiling:
@@ -153,7 +153,7 @@ class AdaptiveTimeout:
         self.mean += step
         self.variance = (1.0 - alpha) * (self.variance + diff * step)
         self._since_refresh += 1
-        if self._since_refresh >= self._refresh:
+        if self._since_refresh >= self._refresh or self.samples == self._warmup:
             self._refresh_now()
 
     # -- the estimate -----------------------------------------------------------------

@@ -42,8 +42,8 @@ def test_the_buckets_are_quarter_octaves_from_10us_past_any_timeout() -> None:
 
 
 def test_the_ceiling_until_the_warm_up_then_the_estimate() -> None:
-    adaptive = AdaptiveTimeout(CEILING, FLOOR, warmup=32)
-    for sample in _jittered(3 * MS, 31):
+    adaptive = AdaptiveTimeout(CEILING, FLOOR)
+    for sample in _jittered(3 * MS, 99):
         adaptive.observe(sample)
     assert adaptive.current == CEILING  # too few samples to trust
 
