@@ -13,10 +13,12 @@ is an L2 hit.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from functools import partial
 from typing import Any
 
+import pytest
 from support.fixture_types import MakeFaultProxy, MakeProxy
 from support.origin import Origin
 from support.proxy import ProxyHandle
@@ -229,3 +231,34 @@ async def test_the_probes_stop_with_the_proxy(make_proxy: MakeProxy, redis_url: 
     assert len(probing()) == before + 1
     await proxy.close()
     assert len(probing()) == before
+
+
+async def test_lookups_near_their_timeout_are_counted_and_logged_once(
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_server: RedisServer,
+    redis_url: str,
+    fault_proxy: MakeFaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tierproxy.latency")
+    front = await fault_proxy(redis_server.port)
+    timeout = 0.5
+    proxy = await make_proxy(
+        REDIS_URL=front.url("redis", "/0"), L1_MAX_BYTES=0, SQLITE_PATH="off", L2_TIMEOUT=timeout
+    )
+    admin = await admin_for(proxy)
+    l2 = proxy.state.tier("l2")
+    front.set_mode("delay", 0.42 * timeout)  # each way: a lookup takes over 84% of its timeout
+
+    for path in ("/n1", "/n2"):
+        started = time.perf_counter()
+        assert await l2.get(proxy.state.keys.key(path), timeout) is None  # a miss, not a timeout
+        assert 0.8 * timeout < time.perf_counter() - started < timeout
+
+    samples = await admin.metrics()
+    assert value(samples, "tierproxy_near_timeout_total", tier="l2") == 2
+    assert value(samples, "tierproxy_tier_lookups_total", tier="l2", outcome="miss") == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "tierproxy.latency"]
+    assert len(lines) == 1 and lines[0].startswith("l2: 1 operation(s)"), lines
