@@ -17,7 +17,9 @@ so a lookup reads one attribute. Until ``warmup`` samples have been seen it is t
 
 Timeouts and errors feed the estimate. An error is a sample of how long the tier took to
 fail. A timeout is a sample *at the timeout used* - the true latency is at least that - and
-it also doubles ``widen``, which only a successful lookup resets to 1. Why both: a timeout
+it also doubles ``widen`` (once for lookups that were in flight together: one that had a
+timeout lower than the current one is a sample only), which only a successful lookup resets
+to 1. Why both: a timeout
 sample alone cannot lift the p99 above the timeout until at least 1% of the (decayed) weight
 is timeouts, and the tier's breaker opens after a few consecutive failures, so a tier that
 slowed down below its ceiling could stay locked at a low timeout for ever (every lookup
@@ -125,12 +127,20 @@ class AdaptiveTimeout:
         """A lookup that failed (not a timeout) after ``seconds``: a sample; ``widen`` kept."""
         self._add(seconds)
 
-    def observe_timeout(self, timeout: float) -> None:
-        """A lookup that timed out at ``timeout`` (the one this estimate gave): a sample at
-        ``timeout`` (its latency was at least that) and the next timeout doubled."""
+    def observe_timeout(self, timeout: float) -> bool:
+        """A lookup that timed out at ``timeout`` (one this estimate gave): a sample at
+        ``timeout`` (its latency was at least that) and, unless the timeout was already
+        raised since that lookup began, the next timeout doubled.
+
+        Returns whether this is news: False when the timeout is already above ``timeout``
+        (lookups that were in flight together time out together - one slow spell, widened
+        once, counted against the tier's breaker once)."""
         self._add(timeout)
+        if timeout < self.current:
+            return False
         self.widen = min(self.widen * 2.0, self.ceiling / self.floor)
         self._refresh_now()
+        return True
 
     def _add(self, seconds: float) -> None:
         weight = self._weight

@@ -262,3 +262,39 @@ async def test_lookups_near_their_timeout_are_counted_and_logged_once(
     assert value(samples, "tierproxy_tier_lookups_total", tier="l2", outcome="miss") == 2
     lines = [r.getMessage() for r in caplog.records if r.name == "tierproxy.latency"]
     assert len(lines) == 1 and lines[0].startswith("l2: 1 operation(s)"), lines
+
+
+async def test_lookups_timing_out_together_are_one_failure_of_the_tier(
+    origin: Origin,
+    make_proxy: MakeProxy,
+    admin_for: AdminFor,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+) -> None:
+    # A busy loop or a short stall times out every lookup in flight at once: with a learned
+    # timeout that is one slow spell (the timeout widens once), not twenty breaker failures.
+    proxy = await make_proxy(
+        ADAPTIVE_TIMEOUTS="on",
+        L1_MAX_BYTES=0,
+        SQLITE_PATH="off",
+        BREAKER_FAILURES=5,
+        BREAKER_COOLDOWN=60,
+    )
+    admin = await admin_for(proxy)
+    await _warm(proxy, origin, redis_client, "/together")
+    l2 = proxy.state.tier("l2")
+    learned = l2.lookup_timeout
+    assert learned < 0.02, learned
+    keys = [proxy.state.keys.key(f"/t{i}") for i in range(20)]
+    # (The last warm-up lookup may itself have timed out: compare with before.)
+    failures, widen = l2.breaker.failures, l2.adaptive.widen
+
+    with redis_server.frozen():
+        found = await asyncio.gather(*(l2.get(key, 0.1) for key in keys))
+
+    assert found == [None] * 20
+    assert l2.breaker.failures == failures + 1 and not l2.breaker.is_open
+    assert l2.adaptive.widen == 2 * widen and l2.lookup_timeout >= 2 * learned
+    _, body = await admin.readyz()
+    assert body["tiers"]["l2"] == "degraded", body

@@ -234,3 +234,14 @@ def test_observe_costs_about_a_microsecond() -> None:
         adaptive.observe(sample)
     per_sample = (time.perf_counter() - started) / len(samples)
     assert per_sample < 20e-6 or sys.gettrace() is not None, per_sample
+
+
+def test_lookups_timing_out_together_widen_once() -> None:
+    adaptive = _fed(_jittered(1 * MS, 500))
+    used = adaptive.current
+    news = [adaptive.observe_timeout(used) for _ in range(10)]  # ten in flight at once
+    assert news == [True] + [False] * 9
+    assert adaptive.widen == 2
+    assert adaptive.current >= 2 * used
+    assert adaptive.observe_timeout(adaptive.current) is True  # the next one, at the new value
+    assert adaptive.widen == 4

@@ -621,9 +621,13 @@ class GuardedTier:
                 entry = await self.backend.get(key)
         except TimeoutError:
             # Only a timeout the estimate gave says the tier is slow; one the request's
-            # deadline cut short says nothing about it.
-            if learned and adaptive is not None:
-                adaptive.observe_timeout(timeout)
+            # deadline cut short says nothing about it. Lookups that timed out together at
+            # a learned timeout are one failure of the tier, not one each (the estimate has
+            # widened since the first): a burst on a busy loop must not open the breaker.
+            if learned and adaptive is not None and not adaptive.observe_timeout(timeout):
+                self.breaker.probing = False
+                self._lookup["timeout"].inc()
+                return None
             self._fail("timeout", key, "get")
             return None
         except TierUnavailable:
