@@ -298,3 +298,22 @@ async def test_lookups_timing_out_together_are_one_failure_of_the_tier(
     assert l2.adaptive.widen == 2 * widen and l2.lookup_timeout >= 2 * learned
     _, body = await admin.readyz()
     assert body["tiers"]["l2"] == "degraded", body
+
+
+async def test_an_open_l3_breaker_is_closed_by_a_probe_that_reads_the_file(
+    origin: Origin, make_proxy: MakeProxy, admin_for: AdminFor
+) -> None:
+    proxy = await make_proxy(REDIS_URL=None, L1_MAX_BYTES=0, BREAKER_FAILURES=2, BREAKER_COOLDOWN=2)
+    admin = await admin_for(proxy)
+    l3 = proxy.state.tier("l3")
+    for _ in range(2):  # what two failed lookups do to it
+        l3.breaker.failure()
+    assert (await admin.readyz())[1]["tiers"]["l3"] == "breaker-open"
+
+    async def l3_up() -> bool:
+        return bool((await admin.readyz())[1]["tiers"]["l3"] == "up")
+
+    await wait_for_condition(l3_up, timeout=2, message="a probe to read the L3 file")
+    samples = await admin.metrics()
+    assert value(samples, "tierproxy_tier_probes_total", tier="l3", outcome="ok") == 1
+    assert origin.count() == 0
