@@ -31,6 +31,11 @@ The body names each tier's state, for people and dashboards, never for the statu
 * ``disabled`` - not configured (``TIERPROXY_L1_MAX_BYTES=0``, no ``TIERPROXY_REDIS_URL``,
   ``TIERPROXY_SQLITE_PATH=off``).
 
+``timeouts`` gives each configured tier's lookup timeout in seconds, as
+``tierproxy_tier_timeout_seconds`` does: learned from its recent latencies with
+``TIERPROXY_ADAPTIVE_TIMEOUTS=on`` (L2, L3), else the configured one; ``origin`` is
+``TIERPROXY_ORIGIN_TIMEOUT``.
+
 ``invalidation`` is the replicas' purge channel: ``connected``, ``connecting`` or ``disabled``
 (no L2). ``purge_lease``: ``held`` (local copies may be served fresh), ``lapsed`` (the channel
 was not confirmed within ``TIERPROXY_PURGE_LEASE``: local copies are revalidated before they
@@ -87,9 +92,12 @@ def readiness(state: ProxyState) -> tuple[bool, dict[str, object]]:
     """(ready, body) by the rule in the module docstring."""
     tiers = {name: _tier_state(state, name) for name in TIERS}
     tiers["origin"] = state.readthrough.origin_breaker.health()
+    timeouts = {tier.name: tier.lookup_timeout for tier in state.tiers}
+    timeouts["origin"] = state.settings.origin_timeout
     body: dict[str, object] = {
         "ready": state.ready,
         "tiers": tiers,
+        "timeouts": timeouts,
         "invalidation": state.invalidation.state,
         "purge_lease": _lease_state(state),
         "inflight": state.inflight,

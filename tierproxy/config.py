@@ -115,6 +115,10 @@ ENV_DEFAULTS: dict[str, str] = {
     # With Redis: how long a replica trusts its local copies (L1, its L3) after its purge
     # channel was last confirmed; also about how long a PURGE waits for a cut-off replica.
     "TIERPROXY_PURGE_LEASE": "5.0",
+    # "on": L2/L3 lookups time out at a timeout learned from their recent latencies
+    # (tierproxy.latency), between TIERPROXY_ADAPTIVE_FLOOR and TIERPROXY_Lx_TIMEOUT.
+    "TIERPROXY_ADAPTIVE_TIMEOUTS": "off",
+    "TIERPROXY_ADAPTIVE_FLOOR": "0.002",
 }
 
 
@@ -165,6 +169,8 @@ class Settings:
     max_client_connections: int | None = None  # None: derived from RLIMIT_NOFILE at start
     allow_unhardened: bool = False
     purge_lease: float = 5.0
+    adaptive_timeouts: bool = False
+    adaptive_floor: float = 0.002
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -387,7 +393,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         allow_unhardened=_parse(env, "TIERPROXY_ALLOW_UNHARDENED", _on_off, "on or off"),
         purge_lease=_parse(env, "TIERPROXY_PURGE_LEASE", _lease, "seconds, 0.2-300"),
+        adaptive_timeouts=_parse(env, "TIERPROXY_ADAPTIVE_TIMEOUTS", _on_off, "on or off"),
+        adaptive_floor=_parse(env, "TIERPROXY_ADAPTIVE_FLOOR", _seconds(True), timeout),
     )
+    if settings.adaptive_timeouts:
+        for name, ceiling, enabled in (
+            ("TIERPROXY_L2_TIMEOUT", settings.l2_timeout, settings.redis_url is not None),
+            ("TIERPROXY_L3_TIMEOUT", settings.l3_timeout, settings.sqlite_path is not None),
+        ):
+            if enabled and settings.adaptive_floor > ceiling:
+                raise ConfigError(
+                    f"TIERPROXY_ADAPTIVE_FLOOR={settings.adaptive_floor:g} is above "
+                    f"{name}={ceiling:g}: the adaptive timeout lies between the floor and the "
+                    "tier's timeout; lower the floor or raise the timeout"
+                )
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(
             "TIERPROXY_PURGE_TOKEN is too short: use at least 16 characters (or unset it)"

@@ -398,6 +398,21 @@ class Metrics:
             "Log lines dropped because the log buffer was full",
             registry=r,
         )
+        # -- timeouts (tierproxy.latency) and active health probes ---------------------------
+        self.near_timeout = LoopCounter(
+            "tierproxy_near_timeout",
+            "Tier and origin operations that completed but used more than 80% of their "
+            "(effective) timeout",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_probes = Counter(
+            "tierproxy_tier_probes",
+            "Background health probes of a tier whose lookups' breaker is open, by outcome "
+            "(ok: the breaker closed; failed, timeout, error)",
+            ["tier", "outcome"],
+            registry=r,
+        )
         self._responses = {
             (cache, cls): self.responses.labels(cache, cls)
             for cache in X_CACHE_VALUES

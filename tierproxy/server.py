@@ -29,6 +29,7 @@ from .listener import client_connection_cap, counted_cap, handler_args
 from .logs import AccessLog, dropped_lines
 from .metrics import BREAKER_STATES, Metrics
 from .origin import OriginClient
+from .probes import Prober
 from .readthrough import ReadThrough
 from .state import STATE, ProxyState
 from .tiers import make_tiers
@@ -53,6 +54,10 @@ def _health_is(breaker: Breaker, tier_state: str) -> Callable[[], float]:
 
 def _state_is(tier: GuardedTier, tier_state: str) -> Callable[[], float]:
     return lambda: float(tier.state() == tier_state)
+
+
+def _lookup_timeout(tier: GuardedTier) -> Callable[[], float]:
+    return lambda: tier.lookup_timeout
 
 
 def _register_gauges(state: ProxyState) -> None:
@@ -80,7 +85,8 @@ def _register_gauges(state: ProxyState) -> None:
             _health_is(state.readthrough.origin_breaker, tier_state)
         )
     for tier in state.tiers:
-        m.tier_timeout.labels(tier.name).set(tier.read_timeout)
+        # Read at scrape time: learned with TIERPROXY_ADAPTIVE_TIMEOUTS=on, else the setting.
+        m.tier_timeout.labels(tier.name).set_function(_lookup_timeout(tier))
         tier.watch(m)
     m.tier_timeout.labels("origin").set(state.settings.origin_timeout)
 
@@ -128,11 +134,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if settings.l1_max_bytes == 0:
         log.info("L1 off: TIERPROXY_L1_MAX_BYTES=0")
     state.access_log.start()  # decided once: the hot path checks one attribute
+    # Tiers whose lookups' breaker opens are probed in the background (tierproxy.probes).
+    prober = Prober(state.tiers, settings.breaker_cooldown)
+    prober.start()
     state.ready = True
     try:
         yield
     finally:
         state.ready = False
+        await prober.stop()  # its probes read the tiers: stopped before they close
         # Backfills write to the tiers: let them finish (bounded) before the tiers close - and
         # before this replica leaves the replicas' registry: its L2 writes land only while it
         # holds its purge lease (a PURGE meanwhile still waits for its ack), so leaving first

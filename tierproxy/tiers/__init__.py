@@ -45,6 +45,7 @@ def make_tiers(
                     breaker,
                     metrics,
                     clock=clock,
+                    adaptive_floor=settings.adaptive_floor if settings.adaptive_timeouts else None,
                 )
             )
     return tiers

@@ -28,6 +28,7 @@ from .. import codec, policy
 from ..clock import SYSTEM, Clock
 from ..entry import Entry
 from ..keys import CacheKey
+from ..latency import AdaptiveTimeout, NearTimeout
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -409,6 +410,12 @@ class GuardedTier:
     Reads and writes have separate breakers: a tier that cannot take writes (a full disk)
     keeps serving what it holds, so a failed write never stops lookups. ``breaker`` is the
     lookups' one; ``write_breaker`` (same threshold and cool-down) guards set/delete/purge.
+
+    With ``adaptive_floor`` (``TIERPROXY_ADAPTIVE_TIMEOUTS=on``), lookups time out at
+    :attr:`lookup_timeout`, learned from their recent latencies between that floor and
+    ``read_timeout`` (:class:`tierproxy.latency.AdaptiveTimeout`); writes, deletes and purges
+    keep their configured timeouts. Every operation that completes but uses more than 80% of
+    its timeout is counted (:class:`tierproxy.latency.NearTimeout`).
     """
 
     def __init__(
@@ -420,6 +427,7 @@ class GuardedTier:
         metrics: Metrics,
         *,
         clock: Clock = SYSTEM,
+        adaptive_floor: float | None = None,
     ) -> None:
         self.backend = backend
         self.clock = clock
@@ -437,6 +445,14 @@ class GuardedTier:
         self.trust: LocalTrust | None = None
         self._lookup = metrics.tier_lookup_counters(self.name)
         self._latency = metrics.tier_latency(self.name)
+        #: The lookups' learned timeout; None = fixed at ``read_timeout``. Not for a
+        #: synchronous tier (memory: nothing to time out).
+        self.adaptive: AdaptiveTimeout | None = (
+            AdaptiveTimeout(read_timeout, min(adaptive_floor, read_timeout))
+            if adaptive_floor is not None and not self.synchronous
+            else None
+        )
+        self.near_timeout = NearTimeout(self.name, metrics, clock)
 
     def _classify(
         self, key: CacheKey, entry: Entry | None, headers: CIMultiDictProxy[str] | None
@@ -469,6 +485,13 @@ class GuardedTier:
         return None
 
     @property
+    def lookup_timeout(self) -> float:
+        """The timeout a lookup gets now (before the request's deadline cuts it): learned
+        (``TIERPROXY_ADAPTIVE_TIMEOUTS=on``) or the configured read timeout."""
+        adaptive = self.adaptive
+        return self.read_timeout if adaptive is None else adaptive.current
+
+    @property
     def shared(self) -> bool:
         """Every replica reads this tier's storage (see :attr:`TierBackend.shared`)."""
         return self.backend.shared
@@ -482,6 +505,41 @@ class GuardedTier:
         backend raised, TimeoutError included: the caller logs why."""
         async with asyncio.timeout(timeout):
             return await self.backend.ping()
+
+    def probe_due(self) -> bool:
+        """Whether a background probe would help: the lookups' breaker is open and the
+        storage is there to ask (an unavailable L3 file is reopened by its backend)."""
+        return self.breaker.is_open and self.backend.available
+
+    async def probe(self) -> str:
+        """One background health probe (:mod:`tierproxy.probes`) while the lookups' breaker
+        is open: the backend's ``ping`` under the configured read timeout. When it answers,
+        the breaker closes at once (said once in the log), so no client request pays for
+        finding out. Returns the outcome, counted in ``tierproxy_tier_probes_total``:
+        ``ok``, ``failed`` (answered no), ``timeout``, ``error`` or ``skipped`` (the storage
+        is unavailable, e.g. the L3 file being reopened)."""
+        started = time.perf_counter()
+        failure: BaseException | None = None
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                outcome = "ok" if await self.backend.ping() else "failed"
+        except TimeoutError:
+            outcome = "timeout"
+        except TierUnavailable:
+            outcome = "skipped"
+        except Exception as exc:  # noqa: BLE001 - a probe that fails is an outcome, not an error
+            outcome, failure = "error", exc
+        self.metrics.tier_probes.labels(self.name, outcome).inc()
+        if outcome == "ok" and self.breaker.is_open:
+            self.breaker.success()
+            log.warning(
+                "%s breaker closed: a background probe answered in %.1f ms",
+                self.name,
+                (time.perf_counter() - started) * 1000,
+            )
+        else:
+            log.debug("%s probe: %s %r", self.name, outcome, failure)
+        return outcome
 
     def watch(self, metrics: Metrics) -> None:
         """Register the backend's own gauges (L1/L3 size) with ``metrics``."""
@@ -553,11 +611,23 @@ class GuardedTier:
             self.breaker.probing = False
             self._lookup["skipped"].inc()
             return None
+        # ``budget`` is already at most the configured timeout; the learned one may be less.
+        adaptive = self.adaptive
+        learned = adaptive is not None and adaptive.current <= budget
+        timeout = adaptive.current if learned and adaptive is not None else budget
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout(timeout):
                 entry = await self.backend.get(key)
         except TimeoutError:
+            # Only a timeout the estimate gave says the tier is slow; one the request's
+            # deadline cut short says nothing about it. Lookups that timed out together at
+            # a learned timeout are one failure of the tier, not one each (the estimate has
+            # widened since the first): a burst on a busy loop must not open the breaker.
+            if learned and adaptive is not None and not adaptive.observe_timeout(timeout):
+                self.breaker.probing = False
+                self._lookup["timeout"].inc()
+                return None
             self._fail("timeout", key, "get")
             return None
         except TierUnavailable:
@@ -566,6 +636,8 @@ class GuardedTier:
             return None
         except codec.CorruptEntry:
             # The tier works (it answered); its content was bad and has been deleted.
+            if adaptive is not None:
+                adaptive.observe(time.perf_counter() - started)
             self.breaker.success()
             self._lookup["corrupt"].inc()
             return None
@@ -575,9 +647,17 @@ class GuardedTier:
             self._lookup["miss"].inc()
             return None
         except Exception as exc:  # noqa: BLE001 - a broken tier is a miss, whatever the driver raised
+            elapsed = time.perf_counter() - started
+            if adaptive is not None:
+                adaptive.observe_error(elapsed)
+            self.near_timeout.observe(elapsed, timeout)
             self._fail("error", key, "get", exc)
             return None
-        self._latency["get"].observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._latency["get"].observe(elapsed)
+        if adaptive is not None:
+            adaptive.observe(elapsed)
+        self.near_timeout.observe(elapsed, timeout)
         self.breaker.success()
         return self._classify(key, entry, headers)
 
@@ -626,10 +706,13 @@ class GuardedTier:
             self._unencodable(key, op, exc)
             return False
         except Exception as exc:  # noqa: BLE001 - a failed write is counted, never raised to the request
+            self.near_timeout.observe(time.perf_counter() - started, self.write_timeout)
             self._fail("error", key, op, exc)
             self.metrics.tier_write_outcomes.labels(self.name, op, "error").inc()
             return False
-        self._latency[op].observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._latency[op].observe(elapsed)
+        self.near_timeout.observe(elapsed, self.write_timeout)
         self.write_breaker.success()
         self.metrics.tier_write_outcomes.labels(self.name, op, "ok").inc()
         return True
@@ -662,7 +745,9 @@ class GuardedTier:
             self.write_breaker.failure()
             self.metrics.tier_write_outcomes.labels(self.name, "purge", "error").inc()
             raise
-        self._latency["purge"].observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._latency["purge"].observe(elapsed)
+        self.near_timeout.observe(elapsed, timeout)
         self.write_breaker.success()
         self.metrics.tier_write_outcomes.labels(self.name, "purge", "ok").inc()
         if changed:

@@ -541,6 +541,24 @@ class SQLiteTier(BytesBackend):
             self._touched[key.digest] = now
         return bytes(value)
 
+    async def ping(self) -> bool:
+        """One read on the lookups' connection, as a lookup does it (a key never stored),
+        under the same deadline: a background health probe (tierproxy.probes). Raises what
+        a lookup would."""
+        reader, raw, current = self._reader, self._reader_raw, self._read_deadline
+        if reader is None or raw is None or not self.available:
+            raise TierUnavailable("L3 file unavailable")
+        deadline = time.monotonic() + self.read_timeout
+        try:
+            row = await reader._execute(  # type: ignore[no-untyped-call]
+                self._lookup, raw, current, "", deadline
+            )
+        except ValueError:  # aiosqlite: the connection was closed (recovery, shutdown)
+            raise TierUnavailable("L3 file being reopened") from None
+        if row is _LATE:
+            raise TimeoutError("L3 probe waited past its deadline")
+        return True
+
     # -- writes -----------------------------------------------------------------------
 
     def _writer_conn(self) -> aiosqlite.Connection:
