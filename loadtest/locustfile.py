@@ -22,8 +22,10 @@ Configuration (environment variables):
 
 Each time-series line is one wall-clock second: request count, latency percentiles of the
 GETs that finished in that second, a log-bucket latency histogram (so any window's
-percentiles can be merged exactly to ~2 %), counts per ``X-Cache`` value and per outcome
-class:
+percentiles can be merged exactly to ~2 %), the same histogram per ``X-Cache`` value of the
+ok GETs and per status of the failed ones (``hist_x``: ``{"HIT-L1": {...}, "error 504": {...}}``),
+the wall times of the second's first and last answer (``first``, ``last``), counts per
+``X-Cache`` value and per outcome class:
 
     ok            2xx/304
     err_cached    5xx for a key this run had already received a 200 for (and not purged
@@ -128,13 +130,19 @@ class Recorder:
                 "cls": Counter(),
                 "status": Counter(),
                 "bytes": 0,
+                "hist_x": {},  # X-Cache value (or "error <status>") -> latency histogram
+                "first": math.inf,
+                "last": 0.0,
             }
         return b
 
     def record(
         self, ms: float, cls: str, xcache: str | None, status: int, nbytes: int, is_get: bool
     ) -> None:
-        b = self._bucket(int(time.time()))
+        now = time.time()
+        b = self._bucket(int(now))
+        b["first"] = min(b["first"], now)
+        b["last"] = max(b["last"], now)
         b["cls"][cls] += 1
         b["status"][str(status)] += 1
         if is_get:
@@ -142,6 +150,8 @@ class Recorder:
             b["hist"][bucket_of(ms)] += 1
             b["xcache"][xcache or "(no X-Cache)"] += 1
             b["bytes"] += nbytes
+            tier = (xcache or "(no X-Cache)") if cls == "ok" else f"error {status or 'none'}"
+            b["hist_x"].setdefault(tier, Counter())[bucket_of(ms)] += 1
 
     def flush(self, upto: int | None = None) -> None:
         for sec in sorted(self.buckets):
@@ -161,6 +171,13 @@ class Recorder:
                 "cls": dict(b["cls"]),
                 "status": dict(b["status"]),
                 "bytes": b["bytes"],
+                "hist_x": {
+                    x: {str(k): v for k, v in sorted(h.items())} for x, h in b["hist_x"].items()
+                },
+                # wall times of the first and last answer in this second: the run's first and
+                # last seconds are partial, and a rate over them must divide by what was used
+                "first": round(b["first"], 4),
+                "last": round(b["last"], 4),
             }
             if self._fh:
                 self._fh.write(json.dumps(line, separators=(",", ":")) + "\n")
