@@ -80,7 +80,7 @@ def masked_env(env: dict[str, str]) -> dict[str, str]:
 def collect(
     proxy_env: dict[str, str] | None = None,
     redis_path: str | None = None,
-    argv: list[str] | None = None,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Everything except the loop the proxy ran (see event_loop_from_log, known once it has
     started)."""
@@ -97,5 +97,6 @@ def collect(
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "git": git_commit(),
         "tierproxy_env": masked_env(tierproxy_env),
-        "command": [sys.executable, *(sys.argv if argv is None else argv)],
+        # as typed (`python -m loadtest.run ...`), not with the module resolved to a path
+        "command": list(sys.orig_argv) if command is None else command,
     }

@@ -452,7 +452,7 @@ def run_scenario(
         "purge_unavailable_expected_in_fault": sc.purge_unavailable_expected_in_fault,
         "notes": [],
         "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "command": [sys.executable, *sys.argv],
+        "command": list(sys.orig_argv),  # as typed: python -m loadtest.run NAME ...
     }
     run["params"]["redis"] = use_redis
     origin_args = list(sc.origin_args)
@@ -490,7 +490,7 @@ def run_scenario(
             run["proxy_cmd"] = procs.proxy_command(proxy_cmd)
             proxy, pport, aport = procs.start_proxy(group, out, env, cmd_override=proxy_cmd)
             environment = envinfo.collect(
-                env, procs.redis_server_path() if use_redis else None, run["command"][1:]
+                env, procs.redis_server_path() if use_redis else None, run["command"]
             )
             environment["tierproxy_env"] = envinfo.masked_env(
                 envinfo.process_env(proxy.pid) or environment["tierproxy_env"]

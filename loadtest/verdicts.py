@@ -124,7 +124,7 @@ def _fetches_per_key_period(s: Summary, r: Run) -> float | None:
     dur = s.get("duration_s") or 0
     if req is None or not max_age or not keys or not dur:
         return None
-    return round(req / (keys * (1 + math.ceil(dur / max_age))), 4)
+    return round(float(req) / (int(keys) * (1 + math.ceil(float(dur) / float(max_age)))), 4)
 
 
 METRICS: dict[str, tuple[str, MetricFn]] = {
