@@ -19,6 +19,7 @@ Configuration (environment variables):
 | LT_TIMESERIES     | (unset)  | file to append one JSON line per second to (see below)           |
 | LT_SEED           | (unset)  | seed for the key sampler (per user: seed + user number)          |
 | LT_ERRORS         | (unset)  | file to append details of the first 500 non-ok answers to (JSONL) |
+| LT_FINAL_STATS    | (unset)  | file for Locust's aggregate numbers, written when Locust quits   |
 
 Each time-series line is one wall-clock second: request count, latency percentiles of the
 GETs that finished in that second, a log-bucket latency histogram (so any window's
@@ -63,6 +64,7 @@ CLIENT_TIMEOUT = float(os.environ.get("LT_CLIENT_TIMEOUT", "10"))
 TIMESERIES = os.environ.get("LT_TIMESERIES", "")
 SEED = os.environ.get("LT_SEED", "")
 ERRORS = os.environ.get("LT_ERRORS", "")
+FINAL_STATS = os.environ.get("LT_FINAL_STATS", "")
 MAX_ERROR_DETAILS = 500
 
 # Latency histogram: bucket b covers [H0 * G**b, H0 * G**(b+1)) milliseconds.
@@ -213,6 +215,31 @@ def _on_quit(environment: Any, **_: Any) -> None:
     for g in _flusher:
         g.kill(block=False)
     REC.close()
+    if FINAL_STATS:
+        write_final_stats(environment, FINAL_STATS)
+
+
+def write_final_stats(environment: Any, path: str) -> None:
+    """Locust's aggregate row as it stands when Locust quits. Its --csv stats file is rewritten
+    once a second by a background writer and not again at exit, so it misses the last second
+    and the requests that finished during --stop-timeout; this file has them all."""
+    t = environment.stats.total
+    n = t.num_requests
+    row = {
+        "requests": n,
+        "failures": t.num_failures,
+        "rps": round(n / max(1e-3, (t.last_request_timestamp or 0) - t.start_time), 2)
+        if n and t.last_request_timestamp
+        else 0.0,
+        "avg_ms": round(t.avg_response_time, 2),
+        "p50_ms": t.get_response_time_percentile(0.5) if n else None,
+        "p95_ms": t.get_response_time_percentile(0.95) if n else None,
+        "p99_ms": t.get_response_time_percentile(0.99) if n else None,
+        "max_ms": t.max_response_time,
+        "written_at": round(time.time(), 3),
+    }
+    with open(path, "w") as f:
+        json.dump(row, f)
 
 
 _user_numbers = itertools.count()

@@ -151,6 +151,14 @@ def latency_block(
 
 
 def locust_aggregate(run_dir: Path) -> dict[str, Any]:
+    final = run_dir / "locust_final.json"
+    if final.exists():  # written when Locust quit: complete (locustfile.write_final_stats)
+        try:
+            out: dict[str, Any] = json.loads(final.read_text())
+            out["source"] = "locust_final.json"
+            return out
+        except json.JSONDecodeError:
+            pass
     p = run_dir / "locust_stats.csv"
     if not p.exists():
         return {}
@@ -173,6 +181,8 @@ def locust_aggregate(run_dir: Path) -> dict[str, Any]:
                     "p95_ms": num("95%"),
                     "p99_ms": num("99%"),
                     "max_ms": num("Max Response Time"),
+                    # rewritten once a second during the run, not at exit: may miss the end
+                    "source": "locust_stats.csv",
                 }
     return {}
 

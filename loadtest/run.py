@@ -17,7 +17,8 @@ The folder (``--out``, default ``loadtest/runs/<scenario>-<timestamp>``) then ho
     summary.json / summary.md   the numbers, latency per X-Cache value, the verdicts
     latency.png                 latency percentiles per second, fault window shaded
     hit_ratio.png               X-Cache share per second; origin/stale/tier-failure rates, breakers
-    locust.html, locust_*.csv   Locust's own report
+    locust.html, locust_*.csv   Locust's own report (the CSVs as of its last 1 s rewrite)
+    locust_final.json           Locust's aggregate numbers, written when it quits
     timeseries.jsonl            per-second client-side data (see loadtest/locustfile.py)
     metrics_timeseries.jsonl    per-second /metrics counters and gauges, origin counts
     run.json                    parameters, expectations, fault window, the scrapes before and
@@ -431,7 +432,12 @@ def run_scenario(
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
-    for name in ("timeseries.jsonl", "metrics_timeseries.jsonl", "errors.jsonl"):
+    for name in (
+        "timeseries.jsonl",
+        "metrics_timeseries.jsonl",
+        "errors.jsonl",
+        "locust_final.json",
+    ):
         (out / name).unlink(missing_ok=True)
     use_redis = sc.redis == "on" or (sc.redis == "auto" and procs.redis_server_path() is not None)
     lifetime = sc.duration + 300
@@ -570,6 +576,7 @@ def run_scenario(
                     "LT_CLIENT_TIMEOUT": str(sc.client_timeout),
                     "LT_TIMESERIES": str(out / "timeseries.jsonl"),
                     "LT_ERRORS": str(out / "errors.jsonl"),
+                    "LT_FINAL_STATS": str(out / "locust_final.json"),
                     **({"LT_SEED": str(seed)} if seed is not None else {}),
                 }
             )

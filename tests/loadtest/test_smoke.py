@@ -103,3 +103,7 @@ def test_smoke_scenario_produces_a_report(tmp_path: Path) -> None:
         assert 5_000 < len(data) < 1_000_000, (name, len(data))
     assert (out / "locust.html").stat().st_size > 0
     assert (out / "locust_stats.csv").stat().st_size > 0
+    # Locust's numbers as it quit (its CSV is rewritten each second, not at exit): the same
+    # request count as the run's own per-second records
+    assert summary["locust"]["source"] == "locust_final.json", summary["locust"]
+    assert summary["locust"]["requests"] == summary["requests"], summary["locust"]
