@@ -50,12 +50,13 @@ def git_commit() -> dict[str, Any]:
 
 
 def event_loop_from_log(log: Path) -> str | None:
-    """The proxy logs "event loop: uvloop X" or "event loop: asyncio (...)" at start-up."""
+    """The proxy logs "event loop: uvloop X" or "event loop: asyncio (...)" at start-up (the
+    bench's bare handler "event loop uvloop")."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return None
-    m = re.search(r"event loop: ([A-Za-z]+(?: [0-9][^\s\"',}]*)?)", text)
+    m = re.search(r"event loop:? ([A-Za-z]+(?: [0-9][^\s\"',}]*)?)", text)
     return m[1] if m else None
 
 
