@@ -514,7 +514,12 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         else:
             ax.axvspan(a, b, color="#d62728", alpha=0.12, lw=0, label=f"fault: {run.get('fault')}")
 
-    xs = [ln["t"] - t0 for ln in lines]
+    # Time alignment: a client bucket holds the answers of [t, t+1) and is drawn at its end,
+    # t+1; a /metrics rate between two samples is drawn at the later sample; a gauge at its
+    # sample. So nothing is drawn before the moment it was measured: an effect never appears
+    # left of its cause (the fault window is drawn where it was switched on and off).
+    xs = [ln["t"] + 1 - t0 for ln in lines]
+    xlabel = "seconds since load start (each point at the end of its interval)"
 
     # 1. latency percentiles + throughput
     cpu = cpu_series(mts)
@@ -559,9 +564,9 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         shade(ax3)
         ax3.grid(True, alpha=0.25)
         ax3.legend(loc="upper left", fontsize=8, ncol=4)
-        ax3.set_xlabel("seconds since load start")
+        ax3.set_xlabel(xlabel)
     else:
-        ax2.set_xlabel("seconds since load start")
+        ax2.set_xlabel(xlabel)
     fig.tight_layout()
     p = run_dir / "latency.png"
     save_small_png(fig, p)
@@ -634,10 +639,17 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         ax2.set_ylabel("events/s (symlog)")
         br_any = False
         axb = ax2.twinx()
-        for tier, col in (("l1", "#555555"), ("l2", "#000000"), ("l3", "#8c564b")):
+        breakers = [("l1", "#555555"), ("l2", "#000000"), ("l3", "#8c564b"), ("origin", "#d62728")]
+        breakers += [(f"{t}-writes", "#bbbbbb") for t in ("l1", "l2", "l3")]
+        for tier, col in breakers:
             key = f'tierproxy_breaker_open{{tier="{tier}"}}'
             ys = [(m.get("gauges") or {}).get(key, float("nan")) for m in mts[1:]]
-            if any(not math.isnan(v) and v > 0 for v in ys):
+            # the origin breaker is always drawn (beside the tiers'), the others when they opened
+            if (
+                tier == "origin"
+                and not all(math.isnan(v) for v in ys)
+                or any(not math.isnan(v) and v > 0 for v in ys)
+            ):
                 br_any = True
                 axb.step(
                     mt, ys, where="post", lw=1.6, ls="--", color=col, label=f"breaker open {tier}"
@@ -653,13 +665,50 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     else:
         ax2.text(0.5, 0.5, "no /metrics samples", ha="center", va="center", transform=ax2.transAxes)
     shade(ax2)
-    ax2.set_xlabel("seconds since load start")
+    ax2.set_xlabel(xlabel)
     ax2.grid(True, alpha=0.25)
     fig.tight_layout()
     p = run_dir / "hit_ratio.png"
     save_small_png(fig, p)
     plt.close(fig)
     written.append(p.name)
+
+    # 3. latency CDF per X-Cache value (ok GETs) and per error status
+    tiers = by_x_cache(lines)
+    if tiers:
+        fig, ax = plt.subplots(figsize=(10, 5.2))
+        for x, h in sorted(tiers.items(), key=_xc_order):
+            n = sum(h.values())
+            acc, px, py = 0, [], []
+            for b in sorted(h):
+                acc += h[b]
+                px.append(H0 * G ** (b + 1))  # the bucket's upper edge: P(latency <= x)
+                py.append(acc / n)
+            err = x.startswith("error")
+            ax.step(
+                px,
+                py,
+                where="post",
+                lw=1.6,
+                ls="--" if err else "-",
+                color=XCACHE_COLORS.get(x, XCACHE_COLORS["ERROR"] if err else None),
+                label=f"{x} (n={n}, p99 {hist_pct(h, 99):.3g} ms)",
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.set_ylim(0, 1.01)
+        for q in (0.5, 0.99):
+            ax.axhline(q, color="#888888", lw=0.7, ls=":")
+        ax.set_xlabel("latency (ms, log; client side)")
+        ax.set_ylabel("share of answers <= x")
+        ax.set_title(f"{title} — latency CDF per X-Cache value (ok GETs) and per error status")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        p = run_dir / "latency_cdf.png"
+        save_small_png(fig, p)
+        plt.close(fig)
+        written.append(p.name)
     return written
 
 

@@ -97,7 +97,7 @@ def test_smoke_scenario_produces_a_report(tmp_path: Path) -> None:
     rejudged = json.loads((out / "summary.json").read_text())["verdicts"]
     assert [v["metric"] for v in rejudged if not v["ok"]] == ["p99_ms"], rejudged
 
-    for name in ("latency.png", "hit_ratio.png"):
+    for name in ("latency.png", "hit_ratio.png", "latency_cdf.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
         assert 5_000 < len(data) < 1_000_000, (name, len(data))
