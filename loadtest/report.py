@@ -150,6 +150,24 @@ def latency_block(
     }
 
 
+def open_model(run_dir: Path) -> dict[str, Any] | None:
+    """loadtest.openloop's numbers: schedule keeping and HdrHistogram percentiles of the latency
+    from each request's due time (corrected) and from its send (service), without the
+    encoded histograms (they stay in openloop.json)."""
+    p = run_dir / "openloop.json"
+    if not p.exists():
+        return None
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    raw["latency"] = {
+        k: {m: v for m, v in d.items() if m != "encoded"}
+        for k, d in (raw.get("latency") or {}).items()
+    }
+    return dict(raw)
+
+
 def locust_aggregate(run_dir: Path) -> dict[str, Any]:
     final = run_dir / "locust_final.json"
     if final.exists():  # written when Locust quit: complete (locustfile.write_final_stats)
@@ -377,7 +395,9 @@ def summarize(run_dir: Path, extra_expect: list[V.Expect] | None = None) -> dict
         if fault
         else None,
         "windows": windows,
+        "model": run.get("model", "closed"),
         "locust": locust_aggregate(run_dir),
+        "open_model": open_model(run_dir),
         "error_details": _error_details(run_dir, t_first),
         "proxy_exit": run.get("proxy_exit"),
         "notes": run.get("notes", []),
@@ -785,6 +805,26 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {x} | {b['count']} | {b['p50_ms']} | {b['p90_ms']} | {b['p99_ms']} "
                 f"| {b['p999_ms']} |"
+            )
+        lines.append("")
+    om = s.get("open_model")
+    if om and om.get("latency"):
+        head = (
+            f"Open model: {om['sent']}/{om['scheduled']} requests sent on schedule at "
+            f"{om['rate']:g}/s, {om['late_starts']} sent > 1 ms after their due time (max "
+            f"{om['max_late_ms']} ms; *send lag* below). HdrHistogram; *corrected* = from the due "
+            "time (coordinated omission corrected), *service* = from the send:"
+        )
+        lines += [
+            head,
+            "",
+            "| latency | GETs | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for k, d in om["latency"].items():
+            lines.append(
+                f"| {k} | {d['count']} | {d['p50_ms']} | {d['p90_ms']} | {d['p99_ms']} "
+                f"| {d['p99.9_ms']} | {d['p100_ms']} |"
             )
         lines.append("")
     errs = {k: v for k, v in (s.get("status_counts") or {}).items() if not _ok_status(k)}

@@ -426,6 +426,7 @@ def run_scenario(
     extra_proxy_env: dict[str, str] | None = None,
     keep_work: bool = False,
     quiet_wait: float = 0.0,
+    model: str = "closed",
 ) -> dict[str, Any]:
     from loadtest import report
 
@@ -437,6 +438,7 @@ def run_scenario(
         "metrics_timeseries.jsonl",
         "errors.jsonl",
         "locust_final.json",
+        "openloop.json",
     ):
         (out / name).unlink(missing_ok=True)
     use_redis = sc.redis == "on" or (sc.redis == "auto" and procs.redis_server_path() is not None)
@@ -459,6 +461,7 @@ def run_scenario(
         "notes": [],
         "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "command": list(sys.orig_argv),  # as typed: python -m loadtest.run NAME ...
+        "model": model,
     }
     run["params"]["redis"] = use_redis
     origin_args = list(sc.origin_args)
@@ -580,41 +583,79 @@ def run_scenario(
                     **({"LT_SEED": str(seed)} if seed is not None else {}),
                 }
             )
-            lcmd = [
-                sys.executable,
-                "-m",
-                "locust",
-                "-f",
-                str(procs.REPO / "loadtest" / "locustfile.py"),
-                "--headless",
-                "--host",
-                proxy_url,
-                "-u",
-                str(sc.users),
-                "-r",
-                str(sc.spawn_rate),
-                "-t",
-                f"{sc.duration}s",
-                "--stop-timeout",
-                "5",
-                "--csv",
-                str(out / "locust"),
-                "--csv-full-history",
-                "--html",
-                str(out / "locust.html"),
-                "--only-summary",
-                "--loglevel",
-                "WARNING",
-                "--exit-code-on-error",
-                "0",
-            ]
+            if model == "open":
+                lcmd = [
+                    sys.executable,
+                    "-m",
+                    "loadtest.openloop",
+                    "--url",
+                    proxy_url,
+                    "--rate",
+                    f"{sc.rps:g}",
+                    "--duration",
+                    str(sc.duration),
+                    "--keys",
+                    str(sc.keys),
+                    "--zipf",
+                    str(sc.zipf),
+                    "--purge-ratio",
+                    str(sc.purge_ratio),
+                    "--purge-token",
+                    PURGE_TOKEN,
+                    "--max-inflight",
+                    str(max(64, 4 * sc.users)),
+                    "--client-timeout",
+                    str(sc.client_timeout),
+                    "--timeseries",
+                    str(out / "timeseries.jsonl"),
+                    "--errors",
+                    str(out / "errors.jsonl"),
+                    "--hdr",
+                    str(out / "openloop.json"),
+                    *(["--seed", str(seed)] if seed is not None else []),
+                ]
+            else:
+                lcmd = [
+                    sys.executable,
+                    "-m",
+                    "locust",
+                    "-f",
+                    str(procs.REPO / "loadtest" / "locustfile.py"),
+                    "--headless",
+                    "--host",
+                    proxy_url,
+                    "-u",
+                    str(sc.users),
+                    "-r",
+                    str(sc.spawn_rate),
+                    "-t",
+                    f"{sc.duration}s",
+                    "--stop-timeout",
+                    "5",
+                    "--csv",
+                    str(out / "locust"),
+                    "--csv-full-history",
+                    "--html",
+                    str(out / "locust.html"),
+                    "--only-summary",
+                    "--loglevel",
+                    "WARNING",
+                    "--exit-code-on-error",
+                    "0",
+                ]
+            gen = "openloop" if model == "open" else "locust"
             log(
-                f"locust: {sc.users} users, target {sc.rps or 'max'} req/s, {sc.keys} keys zipf s={sc.zipf}, "
-                f"{sc.duration}s" + (f", fault {sc.fault}" if sc.fault else "")
+                (
+                    f"openloop: {sc.rps:g} req/s on schedule (open model), "
+                    if model == "open"
+                    else f"locust: {sc.users} users, target {sc.rps or 'max'} req/s, "
+                )
+                + f"{sc.keys} keys zipf s={sc.zipf}, {sc.duration}s"
+                + (f", fault {sc.fault}" if sc.fault else "")
             )
             launch = time.time()
-            locust = group.start("locust", lcmd, out / "locust.log", env=lenv)
-            sampler.pids["locust"] = locust.pid
+            locust = group.start(gen, lcmd, out / f"{gen}.log", env=lenv)
+            sampler.pids[gen] = locust.pid
             t0 = first_timeseries_second(out / "timeseries.jsonl", 30)
             if t0 is None:
                 raise StartupError(f"locust produced no data within 30s; log:\n{locust.tail()}")
@@ -740,6 +781,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, help="report folder (default loadtest/runs/<scenario>-<time>)"
     )
+    ap.add_argument(
+        "--model",
+        choices=("closed", "open"),
+        default="closed",
+        help="closed: Locust users, each waits for its answer (throughput); open: requests "
+        "issued on schedule at --rps (loadtest.openloop), latency from the due time, "
+        "HdrHistogram percentiles",
+    )
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
@@ -790,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--duration must be within 1..3600 seconds")
     if sc.users < 1 or sc.keys < 1:
         ap.error("--users and --keys must be >= 1")
+    if ns.model == "open" and sc.rps <= 0:
+        ap.error("--model open needs a rate: --rps > 0")
     out = ns.out or (
         procs.REPO / "loadtest" / "runs" / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -803,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
             extra_proxy_env=parse_env_pairs(ns.proxy_env),
             keep_work=ns.keep_work,
             quiet_wait=ns.quiet_wait,
+            model=ns.model,
         )
     except StartupError as e:
         log(f"could not run: {e}")
