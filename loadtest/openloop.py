@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib
 import json
 import random
 import signal
@@ -51,12 +53,10 @@ class Hdr:
     hdrhistogram package is missing."""
 
     def __init__(self) -> None:
-        try:
-            from hdrh.histogram import HdrHistogram
-        except ImportError:
-            self.cls: Any = None
-        else:
-            self.cls = HdrHistogram
+        self.cls: Any = None
+        # imported by name: the package ships no type information, and may be absent
+        with contextlib.suppress(ImportError):
+            self.cls = importlib.import_module("hdrh.histogram").HdrHistogram
         self.hists: dict[str, Any] = {}
 
     @property

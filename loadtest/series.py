@@ -29,7 +29,7 @@ def bucket_of(ms: float) -> int:
 
 
 def bucket_value(b: int) -> float:
-    return H0 * G ** (b + 0.5)
+    return float(H0 * G ** (b + 0.5))
 
 
 class Zipf:
