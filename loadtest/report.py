@@ -418,9 +418,7 @@ def expectations(run: dict[str, Any], extra: list[V.Expect] | None = None) -> li
 
         sc = SCENARIOS.get(run.get("scenario", ""))
         base = [*V.COMMON, *(sc.expect if sc else ())]
-    extra = extra or []
-    replaced = {e.metric for e in extra}
-    return [e for e in base if e.metric not in replaced] + extra
+    return V.with_overrides(base, extra or [])
 
 
 def _xc_order(kv: tuple[str, Any]) -> tuple[int, str]:

@@ -46,7 +46,7 @@ from loadtest import environment as envinfo
 from loadtest import metrics as M
 from loadtest import procs
 from loadtest.procs import LOOPBACK, ProcGroup, StartupError
-from loadtest.verdicts import COMMON, Expect
+from loadtest.verdicts import COMMON, Expect, with_overrides
 
 PURGE_TOKEN = "loadtest-purge-token"
 
@@ -427,6 +427,7 @@ def run_scenario(
     keep_work: bool = False,
     quiet_wait: float = 0.0,
     model: str = "closed",
+    expect: list[Expect] | None = None,
 ) -> dict[str, Any]:
     from loadtest import report
 
@@ -452,7 +453,7 @@ def run_scenario(
             for k, v in asdict(sc).items()
             if k not in ("name", "description", "proxy_env", "origin_args", "expect")
         },
-        "expect": [e.to_json() for e in (*COMMON, *sc.expect)],
+        "expect": [e.to_json() for e in with_overrides([*COMMON, *sc.expect], expect or [])],
         "fault": sc.fault,
         "fault_window": None,
         "fault_window_rel": None,
@@ -789,6 +790,15 @@ def main(argv: list[str] | None = None) -> int:
         "issued on schedule at --rps (loadtest.openloop), latency from the due time, "
         "HdrHistogram percentiles",
     )
+    ap.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="METRIC<=N",
+        help="replace the scenario's expectation on METRIC (repeatable), e.g. when an override "
+        "changes what to expect: --proxy-env TIERPROXY_L2_TIMEOUT=0.5 "
+        "--expect 'p99_fault_minus_before_ms<=525'",
+    )
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
@@ -839,6 +849,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--duration must be within 1..3600 seconds")
     if sc.users < 1 or sc.keys < 1:
         ap.error("--users and --keys must be >= 1")
+    try:
+        extra_expect = [Expect.parse(e) for e in ns.expect]
+    except ValueError as e:
+        ap.error(str(e))
     if ns.model == "open" and sc.rps <= 0:
         ap.error("--model open needs a rate: --rps > 0")
     out = ns.out or (
@@ -855,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_work=ns.keep_work,
             quiet_wait=ns.quiet_wait,
             model=ns.model,
+            expect=extra_expect,
         )
     except StartupError as e:
         log(f"could not run: {e}")

@@ -210,6 +210,12 @@ COMMON: tuple[Expect, ...] = (
 )
 
 
+def with_overrides(base: list[Expect], extra: list[Expect]) -> list[Expect]:
+    """`base` with every expectation on a metric that `extra` names replaced by extra's."""
+    replaced = {e.metric for e in extra}
+    return [e for e in base if e.metric not in replaced] + extra
+
+
 def judge(expects: Iterable[Expect], s: Summary, r: Run) -> list[dict[str, Any]]:
     out = []
     for e in expects:

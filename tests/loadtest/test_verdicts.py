@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.verdicts import COMMON, METRICS, Expect, exit_code, judge, table
+from loadtest.verdicts import COMMON, METRICS, Expect, exit_code, judge, table, with_overrides
 
 
 def _summary(p99_ms: float, unexpected: int = 0) -> dict[str, Any]:
@@ -58,3 +58,11 @@ def test_expectations_parse_and_reject_unknown_names() -> None:
     with pytest.raises(ValueError, match="METRIC OP NUMBER"):
         Expect.parse("p99_ms ~ 5")
     assert set(METRICS) >= {e.metric for e in COMMON}
+
+
+def test_an_override_replaces_the_expectation_on_its_metric_only() -> None:
+    base = [*COMMON, Expect("p99_ms", "<=", 100)]
+    out = with_overrides(base, [Expect.parse("p99_ms<=0.001")])
+    assert [e.name for e in out if e.metric == "p99_ms"] == ["p99_ms <= 0.001"]
+    assert len(out) == len(base)
+    assert exit_code(judge(out, _summary(p99_ms=5.0), {"proxy_alive_at_end": True})) == 1
