@@ -564,8 +564,17 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     ax1.grid(True, which="both", alpha=0.25)
     ax1.legend(loc="upper left", fontsize=8, ncol=5)
     ax1.set_title(f"{title} — latency percentiles (GET, client side)")
-    ok = [ln.get("cls", {}).get("ok", 0) for ln in lines]
-    err = [sum(v for c, v in ln.get("cls", {}).items() if c not in OK_CLASSES) for ln in lines]
+    # per second, divided by the part of the second the load covered (the first and last
+    # seconds are partial: a count there would show a dip that did not happen)
+    cover = [1.0] * len(lines)
+    if len(lines) > 1 and "first" in lines[0] and "last" in lines[-1]:
+        cover[0] = min(1.0, max(0.05, lines[0]["t"] + 1 - lines[0]["first"]))
+        cover[-1] = min(1.0, max(0.05, lines[-1]["last"] - lines[-1]["t"]))
+    ok = [ln.get("cls", {}).get("ok", 0) / c for ln, c in zip(lines, cover, strict=True)]
+    err = [
+        sum(v for k, v in ln.get("cls", {}).items() if k not in OK_CLASSES) / c
+        for ln, c in zip(lines, cover, strict=True)
+    ]
     ax2.plot(xs, ok, lw=1.2, label="ok req/s", color="#1f77b4")
     ax2.plot(xs, err, lw=1.2, label="error req/s", color="#d62728")
     shade(ax2)
