@@ -108,7 +108,9 @@ SCENARIOS: dict[str, Scenario] = {
             ],
             expect=(
                 Expect("hit_ratio", ">=", 0.9, "warm cache: HIT-* answers"),
-                Expect("p99_ms", "<=", STEADY_P99_MS, "client p99, the generator's own delay included"),
+                Expect(
+                    "p99_ms", "<=", STEADY_P99_MS, "client p99, the generator's own delay included"
+                ),
             ),
         ),
         Scenario(
@@ -219,7 +221,9 @@ SCENARIOS: dict[str, Scenario] = {
             ],
             expect=(
                 Expect("lower_tier_share", ">=", 0.3, "L2 + L3 carry a real share"),
-                Expect("p99_ms", "<=", TINY_L1_P99_MS, "client p99, the generator's own delay included"),
+                Expect(
+                    "p99_ms", "<=", TINY_L1_P99_MS, "client p99, the generator's own delay included"
+                ),
             ),
         ),
         Scenario(
