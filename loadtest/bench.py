@@ -18,7 +18,10 @@ alike; the table shows the median round. By default the server under test is pin
 with Redis (part of the system under test: ``--redis-cpu wrk`` puts it beside the load
 generator instead), and wrk with the origin to CPU 1 (``--no-pin`` to let the OS place them).
 
-Writes ``bench.json`` and ``bench.md`` to ``--out`` (default loadtest/runs/bench-<time>).
+Writes ``bench.json`` (every round's numbers and raw wrk output, the environment: versions,
+event loop per target, git commit, TIERPROXY_* of each proxy, the command line), ``bench.md``,
+``bench.png`` (req/s per round, paced p99 per round) and ``raw/<target>-[paced-]round<k>.txt``
+to ``--out`` (default loadtest/runs/bench-<time>).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from loadtest import environment as envinfo
 from loadtest import metrics as M
 from loadtest import procs
 from loadtest.procs import LOOPBACK, ProcGroup, StartupError, host_busy_seconds
@@ -570,6 +574,45 @@ def _f(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
+def save_raw(out: Path, name: str, text: str) -> None:
+    raw = out / "raw"
+    raw.mkdir(exist_ok=True)
+    (raw / f"{name}.txt").write_text(text)
+
+
+def plot_bench(results: dict[str, Any], path: Path) -> None:
+    """Left: req/s per target, a dot per round, the bar at the median round; right: the paced
+    pass's p99 per target, a dot per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loadtest.report import save_small_png
+
+    names = [n for n, r in results["targets"].items() if r.get("rounds")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, n in enumerate(names):
+        r = results["targets"][n]
+        ax1.bar(i, r["rps"], color="#9ecae1", width=0.6)
+        ax1.plot([i] * len(r["rounds_rps"]), r["rounds_rps"], "o", color="#08519c", ms=4)
+        p99s = [x.get("p99_ms") for x in r.get("paced_rounds") or [] if x.get("p99_ms")]
+        if p99s:
+            ax2.plot([i] * len(p99s), p99s, "o", color="#a63603", ms=5)
+    m = results["meta"]
+    ax1.set_title(f"closed loop: wrk -c{m['connections']} -d{m['duration']}s, {m['rounds']} rounds")
+    ax1.set_ylabel("req/s (bar: median round, dots: rounds)")
+    ax2.set_title(f"paced ~{m['paced_rps']:g} req/s: p99 per round")
+    ax2.set_ylabel("p99 ms")
+    ax2.set_ylim(bottom=0)
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(names)), names)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_small_png(fig, path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m loadtest.bench",
@@ -715,6 +758,28 @@ def main(argv: list[str] | None = None) -> int:
             log(
                 f"targets up: {', '.join(f'{n} {targets[n].url} [{targets[n].primed}]' for n in order)}"
             )
+            results["environment"] = envinfo.collect(
+                {"TIERPROXY_ORIGIN": origin_url, "TIERPROXY_ACCESS_LOG": "off"},
+                procs.redis_server_path() if "l2" in order else None,
+            )
+            results["environment"]["event_loop"] = {
+                n: envinfo.event_loop_from_log(
+                    out / (f"proxy-{n}.log" if n in ("l1", "l2", "l3") else f"{n}.log")
+                )
+                for n in order
+                if n != "nginx"
+            }
+            for n in order:
+                if n in ("l1", "l2", "l3"):
+                    results["environment"][f"tierproxy_env_{n}"] = envinfo.masked_env(
+                        envinfo.process_env(targets[n].proc.pid) or {}
+                    )
+            if ns.quiet_wait > 0:
+                log(
+                    f"before each measured run: waiting up to {ns.quiet_wait:g}s for the host to "
+                    "be quiet (CPU < 35% of a core over 1 s, the targets idle); "
+                    "--quiet-wait 0 skips this"
+                )
             if ns.warmup:
                 for n in order:
                     run_wrk(targets[n].url, ns.warmup, ns.connections, ns.threads, wrk_cpu)
@@ -747,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
                         r["tier_get_ms"] = tier_get_ms(before, after, n)
                     r["alive"] = t.proc.alive()
                     t.runs.append(r)
+                    save_raw(out, f"{n}-round{rnd + 1}", r["raw"])
                     log(
                         f"round {rnd + 1} {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
                         f"p99 {r.get('p99_ms', 0):6.2f} ms  non2xx {r['non_2xx']}  sockerr {r['socket_errors']}  "
@@ -784,7 +850,9 @@ def main(argv: list[str] | None = None) -> int:
                             "non_2xx": r["non_2xx"],
                             "hit_share": served_share(before, after, EXPECT[n]),
                             "tier_get_ms": tier_get_ms(before, after, tier) if tier else {},
+                            "raw": r["raw"],
                         }
+                        save_raw(out, f"{n}-paced-round{rnd + 1}", r["raw"])
                         paced_runs[n].append(run)
                         log(
                             f"paced {rnd + 1} {n:6s} {r['rps']:9.0f} req/s  p50 {r.get('p50_ms', 0):6.2f} ms  "
@@ -823,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
                     "host_busy_pct": med.get("host_busy_pct"),
                     "paced": paced.get(n),
                     "wrk_median_output": med["raw"],
+                    # every round, raw wrk output included (also raw/<target>-round<k>.txt)
+                    "rounds": runs,
+                    "paced_rounds": paced_runs.get(n, []) if ns.paced_rps > 0 else [],
                 }
             results["targets"] = {
                 n: results["targets"][n] for n in names if n in results["targets"]
@@ -888,6 +959,12 @@ def main(argv: list[str] | None = None) -> int:
             md += "".join(
                 f"| {f['share']:.1%} | `{f['frame']}` |\n" for f in prof["top_inclusive"][:20]
             )
+    if results["targets"]:
+        try:
+            plot_bench(results, out / "bench.png")
+            md += "\n![bench](bench.png)\n"
+        except ImportError as e:
+            log(f"plot skipped: {e}")
     (out / "bench.md").write_text(md)
     print()
     print(md)

@@ -19,11 +19,14 @@ Configuration (environment variables):
 | LT_TIMESERIES     | (unset)  | file to append one JSON line per second to (see below)           |
 | LT_SEED           | (unset)  | seed for the key sampler (per user: seed + user number)          |
 | LT_ERRORS         | (unset)  | file to append details of the first 500 non-ok answers to (JSONL) |
+| LT_FINAL_STATS    | (unset)  | file for Locust's aggregate numbers, written when Locust quits   |
 
 Each time-series line is one wall-clock second: request count, latency percentiles of the
 GETs that finished in that second, a log-bucket latency histogram (so any window's
-percentiles can be merged exactly to ~2 %), counts per ``X-Cache`` value and per outcome
-class:
+percentiles can be merged exactly to ~2 %), the same histogram per ``X-Cache`` value of the
+ok GETs and per status of the failed ones (``hist_x``: ``{"HIT-L1": {...}, "error 504": {...}}``),
+the wall times of the second's first and last answer (``first``, ``last``), counts per
+``X-Cache`` value and per outcome class:
 
     ok            2xx/304
     err_cached    5xx for a key this run had already received a 200 for (and not purged
@@ -38,18 +41,17 @@ class:
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import json
-import math
 import os
 import random
 import time
-from collections import Counter
 from typing import Any
 
 import gevent
 from locust import FastHttpUser, constant, constant_throughput, events, task
+
+from loadtest.series import Recorder, Zipf
 
 KEYS = int(os.environ.get("LT_KEYS", "10000"))
 PREFIX = os.environ.get("LT_PREFIX", "/k/")
@@ -61,121 +63,9 @@ CLIENT_TIMEOUT = float(os.environ.get("LT_CLIENT_TIMEOUT", "10"))
 TIMESERIES = os.environ.get("LT_TIMESERIES", "")
 SEED = os.environ.get("LT_SEED", "")
 ERRORS = os.environ.get("LT_ERRORS", "")
-MAX_ERROR_DETAILS = 500
+FINAL_STATS = os.environ.get("LT_FINAL_STATS", "")
 
-# Latency histogram: bucket b covers [H0 * G**b, H0 * G**(b+1)) milliseconds.
-H0 = 0.02
-G = 1.04
-_LOG_G = math.log(G)
-
-
-def bucket_of(ms: float) -> int:
-    return max(0, int(math.log(max(ms, H0) / H0) / _LOG_G))
-
-
-def bucket_value(b: int) -> float:
-    return H0 * G ** (b + 0.5)
-
-
-class Zipf:
-    """Draw ranks 0..n-1 with probability proportional to 1/(rank+1)**s."""
-
-    def __init__(self, n: int, s: float, rng: random.Random) -> None:
-        if n < 1:
-            raise ValueError("LT_KEYS must be >= 1")
-        self.rng = rng
-        self.cum = list(itertools.accumulate(1.0 / (r**s) for r in range(1, n + 1)))
-        self.total = self.cum[-1]
-
-    def draw(self) -> int:
-        return min(bisect.bisect_left(self.cum, self.rng.random() * self.total), len(self.cum) - 1)
-
-
-def pct(sorted_vals: list[float], p: float) -> float:
-    if not sorted_vals:
-        return 0.0
-    i = min(len(sorted_vals) - 1, max(0, math.ceil(p / 100.0 * len(sorted_vals)) - 1))
-    return sorted_vals[i]
-
-
-class Recorder:
-    """Per-second buckets, flushed to LT_TIMESERIES as JSON lines."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.buckets: dict[int, dict[str, Any]] = {}
-        # keys with a 200 since their last purge -> (time, X-Cache) of the first such 200
-        self.seen: dict[str, tuple[float, str | None]] = {}  # bounded by LT_KEYS
-        self.purged_at: dict[str, float] = {}  # key -> monotonic time its last PURGE finished
-        self._fh = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - closed on quit
-        self._errors = open(ERRORS, "a", buffering=1) if ERRORS else None  # noqa: SIM115
-        self._error_count = 0
-
-    def detail(self, **fields: Any) -> None:
-        """Keep what an unexpected answer looked like, so a report can say which key and why."""
-        if self._errors is None or self._error_count >= MAX_ERROR_DETAILS:
-            return
-        self._error_count += 1
-        self._errors.write(json.dumps({"t": round(time.time(), 3), **fields}, default=str) + "\n")
-
-    def _bucket(self, sec: int) -> dict[str, Any]:
-        b = self.buckets.get(sec)
-        if b is None:
-            b = self.buckets[sec] = {
-                "lat": [],
-                "hist": Counter(),
-                "xcache": Counter(),
-                "cls": Counter(),
-                "status": Counter(),
-                "bytes": 0,
-            }
-        return b
-
-    def record(
-        self, ms: float, cls: str, xcache: str | None, status: int, nbytes: int, is_get: bool
-    ) -> None:
-        b = self._bucket(int(time.time()))
-        b["cls"][cls] += 1
-        b["status"][str(status)] += 1
-        if is_get:
-            b["lat"].append(ms)
-            b["hist"][bucket_of(ms)] += 1
-            b["xcache"][xcache or "(no X-Cache)"] += 1
-            b["bytes"] += nbytes
-
-    def flush(self, upto: int | None = None) -> None:
-        for sec in sorted(self.buckets):
-            if upto is not None and sec >= upto:
-                break
-            b = self.buckets.pop(sec)
-            lat = sorted(b["lat"])
-            line = {
-                "t": sec,
-                "n": len(lat),
-                "p50": round(pct(lat, 50), 3),
-                "p95": round(pct(lat, 95), 3),
-                "p99": round(pct(lat, 99), 3),
-                "max": round(lat[-1], 3) if lat else 0.0,
-                "hist": {str(k): v for k, v in sorted(b["hist"].items())},
-                "xcache": dict(b["xcache"]),
-                "cls": dict(b["cls"]),
-                "status": dict(b["status"]),
-                "bytes": b["bytes"],
-            }
-            if self._fh:
-                self._fh.write(json.dumps(line, separators=(",", ":")) + "\n")
-
-    def close(self) -> None:
-        self.flush()
-        if self._fh:
-            self._fh.close()
-            self._fh = None
-        if self._errors:
-            self._errors.close()
-            self._errors = None
-
-
-REC = Recorder(TIMESERIES)
+REC = Recorder(TIMESERIES, ERRORS)
 _flusher: list[Any] = []
 
 
@@ -196,6 +86,31 @@ def _on_quit(environment: Any, **_: Any) -> None:
     for g in _flusher:
         g.kill(block=False)
     REC.close()
+    if FINAL_STATS:
+        write_final_stats(environment, FINAL_STATS)
+
+
+def write_final_stats(environment: Any, path: str) -> None:
+    """Locust's aggregate row as it stands when Locust quits. Its --csv stats file is rewritten
+    once a second by a background writer and not again at exit, so it misses the last second
+    and the requests that finished during --stop-timeout; this file has them all."""
+    t = environment.stats.total
+    n = t.num_requests
+    row = {
+        "requests": n,
+        "failures": t.num_failures,
+        "rps": round(n / max(1e-3, (t.last_request_timestamp or 0) - t.start_time), 2)
+        if n and t.last_request_timestamp
+        else 0.0,
+        "avg_ms": round(t.avg_response_time, 2),
+        "p50_ms": t.get_response_time_percentile(0.5) if n else None,
+        "p95_ms": t.get_response_time_percentile(0.95) if n else None,
+        "p99_ms": t.get_response_time_percentile(0.99) if n else None,
+        "max_ms": t.max_response_time,
+        "written_at": round(time.time(), 3),
+    }
+    with open(path, "w") as f:
+        json.dump(row, f)
 
 
 _user_numbers = itertools.count()
@@ -225,27 +140,17 @@ class ProxyUser(FastHttpUser):
             status = resp.status_code or 0
             xcache = resp.headers.get("X-Cache") if resp.headers else None
             nbytes = len(resp.content or b"") if status else 0
-            if 200 <= status < 300 or status == 304:
-                cls = "ok"
-                # A GET that started before the key's last PURGE finished may have been served
-                # the copy that PURGE then removed: it doesn't prove a copy exists now.
-                if t0 > REC.purged_at.get(key, 0.0) and key not in REC.seen:
-                    REC.seen[key] = (time.time(), xcache)
+            cls = REC.classify_get(key, status, t0, xcache)
+            if cls == "ok":
                 resp.success()
-            elif status >= 500:
-                cls = "err_cached" if key in REC.seen else "err_uncached"
+            elif cls in ("err_cached", "err_uncached"):
                 resp.failure(
                     f"{status} for a {'cached' if cls == 'err_cached' else 'never-cached'} key"
                 )
-            elif status >= 400:
-                cls = "http_4xx"
+            elif cls == "http_4xx":
                 resp.failure(f"{status}")
-            elif status == 0:
-                cls = "client_error"
-                resp.failure(f"no answer: {type(resp.error).__name__}")
             else:
-                cls = "ok"
-                resp.success()
+                resp.failure(f"no answer: {type(resp.error).__name__}")
         if cls != "ok":
             first_ok = REC.seen.get(key)
             REC.detail(
@@ -263,8 +168,7 @@ class ProxyUser(FastHttpUser):
         REC.record(ms, cls, xcache, status, nbytes, True)
 
     def purge(self, key: str) -> None:
-        REC.seen.pop(key, None)
-        REC.purged_at[key] = math.inf  # until it finishes, no GET proves a copy exists
+        REC.purge_started(key)
         t0 = time.perf_counter()
         with self.client.request(
             "PURGE",
@@ -275,19 +179,14 @@ class ProxyUser(FastHttpUser):
         ) as resp:
             ms = (time.perf_counter() - t0) * 1000.0
             status = resp.status_code or 0
-            if 200 <= status < 300 or status == 404:
-                cls = "purge_ok"
+            cls = REC.classify_purge(status)
+            if cls == "purge_ok":
                 resp.success()
-            elif status in (401, 403):
-                cls = "purge_refused"
+            elif cls == "purge_refused":
                 resp.failure(f"PURGE refused: {status}")
-            elif status == 503:
-                cls = "purge_unavailable"
-                resp.failure("PURGE answered 503")
             else:
-                cls = "purge_error"
                 resp.failure(f"PURGE answered {status}")
-        REC.purged_at[key] = time.perf_counter()
+        REC.purge_finished(key)
         if cls != "purge_ok":
             REC.detail(
                 cls=cls,

@@ -11,17 +11,18 @@ Inputs in the run folder (written by ``loadtest.run``):
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loadtest import metrics as M
+from loadtest import verdicts as V
 
 H0 = 0.02
 G = 1.04
@@ -86,19 +87,59 @@ def hist_pct(h: Counter[int], p: float) -> float:
     return bucket_value(max(h))
 
 
-def latency_block(lines: list[dict[str, Any]]) -> dict[str, Any]:
+def span_s(lines: list[dict[str, Any]], lo: float | None = None, hi: float | None = None) -> float:
+    """Seconds the lines cover: from the first answer to the last (the run's first and last
+    seconds are partial), clipped to [lo, hi]; whole seconds for files without those times."""
+    if not lines:
+        return 0.0
+    if all("first" in ln and "last" in ln for ln in lines):
+        a = min(ln["first"] for ln in lines)
+        b = max(ln["last"] for ln in lines)
+        if lo is not None:
+            a = max(a, lo)
+        if hi is not None:
+            b = min(b, hi)
+        # one answer alone spans nothing: count at least the second it is in
+        return max(b - a, 1e-3) if b > a else 1.0
+    return float(len({ln["t"] for ln in lines}))
+
+
+def hist_block(h: Counter[int]) -> dict[str, Any]:
+    return {
+        "count": sum(h.values()),
+        "p50_ms": round(hist_pct(h, 50), 2),
+        "p90_ms": round(hist_pct(h, 90), 2),
+        "p99_ms": round(hist_pct(h, 99), 2),
+        "p999_ms": round(hist_pct(h, 99.9), 2),
+    }
+
+
+def by_x_cache(lines: list[dict[str, Any]]) -> dict[str, Counter[int]]:
+    """Latency histograms per X-Cache value of the ok GETs and per "error <status>"."""
+    out: dict[str, Counter[int]] = {}
+    for ln in lines:
+        for x, h in (ln.get("hist_x") or {}).items():
+            c = out.setdefault(x, Counter())
+            for k, v in h.items():
+                c[int(k)] += v
+    return out
+
+
+def latency_block(
+    lines: list[dict[str, Any]], lo: float | None = None, hi: float | None = None
+) -> dict[str, Any]:
     h = merge_hist(lines)
     n = sum(ln.get("n", 0) for ln in lines)
-    secs = len({ln["t"] for ln in lines}) or 1
+    secs = span_s(lines, lo, hi)
     cls: Counter[str] = Counter()
     xc: Counter[str] = Counter()
     for ln in lines:
         cls.update(ln.get("cls", {}))
         xc.update(ln.get("xcache", {}))
     return {
-        "seconds": secs,
+        "seconds": round(secs, 3),
         "get_requests": n,
-        "rps": round(n / secs, 1),
+        "rps": round(n / secs, 1) if secs else 0.0,
         "p50_ms": round(hist_pct(h, 50), 2),
         "p95_ms": round(hist_pct(h, 95), 2),
         "p99_ms": round(hist_pct(h, 99), 2),
@@ -109,7 +150,33 @@ def latency_block(lines: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def open_model(run_dir: Path) -> dict[str, Any] | None:
+    """loadtest.openloop's numbers: schedule keeping and HdrHistogram percentiles of the latency
+    from each request's due time (corrected) and from its send (service), without the
+    encoded histograms (they stay in openloop.json)."""
+    p = run_dir / "openloop.json"
+    if not p.exists():
+        return None
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    raw["latency"] = {
+        k: {m: v for m, v in d.items() if m != "encoded"}
+        for k, d in (raw.get("latency") or {}).items()
+    }
+    return dict(raw)
+
+
 def locust_aggregate(run_dir: Path) -> dict[str, Any]:
+    final = run_dir / "locust_final.json"
+    if final.exists():  # written when Locust quit: complete (locustfile.write_final_stats)
+        try:
+            out: dict[str, Any] = json.loads(final.read_text())
+            out["source"] = "locust_final.json"
+            return out
+        except json.JSONDecodeError:
+            pass
     p = run_dir / "locust_stats.csv"
     if not p.exists():
         return {}
@@ -132,6 +199,8 @@ def locust_aggregate(run_dir: Path) -> dict[str, Any]:
                     "p95_ms": num("95%"),
                     "p99_ms": num("99%"),
                     "max_ms": num("Max Response Time"),
+                    # rewritten once a second during the run, not at exit: may miss the end
+                    "source": "locust_stats.csv",
                 }
     return {}
 
@@ -208,7 +277,7 @@ def load_samples(raw: dict[str, float] | None) -> dict[M.Sample, float]:
     return M.parse("\n".join(f"{k} {v}" for k, v in raw.items()))
 
 
-def summarize(run_dir: Path) -> dict[str, Any]:
+def summarize(run_dir: Path, extra_expect: list[V.Expect] | None = None) -> dict[str, Any]:
     run = json.loads((run_dir / "run.json").read_text())
     lines = read_jsonl(run_dir / "timeseries.jsonl")
     fault = run.get("fault_window")  # [start_epoch, end_epoch] or None
@@ -243,12 +312,17 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     requests = sum(cls_all.values())
     t_first = lines[0]["t"] if lines else 0
     t_last = lines[-1]["t"] if lines else 0
-    secs = (t_last - t_first + 1) if lines else 0
+    secs = span_s(lines)
     windows: dict[str, Any] = {}
     if fault and lines:
+        # a second's bucket goes to the window its start is in; each window's rate divides by
+        # the span of its own answers (first to last)
         windows["before"] = latency_block([ln for ln in lines if ln["t"] < fault[0]])
         windows["during"] = latency_block([ln for ln in lines if fault[0] <= ln["t"] < fault[1]])
         windows["after"] = latency_block([ln for ln in lines if ln["t"] >= fault[1]])
+    status_counts: Counter[str] = Counter()
+    for ln in lines:
+        status_counts.update(ln.get("status", {}))
 
     before = load_samples(run.get("metrics_before"))
     after = load_samples(run.get("metrics_after"))
@@ -284,6 +358,11 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "purges": sum(v for c, v in cls_all.items() if c.startswith("purge_")),
         "rps": round(requests / secs, 1) if secs else 0.0,
         "latency_ms": {k: overall[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
+        "overall": overall,
+        "latency_by_x_cache": {
+            x: hist_block(h) for x, h in sorted(by_x_cache(lines).items(), key=_xc_order)
+        },
+        "status_counts": dict(sorted(status_counts.items())),
         "x_cache": overall["x_cache"],
         "hit_ratio": _hit_ratio(overall["x_cache"]),
         "outcomes": dict(cls_all),
@@ -306,6 +385,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             if oa
             else None,
             "warmup_requests": run.get("origin_warmup_requests"),
+            "cold_fetches_per_key": _cold_fetches_per_key(run, mts, ob),
         },
         "stale_served": msum.get("stale_served", {}),
         "proxy_metrics": msum,
@@ -315,13 +395,55 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         if fault
         else None,
         "windows": windows,
+        "model": run.get("model", "closed"),
         "locust": locust_aggregate(run_dir),
+        "open_model": open_model(run_dir),
         "error_details": _error_details(run_dir, t_first),
         "proxy_exit": run.get("proxy_exit"),
         "notes": run.get("notes", []),
+        "environment": run.get("environment", {}),
+        "command": run.get("command"),
     }
-    summary["checks"] = run_checks(summary, run)
+    summary["verdicts"] = V.judge(expectations(run, extra_expect), summary, run)
     return summary
+
+
+def expectations(run: dict[str, Any], extra: list[V.Expect] | None = None) -> list[V.Expect]:
+    """The run's expectations (run.json, as the scenario declared them when it ran; for an older
+    folder, the scenario's current ones), with `extra` replacing those on the same metric."""
+    if "expect" in run:
+        base = [V.Expect.from_json(d) for d in run["expect"]]
+    else:
+        from loadtest.run import SCENARIOS
+
+        sc = SCENARIOS.get(run.get("scenario", ""))
+        base = [*V.COMMON, *(sc.expect if sc else ())]
+    return V.with_overrides(base, extra or [])
+
+
+def _xc_order(kv: tuple[str, Any]) -> tuple[int, str]:
+    order = list(XCACHE_COLORS)
+    return (order.index(kv[0]) if kv[0] in order else len(order), kv[0])
+
+
+def _cold_fetches_per_key(
+    run: dict[str, Any], mts: list[dict[str, Any]], origin_before: dict[str, Any]
+) -> float | None:
+    """Origin requests per key from the load's start until the first copy could expire
+    (load start + max-age), for a run that started cold: 1.0 = every key fetched once."""
+    params = run.get("params") or {}
+    max_age, t0, keys = run.get("origin_max_age"), run.get("load_start"), params.get("keys")
+    if params.get("warmup_keys") != 0 or not max_age or not t0 or not keys:
+        return None
+    before = origin_before.get("requests")
+    pts = [
+        (m.get("origin") or {}).get("requests")
+        for m in mts
+        if m["t"] <= t0 + max_age and (m.get("origin") or {}).get("requests") is not None
+    ]
+    if before is None or not pts:
+        return None
+    return round((pts[-1] - before) / keys, 4)
 
 
 def _error_details(run_dir: Path, t0: int, limit: int = 20) -> list[dict[str, Any]]:
@@ -353,140 +475,6 @@ def _hit_ratio(xc: dict[str, int]) -> dict[str, float]:
         sum(v for k, v in xc.items() if k.startswith(("HIT", "STALE")) or k == "REVALIDATED") / n, 4
     )
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# checks: each scenario's expectations, reported (not enforced unless `run --strict`)
-
-
-def _check(name: str, ok: bool, detail: str) -> dict[str, Any]:
-    return {"name": name, "ok": bool(ok), "detail": detail}
-
-
-def run_checks(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
-    out = [
-        _check("requests > 0", s["requests"] > 0, f"{s['requests']} requests"),
-        _check(
-            "no unexpected errors",
-            s["errors"]["unexpected"] == 0,
-            f"{s['errors']['unexpected']} unexpected {s['errors']['unexpected_by_class']}",
-        ),
-        _check(
-            "proxy still running at the end",
-            run.get("proxy_alive_at_end", True),
-            f"proxy exit code {run.get('proxy_exit')}",
-        ),
-    ]
-    fn = SCENARIO_CHECKS.get(s["scenario"])
-    if fn:
-        out += fn(s, run)
-    return out
-
-
-def _env_f(run: dict[str, Any], name: str, default: float) -> float:
-    try:
-        return float(run.get("proxy_env", {}).get(name, default))
-    except ValueError:
-        return default
-
-
-def _checks_steady(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
-    hr = s["hit_ratio"].get("any_hit", 0.0)
-    return [_check("hit ratio >= 0.9 (warm cache)", hr >= 0.9, f"any_hit={hr}")]
-
-
-def _checks_stampede(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
-    o = s["origin"]
-    keys = int(run["params"]["keys"])
-    max_age = int(run.get("origin_max_age", 60))
-    dur = max(1, s["duration_s"])
-    bound = keys * (math.ceil(dur / max(1, max_age)) + 2)
-    req = o.get("requests") or 0
-    return [
-        _check(
-            "origin requests bounded by keys x refreshes",
-            req <= bound,
-            f"origin {req} for {s['get_requests']} client GETs (bound {bound})",
-        ),
-        _check(
-            "at most one origin request per key at a time (coalescing)",
-            (o.get("max_inflight_per_key") or 0) <= 1,
-            f"max_inflight_per_key={o.get('max_inflight_per_key')}, "
-            f"overlapping={o.get('overlapping_same_key')}",
-        ),
-    ]
-
-
-def _checks_origin_outage(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
-    deadline = _env_f(run, "TIERPROXY_REQUEST_DEADLINE", 3.0)
-    during = s["windows"].get("during", {})
-    stale = sum(s.get("stale_served", {}).values())
-    stale_x = sum(v for k, v in during.get("x_cache", {}).items() if k.startswith("STALE"))
-    return [
-        _check(
-            "stale copies served during the outage",
-            stale > 0 or stale_x > 0,
-            f"stale_served metric={stale}, STALE-* responses in window={stale_x}",
-        ),
-        _check(
-            "every answer within the request deadline during the outage",
-            during.get("max_ms", 0) <= deadline * 1000 + 500,
-            f"max={during.get('max_ms')} ms, deadline={deadline * 1000:.0f} ms",
-        ),
-        _check(
-            "no 5xx for keys that had been cached",
-            s["outcomes"].get("err_cached", 0) == 0,
-            f"err_cached={s['outcomes'].get('err_cached', 0)}, "
-            f"err_uncached={s['outcomes'].get('err_uncached', 0)}",
-        ),
-    ]
-
-
-def _checks_redis_outage(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
-    w = s["windows"]
-    before_p99 = w.get("before", {}).get("p99_ms", 0.0)
-    during_p99 = w.get("during", {}).get("p99_ms", 0.0)
-    opened = s["breaker_open_max"].get('tierproxy_breaker_open{tier="l2"}', 0.0)
-    end = s["proxy_metrics"].get("gauges_at_end", {}).get('tierproxy_breaker_open{tier="l2"}')
-    l2_lookups = s["proxy_metrics"].get("tier_lookups", {}).get("l2", {})
-    return [
-        _check(
-            "p99 during the freeze <= p99 before + L2 timeout + 25 ms",
-            during_p99 <= before_p99 + _env_f(run, "TIERPROXY_L2_TIMEOUT", 0.1) * 1000 + 25,
-            f"p99 before={before_p99} ms, during={during_p99} ms",
-        ),
-        _check(
-            "L2 breaker opened during the freeze", opened >= 1, f"max breaker_open{{l2}}={opened}"
-        ),
-        _check("L2 breaker closed again after", end == 0, f"breaker_open{{l2}} at end={end}"),
-        _check(
-            "L2 hits again after the freeze",
-            w.get("after", {}).get("x_cache", {}).get("HIT-L2", 0) > 0,
-            f"HIT-L2 after={w.get('after', {}).get('x_cache', {}).get('HIT-L2', 0)}, "
-            f"l2 lookups={l2_lookups}",
-        ),
-    ]
-
-
-def _checks_tiny_l1(s: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
-    xc = s["x_cache"]
-    n = sum(xc.values()) or 1
-    lower = (xc.get("HIT-L2", 0) + xc.get("HIT-L3", 0)) / n
-    return [
-        _check(
-            "L2+L3 carry a real share (>= 0.3)", lower >= 0.3, f"(HIT-L2+HIT-L3)/GETs={lower:.3f}"
-        )
-    ]
-
-
-SCENARIO_CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[dict[str, Any]]]] = {
-    "steady": _checks_steady,
-    "smoke": lambda s, r: [],
-    "cold-stampede": _checks_stampede,
-    "origin-outage": _checks_origin_outage,
-    "redis-outage": _checks_redis_outage,
-    "tiny-l1": _checks_tiny_l1,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +532,12 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         else:
             ax.axvspan(a, b, color="#d62728", alpha=0.12, lw=0, label=f"fault: {run.get('fault')}")
 
-    xs = [ln["t"] - t0 for ln in lines]
+    # Time alignment: a client bucket holds the answers of [t, t+1) and is drawn at its end,
+    # t+1; a /metrics rate between two samples is drawn at the later sample; a gauge at its
+    # sample. So nothing is drawn before the moment it was measured: an effect never appears
+    # left of its cause (the fault window is drawn where it was switched on and off).
+    xs = [ln["t"] + 1 - t0 for ln in lines]
+    xlabel = "seconds since load start (each point at the end of its interval)"
 
     # 1. latency percentiles + throughput
     cpu = cpu_series(mts)
@@ -571,8 +564,17 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     ax1.grid(True, which="both", alpha=0.25)
     ax1.legend(loc="upper left", fontsize=8, ncol=5)
     ax1.set_title(f"{title} — latency percentiles (GET, client side)")
-    ok = [ln.get("cls", {}).get("ok", 0) for ln in lines]
-    err = [sum(v for c, v in ln.get("cls", {}).items() if c not in OK_CLASSES) for ln in lines]
+    # per second, divided by the part of the second the load covered (the first and last
+    # seconds are partial: a count there would show a dip that did not happen)
+    cover = [1.0] * len(lines)
+    if len(lines) > 1 and "first" in lines[0] and "last" in lines[-1]:
+        cover[0] = min(1.0, max(0.05, lines[0]["t"] + 1 - lines[0]["first"]))
+        cover[-1] = min(1.0, max(0.05, lines[-1]["last"] - lines[-1]["t"]))
+    ok = [ln.get("cls", {}).get("ok", 0) / c for ln, c in zip(lines, cover, strict=True)]
+    err = [
+        sum(v for k, v in ln.get("cls", {}).items() if k not in OK_CLASSES) / c
+        for ln, c in zip(lines, cover, strict=True)
+    ]
     ax2.plot(xs, ok, lw=1.2, label="ok req/s", color="#1f77b4")
     ax2.plot(xs, err, lw=1.2, label="error req/s", color="#d62728")
     shade(ax2)
@@ -589,9 +591,9 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         shade(ax3)
         ax3.grid(True, alpha=0.25)
         ax3.legend(loc="upper left", fontsize=8, ncol=4)
-        ax3.set_xlabel("seconds since load start")
+        ax3.set_xlabel(xlabel)
     else:
-        ax2.set_xlabel("seconds since load start")
+        ax2.set_xlabel(xlabel)
     fig.tight_layout()
     p = run_dir / "latency.png"
     save_small_png(fig, p)
@@ -664,10 +666,17 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         ax2.set_ylabel("events/s (symlog)")
         br_any = False
         axb = ax2.twinx()
-        for tier, col in (("l1", "#555555"), ("l2", "#000000"), ("l3", "#8c564b")):
+        breakers = [("l1", "#555555"), ("l2", "#000000"), ("l3", "#8c564b"), ("origin", "#d62728")]
+        breakers += [(f"{t}-writes", "#bbbbbb") for t in ("l1", "l2", "l3")]
+        for tier, col in breakers:
             key = f'tierproxy_breaker_open{{tier="{tier}"}}'
             ys = [(m.get("gauges") or {}).get(key, float("nan")) for m in mts[1:]]
-            if any(not math.isnan(v) and v > 0 for v in ys):
+            # the origin breaker is always drawn (beside the tiers'), the others when they opened
+            if (
+                tier == "origin"
+                and not all(math.isnan(v) for v in ys)
+                or any(not math.isnan(v) and v > 0 for v in ys)
+            ):
                 br_any = True
                 axb.step(
                     mt, ys, where="post", lw=1.6, ls="--", color=col, label=f"breaker open {tier}"
@@ -683,13 +692,50 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     else:
         ax2.text(0.5, 0.5, "no /metrics samples", ha="center", va="center", transform=ax2.transAxes)
     shade(ax2)
-    ax2.set_xlabel("seconds since load start")
+    ax2.set_xlabel(xlabel)
     ax2.grid(True, alpha=0.25)
     fig.tight_layout()
     p = run_dir / "hit_ratio.png"
     save_small_png(fig, p)
     plt.close(fig)
     written.append(p.name)
+
+    # 3. latency CDF per X-Cache value (ok GETs) and per error status
+    tiers = by_x_cache(lines)
+    if tiers:
+        fig, ax = plt.subplots(figsize=(10, 5.2))
+        for x, h in sorted(tiers.items(), key=_xc_order):
+            n = sum(h.values())
+            acc, px, py = 0, [], []
+            for b in sorted(h):
+                acc += h[b]
+                px.append(H0 * G ** (b + 1))  # the bucket's upper edge: P(latency <= x)
+                py.append(acc / n)
+            err = x.startswith("error")
+            ax.step(
+                px,
+                py,
+                where="post",
+                lw=1.6,
+                ls="--" if err else "-",
+                color=XCACHE_COLORS.get(x, XCACHE_COLORS["ERROR"] if err else None),
+                label=f"{x} (n={n}, p99 {hist_pct(h, 99):.3g} ms)",
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.set_ylim(0, 1.01)
+        for q in (0.5, 0.99):
+            ax.axhline(q, color="#888888", lw=0.7, ls=":")
+        ax.set_xlabel("latency (ms, log; client side)")
+        ax.set_ylabel("share of answers <= x")
+        ax.set_title(f"{title} — latency CDF per X-Cache value (ok GETs) and per error status")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        p = run_dir / "latency_cdf.png"
+        save_small_png(fig, p)
+        plt.close(fig)
+        written.append(p.name)
     return written
 
 
@@ -755,14 +801,68 @@ def markdown(summary: dict[str, Any]) -> str:
                 + ")"
             )
         lines.append("")
-    lines += ["| check | ok | detail |", "|---|---|---|"]
-    for c in s["checks"]:
-        lines.append(f"| {c['name']} | {'yes' if c['ok'] else '**NO**'} | {c['detail']} |")
+    if s.get("latency_by_x_cache"):
+        lines += [
+            "Latency by X-Cache (ok GETs) and by status (failed GETs), client side:",
+            "",
+            "| answered as | GETs | p50 ms | p90 ms | p99 ms | p99.9 ms |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for x, b in s["latency_by_x_cache"].items():
+            lines.append(
+                f"| {x} | {b['count']} | {b['p50_ms']} | {b['p90_ms']} | {b['p99_ms']} "
+                f"| {b['p999_ms']} |"
+            )
+        lines.append("")
+    om = s.get("open_model")
+    if om and om.get("latency"):
+        head = (
+            f"Open model: {om['sent']}/{om['scheduled']} requests sent on schedule at "
+            f"{om['rate']:g}/s, {om['late_starts']} sent > 1 ms after their due time (max "
+            f"{om['max_late_ms']} ms; *send lag* below). HdrHistogram; *corrected* = from the due "
+            "time (coordinated omission corrected), *service* = from the send:"
+        )
+        lines += [
+            head,
+            "",
+            "| latency | GETs | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for k, d in om["latency"].items():
+            lines.append(
+                f"| {k} | {d['count']} | {d['p50_ms']} | {d['p90_ms']} | {d['p99_ms']} "
+                f"| {d['p99.9_ms']} | {d['p100_ms']} |"
+            )
+        lines.append("")
+    errs = {k: v for k, v in (s.get("status_counts") or {}).items() if not _ok_status(k)}
+    if errs:
+        lines += [
+            "Non-2xx/304 answers by status (GET and PURGE; 0 = no answer): "
+            + ", ".join(f"{k}: {v}" for k, v in errs.items()),
+            "",
+        ]
+    verdicts = s.get("verdicts")
+    if verdicts is None:  # a summary written before verdicts existed
+        lines += ["(no verdicts in this summary)"]
+    else:
+        failed = sum(1 for v in verdicts if not v["ok"])
+        verdict = "FAIL" if failed or not verdicts else "PASS"
+        lines += [
+            f"Verdicts: {verdict} ({len(verdicts) - failed}/{len(verdicts)} passed)",
+            "",
+            V.table(verdicts),
+        ]
     return "\n".join(lines) + "\n"
 
 
-def build(run_dir: Path, plots: bool = True) -> dict[str, Any]:
-    summary = summarize(run_dir)
+def _ok_status(code: str) -> bool:
+    return code == "304" or code.startswith("2")
+
+
+def build(
+    run_dir: Path, plots: bool = True, extra_expect: list[V.Expect] | None = None
+) -> dict[str, Any]:
+    summary = summarize(run_dir, extra_expect)
     if plots:
         try:
             summary["plots"] = plot(run_dir, summary)
@@ -774,9 +874,46 @@ def build(run_dir: Path, plots: bool = True) -> dict[str, Any]:
     return summary
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m loadtest.report RUN_DIR", file=sys.stderr)
-        raise SystemExit(2)
-    s = build(Path(sys.argv[1]))
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.report",
+        description="Rebuild summary.json, summary.md and the plots of a run folder and judge "
+        "its verdicts again; exit 0 when all pass, 1 on any FAIL, 2 when the folder cannot be "
+        "read.",
+    )
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="METRIC<=N",
+        help="judge with this threshold instead of the run's own for that metric (repeatable), "
+        "e.g. --expect 'p99_ms<=50'",
+    )
+    ap.add_argument("--no-plots", action="store_true")
+    ns = ap.parse_args(argv)
+    try:
+        extra = [V.Expect.parse(e) for e in ns.expect]
+    except ValueError as e:
+        ap.error(str(e))
+    d: Path = ns.run_dir
+    if not (d / "run.json").exists():
+        # loadtest/results/ keeps only each run's summary and plots: nothing to rebuild from
+        if (d / "summary.json").exists():
+            print(
+                f"{d} has no run.json (a results folder keeps only the summary and plots): "
+                "showing its summary.md; rebuilding needs the run folder loadtest.run wrote",
+                file=sys.stderr,
+            )
+            old = json.loads((d / "summary.json").read_text())
+            print(markdown(old))
+            return V.exit_code(old["verdicts"]) if "verdicts" in old else 0
+        print(f"{d}: no run.json - not a folder written by python -m loadtest.run", file=sys.stderr)
+        return 2
+    s = build(d, plots=not ns.no_plots, extra_expect=extra)
     print(markdown(s))
+    return V.exit_code(s["verdicts"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""What a result depends on, recorded in every result folder (run.json, bench.json).
+
+Versions of Python and the libraries on the request path, whether uvloop is installed and
+which event loop the proxy actually ran (from its own start-up log line), the Redis server's
+version, the CPU count, the git commit (and whether the tree had local changes), the full
+``TIERPROXY_*`` environment the proxy got (the purge token masked) and the command line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("aiohttp", "redis", "hiredis", "uvloop", "aiosqlite", "locust", "hdrhistogram")
+SECRET_ENV = ("TIERPROXY_PURGE_TOKEN",)
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _run(cmd: list[str], timeout: float = 5.0) -> str | None:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def redis_server_version(path: str | None) -> str | None:
+    out = _run([path, "--version"]) if path else None
+    m = re.search(r"v=(\S+)", out or "")
+    return m[1] if m else out
+
+
+def git_commit() -> dict[str, Any]:
+    commit = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    status = _run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def event_loop_from_log(log: Path) -> str | None:
+    """The proxy logs "event loop: uvloop X" or "event loop: asyncio (...)" at start-up (the
+    bench's bare handler "event loop uvloop")."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"event loop:? ([A-Za-z]+(?: [0-9][^\s\"',}]*)?)", text)
+    return m[1] if m else None
+
+
+def process_env(pid: int, prefix: str = "TIERPROXY_") -> dict[str, str] | None:
+    """The environment a running process was started with (Linux /proc), `prefix` names only."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {
+        k.decode(errors="replace"): v.decode(errors="replace")
+        for k, _, v in pairs
+        if k.startswith(prefix.encode())
+    }
+
+
+def masked_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: ("(set)" if k in SECRET_ENV else v) for k, v in sorted(env.items())}
+
+
+def collect(
+    proxy_env: dict[str, str] | None = None,
+    redis_path: str | None = None,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
+    """Everything except the loop the proxy ran (see event_loop_from_log, known once it has
+    started)."""
+    tierproxy_env = {k: v for k, v in os.environ.items() if k.startswith("TIERPROXY_")}
+    tierproxy_env.update(proxy_env or {})
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "uvloop_installed": _version("uvloop") is not None,
+        "redis_server": redis_server_version(redis_path),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "git": git_commit(),
+        "tierproxy_env": masked_env(tierproxy_env),
+        # as typed (`python -m loadtest.run ...`), not with the module resolved to a path
+        "command": list(sys.orig_argv) if command is None else command,
+    }
