@@ -43,6 +43,7 @@ __all__ = [
     "OriginError",
     "OriginResponse",
     "OriginTimeout",
+    "OriginUnanswered",
     "connector_internals_available",
     "upstream_headers",
 ]
@@ -73,6 +74,25 @@ class OriginTimeout(Exception):
 
 class OriginError(Exception):
     """The origin refused the connection or sent a broken response."""
+
+
+class OriginUnanswered(OriginError):
+    """The connection to the origin failed before any byte of a response arrived: refused,
+    reset, or closed (e.g. a pooled connection the origin had closed). A request that may
+    be repeated (RFC 9110 §9.2.2) may be retried (tierproxy.upstream)."""
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """Whether ``exc``, raised before aiohttp returned a response, came before any response
+    byte. aiohttp 3.14 reports a connection that failed that early as ClientConnectorError
+    (connect refused or failed), ServerDisconnectedError (closed before a response head; its
+    ``message`` is the partial head when bytes of one had arrived, a plain string when none
+    had), or ClientOSError / OSError (reset while sending or waiting). A reset does not say
+    whether bytes of a head had arrived; aiohttp discards them either way, and only a GET or
+    HEAD is ever retried."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)
+    return isinstance(exc, OSError)  # ClientOSError and ClientConnectorError are OSErrors
 
 
 # What the origin or the connection to it can cause: aiohttp reports a refused or reset
@@ -191,8 +211,9 @@ class OriginClient:
         budget's clock. ``deadline`` (loop time), the request's, bounds both. A larger body
         is left open for streaming.
 
-        Only what comes from the origin or the connection to it is an :class:`OriginError`;
-        any other exception is a local error and propagates as it is.
+        Only what comes from the origin or the connection to it is an :class:`OriginError`
+        (:class:`OriginUnanswered` when it failed before any response byte); any other
+        exception is a local error and propagates as it is.
         """
         session = self._session
         if session is None:
@@ -260,6 +281,8 @@ class OriginClient:
                 response.close()
             if isinstance(exc, TimeoutError):
                 raise OriginTimeout(f"no complete answer within {budget:.3f}s") from None
+            if response is None and _unanswered(exc):
+                raise OriginUnanswered(f"{type(exc).__name__}: {exc}") from None
             if isinstance(exc, _ORIGIN_FAULTS):
                 raise OriginError(f"{type(exc).__name__}: {exc}") from None
             raise  # OriginBusy, CancelledError, or a local error (a bug: not the origin's)
