@@ -127,6 +127,7 @@ __all__ = [
     "internals_available",
     "missing_internals",
     "unhardened_message",
+    "without_builtin_retry",
 ]
 
 log = logging.getLogger("tierproxy.listener")
@@ -369,6 +370,18 @@ PRIVATE_NAMES: tuple[Private, ...] = (
         "the body being read when the connection is lost: failed on a reset (aiohttp "
         "completes a close-delimited body on any loss); no public hook",
     ),
+    Private(
+        "ClientSession",
+        "_retry_connection",
+        "write",
+        "origin",
+        True,
+        "turned off: aiohttp resends an 'idempotent' request (PUT and DELETE included) "
+        "once, at once, when its connection failed - even after bytes of a response head "
+        "arrived - with no pause, deadline or count. tierproxy retries itself "
+        "(TIERPROXY_ORIGIN_RETRIES, tierproxy.upstream). No ClientSession parameter "
+        "turns it off; aiohttp's own test client sets this attribute",
+    ),
 )
 
 #: The protocol/server methods overridden that are public names but not documented as
@@ -398,6 +411,7 @@ OWNERS: dict[str, Any] = {
     "TCPConnector": aiohttp.TCPConnector,
     "BaseConnector": aiohttp.connector.BaseConnector,
     "ResponseHandler": ResponseHandler,
+    "ClientSession": aiohttp.ClientSession,
 }
 
 
@@ -1382,6 +1396,14 @@ class _FetchClock:
 _FETCH_CLOCK: contextvars.ContextVar[_FetchClock | None] = contextvars.ContextVar(
     "tierproxy_origin_fetch_clock", default=None
 )
+
+
+def without_builtin_retry(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """``session`` with aiohttp's own resend of a failed request turned off (see
+    PRIVATE_NAMES: ClientSession._retry_connection): the origin client's retries are
+    tierproxy's (tierproxy.upstream), counted and bounded by the request's deadline."""
+    session._retry_connection = False
+    return session
 
 
 class _OriginConnector(aiohttp.TCPConnector):

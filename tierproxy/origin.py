@@ -32,6 +32,7 @@ from .aiohttp_internals import (
     _FetchClock,
     _OriginConnector,
     connector_internals_available,
+    without_builtin_retry,
 )
 from .clock import SYSTEM, Clock
 from .policy import end_to_end
@@ -175,7 +176,7 @@ class OriginClient:
         connector = _OriginConnector(
             limit=self._max_connections, ttl_dns_cache=60, discarded=self._discarded
         )
-        self._session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=connector,
             # Bytes as the origin sent them (aiohttp decompresses by default, and a proxy must
             # store and forward the origin's encoding); no cookies kept between clients.
@@ -186,6 +187,8 @@ class OriginClient:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
             raise_for_status=False,
         )
+        # Retries are tierproxy's (tierproxy.upstream): aiohttp's own resend is turned off.
+        self._session = without_builtin_retry(session)
 
     async def close(self) -> None:
         if self._session is not None:

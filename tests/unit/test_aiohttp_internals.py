@@ -84,6 +84,7 @@ async def _instances() -> dict[str, object]:
         "RequestHandler": aiohttp.web_protocol.RequestHandler(server, loop=loop),
         "TCPConnector": connector,
         "ResponseHandler": ResponseHandler(loop),
+        "ClientSession": aiohttp.ClientSession(),
     }
 
 
@@ -104,6 +105,7 @@ async def test_instance_attributes_exist_on_live_instances() -> None:
         assert isinstance(connector._factory, functools.partial)  # type: ignore[attr-defined]
     finally:
         await instances["TCPConnector"].close()  # type: ignore[attr-defined]
+        await instances["ClientSession"].close()  # type: ignore[attr-defined]
 
 
 def test_slotted_request_handler_attributes_are_slots() -> None:
