@@ -33,7 +33,9 @@ A response whose stored header bytes are not UTF-8 is written byte-exact
 **Client side** - :class:`_OriginConnector` / :class:`_OriginProtocol` keep pooled origin
 connections clean (bytes no request asked for, a close-delimited body cut by a reset) and
 bound the wait for a free pooled connection on its own clock (:class:`_FetchClock`, used by
-:meth:`tierproxy.origin.OriginClient.fetch`).
+:meth:`tierproxy.origin.OriginClient.fetch`), which also records whether any byte of an
+answer arrived (a failed fetch is retried only if none did). aiohttp's own resend of a
+failed request is turned off (:func:`without_builtin_retry`).
 
 :data:`PRIVATE_NAMES` is the exact list of private names read, written, overridden, called or
 imported here, each with why no public mechanism does the job. :func:`missing_internals` and
@@ -401,6 +403,7 @@ OVERRIDDEN_PUBLIC = (
     ("ResponseHandler", "data_received"),
     ("ResponseHandler", "is_connected"),
     ("ResponseHandler", "connection_lost"),
+    ("BaseConnector", "connect"),
 )
 
 OWNERS: dict[str, Any] = {
@@ -1335,6 +1338,7 @@ class _OriginProtocol(ResponseHandler):
         super().__init__(loop)
         self.idle = False  # in the pool, no request outstanding
         self._discarded = discarded
+        self.fetch: _FetchClock | None = None  # the fetch using the connection now
 
     def discard(self, reason: str, detail: str, level: int = logging.WARNING) -> None:
         origin_log.log(level, "origin connection discarded: %s", detail)
@@ -1351,6 +1355,8 @@ class _OriginProtocol(ResponseHandler):
                 "unsolicited-bytes", f"{len(data)} unsolicited bytes on an idle connection"
             )
             return
+        if data and self.fetch is not None:
+            self.fetch.answered = True  # bytes of an answer: the fetch is not retried
         super().data_received(data)
 
     def is_connected(self) -> bool:
@@ -1391,6 +1397,7 @@ class _FetchClock:
     budget: float  # origin seconds allowed
     queue_timeout: float
     hard_deadline: float | None  # the request's deadline (loop time), never exceeded
+    answered: bool = False  # a byte of the origin's answer arrived (set by _OriginProtocol)
 
 
 _FETCH_CLOCK: contextvars.ContextVar[_FetchClock | None] = contextvars.ContextVar(
@@ -1434,10 +1441,21 @@ class _OriginConnector(aiohttp.TCPConnector):
             connection.protocol.idle = False
         return connection
 
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.connector.Connection:
+        # Public: the connection a fetch is about to use learns which fetch it serves.
+        connection = await super().connect(req, traces, timeout)
+        if isinstance(connection.protocol, _OriginProtocol):
+            connection.protocol.fetch = _FETCH_CLOCK.get()
+        return connection
+
     def _release(self, key: Any, protocol: ResponseHandler, *, should_close: bool = False) -> None:
         super()._release(key, protocol, should_close=should_close)
-        if isinstance(protocol, _OriginProtocol) and protocol.transport is not None:
-            protocol.idle = True  # pooled (a closed one has no transport)
+        if isinstance(protocol, _OriginProtocol):
+            protocol.fetch = None
+            if protocol.transport is not None:
+                protocol.idle = True  # pooled (a closed one has no transport)
 
     async def _wait_for_available_connection(self, key: Any, traces: list[Any]) -> None:
         clock = _FETCH_CLOCK.get()

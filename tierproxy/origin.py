@@ -84,13 +84,12 @@ class OriginUnanswered(OriginError):
 
 
 def _unanswered(exc: BaseException) -> bool:
-    """Whether ``exc``, raised before aiohttp returned a response, came before any response
-    byte. aiohttp 3.14 reports a connection that failed that early as ClientConnectorError
-    (connect refused or failed), ServerDisconnectedError (closed before a response head; its
-    ``message`` is the partial head when bytes of one had arrived, a plain string when none
-    had), or ClientOSError / OSError (reset while sending or waiting). A reset does not say
-    whether bytes of a head had arrived; aiohttp discards them either way, and only a GET or
-    HEAD is ever retried."""
+    """Whether ``exc``, raised before aiohttp returned a response on a connection that got no
+    byte of an answer (_FetchClock.answered, checked first), is a connection failure: aiohttp
+    3.14 reports one as ClientConnectorError (connect refused or failed),
+    ServerDisconnectedError (closed before a response head; its ``message`` is the partial
+    head when bytes of one were parsed, a plain string when none were) or ClientOSError /
+    OSError (reset while sending or waiting). Only a GET or HEAD is ever retried."""
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return isinstance(exc.message, str)
     return isinstance(exc, OSError)  # ClientOSError and ClientConnectorError are OSErrors
@@ -226,11 +225,13 @@ class OriginClient:
         response: aiohttp.ClientResponse | None = None
         loop = asyncio.get_running_loop()
         clock_token: contextvars.Token[_FetchClock | None] | None = None
+        fetch_clock: _FetchClock | None = None
         try:
             async with asyncio.timeout(budget) as timeout:
-                clock_token = _FETCH_CLOCK.set(
-                    _FetchClock(timeout, loop.time(), budget, self.queue_timeout, deadline)
+                fetch_clock = _FetchClock(
+                    timeout, loop.time(), budget, self.queue_timeout, deadline
                 )
+                clock_token = _FETCH_CLOCK.set(fetch_clock)
                 try:
                     response = await session.request(
                         method,
@@ -284,7 +285,8 @@ class OriginClient:
                 response.close()
             if isinstance(exc, TimeoutError):
                 raise OriginTimeout(f"no complete answer within {budget:.3f}s") from None
-            if response is None and _unanswered(exc):
+            answered = fetch_clock is not None and fetch_clock.answered
+            if response is None and not answered and _unanswered(exc):
                 raise OriginUnanswered(f"{type(exc).__name__}: {exc}") from None
             if isinstance(exc, _ORIGIN_FAULTS):
                 raise OriginError(f"{type(exc).__name__}: {exc}") from None

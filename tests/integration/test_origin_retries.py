@@ -137,13 +137,17 @@ async def test_a_post_is_never_retried(raw_origin: RawOrigin, make_proxy: MakePr
     assert _retries(proxy, "ok") + _retries(proxy, "failed") + _retries(proxy, "skipped") == 0
 
 
+@pytest.mark.parametrize("end", ["close", "reset"])
 async def test_a_partial_answer_is_never_retried(
-    raw_origin: RawOrigin, make_proxy: MakeProxy
+    end: str, raw_origin: RawOrigin, make_proxy: MakeProxy
 ) -> None:
     async def partial_head(exchange: Exchange) -> bool:
         exchange.write(b"HTTP/1.1 200 OK\r\nContent-Le")
         await exchange.wait_sent()
-        return False  # then a clean close
+        if end == "reset":
+            await asyncio.sleep(0.05)  # the proxy reads the bytes before the reset
+            exchange.reset()
+        return False  # else a clean close
 
     raw_origin.route("/p", partial_head)
     proxy = await make_proxy(ORIGIN=raw_origin.url, ORIGIN_RETRIES=3)
