@@ -76,6 +76,18 @@ async def test_a_connection_that_failed_before_any_byte_is_retried(
     assert _retries(proxy, "ok") == 1
 
 
+async def test_a_forwarded_get_is_retried_too(raw_origin: RawOrigin, make_proxy: MakeProxy) -> None:
+    raw_origin.route("/r", _reset_first_connection)
+    proxy = await make_proxy(ORIGIN=raw_origin.url)
+
+    answer = await proxy.get("/r", headers={"Cache-Control": "no-store"})
+
+    assert (answer.status, answer.body) == (200, b"second connection"), answer
+    assert answer.x_cache == "BYPASS", answer
+    assert raw_origin.count("/r") == 2
+    assert _retries(proxy, "ok") == 1
+
+
 async def test_with_retries_off_the_failure_is_answered(
     raw_origin: RawOrigin, make_proxy: MakeProxy
 ) -> None:
@@ -126,11 +138,15 @@ async def test_retries_stop_when_the_deadline_leaves_no_time(
     assert 2 <= raw_origin.count("/late") < 11
 
 
-async def test_a_post_is_never_retried(raw_origin: RawOrigin, make_proxy: MakeProxy) -> None:
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_a_forwarded_unsafe_method_is_never_retried(
+    method: str, raw_origin: RawOrigin, make_proxy: MakeProxy
+) -> None:
+    """(aiohttp on its own would resend a PUT or DELETE once: tierproxy turns that off.)"""
     raw_origin.route("/r", _reset_first_connection)
     proxy = await make_proxy(ORIGIN=raw_origin.url, ORIGIN_RETRIES=3)
 
-    answer = await proxy.request("POST", "/r", data=b"order 1")
+    answer = await proxy.request(method, "/r", data=b"order 1")
 
     assert answer.status == 502, answer
     assert raw_origin.count("/r") == 1
