@@ -183,6 +183,8 @@ async def make_proxy(
     async def factory(
         *, hit_path: bool = True, clock: Clock | None = None, **overrides: Any
     ) -> ProxyHandle:
+        if clock is not None:
+            origin.clock = clock  # the origin's Date agrees with the proxy's clock
         handle = await start_inprocess_proxy(
             apply_env(base, overrides), hit_path=hit_path, clock=clock
         )

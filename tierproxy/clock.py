@@ -11,7 +11,10 @@ response goes stale or a breaker cools down.
 
 Not covered, on purpose: request deadlines and per-tier timeouts stay on the event loop's
 clock (``asyncio.timeout`` waits in real time), and durations measured for logs and
-histograms use ``time.perf_counter``. Those are real timing, not logic.
+histograms use ``time.perf_counter``. Those are real timing, not logic. Storage expiry is
+real time too: a Redis TTL and SQLite's sweeps of expired rows only decide when a copy is
+dropped, never whether one is served (every tier classifies a copy as fresh, stale or
+expired on this clock), and the purge lease is compared with Redis's own clock.
 """
 
 from __future__ import annotations

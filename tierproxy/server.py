@@ -107,8 +107,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         assert l2 is not None
         state.invalidation.start()  # the replicas' purge channel
         try:
-            await l2.ping(max(1.0, settings.l2_timeout))
-            log.info("L2 Redis reachable")
+            if await l2.ping(max(1.0, settings.l2_timeout)):
+                log.info("L2 Redis reachable")
+            else:
+                log.warning(
+                    "L2 Redis did not answer PING at start-up; serving without it until it does"
+                )
             # Subscribing clears L1 (it may have missed purges): do it before serving.
             if not await state.invalidation.wait_subscribed(max(1.0, settings.l2_write_timeout)):
                 log.warning(

@@ -295,7 +295,10 @@ def cache_status_member(final: Final, now: float) -> str:
     """tierproxy's own ``Cache-Status`` member for ``final`` (RFC 9211 §2)."""
     match final:
         case FreshHit(tier, entry):
-            return f"tierproxy; hit; ttl={math.floor(entry.fresh_until - now)}; detail={tier}"
+            # Fresh when it was found; the response may be written a moment later (the full
+            # path reads the clock again), past its freshness: a hit's ttl is never negative.
+            ttl = max(0, math.floor(entry.fresh_until - now))
+            return f"tierproxy; hit; ttl={ttl}; detail={tier}"
         case StaleHit(_, entry, reason):
             ttl = math.floor(entry.fresh_until - now)
             return f"tierproxy; hit; ttl={ttl}; detail={_quote(reason)}"

@@ -17,16 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import hashlib
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from tierproxy.clock import Clock
 
 __all__ = ["Behavior", "Origin", "ReceivedRequest", "make_body"]
 
@@ -80,6 +84,10 @@ class Origin:
         self._peak: dict[str, int] = {}
         self._gate = asyncio.Event()
         self._server: TestServer | None = None
+        # The proxy's clock when a test advances it (make_proxy(clock=...) sets it): the
+        # origin's Date then comes from the same clock, as a real origin's Date agrees with
+        # the proxy's time (RFC 9111 §4.2.3 computes an age from it). None: aiohttp's Date.
+        self.clock: Clock | None = None
 
     # -- scripting ------------------------------------------------------------------
     def set(self, target: str, **fields: Any) -> Behavior:
@@ -212,6 +220,8 @@ class Origin:
             await self._wait_gate(rule.hang_limit)
 
         headers: CIMultiDict[str] = CIMultiDict(rule.headers)
+        if self.clock is not None and "Date" not in headers:
+            headers["Date"] = email.utils.formatdate(self.clock.wall(), usegmt=True)
         if rule.etag is not None:
             headers["ETag"] = rule.etag
         if rule.last_modified is not None:

@@ -1,6 +1,7 @@
 """A real ``redis-server`` process for the test session, with fault helpers.
 
-Synchronous on purpose (CONVENTIONS: the session fixture must not depend on an event loop).
+Synchronous on purpose: a session-scoped fixture must not depend on an event loop (pytest-asyncio
+gives each test its own).
 Faults: SIGSTOP/SIGCONT (connections stay open, replies stall), SIGKILL, restart on the
 same port. Nothing is persisted (``--save "" --appendonly no``), so a restart is empty.
 """

@@ -1,4 +1,5 @@
-"""Readers/writers for tierproxy's storage layout (DESIGN.md + the lead's internal API).
+"""Readers/writers for tierproxy's storage layout (README "Configuration" and
+docs/ARCHITECTURE.md; tierproxy.keys for the key digests).
 
 Cache key material is the normalised ``path?query`` of the request; the L2/L3 id is the
 digest of that material in the origin's namespace (origin identity + entry format version,

@@ -66,6 +66,14 @@ def test_fresh_hit(tier: str, x_cache: str) -> None:
     )
 
 
+def test_a_fresh_hit_written_just_past_its_freshness_says_ttl_0() -> None:
+    # Found fresh, written a moment later: the full path reads the clock again.
+    assert labels(FreshHit("l3", _entry(fresh=-0.4)), NOW) == (
+        "HIT-L3",
+        "tierproxy; hit; ttl=0; detail=l3",
+    )
+
+
 @pytest.mark.parametrize(
     "reason",
     [
