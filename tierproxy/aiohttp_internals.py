@@ -41,7 +41,9 @@ A response whose stored header bytes are not UTF-8 is written byte-exact
 **Client side** - :class:`_OriginConnector` / :class:`_OriginProtocol` keep pooled origin
 connections clean (bytes no request asked for, a close-delimited body cut by a reset) and
 bound the wait for a free pooled connection on its own clock (:class:`_FetchClock`, used by
-:meth:`tierproxy.origin.OriginClient.fetch`).
+:meth:`tierproxy.origin.OriginClient.fetch`), which also records whether any byte of an
+answer arrived (a failed fetch is retried only if none did). aiohttp's own resend of a
+failed request is turned off (:func:`without_builtin_retry`).
 
 :data:`PRIVATE_NAMES` is the exact list of private names read, written, overridden, called or
 imported here, each with why no public mechanism does the job. :func:`missing_internals` and
@@ -144,6 +146,7 @@ __all__ = [
     "missing_serving_internals",
     "rfc822_formatted_time",
     "unhardened_message",
+    "without_builtin_retry",
 ]
 
 log = logging.getLogger("tierproxy.listener")
@@ -461,6 +464,18 @@ PRIVATE_NAMES: tuple[Private, ...] = (
         "hit's head as aiohttp would); helpers does not export it, and formatting a date per "
         "hit would cost the hit path",
     ),
+    Private(
+        "ClientSession",
+        "_retry_connection",
+        "write",
+        "origin",
+        True,
+        "turned off: aiohttp resends an 'idempotent' request (PUT and DELETE included) "
+        "once, at once, when its connection failed - even after bytes of a response head "
+        "arrived - with no pause, deadline or count. tierproxy retries itself "
+        "(TIERPROXY_ORIGIN_RETRIES, tierproxy.upstream). No ClientSession parameter "
+        "turns it off; aiohttp's own test client sets this attribute",
+    ),
 )
 
 #: The protocol/server methods overridden that are public names but not documented as
@@ -480,6 +495,7 @@ OVERRIDDEN_PUBLIC = (
     ("ResponseHandler", "data_received"),
     ("ResponseHandler", "is_connected"),
     ("ResponseHandler", "connection_lost"),
+    ("BaseConnector", "connect"),
 )
 
 OWNERS: dict[str, Any] = {
@@ -490,6 +506,7 @@ OWNERS: dict[str, Any] = {
     "TCPConnector": aiohttp.TCPConnector,
     "BaseConnector": aiohttp.connector.BaseConnector,
     "ResponseHandler": ResponseHandler,
+    "ClientSession": aiohttp.ClientSession,
     "_ErrInfo": _ErrInfo,
     "LineTooLong": LineTooLong,
 }
@@ -507,6 +524,7 @@ SIGNATURES: dict[tuple[str, str], tuple[bool, str]] = {
     ("BaseConnector", "_get"): (True, "self, key, traces"),
     ("BaseConnector", "_release"): (False, "self, key, protocol, *, should_close"),
     ("BaseConnector", "_wait_for_available_connection"): (True, "self, key, traces"),
+    ("BaseConnector", "connect"): (True, "self, req, traces, timeout"),
     ("RequestHandler", "data_received"): (False, "self, data"),
     ("RequestHandler", "connection_made"): (False, "self, transport"),
     ("RequestHandler", "connection_lost"): (False, "self, exc"),
@@ -1604,6 +1622,7 @@ class _OriginProtocol(ResponseHandler):
         super().__init__(loop)
         self.idle = False  # in the pool, no request outstanding
         self._discarded = discarded
+        self.fetch: _FetchClock | None = None  # the fetch using the connection now
 
     def discard(self, reason: str, detail: str, level: int = logging.WARNING) -> None:
         origin_log.log(level, "origin connection discarded: %s", detail)
@@ -1620,6 +1639,8 @@ class _OriginProtocol(ResponseHandler):
                 "unsolicited-bytes", f"{len(data)} unsolicited bytes on an idle connection"
             )
             return
+        if data and self.fetch is not None:
+            self.fetch.answered = True  # bytes of an answer: the fetch is not retried
         super().data_received(data)
 
     def is_connected(self) -> bool:
@@ -1660,11 +1681,20 @@ class _FetchClock:
     budget: float  # origin seconds allowed
     queue_timeout: float
     hard_deadline: float | None  # the request's deadline (loop time), never exceeded
+    answered: bool = False  # a byte of the origin's answer arrived (set by _OriginProtocol)
 
 
 _FETCH_CLOCK: contextvars.ContextVar[_FetchClock | None] = contextvars.ContextVar(
     "tierproxy_origin_fetch_clock", default=None
 )
+
+
+def without_builtin_retry(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """``session`` with aiohttp's own resend of a failed request turned off (see
+    PRIVATE_NAMES: ClientSession._retry_connection): the origin client's retries are
+    tierproxy's (tierproxy.upstream), counted and bounded by the request's deadline."""
+    session._retry_connection = False
+    return session
 
 
 class _OriginConnector(aiohttp.TCPConnector):
@@ -1695,10 +1725,21 @@ class _OriginConnector(aiohttp.TCPConnector):
             connection.protocol.idle = False
         return connection
 
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.connector.Connection:
+        # Public: the connection a fetch is about to use learns which fetch it serves.
+        connection = await super().connect(req, traces, timeout)
+        if isinstance(connection.protocol, _OriginProtocol):
+            connection.protocol.fetch = _FETCH_CLOCK.get()
+        return connection
+
     def _release(self, key: Any, protocol: ResponseHandler, *, should_close: bool = False) -> None:
         super()._release(key, protocol, should_close=should_close)
-        if isinstance(protocol, _OriginProtocol) and protocol.transport is not None:
-            protocol.idle = True  # pooled (a closed one has no transport)
+        if isinstance(protocol, _OriginProtocol):
+            protocol.fetch = None
+            if protocol.transport is not None:
+                protocol.idle = True  # pooled (a closed one has no transport)
 
     async def _wait_for_available_connection(self, key: Any, traces: list[Any]) -> None:
         clock = _FETCH_CLOCK.get()

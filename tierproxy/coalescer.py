@@ -9,6 +9,12 @@ outcome is not its own (private, Set-Cookie, another Vary variant; or the leader
 waits for the next fetch of the key: one waiter leads it, the others wait on it - so the
 origin sees one fetch per key at a time, never a burst. Each waiter is bounded by its own
 deadline.
+
+A request holding a stale copy it may serve (TIERPROXY_STALE_DEADLINE) waits only until its
+stale deadline (``stale_at``) and then gets ``OriginFailed("origin-slow")`` - its stale copy
+is served. The fetch is not cancelled: a leader with a stale deadline fetches in an owned
+background task (:class:`~tierproxy.background.BackgroundTasks`, drained at shutdown) that
+goes on up to the origin timeout, stores what it gets and answers the waiters still on it.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from multidict import CIMultiDictProxy
 
 from . import policy
 from .backfill import Backfiller
+from .background import BackgroundTasks
 from .clock import SYSTEM, Clock
 from .keys import CacheKey
 from .metrics import Metrics
 from .purge import Purges
-from .states import OriginFailed, Outcome, ProxyRequest, Stored
+from .states import OriginFailed, Outcome, ProxyRequest, Stored, Unstorable
 from .tiers.base import LocalTrust
 
 if TYPE_CHECKING:
@@ -79,6 +86,12 @@ def _shareable(outcome: Outcome, leader_headers: CIMultiDictProxy[str]) -> bool:
     return False  # may be private to the requester, or a stream only one client can read
 
 
+def _release(outcome: Outcome) -> None:
+    """Close a response no client will read (its leader stopped waiting for it)."""
+    if isinstance(outcome, (Unstorable, OriginFailed)) and outcome.response is not None:
+        outcome.response.release()
+
+
 def _usable_by(outcome: Outcome, req: ProxyRequest) -> bool:
     """A shared outcome is a waiter's answer only if its Vary values match (RFC 9111 §4.1)."""
     if isinstance(outcome, Stored) and outcome.entry.vary:
@@ -97,6 +110,7 @@ class Coalescer:
         backfiller: Backfiller,
         *,
         remember: bool,
+        background: BackgroundTasks | None = None,
         clock: Clock = SYSTEM,
     ) -> None:
         self.origin_timeout = settings.origin_timeout
@@ -107,6 +121,7 @@ class Coalescer:
         self.metrics = metrics
         self.purges = purges
         self.backfiller = backfiller
+        self.background = background  # owns the fetches a leader stopped waiting for
         self.clock = clock
         # The fetch in flight per key (its future gets the outcome the waiters may share, or
         # None), and the recently completed ones that produced an entry. Both bounded: one
@@ -122,11 +137,17 @@ class Coalescer:
         self.trust: LocalTrust | None = None
 
     async def fetch(
-        self, req: ProxyRequest, since: int, fetch: Callable[[], Awaitable[Outcome]]
+        self,
+        req: ProxyRequest,
+        since: int,
+        fetch: Callable[[], Awaitable[Outcome]],
+        stale_at: float | None = None,
     ) -> tuple[Outcome, bool]:
         """``fetch()`` for ``req`` as its key's single flight, or another fetch's shared
-        outcome (see module). Returns (outcome, collapsed)."""
+        outcome (see module). Returns (outcome, collapsed). ``stale_at`` (loop time): when
+        ``req`` holds a stale copy it may serve, it stops waiting then (``origin-slow``)."""
         loop = asyncio.get_running_loop()
+        patience = req.deadline if stale_at is None else min(req.deadline, stale_at)
         material = req.key.material
         waited = False
         for _ in range(_MAX_WAIT_ROUNDS):
@@ -138,29 +159,71 @@ class Coalescer:
             flight = self._inflight.get(material)
             if flight is None or self.purges.purged_since(flight.generation, req.key):
                 # (A fetch begun before a purge of this key may bring back what was purged.)
-                return await self._lead(req, fetch), False
+                return await self._lead(req, fetch, stale_at), False
             if not waited:
                 waited = True
                 self.metrics.coalesced_waiters.inc()
             try:
-                async with asyncio.timeout(max(0.0, req.deadline - loop.time())):
+                async with asyncio.timeout(max(0.0, patience - loop.time())):
                     # shield: one waiter's deadline must not cancel what the others wait on
                     shared = await asyncio.shield(flight.future)
             except TimeoutError:
-                return OriginFailed("origin-timeout"), True
+                slow = patience < req.deadline  # its stale deadline, not its last moment
+                return OriginFailed("origin-slow" if slow else "origin-timeout"), True
             if shared is not None and _usable_by(shared, req):
                 return shared, True
             # The leader's flight is gone before its future is set: the first waiter to run
             # now leads the next fetch, the others find it in flight.
         return await fetch(), False
 
-    async def _lead(self, req: ProxyRequest, fetch: Callable[[], Awaitable[Outcome]]) -> Outcome:
-        """Fetch for ``req`` as the key's single flight; share the outcome when it may be."""
+    async def _lead(
+        self, req: ProxyRequest, fetch: Callable[[], Awaitable[Outcome]], stale_at: float | None
+    ) -> Outcome:
+        """Fetch for ``req`` as the key's single flight; share the outcome when it may be.
+
+        With ``stale_at``, the fetch runs as an owned background task and ``req`` waits for
+        it only until then (its stale copy is served: ``origin-slow``); else, or when the
+        background lane is full, it fetches in its own task."""
+        loop = asyncio.get_running_loop()
+        flight = _Flight(loop.create_future(), self.purges.generation)
+        self._inflight[req.key.material] = flight
+        if stale_at is None or self.background is None:
+            return await self._fly(req, fetch, flight)
+        mine: asyncio.Future[Outcome] = loop.create_future()
+
+        async def fly() -> None:
+            try:
+                outcome = await self._fly(req, fetch, flight)
+            except asyncio.CancelledError:  # shutdown's drain ran out of time
+                if not mine.done():
+                    mine.set_result(OriginFailed("origin-timeout"))
+                raise
+            except Exception as exc:
+                if not mine.done():
+                    mine.set_exception(exc)
+                raise
+            if mine.done():  # the leader stopped waiting: this answer is no client's
+                _release(outcome)
+            else:
+                mine.set_result(outcome)
+
+        if not self.background.spawn("origin-fetch", fly):
+            return await self._fly(req, fetch, flight)
+        try:
+            async with asyncio.timeout(max(0.0, stale_at - loop.time())):
+                return await asyncio.shield(mine)
+        except TimeoutError:
+            if mine.cancel():  # the fetch goes on (fly): its outcome is stored, shared, released
+                return OriginFailed("origin-slow")
+            return mine.result()  # it came just in time
+
+    async def _fly(
+        self, req: ProxyRequest, fetch: Callable[[], Awaitable[Outcome]], flight: _Flight
+    ) -> Outcome:
+        """Run the key's single flight: fetch, remember and share the outcome, end it."""
         loop = asyncio.get_running_loop()
         material = req.key.material
-        generation = self.purges.generation
-        flight = _Flight(loop.create_future(), generation)
-        self._inflight[material] = flight
+        generation = flight.generation
         # A timeout of a fetch cut short by the leader's own deadline says nothing about the
         # origin to a waiter with more time left: that waiter fetches next.
         own_deadline = req.deadline - loop.time() < self.origin_timeout

@@ -119,6 +119,11 @@ ENV_DEFAULTS: dict[str, str] = {
     # (tierproxy.latency), between TIERPROXY_ADAPTIVE_FLOOR and TIERPROXY_Lx_TIMEOUT.
     "TIERPROXY_ADAPTIVE_TIMEOUTS": "off",
     "TIERPROXY_ADAPTIVE_FLOOR": "0.002",
+    # With a stale copy that may serve (max-stale / stale-if-error): serve it once the origin
+    # has not answered this many seconds into the request; the fetch goes on. 0 = off.
+    "TIERPROXY_STALE_DEADLINE": "0",
+    # Retries of a GET/HEAD whose origin connection failed before any response byte.
+    "TIERPROXY_ORIGIN_RETRIES": "1",
 }
 
 
@@ -171,6 +176,8 @@ class Settings:
     purge_lease: float = 5.0
     adaptive_timeouts: bool = False
     adaptive_floor: float = 0.002
+    stale_deadline: float = 0.0  # 0: off
+    origin_retries: int = 1
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -395,6 +402,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         purge_lease=_parse(env, "TIERPROXY_PURGE_LEASE", _lease, "seconds, 0.2-300"),
         adaptive_timeouts=_parse(env, "TIERPROXY_ADAPTIVE_TIMEOUTS", _on_off, "on or off"),
         adaptive_floor=_parse(env, "TIERPROXY_ADAPTIVE_FLOOR", _seconds(True), timeout),
+        stale_deadline=_parse(
+            env,
+            "TIERPROXY_STALE_DEADLINE",
+            _seconds(False),
+            "seconds, 0 or more (0 = off), e.g. 0.2",
+        ),
+        origin_retries=_parse(
+            env, "TIERPROXY_ORIGIN_RETRIES", _integer(0, 10), "a whole number, 0-10"
+        ),
     )
     if settings.adaptive_timeouts:
         for name, ceiling, enabled in (
@@ -410,5 +426,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(
             "TIERPROXY_PURGE_TOKEN is too short: use at least 16 characters (or unset it)"
+        )
+    if 0 < settings.stale_deadline and settings.stale_deadline >= settings.request_deadline:
+        raise ConfigError(
+            f"TIERPROXY_STALE_DEADLINE={settings.stale_deadline:g} is not valid: expected less "
+            f"than TIERPROXY_REQUEST_DEADLINE ({settings.request_deadline:g}), or 0 (off)"
         )
     return settings

@@ -413,6 +413,15 @@ class Metrics:
             ["tier", "outcome"],
             registry=r,
         )
+        # -- origin retries --------------------------------------------------------------
+        self.origin_retries = Counter(
+            "tierproxy_origin_retries",
+            "Retries of a GET/HEAD whose origin connection failed before any response byte: "
+            "ok (the retry got an answer), failed (it failed too), skipped (no time left "
+            "within the request deadline)",
+            ["outcome"],
+            registry=r,
+        )
         self._responses = {
             (cache, cls): self.responses.labels(cache, cls)
             for cache in X_CACHE_VALUES

@@ -32,6 +32,7 @@ from .aiohttp_internals import (
     _FetchClock,
     _OriginConnector,
     connector_internals_available,
+    without_builtin_retry,
 )
 from .clock import SYSTEM, Clock
 from .policy import end_to_end
@@ -43,6 +44,7 @@ __all__ = [
     "OriginError",
     "OriginResponse",
     "OriginTimeout",
+    "OriginUnanswered",
     "connector_internals_available",
     "upstream_headers",
 ]
@@ -73,6 +75,24 @@ class OriginTimeout(Exception):
 
 class OriginError(Exception):
     """The origin refused the connection or sent a broken response."""
+
+
+class OriginUnanswered(OriginError):
+    """The connection to the origin failed before any byte of a response arrived: refused,
+    reset, or closed (e.g. a pooled connection the origin had closed). A request that may
+    be repeated (RFC 9110 §9.2.2) may be retried (tierproxy.upstream)."""
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """Whether ``exc``, raised before aiohttp returned a response on a connection that got no
+    byte of an answer (_FetchClock.answered, checked first), is a connection failure: aiohttp
+    3.14 reports one as ClientConnectorError (connect refused or failed),
+    ServerDisconnectedError (closed before a response head; its ``message`` is the partial
+    head when bytes of one were parsed, a plain string when none were) or ClientOSError /
+    OSError (reset while sending or waiting). Only a GET or HEAD is ever retried."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)
+    return isinstance(exc, OSError)  # ClientOSError and ClientConnectorError are OSErrors
 
 
 # What the origin or the connection to it can cause: aiohttp reports a refused or reset
@@ -155,7 +175,7 @@ class OriginClient:
         connector = _OriginConnector(
             limit=self._max_connections, ttl_dns_cache=60, discarded=self._discarded
         )
-        self._session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=connector,
             # Bytes as the origin sent them (aiohttp decompresses by default, and a proxy must
             # store and forward the origin's encoding); no cookies kept between clients.
@@ -166,6 +186,8 @@ class OriginClient:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
             raise_for_status=False,
         )
+        # Retries are tierproxy's (tierproxy.upstream): aiohttp's own resend is turned off.
+        self._session = without_builtin_retry(session)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -191,8 +213,9 @@ class OriginClient:
         budget's clock. ``deadline`` (loop time), the request's, bounds both. A larger body
         is left open for streaming.
 
-        Only what comes from the origin or the connection to it is an :class:`OriginError`;
-        any other exception is a local error and propagates as it is.
+        Only what comes from the origin or the connection to it is an :class:`OriginError`
+        (:class:`OriginUnanswered` when it failed before any response byte); any other
+        exception is a local error and propagates as it is.
         """
         session = self._session
         if session is None:
@@ -202,11 +225,13 @@ class OriginClient:
         response: aiohttp.ClientResponse | None = None
         loop = asyncio.get_running_loop()
         clock_token: contextvars.Token[_FetchClock | None] | None = None
+        fetch_clock: _FetchClock | None = None
         try:
             async with asyncio.timeout(budget) as timeout:
-                clock_token = _FETCH_CLOCK.set(
-                    _FetchClock(timeout, loop.time(), budget, self.queue_timeout, deadline)
+                fetch_clock = _FetchClock(
+                    timeout, loop.time(), budget, self.queue_timeout, deadline
                 )
+                clock_token = _FETCH_CLOCK.set(fetch_clock)
                 try:
                     response = await session.request(
                         method,
@@ -260,6 +285,9 @@ class OriginClient:
                 response.close()
             if isinstance(exc, TimeoutError):
                 raise OriginTimeout(f"no complete answer within {budget:.3f}s") from None
+            answered = fetch_clock is not None and fetch_clock.answered
+            if response is None and not answered and _unanswered(exc):
+                raise OriginUnanswered(f"{type(exc).__name__}: {exc}") from None
             if isinstance(exc, _ORIGIN_FAULTS):
                 raise OriginError(f"{type(exc).__name__}: {exc}") from None
             raise  # OriginBusy, CancelledError, or a local error (a bug: not the origin's)

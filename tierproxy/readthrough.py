@@ -4,7 +4,8 @@
              FreshHit ──────────────────────────────────────────► served (backfilled)
              NeedsRevalidation ─► states.on_stale(): StaleHit, or ask the origin
              Miss ─► ask the origin
-    fetch    one per key at a time (coalescer), conditional for a stale copy (upstream)
+    fetch    one per key at a time (coalescer), conditional for a stale copy (upstream);
+             a stale copy that may serve is served at the stale deadline (origin-slow)
     store    backfill the tiers (backfill), or invalidate the key (purge)
     answer   states.after_fetch(): Fetched | Relayed | StaleHit (origin failed) | Failed
 
@@ -49,6 +50,7 @@ from .states import (
     after_fetch,
     freshness,
     on_stale,
+    stale_at_deadline,
     stale_usable,
 )
 from .tiers.base import GuardedTier, LocalTrust
@@ -88,6 +90,7 @@ class ReadThrough:
             self.backfill,
             clock=clock,
             remember=any(not tier.synchronous for tier in tiers),
+            background=background,
         )
         self._trust: LocalTrust | None = None
 
@@ -143,31 +146,43 @@ class ReadThrough:
 
     async def _stale(self, req: ProxyRequest, copy: NeedsRevalidation, found: Lookup) -> Final:
         now = self.clock.wall()
-        # The breaker is asked only when its answer matters (asking may make this its probe).
-        allowed = (
-            now < copy.entry.swr_until
-            or not stale_usable(copy.entry, now)
-            or self.origin_breaker.allow()
-        )
-        match on_stale(copy, now, allowed):
+        # Only for a copy that may stand in for the origin: the key's backoff first (asking
+        # it has no side effect), then the breaker - asked only when the key may go (asking
+        # may make this request its probe), else only looked at.
+        may_stand_in = now >= copy.entry.swr_until and stale_usable(copy.entry, now)
+        key_allowed = not may_stand_in or self.upstream.backoff.allow(req.key.material)
+        breaker = self.origin_breaker
+        allowed = not may_stand_in or (breaker.allow() if key_allowed else not breaker.is_open)
+        match on_stale(copy, now, allowed, key_allowed):
             case StaleHit(reason="revalidating") as hit:  # RFC 5861 §3
                 index = self._index[copy.tier]
                 self.backfill.backfill(req.key, copy.entry, index, found.generation)
                 self._refresh_in_background(req, copy.entry)
                 self.metrics.stale_served.labels("revalidating").inc()
                 return hit
-            case StaleHit() as hit:  # the origin's breaker is open
+            case StaleHit() as hit:  # the origin's breaker is open, or the key backs off
                 self.metrics.stale_served.labels(hit.reason).inc()
                 return hit
             case NeedsRevalidation():
-                return await self._fetch(req, copy, found.since)
+                stale_at = None
+                if stale_at_deadline(copy.entry, now, self.settings.stale_deadline):
+                    # Counted from the request's start (its deadline is start + the budget).
+                    start = req.deadline - self.settings.request_deadline
+                    stale_at = start + self.settings.stale_deadline
+                return await self._fetch(req, copy, found.since, stale_at)
             case _ as decision:
                 assert_never(decision)
 
-    async def _fetch(self, req: ProxyRequest, stale: NeedsRevalidation | None, since: int) -> Final:
+    async def _fetch(
+        self,
+        req: ProxyRequest,
+        stale: NeedsRevalidation | None,
+        since: int,
+        stale_at: float | None = None,
+    ) -> Final:
         held = None if stale is None else stale.entry
         outcome, collapsed = await self.coalescer.fetch(
-            req, since, lambda: self._fetch_and_store(req, held)
+            req, since, lambda: self._fetch_and_store(req, held), stale_at
         )
         final = after_fetch(outcome, stale, self.clock.wall(), collapsed)
         if isinstance(final, StaleHit):  # the origin failed: the stale copy stands in

@@ -8,9 +8,11 @@ response writer turns the final one into ``X-Cache`` and ``Cache-Status`` (:func
            ├► NeedsRevalidation(tier, stale copy) ─► on_stale():
            │      StaleHit("revalidating")    within stale-while-revalidate (RFC 5861 §3)
            │      StaleHit("origin-down")     the origin's breaker is open
+           │      StaleHit("origin-backoff")  this key's fetches keep failing: backing off
            │      NeedsRevalidation           ask the origin, conditionally (RFC 9111 §4.3.1)
            └► Miss ─► fetch
     fetch ─► Fetched (stored, or freshened by a 304) | Relayed (not stored)
+          ├► still no answer at TIERPROXY_STALE_DEADLINE ─► StaleHit("origin-slow")
           └► origin failed ─► StaleHit(reason) when the copy may serve (RFC 9111 §4.2.4,
                               RFC 5861 §4) ─ else Relayed (its 5xx) or Failed
     not cacheable ─► forwarded ─► Relayed | Failed
@@ -50,6 +52,7 @@ __all__ = [
     "freshness",
     "labels",
     "on_stale",
+    "stale_at_deadline",
     "stale_usable",
 ]
 
@@ -117,8 +120,10 @@ class Lookup:
 @dataclass(frozen=True, slots=True)
 class StaleHit:
     """A copy past its freshness, served. ``reason``: ``revalidating`` (refreshed in the
-    background), ``origin-down`` (breaker open), or the origin's failure (``origin-timeout``,
-    ``origin-error``, ``origin-5xx``, ``origin-busy``, ``local-error``)."""
+    background), ``origin-down`` (breaker open), ``origin-backoff`` (this key's fetches keep
+    failing), ``origin-slow`` (no answer by TIERPROXY_STALE_DEADLINE; the fetch goes on), or
+    the origin's failure (``origin-timeout``, ``origin-error``, ``origin-5xx``,
+    ``origin-busy``, ``local-error``)."""
 
     tier: str
     entry: Entry
@@ -193,7 +198,8 @@ class Unstorable:
 @dataclass(frozen=True, slots=True)
 class OriginFailed:
     """The origin did not answer usably: ``reason`` is ``origin-timeout``, ``origin-error``,
-    ``origin-5xx`` (``response`` holds that 5xx), ``origin-busy`` or ``local-error``."""
+    ``origin-5xx`` (``response`` holds that 5xx), ``origin-busy`` or ``local-error``; or
+    ``origin-slow``: this request stopped waiting at its stale deadline (the fetch goes on)."""
 
     reason: str
     response: OriginResponse | None = None
@@ -202,7 +208,12 @@ class OriginFailed:
 Outcome = Stored | Unstorable | OriginFailed
 
 #: An :class:`OriginFailed` reason -> the status when no stale copy can stand in (else 502).
-FAILED_STATUS = {"origin-timeout": 504, "origin-busy": 503, "local-error": 500}
+FAILED_STATUS = {
+    "origin-timeout": 504,
+    "origin-slow": 504,
+    "origin-busy": 503,
+    "local-error": 500,
+}
 
 
 # ---- pure decisions -----------------------------------------------------------------------
@@ -218,21 +229,32 @@ def freshness(entry: Entry, now: float) -> str:
 
 
 def on_stale(
-    copy: NeedsRevalidation, now: float, origin_allowed: bool
+    copy: NeedsRevalidation, now: float, origin_allowed: bool, key_allowed: bool = True
 ) -> StaleHit | NeedsRevalidation:
     """A stale copy in hand: serve it now, or ask the origin.
 
     Within stale-while-revalidate the copy is served and refreshed in the background
-    (RFC 5861 §3). While the origin's breaker is open (``origin_allowed`` False) it is served
-    if it may be on an error (stale-if-error or the configured max-stale: RFC 5861 §4),
-    without waiting out the origin's timeout. Otherwise the origin is asked.
+    (RFC 5861 §3). While the origin's breaker is open (``origin_allowed`` False), or while
+    this key's fetches keep failing and its backoff interval runs (``key_allowed`` False), it
+    is served if it may be on an error (stale-if-error or the configured max-stale: RFC 5861
+    §4), without asking the origin again. Otherwise the origin is asked.
     """
     entry = copy.entry
     if now < entry.swr_until:
         return StaleHit(copy.tier, entry, "revalidating")
     if not origin_allowed and stale_usable(entry, now):
         return StaleHit(copy.tier, entry, "origin-down")
+    if not key_allowed and stale_usable(entry, now):
+        return StaleHit(copy.tier, entry, "origin-backoff")
     return copy
+
+
+def stale_at_deadline(entry: Entry, now: float, stale_deadline: float) -> bool:
+    """Whether a request asking the origin to revalidate ``entry`` stops waiting at its
+    stale deadline (TIERPROXY_STALE_DEADLINE, 0 = off) and is served the stale copy: only
+    a copy that may stand in for a failed origin (RFC 5861 §4) may stand in for a slow one.
+    """
+    return stale_deadline > 0 and stale_usable(entry, now)
 
 
 def stale_usable(entry: Entry, now: float) -> bool:

@@ -14,11 +14,22 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from multidict import CIMultiDict
+
 from . import policy
+from .backoff import KeyBackoff, full_jitter
 from .clock import SYSTEM, Clock
 from .entry import Entry
 from .metrics import Metrics
-from .origin import OriginBusy, OriginClient, OriginError, OriginTimeout, upstream_headers
+from .origin import (
+    OriginBusy,
+    OriginClient,
+    OriginError,
+    OriginResponse,
+    OriginTimeout,
+    OriginUnanswered,
+    upstream_headers,
+)
 from .states import Failed, OriginFailed, Outcome, ProxyRequest, Relayed, Stored, Unstorable
 from .tiers.base import Breaker
 
@@ -33,6 +44,15 @@ log = logging.getLogger("tierproxy.readthrough")
 # bounded by entries x tags, so both are capped; anything past them is not indexed.
 MAX_TAGS_PER_ENTRY = 64
 MAX_TAG_LENGTH = 1024
+
+# Retries of a request whose origin connection failed before any response byte: full jitter
+# over RETRY_BASE * 2**n seconds, at most RETRY_CAP; a retry is sent only when, after its
+# pause, at least RETRY_MIN_TIME of the origin budget and the request deadline is left.
+RETRY_BASE = 0.01
+RETRY_CAP = 0.25
+RETRY_MIN_TIME = 0.05
+# Methods a retry may repeat (RFC 9110 §9.2.2: idempotent, and safe to repeat for a cache).
+_RETRYABLE = ("GET", "HEAD")
 
 # origin_fetches outcome -> the origin's row in the per-tier view (tier_lookups).
 _ORIGIN_LOOKUP = {
@@ -71,6 +91,7 @@ class Upstream:
         unkeyed_denylist: frozenset[str],
         breaker_failures: int,
         breaker_cooldown: float,
+        retries: int = 1,
         clock: Clock = SYSTEM,
     ) -> None:
         self.origin = origin
@@ -84,6 +105,15 @@ class Upstream:
         # the origin timeout; misses still go to the origin, and one request per cooldown
         # probes it. Its failure count is also the origin's readiness state (degraded).
         self.breaker = Breaker(breaker_failures, breaker_cooldown, clock=clock)
+        # Per key, while the origin keeps failing for it (timeouts, errors, 5xx; as many in a
+        # row as open the breaker): a request holding a stale copy it may serve gets it, and
+        # the origin is asked for that key at most once per backoff interval
+        # (tierproxy.backoff, states.on_stale).
+        self.backoff = KeyBackoff(threshold=breaker_failures, clock=clock)
+        self.retries = retries
+        self._retries = {
+            name: metrics.origin_retries.labels(name) for name in ("ok", "failed", "skipped")
+        }
         self._outcomes = {
             name: metrics.origin_fetches.labels(name) for name in ("ok", "5xx", "timeout", "error")
         }
@@ -105,6 +135,7 @@ class Upstream:
             unkeyed_denylist=settings.unkeyed_denylist,
             breaker_failures=settings.breaker_failures,
             breaker_cooldown=settings.breaker_cooldown,
+            retries=settings.origin_retries,
             clock=clock,
         )
 
@@ -135,6 +166,63 @@ class Upstream:
         elif outcome != "skipped":  # a spent deadline says nothing about the origin
             self.breaker.failure()
 
+    async def _ask(
+        self,
+        req: ProxyRequest,
+        method: str,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+        budget: float,
+    ) -> OriginResponse:
+        """One request to the origin, retried when its connection failed before any response
+        byte (:class:`~tierproxy.origin.OriginUnanswered`) and ``method`` may be repeated: at
+        most ``retries`` times, after a jittered pause, and only while the origin budget and
+        the request deadline leave time for it. Never after a timeout (the budget is spent),
+        once response bytes arrived, or after a 5xx (that is an answer)."""
+        loop = asyncio.get_running_loop()
+        ends = min(loop.time() + budget, req.deadline)
+        retries = self.retries if method in _RETRYABLE else 0
+        for attempt in range(retries + 1):
+            try:
+                response = await self.origin.fetch(
+                    method,
+                    req.key.material,
+                    headers,
+                    body,
+                    budget,
+                    self.max_entry_bytes,
+                    deadline=req.deadline,
+                )
+            except OriginUnanswered as exc:
+                if attempt:
+                    self._retries["failed"].inc()
+                if attempt == retries:
+                    raise
+                pause = full_jitter(attempt, RETRY_BASE, RETRY_CAP)
+                budget = ends - loop.time() - pause
+                if budget < RETRY_MIN_TIME:
+                    self._retries["skipped"].inc()
+                    raise
+                log.info(
+                    "origin connection failed before an answer for %r (%s): retrying in %.3fs",
+                    req.key.material[:200],
+                    exc,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                continue
+            if attempt:
+                self._retries["ok"].inc()
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _key_outcome(self, req: ProxyRequest, failed: bool) -> None:
+        """What the origin did for this key feeds its backoff (tierproxy.backoff)."""
+        if failed:
+            self.backoff.failure(req.key.material)
+        else:
+            self.backoff.success(req.key.material)
+
     async def fetch(self, req: ProxyRequest, stale: Entry | None) -> Outcome:
         """Ask the origin for ``req``'s key (a HEAD fills the cache too: the GET it stands
         for); validate ``stale`` when it is given. Whether the answer is stored is decided
@@ -157,21 +245,15 @@ class Upstream:
                 headers["If-Modified-Since"] = stale.last_modified
         started = time.perf_counter()
         try:
-            response = await self.origin.fetch(
-                "GET",
-                req.key.material,
-                headers,
-                None,
-                budget,
-                self.max_entry_bytes,
-                deadline=req.deadline,
-            )
+            response = await self._ask(req, "GET", headers, None, budget)
         except OriginTimeout:
             self._count("timeout")
+            self._key_outcome(req, failed=True)
             req.timings["origin"] = time.perf_counter() - started
             return OriginFailed("origin-timeout")
         except OriginError as exc:
             self._count("error")
+            self._key_outcome(req, failed=True)
             req.timings["origin"] = time.perf_counter() - started
             log.info("origin error for %r: %s", req.key.material[:200], exc)
             return OriginFailed("origin-error")
@@ -190,8 +272,10 @@ class Upstream:
         self._latency.observe(elapsed)
         if response.status >= 500:
             self._count("5xx")
+            self._key_outcome(req, failed=True)
             return OriginFailed("origin-5xx", response)
         self._count("ok")
+        self._key_outcome(req, failed=False)
 
         if response.status == 304 and stale is not None:
             refreshed = policy.freshen(
@@ -251,15 +335,7 @@ class Upstream:
         try:
             if budget <= 0:
                 raise OriginTimeout("deadline spent")
-            response = await self.origin.fetch(
-                req.method,
-                req.key.material,
-                headers,
-                req.body,
-                budget,
-                self.max_entry_bytes,
-                deadline=req.deadline,
-            )
+            response = await self._ask(req, req.method, headers, req.body, budget)
         except OriginTimeout:
             self._count("timeout")
             return Failed(504, "origin-timeout", fwd)

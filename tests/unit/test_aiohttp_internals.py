@@ -210,6 +210,7 @@ async def _instances() -> dict[str, object]:
         "ResponseHandler": ResponseHandler(loop),
         "_ErrInfo": error_info(status=400, exc=ValueError("x"), message="x"),
         "LineTooLong": LineTooLong(b"x", 1),
+        "ClientSession": aiohttp.ClientSession(),
     }
 
 
@@ -230,6 +231,7 @@ async def test_instance_attributes_exist_on_live_instances() -> None:
         assert isinstance(connector._factory, functools.partial)  # type: ignore[attr-defined]
     finally:
         await instances["TCPConnector"].close()  # type: ignore[attr-defined]
+        await instances["ClientSession"].close()  # type: ignore[attr-defined]
 
 
 async def test_a_response_handler_lacking_a_listed_attribute_is_seen_at_start_up() -> None:

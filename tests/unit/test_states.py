@@ -25,6 +25,7 @@ from tierproxy.states import (
     freshness,
     labels,
     on_stale,
+    stale_at_deadline,
     stale_usable,
 )
 
@@ -78,6 +79,8 @@ def test_a_fresh_hit_written_just_past_its_freshness_says_ttl_0() -> None:
     [
         "revalidating",
         "origin-down",
+        "origin-backoff",
+        "origin-slow",
         "origin-timeout",
         "origin-error",
         "origin-5xx",
@@ -219,6 +222,32 @@ def test_with_the_origin_allowed_a_stale_copy_is_revalidated() -> None:
     assert on_stale(copy, NOW, origin_allowed=True) is copy
 
 
+def test_while_its_key_backs_off_a_usable_copy_is_served_at_once() -> None:
+    copy = NeedsRevalidation("l2", _entry(fresh=-1, stale=30))
+    assert on_stale(copy, NOW, True, key_allowed=False) == StaleHit(
+        "l2", copy.entry, "origin-backoff"
+    )
+    # The breaker's answer comes first: the whole origin is down, not just this key.
+    assert on_stale(copy, NOW, False, key_allowed=False) == StaleHit(
+        "l2", copy.entry, "origin-down"
+    )
+    # Within stale-while-revalidate it is still a background revalidation.
+    swr = NeedsRevalidation("l2", _entry(fresh=-1, swr=5))
+    assert on_stale(swr, NOW, True, key_allowed=False) == StaleHit("l2", swr.entry, "revalidating")
+
+
+def test_while_its_key_backs_off_a_copy_past_its_stale_limit_still_asks_the_origin() -> None:
+    copy = NeedsRevalidation("l1", _entry(fresh=-10, stale=-1))
+    assert on_stale(copy, NOW, True, key_allowed=False) is copy
+
+
+def test_the_stale_deadline_applies_only_to_a_copy_that_may_stand_in() -> None:
+    usable = _entry(fresh=-1, stale=30)
+    assert stale_at_deadline(usable, NOW, 0.2)
+    assert not stale_at_deadline(usable, NOW, 0)  # off
+    assert not stale_at_deadline(_entry(fresh=-10, stale=-1), NOW, 0.2)
+
+
 # ---- after_fetch -----------------------------------------------------------------------------
 
 
@@ -246,7 +275,9 @@ def test_an_unstorable_answer_is_relayed_with_its_reason() -> None:
     )
 
 
-@pytest.mark.parametrize("reason", ["origin-timeout", "origin-error", "origin-busy", "local-error"])
+@pytest.mark.parametrize(
+    "reason", ["origin-timeout", "origin-slow", "origin-error", "origin-busy", "local-error"]
+)
 def test_an_origin_failure_is_answered_with_a_usable_stale_copy(reason: str) -> None:
     held = NeedsRevalidation("l2", _entry(fresh=-1, stale=30))
     assert after_fetch(OriginFailed(reason), held, NOW) == StaleHit("l2", held.entry, reason)
@@ -271,7 +302,13 @@ def test_an_origin_5xx_without_a_usable_copy_is_relayed() -> None:
 
 @pytest.mark.parametrize(
     ("reason", "status"),
-    [("origin-timeout", 504), ("origin-error", 502), ("origin-busy", 503), ("local-error", 500)],
+    [
+        ("origin-timeout", 504),
+        ("origin-slow", 504),
+        ("origin-error", 502),
+        ("origin-busy", 503),
+        ("local-error", 500),
+    ],
 )
 def test_an_origin_failure_without_a_usable_copy_fails_with_its_status(
     reason: str, status: int
