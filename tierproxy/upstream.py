@@ -20,6 +20,7 @@ from . import policy
 from .backoff import KeyBackoff, full_jitter
 from .clock import SYSTEM, Clock
 from .entry import Entry
+from .latency import NearTimeout
 from .metrics import Metrics
 from .origin import (
     OriginBusy,
@@ -119,6 +120,8 @@ class Upstream:
         }
         self._lookups = metrics.tier_lookup_counters("origin")
         self._latency = metrics.tier_op_seconds.labels("origin", "get")
+        # Fetches that answered but used more than 80% of their budget (a timeout to come).
+        self.near_timeout = NearTimeout("origin", metrics, clock)
 
     @classmethod
     def from_settings(
@@ -270,6 +273,7 @@ class Upstream:
         req.timings["origin"] = elapsed
         self.metrics.origin_fetch_seconds.observe(elapsed)
         self._latency.observe(elapsed)
+        self.near_timeout.observe(elapsed, budget)
         if response.status >= 500:
             self._count("5xx")
             self._key_outcome(req, failed=True)
@@ -353,4 +357,5 @@ class Upstream:
             req.timings["origin"] = time.perf_counter() - started
         self._count("5xx" if response.status >= 500 else "ok")
         self._latency.observe(req.timings["origin"])
+        self.near_timeout.observe(req.timings["origin"], budget)
         return Relayed(response, fwd)

@@ -317,3 +317,18 @@ async def test_an_open_l3_breaker_is_closed_by_a_probe_that_reads_the_file(
     samples = await admin.metrics()
     assert value(samples, "tierproxy_tier_probes_total", tier="l3", outcome="ok") == 1
     assert origin.count() == 0
+
+
+async def test_origin_fetches_near_their_timeout_are_counted(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    # The origin answers, but only after 90% of TIERPROXY_ORIGIN_TIMEOUT: counted as near.
+    origin.set("/slowish", latency=0.45, headers={"Cache-Control": "max-age=60"})
+    origin.set("/quick", headers={"Cache-Control": "max-age=60"})
+    proxy = await make_proxy(ORIGIN_TIMEOUT=0.5, REQUEST_DEADLINE=3.0)
+    near = proxy.state.metrics.near_timeout.labels("origin")
+    assert (await proxy.get("/quick")).status == 200
+    assert near.value == 0
+    slow = await proxy.get("/slowish")
+    assert slow.status == 200 and slow.x_cache == "MISS", slow
+    assert near.value == 1
