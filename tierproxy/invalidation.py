@@ -55,10 +55,10 @@ from redis.backoff import NoBackoff
 
 from .clock import SYSTEM, Clock
 from .keys import MAX_TARGET_LENGTH, KeySpace
+from .policy import MAX_TAG_LENGTH
 from .readthrough import ReadThrough
 from .tiers.base import LocalTrust, Replicated, lease_clock
 from .tiers.purge_log import PURGE_LOG_MAXLEN, PurgeLog, stream_id
-from .upstream import MAX_TAG_LENGTH
 
 if TYPE_CHECKING:
     from .config import Settings

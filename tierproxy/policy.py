@@ -17,6 +17,8 @@ from .entry import Entry, Headers
 
 __all__ = [
     "HOP_BY_HOP",
+    "MAX_TAGS_PER_ENTRY",
+    "MAX_TAG_LENGTH",
     "NOT_MODIFIED_HEADERS",
     "CachePolicy",
     "StoreDecision",
@@ -27,6 +29,7 @@ __all__ = [
     "freshen",
     "may_share_unstored",
     "parse_cache_control",
+    "parse_tags",
     "vary_matches",
     "vary_values",
 ]
@@ -385,3 +388,24 @@ def client_not_modified(request_headers: AnyHeaders | Mapping[str, str], entry: 
     if if_modified_since is None or last_modified is None:
         return False
     return last_modified <= if_modified_since
+
+
+# ---- surrogate keys -----------------------------------------------------------------------
+
+# Surrogate keys kept per entry, and the longest one (Fastly's limits): the tag indexes are
+# bounded by entries x tags, so both are capped; anything past them is not indexed.
+MAX_TAGS_PER_ENTRY = 64
+MAX_TAG_LENGTH = 1024
+
+
+def parse_tags(header: str | None) -> tuple[str, ...]:
+    """``Surrogate-Key: a b c`` -> ("a", "b", "c"): space-separated, de-duplicated, capped."""
+    if not header:
+        return ()
+    tags: dict[str, None] = {}
+    for tag in header.split():
+        if len(tag) <= MAX_TAG_LENGTH:
+            tags[tag] = None
+            if len(tags) >= MAX_TAGS_PER_ENTRY:
+                break
+    return tuple(tags)

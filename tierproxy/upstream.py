@@ -37,14 +37,10 @@ from .tiers.base import Breaker
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["MAX_TAGS_PER_ENTRY", "MAX_TAG_LENGTH", "Upstream", "parse_tags"]
+__all__ = ["Upstream"]
 
 log = logging.getLogger("tierproxy.readthrough")
 
-# Surrogate keys kept per entry, and the longest one (Fastly's limits): the tag indexes are
-# bounded by entries x tags, so both are capped; anything past them is not indexed.
-MAX_TAGS_PER_ENTRY = 64
-MAX_TAG_LENGTH = 1024
 
 # Retries of a request whose origin connection failed before any response byte: full jitter
 # over RETRY_BASE * 2**n seconds, at most RETRY_CAP; a retry is sent only when, after its
@@ -63,19 +59,6 @@ _ORIGIN_LOOKUP = {
     "timeout": "timeout",
     "skipped": "skipped",
 }
-
-
-def parse_tags(header: str | None) -> tuple[str, ...]:
-    """``Surrogate-Key: a b c`` -> ("a", "b", "c"): space-separated, de-duplicated, capped."""
-    if not header:
-        return ()
-    tags: dict[str, None] = {}
-    for tag in header.split():
-        if len(tag) <= MAX_TAG_LENGTH:
-            tags[tag] = None
-            if len(tags) >= MAX_TAGS_PER_ENTRY:
-                break
-    return tuple(tags)
 
 
 class Upstream:
@@ -321,7 +304,7 @@ class Upstream:
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),
             vary=policy.vary_values(response.headers, req.headers),
-            tags=parse_tags(response.headers.get("Surrogate-Key")),
+            tags=policy.parse_tags(response.headers.get("Surrogate-Key")),
         )
         return Stored(entry, revalidated=False)
 
