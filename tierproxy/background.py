@@ -26,16 +26,20 @@ log = logging.getLogger("tierproxy.background")
 
 
 class BackgroundTasks:
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, metrics: Metrics, *, fetch_limit: int | None = None) -> None:
         self.limit = limit
         self.metrics = metrics
+        # Origin fetches a client stopped waiting for (TIERPROXY_STALE_DEADLINE) have their
+        # own lane: a slow origin must not crowd out backfills, nor backfills them.
+        self.fetch_limit = limit if fetch_limit is None else fetch_limit
         self._tasks: set[asyncio.Task[Any]] = set()
         self._required: set[asyncio.Task[Any]] = set()
+        self._fetches: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     @property
     def pending(self) -> int:
-        return len(self._tasks) + len(self._required)
+        return len(self._tasks) + len(self._required) + len(self._fetches)
 
     def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
         """Run ``factory()`` in the background if there is room; False (and counted) if not.
@@ -48,6 +52,15 @@ class BackgroundTasks:
             log.debug("background task %s dropped: %d running", name, len(self._tasks))
             return False
         self._start(self._tasks, name, factory)
+        return True
+
+    def spawn_fetch(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
+        """Like :meth:`spawn`, in the origin fetches' own lane (``fetch_limit``)."""
+        if self._closed or len(self._fetches) >= self.fetch_limit:
+            self.metrics.background_dropped.inc()
+            log.debug("origin fetch %s not spawned: %d running", name, len(self._fetches))
+            return False
+        self._start(self._fetches, name, factory)
         return True
 
     async def run_required(
@@ -93,7 +106,7 @@ class BackgroundTasks:
         Returns how many had to be cancelled.
         """
         self._closed = True
-        running = self._tasks | self._required
+        running = self._tasks | self._required | self._fetches
         if not running:
             return 0
         _, still_running = await asyncio.wait(running, timeout=timeout)

@@ -183,7 +183,7 @@ class Coalescer:
 
         With ``stale_at``, the fetch runs as an owned background task and ``req`` waits for
         it only until then (its stale copy is served: ``origin-slow``); else, or when the
-        background lane is full, it fetches in its own task."""
+        origin fetches' lane is full, it fetches in its own task."""
         loop = asyncio.get_running_loop()
         flight = _Flight(loop.create_future(), self.purges.generation)
         self._inflight[req.key.material] = flight
@@ -207,7 +207,9 @@ class Coalescer:
             else:
                 mine.set_result(outcome)
 
-        if not self.background.spawn("origin-fetch", fly):
+        if not self.background.spawn_fetch("origin-fetch", fly):
+            # More fetches than a few times the origin's pool are pending: this one is the
+            # request's own (it waits for the answer, as without a stale deadline).
             return await self._fly(req, fetch, flight)
         try:
             async with asyncio.timeout(max(0.0, stale_at - loop.time())):
@@ -216,6 +218,11 @@ class Coalescer:
             if mine.cancel():  # the fetch goes on (fly): its outcome is stored, shared, released
                 return OriginFailed("origin-slow")
             return mine.result()  # it came just in time
+        except BaseException:
+            # The leader itself was cancelled (its client gone, shutdown): the fetch goes on,
+            # and an answer nobody reads is released when it comes (fly).
+            mine.cancel()
+            raise
 
     async def _fly(
         self, req: ProxyRequest, fetch: Callable[[], Awaitable[Outcome]], flight: _Flight

@@ -180,7 +180,12 @@ def build_app(
         discarded=lambda reason: discarded.labels(reason).inc(),
         clock=clock,
     )
-    background = BackgroundTasks(settings.backfill_max_tasks, metrics)
+    # Origin fetches run in the background only while a client holding a stale copy stopped
+    # waiting for them (TIERPROXY_STALE_DEADLINE): at most one per key, each holding or
+    # awaiting one of the origin's connections, so a few times the pool bounds them.
+    background = BackgroundTasks(
+        settings.backfill_max_tasks, metrics, fetch_limit=4 * settings.origin_max_connections
+    )
     readthrough = ReadThrough(settings, tiers, origin, background, metrics, clock=clock)
     invalidation = Invalidation(settings, tiers, readthrough, metrics, keys, clock=clock)
     state = ProxyState(

@@ -108,6 +108,37 @@ async def test_a_slow_origin_is_answered_from_the_stale_copy_at_the_deadline(
     assert origin.count("/sd") == 2
 
 
+async def test_fetches_left_running_do_not_wait_behind_the_background_backfills(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    # One background slot for backfills: the first fetch a client stopped waiting for must
+    # not take it, nor the second wait for the whole origin fetch because it is taken.
+    clock = SteppedClock()
+    stored_a = _short_lived(origin, "/la")
+    _short_lived(origin, "/lb")
+    proxy = await make_proxy(
+        STALE_DEADLINE=STALE_DEADLINE, BACKFILL_MAX_TASKS=1, REDIS_URL=None, clock=clock
+    )
+    for path in ("/la", "/lb"):
+        assert (await proxy.get(path)).x_cache == "MISS"
+    await proxy.settle()
+    clock.advance_to(stored_a + 1.6)
+    for path in ("/la", "/lb"):
+        origin.set(path, headers={"Cache-Control": "max-age=60"}, latency=ORIGIN_LATENCY)
+
+    first = await proxy.get("/la")
+    second = await proxy.get("/lb")
+
+    for answer in (first, second):
+        assert answer.x_cache == "STALE-L1", answer
+        status = answer.cache_status
+        assert status is not None and status.detail == "origin-slow", answer
+        assert answer.elapsed < STALE_DEADLINE + SLACK, answer
+    await wait_for_condition(
+        lambda: origin.active("/la") + origin.active("/lb") == 0, timeout=ORIGIN_LATENCY + 3
+    )
+
+
 @pytest.mark.parametrize("case", ["cold", "deadline-off", "past-max-stale"])
 async def test_without_a_stale_copy_that_may_serve_a_slow_origin_is_waited_for(
     case: str, origin: Origin, make_proxy: MakeProxy
