@@ -332,3 +332,35 @@ async def test_origin_fetches_near_their_timeout_are_counted(
     slow = await proxy.get("/slowish")
     assert slow.status == 200 and slow.x_cache == "MISS", slow
     assert near.value == 1
+
+
+async def test_a_probe_that_closes_the_breaker_of_a_tier_still_failing_costs_one_lookup(
+    origin: Origin, make_proxy: MakeProxy, redis_client: Any
+) -> None:
+    # Redis answers PING (the probe) but refuses GET (an ACL): each probe closes the L2
+    # breaker, and the first lookup that fails again must reopen it at once - not after
+    # another TIERPROXY_BREAKER_FAILURES failed lookups, probe after probe.
+    failures_to_open = 3
+    proxy = await make_proxy(
+        L1_MAX_BYTES=0,
+        SQLITE_PATH="off",
+        BREAKER_FAILURES=failures_to_open,
+        BREAKER_COOLDOWN=2.0,
+    )
+    origin.set_default(headers=CACHEABLE)
+    registry = proxy.state.metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        return float(registry.get_sample_value(name, labels) or 0.0)
+
+    redis_client.execute_command("ACL", "SETUSER", "default", "-get")
+    try:
+        for i in range(150):  # about 2 s of requests: several probes close the breaker
+            assert (await proxy.get(f"/acl{i % 5}")).status == 200
+            await asyncio.sleep(0.01)
+    finally:
+        redis_client.execute_command("ACL", "SETUSER", "default", "+get")
+    errors = sample("tierproxy_tier_lookups_total", tier="l2", outcome="error")
+    closed_by_probe = sample("tierproxy_tier_probes_total", tier="l2", outcome="ok")
+    assert closed_by_probe >= 1
+    assert errors <= failures_to_open + closed_by_probe, (errors, closed_by_probe)

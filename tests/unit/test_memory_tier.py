@@ -155,3 +155,20 @@ def test_an_entry_is_charged_what_it_holds_headers_and_wire_head_included() -> N
             ),
         )
     assert tier.bytes <= tier.max_bytes and len(tier) <= 12
+
+
+def test_a_breaker_closed_by_a_probe_reopens_at_the_first_failure() -> None:
+    clock = SteppedClock()
+    breaker = Breaker(failures_to_open=3, cooldown=5.0, clock=clock)
+    for _ in range(3):
+        breaker.failure()
+    assert breaker.is_open
+    breaker.close_after_probe()
+    assert breaker.state() == "closed" and breaker.health() == "up"
+    breaker.failure()
+    assert breaker.is_open  # one failure, not three: the probe's answer was not a lookup's
+    clock.advance(5.0)
+    assert breaker.allow()
+    breaker.success()  # a real operation confirmed it: back to counting failures
+    breaker.failure()
+    assert not breaker.is_open

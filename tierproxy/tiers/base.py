@@ -349,6 +349,7 @@ class Breaker:
         "failures",
         "failures_to_open",
         "opened_at",
+        "probation",
         "probe_at",
         "probing",
     )
@@ -360,6 +361,10 @@ class Breaker:
         self.failures = 0
         self.opened_at: float | None = None
         self.probing = False
+        # Closed by a background probe, not yet confirmed by a real operation: the first
+        # failure reopens it at once (a tier whose PING answers while its lookups fail must
+        # not cost BREAKER_FAILURES failed lookups per probe).
+        self.probation = False
         self.probe_at = 0.0
 
     @property
@@ -384,11 +389,18 @@ class Breaker:
         self.failures = 0
         self.opened_at = None
         self.probing = False
+        self.probation = False
+
+    def close_after_probe(self) -> None:
+        """A background probe answered: closed now, on probation until an operation succeeds."""
+        self.success()
+        self.probation = True
 
     def failure(self) -> None:
         self.failures += 1
         self.probing = False
-        if self.opened_at is not None or self.failures >= self.failures_to_open:
+        if self.probation or self.opened_at is not None or self.failures >= self.failures_to_open:
+            self.probation = False
             self.opened_at = self.clock.monotonic()
 
     def state(self) -> str:
@@ -515,7 +527,7 @@ class GuardedTier:
         """One background health probe (:mod:`tierproxy.probes`) while the lookups' breaker
         is open: the backend's ``ping`` under the configured read timeout. When it answers,
         the breaker closes at once (said once in the log), so no client request pays for
-        finding out. Returns the outcome, counted in ``tierproxy_tier_probes_total``:
+        finding out - on probation: the first lookup that fails reopens it. Returns the outcome, counted in ``tierproxy_tier_probes_total``:
         ``ok``, ``failed`` (answered no), ``timeout``, ``error`` or ``skipped`` (the storage
         is unavailable, e.g. the L3 file being reopened)."""
         started = time.perf_counter()
@@ -531,7 +543,9 @@ class GuardedTier:
             outcome, failure = "error", exc
         self.metrics.tier_probes.labels(self.name, outcome).inc()
         if outcome == "ok" and self.breaker.is_open:
-            self.breaker.success()
+            # Closed, on probation: a probe's PING is not a lookup, so the first lookup that
+            # fails again reopens it at once (Breaker.close_after_probe).
+            self.breaker.close_after_probe()
             log.warning(
                 "%s breaker closed: a background probe answered in %.1f ms",
                 self.name,
@@ -620,10 +634,11 @@ class GuardedTier:
             async with asyncio.timeout(timeout):
                 entry = await self.backend.get(key)
         except TimeoutError:
-            # Only a timeout the estimate gave says the tier is slow; one the request's
-            # deadline cut short says nothing about it. Lookups that timed out together at
-            # a learned timeout are one failure of the tier, not one each (the estimate has
-            # widened since the first): a burst on a busy loop must not open the breaker.
+            # Only a timeout the estimate gave feeds the estimate; one the request's deadline
+            # cut short is not the tier's latency (it still counts against the breaker, as a
+            # fixed timeout always has). Lookups that timed out together at a learned timeout
+            # are one failure of the tier, not one each (the estimate has widened since the
+            # first): a burst on a busy loop must not open the breaker.
             if learned and adaptive is not None and not adaptive.observe_timeout(timeout):
                 self.breaker.probing = False
                 self._lookup["timeout"].inc()
