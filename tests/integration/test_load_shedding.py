@@ -82,6 +82,7 @@ async def test_misses_over_the_limit_are_shed_at_once_while_hits_are_served(
         breaker = proxy.state.readthrough.origin_breaker
         assert breaker.failures == 0 and breaker.state() == "closed"
         assert _metric(proxy, "tierproxy_origin_fetches_total", outcome="timeout") == 0
+        assert len(proxy.state.readthrough.upstream.backoff) == 0
         assert not held[0].done() and not held[1].done()
     finally:
         origin.release()
@@ -184,6 +185,46 @@ async def test_a_request_holding_a_usable_stale_copy_gets_it_instead_of_being_sh
     origin.set_default()
     fresh = await proxy.get("/s")
     assert fresh.status == 200 and fresh.x_cache in ("MISS", "REVALIDATED"), fresh
+
+
+async def test_a_shed_request_does_not_use_up_the_origin_breakers_probe(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    clock = SteppedClock()
+    proxy = await make_proxy(
+        MAX_INFLIGHT=1,
+        BREAKER_FAILURES=1,
+        BREAKER_COOLDOWN=5.0,
+        REDIS_URL=None,
+        SQLITE_PATH="off",
+        clock=clock,
+        **SLOW,
+    )
+    origin.set("/s", headers={"Cache-Control": "max-age=1"})
+    first = await proxy.get("/s")
+    clock.advance_to(_date_of(first) + 2.2)  # /s is stale, and may serve on error
+    origin.set("/fail", status=500)
+    assert (await proxy.get("/fail")).status == 500
+    breaker = proxy.state.readthrough.origin_breaker
+    assert breaker.state() == "open"
+    clock.advance(5.5)  # past the cool-down: the next request for /s may probe the origin
+    origin.set_default(hang=True)
+    held = await _hold(proxy, origin, ["/hold"])  # (misses go to the origin, breaker or not)
+    try:
+        # Each request for /s is let through as the breaker's probe, then shed: the probe is
+        # handed back, so the next one probes too (not "origin-down" for a cool-down).
+        for _ in range(3):
+            stale = await proxy.get("/s")
+            assert stale.x_cache == "STALE-L1", stale
+            assert 'detail="shed"' in stale.headers["Cache-Status"], stale
+            assert breaker.state() == "open" and breaker.failures == 1
+        assert origin.count("/s") == 1
+    finally:
+        origin.release()
+    assert (await asyncio.wait_for(held[0], 10)).status == 200
+    assert breaker.state() == "closed"  # /hold's answer closed it
+    origin.set_default()
+    assert (await proxy.get("/s")).x_cache in ("MISS", "REVALIDATED")
 
 
 async def test_shedding_is_off_at_zero(origin: Origin, make_proxy: MakeProxy) -> None:
