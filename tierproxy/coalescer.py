@@ -77,6 +77,8 @@ def _shareable(outcome: Outcome, leader_headers: CIMultiDictProxy[str]) -> bool:
     if isinstance(outcome, OriginFailed):
         if outcome.reason == "local-error":
             return False  # may come from this request's own input: the others try for themselves
+        if outcome.reason == "shed":
+            return False  # the origin was not asked: a waiter asks for itself (or is shed)
         if outcome.response is None:
             return True
         # An unstored 5xx fetched with the leader's credentials may be the leader's alone.

@@ -6,6 +6,7 @@ what is allowed; the command line turns that into exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -124,7 +125,18 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_STALE_DEADLINE": "0",
     # Retries of a GET/HEAD whose origin connection failed before any response byte.
     "TIERPROXY_ORIGIN_RETRIES": "1",
+    # Requests that need the origin at once (leaders' fetches, pass-throughs, refreshes);
+    # above it, such a request gets its stale copy or 503 at once. Empty = derived:
+    # SHED_POOLS x TIERPROXY_ORIGIN_MAX_CONNECTIONS. 0 = off.
+    "TIERPROXY_MAX_INFLIGHT": "",
 }
+
+#: TIERPROXY_MAX_INFLIGHT's default, in origin pools (TIERPROXY_ORIGIN_MAX_CONNECTIONS): one
+#: pool's worth being answered, three waiting (each at most TIERPROXY_ORIGIN_QUEUE_TIMEOUT)
+#: for a connection. A request beyond that would queue behind three pools' worth of others
+#: and most likely get 503 origin-busy at the end of its wait: it gets it at once instead.
+SHED_POOLS = 4
+MAX_INFLIGHT_LIMIT = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +190,9 @@ class Settings:
     adaptive_floor: float = 0.002
     stale_deadline: float = 0.0  # 0: off
     origin_retries: int = 1
+    # Requests that need the origin at once before more are shed; 0: off. load_settings
+    # derives it from origin_max_connections when TIERPROXY_MAX_INFLIGHT is unset.
+    max_inflight: int = 0
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -278,6 +293,15 @@ def _optional_count(raw: str) -> int | None:
         return None
     value = int(raw)
     if value < 1 or value > 10_000_000:
+        raise ValueError(raw)
+    return value
+
+
+def _max_inflight(raw: str) -> int | None:
+    if raw == "":
+        return None
+    value = int(raw)
+    if not 0 <= value <= MAX_INFLIGHT_LIMIT:
         raise ValueError(raw)
     return value
 
@@ -412,6 +436,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "TIERPROXY_ORIGIN_RETRIES", _integer(0, 10), "a whole number, 0-10"
         ),
     )
+    max_inflight = _parse(
+        env,
+        "TIERPROXY_MAX_INFLIGHT",
+        _max_inflight,
+        f"a whole number 0-{MAX_INFLIGHT_LIMIT} (0 = off; unset: "
+        f"{SHED_POOLS} x TIERPROXY_ORIGIN_MAX_CONNECTIONS)",
+    )
+    if max_inflight is None:
+        max_inflight = SHED_POOLS * settings.origin_max_connections
+    settings = dataclasses.replace(settings, max_inflight=max_inflight)
     if settings.adaptive_timeouts:
         for name, ceiling, enabled in (
             ("TIERPROXY_L2_TIMEOUT", settings.l2_timeout, settings.redis_url is not None),

@@ -422,6 +422,21 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # -- load shedding (TIERPROXY_MAX_INFLIGHT, tierproxy.upstream.InflightLimit) --------
+        self.shed = Counter(
+            "tierproxy_shed",
+            "Requests not sent to the origin because TIERPROXY_MAX_INFLIGHT requests needed "
+            "it already (answered with a stale copy or 503; not origin failures), by why the "
+            "origin was needed (RFC 9211 fwd: miss, stale, bypass, method)",
+            ["fwd"],
+            registry=r,
+        )
+        self.origin_inflight = Gauge(
+            "tierproxy_origin_inflight",
+            "Requests that need the origin now: fetches (not the requests sharing them), "
+            "pass-throughs, background refreshes; waiting for a connection or its answer",
+            registry=r,
+        )
         self._responses = {
             (cache, cls): self.responses.labels(cache, cls)
             for cache in X_CACHE_VALUES

@@ -65,6 +65,7 @@ _FAILED_TEXT = {
     "origin-timeout": "origin timed out",
     "origin-error": "origin refused the connection or sent a broken response",
     "origin-busy": "origin connection pool is busy; retry shortly",
+    "shed": "too many requests waiting for the origin; retry shortly",
     "local-error": "internal error in the proxy (logged)",
 }
 

@@ -13,6 +13,8 @@ response writer turns the final one into ``X-Cache`` and ``Cache-Status`` (:func
            └► Miss ─► fetch
     fetch ─► Fetched (stored, or freshened by a 304) | Relayed (not stored)
           ├► still no answer at TIERPROXY_STALE_DEADLINE ─► StaleHit("origin-slow")
+          ├► shed: too many requests need the origin (TIERPROXY_MAX_INFLIGHT) ─► the stale
+          │        copy (StaleHit("shed")) when it may serve, else Failed(503, "shed")
           └► origin failed ─► StaleHit(reason) when the copy may serve (RFC 9111 §4.2.4,
                               RFC 5861 §4) ─ else Relayed (its 5xx) or Failed
     not cacheable ─► forwarded ─► Relayed | Failed
@@ -123,7 +125,7 @@ class StaleHit:
     background), ``origin-down`` (breaker open), ``origin-backoff`` (this key's fetches keep
     failing), ``origin-slow`` (no answer by TIERPROXY_STALE_DEADLINE; the fetch goes on), or
     the origin's failure (``origin-timeout``, ``origin-error``, ``origin-5xx``,
-    ``origin-busy``, ``local-error``)."""
+    ``origin-busy``, ``shed``, ``local-error``)."""
 
     tier: str
     entry: Entry
@@ -158,7 +160,7 @@ class Relayed:
 @dataclass(frozen=True, slots=True)
 class Failed:
     """Nothing to serve: ``status`` with a plain-text reason (``origin-timeout`` 504,
-    ``origin-error`` 502, ``origin-busy`` 503, ``local-error`` 500)."""
+    ``origin-error`` 502, ``origin-busy`` 503, ``shed`` 503, ``local-error`` 500)."""
 
     status: int
     reason: str
@@ -199,7 +201,9 @@ class Unstorable:
 class OriginFailed:
     """The origin did not answer usably: ``reason`` is ``origin-timeout``, ``origin-error``,
     ``origin-5xx`` (``response`` holds that 5xx), ``origin-busy`` or ``local-error``; or
-    ``origin-slow``: this request stopped waiting at its stale deadline (the fetch goes on)."""
+    ``origin-slow``: this request stopped waiting at its stale deadline (the fetch goes on);
+    or ``shed``: the origin was not asked, too many requests needed it (TIERPROXY_MAX_INFLIGHT).
+    """
 
     reason: str
     response: OriginResponse | None = None
@@ -212,6 +216,7 @@ FAILED_STATUS = {
     "origin-timeout": 504,
     "origin-slow": 504,
     "origin-busy": 503,
+    "shed": 503,
     "local-error": 500,
 }
 

@@ -37,7 +37,7 @@ from .tiers.base import Breaker
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["Upstream"]
+__all__ = ["InflightLimit", "Upstream"]
 
 log = logging.getLogger("tierproxy.readthrough")
 
@@ -61,6 +61,51 @@ _ORIGIN_LOOKUP = {
 }
 
 
+class InflightLimit:
+    """The requests that need the origin right now, and load shedding above
+    TIERPROXY_MAX_INFLIGHT (``limit``; 0: off).
+
+    Counted where a request is about to ask the origin (:meth:`Upstream.fetch`,
+    :meth:`Upstream.forward`): a key's single flight (a request sharing another's fetch
+    never gets here: it needs no connection of its own), a pass-through, a background
+    refresh - from before it waits for an origin connection until its answer's head (and a
+    body that fits TIERPROXY_MAX_ENTRY_BYTES) is in. A body streamed through afterwards is
+    bounded by the origin pool and TIERPROXY_STREAM_TIMEOUT instead. ``enter()`` is False
+    when ``limit`` requests are in already: that request is shed (not counted). Each shedding
+    episode is logged once; it ends when the count falls to half the limit.
+    """
+
+    __slots__ = ("_gauge", "_shed_since", "count", "limit")
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.count = 0
+        self._gauge = metrics.origin_inflight
+        self._shed_since: int | None = None  # requests shed in this episode; None: none
+
+    def enter(self) -> bool:
+        if self.limit and self.count >= self.limit:
+            if self._shed_since is None:
+                self._shed_since = 0
+                log.warning(
+                    "origin: %d requests need the origin at once (TIERPROXY_MAX_INFLIGHT): "
+                    "shedding the next ones (a stale copy or 503) until half as many do",
+                    self.count,
+                )
+            self._shed_since += 1
+            return False
+        self.count += 1
+        self._gauge.inc()
+        return True
+
+    def leave(self) -> None:
+        self.count -= 1
+        self._gauge.dec()
+        if self._shed_since is not None and self.count <= self.limit // 2:
+            log.info("origin: shedding over, %d requests were shed", self._shed_since)
+            self._shed_since = None
+
+
 class Upstream:
     """The origin client with its breaker and its counters (see module)."""
 
@@ -76,6 +121,7 @@ class Upstream:
         breaker_failures: int,
         breaker_cooldown: float,
         retries: int = 1,
+        max_inflight: int = 0,
         clock: Clock = SYSTEM,
     ) -> None:
         self.origin = origin
@@ -95,6 +141,8 @@ class Upstream:
         # (tierproxy.backoff, states.on_stale).
         self.backoff = KeyBackoff(threshold=breaker_failures, clock=clock)
         self.retries = retries
+        # Above TIERPROXY_MAX_INFLIGHT requests needing the origin, more are shed at once.
+        self.inflight = InflightLimit(max_inflight, metrics)
         self._retries = {
             name: metrics.origin_retries.labels(name) for name in ("ok", "failed", "skipped")
         }
@@ -122,6 +170,7 @@ class Upstream:
             breaker_failures=settings.breaker_failures,
             breaker_cooldown=settings.breaker_cooldown,
             retries=settings.origin_retries,
+            max_inflight=settings.max_inflight,
             clock=clock,
         )
 
@@ -129,16 +178,20 @@ class Upstream:
         """Count one origin fetch's outcome; only what the origin did moves its breaker.
 
         ``skipped`` (the deadline was spent before asking), ``busy`` (no free origin
-        connection within TIERPROXY_ORIGIN_QUEUE_TIMEOUT) and ``local-error`` (tierproxy's
-        own bug) say nothing about the origin: they have their own counters and never count
-        against its breaker.
+        connection within TIERPROXY_ORIGIN_QUEUE_TIMEOUT), ``shed`` (not asked: too many
+        requests needed it, see :class:`InflightLimit`) and ``local-error`` (tierproxy's own
+        bug) say nothing about the origin: they have their own counters and never count
+        against its breaker (nor, in the callers, against the key's backoff).
         """
-        if outcome in ("busy", "local-error", "skipped"):
+        if outcome in ("busy", "shed", "local-error", "skipped"):
             # Whatever the breaker let through as its probe did not reach the origin: the
             # next request probes instead (else a half-open breaker waits out a cooldown).
             self.breaker.probing = False
         if outcome == "busy":
             self.metrics.origin_busy.inc()
+            self._lookups["skipped"].inc()
+            return
+        if outcome == "shed":
             self._lookups["skipped"].inc()
             return
         if outcome == "local-error":
@@ -218,6 +271,19 @@ class Upstream:
         if budget <= 0:
             self._count("skipped")
             return OriginFailed("origin-timeout")
+        if not self.inflight.enter():
+            self._shed("miss" if stale is None else "stale")
+            return OriginFailed("shed")
+        try:
+            return await self._fetch(req, stale, budget)
+        finally:
+            self.inflight.leave()
+
+    def _shed(self, fwd: str) -> None:
+        self._count("shed")
+        self.metrics.shed.labels(fwd).inc()
+
+    async def _fetch(self, req: ProxyRequest, stale: Entry | None, budget: float) -> Outcome:
         headers = upstream_headers(
             req.headers, req.peer, req.scheme, self.unkeyed_denylist, cacheable=True
         )
@@ -318,6 +384,18 @@ class Upstream:
         if req.request_id:
             headers["X-Request-ID"] = req.request_id
         fwd = "method" if req.method not in ("GET", "HEAD") else "bypass"
+        if budget > 0 and not self.inflight.enter():
+            self._shed(fwd)
+            return Failed(503, "shed", fwd)
+        try:
+            return await self._forward(req, headers, fwd, budget)
+        finally:
+            if budget > 0:
+                self.inflight.leave()
+
+    async def _forward(
+        self, req: ProxyRequest, headers: CIMultiDict[str], fwd: str, budget: float
+    ) -> Relayed | Failed:
         started = time.perf_counter()
         try:
             if budget <= 0:

@@ -85,6 +85,7 @@ def test_a_fresh_hit_written_just_past_its_freshness_says_ttl_0() -> None:
         "origin-error",
         "origin-5xx",
         "origin-busy",
+        "shed",
         "local-error",
     ],
 )
@@ -157,7 +158,13 @@ def test_relayed_pass_through_has_no_detail(fwd: str, status: int) -> None:
 
 @pytest.mark.parametrize(
     ("status", "reason"),
-    [(504, "origin-timeout"), (502, "origin-error"), (503, "origin-busy"), (500, "local-error")],
+    [
+        (504, "origin-timeout"),
+        (502, "origin-error"),
+        (503, "origin-busy"),
+        (503, "shed"),
+        (500, "local-error"),
+    ],
 )
 def test_failed(status: int, reason: str) -> None:
     assert labels(Failed(status, reason, "miss"), NOW) == (
@@ -276,7 +283,8 @@ def test_an_unstorable_answer_is_relayed_with_its_reason() -> None:
 
 
 @pytest.mark.parametrize(
-    "reason", ["origin-timeout", "origin-slow", "origin-error", "origin-busy", "local-error"]
+    "reason",
+    ["origin-timeout", "origin-slow", "origin-error", "origin-busy", "shed", "local-error"],
 )
 def test_an_origin_failure_is_answered_with_a_usable_stale_copy(reason: str) -> None:
     held = NeedsRevalidation("l2", _entry(fresh=-1, stale=30))
@@ -307,6 +315,7 @@ def test_an_origin_5xx_without_a_usable_copy_is_relayed() -> None:
         ("origin-slow", 504),
         ("origin-error", 502),
         ("origin-busy", 503),
+        ("shed", 503),
         ("local-error", 500),
     ],
 )
