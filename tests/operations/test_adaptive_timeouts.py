@@ -104,9 +104,12 @@ async def test_the_l2_timeout_climbs_back_when_redis_slows_down(
     admin = await admin_for(proxy)
     await _warm(proxy, origin, redis_client, "/slow")
     fast = await _l2_timeout(admin)
-    assert fast < 0.02, fast
-
     delay = 0.015  # each way: a lookup now takes 30 ms and more
+    # Learned through the fault proxy's extra hop (a Python relay): below what the delay
+    # will take, which is what the climb needs. (Straight to Redis it settles below 20 ms:
+    # test_fast_lookups_settle_the_l2_timeout_at_a_few_milliseconds.)
+    assert fast < 2 * delay, fast
+
     front.set_mode("delay", delay)
     hits = 0
     for _ in range(100):  # bounded; each miss is answered by the (fast) origin meanwhile
