@@ -129,6 +129,9 @@ ENV_DEFAULTS: dict[str, str] = {
     # above it, such a request gets its stale copy or 503 at once. Empty = derived:
     # SHED_POOLS x TIERPROXY_ORIGIN_MAX_CONNECTIONS. 0 = off.
     "TIERPROXY_MAX_INFLIGHT": "",
+    # "on": when L2 has not answered by its recent p95 (tierproxy.latency), L3 is asked too
+    # and the first fresh copy answers (tierproxy.readthrough); the other lookup is cancelled.
+    "TIERPROXY_HEDGE": "off",
 }
 
 #: TIERPROXY_MAX_INFLIGHT's default, in origin pools (TIERPROXY_ORIGIN_MAX_CONNECTIONS): one
@@ -193,6 +196,7 @@ class Settings:
     # Requests that need the origin at once before more are shed; 0: off. load_settings
     # derives it from origin_max_connections when TIERPROXY_MAX_INFLIGHT is unset.
     max_inflight: int = 0
+    hedge: bool = False
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -435,6 +439,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         origin_retries=_parse(
             env, "TIERPROXY_ORIGIN_RETRIES", _integer(0, 10), "a whole number, 0-10"
         ),
+        hedge=_parse(env, "TIERPROXY_HEDGE", _on_off, "on or off"),
     )
     max_inflight = _parse(
         env,

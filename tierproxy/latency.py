@@ -15,6 +15,11 @@ where ``ceiling`` is the configured ``TIERPROXY_Lx_TIMEOUT`` and ``floor`` is
 ``TIERPROXY_ADAPTIVE_FLOOR``. It is recomputed every ``refresh`` samples and on every timeout,
 so a lookup reads one attribute. Until ``warmup`` samples have been seen it is the ceiling.
 
+The same estimate gives hedged lookups (``TIERPROXY_HEDGE=on``, :mod:`tierproxy.readthrough`)
+their delay: ``p95``, recomputed with ``current`` and None until ``warmup`` samples have been
+seen. With hedging on and adaptive timeouts off, a tier keeps this estimate without using
+``current`` (:class:`tierproxy.tiers.base.GuardedTier`).
+
 Timeouts and errors feed the estimate. An error is a sample of how long the tier took to
 fail. A timeout is a sample *at the timeout used* - the true latency is at least that - and
 it also doubles ``widen`` (once for lookups that were in flight together: one that had a
@@ -79,6 +84,7 @@ class AdaptiveTimeout:
         "current",
         "floor",
         "mean",
+        "p95",
         "samples",
         "variance",
         "widen",
@@ -113,6 +119,9 @@ class AdaptiveTimeout:
         self.widen = 1.0
         #: The effective timeout; the ceiling until ``warmup`` samples were seen.
         self.current = ceiling
+        #: The latencies' 95th percentile (a bucket's upper bound); None until ``warmup``
+        #: samples were seen. What a hedged lookup waits for before asking the next tier.
+        self.p95: float | None = None
 
     # -- samples ----------------------------------------------------------------------
 
@@ -142,6 +151,11 @@ class AdaptiveTimeout:
         self._refresh_now()
         return True
 
+    def sample(self, seconds: float) -> None:
+        """A latency sample only: a lookup that timed out at a fixed (not learned) timeout
+        took at least ``seconds``; ``widen`` kept."""
+        self._add(seconds)
+
     def _add(self, seconds: float) -> None:
         weight = self._weight
         self._counts[bisect_left(BUCKET_BOUNDS, seconds)] += weight
@@ -170,8 +184,13 @@ class AdaptiveTimeout:
 
     def p99(self) -> float:
         """The upper bound of the bucket holding the 99th percentile of the decayed weight."""
+        return self.quantile(_QUANTILE)
+
+    def quantile(self, q: float) -> float:
+        """The upper bound of the bucket holding the ``q`` quantile (0 < q < 1) of the
+        decayed weight; 0.0 before any sample."""
         counts = self._counts
-        tail = self._total * (1.0 - _QUANTILE)
+        tail = self._total * (1.0 - q)
         above = 0.0
         for index in range(len(counts) - 1, -1, -1):
             above += counts[index]
@@ -192,6 +211,7 @@ class AdaptiveTimeout:
         if self.samples < self._warmup:
             self.current = self.ceiling
             return
+        self.p95 = self.quantile(0.95)
         self.current = min(self.ceiling, max(self.floor, self.estimate()) * self.widen)
 
 

@@ -437,6 +437,14 @@ class Metrics:
             "pass-throughs, background refreshes; waiting for a connection or its answer",
             registry=r,
         )
+        # -- hedged lookups (TIERPROXY_HEDGE, tierproxy.readthrough) ----------------------
+        self.hedges = Counter(
+            "tierproxy_hedges",
+            "Hedged lookups: started (L2 had not answered by its recent p95, so L3 was asked "
+            "too), won (L3 answered first with a fresh copy; L2's lookup was cancelled)",
+            ["outcome"],
+            registry=r,
+        )
         self._responses = {
             (cache, cls): self.responses.labels(cache, cls)
             for cache in X_CACHE_VALUES

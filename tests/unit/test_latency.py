@@ -245,3 +245,27 @@ def test_lookups_timing_out_together_widen_once() -> None:
     assert adaptive.current >= 2 * used
     assert adaptive.observe_timeout(adaptive.current) is True  # the next one, at the new value
     assert adaptive.widen == 4
+
+
+def test_the_p95_for_hedging_is_there_once_warm_and_follows_the_samples() -> None:
+    adaptive = AdaptiveTimeout(CEILING, FLOOR)  # warm-up: 100 samples
+    for _ in range(99):
+        adaptive.observe(1 * MS)
+    assert adaptive.p95 is None  # no hedging on too few samples
+    adaptive.observe(1 * MS)
+    assert adaptive.p95 is not None and 1 * MS <= adaptive.p95 < 1.2 * MS
+    # 90% at 1 ms, 10% at 8 ms: the p95 lies in the slow ones' bucket, the median does not.
+    mixed = AdaptiveTimeout(CEILING, FLOOR)
+    for i in range(200):
+        mixed.observe(8 * MS if i % 10 == 0 else 1 * MS)
+    assert mixed.p95 is not None and 8 * MS <= mixed.p95 < 9.6 * MS
+    assert 1 * MS <= mixed.quantile(0.5) < 1.2 * MS
+    assert mixed.quantile(0.99) == mixed.p99()
+
+
+def test_a_plain_sample_feeds_the_estimate_without_widening() -> None:
+    adaptive = _fed([1 * MS] * 100)
+    before = adaptive.current
+    adaptive.sample(CEILING)  # a lookup that timed out at a fixed timeout
+    assert adaptive.samples == 101 and adaptive.widen == 1.0
+    assert adaptive.current == before  # recomputed only at the next refresh

@@ -46,6 +46,7 @@ def make_tiers(
                     metrics,
                     clock=clock,
                     adaptive_floor=settings.adaptive_floor if settings.adaptive_timeouts else None,
+                    estimate=settings.hedge,
                 )
             )
     return tiers

@@ -56,6 +56,9 @@ __all__ = [
 
 log = logging.getLogger("tierproxy.tiers")
 
+# The floor of an estimate kept only for hedging (its timeout is never used).
+_DEFAULT_FLOOR = 0.002
+
 
 class Blob:
     """An entry's encoded bytes, encoded at most once however many tiers store it."""
@@ -427,7 +430,10 @@ class GuardedTier:
     :attr:`lookup_timeout`, learned from their recent latencies between that floor and
     ``read_timeout`` (:class:`tierproxy.latency.AdaptiveTimeout`); writes, deletes and purges
     keep their configured timeouts. Every operation that completes but uses more than 80% of
-    its timeout is counted (:class:`tierproxy.latency.NearTimeout`).
+    its timeout is counted (:class:`tierproxy.latency.NearTimeout`). With ``estimate``
+    (``TIERPROXY_HEDGE=on``) the same estimate is kept, for :attr:`hedge_after`, even when
+    the timeout stays the configured one. A lookup cancelled by its caller is no outcome of
+    the tier: no breaker failure, no latency sample, not counted.
     """
 
     def __init__(
@@ -440,6 +446,7 @@ class GuardedTier:
         *,
         clock: Clock = SYSTEM,
         adaptive_floor: float | None = None,
+        estimate: bool = False,
     ) -> None:
         self.backend = backend
         self.clock = clock
@@ -457,12 +464,21 @@ class GuardedTier:
         self.trust: LocalTrust | None = None
         self._lookup = metrics.tier_lookup_counters(self.name)
         self._latency = metrics.tier_latency(self.name)
-        #: The lookups' learned timeout; None = fixed at ``read_timeout``. Not for a
-        #: synchronous tier (memory: nothing to time out).
-        self.adaptive: AdaptiveTimeout | None = (
-            AdaptiveTimeout(read_timeout, min(adaptive_floor, read_timeout))
-            if adaptive_floor is not None and not self.synchronous
+        #: The lookups' latency estimate, kept with adaptive timeouts (``adaptive_floor``) or
+        #: hedged lookups (``estimate``); None otherwise. Not for a synchronous tier (memory:
+        #: nothing to time out, nothing to hedge).
+        self.estimator: AdaptiveTimeout | None = (
+            AdaptiveTimeout(
+                read_timeout,
+                min(_DEFAULT_FLOOR if adaptive_floor is None else adaptive_floor, read_timeout),
+            )
+            if (adaptive_floor is not None or estimate) and not self.synchronous
             else None
+        )
+        #: The lookups' learned timeout (the estimator, used as the timeout); None = fixed at
+        #: ``read_timeout``.
+        self.adaptive: AdaptiveTimeout | None = (
+            self.estimator if adaptive_floor is not None else None
         )
         self.near_timeout = NearTimeout(self.name, metrics, clock)
 
@@ -502,6 +518,13 @@ class GuardedTier:
         (``TIERPROXY_ADAPTIVE_TIMEOUTS=on``) or the configured read timeout."""
         adaptive = self.adaptive
         return self.read_timeout if adaptive is None else adaptive.current
+
+    @property
+    def hedge_after(self) -> float | None:
+        """How long a lookup may take before a hedged lookup asks the next tier too: the
+        recent p95 of this tier's lookups; None while there is no warm estimate."""
+        estimator = self.estimator
+        return None if estimator is None else estimator.p95
 
     @property
     def shared(self) -> bool:
@@ -626,13 +649,19 @@ class GuardedTier:
             self._lookup["skipped"].inc()
             return None
         # ``budget`` is already at most the configured timeout; the learned one may be less.
-        adaptive = self.adaptive
+        adaptive, estimator = self.adaptive, self.estimator
         learned = adaptive is not None and adaptive.current <= budget
         timeout = adaptive.current if learned and adaptive is not None else budget
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 entry = await self.backend.get(key)
+        except asyncio.CancelledError:
+            # The caller gave up (a hedged lookup's loser, a client gone): nothing is known
+            # about the tier - no failure, no latency sample, no outcome. A probe that never
+            # reported must not keep the breaker half-open: the next lookup may probe.
+            self.breaker.probing = False
+            raise
         except TimeoutError:
             # Only a timeout the estimate gave feeds the estimate; one the request's deadline
             # cut short is not the tier's latency (it still counts against the breaker, as a
@@ -643,6 +672,8 @@ class GuardedTier:
                 self.breaker.probing = False
                 self._lookup["timeout"].inc()
                 return None
+            if adaptive is None and estimator is not None and timeout >= self.read_timeout:
+                estimator.sample(timeout)  # the configured timeout, not the deadline's cut
             self._fail("timeout", key, "get")
             return None
         except TierUnavailable:
@@ -651,8 +682,8 @@ class GuardedTier:
             return None
         except codec.CorruptEntry:
             # The tier works (it answered); its content was bad and has been deleted.
-            if adaptive is not None:
-                adaptive.observe(time.perf_counter() - started)
+            if estimator is not None:
+                estimator.observe(time.perf_counter() - started)
             self.breaker.success()
             self._lookup["corrupt"].inc()
             return None
@@ -663,15 +694,15 @@ class GuardedTier:
             return None
         except Exception as exc:  # noqa: BLE001 - a broken tier is a miss, whatever the driver raised
             elapsed = time.perf_counter() - started
-            if adaptive is not None:
-                adaptive.observe_error(elapsed)
+            if estimator is not None:
+                estimator.observe_error(elapsed)
             self.near_timeout.observe(elapsed, timeout)
             self._fail("error", key, "get", exc)
             return None
         elapsed = time.perf_counter() - started
         self._latency["get"].observe(elapsed)
-        if adaptive is not None:
-            adaptive.observe(elapsed)
+        if estimator is not None:
+            estimator.observe(elapsed)
         self.near_timeout.observe(elapsed, timeout)
         self.breaker.success()
         return self._classify(key, entry, headers)
