@@ -18,7 +18,6 @@ through :class:`~tierproxy.upstream.Upstream`; it returns a final state
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, assert_never
 
@@ -30,6 +29,7 @@ from .clock import SYSTEM, Clock
 from .coalescer import Coalescer
 from .entry import Entry
 from .keys import CacheKey
+from .lookups import hedged, tier_get
 from .metrics import Metrics
 from .origin import OriginClient
 from .purge import Purges
@@ -110,8 +110,8 @@ class ReadThrough:
         before it), else the first stale copy still usable, else a miss.
 
         With ``TIERPROXY_HEDGE=on`` a tier that has not answered by its recent p95 gets the
-        next tier asked alongside (:meth:`_hedged`): a fresh copy from the next tier may
-        answer first; everything else keeps this order."""
+        next tier asked alongside (:func:`tierproxy.lookups.hedged`): a fresh copy from the
+        next tier may answer first; everything else keeps this order."""
         loop = asyncio.get_running_loop()
         generation = self.purges.generation  # copies read before a purge are not written back
         since = self.coalescer.completed  # fetches completed later may hold what this misses
@@ -128,9 +128,12 @@ class ReadThrough:
                     and index + 1 < len(tiers)
                     and not tiers[index + 1].synchronous
                 ):
-                    entry, index = await self._hedged(req, index, after, loop)
+                    entry, second = await hedged(
+                        req, tier, tiers[index + 1], after, self.clock, self.metrics.hedges
+                    )
+                    index += second
                 else:
-                    entry = await self._get(req, tier, loop)
+                    entry = await tier_get(req, tier, loop)
             if entry is None:
                 index += 1
                 continue
@@ -142,56 +145,6 @@ class ReadThrough:
                 case "stale":
                     return Lookup(NeedsRevalidation(name, entry), generation, since)
         return Lookup(MISS, generation, since)
-
-    async def _get(
-        self, req: ProxyRequest, tier: GuardedTier, loop: asyncio.AbstractEventLoop
-    ) -> Entry | None:
-        """One tier's lookup under min(its timeout, what is left of the request deadline)."""
-        budget = min(tier.read_timeout, req.deadline - loop.time())
-        started = time.perf_counter()  # (uvloop's loop clock has ms resolution)
-        entry = await tier.get(req.key, budget, req.headers)
-        req.timings[tier.name] = time.perf_counter() - started
-        return entry
-
-    async def _hedged(
-        self, req: ProxyRequest, index: int, after: float, loop: asyncio.AbstractEventLoop
-    ) -> tuple[Entry | None, int]:
-        """Tier ``index``, and tier ``index + 1`` too once the first has not answered within
-        ``after`` (its recent p95). Returns the copy the lookup goes on with and the index of
-        the tier it came from (``index + 1`` with None: both missed, go on after them).
-
-        Only a fresh copy from the second tier answers before the first tier has: the first
-        tier's copy, fresh or stale, is preferred otherwise, as without hedging. The lookup
-        no longer needed is cancelled (a cancelled L2 GET keeps its place on the pipelined
-        connection and its late reply is dropped; a cancelled L3 read finishes or meets its
-        own deadline in the reader's thread, its row dropped)."""
-        first_tier, second_tier = self.tiers[index], self.tiers[index + 1]
-        first = asyncio.ensure_future(self._get(req, first_tier, loop))
-        second: asyncio.Future[Entry | None] | None = None
-        try:
-            done, _ = await asyncio.wait((first,), timeout=after)
-            if not done:
-                hedges = self.metrics.hedges
-                hedges.labels("started").inc()
-                second = asyncio.ensure_future(self._get(req, second_tier, loop))
-                await asyncio.wait((first, second), return_when=asyncio.FIRST_COMPLETED)
-                if not first.done():  # the second tier answered first
-                    entry = second.result()
-                    if entry is not None and freshness(entry, self.clock.wall()) == "fresh":
-                        hedges.labels("won").inc()
-                        return entry, index + 1
-                    await asyncio.wait((first,))
-            entry = first.result()
-            if entry is not None:
-                return entry, index
-            if second is None:  # not hedged: the second tier is looked up as ever
-                return None, index
-            await asyncio.wait((second,))
-            return second.result(), index + 1
-        finally:
-            for lookup in (first, second):
-                if lookup is not None and not lookup.done():
-                    lookup.cancel()
 
     async def get(self, req: ProxyRequest, found: Lookup | None = None) -> Final:
         """Answer a cacheable GET/HEAD. ``found`` is :meth:`lookup`'s outcome for this very
