@@ -147,7 +147,9 @@ async def test_a_frozen_redis_costs_a_lookup_the_learned_timeout_not_the_configu
     admin = await admin_for(proxy)
     await _warm(proxy, origin, redis_client, "/frozen")
     learned = await _l2_timeout(admin)
-    assert learned < 0.02, learned
+    # A few ms when the machine is idle (the settle test holds it under 20 ms); with the
+    # CPU contended it learns more - what matters here is that it is far below 0.5 s.
+    assert learned < configured / 10, learned
     l2 = proxy.state.tier("l2")
     timeouts = value(
         await admin.metrics(), "tierproxy_tier_lookups_total", tier="l2", outcome="timeout"
