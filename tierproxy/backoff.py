@@ -22,14 +22,26 @@ from dataclasses import dataclass
 
 from .clock import SYSTEM, Clock
 
-__all__ = ["KeyBackoff", "full_jitter"]
+__all__ = ["KeyBackoff", "equal_jitter", "full_jitter"]
+
+
+def _window(attempt: int, base: float, cap: float) -> float:
+    """``min(cap, base * 2**attempt)``: the exponentially growing, capped window."""
+    return min(cap, base * (2.0 ** min(attempt, 32)))
 
 
 def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """The pause before retry number ``attempt`` (0 for the first): full jitter over an
     exponentially growing, capped window."""
-    window = min(cap, base * (2.0 ** min(attempt, 32)))
-    return (rng or random).uniform(0.0, window)
+    return (rng or random).uniform(0.0, _window(attempt, base, cap))
+
+
+def equal_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Between half of the window and all of it: never near 0, still spread (the pause
+    bounds how often something is tried, and peers that failed together do not retry
+    together)."""
+    window = _window(attempt, base, cap)
+    return window / 2 + (rng or random).uniform(0.0, window / 2)
 
 
 @dataclass(slots=True)
@@ -78,8 +90,7 @@ class KeyBackoff:
         failures = 1 if record is None else record.failures + 1
         interval = 0.0
         if failures >= self.threshold:
-            window = min(self.cap, self.base * (2.0 ** min(failures - self.threshold, 32)))
-            interval = window / 2 + self._rng.uniform(0.0, window / 2)
+            interval = equal_jitter(failures - self.threshold, self.base, self.cap, self._rng)
         self._failing[key] = _Failing(failures, self.clock.monotonic() + interval)
         while len(self._failing) > self.limit:
             self._failing.popitem(last=False)  # the least recently failed key

@@ -43,7 +43,6 @@ import asyncio
 import json
 import logging
 import math
-import random
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .backoff import equal_jitter
 from .clock import SYSTEM, Clock
 from .keys import MAX_TARGET_LENGTH, KeySpace
 from .policy import MAX_TAG_LENGTH
@@ -119,12 +119,6 @@ class PurgeOrder:
 class PurgeOutcome:
     ok: bool  # every enabled tier purged and (with L2) the other replicas told
     body: dict[str, Any]
-
-
-def _backoff(attempt: int) -> float:
-    """Capped exponential backoff with jitter: half fixed, half random (no thundering herd)."""
-    ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * float(1 << min(attempt, 16)))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def _reached(applied: str, target: tuple[int, int]) -> bool:
@@ -421,7 +415,7 @@ class Invalidation:
                 self.state = "connecting"
                 if loop.time() - started >= _STABLE_AFTER:
                     attempt = 0
-                await asyncio.sleep(_backoff(attempt))
+                await asyncio.sleep(equal_jitter(attempt, _BACKOFF_BASE, _BACKOFF_CAP))
                 attempt += 1
         finally:
             self.state = "disabled"
