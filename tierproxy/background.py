@@ -47,20 +47,24 @@ class BackgroundTasks:
         Takes a factory, not a coroutine, so a refused task never creates a coroutine that
         would then warn about never being awaited.
         """
-        if self._closed or len(self._tasks) >= self.limit:
-            self.metrics.background_dropped.inc()
-            log.debug("background task %s dropped: %d running", name, len(self._tasks))
-            return False
-        self._start(self._tasks, name, factory)
-        return True
+        return self._spawn(self._tasks, self.limit, name, factory)
 
     def spawn_fetch(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
         """Like :meth:`spawn`, in the origin fetches' own lane (``fetch_limit``)."""
-        if self._closed or len(self._fetches) >= self.fetch_limit:
+        return self._spawn(self._fetches, self.fetch_limit, name, factory)
+
+    def _spawn(
+        self,
+        lane: set[asyncio.Task[Any]],
+        limit: int,
+        name: str,
+        factory: Callable[[], Coroutine[Any, Any, Any]],
+    ) -> bool:
+        if self._closed or len(lane) >= limit:
             self.metrics.background_dropped.inc()
-            log.debug("origin fetch %s not spawned: %d running", name, len(self._fetches))
+            log.debug("background task %s dropped: %d running in its lane", name, len(lane))
             return False
-        self._start(self._fetches, name, factory)
+        self._start(lane, name, factory)
         return True
 
     async def run_required(
