@@ -388,7 +388,8 @@ class Upstream:
             vary=policy.vary_values(response.headers, req.headers),
             tags=policy.parse_tags(response.headers.get("Surrogate-Key")),
         )
-        return Stored(entry, revalidated=False)
+        own = policy.storable_headers(response.headers) if decision.strip else None
+        return Stored(entry, revalidated=False, own_headers=own)
 
     async def forward(self, req: ProxyRequest) -> Relayed | Failed:
         """A request the cache does not answer: send it on, its answer to be streamed back."""

@@ -482,3 +482,29 @@ def test_a_bad_targeted_fields_setting_is_refused(raw: str) -> None:
     with pytest.raises(ConfigError, match="TIERPROXY_TARGETED_FIELDS=") as caught:
         load_settings(env)
     assert "\n" not in str(caught.value)
+
+
+def test_only_the_request_that_fetched_gets_the_fields_left_out_of_the_stored_copy() -> None:
+    from tierproxy.entry import Entry
+    from tierproxy.states import Fetched, Stored, after_fetch
+
+    stored = Entry(
+        key="/a",
+        status=200,
+        headers=(("Cache-Control", 'max-age=60, private="X-User"'),),
+        body=b"x",
+        stored_at=NOW,
+        fresh_until=NOW + 60,
+        stale_until=NOW + 60,
+        swr_until=NOW + 60,
+        expires_at=NOW + 60,
+    )
+    own = (*stored.headers, ("X-User", "alice"))
+    outcome = Stored(stored, revalidated=False, own_headers=own)
+
+    leader = after_fetch(outcome, None, NOW, collapsed=False)
+    waiter = after_fetch(outcome, None, NOW, collapsed=True)
+
+    assert isinstance(leader, Fetched) and isinstance(waiter, Fetched)
+    assert leader.entry.headers == own
+    assert waiter.entry.headers == stored.headers
