@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from .directives import DEFAULT_TARGETED_FIELDS
+
 __all__ = ["ENV_DEFAULTS", "ConfigError", "Settings", "load_settings"]
 
 T = TypeVar("T")
@@ -132,6 +134,8 @@ ENV_DEFAULTS: dict[str, str] = {
     # "on": when L2 has not answered by its recent p95 (tierproxy.latency), L3 is asked too
     # and the first fresh copy answers (tierproxy.readthrough); the other lookup is cancelled.
     "TIERPROXY_HEDGE": "off",
+    # RFC 9213: targeted cache-control fields obeyed before Cache-Control; set but empty = none.
+    "TIERPROXY_TARGETED_FIELDS": ",".join(DEFAULT_TARGETED_FIELDS),
 }
 
 #: TIERPROXY_MAX_INFLIGHT's default, in origin pools (TIERPROXY_ORIGIN_MAX_CONNECTIONS): one
@@ -197,6 +201,8 @@ class Settings:
     # derives it from origin_max_connections when TIERPROXY_MAX_INFLIGHT is unset.
     max_inflight: int = 0
     hedge: bool = False
+    # RFC 9213 targeted cache-control fields, lower-cased, first match wins; () = none.
+    targeted_fields: tuple[str, ...] = DEFAULT_TARGETED_FIELDS
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -315,6 +321,32 @@ def _header_list(raw: str) -> frozenset[str]:
     if any(not n.replace("-", "").isalnum() for n in names):
         raise ValueError(raw)
     return names
+
+
+# RFC 9110 §5.1: a field name is a token.
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def _targeted_fields(env: Mapping[str, str]) -> tuple[str, ...]:
+    """TIERPROXY_TARGETED_FIELDS: unset = the default list; set but empty = none (only
+    Cache-Control counts); else comma-separated field names, most specific first."""
+    raw = env.get("TIERPROXY_TARGETED_FIELDS")
+    if raw is None:
+        return DEFAULT_TARGETED_FIELDS
+    names: list[str] = []
+    for part in raw.split(","):
+        name = part.strip().lower()
+        if not name and not raw.strip():
+            continue
+        if not name or not set(name) <= _TCHARS or name == "cache-control":
+            raise ConfigError(
+                f"TIERPROXY_TARGETED_FIELDS={raw[:200]!r} is not valid: expected a "
+                "comma-separated list of header field names other than Cache-Control, e.g. "
+                "tierproxy-cache-control,cdn-cache-control (empty = none)"
+            )
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -440,6 +472,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "TIERPROXY_ORIGIN_RETRIES", _integer(0, 10), "a whole number, 0-10"
         ),
         hedge=_parse(env, "TIERPROXY_HEDGE", _on_off, "on or off"),
+        targeted_fields=_targeted_fields(env),
     )
     max_inflight = _parse(
         env,

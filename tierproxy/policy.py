@@ -6,13 +6,21 @@ it can be tested with tables of headers -> outcome.
 
 from __future__ import annotations
 
-import email.utils
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .directives import (
+    DEFAULT_TARGETED_FIELDS,
+    INVALID,
+    age_seconds,
+    delta_seconds,
+    field_names,
+    http_date,
+    targeted_directives,
+)
 from .entry import Entry, Headers
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "may_share_unstored",
     "parse_cache_control",
     "parse_tags",
+    "response_directives",
     "vary_matches",
     "vary_values",
 ]
@@ -69,12 +78,20 @@ _NOT_STORED = frozenset(
     }
 )
 
-# RFC 9111 §3 + §4.2.2: statuses this cache understands and may store; the heuristically
-# cacheable subset may be given a default lifetime when the origin states none.
-STORABLE_STATUSES = frozenset(
+# RFC 9111 §3: any final status may be stored when the response carries explicit freshness
+# (max-age, s-maxage, Expires) or is marked public - except 206 and 304, which are never
+# stored as a complete entry. The statuses whose semantics this cache understands (RFC 9111
+# §5.2.2.3, must-understand: only these are stored, and then no-store is overridden):
+UNDERSTOOD_STATUSES = frozenset(
     {200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501}
 )
+# §4.2.2: the heuristically cacheable statuses, given TIERPROXY_DEFAULT_TTL when the origin
+# states no freshness (any other status only when it is marked public).
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+# Kept for callers that asked "may this status be stored at all" before explicit freshness
+# made every final status storable: the understood ones.
+STORABLE_STATUSES = UNDERSTOOD_STATUSES
+_NEVER_STORED_STATUSES = frozenset({206, 304})
 
 # RFC 9110 §15.4.5: what a 304 carries when the 200 would have had it.
 NOT_MODIFIED_HEADERS = ("cache-control", "content-location", "date", "etag", "expires", "vary")
@@ -87,6 +104,9 @@ class CachePolicy:
     # TIERPROXY_MAX_TTL: no freshness lifetime (and no stale-if-error / stale-while-revalidate
     # window an origin grants) exceeds it, whatever Expires (year 9999) or max-age says.
     max_ttl: float = 31536000.0
+    # TIERPROXY_TARGETED_FIELDS (RFC 9213): lower-cased field names, first match wins; the
+    # one present and valid replaces Cache-Control and Expires for this cache. Empty: none.
+    targeted_fields: tuple[str, ...] = DEFAULT_TARGETED_FIELDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +118,9 @@ class StoreDecision:
     stale_until: float = 0.0
     swr_until: float = 0.0
     expires_at: float = 0.0
+    # Fields left out of the stored copy: named by a qualified no-cache or private
+    # (RFC 9111 §5.2.2.4, §5.2.2.7), lower-cased.
+    strip: frozenset[str] = frozenset()
 
 
 def parse_cache_control(values: Iterable[str]) -> dict[str, str | None]:
@@ -140,25 +163,6 @@ def _split_commas(value: str) -> list[str]:
     return parts
 
 
-def _delta_seconds(value: str | None) -> float | None:
-    """RFC 9111 §1.2.2: a non-negative integer; invalid means the directive is ignored."""
-    if value is None or not value.isdigit():
-        return None
-    return float(min(int(value), 2**31))
-
-
-def _http_date(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if parsed is None or parsed.tzinfo is None:
-        return None
-    return parsed.timestamp()
-
-
 def _capped(seconds: float | None, limit: float) -> float | None:
     return None if seconds is None else min(seconds, limit)
 
@@ -178,6 +182,45 @@ def bypass_reason(method: str, headers: AnyHeaders, has_body: bool) -> str | Non
     return None
 
 
+def response_directives(
+    response_headers: AnyHeaders, targeted_fields: Sequence[str] = DEFAULT_TARGETED_FIELDS
+) -> tuple[dict[str, str | None], bool]:
+    """The cache directives this cache obeys for a response, and whether they came from a
+    targeted field (RFC 9213 §2.1: then Cache-Control and Expires are ignored)."""
+    if targeted_fields:
+        targeted = targeted_directives(
+            targeted_fields, ((name, response_headers.getall(name, ())) for name in targeted_fields)
+        )
+        if targeted is not None:
+            return targeted, True
+    return parse_cache_control(response_headers.getall("Cache-Control", ())), False
+
+
+def _lifetime(
+    cc: Mapping[str, str | None],
+    response_headers: AnyHeaders,
+    targeted: bool,
+    date: float | None,
+    response_time: float,
+) -> float | None:
+    """RFC 9111 §4.2.1: s-maxage, then max-age, then Expires - Date; None when the response
+    states no freshness. An invalid value (a negative or non-numeric delta, an Expires that is
+    not an HTTP-date) means already stale: 0."""
+    for name in ("s-maxage", "max-age"):
+        if name in cc:
+            seconds = delta_seconds(cc[name])
+            return 0.0 if seconds is None or seconds == INVALID else seconds
+    if targeted:
+        return None  # RFC 9213 §2.1: a targeted field replaces Expires too
+    expires_lines = response_headers.getall("Expires", ())
+    if not expires_lines:
+        return None
+    expires = http_date(expires_lines[0], response_time)
+    if expires is None:
+        return 0.0  # RFC 9111 §5.3: an invalid date (e.g. "0") is in the past
+    return max(0.0, expires - (date if date is not None else response_time))
+
+
 def decide_storage(
     method: str,
     request_headers: AnyHeaders,
@@ -190,13 +233,21 @@ def decide_storage(
     """May this response be stored by a shared cache, and for how long (RFC 9111 §3, §4.2)."""
     if method != "GET":
         return StoreDecision(False, "method")
-    if status not in STORABLE_STATUSES:
+    if not 200 <= status <= 599 or status in _NEVER_STORED_STATUSES:
         return StoreDecision(False, "status")
-    cc = parse_cache_control(response_headers.getall("Cache-Control", ()))
-    if "no-store" in cc:
+    cc, targeted = response_directives(response_headers, policy.targeted_fields)
+    if "must-understand" in cc:
+        # §5.2.2.3: only a status whose caching rules this cache implements; no-store is then
+        # to be ignored (it is there for caches that do not implement must-understand).
+        if status not in UNDERSTOOD_STATUSES:
+            return StoreDecision(False, "must-understand")
+    elif "no-store" in cc:
         return StoreDecision(False, "no-store")
-    if "private" in cc:  # RFC 9111 §5.2.2.7: a shared cache must not store it
-        return StoreDecision(False, "private")
+    private_fields = field_names(cc["private"]) if "private" in cc else frozenset()
+    if "private" in cc and not private_fields:
+        return StoreDecision(False, "private")  # §5.2.2.7: a shared cache must not store it
+    no_cache_fields = field_names(cc["no-cache"]) if "no-cache" in cc else frozenset()
+    no_cache = "no-cache" in cc and not no_cache_fields
     if "set-cookie" in response_headers or "set-cookie2" in response_headers:
         return StoreDecision(False, "set-cookie")
     if any(v.strip() == "*" for v in _vary_names(response_headers)):
@@ -211,25 +262,18 @@ def decide_storage(
         return StoreDecision(False, "cookie")
 
     # RFC 9111 §4.2.3: age the response already had when it arrived.
-    date = _http_date(response_headers.get("Date"))
+    date = http_date(response_headers.get("Date"), response_time)
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
-    age_header = _delta_seconds(response_headers.get("Age", "").strip() or None) or 0.0
+    age_header = age_seconds(response_headers.getall("Age", ()))
     corrected_initial_age = max(apparent_age, age_header + (response_time - request_time))
     stored_at = response_time - corrected_initial_age
 
-    # RFC 9111 §4.2.1: s-maxage, then max-age, then Expires - Date.
-    lifetime = _delta_seconds(cc.get("s-maxage")) if "s-maxage" in cc else None
-    if lifetime is None and "max-age" in cc:
-        lifetime = _delta_seconds(cc.get("max-age"))
-    if lifetime is None and "expires" in response_headers:
-        expires = _http_date(response_headers.get("Expires"))
-        # An invalid Expires (e.g. "0") means already expired (§5.3).
-        lifetime = (
-            max(0.0, expires - (date if date is not None else response_time)) if expires else 0.0
-        )
-    if "no-cache" in cc:
+    lifetime = _lifetime(cc, response_headers, targeted, date, response_time)
+    if no_cache:
         lifetime = 0.0  # §5.2.2.4: store, but revalidate before every use
     if lifetime is None:
+        # §4.2.2: a heuristic lifetime only for the heuristically cacheable statuses, or a
+        # response marked public.
         if status not in HEURISTIC_STATUSES and "public" not in cc:
             return StoreDecision(False, "no-freshness")
         if policy.default_ttl <= 0:
@@ -238,13 +282,11 @@ def decide_storage(
     lifetime = min(lifetime, policy.max_ttl)
 
     fresh_until = stored_at + lifetime
-    stale_if_error = _capped(_delta_seconds(cc.get("stale-if-error")), policy.max_ttl)
-    swr = _capped(_delta_seconds(cc.get("stale-while-revalidate")), policy.max_ttl)
+    stale_if_error = _capped(_delta(cc.get("stale-if-error")), policy.max_ttl)
+    swr = _capped(_delta(cc.get("stale-while-revalidate")), policy.max_ttl)
     # §4.2.4 / §5.2.2.2 / §5.2.2.10: must-revalidate, proxy-revalidate and s-maxage forbid
     # serving stale, unless the origin explicitly grants stale-if-error (RFC 5861 §4).
-    no_stale = (
-        "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc or "no-cache" in cc
-    )
+    no_stale = "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc or no_cache
     if no_stale:
         stale_until = fresh_until + (stale_if_error or 0.0)
         swr_until = fresh_until
@@ -264,7 +306,15 @@ def decide_storage(
         stale_until=stale_until,
         swr_until=swr_until,
         expires_at=expires_at,
+        strip=private_fields | no_cache_fields,
     )
+
+
+def _delta(value: str | None) -> float | None:
+    """A delta-seconds argument where an invalid one is simply ignored (stale-if-error,
+    stale-while-revalidate: RFC 5861 grants nothing with a value that is not one)."""
+    seconds = delta_seconds(value)
+    return None if seconds == INVALID else seconds
 
 
 def may_share_unstored(request_headers: AnyHeaders, response_headers: AnyHeaders) -> bool:
@@ -302,8 +352,11 @@ def _is_proxy_field(lname: str) -> bool:
     return lname.startswith("proxy") and (len(lname) == 5 or lname[5] == "-")
 
 
-def storable_headers(headers: AnyHeaders) -> Headers:
-    return tuple(end_to_end(headers, _NOT_STORED))
+def storable_headers(headers: AnyHeaders, strip: Iterable[str] = ()) -> Headers:
+    """The headers a stored copy keeps: end-to-end ones, minus those recomputed per response
+    (Content-Length reflects the stored body), and minus ``strip`` (the fields a qualified
+    no-cache or private names: RFC 9111 §5.2.2.4, §5.2.2.7)."""
+    return tuple(end_to_end(headers, (*_NOT_STORED, *strip)))
 
 
 def _vary_names(headers: AnyHeaders) -> list[str]:
@@ -350,6 +403,9 @@ def freshen(
     )
     if not decision.storable:
         return None
+    if decision.strip:
+        for name in decision.strip:
+            merged.popall(name, None)
     return replace(
         entry,
         headers=tuple(merged.items()),
@@ -383,8 +439,8 @@ def client_not_modified(request_headers: AnyHeaders | Mapping[str, str], entry: 
     if_modified_since_raw = request_headers.get("If-Modified-Since")
     if if_modified_since_raw is None or entry.last_modified is None:
         return False  # the common case: nothing to parse on a plain hit
-    if_modified_since = _http_date(if_modified_since_raw)
-    last_modified = _http_date(entry.last_modified)
+    if_modified_since = http_date(if_modified_since_raw, entry.stored_at)
+    last_modified = http_date(entry.last_modified, entry.stored_at)
     if if_modified_since is None or last_modified is None:
         return False
     return last_modified <= if_modified_since

@@ -23,13 +23,13 @@ response writer turns the final one into ``X-Cache`` and ``Cache-Status`` (:func
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, assert_never
 
 from multidict import CIMultiDictProxy
 
 if TYPE_CHECKING:
-    from .entry import Entry
+    from .entry import Entry, Headers
     from .keys import CacheKey
     from .origin import OriginResponse
 
@@ -185,6 +185,10 @@ class Stored:
     entry: Entry
     revalidated: bool
     keep: bool = True
+    # The origin's headers for the request that made the fetch, when the stored copy left
+    # fields out (a qualified private / no-cache, RFC 9111 §5.2.2.4, §5.2.2.7): that client
+    # gets them; every other request gets the stored copy.
+    own_headers: Headers | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +282,9 @@ def after_fetch(
     """
     fwd = "miss" if stale is None else "stale"
     match outcome:
-        case Stored(entry, revalidated, _):
+        case Stored(entry, revalidated, _, own_headers):
+            if own_headers is not None and not collapsed:
+                entry = replace(entry, headers=own_headers)
             return Fetched(entry, fwd, revalidated, collapsed)
         case Unstorable(response, reason, _):
             return Relayed(response, fwd, reason)

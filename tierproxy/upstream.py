@@ -162,7 +162,10 @@ class Upstream:
             origin=origin,
             metrics=metrics,
             cache_policy=policy.CachePolicy(
-                settings.default_ttl, settings.max_stale, settings.max_ttl
+                settings.default_ttl,
+                settings.max_stale,
+                settings.max_ttl,
+                settings.targeted_fields,
             ),
             origin_timeout=settings.origin_timeout,
             max_entry_bytes=settings.max_entry_bytes,
@@ -326,7 +329,13 @@ class Upstream:
         if response.status >= 500:
             self._count("5xx")
             self._key_outcome(req, failed=True)
-            return OriginFailed("origin-5xx", response)
+            if stale is not None or response.body is None:
+                # A stale copy in hand beats the error when it may stand in (RFC 5861 §4).
+                return OriginFailed("origin-5xx", response)
+            # With nothing stored, a 5xx that carries explicit freshness is stored like any
+            # other status (RFC 9111 §3); one that does not is relayed.
+            stored = self._store(req, response)
+            return stored if isinstance(stored, Stored) else OriginFailed("origin-5xx", response)
         self._count("ok")
         self._key_outcome(req, failed=False)
 
@@ -344,6 +353,13 @@ class Upstream:
                 return Stored(stale, revalidated=True, keep=False)
             return Stored(refreshed, revalidated=True)
 
+        stored = self._store(req, response)
+        if isinstance(stored, Unstorable) and stale is not None and response.body is not None:
+            return Unstorable(response, stored.reason, invalidates=True)
+        return stored
+
+    def _store(self, req: ProxyRequest, response: OriginResponse) -> Stored | Unstorable:
+        """The origin's full answer as an entry to store, or why it may not be stored."""
         if response.body is None:
             return Unstorable(response, "too-large")
         decision = policy.decide_storage(
@@ -356,11 +372,11 @@ class Upstream:
             self.policy,
         )
         if not decision.storable:
-            return Unstorable(response, decision.reason, invalidates=stale is not None)
+            return Unstorable(response, decision.reason)
         entry = Entry(
             key=req.key.material,
             status=response.status,
-            headers=policy.storable_headers(response.headers),
+            headers=policy.storable_headers(response.headers, decision.strip),
             body=response.body,
             stored_at=decision.stored_at,
             fresh_until=decision.fresh_until,
@@ -372,7 +388,8 @@ class Upstream:
             vary=policy.vary_values(response.headers, req.headers),
             tags=policy.parse_tags(response.headers.get("Surrogate-Key")),
         )
-        return Stored(entry, revalidated=False)
+        own = policy.storable_headers(response.headers) if decision.strip else None
+        return Stored(entry, revalidated=False, own_headers=own)
 
     async def forward(self, req: ProxyRequest) -> Relayed | Failed:
         """A request the cache does not answer: send it on, its answer to be streamed back."""

@@ -26,7 +26,12 @@ BOB = {"Cookie": "session=bob"}
     [
         ({"Set-Cookie": "session=alice; HttpOnly"}, {}),
         ({"Cache-Control": "private, max-age=60"}, {}),
-        ({"Cache-Control": 'max-age=60, private="Set-Cookie"'}, {}),
+        # A qualified private keeps only the named fields out of a stored copy (RFC 9111
+        # §5.2.2.7); the Set-Cookie it names keeps the whole response out.
+        (
+            {"Cache-Control": 'max-age=60, private="Set-Cookie"', "Set-Cookie": "session=alice"},
+            {},
+        ),
         ({"Cache-Control": "no-store"}, {}),
         ({}, ALICE),  # heuristically cacheable .css, but the request carried a cookie
         ({"Cache-Control": "max-age=60"}, ALICE),

@@ -34,12 +34,13 @@ def decide(
     [
         ([("Cache-Control", "no-store")], [], 200, "no-store"),
         ([("Cache-Control", "max-age=60, private")], [], 200, "private"),
-        ([("Cache-Control", 'private="set-cookie"')], [], 200, "private"),
+        ([("Cache-Control", 'max-age=60, private=""')], [], 200, "private"),  # names none
         ([("Cache-Control", "max-age=60"), ("Set-Cookie", "a=b")], [], 200, "set-cookie"),
         ([("Cache-Control", "max-age=60")], [("Authorization", "Bearer x")], 200, "authorization"),
         ([("Cache-Control", "max-age=60")], [("Cookie", "sid=1")], 200, "cookie"),
         ([("Cache-Control", "max-age=60"), ("Vary", "Accept, *")], [], 200, "vary-star"),
-        ([("Cache-Control", "max-age=60")], [], 500, "status"),
+        ([("Cache-Control", "max-age=60")], [], 304, "status"),
+        ([("Cache-Control", "max-age=60")], [], 101, "status"),
         ([("Cache-Control", "max-age=60")], [], 206, "status"),
         ([], [], 302, "no-freshness"),  # not heuristically cacheable
         ([("Cache-Control", "max-age=0")], [], 200, "expired"),  # no validators, nothing to keep
