@@ -344,6 +344,10 @@ class Upstream:
                 return Stored(stale, revalidated=True, keep=False)
             return Stored(refreshed, revalidated=True)
 
+        if response.status == 206:
+            # The fetch asked for no range: a 206 is never stored as the complete response
+            # (RFC 9111 §3.3-3.4), whatever its freshness.
+            return Unstorable(response, "partial-content")
         if response.body is None:
             return Unstorable(response, "too-large")
         decision = policy.decide_storage(
