@@ -151,8 +151,8 @@ async def respond(request: web.Request, state: ProxyState, final: Final) -> web.
     match final:
         case FreshHit(_, entry) | StaleHit(_, entry, _) | Fetched(entry, _, _, _):
             return _stored(request, state, entry, now, x_cache, member)
-        case Relayed(response, _, _):
-            return await _relayed(request, state, response, x_cache, member)
+        case Relayed(response, fwd, _):
+            return await _relayed(request, state, response, fwd, x_cache, member)
         case Failed(status, reason, _):
             state.metrics.response(x_cache, status)
             failed = plain(
@@ -185,7 +185,7 @@ def _stored(
         status = entry.status
         body = entry.body
         if status == 200 and "Range" in request.headers:
-            status, body, headers = _ranged(request, entry, headers)
+            status, body, headers = _ranged(request, body, entry.etag, entry.last_modified, headers)
     headers["Age"] = str(entry.age(now))
     headers["X-Cache"] = x_cache
     upstream = entry.upstream_cache_status[:-2].decode("utf-8", "surrogateescape")
@@ -196,12 +196,16 @@ def _stored(
 
 
 def _ranged(
-    request: web.Request, entry: Entry, headers: CIMultiDict[str]
-) -> tuple[int, bytes | memoryview | None, CIMultiDict[str]]:
-    """A GET/HEAD with ``Range`` on a stored ``200`` (RFC 9110 §14): ``206`` with the range
-    (``multipart/byteranges`` for several), ``416``, or the whole ``200``
-    (:func:`tierproxy.ranges.decide`). ``headers`` are the stored ones, minus tierproxy's."""
-    body = entry.body
+    request: web.Request,
+    body: bytes,
+    etag: str | None,
+    last_modified: str | None,
+    headers: CIMultiDict[str],
+) -> tuple[int, bytes | memoryview, CIMultiDict[str]]:
+    """A GET/HEAD with ``Range`` on a complete ``200`` held in memory (stored, or fetched
+    whole and not storable) (RFC 9110 §14): ``206`` with the range (``multipart/byteranges``
+    for several), ``416``, or the whole ``200`` (:func:`tierproxy.ranges.decide`).
+    ``headers`` are the response's, without tierproxy's own."""
     values = request.headers.getall("Range")
     boundary = secrets.token_hex(12)
     content_type = headers.get("Content-Type")
@@ -209,8 +213,8 @@ def _ranged(
         values[0] if len(values) == 1 else None,  # Range is a singleton: twice, ignored
         request.headers.get("If-Range"),
         len(body),
-        etag=entry.etag,
-        last_modified=entry.last_modified,
+        etag=etag,
+        last_modified=last_modified,
         date=headers.get("Date"),
         part_overhead=part_overhead(boundary, content_type),
     )
@@ -238,6 +242,7 @@ async def _relayed(
     request: web.Request,
     state: ProxyState,
     origin_response: OriginResponse,
+    fwd: str,
     x_cache: str,
     member: str,
 ) -> web.StreamResponse:
@@ -245,21 +250,29 @@ async def _relayed(
     # tierproxy's own fields replace the origin's; its Cache-Status member follows an
     # upstream's members (RFC 9211 §2).
     upstream = ", ".join(v.strip() for v in headers.popall("Cache-Status", ()) if v.strip())
+    status = origin_response.status
+    body: bytes | memoryview = origin_response.body or b""
+    if (
+        status == 200
+        and origin_response.body is not None
+        and fwd in ("miss", "stale")  # the fetch that fills the cache asked for no range
+        and "Range" in request.headers
+    ):
+        status, body, headers = _ranged(
+            request,
+            origin_response.body,
+            headers.get("ETag"),
+            headers.get("Last-Modified"),
+            headers,
+        )
     headers["X-Cache"] = x_cache
     headers["Cache-Status"] = cache_status(upstream, member)
     headers["X-Request-ID"] = request[INFO].rid
-    state.metrics.response(x_cache, origin_response.status)
+    state.metrics.response(x_cache, status)
     if origin_response.body is not None or origin_response.stream is None:
         if has_raw_bytes(headers.items()):
-            return ExactHeadResponse(
-                request,
-                status=origin_response.status,
-                body=origin_response.body or b"",
-                headers=headers,
-            )
-        return web.Response(
-            status=origin_response.status, body=origin_response.body or b"", headers=headers
-        )
+            return ExactHeadResponse(request, status=status, body=bytes(body), headers=headers)
+        return web.Response(status=status, body=bytes(body), headers=headers)
     return await _stream(request, state, origin_response, headers)
 
 

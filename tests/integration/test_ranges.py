@@ -268,6 +268,28 @@ async def test_a_range_on_a_miss_fetches_and_stores_the_whole_object(
     assert whole.status == 200 and whole.body == body and whole.x_cache == "HIT-L1", whole
 
 
+async def test_a_range_of_a_response_not_stored_is_cut_from_the_fetched_body(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    # The fetch for a cacheable request asks for the whole object; when the answer may not
+    # be stored (no-store, private), the client still gets its range of it.
+    origin.set("/nostore", size=SIZE, headers={"Cache-Control": "no-store"}, etag='"n"')
+    body = make_body(SIZE)
+    proxy = await make_proxy()
+
+    got = await proxy.get("/nostore", headers={"Range": "bytes=10-19"})
+    refused = await proxy.get("/nostore", headers={"Range": "bytes=5000-"})
+    changed = await proxy.get("/nostore", headers={"Range": "bytes=10-19", "If-Range": '"m"'})
+
+    assert got.status == 206 and got.body == body[10:20], got
+    assert got.headers["Content-Range"] == f"bytes 10-19/{SIZE}"
+    assert got.headers["ETag"] == '"n"'
+    assert got.x_cache in ("MISS", "BYPASS"), got
+    assert refused.status == 416 and refused.headers["Content-Range"] == f"bytes */{SIZE}"
+    assert changed.status == 200 and changed.body == body, changed
+    assert [r.headers.get("Range") for r in origin.requests_for("/nostore")] == [None] * 3
+
+
 async def test_a_body_too_large_to_store_passes_the_range_to_the_origin(
     origin: Origin, make_proxy: MakeProxy
 ) -> None:
