@@ -231,6 +231,14 @@ async def test_head_with_range_gets_the_206_head_without_a_body(
     assert got.headers["Content-Length"] == "10"
     assert got.x_cache == "HIT-L1", got
 
+    origin.set("/h-cold", size=SIZE, headers=CACHEABLE)
+    cold = await proxy.head("/h-cold", headers={"Range": "bytes=-100"})
+    assert cold.status == 206 and cold.body == b"", cold
+    assert cold.headers["Content-Range"] == f"bytes 900-999/{SIZE}"
+    assert cold.headers["Content-Length"] == "100"
+    after = await proxy.get("/h-cold", headers={"Range": "bytes=0-0"})
+    assert after.status == 206 and after.x_cache == "HIT-L1", after  # the HEAD filled it
+
 
 async def test_a_range_on_a_stored_non_200_gets_the_entry_as_it_is(
     origin: Origin, make_proxy: MakeProxy
