@@ -25,7 +25,7 @@ from .logs import request_id
 from .purge_handler import purge
 from .response import plain, respond
 from .state import INFO, STATE, ProxyState, RequestInfo
-from .states import ProxyRequest
+from .states import Final, ProxyRequest, Relayed
 
 __all__ = ["handle", "unrouted_targets"]
 
@@ -115,7 +115,7 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
     )
     has_body = request.body_exists
     if policy.bypass_reason(method, request.headers, has_body) is None:
-        final = await state.readthrough.get(req)
+        final = await _range_through(state, req, await state.readthrough.get(req))
     else:
         if has_body:
             refused = await _read_body(request, state, req)
@@ -123,6 +123,26 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
                 return refused
         final = await state.readthrough.forward(req)
     return await respond(request, state, final)
+
+
+async def _range_through(state: ProxyState, req: ProxyRequest, final: Final) -> Final:
+    """A ``Range`` request whose whole answer is too large to store (so it would be streamed
+    whole): the fetched answer is dropped and the client's ``Range`` goes to the origin, whose
+    ``206`` is relayed (never stored). Anything else is answered from the entry (response.py)."""
+    if (
+        isinstance(final, Relayed)
+        and final.detail == "too-large"
+        and final.response.status == 200
+        and "Range" in req.headers
+    ):
+        final.response.release()
+        passed = await state.readthrough.forward(req)
+        return (
+            Relayed(passed.response, final.fwd, final.detail)
+            if isinstance(passed, Relayed)
+            else passed
+        )
+    return final
 
 
 async def _read_body(

@@ -53,8 +53,9 @@ __all__ = ["HANDOVER", "Answer", "Handover", "HitPath"]
 
 Answer = tuple[bytes, bytes]  # response head, body
 
-# Request headers that change what a hit answers (RFC 9110 §13 conditionals, RFC 9111 §5.2.1
-# request directives): such requests take the full path, which knows what to do with them.
+# Request headers that change what a hit answers (RFC 9110 §13 conditionals, §14 ranges,
+# RFC 9111 §5.2.1 request directives): such requests take the full path, which knows what to
+# do with them (tierproxy.conditionals, tierproxy.ranges); a plain hit never looks further.
 _FULL_PATH_HEADERS = (
     "Cache-Control",
     "If-None-Match",

@@ -27,11 +27,9 @@ __all__ = [
     "HOP_BY_HOP",
     "MAX_TAGS_PER_ENTRY",
     "MAX_TAG_LENGTH",
-    "NOT_MODIFIED_HEADERS",
     "CachePolicy",
     "StoreDecision",
     "bypass_reason",
-    "client_not_modified",
     "decide_storage",
     "end_to_end",
     "freshen",
@@ -92,9 +90,6 @@ HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414
 # made every final status storable: the understood ones.
 STORABLE_STATUSES = UNDERSTOOD_STATUSES
 _NEVER_STORED_STATUSES = frozenset({206, 304})
-
-# RFC 9110 §15.4.5: what a 304 carries when the 200 would have had it.
-NOT_MODIFIED_HEADERS = ("cache-control", "content-location", "date", "etag", "expires", "vary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,33 +412,6 @@ def freshen(
         etag=merged.get("ETag"),
         last_modified=merged.get("Last-Modified"),
     )
-
-
-def _weak_etag(tag: str) -> str:
-    tag = tag.strip()
-    return tag.removeprefix("W/")
-
-
-def client_not_modified(request_headers: AnyHeaders | Mapping[str, str], entry: Entry) -> bool:
-    """RFC 9110 §13.1.2 / §13.1.3 on a stored entry: may we answer the client 304?"""
-    if entry.status != 200:
-        return False
-    if_none_match = request_headers.get("If-None-Match")
-    if if_none_match is not None:
-        if entry.etag is None:
-            return False
-        if if_none_match.strip() == "*":
-            return True
-        stored = _weak_etag(entry.etag)
-        return any(_weak_etag(tag) == stored for tag in if_none_match.split(","))
-    if_modified_since_raw = request_headers.get("If-Modified-Since")
-    if if_modified_since_raw is None or entry.last_modified is None:
-        return False  # the common case: nothing to parse on a plain hit
-    if_modified_since = http_date(if_modified_since_raw, entry.stored_at)
-    last_modified = http_date(entry.last_modified, entry.stored_at)
-    if if_modified_since is None or last_modified is None:
-        return False
-    return last_modified <= if_modified_since
 
 
 # ---- surrogate keys -----------------------------------------------------------------------

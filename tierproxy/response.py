@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, assert_never
 
@@ -32,8 +33,10 @@ from .aiohttp_internals import (
     ExactHeadStreamResponse,
     rfc822_formatted_time,
 )
+from .conditionals import NOT_MODIFIED_HEADERS, client_not_modified
 from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER, OWN_HEADERS, has_raw_bytes
 from .origin import OriginError, OriginResponse, OriginTimeout
+from .ranges import Full, Partial, content_range, decide, multipart, part_overhead
 from .state import INFO
 from .states import Failed, Fetched, Final, FreshHit, Relayed, StaleHit, labels
 
@@ -148,8 +151,8 @@ async def respond(request: web.Request, state: ProxyState, final: Final) -> web.
     match final:
         case FreshHit(_, entry) | StaleHit(_, entry, _) | Fetched(entry, _, _, _):
             return _stored(request, state, entry, now, x_cache, member)
-        case Relayed(response, _, _):
-            return await _relayed(request, state, response, x_cache, member)
+        case Relayed(response, fwd, _):
+            return await _relayed(request, state, response, fwd, x_cache, member)
         case Failed(status, reason, _):
             state.metrics.response(x_cache, status)
             failed = plain(
@@ -168,11 +171,10 @@ def _stored(
     # The same head as the hit path writes (fresh_hit_head): the stored fields but
     # tierproxy's own, then Age, X-Cache, Cache-Status (upstream members first) and
     # X-Request-ID (set by the handler).
-    if policy.client_not_modified(request.headers, entry):
+    body: bytes | memoryview | None
+    if client_not_modified(request.headers, entry):  # RFC 9110 §13.2.2: before Range
         headers = CIMultiDict(
-            (name, value)
-            for name, value in entry.headers
-            if name.lower() in policy.NOT_MODIFIED_HEADERS or name.lower() == "last-modified"
+            (name, value) for name, value in entry.headers if name.lower() in NOT_MODIFIED_HEADERS
         )
         status = 304
         body = None
@@ -182,6 +184,10 @@ def _stored(
         )
         status = entry.status
         body = entry.body
+        if status == 200 and "Range" in request.headers:
+            status, body, headers = _ranged(
+                request, body, entry.etag, entry.last_modified, headers, now
+            )
     headers["Age"] = str(entry.age(now))
     headers["X-Cache"] = x_cache
     upstream = entry.upstream_cache_status[:-2].decode("utf-8", "surrogateescape")
@@ -191,10 +197,56 @@ def _stored(
     return response
 
 
+def _ranged(
+    request: web.Request,
+    body: bytes,
+    etag: str | None,
+    last_modified: str | None,
+    headers: CIMultiDict[str],
+    now: float,
+) -> tuple[int, bytes | memoryview, CIMultiDict[str]]:
+    """A GET/HEAD with ``Range`` on a complete ``200`` held in memory (stored, or fetched
+    whole and not storable) (RFC 9110 §14): ``206`` with the range (``multipart/byteranges``
+    for several), ``416``, or the whole ``200`` (:func:`tierproxy.ranges.decide`).
+    ``headers`` are the response's, without tierproxy's own."""
+    values = request.headers.getall("Range")
+    boundary = secrets.token_hex(12)
+    content_type = headers.get("Content-Type")
+    decision = decide(
+        values[0] if len(values) == 1 else None,  # Range is a singleton: twice, ignored
+        request.headers.get("If-Range"),
+        len(body),
+        etag=etag,
+        last_modified=last_modified,
+        date=headers.get("Date"),
+        part_overhead=part_overhead(boundary, content_type),
+        now=now,
+    )
+    if isinstance(decision, Full):
+        return 200, body, headers
+    length = len(body)
+    if not isinstance(decision, Partial):  # unsatisfiable: no body, only the validators
+        refused = CIMultiDict(
+            (name, value) for name, value in headers.items() if name.lower() in NOT_MODIFIED_HEADERS
+        )
+        refused["Content-Range"] = f"bytes */{length}"
+        return 416, b"", refused
+    if len(decision.ranges) == 1:
+        first, last = decision.ranges[0]
+        headers["Content-Range"] = content_range(first, last, length)
+        if last - first + 1 > BODY_SLICE_BYTES and request.method != "HEAD":
+            return 206, memoryview(body)[first : last + 1], headers  # no copy per client
+        return 206, body[first : last + 1], headers
+    headers.popall("Content-Type", None)
+    headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+    return 206, multipart(body, decision.ranges, content_type, boundary), headers
+
+
 async def _relayed(
     request: web.Request,
     state: ProxyState,
     origin_response: OriginResponse,
+    fwd: str,
     x_cache: str,
     member: str,
 ) -> web.StreamResponse:
@@ -202,21 +254,30 @@ async def _relayed(
     # tierproxy's own fields replace the origin's; its Cache-Status member follows an
     # upstream's members (RFC 9211 §2).
     upstream = ", ".join(v.strip() for v in headers.popall("Cache-Status", ()) if v.strip())
+    status = origin_response.status
+    body: bytes | memoryview = origin_response.body or b""
+    if (
+        status == 200
+        and origin_response.body is not None
+        and fwd in ("miss", "stale")  # the fetch that fills the cache asked for no range
+        and "Range" in request.headers
+    ):
+        status, body, headers = _ranged(
+            request,
+            origin_response.body,
+            headers.get("ETag"),
+            headers.get("Last-Modified"),
+            headers,
+            state.clock.wall(),
+        )
     headers["X-Cache"] = x_cache
     headers["Cache-Status"] = cache_status(upstream, member)
     headers["X-Request-ID"] = request[INFO].rid
-    state.metrics.response(x_cache, origin_response.status)
+    state.metrics.response(x_cache, status)
     if origin_response.body is not None or origin_response.stream is None:
         if has_raw_bytes(headers.items()):
-            return ExactHeadResponse(
-                request,
-                status=origin_response.status,
-                body=origin_response.body or b"",
-                headers=headers,
-            )
-        return web.Response(
-            status=origin_response.status, body=origin_response.body or b"", headers=headers
-        )
+            return ExactHeadResponse(request, status=status, body=bytes(body), headers=headers)
+        return web.Response(status=status, body=bytes(body), headers=headers)
     return await _stream(request, state, origin_response, headers)
 
 
@@ -230,9 +291,11 @@ class SharedBodyResponse(web.StreamResponse):
     that much. The head is what ``web.Response`` would send for the same body.
     """
 
-    def __init__(self, *, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self, *, status: int, body: bytes | memoryview, headers: Mapping[str, str]
+    ) -> None:
         super().__init__(status=status, headers=headers)
-        self._shared_body: bytes | None = body
+        self._shared_body: bytes | memoryview | None = body
         self._body_size = len(body)
 
     @property
@@ -266,19 +329,19 @@ class _ExactHeadSharedBodyResponse(ExactHead, SharedBodyResponse):
 
 
 def cached_body_response(
-    method: str, status: int, body: bytes, headers: Mapping[str, str]
+    method: str, status: int, body: bytes | memoryview, headers: Mapping[str, str]
 ) -> web.StreamResponse:
-    """The full path's response carrying a stored body: small ones (and HEAD) in one write,
-    larger ones as :class:`SharedBodyResponse`."""
+    """The full path's response carrying a stored body (or a view of a range of it): small
+    ones (and HEAD) in one write, larger ones as :class:`SharedBodyResponse`."""
     if method == "HEAD" or len(body) <= BODY_SLICE_BYTES:
-        return web.Response(status=status, body=body, headers=headers)
+        return web.Response(status=status, body=bytes(body), headers=headers)
     return SharedBodyResponse(status=status, body=body, headers=headers)
 
 
 def _cached_response(
     request: web.BaseRequest,
     status: int,
-    body: bytes | None,
+    body: bytes | memoryview | None,
     headers: CIMultiDict[str],
     exact_head: bool,
 ) -> web.StreamResponse:
@@ -290,7 +353,8 @@ def _cached_response(
             return web.Response(status=status, headers=headers)
         return cached_body_response(request.method, status, body, headers)
     if body is None or request.method == "HEAD" or len(body) <= BODY_SLICE_BYTES:
-        return ExactHeadResponse(request, status=status, body=body, headers=headers)
+        whole = None if body is None else bytes(body)
+        return ExactHeadResponse(request, status=status, body=whole, headers=headers)
     return _ExactHeadSharedBodyResponse(request, status=status, body=body, headers=headers)
 
 

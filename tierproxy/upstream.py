@@ -360,6 +360,10 @@ class Upstream:
 
     def _store(self, req: ProxyRequest, response: OriginResponse) -> Stored | Unstorable:
         """The origin's full answer as an entry to store, or why it may not be stored."""
+        if response.status == 206:
+            # The fetch asked for no range: a 206 is never stored as the complete response
+            # (RFC 9111 §3.3-3.4), whatever its freshness.
+            return Unstorable(response, "partial-content")
         if response.body is None:
             return Unstorable(response, "too-large")
         decision = policy.decide_storage(

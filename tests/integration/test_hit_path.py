@@ -184,7 +184,7 @@ DECLINED = {
     "conditional": (b'If-None-Match: "v1"\r\n', 304, "HIT-L1"),
     "if-modified-since": (b"If-Modified-Since: Wed, 25 Nov 2099 10:00:00 GMT\r\n", 304, "HIT-L1"),
     "request-no-store": (b"Cache-Control: no-store\r\n", 200, "BYPASS"),
-    "range": (b"Range: bytes=0-1\r\n", 200, "HIT-L1"),
+    "range": (b"Range: bytes=0-1\r\n", 206, "HIT-L1"),  # answered by the full path
     "body": (b"Content-Length: 3\r\n\r\nabc", 200, "BYPASS"),
 }
 

@@ -20,6 +20,7 @@ import dataclasses
 import email.utils
 import hashlib
 import random
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Behavior:
     etag: str | None = None
     last_modified: str | None = None
     honor_if_none_match: bool = False  # 304 when If-None-Match matches ``etag``
+    honor_range: bool = False  # 206 for one "bytes=a-b" / "a-" / "-n" Range (RFC 9110 §14)
 
 
 @dataclass(frozen=True)
@@ -244,13 +246,21 @@ class Origin:
             body = f"origin body for {target} (request {n})".encode()
             headers.setdefault("Content-Type", "text/plain; charset=utf-8")
 
+        status = rule.status
+        if rule.honor_range and status == 200:
+            ranged = _one_range(request.headers.get("Range"), len(body))
+            if ranged is not None:
+                first, last = ranged
+                headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
+                body, status = body[first : last + 1], 206
+
         if request.method == "HEAD":
-            response: web.StreamResponse = web.Response(status=rule.status, headers=headers)
+            response: web.StreamResponse = web.Response(status=status, headers=headers)
             response.content_length = len(body)
             return response
 
         if rule.close_mid_body:
-            response = web.StreamResponse(status=rule.status, headers=headers)
+            response = web.StreamResponse(status=status, headers=headers)
             response.content_length = len(body)
             await response.prepare(request)
             await response.write(body[: max(1, len(body) // 2)])
@@ -260,7 +270,7 @@ class Origin:
             raise asyncio.CancelledError()  # nothing more to do for this connection
 
         if rule.chunked or rule.pause_after is not None or rule.chunk_delay:
-            response = web.StreamResponse(status=rule.status, headers=headers)
+            response = web.StreamResponse(status=status, headers=headers)
             if rule.chunked:
                 response.enable_chunked_encoding()
             else:
@@ -280,4 +290,16 @@ class Origin:
             await response.write_eof()
             return response
 
-        return web.Response(status=rule.status, headers=headers, body=body)
+        return web.Response(status=status, headers=headers, body=body)
+
+
+def _one_range(value: str | None, length: int) -> tuple[int, int] | None:
+    """The test origin's own, deliberately simple reading of one satisfiable byte range."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", value or "")
+    if match is None or not (match[1] or match[2]) or length == 0:
+        return None
+    if not match[1]:
+        return max(0, length - int(match[2])), length - 1
+    first = int(match[1])
+    last = min(int(match[2]), length - 1) if match[2] else length - 1
+    return (first, last) if first <= last else None
