@@ -42,7 +42,7 @@ from aiohttp.http_parser import RawRequestMessage
 from .keys import BadTarget, CacheKey, normalise_target
 from .logs import request_id
 from .response import fresh_hit_head
-from .states import FreshHit, Lookup, ProxyRequest
+from .states import FreshHit, Lookup, ProxyRequest, Trace
 
 if TYPE_CHECKING:
     from .entry import Entry
@@ -198,6 +198,7 @@ class HitPath:
                 started,
                 req.timings,
                 remote,
+                hit.tiers,
             )
             if answer is not None:
                 return answer
@@ -213,8 +214,9 @@ class HitPath:
         started: float,
         timings: dict[str, float],
         remote: str | None,
+        tiers: Trace = (),
     ) -> Answer | None:
-        labelled = fresh_hit_head(tier, entry, now, rid)
+        labelled = fresh_hit_head(tier, entry, now, rid, tiers)
         if labelled is None:
             return None
         head, x_cache = labelled

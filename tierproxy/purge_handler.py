@@ -48,5 +48,5 @@ async def purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.R
         status=200 if outcome.ok else 503,
         text=json.dumps(body),
         content_type="application/json",
-        headers={"X-Cache": REFUSED[0], "Cache-Status": REFUSED[1]},
+        headers={"X-Cache": REFUSED[0]},  # no tier handled it: no Cache-Status member
     )

@@ -18,6 +18,7 @@ through :class:`~tierproxy.upstream.Upstream`; it returns a final state
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, assert_never
 
@@ -47,6 +48,7 @@ from .states import (
     Relayed,
     StaleHit,
     Stored,
+    Trace,
     Unstorable,
     after_fetch,
     freshness,
@@ -54,7 +56,7 @@ from .states import (
     stale_at_deadline,
     stale_usable,
 )
-from .tiers.base import GuardedTier, LocalTrust
+from .tiers.base import MISS_REASON, GuardedTier, LocalTrust
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -111,16 +113,23 @@ class ReadThrough:
 
         With ``TIERPROXY_HEDGE=on`` a tier that has not answered by its recent p95 gets the
         next tier asked alongside (:func:`tierproxy.lookups.hedged`): a fresh copy from the
-        next tier may answer first; everything else keeps this order."""
+        next tier may answer first; everything else keeps this order.
+
+        What each tier reached said is the found state's trace (``tiers``, for Cache-Status):
+        a tier's position in it is its index in ``self.tiers``."""
         loop = asyncio.get_running_loop()
         generation = self.purges.generation  # copies read before a purge are not written back
         since = self.coalescer.completed  # fetches completed later may hold what this misses
         tiers, index = self.tiers, 0
+        trace: list[tuple[str, str]] = []
         while index < len(tiers):
             tier = tiers[index]
+            asked = index
+            del trace[index:]  # (a hedged tier asked again after an expired copy)
             # The tier returns only a copy usable for these request headers (Vary).
             if tier.synchronous:
                 entry = tier.get_now(req.key, req.headers)
+                said: tuple[str, ...] = ("" if entry is not None else MISS_REASON.get(),)
             else:
                 after = tier.hedge_after if self.settings.hedge else None
                 if (
@@ -128,23 +137,31 @@ class ReadThrough:
                     and index + 1 < len(tiers)
                     and not tiers[index + 1].synchronous
                 ):
-                    entry, second = await hedged(
+                    entry, second, said = await hedged(
                         req, tier, tiers[index + 1], after, self.clock, self.metrics.hedges
                     )
                     index += second
                 else:
-                    entry = await tier_get(req, tier, loop)
+                    entry, why = await tier_get(req, tier, loop)
+                    said = (why,)
+            trace.extend((tiers[asked + offset].name, what) for offset, what in enumerate(said))
             if entry is None:
                 index += 1
                 continue
             name = tiers[index].name
             match freshness(entry, self.clock.wall()):
                 case "fresh":
+                    trace[index] = (name, "hit")
                     self.backfill.backfill(req.key, entry, index, generation)
-                    return Lookup(FreshHit(name, entry), generation, since)
+                    return Lookup(FreshHit(name, entry, tuple(trace)), generation, since)
                 case "stale":
-                    return Lookup(NeedsRevalidation(name, entry), generation, since)
-        return Lookup(MISS, generation, since)
+                    trace[index] = (name, "stale")
+                    found = NeedsRevalidation(name, entry, tuple(trace))
+                    return Lookup(found, generation, since)
+                case _:  # expired since the tier looked: nothing usable there
+                    trace[index] = (name, "uri-miss")
+                    index += 1
+        return Lookup(Miss(tuple(trace)) if trace else MISS, generation, since)
 
     async def get(self, req: ProxyRequest, found: Lookup | None = None) -> Final:
         """Answer a cacheable GET/HEAD. ``found`` is :meth:`lookup`'s outcome for this very
@@ -156,8 +173,8 @@ class ReadThrough:
                 return hit
             case NeedsRevalidation() as copy:
                 return await self._stale(req, copy, found)
-            case Miss():
-                return await self._fetch(req, None, found.since)
+            case Miss() as miss:
+                return await self._fetch(req, None, found.since, tiers=miss.tiers)
             case _:
                 assert_never(found.found)
 
@@ -196,12 +213,13 @@ class ReadThrough:
         stale: NeedsRevalidation | None,
         since: int,
         stale_at: float | None = None,
+        tiers: Trace = (),
     ) -> Final:
         held = None if stale is None else stale.entry
         outcome, collapsed = await self.coalescer.fetch(
             req, since, lambda: self._fetch_and_store(req, held), stale_at
         )
-        final = after_fetch(outcome, stale, self.clock.wall(), collapsed)
+        final = after_fetch(outcome, stale, self.clock.wall(), collapsed, tiers)
         if isinstance(final, StaleHit):  # the origin failed: the stale copy stands in
             if isinstance(outcome, OriginFailed) and outcome.response is not None:
                 outcome.response.release()
@@ -243,6 +261,8 @@ class ReadThrough:
     async def forward(self, req: ProxyRequest) -> Relayed | Failed:
         """A request the cache does not answer: send it on, stream the answer back."""
         final = await self.upstream.forward(req)
+        if self.tiers:  # Cache-Status: the cache sent it on from its first tier
+            final = dataclasses.replace(final, tiers=((self.tiers[0].name, final.fwd),))
         # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
         if (
             isinstance(final, Relayed)

@@ -2,10 +2,10 @@
 
 :func:`respond` turns a final state (:data:`tierproxy.states.Final`) into the full path's
 response; :func:`fresh_hit_head` gives the hit path (:mod:`tierproxy.hits`) the same head as
-bytes. Both take ``X-Cache`` and tierproxy's ``Cache-Status`` member from
-:func:`tierproxy.states.labels` (the only place those strings are built), put an upstream
-cache's ``Cache-Status`` members first (RFC 9211 §2: listed from the origin towards the user
-agent) and compute ``Age`` (RFC 9111 §5.1) from the proxy's clock (``ProxyState.clock``).
+bytes. Both take ``X-Cache`` and tierproxy's ``Cache-Status`` members (one per tier the
+request reached) from :func:`tierproxy.states.labels` (the only place those strings are
+built), put an upstream cache's ``Cache-Status`` members first (RFC 9211 §2: listed from the
+origin towards the user agent) and compute ``Age`` (RFC 9111 §5.1) from the proxy's clock (``ProxyState.clock``).
 
 Stored bodies go out as slices of the one stored copy (:class:`SharedBodyResponse`), heads
 with non-UTF-8 bytes byte-exact, bodies too large to store are streamed through under three
@@ -38,7 +38,7 @@ from .entry import HAS_CONTENT_TYPE, HAS_DATE, HAS_SERVER, OWN_HEADERS, has_raw_
 from .origin import OriginError, OriginResponse, OriginTimeout
 from .ranges import Full, Partial, content_range, decide, multipart, part_overhead
 from .state import INFO
-from .states import Failed, Fetched, Final, FreshHit, Relayed, StaleHit, labels
+from .states import Failed, Fetched, Final, FreshHit, Relayed, StaleHit, Trace, labels
 
 if TYPE_CHECKING:
     from .entry import Entry
@@ -57,8 +57,8 @@ __all__ = [
 log = logging.getLogger("tierproxy.server")
 
 #: ``(X-Cache, Cache-Status)`` of a request answered before it reached the cache (CONNECT, a
-#: bad target, a refused body, PURGE).
-REFUSED = ("BYPASS", "tierproxy; fwd=bypass")
+#: bad target, a refused body, PURGE): no tier handled it, so no Cache-Status member.
+REFUSED = ("BYPASS", "")
 
 # Response headers never passed from the origin to the client on a relayed response.
 _RESPONSE_DROP = ("content-length", "surrogate-key", "surrogate-control")
@@ -75,17 +75,16 @@ _FAILED_TEXT = {
 
 def cache_status(upstream: str, ours: str) -> str:
     """RFC 9211 §2: members are listed from the origin towards the user agent, so an
-    upstream cache's members come first and tierproxy's last."""
-    return f"{upstream}, {ours}" if upstream else ours
+    upstream cache's members come first and tierproxy's last ("" when there are none)."""
+    return f"{upstream}, {ours}" if upstream and ours else upstream or ours
 
 
 def plain(status: int, text: str, labels: tuple[str, str] = REFUSED) -> web.Response:
     """A short plain-text answer with tierproxy's ``(X-Cache, Cache-Status)``."""
-    return web.Response(
-        status=status,
-        text=text + "\n",
-        headers={"X-Cache": labels[0], "Cache-Status": labels[1]},
-    )
+    response = web.Response(status=status, text=text + "\n", headers={"X-Cache": labels[0]})
+    if labels[1]:
+        response.headers["Cache-Status"] = labels[1]
+    return response
 
 
 # ---- the hit path's head ------------------------------------------------------------------
@@ -97,25 +96,29 @@ _HIT_HEAD = (
     b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s%s\r\n"
     b"X-Request-ID: %s\r\nContent-Length: %d\r\n%s\r\n"
 )
-# labels(FreshHit(tier, entry), now), encoded, by (tier, whole seconds of freshness left):
-# what those labels depend on. Building them costs about as much as the rest of an L1 hit,
-# so they are built once per distinct value (bounded: cleared when full).
-_FRESH_LABELS: dict[tuple[str, int], tuple[str, bytes, bytes]] = {}
+# labels(FreshHit(tier, entry, tiers), now), encoded, by (the lookup's trace - or the tier
+# alone when only it was asked: an L1 hit - and whole seconds of freshness left): what those
+# labels depend on. Building them costs about as much as the rest of an L1 hit, so they are
+# built once per distinct value (bounded: cleared when full).
+_FRESH_LABELS: dict[tuple[str | Trace, int], tuple[str, bytes, bytes]] = {}
 _FRESH_LABELS_MAX = 4096
 
 
-def fresh_hit_head(tier: str, entry: Entry, now: float, rid: str) -> tuple[bytes, str] | None:
-    """The head of the full path's response for the final state ``FreshHit(tier, entry)``
-    at ``now``, as bytes, and its ``X-Cache``: the entry's stored head (``Entry.wire_head``;
-    None when a stored line is unsafe to write), then ``Age``, ``X-Cache``, ``Cache-Status``,
-    ``X-Request-ID`` and the lines aiohttp adds to a ``web.Response``."""
+def fresh_hit_head(
+    tier: str, entry: Entry, now: float, rid: str, tiers: Trace = ()
+) -> tuple[bytes, str] | None:
+    """The head of the full path's response for the final state ``FreshHit(tier, entry,
+    tiers)`` at ``now``, as bytes, and its ``X-Cache``: the entry's stored head
+    (``Entry.wire_head``; None when a stored line is unsafe to write), then ``Age``,
+    ``X-Cache``, ``Cache-Status``, ``X-Request-ID`` and the lines aiohttp adds to a
+    ``web.Response``."""
     head = entry.wire_head
     if head is None:
         return None
-    memo = (tier, math.floor(entry.fresh_until - now))
+    memo = (tiers or tier, math.floor(entry.fresh_until - now))
     encoded = _FRESH_LABELS.get(memo)
     if encoded is None:
-        x_cache, member = labels(FreshHit(tier, entry), now)
+        x_cache, member = labels(FreshHit(tier, entry, tiers), now)
         if len(_FRESH_LABELS) >= _FRESH_LABELS_MAX:
             _FRESH_LABELS.clear()
         encoded = _FRESH_LABELS[memo] = (x_cache, x_cache.encode(), member.encode())
@@ -191,7 +194,8 @@ def _stored(
     headers["Age"] = str(entry.age(now))
     headers["X-Cache"] = x_cache
     upstream = entry.upstream_cache_status[:-2].decode("utf-8", "surrogateescape")
-    headers["Cache-Status"] = cache_status(upstream, member)
+    if status_value := cache_status(upstream, member):
+        headers["Cache-Status"] = status_value
     response = _cached_response(request, status, body, headers, entry.raw_bytes)
     state.metrics.response(x_cache, status)
     return response
@@ -271,7 +275,8 @@ async def _relayed(
             state.clock.wall(),
         )
     headers["X-Cache"] = x_cache
-    headers["Cache-Status"] = cache_status(upstream, member)
+    if status_value := cache_status(upstream, member):
+        headers["Cache-Status"] = status_value
     headers["X-Request-ID"] = request[INFO].rid
     state.metrics.response(x_cache, status)
     if origin_response.body is not None or origin_response.stream is None:

@@ -23,6 +23,7 @@ response writer turns the final one into ``X-Cache`` and ``Cache-Status`` (:func
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, assert_never
 
@@ -48,9 +49,10 @@ __all__ = [
     "Relayed",
     "StaleHit",
     "Stored",
+    "Trace",
     "Unstorable",
     "after_fetch",
-    "cache_status_member",
+    "cache_status_members",
     "freshness",
     "labels",
     "on_stale",
@@ -76,13 +78,24 @@ class ProxyRequest:
 
 # ---- what the tiers held ------------------------------------------------------------------
 
+#: What each tier a request reached said, in lookup order (fastest first): ``(tier name,
+#: outcome)``. Outcomes: ``hit`` (a fresh copy), ``stale`` (a stale copy that may still be
+#: used), ``uri-miss``, ``vary-miss`` (only copies for other Vary values), the reasons a tier
+#: did not answer (``timeout``, ``error``, ``breaker-open``, ``skipped``, ``corrupt``;
+#: ``cancelled``: a hedged lookup whose other tier answered first), or, for a request the
+#: cache does not answer, ``bypass`` / ``method`` on the first tier alone. A tier the
+#: request did not reach is absent. Rendered by :func:`cache_status_members`.
+Trace = tuple[tuple[str, str], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class FreshHit:
-    """A fresh copy from ``tier`` (``"l1"``, ``"l2"``, ...): served as it is."""
+    """A fresh copy from ``tier`` (``"l1"``, ``"l2"``, ...): served as it is.
+    ``tiers``: the lookup's trace (empty: ``tier`` alone was asked)."""
 
     tier: str
     entry: Entry
+    tiers: Trace = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +105,14 @@ class NeedsRevalidation:
 
     tier: str
     entry: Entry
+    tiers: Trace = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Miss:
     """No usable copy in any tier."""
+
+    tiers: Trace = ()
 
 
 MISS = Miss()
@@ -130,17 +146,21 @@ class StaleHit:
     tier: str
     entry: Entry
     reason: str
+    tiers: Trace = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
     """The origin's answer, stored (``revalidated``: a 304 that freshened the stored copy).
-    ``fwd`` is ``miss`` or ``stale`` (RFC 9211 §2.2: why the origin was asked)."""
+    ``fwd`` is ``miss`` or ``stale`` (RFC 9211 §2.2: why the origin was asked). ``stored``
+    False: a 304 that could not freshen the copy (served, the stored copy invalidated)."""
 
     entry: Entry
     fwd: str
     revalidated: bool = False
     collapsed: bool = False  # shared with a fetch another request made
+    tiers: Trace = ()
+    stored: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +175,7 @@ class Relayed:
     response: OriginResponse
     fwd: str
     detail: str | None = None
+    tiers: Trace = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +186,7 @@ class Failed:
     status: int
     reason: str
     fwd: str
+    tiers: Trace = ()
 
 
 Final = FreshHit | StaleHit | Fetched | Relayed | Failed
@@ -250,11 +272,11 @@ def on_stale(
     """
     entry = copy.entry
     if now < entry.swr_until:
-        return StaleHit(copy.tier, entry, "revalidating")
+        return StaleHit(copy.tier, entry, "revalidating", copy.tiers)
     if not origin_allowed and stale_usable(entry, now):
-        return StaleHit(copy.tier, entry, "origin-down")
+        return StaleHit(copy.tier, entry, "origin-down", copy.tiers)
     if not key_allowed and stale_usable(entry, now):
-        return StaleHit(copy.tier, entry, "origin-backoff")
+        return StaleHit(copy.tier, entry, "origin-backoff", copy.tiers)
     return copy
 
 
@@ -272,58 +294,142 @@ def stale_usable(entry: Entry, now: float) -> bool:
 
 
 def after_fetch(
-    outcome: Outcome, stale: NeedsRevalidation | None, now: float, collapsed: bool = False
+    outcome: Outcome,
+    stale: NeedsRevalidation | None,
+    now: float,
+    collapsed: bool = False,
+    tiers: Trace = (),
 ) -> Final:
-    """What the client gets from a fetch's ``outcome``; ``stale`` is the copy the request held.
+    """What the client gets from a fetch's ``outcome``; ``stale`` is the copy the request held
+    (its trace goes on), ``tiers`` the lookup's trace when it held none.
 
     A stored answer is served; an unstorable one is relayed. When the origin failed, a stale
     copy still within its stale limits beats an error (RFC 9111 §4.2.4, RFC 5861 §4); else the
     origin's 5xx is relayed, or the request fails with the reason's status.
     """
     fwd = "miss" if stale is None else "stale"
+    if stale is not None:
+        tiers = stale.tiers
     match outcome:
-        case Stored(entry, revalidated, _, own_headers):
+        case Stored(entry, revalidated, keep, own_headers):
             if own_headers is not None and not collapsed:
                 entry = replace(entry, headers=own_headers)
-            return Fetched(entry, fwd, revalidated, collapsed)
+            return Fetched(entry, fwd, revalidated, collapsed, tiers, keep)
         case Unstorable(response, reason, _):
-            return Relayed(response, fwd, reason)
+            return Relayed(response, fwd, reason, tiers)
         case OriginFailed(reason, response):
             if stale is not None and stale_usable(stale.entry, now):
-                return StaleHit(stale.tier, stale.entry, reason)
+                return StaleHit(stale.tier, stale.entry, reason, tiers)
             if response is not None:
-                return Relayed(response, fwd, reason)
-            return Failed(FAILED_STATUS.get(reason, 502), reason, fwd)
+                return Relayed(response, fwd, reason, tiers)
+            return Failed(FAILED_STATUS.get(reason, 502), reason, fwd, tiers)
         case _:
             assert_never(outcome)
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+# ---- Cache-Status (RFC 9211) ----------------------------------------------------------------
+
+#: Each tier's member is named ``tierproxy-<tier>``.
+MEMBER_PREFIX = "tierproxy-"
+
+# The RFC 8941 §3.3.4 token grammar: a detail that fits is written bare, else as a string.
+_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
+# Trace outcomes that say a tier did not answer usably: ``fwd=uri-miss; detail=<outcome>``.
+_FWD_OUTCOMES = frozenset({"uri-miss", "vary-miss", "stale", "bypass", "method"})
 
 
-def cache_status_member(final: Final, now: float) -> str:
-    """tierproxy's own ``Cache-Status`` member for ``final`` (RFC 9211 §2)."""
+def _sf_detail(value: str) -> str:
+    """``value`` as an RFC 8941 bare item: a token when it is one, else a string (printable
+    ASCII only: anything else becomes ``?``)."""
+    if _TOKEN.fullmatch(value):
+        return value
+    printable = "".join(c if " " <= c <= "~" else "?" for c in value)
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _joined(*details: str | None) -> str | None:
+    words = [d for d in details if d]
+    return " ".join(words) if words else None
+
+
+def _source(tiers: Trace, fwd: str) -> int:
+    """The index in ``tiers`` of the member a forwarded request's answer is told on: the tier
+    holding the stale copy that was revalidated (``fwd`` ``stale``), else the last tier the
+    request reached (the closest to the origin), which sent it on."""
+    if fwd == "stale":
+        for index, (_, outcome) in enumerate(tiers):
+            if outcome == "stale":
+                return index
+    return len(tiers) - 1
+
+
+def cache_status_members(final: Final, now: float) -> str:
+    """tierproxy's ``Cache-Status`` members for ``final`` (RFC 9211): one per tier the request
+    reached (:data:`Trace`), listed from the origin towards the user agent (§2: L3, L2, L1).
+
+    The member of the tier that answered - or, for a forwarded request, of the tier it was
+    forwarded from (:func:`_source`) - says how: ``hit; ttl=N`` (fresh), ``hit; ttl=-N;
+    detail=<why stale>``, or ``fwd=<why>`` with ``fwd-status`` (the origin's status),
+    ``collapsed`` and the answer's ``detail``. Every other member says what its tier held
+    (``fwd=uri-miss`` / ``vary-miss`` / ``stale``) or why it did not answer
+    (``fwd=uri-miss; detail=timeout`` ...). ``stored`` marks each listed tier the answer is
+    written into: every one for a stored origin answer, the tiers before the one that held
+    a hit (a fresh one, or a stale one being revalidated in the background). Empty when the
+    request reached no tier.
+    """
+    tiers = final.tiers
+    detail: str | None = None
+    fwd_status: int | None = None
+    collapsed = False
     match final:
-        case FreshHit(tier, entry):
-            # Fresh when it was found; the response may be written a moment later (the full
-            # path reads the clock again), past its freshness: a hit's ttl is never negative.
-            ttl = max(0, math.floor(entry.fresh_until - now))
-            return f"tierproxy; hit; ttl={ttl}; detail={tier}"
-        case StaleHit(_, entry, reason):
-            ttl = math.floor(entry.fresh_until - now)
-            return f"tierproxy; hit; ttl={ttl}; detail={_quote(reason)}"
-        case Fetched(entry, fwd, revalidated, collapsed):
-            status = 304 if revalidated else entry.status
-            extra = "; collapsed" if collapsed else ""
-            return f"tierproxy; fwd={fwd}; fwd-status={status}; stored{extra}"
-        case Relayed(response, fwd, detail):
-            member = f"tierproxy; fwd={fwd}; fwd-status={response.status}"
-            return member if detail is None else f"{member}; detail={_quote(detail)}"
-        case Failed(_, reason, fwd):
-            return f"tierproxy; fwd={fwd}; detail={_quote(reason)}"
+        case FreshHit(tier, entry, _) | StaleHit(tier, entry, _, _):
+            if not any(name == tier for name, _ in tiers):
+                tiers = (*tiers, (tier, "hit"))
+            source = next(i for i, (name, _) in enumerate(tiers) if name == tier)
+            if isinstance(final, FreshHit):
+                # Fresh when it was found; the response may be written a moment later (the
+                # full path reads the clock again), past its freshness: never negative.
+                answer = f"hit; ttl={max(0, math.floor(entry.fresh_until - now))}"
+                stored = source
+            else:
+                answer = f"hit; ttl={math.floor(entry.fresh_until - now)}"
+                detail = final.reason
+                stored = source if final.reason == "revalidating" else 0
+        case Fetched(entry, fwd, revalidated, collapsed, _, keep):
+            source, answer = _source(tiers, fwd), ""
+            fwd_status = 304 if revalidated else entry.status
+            stored = len(tiers) if keep else 0
+        case Relayed(response, fwd, detail, _):
+            source, answer, stored = _source(tiers, fwd), "", 0
+            fwd_status = response.status
+        case Failed(_, reason, fwd, _):
+            source, answer, stored, detail = _source(tiers, fwd), "", 0, reason
         case _:
             assert_never(final)
+    members: list[str] = []
+    for index in range(len(tiers) - 1, -1, -1):
+        name, outcome = tiers[index]
+        tier_detail = None
+        if outcome == "hit":
+            params = "hit"
+        elif outcome in _FWD_OUTCOMES:
+            params = f"fwd={outcome}"
+        else:
+            params, tier_detail = "fwd=uri-miss", outcome
+        if index == source:
+            if answer:
+                params, tier_detail = answer, None
+            if fwd_status is not None:
+                params += f"; fwd-status={fwd_status}"
+            tier_detail = _joined(tier_detail, detail)
+        if index < stored:
+            params += "; stored"
+        if index == source and collapsed:
+            params += "; collapsed"
+        if tier_detail is not None:
+            params += f"; detail={_sf_detail(tier_detail)}"
+        members.append(f"{MEMBER_PREFIX}{name}; {params}")
+    return ", ".join(members)
 
 
 def x_cache(final: Final) -> str:
@@ -346,5 +452,5 @@ def x_cache(final: Final) -> str:
 
 
 def labels(final: Final, now: float) -> tuple[str, str]:
-    """``(X-Cache, tierproxy's Cache-Status member)`` for ``final``."""
-    return x_cache(final), cache_status_member(final, now)
+    """``(X-Cache, tierproxy's Cache-Status members)`` for ``final``."""
+    return x_cache(final), cache_status_members(final, now)

@@ -17,7 +17,7 @@ from support.net import CanaryListener, raw_http_exchange, refused_url
 from support.origin import Origin, make_body
 from support.proxy import fetch
 from support.redis_server import RedisServer
-from support.storage import parse_cache_status
+from support.storage import CacheStatus, answering_member, parse_cache_status, tier_members
 from support.wait import wait_for_condition
 
 
@@ -143,11 +143,22 @@ def test_redis_url_fixture_flushes(redis_client: Any) -> None:
 
 
 def test_cache_status_parser() -> None:
-    [member] = parse_cache_status('tierproxy; hit; ttl=-42; detail="origin-timeout"')
-    assert member.cache == "tierproxy" and member.hit and member.ttl == -42
+    [member] = parse_cache_status('tierproxy-l2; hit; ttl=-42; detail="origin-timeout"')
+    assert member.cache == "tierproxy-l2" and member.hit and member.ttl == -42
     assert member.detail == "origin-timeout"
-    [member] = parse_cache_status("tierproxy; fwd=miss; stored")
-    assert member.fwd == "miss" and member.params["stored"] is True and not member.hit
+    [member] = parse_cache_status("tierproxy-l1; fwd=uri-miss; fwd-status=200; stored")
+    assert member.fwd == "uri-miss" and member.fwd_status == 200 and member.stored
+    assert not member.hit and not member.collapsed
+    # A real RFC 8941 parser: what is not a structured-field List fails the test.
+    for broken in ("tierproxy-l1; ttl=1.2.3", 'tierproxy-l1; detail="open', "a;;", "a, , b"):
+        with pytest.raises(AssertionError, match="not an RFC 8941 List"):
+            parse_cache_status(broken)
+    value = "cdn; hit, tierproxy-l3; fwd=uri-miss, tierproxy-l2; hit; ttl=5, tierproxy-l1; stored"
+    assert list(tier_members(value)) == ["l3", "l2", "l1"]
+    assert answering_member(value) == CacheStatus("tierproxy-l2", {"hit": True, "ttl": 5})
+    for misordered in ("tierproxy-l1; hit, tierproxy-l2; fwd=uri-miss", "tierproxy-l1, cdn"):
+        with pytest.raises(AssertionError):
+            tier_members(misordered)
 
 
 async def test_wait_for_condition_is_bounded() -> None:

@@ -20,7 +20,7 @@ import pytest
 from support.canned import CannedOrigin
 from support.net import RawConnection
 from support.origin import Origin
-from support.storage import redis_key, sqlite_row
+from support.storage import CacheStatus, parse_cache_status, redis_key, sqlite_row, tier_members
 from support.wait import wait_for_condition
 
 pytestmark = pytest.mark.asyncio
@@ -330,8 +330,10 @@ async def test_hits_and_misses_carry_one_x_cache_one_request_id_and_an_appended_
         response = await raw_get(port, target, mine + extra)
         assert header_lines(response, b"X-Cache") == [label], response
         assert header_lines(response, b"X-Request-ID") == [b"client-7"], response
-        status = b", ".join(header_lines(response, b"Cache-Status"))
-        assert status.startswith(b"upstream-cdn; ") and b", tierproxy" in status, response
+        status = b", ".join(header_lines(response, b"Cache-Status")).decode()
+        members = parse_cache_status(status)
+        assert members[0].cache == "upstream-cdn" and len(members) > 1, response
+        assert list(tier_members(status)) == ["l3", "l2", "l1"], response  # all reached
     await wait_stored(proxy, redis_client, sqlite_path, "/cdn")
     l2 = await make_proxy(L1_MAX_BYTES=0)
     for port, extra, label in (
@@ -343,9 +345,12 @@ async def test_hits_and_misses_carry_one_x_cache_one_request_id_and_an_appended_
         response = await raw_get(port, "/cdn", mine + extra)
         assert header_lines(response, b"X-Cache") == [label], response
         assert header_lines(response, b"X-Request-ID") == [b"client-7"], response
-        status = b", ".join(header_lines(response, b"Cache-Status"))
+        status = b", ".join(header_lines(response, b"Cache-Status")).decode()
         # RFC 9211 §2: members are listed from the origin towards the user agent.
-        assert status.startswith(b"upstream-cdn; hit; ttl=10, tierproxy; hit"), response
+        upstream, *ours = parse_cache_status(status)
+        assert upstream == CacheStatus("upstream-cdn", {"hit": True, "ttl": 10}), response
+        tier = label.decode().removeprefix("HIT-").lower()
+        assert ours[0].cache == f"tierproxy-{tier}" and ours[0].hit, response
 
 
 # -- §10 TIERPROXY_MAX_TTL ------------------------------------------------------------------

@@ -236,7 +236,8 @@ async def test_stalled_pass_through_clients_neither_starve_misses_nor_open_the_o
             assert answer.status == 503, answers
             assert answer.headers.get("Retry-After") == "1", answer
             assert b"origin connection pool is busy" in answer.body, answer
-            assert 'detail="origin-busy"' in answer.headers["Cache-Status"], answer
+            assert answer.cache_status is not None, answer
+            assert answer.cache_status.detail == "origin-busy", answer
         assert len(answers) > 1, "the pool was never full: the test proves nothing"
         breaker = proxy.state.readthrough.origin_breaker
         assert breaker.failures == 0 and breaker.state() == "closed"
@@ -306,7 +307,8 @@ async def test_stale_copy_is_served_when_no_origin_connection_comes_free(
         await wait_for_condition(lambda: origin.count("/hold") == 1, timeout=5)
         stale = await proxy.get("/s")
         assert stale.status == 200 and stale.x_cache == "STALE-L1", stale
-        assert 'detail="origin-busy"' in stale.headers["Cache-Status"], stale
+        assert stale.cache_status is not None, stale
+        assert stale.cache_status.detail == "origin-busy", stale
         assert stale.elapsed < 2.0, stale
         assert proxy.state.readthrough.origin_breaker.failures == 0
     finally:

@@ -62,7 +62,7 @@ def _assert_stale(
     assert response.body == body
     assert response.x_cache == f"STALE-{tier.upper()}", response
     status = response.cache_status
-    assert status is not None, response
+    assert status is not None and status.cache == f"tierproxy-{tier}" and status.hit, response
     # Strictly negative for any stale copy is checked by its own test below; here: not fresh.
     assert status.ttl is not None and status.ttl <= 0, response
     assert status.detail == detail, response

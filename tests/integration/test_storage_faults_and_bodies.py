@@ -55,6 +55,9 @@ async def test_corrupt_l2_entry_is_a_miss_not_an_error(
     assert response.x_cache == "MISS", response
     assert response.body == b"origin body for /c (request 2)"
     assert origin.count("/c") == 2
+    # Cache-Status (RFC 9211): the tier's copy could not be used, and says why.
+    member = response.tiers["l2"]
+    assert (member.fwd, member.detail, member.fwd_status) == ("uri-miss", "corrupt", 200), response
     await wait_for_condition(
         lambda: redis_client.get(key) != garbage, message="corrupt L2 entry deleted or replaced"
     )
@@ -77,6 +80,9 @@ async def test_corrupt_l3_entry_is_a_miss_not_an_error(
     assert response.x_cache == "MISS", response
     assert response.body == b"origin body for /c (request 2)"
     assert origin.count("/c") == 2
+    # Cache-Status (RFC 9211): the tier's copy could not be used, and says why.
+    member = response.tiers["l3"]
+    assert (member.fwd, member.detail, member.fwd_status) == ("uri-miss", "corrupt", 200), response
 
     def replaced_or_deleted() -> bool:
         row = sqlite_row(sqlite_path, "/c", origin.url)

@@ -122,6 +122,15 @@ async def test_a_fresh_l3_copy_answers_while_a_slowed_redis_is_still_busy(
         assert response.status == 200, response
         assert response.x_cache == "HIT-L3", response
         assert response.body == bodies[path], response
+        # Cache-Status (RFC 9211): both tiers were asked; L2's lookup was cancelled when L3
+        # answered, and L2 is backfilled.
+        l3_member, l2_member = response.tiers["l3"], response.tiers["l2"]
+        assert l3_member.hit and l3_member.detail is None, response
+        assert (l2_member.fwd, l2_member.detail, l2_member.stored) == (
+            "uri-miss",
+            "cancelled",
+            True,
+        ), response
         # Well before the slowed L2 could have answered (2 x DELAY), with slack for a
         # request's own time on a busy 2-core machine.
         assert response.elapsed < 2 * DELAY, (response, hedge_after)
@@ -222,6 +231,9 @@ async def test_a_stale_l3_copy_that_answers_first_waits_for_the_fresh_l2_one(
     assert response.x_cache == "HIT-L2", response
     assert response.body == bodies[PATHS[0]], response
     assert response.elapsed >= 2 * DELAY, response
+    # Cache-Status: L3 held a stale copy (not stored into: it is not before L2), L2 answered.
+    assert (response.tiers["l3"].fwd, response.tiers["l3"].stored) == ("stale", False), response
+    assert response.tiers["l2"].hit, response
     assert await _hedges(admin) == (started + 1, won)
     assert origin.count() == fetches
 

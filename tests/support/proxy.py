@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from .storage import CacheStatus, parse_cache_status
+from .storage import CacheStatus, answering_member, tier_members
 
 if TYPE_CHECKING:
     from tierproxy.clock import Clock
@@ -77,8 +77,13 @@ class Fetched:
 
     @property
     def cache_status(self) -> CacheStatus | None:
-        members = parse_cache_status(self.headers.get("Cache-Status"))
-        return members[0] if members else None
+        """tierproxy's member telling how the request was answered (parsed as RFC 8941)."""
+        return answering_member(self.headers.get("Cache-Status"))
+
+    @property
+    def tiers(self) -> dict[str, CacheStatus]:
+        """tierproxy's ``Cache-Status`` members by tier (``l1``...), origin side first."""
+        return tier_members(self.headers.get("Cache-Status"))
 
     @property
     def age(self) -> int | None:

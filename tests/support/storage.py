@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections import UserString
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import http_sf
+
 __all__ = [
     "REDIS_PREFIX",
     "REDIS_PURGE_NAMES",
+    "TIER_MEMBER",
     "CacheStatus",
+    "answering_member",
     "key_id",
     "parse_cache_status",
     "purge_channel",
@@ -36,6 +41,7 @@ __all__ = [
     "sqlite_row",
     "sqlite_set_value",
     "tag_id",
+    "tier_members",
 ]
 
 REDIS_PREFIX = "tierproxy:"
@@ -161,10 +167,12 @@ def sqlite_exclusive_lock(path: Path | str, *, acquire_timeout: float = 3.0) -> 
 
 @dataclass(frozen=True)
 class CacheStatus:
-    """One member of an RFC 9211 ``Cache-Status`` list: ``cache; param; key=value``."""
+    """One member of an RFC 9211 ``Cache-Status`` list: ``cache; param; key=value``, as an
+    RFC 8941 structured-field parser (``http_sf``) reads it: tokens and strings as ``str``,
+    integers as ``int``, bare parameters as ``True``."""
 
     cache: str
-    params: dict[str, str | bool]
+    params: dict[str, str | bool | int]
 
     @property
     def hit(self) -> bool:
@@ -173,7 +181,7 @@ class CacheStatus:
     @property
     def ttl(self) -> int | None:
         value = self.params.get("ttl")
-        return int(value) if isinstance(value, str) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def detail(self) -> str | None:
@@ -185,51 +193,76 @@ class CacheStatus:
         value = self.params.get("fwd")
         return value if isinstance(value, str) else None
 
+    @property
+    def fwd_status(self) -> int | None:
+        value = self.params.get("fwd-status")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def stored(self) -> bool:
+        return self.params.get("stored") is True
+
+    @property
+    def collapsed(self) -> bool:
+        return self.params.get("collapsed") is True
+
+
+def _bare(value: object) -> str | bool | int:
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, str | UserString):  # http_sf's Token is a UserString
+        return str(value)
+    raise AssertionError(f"unexpected Cache-Status parameter value {value!r}")
+
 
 def parse_cache_status(value: str | None) -> list[CacheStatus]:
-    """Parse a ``Cache-Status`` header (simple structured-field list parsing)."""
+    """Parse a ``Cache-Status`` header with a real RFC 8941 parser (``http_sf``): a value that
+    is not a valid structured-field List fails the test."""
     if not value:
         return []
+    try:
+        parsed = http_sf.parse(value.encode("ascii"), tltype="list")
+    except http_sf.StructuredFieldError as exc:
+        raise AssertionError(f"Cache-Status {value!r} is not an RFC 8941 List: {exc}") from None
+    assert isinstance(parsed, list), parsed
     members: list[CacheStatus] = []
-    for member in _split_outside_quotes(value, ","):
-        parts = [p.strip() for p in _split_outside_quotes(member, ";")]
-        if not parts or not parts[0]:
-            continue
-        params: dict[str, str | bool] = {}
-        for part in parts[1:]:
-            if not part:
-                continue
-            name, eq, raw = part.partition("=")
-            if not eq:
-                params[name.strip().lower()] = True
-                continue
-            raw = raw.strip()
-            if len(raw) >= 2 and raw[0] == raw[-1] == '"':
-                raw = raw[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-            params[name.strip().lower()] = raw
-        members.append(CacheStatus(parts[0].strip('"'), params))
+    for member in parsed:
+        # Every member is an Item with parameters (parsed: a pair), never an Inner List.
+        assert isinstance(member, tuple) and len(member) == 2, member
+        item, params = member
+        assert isinstance(item, str | UserString), f"Cache-Status member {item!r} is no token"
+        assert isinstance(params, dict), member
+        members.append(CacheStatus(str(item), {k: _bare(v) for k, v in params.items()}))
     return members
 
 
-def _split_outside_quotes(text: str, sep: str) -> list[str]:
-    out: list[str] = []
-    buf: list[str] = []
-    quoted = False
-    escaped = False
-    for ch in text:
-        if escaped:
-            buf.append(ch)
-            escaped = False
-        elif ch == "\\" and quoted:
-            buf.append(ch)
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-            buf.append(ch)
-        elif ch == sep and not quoted:
-            out.append("".join(buf))
-            buf = []
+TIER_MEMBER = "tierproxy-"
+
+
+def tier_members(value: str | None) -> dict[str, CacheStatus]:
+    """tierproxy's members of a ``Cache-Status`` header by tier (``l1``...), in header order
+    (from the origin towards the client); checks each is named ``tierproxy-<tier>``, once,
+    after any upstream cache's members, and in RFC 9211 §2 order (L3, L2, L1)."""
+    members = parse_cache_status(value)
+    ours: dict[str, CacheStatus] = {}
+    for member in members:
+        if member.cache.startswith(TIER_MEMBER):
+            tier = member.cache.removeprefix(TIER_MEMBER)
+            assert tier not in ours, f"two members for {tier} in {value!r}"
+            ours[tier] = member
         else:
-            buf.append(ch)
-    out.append("".join(buf))
-    return out
+            assert not ours, f"an upstream member after tierproxy's in {value!r}"
+    assert list(ours) == sorted(ours, reverse=True), f"tiers out of order in {value!r}"
+    return ours
+
+
+def answering_member(value: str | None) -> CacheStatus | None:
+    """The tierproxy member that tells how the request was answered: the one with ``hit``,
+    else the one with ``fwd-status`` (it forwarded to the origin), else the one closest to
+    the origin (a failure: nothing came back)."""
+    ours = list(tier_members(value).values())
+    for test in (lambda m: m.hit, lambda m: m.fwd_status is not None, lambda m: True):
+        for member in ours:
+            if test(member):
+                return member
+    return None

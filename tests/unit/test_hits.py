@@ -3,7 +3,10 @@ never a split line."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from support.storage import parse_cache_status
 
 from tierproxy.entry import Entry
 
@@ -79,9 +82,19 @@ def _labelled_lines(head: bytes) -> dict[bytes, bytes]:
 
 @pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
 @pytest.mark.parametrize("left", [0.2, 1.0, 59.9, 3600.0])
-def test_the_hit_head_carries_the_labels_of_its_final_state(tier: str, left: float) -> None:
+@pytest.mark.parametrize("traced", [False, True])
+def test_the_hit_head_carries_the_labels_of_its_final_state(
+    tier: str, left: float, traced: bool
+) -> None:
     from tierproxy.response import fresh_hit_head
-    from tierproxy.states import FreshHit, labels
+    from tierproxy.states import FreshHit, Trace, labels
+
+    # With the lookup's trace (the hit path's L2/L3 hits: the tiers before missed), or without
+    # (an L1 hit, or a tier asked alone): remembered apart.
+    names = ["l1", "l2", "l3"]
+    trace: Trace = ()
+    if traced:
+        trace = (*((name, "uri-miss") for name in names[: names.index(tier)]), (tier, "hit"))
 
     now = 1_000_000.0
     stored = Entry(
@@ -96,15 +109,21 @@ def test_the_hit_head_carries_the_labels_of_its_final_state(tier: str, left: flo
         expires_at=now + left,
     )
     for _ in range(2):  # built once, then remembered: the same either way
-        labelled = fresh_hit_head(tier, stored, now, "rid-1")
+        labelled = fresh_hit_head(tier, stored, now, "rid-1", trace)
         assert labelled is not None
         head, x_cache = labelled
-        expected_x_cache, member = labels(FreshHit(tier, stored), now)
+        expected_x_cache, member = labels(FreshHit(tier, stored, trace), now)
         lines = _labelled_lines(head)
         assert x_cache == expected_x_cache
         assert lines[b"X-Cache"] == expected_x_cache.encode()
         # RFC 9211 §2: the upstream cache's member first, tierproxy's last.
         assert lines[b"Cache-Status"] == b"cdn; hit, " + member.encode()
+        upstream, *ours = parse_cache_status(lines[b"Cache-Status"].decode())
+        assert upstream.cache == "cdn" and upstream.hit
+        expected = [name for name, _ in reversed(trace)] if trace else [tier]
+        assert [m.cache for m in ours] == [f"tierproxy-{name}" for name in expected]
+        assert ours[0].hit and ours[0].ttl == max(0, math.floor(left))
+        assert all(m.fwd == "uri-miss" and m.stored for m in ours[1:])
         assert lines[b"Age"] == b"7"
         assert lines[b"X-Request-ID"] == b"rid-1"
         assert lines[b"Content-Length"] == b"2"

@@ -20,6 +20,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDictProxy
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .purge_log import PurgeLog
 
 __all__ = [
+    "MISS_REASON",
     "Blob",
     "Breaker",
     "BytesBackend",
@@ -58,6 +60,13 @@ log = logging.getLogger("tierproxy.tiers")
 
 # The floor of an estimate kept only for hedging (its timeout is never used).
 _DEFAULT_FLOOR = 0.002
+
+#: Why the last lookup in this task (``GuardedTier.get`` / ``get_now``) returned None, for
+#: the tier's RFC 9211 ``Cache-Status`` member: ``uri-miss`` (nothing for the key, or only an
+#: expired copy), ``vary-miss`` (a copy for other Vary values), ``timeout``, ``error``,
+#: ``breaker-open``, ``skipped`` (storage unavailable, no budget left) or ``corrupt``. Read
+#: right after the lookup, in the same task (tierproxy.lookups); meaningless after a hit.
+MISS_REASON: ContextVar[str] = ContextVar("tierproxy_miss_reason", default="uri-miss")
 
 
 class Blob:
@@ -509,6 +518,9 @@ class GuardedTier:
                     entry = mark_stale(entry, now) or entry
                 self._lookup["hit" if now < entry.fresh_until else "stale"].inc()
                 return entry
+            MISS_REASON.set("vary-miss" if now < entry.expires_at else "uri-miss")
+        else:
+            MISS_REASON.set("uri-miss")
         self._lookup["miss"].inc()
         return None
 
@@ -642,9 +654,11 @@ class GuardedTier:
         Like :meth:`get_now`, returns only a copy usable for ``headers``.
         """
         if not self.backend.available or not self.breaker.allow():
+            MISS_REASON.set("skipped" if not self.backend.available else "breaker-open")
             self._lookup["skipped"].inc()
             return None
         if budget <= 0:
+            MISS_REASON.set("skipped")
             self.breaker.probing = False
             self._lookup["skipped"].inc()
             return None
@@ -663,6 +677,7 @@ class GuardedTier:
             self.breaker.probing = False
             raise
         except TimeoutError:
+            MISS_REASON.set("timeout")
             # Only a timeout the estimate gave feeds the estimate; one the request's deadline
             # cut short is not the tier's latency (it still counts against the breaker, as a
             # fixed timeout always has). Lookups that timed out together at a learned timeout
@@ -677,10 +692,12 @@ class GuardedTier:
             self._fail("timeout", key, "get")
             return None
         except TierUnavailable:
+            MISS_REASON.set("skipped")
             self.breaker.probing = False
             self._lookup["skipped"].inc()
             return None
         except codec.CorruptEntry:
+            MISS_REASON.set("corrupt")
             # The tier works (it answered); its content was bad and has been deleted.
             if estimator is not None:
                 estimator.observe(time.perf_counter() - started)
@@ -688,11 +705,13 @@ class GuardedTier:
             self._lookup["corrupt"].inc()
             return None
         except codec.Unencodable as exc:  # this request's key, not the tier
+            MISS_REASON.set("error")
             self.breaker.probing = False
             self._unencodable(key, "get", exc)
             self._lookup["miss"].inc()
             return None
         except Exception as exc:  # noqa: BLE001 - a broken tier is a miss, whatever the driver raised
+            MISS_REASON.set("error")
             elapsed = time.perf_counter() - started
             if estimator is not None:
                 estimator.observe_error(elapsed)
