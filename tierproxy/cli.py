@@ -34,7 +34,7 @@ from .aiohttp_internals import (
     unhardened_message,
 )
 from .config import ConfigError, Settings, load_settings
-from .demo import DEFAULT_DELAY, DEFAULT_MAX_AGE, BindError, DemoOrigin, bind_loopback
+from .demo import BindError, DemoOrigin, add_demo_commands, bind_loopback
 from .demo import instructions as demo_instructions
 from .demo import run_origin as run_demo_origin
 from .listener import (
@@ -80,75 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(
             f"--{flag.replace('_', '-')}", dest=flag, metavar=env, help=f"overrides {env}"
         )
-    demo = sub.add_parser(
-        "demo",
-        help="the proxy in front of a built-in slow origin on loopback, to try it with curl",
-        description="Starts a demo origin (slow on purpose, short max-age, a failure switch) "
-        "and the proxy in front of it, both on 127.0.0.1 (L1 + SQLite in a temporary "
-        "directory; Redis too when TIERPROXY_REDIS_URL is set), and prints curl lines "
-        "that show MISS, HIT and STALE. Ctrl-C stops both.",
-    )
-    demo.add_argument("--port", dest="port", metavar="PORT", help="proxy port (8080)")
-    demo.add_argument("--admin-port", dest="admin_port", metavar="PORT", help="admin port (8081)")
-    demo.add_argument(
-        "--origin-port", type=_port, default=0, metavar="PORT", help="demo origin port (a free one)"
-    )
-    _demo_origin_arguments(demo)
-    origin = sub.add_parser(
-        "demo-origin",
-        help="the demo origin alone (e.g. behind `tierproxy serve` in docker-compose)",
-        description="The origin `tierproxy demo` starts, without the proxy: every GET is a "
-        "page after --delay seconds with a short max-age; POST /_demo/fail toggles failures.",
-    )
-    origin.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    origin.add_argument("--port", type=_port, default=9000, help="port to listen on (9000)")
-    _demo_origin_arguments(origin)
+    add_demo_commands(sub)
     return parser
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port: expected 0-65535")
-    return port
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 60.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected seconds, 0-60")
-    return value
-
-
-def _max_age(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected seconds, 1-86400")
-    return value
-
-
-def _demo_origin_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--delay",
-        type=_seconds,
-        default=DEFAULT_DELAY,
-        help=f"seconds before each page ({DEFAULT_DELAY})",
-    )
-    parser.add_argument(
-        "--max-age",
-        type=_max_age,
-        default=DEFAULT_MAX_AGE,
-        help=f"max-age of each page, seconds ({DEFAULT_MAX_AGE})",
-    )
 
 
 def _setup_logging(settings: Settings) -> None:

@@ -9,6 +9,7 @@ page is a ``503``, and the proxy answers with its stale copy instead.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime
@@ -26,6 +27,7 @@ __all__ = [
     "STALE_IF_ERROR",
     "BindError",
     "DemoOrigin",
+    "add_demo_commands",
     "bind_loopback",
     "bind_socket",
     "instructions",
@@ -173,3 +175,76 @@ def run_origin(host: str, port: int, delay: float, max_age: int) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_serve_origin(DemoOrigin(delay, max_age), sock, url))
     return 0
+
+
+def add_demo_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``demo`` and ``demo-origin`` subcommands' arguments (tierproxy.cli runs them)."""
+    demo = sub.add_parser(
+        "demo",
+        help="the proxy in front of a built-in slow origin on loopback, to try it with curl",
+        description="Starts a demo origin (slow on purpose, short max-age, a failure switch) "
+        "and the proxy in front of it, both on 127.0.0.1 (L1 + SQLite in a temporary "
+        "directory; Redis too when TIERPROXY_REDIS_URL is set), and prints curl lines "
+        "that show MISS, HIT and STALE. Ctrl-C stops both.",
+    )
+    # Strings, like serve's flags: they become TIERPROXY_PORT/TIERPROXY_ADMIN_PORT.
+    demo.add_argument("--port", dest="port", metavar="PORT", help="proxy port (8080)")
+    demo.add_argument("--admin-port", dest="admin_port", metavar="PORT", help="admin port (8081)")
+    demo.add_argument(
+        "--origin-port", type=_port, default=0, metavar="PORT", help="demo origin port (a free one)"
+    )
+    _origin_arguments(demo)
+    origin = sub.add_parser(
+        "demo-origin",
+        help="the demo origin alone (e.g. behind `tierproxy serve` in docker-compose)",
+        description="The origin `tierproxy demo` starts, without the proxy: every GET is a "
+        f"page after --delay seconds with a short max-age; POST {FAIL_PATH} toggles failures.",
+    )
+    origin.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    origin.add_argument("--port", type=_port, default=9000, help="port to listen on (9000)")
+    _origin_arguments(origin)
+
+
+def _origin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--delay",
+        type=_delay,
+        default=DEFAULT_DELAY,
+        help=f"seconds before each page ({DEFAULT_DELAY})",
+    )
+    parser.add_argument(
+        "--max-age",
+        type=_max_age,
+        default=DEFAULT_MAX_AGE,
+        help=f"max-age of each page, seconds ({DEFAULT_MAX_AGE})",
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: expected 0-65535")
+    return port
+
+
+def _delay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 60.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected seconds, 0-60")
+    return value
+
+
+def _max_age(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected seconds, 1-86400")
+    return value

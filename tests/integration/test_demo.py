@@ -29,6 +29,8 @@ from support.proxy import ENV_PREFIX, REPO_ROOT
 from support.storage import redis_key
 from support.wait import wait_for_condition
 
+from tierproxy.cli import main
+
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl on the PATH")
 
 
@@ -272,3 +274,22 @@ async def test_demo_origin_on_a_port_in_use_exits_1(tmp_path: Path, demos: list[
 
     assert demo.proc.returncode == 1, demo.stderr
     assert demo.stderr.count("\n") == 1 and "in use" in demo.stderr, demo.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["demo", "--origin-port", "70000"], "--origin-port"),
+        (["demo", "--delay", "-1"], "--delay"),
+        (["demo-origin", "--max-age", "0"], "--max-age"),
+        (["demo-origin", "--port", "http"], "--port"),
+    ],
+)
+def test_bad_demo_flags_exit_2_naming_the_flag(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
