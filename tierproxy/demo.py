@@ -38,7 +38,6 @@ DEFAULT_DELAY = 0.3  # seconds before each page: a miss is slow, a hit is not
 DEFAULT_MAX_AGE = 5  # seconds a page is fresh: short enough to watch it go stale
 STALE_IF_ERROR = 600  # seconds past freshness a copy may stand in for a failing origin
 FAIL_PATH = "/_demo/fail"
-_TEXT = "text/plain; charset=utf-8"
 
 
 class BindError(Exception):
