@@ -1,4 +1,8 @@
-"""``tierproxy serve``: settings from env (flags override), both listeners, graceful stop."""
+"""``tierproxy serve``: settings from env (flags override), both listeners, graceful stop.
+
+``tierproxy demo`` runs the same proxy in front of a built-in slow origin (tierproxy.demo) on
+loopback; ``tierproxy demo-origin`` runs that origin alone.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +34,9 @@ from .aiohttp_internals import (
     unhardened_message,
 )
 from .config import ConfigError, Settings, load_settings
+from .demo import BindError, DemoOrigin, add_demo_commands, bind_loopback
+from .demo import instructions as demo_instructions
+from .demo import run_origin as run_demo_origin
 from .listener import (
     ADMIN_BACKLOG,
     ADMIN_MAX_CONNECTIONS,
@@ -70,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(
             f"--{flag.replace('_', '-')}", dest=flag, metavar=env, help=f"overrides {env}"
         )
+    add_demo_commands(sub)
     return parser
 
 
@@ -115,7 +126,12 @@ async def _start_site(
     return int(addresses[-1][1]) if addresses else port
 
 
-async def serve(settings: Settings, nofile: int, cap: int) -> int:
+async def serve(
+    settings: Settings,
+    nofile: int,
+    cap: int,
+    on_listening: Callable[[int, int], None] | None = None,
+) -> int:
     app = build_app(settings)
     admin_app = build_admin_app(app)
     # aiohttp's runner with hardened connections (tierproxy.aiohttp_internals) that answer
@@ -172,6 +188,8 @@ async def serve(settings: Settings, nofile: int, cap: int) -> int:
         settings.admin_host,
         admin_port,
     )
+    if on_listening is not None:
+        on_listening(port, admin_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -188,23 +206,77 @@ async def serve(settings: Settings, nofile: int, cap: int) -> int:
     return 0
 
 
-def _run(settings: Settings, nofile: int, cap: int) -> int:
+Serve = Callable[[Settings, int, int], Coroutine[Any, Any, int]]
+
+
+def _run(run: Serve, settings: Settings, nofile: int, cap: int) -> int:
     try:
         import uvloop
     except ImportError:
         log.info("event loop: asyncio (install tierproxy[uvloop] for uvloop)")
-        return asyncio.run(serve(settings, nofile, cap))
+        return asyncio.run(run(settings, nofile, cap))
     log.info("event loop: uvloop %s", importlib.metadata.version("uvloop"))
-    return uvloop.run(serve(settings, nofile, cap))
+    return uvloop.run(run(settings, nofile, cap))
+
+
+def _demo(args: argparse.Namespace, env: dict[str, str]) -> int:
+    """``tierproxy demo``: the demo origin and the proxy in one process, both on loopback."""
+    try:
+        origin_sock = bind_loopback(args.origin_port, "demo origin port")
+    except BindError as exc:
+        print(f"tierproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
+    origin = DemoOrigin(args.delay, args.max_age)
+    origin_url = f"http://127.0.0.1:{origin_sock.getsockname()[1]}"
+    with origin_sock, tempfile.TemporaryDirectory(prefix="tierproxy-demo-") as tmp:
+        sqlite_path = str(Path(tmp) / "cache.sqlite3")
+        env.update(
+            TIERPROXY_ORIGIN=origin_url,
+            TIERPROXY_HOST="127.0.0.1",
+            TIERPROXY_ADMIN_HOST="127.0.0.1",
+            TIERPROXY_SQLITE_PATH=sqlite_path,
+        )
+        # Quiet unless asked: the curl output says what each request was.
+        env.setdefault("TIERPROXY_LOG_LEVEL", "WARNING")
+        redis = " + Redis" if env.get("TIERPROXY_REDIS_URL") else ""
+        tiers = f"L1 memory{redis} + SQLite in {sqlite_path}"
+
+        def listening(port: int, admin_port: int) -> None:
+            text = demo_instructions(
+                proxy_url=f"http://127.0.0.1:{port}",
+                admin_url=f"http://127.0.0.1:{admin_port}",
+                origin_url=origin_url,
+                origin=origin,
+                tiers=tiers,
+            )
+            print(text, flush=True)
+
+        async def run(settings: Settings, nofile: int, cap: int) -> int:
+            runner = await origin.start(origin_sock)
+            try:
+                return await serve(settings, nofile, cap, on_listening=listening)
+            finally:
+                await runner.cleanup()
+
+        return _start(env, run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo-origin":
+        return run_demo_origin(args.host, args.port, args.delay, args.max_age)
     env = dict(os.environ)
     for flag, env_name in _FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
             env[env_name] = value
+    if args.command == "demo":
+        return _demo(args, env)
+    return _start(env, serve)
+
+
+def _start(env: dict[str, str], run: Serve) -> int:
+    """Settings from ``env``, the start-up checks, then ``run`` on the event loop."""
     try:
         settings = load_settings(env)
     except ConfigError as exc:
@@ -252,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cap,
     )
     try:
-        return _run(settings, nofile, cap)
+        return _run(run, settings, nofile, cap)
     except StartupError as exc:
         print(f"tierproxy: cannot start: {exc}", file=sys.stderr)
         return exc.exit_code
