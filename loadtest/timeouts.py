@@ -520,6 +520,7 @@ async def frozen(stack: Stack, p: Params, log: Callable[[str], None]) -> Result:
         return default if any(v is None for v in values) else float(max(values))
 
     result = Result()
+    result.plot = lambda path: plot_frozen(path, runs)
     result.summary = {
         "rounds": runs,
         "median_of_rounds": {
@@ -673,6 +674,38 @@ def plot_cdf(path: Path, pooled: dict[str, list[Sample]], title: str) -> None:
     ax.set_title(title + " (tail: 90-100 %)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frozen(path: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Latency of each request around the freeze, by when it was due, per configuration
+    (every round); dotted: when the driver saw the breaker open."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for i, (name, rows) in enumerate(runs.items()):
+        color = f"C{i}"
+        for k, row in enumerate(rows):
+            points = row["window_samples"]
+            ax.scatter(
+                [1000 * due for due, _, _ in points],
+                [ms for _, ms, _ in points],
+                s=10,
+                color=color,
+                alpha=0.7,
+                label=f"{name} (L2 timeout {row['learned_l2_timeout_ms']:g} ms before)"
+                if k == 0
+                else None,
+            )
+            if row["breaker_opened_after_s"] is not None:
+                ax.axvline(1000 * row["breaker_opened_after_s"], color=color, ls=":", lw=1)
+    ax.axvline(0, color="0.3", lw=1)
+    ax.set_xlabel("request due, ms after SIGSTOP (dotted: L2 breaker seen open, each round)")
+    ax.set_ylabel("latency from due time, ms")
+    ax.set_title("Redis frozen: fixed vs adaptive L2 timeout, every round")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
