@@ -413,6 +413,19 @@ class Metrics:
             ["tier", "outcome"],
             registry=r,
         )
+        self.tier_probe_failures = Gauge(
+            "tierproxy_tier_probe_failures",
+            "Consecutive failed background probes of a tier (0: not backing off)",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_probe_backoff = Gauge(
+            "tierproxy_tier_probe_backoff_seconds",
+            "The wait drawn before the next background probe of a tier whose probes keep "
+            "failing (exponential, jittered, capped; 0: not backing off)",
+            ["tier"],
+            registry=r,
+        )
         # -- origin retries --------------------------------------------------------------
         self.origin_retries = Counter(
             "tierproxy_origin_retries",

@@ -408,6 +408,12 @@ class Breaker:
         self.success()
         self.probation = True
 
+    def rearm(self) -> None:
+        """A background probe found the tier still down: the cool-down starts again, so no
+        request is let through as the half-open probe while the probes keep failing."""
+        if self.opened_at is not None and not self.probing:
+            self.opened_at = self.clock.monotonic()
+
     def failure(self) -> None:
         self.failures += 1
         self.probing = False
@@ -562,9 +568,11 @@ class GuardedTier:
         """One background health probe (:mod:`tierproxy.probes`) while the lookups' breaker
         is open: the backend's ``ping`` under the configured read timeout. When it answers,
         the breaker closes at once (said once in the log), so no client request pays for
-        finding out - on probation: the first lookup that fails reopens it. Returns the outcome, counted in ``tierproxy_tier_probes_total``:
-        ``ok``, ``failed`` (answered no), ``timeout``, ``error`` or ``skipped`` (the storage
-        is unavailable, e.g. the L3 file being reopened)."""
+        finding out - on probation: the first lookup that fails reopens it. When it does not,
+        the breaker's cool-down starts again (:meth:`Breaker.rearm`). Returns the outcome,
+        counted in ``tierproxy_tier_probes_total``: ``ok``, ``failed`` (answered no),
+        ``timeout``, ``error`` or ``skipped`` (the storage is unavailable, e.g. the L3 file
+        being reopened)."""
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
@@ -587,6 +595,8 @@ class GuardedTier:
                 (time.perf_counter() - started) * 1000,
             )
         else:
+            if outcome != "skipped":
+                self.breaker.rearm()
             log.debug("%s probe: %s %r", self.name, outcome, failure)
         return outcome
 
