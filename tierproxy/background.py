@@ -8,7 +8,9 @@ Two lanes, each a bounded set of owned tasks:
 * required work (invalidations: a copy that must go) - :meth:`BackgroundTasks.run_required`:
   never dropped. It runs in the background while its lane has room; when the lane is full the
   caller runs it itself and waits for it (each such write is bounded by its tier's write
-  timeout), which slows down only the requests that cause such writes.
+  timeout), which slows down only the requests that cause such writes. A caller that must
+  not answer before the work is done (``wait=True``) waits for it in any case; the work runs
+  as an owned task all the same, so a caller cancelled meanwhile does not stop it.
 """
 
 from __future__ import annotations
@@ -68,15 +70,21 @@ class BackgroundTasks:
         return True
 
     async def run_required(
-        self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]
+        self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]], *, wait: bool = False
     ) -> None:
         """Run ``factory()`` for sure: in the background while the required lane has room,
-        else (lane full, or shutting down) right here, awaited by the caller.
+        else (lane full, or shutting down) right here, awaited by the caller. ``wait``: the
+        caller waits for it either way (an owned task unless shutting down: cancelling the
+        caller does not cancel it).
 
         ``factory()`` must bound its own I/O (a tier write runs under its write timeout).
         """
-        if not self._closed and len(self._required) < self.limit:
-            self._start(self._required, name, factory)
+        if not self._closed and (wait or len(self._required) < self.limit):
+            if len(self._required) >= self.limit:
+                self.metrics.background_inline.inc()
+            task = self._start(self._required, name, factory)
+            if wait:
+                await asyncio.shield(task)
             return
         self.metrics.background_inline.inc()
         log.debug("required task %s run inline: %d running", name, len(self._required))
@@ -87,11 +95,12 @@ class BackgroundTasks:
         lane: set[asyncio.Task[Any]],
         name: str,
         factory: Callable[[], Coroutine[Any, Any, Any]],
-    ) -> None:
+    ) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._run(name, factory()), name=name)
         lane.add(task)
         task.add_done_callback(lane.discard)
         self.metrics.background_tasks.set(self.pending)
+        return task
 
     async def _run(self, name: str, coro: Coroutine[Any, Any, Any], counted: bool = True) -> None:
         try:

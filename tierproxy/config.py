@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from .keys import QueryRules
+
 __all__ = ["ENV_DEFAULTS", "ConfigError", "Settings", "load_settings"]
 
 T = TypeVar("T")
@@ -132,6 +134,10 @@ ENV_DEFAULTS: dict[str, str] = {
     # "on": when L2 has not answered by its recent p95 (tierproxy.latency), L3 is asked too
     # and the first fresh copy answers (tierproxy.readthrough); the other lookup is cancelled.
     "TIERPROXY_HEDGE": "off",
+    # The query in the key (tierproxy.keys.QueryRules): "sort" orders the key's parameters
+    # by name; ignored names and name_* patterns leave the key and the forwarded request.
+    "TIERPROXY_QUERY": "keep",
+    "TIERPROXY_QUERY_IGNORE": "",
 }
 
 #: TIERPROXY_MAX_INFLIGHT's default, in origin pools (TIERPROXY_ORIGIN_MAX_CONNECTIONS): one
@@ -197,6 +203,7 @@ class Settings:
     # derives it from origin_max_connections when TIERPROXY_MAX_INFLIGHT is unset.
     max_inflight: int = 0
     hedge: bool = False
+    query: QueryRules = dataclasses.field(default_factory=QueryRules)  # TIERPROXY_QUERY(_IGNORE)
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -315,6 +322,22 @@ def _header_list(raw: str) -> frozenset[str]:
     if any(not n.replace("-", "").isalnum() for n in names):
         raise ValueError(raw)
     return names
+
+
+def _query_rules(env: Mapping[str, str]) -> QueryRules:
+    raw_mode = env.get("TIERPROXY_QUERY") or ENV_DEFAULTS["TIERPROXY_QUERY"]
+    mode = raw_mode.strip().lower()
+    if mode not in ("keep", "sort"):
+        raise ConfigError(f"TIERPROXY_QUERY={raw_mode[:80]!r} is not valid: expected keep or sort")
+    ignore = env.get("TIERPROXY_QUERY_IGNORE", "")
+    try:
+        return QueryRules.parse(mode, ignore)
+    except ValueError as exc:
+        raise ConfigError(
+            f"TIERPROXY_QUERY_IGNORE={ignore[:200]!r} is not valid: {str(exc)[:80]!r} is not a "
+            "parameter name (letters, digits, - . _ ~) or a name_* prefix; expected a "
+            "comma-separated list such as utm_*,gclid,fbclid"
+        ) from None
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -450,7 +473,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
     if max_inflight is None:
         max_inflight = SHED_POOLS * settings.origin_max_connections
-    settings = dataclasses.replace(settings, max_inflight=max_inflight)
+    settings = dataclasses.replace(settings, max_inflight=max_inflight, query=_query_rules(env))
     if settings.adaptive_timeouts:
         for name, ceiling, enabled in (
             ("TIERPROXY_L2_TIMEOUT", settings.l2_timeout, settings.redis_url is not None),

@@ -18,8 +18,8 @@ through :class:`~tierproxy.upstream.Upstream`; it returns a final state
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, assert_never
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -28,7 +28,7 @@ from .background import BackgroundTasks
 from .clock import SYSTEM, Clock
 from .coalescer import Coalescer
 from .entry import Entry
-from .keys import CacheKey
+from .keys import CacheKey, KeySpace
 from .lookups import hedged, tier_get
 from .metrics import Metrics
 from .origin import OriginClient
@@ -76,9 +76,16 @@ class ReadThrough:
         metrics: Metrics,
         *,
         clock: Clock = SYSTEM,
+        keys: KeySpace | None = None,
     ) -> None:
         self.settings, self.tiers, self.metrics, self.clock = settings, tiers, metrics, clock
         self.background = background
+        self.keys = KeySpace(settings.origin, query=settings.query) if keys is None else keys
+        #: How a successful unsafe request's keys are purged (awaited): this process's tiers;
+        #: tierproxy.invalidation makes it every replica's.
+        self.invalidate_everywhere: Callable[[Sequence[CacheKey]], Coroutine[Any, Any, object]] = (
+            self._purge_here
+        )
         self._index = {tier.name: index for index, tier in enumerate(tiers)}
         self.purges = Purges(tiers, background)
         self.backfill = Backfiller(tiers, background, metrics, self.purges)
@@ -243,14 +250,34 @@ class ReadThrough:
     async def forward(self, req: ProxyRequest) -> Relayed | Failed:
         """A request the cache does not answer: send it on, stream the answer back."""
         final = await self.upstream.forward(req)
-        # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
+        # RFC 9111 §4.4: a non-error answer to an unsafe method (any method not known to be
+        # safe) invalidates the target URI and same-origin Location / Content-Location URIs.
         if (
             isinstance(final, Relayed)
             and req.method not in _SAFE_METHODS
             and final.response.status < 400
         ):
-            await self._invalidate(req.key)
+            await self._invalidate_unsafe(req.key, final.response.headers)
         return final
+
+    async def _invalidate_unsafe(self, target: CacheKey, headers: CIMultiDictProxy[str]) -> None:
+        """Every tier and every replica, before the answer goes out (so no copy from before
+        the change is served after it): L1 now, then the purge as required work, waited for
+        even when its lane is full, and not stopped if this request is cancelled."""
+        references = [*headers.getall("Location", ()), *headers.getall("Content-Location", ())]
+        keys = {target.material: target}
+        for key in self.keys.same_origin_keys(target.target, references):
+            keys.setdefault(key.material, key)
+        invalidated = list(keys.values())
+        for key in invalidated:
+            self.coalescer.forget(key)
+        self.purges.remove_now(invalidated)
+        await self.background.run_required(
+            "invalidate", lambda: self.invalidate_everywhere(invalidated), wait=True
+        )
+
+    async def _purge_here(self, keys: Sequence[CacheKey]) -> None:
+        await self.purges.purge(keys, ())
 
     async def _invalidate(self, key: CacheKey) -> None:
         """Forget ``key``: any remembered fetch of it now, then every tier (tierproxy.purge)."""
