@@ -18,6 +18,7 @@ through :class:`~tierproxy.upstream.Upstream`; it returns a final state
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, assert_never
 
@@ -64,6 +65,10 @@ __all__ = ["Failed", "Lookup", "ProxyRequest", "ReadThrough"]
 
 # RFC 9110 §9.2.1: a successful request with any other method invalidates (RFC 9111 §4.4).
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
+# Location / Content-Location values of one answer looked at (a trusted origin sends one each).
+_MAX_REFERENCES = 8
+
+log = logging.getLogger("tierproxy.readthrough")
 
 
 class ReadThrough:
@@ -263,8 +268,11 @@ class ReadThrough:
     async def _invalidate_unsafe(self, target: CacheKey, headers: CIMultiDictProxy[str]) -> None:
         """Every tier and every replica, before the answer goes out (so no copy from before
         the change is served after it): L1 now, then the purge as required work, waited for
-        even when its lane is full, and not stopped if this request is cancelled."""
+        even when its lane is full, and not stopped if this request is cancelled. A tier too
+        slow to be purged within both write timeouts (Redis frozen, a full disk) stops
+        holding up the answer then; its purge goes on in the background."""
         references = [*headers.getall("Location", ()), *headers.getall("Content-Location", ())]
+        del references[_MAX_REFERENCES:]
         keys = {target.material: target}
         for key in self.keys.same_origin_keys(target.target, references):
             keys.setdefault(key.material, key)
@@ -272,9 +280,16 @@ class ReadThrough:
         for key in invalidated:
             self.coalescer.forget(key)
         self.purges.remove_now(invalidated)
-        await self.background.run_required(
-            "invalidate", lambda: self.invalidate_everywhere(invalidated), wait=True
+        wait = self.settings.l2_write_timeout + self.settings.l3_write_timeout
+        done = await self.background.run_required(
+            "invalidate", lambda: self.invalidate_everywhere(invalidated), wait=wait
         )
+        if not done:
+            log.info(
+                "invalidation of %r not done after %.1fs; answered, it goes on in the background",
+                target.material[:200],
+                wait,
+            )
 
     async def _purge_here(self, keys: Sequence[CacheKey]) -> None:
         await self.purges.purge(keys, ())
