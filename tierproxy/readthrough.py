@@ -280,10 +280,18 @@ class ReadThrough:
         for key in invalidated:
             self.coalescer.forget(key)
         self.purges.remove_now(invalidated)
-        wait = self.settings.l2_write_timeout + self.settings.l3_write_timeout
-        done = await self.background.run_required(
-            "invalidate", lambda: self.invalidate_everywhere(invalidated), wait=wait
-        )
+
+        settings = self.settings
+
+        async def invalidate() -> None:
+            await self.invalidate_everywhere(invalidated)
+            # A backfill write the purge overtook lands, and is undone, before the answer
+            # (bounded: backfills of newer copies may keep starting meanwhile).
+            async with asyncio.timeout(max(settings.l2_write_timeout, settings.l3_write_timeout)):
+                await self.backfill.landed(invalidated)
+
+        wait = settings.l2_write_timeout + settings.l3_write_timeout
+        done = await self.background.run_required("invalidate", invalidate, wait=wait)
         if not done:
             log.info(
                 "invalidation of %r not done after %.1fs; answered, it goes on in the background",

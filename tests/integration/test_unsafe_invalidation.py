@@ -8,6 +8,7 @@ the replicas.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,28 @@ async def test_a_post_through_one_replica_evicts_the_other_replicas_l1_copy(
             assert refetched.x_cache == "MISS", (path, refetched)
         assert (await fetch(session, "GET", b.url + "/kept")).x_cache == "HIT-L1"
     assert origin.count("/doc", "GET") == 2
+
+
+async def test_the_answer_waits_until_a_backfill_the_invalidation_overtook_is_undone(
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
+    origin.set_default(headers=CACHEABLE)
+    proxy = await make_proxy(SQLITE_PATH=str(sqlite_path))
+    l3 = proxy.state.tier("l3")
+    # Hold the L3 writer's lock: the L3 backfill of the GET below starts (the copy is current)
+    # and then waits at it, as a write would behind a slow one.
+    await l3.backend._write_lock.acquire()
+    try:
+        assert (await proxy.get("/doc")).x_cache == "MISS"
+        changing = asyncio.create_task(proxy.request("PUT", "/doc", data=b"x"))
+        await asyncio.sleep(0.3)
+        # The purge ran; the old copy's write is still on its way: not answered yet.
+        assert not changing.done()
+    finally:
+        l3.backend._write_lock.release()
+    changed = await changing
+    assert changed.status == 200, changed
+    # The write landed and was undone before the answer went out.
+    assert sqlite_row(sqlite_path, "/doc", origin.url) is None
+    after = await proxy.get("/doc")
+    assert after.x_cache == "MISS", after
