@@ -61,7 +61,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .invalidation import PurgeOrder
-from .keys import BadTarget, normalise_target
+from .keys import BadTarget, KeySpace
 from .purge_handler import purge_authorized
 from .state import STATE, ProxyState
 
@@ -110,7 +110,7 @@ def _bad(text: str) -> web.Response:
     return web.json_response({"error": text}, status=400)
 
 
-def _purge_order(payload: Any, now: float) -> PurgeOrder | str:
+def _purge_order(payload: Any, now: float, keyspace: KeySpace) -> PurgeOrder | str:
     """The validated order, or what is wrong with the body."""
     if not isinstance(payload, dict):
         return 'expected a JSON object: {"keys": [...], "tags": [...], "soft": false}'
@@ -135,7 +135,8 @@ def _purge_order(payload: Any, now: float) -> PurgeOrder | str:
         if not key.startswith("/"):
             return f"key {key[:100]!r} must start with '/' (a path, optional query)"
         try:
-            materials[normalise_target(key)] = None  # the same key a request for it gets
+            # The same key a request for it gets (query rules included).
+            materials[keyspace.for_target(key).material] = None
         except BadTarget as exc:
             return f"key {key[:100]!r} cannot be used: {exc}"
     return PurgeOrder(tuple(materials), tuple(dict.fromkeys(tags)), soft, now)
@@ -175,7 +176,7 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
             return web.json_response({"error": "body too large"}, status=413)
         except ValueError:
             return _bad("body is not JSON")
-        order = _purge_order(payload, state.clock.wall())
+        order = _purge_order(payload, state.clock.wall(), state.keys)
         if isinstance(order, str):
             return _bad(order)
         outcome = await state.invalidation.purge(order, "admin")

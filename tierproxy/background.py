@@ -8,7 +8,10 @@ Two lanes, each a bounded set of owned tasks:
 * required work (invalidations: a copy that must go) - :meth:`BackgroundTasks.run_required`:
   never dropped. It runs in the background while its lane has room; when the lane is full the
   caller runs it itself and waits for it (each such write is bounded by its tier's write
-  timeout), which slows down only the requests that cause such writes.
+  timeout), which slows down only the requests that cause such writes. A caller that should
+  not answer before the work is done (``wait``) waits for it in any case, up to a bound; the
+  work runs as an owned task all the same, so neither that bound nor a caller cancelled
+  meanwhile stops it.
 """
 
 from __future__ import annotations
@@ -68,30 +71,44 @@ class BackgroundTasks:
         return True
 
     async def run_required(
-        self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]
-    ) -> None:
+        self,
+        name: str,
+        factory: Callable[[], Coroutine[Any, Any, Any]],
+        *,
+        wait: float | None = None,
+    ) -> bool:
         """Run ``factory()`` for sure: in the background while the required lane has room,
-        else (lane full, or shutting down) right here, awaited by the caller.
+        else (lane full, or shutting down) right here, awaited by the caller. ``wait``: the
+        caller waits for it either way, at most this many seconds (an owned task unless
+        shutting down: neither the bound nor cancelling the caller stops it). Returns whether
+        it is done.
 
         ``factory()`` must bound its own I/O (a tier write runs under its write timeout).
         """
-        if not self._closed and len(self._required) < self.limit:
-            self._start(self._required, name, factory)
-            return
+        if not self._closed and (wait is not None or len(self._required) < self.limit):
+            if len(self._required) >= self.limit:
+                self.metrics.background_inline.inc()
+            task = self._start(self._required, name, factory)
+            if wait is None:
+                return False
+            done, _ = await asyncio.wait((task,), timeout=wait)
+            return bool(done)
         self.metrics.background_inline.inc()
         log.debug("required task %s run inline: %d running", name, len(self._required))
         await self._run(name, factory(), counted=False)
+        return True
 
     def _start(
         self,
         lane: set[asyncio.Task[Any]],
         name: str,
         factory: Callable[[], Coroutine[Any, Any, Any]],
-    ) -> None:
+    ) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._run(name, factory()), name=name)
         lane.add(task)
         task.add_done_callback(lane.discard)
         self.metrics.background_tasks.set(self.pending)
+        return task
 
     async def _run(self, name: str, coro: Coroutine[Any, Any, Any], counted: bool = True) -> None:
         try:

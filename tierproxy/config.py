@@ -15,6 +15,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from .directives import DEFAULT_TARGETED_FIELDS
+from .keys import QueryRules
 
 __all__ = ["ENV_DEFAULTS", "ConfigError", "Settings", "load_settings"]
 
@@ -136,6 +137,10 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_HEDGE": "off",
     # RFC 9213: targeted cache-control fields obeyed before Cache-Control; set but empty = none.
     "TIERPROXY_TARGETED_FIELDS": ",".join(DEFAULT_TARGETED_FIELDS),
+    # The query in the key (tierproxy.keys.QueryRules): "sort" orders the key's parameters
+    # by name; ignored names and name_* patterns leave the key and the forwarded request.
+    "TIERPROXY_QUERY": "keep",
+    "TIERPROXY_QUERY_IGNORE": "",
 }
 
 #: TIERPROXY_MAX_INFLIGHT's default, in origin pools (TIERPROXY_ORIGIN_MAX_CONNECTIONS): one
@@ -203,6 +208,8 @@ class Settings:
     hedge: bool = False
     # RFC 9213 targeted cache-control fields, lower-cased, first match wins; () = none.
     targeted_fields: tuple[str, ...] = DEFAULT_TARGETED_FIELDS
+
+    query: QueryRules = dataclasses.field(default_factory=QueryRules)  # TIERPROXY_QUERY(_IGNORE)
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -349,6 +356,22 @@ def _targeted_fields(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _query_rules(env: Mapping[str, str]) -> QueryRules:
+    raw_mode = env.get("TIERPROXY_QUERY") or ENV_DEFAULTS["TIERPROXY_QUERY"]
+    mode = raw_mode.strip().lower()
+    if mode not in ("keep", "sort"):
+        raise ConfigError(f"TIERPROXY_QUERY={raw_mode[:80]!r} is not valid: expected keep or sort")
+    ignore = env.get("TIERPROXY_QUERY_IGNORE", "")
+    try:
+        return QueryRules.parse(mode, ignore)
+    except ValueError as exc:
+        raise ConfigError(
+            f"TIERPROXY_QUERY_IGNORE={ignore[:200]!r} is not valid: {str(exc)[:80]!r} is not a "
+            "parameter name (letters, digits, - . _ ~) or a name_* prefix; expected a "
+            "comma-separated list such as utm_*,gclid,fbclid"
+        ) from None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: ``os.environ``)."""
     if env is None:
@@ -483,7 +506,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
     if max_inflight is None:
         max_inflight = SHED_POOLS * settings.origin_max_connections
-    settings = dataclasses.replace(settings, max_inflight=max_inflight)
+    settings = dataclasses.replace(settings, max_inflight=max_inflight, query=_query_rules(env))
     if settings.adaptive_timeouts:
         for name, ceiling, enabled in (
             ("TIERPROXY_L2_TIMEOUT", settings.l2_timeout, settings.redis_url is not None),

@@ -17,6 +17,7 @@ import errno
 import signal
 import socket
 import sys
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -176,7 +177,13 @@ def run_origin(host: str, port: int, delay: float, max_age: int) -> int:
     return 0
 
 
-def add_demo_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+class Subcommands(Protocol):
+    """What ``ArgumentParser.add_subparsers()`` returns, as far as this module uses it."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
+def add_demo_commands(sub: Subcommands) -> None:
     """The ``demo`` and ``demo-origin`` subcommands' arguments (tierproxy.cli runs them)."""
     demo = sub.add_parser(
         "demo",

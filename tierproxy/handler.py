@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import policy
 from .hits import HANDOVER, Handover
-from .keys import BadTarget, TargetTooLong, normalise_target
+from .keys import BadTarget, TargetTooLong
 from .logs import request_id
 from .purge_handler import purge
 from .response import plain, respond
@@ -93,12 +93,11 @@ async def _handle(request: web.Request, state: ProxyState) -> web.StreamResponse
     if method == "CONNECT":
         return plain(405, "405 CONNECT is not supported: this is a reverse proxy")
     try:
-        material = normalise_target(request.raw_path)
+        key = state.keys.for_target(request.raw_path)
     except BadTarget as exc:
         if isinstance(exc, TargetTooLong):
             return plain(414, "414 request target too long")
         return plain(400, f"400 bad request target: {exc}")
-    key = state.keys.key(material)
     if method == "PURGE":
         return await purge(request, state, key)
 

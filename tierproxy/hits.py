@@ -39,7 +39,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
 
-from .keys import BadTarget, CacheKey, normalise_target
+from .keys import BadTarget, CacheKey
 from .logs import request_id
 from .response import fresh_hit_head
 from .states import FreshHit, Lookup, ProxyRequest, Trace
@@ -140,7 +140,7 @@ class HitPath:
         if length is not None and length != "0":
             return None  # a body (a "fat GET") is the full path's to refuse
         try:
-            key = self._keys.key(normalise_target(message.path))
+            key = self._keys.for_target(message.path)
         except BadTarget:
             return None
         started = time.perf_counter()

@@ -54,7 +54,7 @@ from redis.backoff import NoBackoff
 
 from .backoff import equal_jitter
 from .clock import SYSTEM, Clock
-from .keys import MAX_TARGET_LENGTH, KeySpace
+from .keys import MAX_TARGET_LENGTH, CacheKey, KeySpace
 from .policy import MAX_TAG_LENGTH
 from .readthrough import ReadThrough
 from .tiers.base import LocalTrust, Replicated, lease_clock
@@ -172,6 +172,7 @@ class Invalidation:
                 if not tier.shared:
                     tier.trust = self.trust
             readthrough.trust = self.trust
+        readthrough.invalidate_everywhere = self.invalidate
         #: The last purge-log id applied here (None: none yet - everything local untrusted).
         self.last_id: str | None = None
         self._next_beat = 0.0
@@ -202,8 +203,20 @@ class Invalidation:
 
     # ---- purging ---------------------------------------------------------------------------
 
-    async def purge(self, order: PurgeOrder, source: str) -> PurgeOutcome:
-        """Purge everywhere: every tier here, then the other replicas' local tiers."""
+    async def invalidate(self, keys: Sequence[CacheKey]) -> PurgeOutcome:
+        """RFC 9111 §4.4 (a successful unsafe request): ``keys`` purged as a ``PURGE`` of them
+        is, except that the other replicas are waited for at most the L2 write timeout - a
+        replica slower than that applies it when it hears of it, or stops trusting its local
+        copies when its lease runs out."""
+        order = PurgeOrder(tuple(key.material for key in keys), (), False, self.clock.wall())
+        return await self.purge(order, "unsafe-method", ack_within=self.settings.l2_write_timeout)
+
+    async def purge(
+        self, order: PurgeOrder, source: str, *, ack_within: float | None = None
+    ) -> PurgeOutcome:
+        """Purge everywhere: every tier here, then the other replicas' local tiers.
+        ``ack_within``: wait at most this long for the other replicas (default: until each
+        acknowledged or was fenced, about a lease)."""
         keys = [self._keys.key(material) for material in order.keys]
         soft_at = order.at if order.soft else None
         tiers = await self.readthrough.purge(keys, order.tags, soft_at)
@@ -222,7 +235,7 @@ class Invalidation:
             fenced: int | None = None
             unconfirmed: int | None = None
             if published is not None:
-                acked, fenced, unconfirmed, lost = await self._await_replicas(published)
+                acked, fenced, unconfirmed, lost = await self._await_replicas(published, ack_within)
                 if acked or fenced or lost:
                     # Another replica may have written a copy to L2 after the purge above and
                     # before it applied this one (an acked replica: a backfill that landed in
@@ -239,7 +252,8 @@ class Invalidation:
             )
             replicas = f", replicas acked {acked}, fenced {fenced}, unconfirmed {unconfirmed}"
         self.metrics.purge_requests.labels(source, "ok" if ok else "partial").inc()
-        log.info(
+        log.log(
+            logging.INFO if ack_within is None or not ok else logging.DEBUG,
             "purge from %s: %d keys, %d tags, soft=%s -> %s%s",
             source,
             len(order.keys),
@@ -266,16 +280,19 @@ class Invalidation:
         self._published["ok"].inc()
         return last
 
-    async def _await_replicas(self, published: str) -> tuple[int, int, int | None, bool]:
-        """Wait (bounded) until every other live replica applied the log up to ``published``
-        or was fenced; (acked, fenced, still unconfirmed - None if Redis never answered,
-        whether it waited out leases a Redis that lost its data could not show)."""
+    async def _await_replicas(
+        self, published: str, within: float | None = None
+    ) -> tuple[int, int, int | None, bool]:
+        """Wait (bounded: ``within`` seconds, by default about a lease) until every other live
+        replica applied the log up to ``published`` or was fenced; (acked, fenced, still
+        unconfirmed - None if Redis never answered, whether it waited out leases a Redis that
+        lost its data could not show)."""
         assert self._l2 is not None and self._log is not None
         target = stream_id(published)
         write_margin = self.settings.l2_write_timeout + 0.5
         margin_ms = int(write_margin * 1000)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lease + write_margin + 1.0
+        deadline = loop.time() + (self.lease + write_margin + 1.0 if within is None else within)
         acked: set[str] = set()
         fenced: set[str] = set()
         seen: set[str] = set()
@@ -320,13 +337,13 @@ class Invalidation:
         self._replicas["acked"].inc(len(acked))
         self._replicas["fenced"].inc(len(fenced))
         self._replicas["unconfirmed"].inc(unconfirmed or 0)
-        if fenced:
+        if fenced and within is None:
             log.warning(
                 "purge: %d replicas did not acknowledge within their lease and are "
                 "fenced (they revalidate their local copies)",
                 len(fenced),
             )
-        if unconfirmed:
+        if unconfirmed and within is None:
             log.warning(
                 "purge: %d replicas neither acknowledged nor let their lease run out", unconfirmed
             )

@@ -9,13 +9,19 @@ The shared and persistent tiers (Redis, SQLite) may hold entries of other deploy
 (a rolling upgrade). Their id for a key is therefore a digest of the key's *namespace* - the
 origin's identity and the entry format version (:class:`KeySpace`) - and its material: an
 entry of another origin or format is never even looked up.
+
+The query may be reshaped (``TIERPROXY_QUERY``, ``TIERPROXY_QUERY_IGNORE``, :class:`QueryRules`):
+ignored parameters leave both the key and the forwarded target; sorting changes the key only,
+so a key then carries the target it was made from (:attr:`CacheKey.target`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from urllib.parse import urlsplit
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
 
 from .codec import FORMAT_VERSION, Unencodable
 
@@ -24,6 +30,7 @@ __all__ = [
     "BadTarget",
     "CacheKey",
     "KeySpace",
+    "QueryRules",
     "TargetTooLong",
     "normalise_target",
     "origin_identity",
@@ -77,17 +84,64 @@ class KeySpace:
     Built once from the settings; :meth:`key` makes the :class:`CacheKey` of a request.
     """
 
-    __slots__ = ("namespace", "origin", "origin_id")
+    __slots__ = ("_authority", "_base_path", "_url", "namespace", "origin", "origin_id", "query")
 
-    def __init__(self, origin: str, format_version: int = FORMAT_VERSION) -> None:
+    def __init__(
+        self,
+        origin: str,
+        format_version: int = FORMAT_VERSION,
+        query: QueryRules | None = None,
+    ) -> None:
         self.origin = origin_identity(origin)
+        self.query = QueryRules() if query is None else query
+        # The URL a forwarded target is appended to; its scheme://host:port and base path.
+        parts = urlsplit(origin.strip())
+        self._url = origin.strip().rstrip("/")
+        self._authority = origin_identity(f"{parts.scheme}://{parts.netloc}")
+        self._base_path = parts.path.rstrip("/")
         self.namespace = f"{self.origin} v{format_version}"
         #: A short id of the origin for names that are not per key (the replicas' purge
         #: channel, log and leases): deployments of other origins on one Redis share none.
         self.origin_id = _sha256(self.origin)[:16]
 
-    def key(self, material: str) -> CacheKey:
-        return CacheKey(material, self.namespace)
+    def key(self, material: str, target: str | None = None) -> CacheKey:
+        """The key of already-final ``material`` (as stored, purged, published)."""
+        return CacheKey(material, self.namespace, target)
+
+    def for_target(self, raw: str) -> CacheKey:
+        """The key of a request target as a client sent it (also a purge by URL): normalised
+        (:func:`normalise_target`), then the query rules applied. Raises :class:`BadTarget`."""
+        material = normalise_target(raw)
+        query = self.query
+        if not query.active or "?" not in material:
+            return CacheKey(material, self.namespace)
+        keyed, target = query.apply(material)
+        return CacheKey(keyed, self.namespace, target)
+
+    def same_origin_keys(self, request_target: str, references: Iterable[str]) -> list[CacheKey]:
+        """Keys of the URI references (``Location``, ``Content-Location`` values) that name
+        this origin, resolved against the URI ``request_target`` was forwarded to (RFC 3986
+        §5.2); references to any other origin, or outside the origin's base path, or that
+        cannot be parsed are left out (RFC 9111 §4.4)."""
+        base_path = self._base_path
+        keys: list[CacheKey] = []
+        for reference in references:
+            reference = reference.strip()
+            if not reference or len(reference) > MAX_TARGET_LENGTH:
+                continue
+            try:
+                parts = urlsplit(urljoin(self._url + request_target, reference))
+                if origin_identity(f"{parts.scheme}://{parts.netloc}") != self._authority:
+                    continue
+                path = parts.path or "/"
+                if base_path:
+                    if path != base_path and not path.startswith(base_path + "/"):
+                        continue
+                    path = path[len(base_path) :] or "/"
+                keys.append(self.for_target(path + ("?" + parts.query if parts.query else "")))
+            except ValueError:  # BadTarget included, and a bad port
+                continue
+        return keys
 
     def tag_id(self, tag: str) -> str:
         """Fixed-length id of a surrogate key (tag) of this origin, for every format version:
@@ -107,11 +161,14 @@ class CacheKey:
     """Key material, its namespace (see :class:`KeySpace`) and, computed only when a shared
     tier needs it, the fixed-length id of both."""
 
-    __slots__ = ("_digest", "material", "namespace")
+    __slots__ = ("_digest", "material", "namespace", "target")
 
-    def __init__(self, material: str, namespace: str) -> None:
+    def __init__(self, material: str, namespace: str, target: str | None = None) -> None:
         self.material = material
         self.namespace = namespace
+        #: What is forwarded to the origin: the material itself, unless the query rules sort
+        #: the key's parameters (then the request's own order, ignored parameters removed).
+        self.target = material if target is None else target
         self._digest: str | None = None
 
     @property
@@ -191,3 +248,65 @@ def normalise_target(raw: str) -> str:
     if question and query:
         return path + "?" + _normalise_escapes(query)
     return path
+
+
+# ---- the query: TIERPROXY_QUERY, TIERPROXY_QUERY_IGNORE ----------------------------------
+
+# A name in TIERPROXY_QUERY_IGNORE: unreserved characters (RFC 3986 §2.3), which is what a
+# normalised target holds for them (utm%5Fsource is utm_source by then); "*" only at the end.
+_IGNORE_ITEM = re.compile(r"[A-Za-z0-9\-._~]+\*?")
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRules:
+    """How a normalised query becomes part of the key.
+
+    ``ignore`` (exact names) and ``prefixes`` (``name_*`` patterns): parameters removed from
+    the key and from the forwarded target. ``sort``: the key's parameters in a stable order
+    by name (parameters of one name keep their order); the forwarded target keeps the
+    client's order. Names are compared case-sensitively, as the origin sees them; a
+    parameter's name is what comes before its first ``=``, parameters are split on ``&``.
+    """
+
+    sort: bool = False
+    ignore: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, mode: str, ignore: str) -> QueryRules:
+        """From ``TIERPROXY_QUERY`` and ``TIERPROXY_QUERY_IGNORE``; ValueError if invalid."""
+        if mode not in ("keep", "sort"):
+            raise ValueError(mode)
+        names: set[str] = set()
+        prefixes: list[str] = []
+        for item in (part.strip() for part in ignore.split(",")):
+            if not item:
+                continue
+            if not _IGNORE_ITEM.fullmatch(item):
+                raise ValueError(item)
+            if item.endswith("*"):
+                prefixes.append(item[:-1])
+            else:
+                names.add(item)
+        return cls(mode == "sort", frozenset(names), tuple(dict.fromkeys(prefixes)))
+
+    @property
+    def active(self) -> bool:
+        return self.sort or bool(self.ignore) or bool(self.prefixes)
+
+    def _ignored(self, name: str) -> bool:
+        return name in self.ignore or name.startswith(self.prefixes)
+
+    def apply(self, material: str) -> tuple[str, str]:
+        """(key material, forwarded target) of normalised ``material``."""
+        path, question, query = material.partition("?")
+        if not question:
+            return material, material
+        params = query.split("&")
+        if self.ignore or self.prefixes:
+            params = [p for p in params if not self._ignored(p.partition("=")[0])]
+        target = path + "?" + "&".join(params) if params else path
+        if not self.sort or len(params) < 2:
+            return target, target
+        params.sort(key=lambda p: p.partition("=")[0])  # stable: same names keep their order
+        return path + "?" + "&".join(params), target

@@ -116,14 +116,19 @@ class Purges:
         self.bump(scope)
         return dict(reversed(results.items()))
 
+    def remove_now(self, keys: Sequence[CacheKey]) -> None:
+        """Drop ``keys`` from the tiers that answer at once (L1), before any await."""
+        for tier in self.tiers:
+            if tier.synchronous:
+                for key in keys:
+                    tier.remove_now(key)
+
     async def invalidate(self, key: CacheKey) -> None:
         """Forget ``key`` everywhere (RFC 9111 §4.4): L1 now, then every tier as a purge of
         the key does (slowest first, between generation bumps: a backfill on its way is not
         written or is undone, and a lookup meanwhile cannot refill L1 from a copy still in L2)
         - as required work, never dropped: when that lane is full, the caller waits for it."""
-        for tier in self.tiers:
-            if tier.synchronous:
-                tier.remove_now(key)
+        self.remove_now((key,))
 
         async def purge() -> None:
             await self.purge([key], ())

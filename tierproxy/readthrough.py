@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, assert_never
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, assert_never
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -29,7 +30,7 @@ from .background import BackgroundTasks
 from .clock import SYSTEM, Clock
 from .coalescer import Coalescer
 from .entry import Entry
-from .keys import CacheKey
+from .keys import CacheKey, KeySpace
 from .lookups import hedged, tier_get
 from .metrics import Metrics
 from .origin import OriginClient
@@ -66,6 +67,10 @@ __all__ = ["Failed", "Lookup", "ProxyRequest", "ReadThrough"]
 
 # RFC 9110 §9.2.1: a successful request with any other method invalidates (RFC 9111 §4.4).
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
+# Location / Content-Location values of one answer looked at (a trusted origin sends one each).
+_MAX_REFERENCES = 8
+
+log = logging.getLogger("tierproxy.readthrough")
 
 
 class ReadThrough:
@@ -78,9 +83,16 @@ class ReadThrough:
         metrics: Metrics,
         *,
         clock: Clock = SYSTEM,
+        keys: KeySpace | None = None,
     ) -> None:
         self.settings, self.tiers, self.metrics, self.clock = settings, tiers, metrics, clock
         self.background = background
+        self.keys = KeySpace(settings.origin, query=settings.query) if keys is None else keys
+        #: How a successful unsafe request's keys are purged (awaited): this process's tiers;
+        #: tierproxy.invalidation makes it every replica's.
+        self.invalidate_everywhere: Callable[[Sequence[CacheKey]], Coroutine[Any, Any, object]] = (
+            self._purge_here
+        )
         self._index = {tier.name: index for index, tier in enumerate(tiers)}
         self.purges = Purges(tiers, background)
         self.backfill = Backfiller(tiers, background, metrics, self.purges)
@@ -263,14 +275,52 @@ class ReadThrough:
         final = await self.upstream.forward(req)
         if self.tiers:  # Cache-Status: the cache sent it on from its first tier
             final = dataclasses.replace(final, tiers=((self.tiers[0].name, final.fwd),))
-        # RFC 9111 §4.4: a successful unsafe request invalidates the stored response.
+        # RFC 9111 §4.4: a non-error answer to an unsafe method (any method not known to be
+        # safe) invalidates the target URI and same-origin Location / Content-Location URIs.
         if (
             isinstance(final, Relayed)
             and req.method not in _SAFE_METHODS
             and final.response.status < 400
         ):
-            await self._invalidate(req.key)
+            await self._invalidate_unsafe(req.key, final.response.headers)
         return final
+
+    async def _invalidate_unsafe(self, target: CacheKey, headers: CIMultiDictProxy[str]) -> None:
+        """Every tier and every replica, before the answer goes out (so no copy from before
+        the change is served after it): L1 now, then the purge as required work, waited for
+        even when its lane is full, and not stopped if this request is cancelled. A tier too
+        slow to be purged within both write timeouts (Redis frozen, a full disk) stops
+        holding up the answer then; its purge goes on in the background."""
+        references = [*headers.getall("Location", ()), *headers.getall("Content-Location", ())]
+        del references[_MAX_REFERENCES:]
+        keys = {target.material: target}
+        for key in self.keys.same_origin_keys(target.target, references):
+            keys.setdefault(key.material, key)
+        invalidated = list(keys.values())
+        for key in invalidated:
+            self.coalescer.forget(key)
+        self.purges.remove_now(invalidated)
+
+        settings = self.settings
+
+        async def invalidate() -> None:
+            await self.invalidate_everywhere(invalidated)
+            # A backfill write the purge overtook lands, and is undone, before the answer
+            # (bounded: backfills of newer copies may keep starting meanwhile).
+            async with asyncio.timeout(max(settings.l2_write_timeout, settings.l3_write_timeout)):
+                await self.backfill.landed(invalidated)
+
+        wait = settings.l2_write_timeout + settings.l3_write_timeout
+        done = await self.background.run_required("invalidate", invalidate, wait=wait)
+        if not done:
+            log.info(
+                "invalidation of %r not done after %.1fs; answered, it goes on in the background",
+                target.material[:200],
+                wait,
+            )
+
+    async def _purge_here(self, keys: Sequence[CacheKey]) -> None:
+        await self.purges.purge(keys, ())
 
     async def _invalidate(self, key: CacheKey) -> None:
         """Forget ``key``: any remembered fetch of it now, then every tier (tierproxy.purge)."""

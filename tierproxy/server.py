@@ -169,7 +169,7 @@ def build_app(
     test passes one it advances.
     """
     metrics = metrics or Metrics()
-    keys = KeySpace(settings.origin)
+    keys = KeySpace(settings.origin, query=settings.query)
     tiers = make_tiers(settings, metrics, keys, clock=clock)
     discarded = metrics.origin_connections_discarded
     origin = OriginClient(
@@ -186,7 +186,7 @@ def build_app(
     background = BackgroundTasks(
         settings.backfill_max_tasks, metrics, fetch_limit=4 * settings.origin_max_connections
     )
-    readthrough = ReadThrough(settings, tiers, origin, background, metrics, clock=clock)
+    readthrough = ReadThrough(settings, tiers, origin, background, metrics, clock=clock, keys=keys)
     invalidation = Invalidation(settings, tiers, readthrough, metrics, keys, clock=clock)
     state = ProxyState(
         settings,

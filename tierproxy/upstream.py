@@ -228,7 +228,7 @@ class Upstream:
             try:
                 response = await self.origin.fetch(
                     method,
-                    req.key.material,
+                    req.key.target,
                     headers,
                     body,
                     budget,
