@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
-from . import policy
+from . import policy, variants
 from .backfill import Backfiller
 from .background import BackgroundTasks
 from .clock import SYSTEM, Clock
@@ -97,7 +97,7 @@ def _release(outcome: Outcome) -> None:
 def _usable_by(outcome: Outcome, req: ProxyRequest) -> bool:
     """A shared outcome is a waiter's answer only if its Vary values match (RFC 9111 §4.1)."""
     if isinstance(outcome, Stored) and outcome.entry.vary:
-        return policy.vary_matches(outcome.entry, req.headers)
+        return variants.entry_matches(outcome.entry, req.headers)
     return True
 
 
