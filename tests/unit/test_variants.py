@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from tierproxy import codec, variants
+from tierproxy.config import ConfigError, load_settings
 from tierproxy.entry import Entry, Headers, Variant
 
 
@@ -263,3 +264,15 @@ def test_a_variant_never_serves_other_values(values: list[tuple[str, str]]) -> N
 def test_headers_type_is_pairs() -> None:
     values: Headers = variants.vary_values(h(("Vary", "Foo")), h(("Foo", " a ")))
     assert values == (("foo", "a"),)
+
+
+def test_max_variants_setting() -> None:
+    origin = {"TIERPROXY_ORIGIN": "http://127.0.0.1:9000"}
+    assert load_settings(origin).max_variants == 32
+    assert load_settings({**origin, "TIERPROXY_MAX_VARIANTS": " 4 "}).max_variants == 4
+    for bad in ("0", "-1", "many", "1.5", "1025"):
+        with pytest.raises(ConfigError) as info:
+            load_settings({**origin, "TIERPROXY_MAX_VARIANTS": bad})
+        message = str(info.value)
+        assert "TIERPROXY_MAX_VARIANTS" in message and repr(bad) in message, message
+        assert "1-1024" in message and "\n" not in message
