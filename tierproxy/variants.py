@@ -42,6 +42,7 @@ __all__ = [
     "select",
     "touch",
     "variant_id",
+    "variant_material",
     "variant_of",
     "vary_names",
     "vary_values",
@@ -236,7 +237,12 @@ def variant_id(values: Headers) -> str:
 def record_material(url_material: str, values: Headers) -> str:
     """The key material a variant's own record is stored under: the URL's, then ``#`` (never
     in a URL's key material: a fragment is refused, a literal ``#`` escaped) and the id."""
-    return f"{url_material}#{variant_id(values)}"
+    return variant_material(url_material, variant_id(values))
+
+
+def variant_material(url_material: str, vid: str) -> str:
+    """The key material of the record of variant ``vid`` of a URL (see record_material)."""
+    return f"{url_material}#{vid}"
 
 
 def variant_of(entry: Entry) -> Variant:

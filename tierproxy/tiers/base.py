@@ -218,8 +218,8 @@ def decode_unkeyed(data: bytes, digest: str, namespace: str) -> Entry:
 
 
 def _record_key(key: CacheKey, vid: str) -> CacheKey:
-    """The key of one variant's record of the URL ``key`` (tierproxy.variants.record_material)."""
-    return CacheKey(f"{key.material}#{vid}", key.namespace)
+    """The key of one variant's record of the URL ``key``."""
+    return CacheKey(variants.variant_material(key.material, vid), key.namespace)
 
 
 def _index_entry(material: str, listed: tuple[Variant, ...], now: float) -> Entry:
