@@ -76,15 +76,19 @@ def _checksum(
             "\n".join(headers),
             "\n".join(vary),
             "\n".join(tags),
-            "\n".join(
-                f"{v[0]}\x02{chr(2).join(v[1])}\x02{v[2]}\x02{v[3]}\x02{v[4]!r}" for v in variants
-            ),
+            _variants_text(variants) if variants else "",
             "\x01" if etag is None else etag,
             "\x01" if last_modified is None else last_modified,
         )
     )
     crc = zlib.crc32(_NUMBERS.pack(status, *times), zlib.crc32(body))
     return zlib.crc32(text.encode("utf-8", "surrogateescape"), crc)
+
+
+def _variants_text(variants: list[Any]) -> str:
+    return "\n".join(
+        f"{v[0]}\x02{chr(2).join(v[1])}\x02{v[2]}\x02{v[3]}\x02{v[4]!r}" for v in variants
+    )
 
 
 _NUMBERS = struct.Struct("<H5d")  # status and the five timestamps, as the checksum sees them
@@ -199,7 +203,7 @@ def decode(data: bytes, key: str) -> Entry:
         and _all_str(vary)
     ):
         raise CorruptEntry("bad header list")
-    if not isinstance(variants, list) or not all(map(_is_variant, variants)):
+    if not isinstance(variants, list) or (variants and not all(map(_is_variant, variants))):
         raise CorruptEntry("bad variant index")
     if _checksum(body, status, headers, times, etag, last_modified, vary, tags, variants) != crc:
         raise CorruptEntry("checksum mismatch")
@@ -220,7 +224,9 @@ def decode(data: bytes, key: str) -> Entry:
         variants=tuple(
             Variant(vid, _pairs(values), language, encoding, float(expires))
             for vid, values, language, encoding, expires in variants
-        ),
+        )
+        if variants
+        else (),
     )
 
 
