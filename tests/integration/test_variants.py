@@ -221,3 +221,29 @@ async def test_a_url_that_stops_varying_is_served_its_new_single_copy(
     for language in ("en", "de", "fr"):
         hit = await _get(proxy, "/turn", language)
         assert (hit.x_cache, hit.body) == ("HIT-L1", latest.body), hit
+
+
+async def test_a_tier_that_lost_its_index_is_filled_again_from_the_next_tier(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
+    """L2's variant index gone (evicted, or a lost update between replicas) while L3 still
+    lists every variant: each language comes from L3 with its own body, and L2 lists it again."""
+    origin.set("/idx", headers=VARYING)
+    proxy = await make_proxy()
+    bodies = {language: (await _get(proxy, "/idx", language)).body for language in LANGUAGES}
+    await proxy.settle()
+    await _stored_in_l2_and_l3("/idx", LANGUAGES, origin, redis_client, sqlite_path)
+    assert redis_client.delete(redis_key("/idx", origin.url)) == 1  # the index only
+
+    # (the same process: a new one with Redis would revalidate L3 copies it cannot know were
+    # not purged meanwhile, see LocalTrust)
+    proxy.state.tier("l1").clear()
+    for language in LANGUAGES:
+        hit = await _get(proxy, "/idx", language)
+        assert (hit.x_cache, hit.body) == ("HIT-L3", bodies[language]), (language, hit)
+    await proxy.settle()
+    again = await make_proxy(**L2_ONLY)
+    for language in LANGUAGES:
+        hit = await _get(again, "/idx", language)
+        assert (hit.x_cache, hit.body) == ("HIT-L2", bodies[language]), (language, hit)
+    assert origin.count("/idx") == 3

@@ -162,3 +162,24 @@ async def test_a_purge_on_one_replica_removes_every_variant_from_the_others(
                 session, "GET", b.url + "/lang", headers={"Accept-Language": language}
             )
             assert got.x_cache == "MISS", (language, got)
+
+
+async def test_a_soft_purge_marks_every_variant_stale(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
+    origin.set("/lang", headers=VARYING, etag='"v1"', honor_if_none_match=True)
+    proxy = await make_proxy(PURGE_TOKEN=TOKEN)
+    await _all_variants_everywhere(proxy, "/lang", origin, redis_client, sqlite_path)
+
+    response = await proxy.request("PURGE", "/lang", headers={**AUTH, "Soft-Purge": "1"})
+
+    body = json.loads(response.body)
+    assert response.status == 200, body
+    assert body["tiers"] == {"l1": 3, "l2": 3, "l3": 3}, body  # the records; the index stays
+    for language in LANGUAGES:
+        again = await proxy.get("/lang", headers={"Accept-Language": language})
+        assert again.x_cache == "REVALIDATED", (language, again)
+        conditional = origin.requests_for("/lang")[-1].headers
+        assert conditional.get("Accept-Language") == language
+        assert conditional.get("If-None-Match") == '"v1"'
+    assert origin.count("/lang") == 6
