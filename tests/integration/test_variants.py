@@ -247,3 +247,24 @@ async def test_a_tier_that_lost_its_index_is_filled_again_from_the_next_tier(
         hit = await _get(again, "/idx", language)
         assert (hit.x_cache, hit.body) == ("HIT-L2", bodies[language]), (language, hit)
     assert origin.count("/idx") == 3
+
+
+async def test_cold_misses_for_many_variants_are_fetched_side_by_side(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """8 languages x 3 clients at once on a cold URL, origin 0.4 s, deadline 2.5 s: one after
+    the other the fetches would take 3.2 s. Once the first answer says the URL varies, each
+    variant is its own single flight: every client gets its own language in time, and the
+    origin sees one fetch per language."""
+    languages = ("en", "de", "fr", "it", "es", "nl", "pt", "pl")
+    origin.set("/many", headers=VARYING, latency=0.4)
+    proxy = await make_proxy(REQUEST_DEADLINE=2.5, ORIGIN_TIMEOUT=2)
+    asked = [language for language in languages for _ in range(3)]
+
+    responses = await asyncio.gather(*(_get(proxy, "/many", language) for language in asked))
+
+    for language, response in zip(asked, responses, strict=True):
+        assert response.status == 200, (language, response)
+        assert _asked_by(origin, "/many", response) == language, (language, response)
+    assert origin.count("/many") == len(languages)
+    assert origin.peak_concurrency("/many") > 1
