@@ -57,6 +57,9 @@ __all__ = [
 
 log = logging.getLogger("tierproxy.tiers")
 
+# Variant indexes a purge reads at once (to find the variants of the URLs it purges).
+_PURGE_READS = 64
+
 # The floor of an estimate kept only for hedging (its timeout is never used).
 _DEFAULT_FLOOR = 0.002
 
@@ -859,18 +862,26 @@ class GuardedTier:
             return removed
 
     async def _with_variants(self, keys: Sequence[CacheKey]) -> list[CacheKey]:
-        """``keys`` and the records of the variants their indexes list here. An index that
-        cannot be read now is still purged: its variants are then never found again (a
-        record is only reached through its index, and rewritten before it is listed anew)."""
+        """``keys`` and the records of the variants their indexes list here (the indexes read
+        a batch at a time). An index that cannot be read now is still purged: its variants
+        are then never found again (a record is only reached through its index, and is
+        rewritten before it is listed anew)."""
         expanded = list(keys)
-        for key in keys:
+
+        async def index_of(key: CacheKey) -> Entry | None:
             try:
-                current = await self.backend.get(key)
+                return await self.backend.get(key)
             except Exception as exc:  # noqa: BLE001 - the purge itself reports what failed
                 log.debug("%s purge: index of %r unread: %r", self.name, key.material[:200], exc)
-                continue
-            if current is not None:
-                expanded.extend(_record_key(key, v.vid) for v in current.variants)
+                return None
+
+        for start in range(0, len(keys), _PURGE_READS):
+            batch = keys[start : start + _PURGE_READS]
+            for key, current in zip(
+                batch, await asyncio.gather(*map(index_of, batch)), strict=True
+            ):
+                if current is not None:
+                    expanded.extend(_record_key(key, v.vid) for v in current.variants)
         return expanded
 
     async def _write(self, op: str, key: CacheKey, call: Coroutine[Any, Any, object]) -> bool:
