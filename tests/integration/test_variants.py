@@ -10,9 +10,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from support.fixture_types import MakeProxy
+import aiohttp
+from support.fixture_types import MakeProxy, SpawnProxy
 from support.origin import Origin
-from support.proxy import Fetched, ProxyHandle
+from support.proxy import Fetched, ProxyHandle, fetch
 from support.storage import key_id, redis_key, sqlite_row
 from support.wait import wait_for_condition
 
@@ -268,3 +269,34 @@ async def test_cold_misses_for_many_variants_are_fetched_side_by_side(
         assert _asked_by(origin, "/many", response) == language, (language, response)
     assert origin.count("/many") == len(languages)
     assert origin.peak_concurrency("/many") > 1
+
+
+async def test_every_variant_survives_a_restart_in_l2_and_l3(
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str, redis_client: Any, sqlite_path: Path
+) -> None:
+    """A real process stores three languages and stops (SIGTERM drains its writes); new
+    processes read each back from L3 alone and from L2 alone, each with its own body."""
+    origin.set("/restart", headers=VARYING)
+    first = await spawn_proxy()
+    async with aiohttp.ClientSession() as session:
+        bodies: dict[str, bytes] = {}
+        for language in LANGUAGES:
+            got = await fetch(
+                session, "GET", first.url + "/restart", headers={"Accept-Language": language}
+            )
+            assert got.x_cache == "MISS", got
+            bodies[language] = got.body
+        await _stored_in_l2_and_l3("/restart", LANGUAGES, origin, redis_client, sqlite_path)
+        first.terminate()
+        assert await first.wait() == 0, first.stderr
+
+        for env, label in ((L3_ONLY, "HIT-L3"), (L2_ONLY, "HIT-L2")):
+            again = await spawn_proxy(**env)
+            for language in LANGUAGES:
+                got = await fetch(
+                    session, "GET", again.url + "/restart", headers={"Accept-Language": language}
+                )
+                assert (got.x_cache, got.body) == (label, bodies[language]), (label, got)
+            again.terminate()
+            await again.wait()
+    assert origin.count("/restart") == 3
