@@ -72,6 +72,7 @@ class Backfiller:
                 await write()
             finally:
                 _release(storing, material)
+                purges.write_ended(material)
 
         async def write() -> None:
             # A purge since this copy was read may have been for it: don't write it back, and
@@ -94,10 +95,12 @@ class Backfiller:
             counters.labels(tier.name, "completed" if ok else "failed").inc()
 
         storing[material] = storing.get(material, 0) + 1
+        purges.write_began(material)
         if self.background.spawn(f"backfill-{tier.name}", store):
             counters.labels(tier.name, "started").inc()
         else:
             _release(storing, material)
+            purges.write_ended(material)
             counters.labels(tier.name, "dropped").inc()
 
 
