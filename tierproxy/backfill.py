@@ -7,7 +7,6 @@ key is not written, and a write a purge overtook is undone (:mod:`tierproxy.purg
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from .background import BackgroundTasks
@@ -35,7 +34,6 @@ class Backfiller:
         # Keys with backfills into L2/L3 still on their way (bounded by the background tasks):
         # a lookup may miss there until they land (see tierproxy.coalescer).
         self._storing: dict[str, int] = {}
-        self._landed: dict[str, list[asyncio.Future[None]]] = {}  # see landed()
         #: With replicas (Redis): write to a shared tier only while this replica holds its
         #: purge lease (see LocalTrust). None = always.
         self.trust: LocalTrust | None = None
@@ -43,16 +41,6 @@ class Backfiller:
     def storing(self, key: CacheKey) -> bool:
         """Whether a backfill of ``key`` into an awaited tier has yet to land."""
         return key.material in self._storing
-
-    async def landed(self, keys: Sequence[CacheKey]) -> None:
-        """Wait until no backfill of ``keys`` is on its way (each is bounded by its tier's
-        write timeout). After a purge of them: a write the purge overtook has been undone."""
-        loop = asyncio.get_running_loop()
-        for key in keys:
-            if key.material in self._storing:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._landed.setdefault(key.material, []).append(waiter)
-                await waiter
 
     def backfill(self, key: CacheKey, entry: Entry, upto: int, generation: int) -> None:
         """Fill the tiers before index ``upto``: L1 now (memory), the others in the background.
@@ -83,7 +71,8 @@ class Backfiller:
             try:
                 await write()
             finally:
-                self._release(material)
+                _release(storing, material)
+                purges.write_ended(material)
 
         async def write() -> None:
             # A purge since this copy was read may have been for it: don't write it back, and
@@ -106,17 +95,16 @@ class Backfiller:
             counters.labels(tier.name, "completed" if ok else "failed").inc()
 
         storing[material] = storing.get(material, 0) + 1
+        purges.write_began(material)
         if self.background.spawn(f"backfill-{tier.name}", store):
             counters.labels(tier.name, "started").inc()
         else:
-            self._release(material)
+            _release(storing, material)
+            purges.write_ended(material)
             counters.labels(tier.name, "dropped").inc()
 
-    def _release(self, material: str) -> None:
-        left = self._storing.pop(material) - 1
-        if left:
-            self._storing[material] = left
-            return
-        for waiter in self._landed.pop(material, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+
+def _release(storing: dict[str, int], material: str) -> None:
+    left = storing.pop(material) - 1
+    if left:
+        storing[material] = left

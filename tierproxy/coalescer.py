@@ -1,5 +1,9 @@
 """Single flight per cache key, covering lookup -> fetch -> store.
 
+For a URL whose last response varied (RFC 9111 §4.1), the flight is per variant: its name is
+the record material of the variant the request would get (tierproxy.variants), so requests for
+different variants fetch side by side while requests for one variant still share one fetch.
+
 A request gets, in this order: the entry of a fetch of its key that completed after its
 lookup began (:meth:`Coalescer._recent_outcome`); else the outcome of the fetch in flight for
 its key, when it can be shared; else it fetches, as the key's single flight.
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
-from . import policy
+from . import policy, variants
 from .backfill import Backfiller
 from .background import BackgroundTasks
 from .clock import SYSTEM, Clock
@@ -50,6 +54,8 @@ _RECENT_FETCH_BYTES = 64 * 1024 * 1024
 # A waiter whose shared answer was not its own waits for the next fetch of the key, one fetch
 # at a time; past this many rounds (its deadline comes first in practice) it fetches alone.
 _MAX_WAIT_ROUNDS = 256
+# URLs whose last fetched response varied, with the fields it varied on (most recent last).
+_VARYING_URLS = 4096
 
 
 @dataclass(slots=True)
@@ -97,7 +103,7 @@ def _release(outcome: Outcome) -> None:
 def _usable_by(outcome: Outcome, req: ProxyRequest) -> bool:
     """A shared outcome is a waiter's answer only if its Vary values match (RFC 9111 §4.1)."""
     if isinstance(outcome, Stored) and outcome.entry.vary:
-        return policy.vary_matches(outcome.entry, req.headers)
+        return variants.entry_matches(outcome.entry, req.headers)
     return True
 
 
@@ -129,6 +135,10 @@ class Coalescer:
         # None), and the recently completed ones that produced an entry. Both bounded: one
         # flight per key being fetched; _RECENT_* records.
         self._inflight: dict[str, _Flight] = {}
+        # The fields the last response of a URL varied on: its fetches are then one flight
+        # per variant (keyed by the variant's record material), so requests for different
+        # variants fetch side by side instead of one after the other. Bounded, LRU.
+        self._varies: collections.OrderedDict[str, tuple[str, ...]] = collections.OrderedDict()
         self._recent: collections.OrderedDict[str, _Recent] = collections.OrderedDict()
         self._recent_bytes = 0
         #: Fetches remembered so far: a lookup notes it (Lookup.since); a later one may hold
@@ -150,7 +160,6 @@ class Coalescer:
         ``req`` holds a stale copy it may serve, it stops waiting then (``origin-slow``)."""
         loop = asyncio.get_running_loop()
         patience = req.deadline if stale_at is None else min(req.deadline, stale_at)
-        material = req.key.material
         waited = False
         for _ in range(_MAX_WAIT_ROUNDS):
             recent = self._recent_outcome(req, since)
@@ -158,10 +167,11 @@ class Coalescer:
                 if not waited:
                     self.metrics.coalesced_waiters.inc()
                 return recent, True
-            flight = self._inflight.get(material)
+            name = self._flight_name(req)
+            flight = self._inflight.get(name)
             if flight is None or self.purges.purged_since(flight.generation, req.key):
                 # (A fetch begun before a purge of this key may bring back what was purged.)
-                return await self._lead(req, fetch, stale_at), False
+                return await self._lead(req, name, fetch, stale_at), False
             if not waited:
                 waited = True
                 self.metrics.coalesced_waiters.inc()
@@ -178,8 +188,34 @@ class Coalescer:
             # now leads the next fetch, the others find it in flight.
         return await fetch(), False
 
+    def _flight_name(self, req: ProxyRequest) -> str:
+        """The key's flight name: its material, or for a URL whose last response varied, the
+        material of the variant this request would get (one flight per variant)."""
+        material = req.key.material
+        names = self._varies.get(material)
+        if names is None:
+            return material
+        values = tuple((n, variants.normalise(n, req.headers.getall(n, ()))) for n in names)
+        return variants.record_material(material, values)
+
+    def _learn_vary(self, material: str, outcome: Outcome) -> None:
+        if not isinstance(outcome, Stored):
+            return
+        varies = self._varies
+        if not outcome.entry.vary:
+            varies.pop(material, None)
+            return
+        varies.pop(material, None)
+        varies[material] = tuple(name for name, _ in outcome.entry.vary)
+        if len(varies) > _VARYING_URLS:
+            varies.popitem(last=False)
+
     async def _lead(
-        self, req: ProxyRequest, fetch: Callable[[], Awaitable[Outcome]], stale_at: float | None
+        self,
+        req: ProxyRequest,
+        name: str,
+        fetch: Callable[[], Awaitable[Outcome]],
+        stale_at: float | None,
     ) -> Outcome:
         """Fetch for ``req`` as the key's single flight; share the outcome when it may be.
 
@@ -188,14 +224,14 @@ class Coalescer:
         origin fetches' lane is full, it fetches in its own task."""
         loop = asyncio.get_running_loop()
         flight = _Flight(loop.create_future(), self.purges.generation)
-        self._inflight[req.key.material] = flight
+        self._inflight[name] = flight
         if stale_at is None or self.background is None:
-            return await self._fly(req, fetch, flight)
+            return await self._fly(req, name, fetch, flight)
         mine: asyncio.Future[Outcome] = loop.create_future()
 
         async def fly() -> None:
             try:
-                outcome = await self._fly(req, fetch, flight)
+                outcome = await self._fly(req, name, fetch, flight)
             except asyncio.CancelledError:  # shutdown's drain ran out of time
                 if not mine.done():
                     mine.set_result(OriginFailed("origin-timeout"))
@@ -212,7 +248,7 @@ class Coalescer:
         if not self.background.spawn_fetch("origin-fetch", fly):
             # More fetches than a few times the origin's pool are pending: this one is the
             # request's own (it waits for the answer, as without a stale deadline).
-            return await self._fly(req, fetch, flight)
+            return await self._fly(req, name, fetch, flight)
         try:
             async with asyncio.timeout(max(0.0, stale_at - loop.time())):
                 return await asyncio.shield(mine)
@@ -227,11 +263,15 @@ class Coalescer:
             raise
 
     async def _fly(
-        self, req: ProxyRequest, fetch: Callable[[], Awaitable[Outcome]], flight: _Flight
+        self,
+        req: ProxyRequest,
+        name: str,
+        fetch: Callable[[], Awaitable[Outcome]],
+        flight: _Flight,
     ) -> Outcome:
-        """Run the key's single flight: fetch, remember and share the outcome, end it."""
+        """Run the key's (or its variant's) single flight: fetch, remember and share the
+        outcome, end it."""
         loop = asyncio.get_running_loop()
-        material = req.key.material
         generation = flight.generation
         # A timeout of a fetch cut short by the leader's own deadline says nothing about the
         # origin to a waiter with more time left: that waiter fetches next.
@@ -241,6 +281,7 @@ class Coalescer:
         shared: Outcome | None = None
         try:
             outcome = await fetch()
+            self._learn_vary(req.key.material, outcome)
             if _shareable(outcome, req.headers) and not (
                 own_deadline
                 and isinstance(outcome, OriginFailed)
@@ -252,8 +293,8 @@ class Coalescer:
                     self._remember(req.key, outcome, generation)
         finally:
             # A purge may have let another fetch of the key begin meanwhile: remove only ours.
-            if self._inflight.get(material) is flight:
-                del self._inflight[material]
+            if self._inflight.get(name) is flight:
+                del self._inflight[name]
             flight.future.set_result(shared)
         return outcome
 

@@ -23,13 +23,15 @@ from typing import Any
 
 import msgpack
 
-from .entry import Entry
+from .entry import Entry, Variant
 
 __all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "decode", "encode", "unpack"]
 
 # 2: str fields carry the wire bytes (surrogateescape), where 1 refused non-UTF-8 ones.
-# The version is part of every shared-tier key (tierproxy.keys.KeySpace) as well.
-FORMAT_VERSION = 2
+# 3: a URL that varies has a variant index (Entry.variants) and one record per variant.
+# The version is part of every shared-tier key (tierproxy.keys.KeySpace) as well: a record
+# of another version is not even looked up, and one found all the same is a miss.
+FORMAT_VERSION = 3
 
 
 class CorruptEntry(Exception):
@@ -63,6 +65,7 @@ def _checksum(
     last_modified: str | None,
     vary: list[str],
     tags: list[str],
+    variants: list[Any],
 ) -> int:
     """CRC-32 of the body and of everything else a response is built from (status, header
     bytes, lifetimes, validators, Vary values, tags): damage to any of them is a miss, never
@@ -73,12 +76,19 @@ def _checksum(
             "\n".join(headers),
             "\n".join(vary),
             "\n".join(tags),
+            _variants_text(variants) if variants else "",
             "\x01" if etag is None else etag,
             "\x01" if last_modified is None else last_modified,
         )
     )
     crc = zlib.crc32(_NUMBERS.pack(status, *times), zlib.crc32(body))
     return zlib.crc32(text.encode("utf-8", "surrogateescape"), crc)
+
+
+def _variants_text(variants: list[Any]) -> str:
+    return "\n".join(
+        f"{v[0]}\x02{chr(2).join(v[1])}\x02{v[2]}\x02{v[3]}\x02{v[4]!r}" for v in variants
+    )
 
 
 _NUMBERS = struct.Struct("<H5d")  # status and the five timestamps, as the checksum sees them
@@ -98,6 +108,10 @@ def encode(entry: Entry) -> bytes:
     """The entry's bytes; :class:`Unencodable` if it has something msgpack cannot hold."""
     body = entry.body
     headers, vary, tags = _flatten(entry.headers), _flatten(entry.vary), list(entry.tags)
+    variants = [
+        [v.vid, _flatten(v.values), v.language, v.encoding, float(v.expires_at)]
+        for v in entry.variants
+    ]
     times = (
         entry.stored_at,
         entry.fresh_until,
@@ -107,7 +121,15 @@ def encode(entry: Entry) -> bytes:
     )
     try:
         crc = _checksum(
-            body, entry.status, headers, times, entry.etag, entry.last_modified, vary, tags
+            body,
+            entry.status,
+            headers,
+            times,
+            entry.etag,
+            entry.last_modified,
+            vary,
+            tags,
+            variants,
         )
         packed: bytes = msgpack.packb(
             [
@@ -121,6 +143,7 @@ def encode(entry: Entry) -> bytes:
                 entry.last_modified,
                 vary,
                 tags,
+                variants,
                 len(body),
                 crc,
             ],
@@ -137,7 +160,7 @@ def decode(data: bytes, key: str) -> Entry:
     fields = unpack(data)
     if not isinstance(fields, list) or not fields or fields[0] != FORMAT_VERSION:
         raise CorruptEntry("unknown format version")
-    if len(fields) != 16:
+    if len(fields) != 17:
         raise CorruptEntry("wrong field count")
     (
         _version,
@@ -154,6 +177,7 @@ def decode(data: bytes, key: str) -> Entry:
         last_modified,
         vary,
         tags,
+        variants,
         body_len,
         crc,
     ) = fields
@@ -179,7 +203,9 @@ def decode(data: bytes, key: str) -> Entry:
         and _all_str(vary)
     ):
         raise CorruptEntry("bad header list")
-    if _checksum(body, status, headers, times, etag, last_modified, vary, tags) != crc:
+    if not isinstance(variants, list) or (variants and not all(map(_is_variant, variants))):
+        raise CorruptEntry("bad variant index")
+    if _checksum(body, status, headers, times, etag, last_modified, vary, tags, variants) != crc:
         raise CorruptEntry("checksum mismatch")
     return Entry(
         key=key,
@@ -195,4 +221,24 @@ def decode(data: bytes, key: str) -> Entry:
         last_modified=last_modified,
         vary=_pairs(vary),
         tags=tuple(tags),
+        variants=tuple(
+            Variant(vid, _pairs(values), language, encoding, float(expires))
+            for vid, values, language, encoding, expires in variants
+        )
+        if variants
+        else (),
+    )
+
+
+def _is_variant(item: Any) -> bool:
+    return (
+        isinstance(item, list)
+        and len(item) == 5
+        and isinstance(item[0], str)
+        and isinstance(item[1], list)
+        and _all_str(item[1])
+        and len(item[1]) % 2 == 0
+        and isinstance(item[2], str)
+        and isinstance(item[3], str)
+        and isinstance(item[4], (int, float))
     )

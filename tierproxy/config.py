@@ -110,6 +110,8 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_SEND_TIMEOUT": "30.0",  # a client taking no response bytes this long is cut off
     "TIERPROXY_KEY_PREFIX": "",  # starts every Redis name: environments sharing one Redis
     "TIERPROXY_MAX_TTL": "31536000",  # one year: freshness never exceeds it
+    # Variants kept per URL whose responses vary (Vary), least recently used out.
+    "TIERPROXY_MAX_VARIANTS": "32",
     # Open client connections on the proxy port; empty = derived from RLIMIT_NOFILE at start
     # (tierproxy.listener.client_connection_cap). Over it, the oldest idle ones are closed.
     "TIERPROXY_MAX_CLIENT_CONNECTIONS": "",
@@ -210,6 +212,7 @@ class Settings:
     targeted_fields: tuple[str, ...] = DEFAULT_TARGETED_FIELDS
 
     query: QueryRules = dataclasses.field(default_factory=QueryRules)  # TIERPROXY_QUERY(_IGNORE)
+    max_variants: int = 32
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -473,6 +476,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         send_timeout=_parse(env, "TIERPROXY_SEND_TIMEOUT", _seconds(True), timeout),
         origin_queue_timeout=_parse(env, "TIERPROXY_ORIGIN_QUEUE_TIMEOUT", _seconds(True), timeout),
         stream_timeout=_parse(env, "TIERPROXY_STREAM_TIMEOUT", _seconds(True), timeout),
+        max_variants=_parse(
+            env, "TIERPROXY_MAX_VARIANTS", _integer(1, 1024), "a whole number, 1-1024"
+        ),
         key_prefix=_key_prefix(env),
         max_ttl=_parse(env, "TIERPROXY_MAX_TTL", _seconds(True), "a positive number of seconds"),
         max_client_connections=_parse(

@@ -9,10 +9,22 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from itertools import chain
 from operator import itemgetter
+from typing import NamedTuple
 
-__all__ = ["OWN_HEADERS", "Entry", "Headers", "has_raw_bytes", "wire"]
+__all__ = ["OWN_HEADERS", "Entry", "Headers", "Variant", "has_raw_bytes", "wire"]
 
 Headers = tuple[tuple[str, str], ...]
+
+
+class Variant(NamedTuple):
+    """One stored variant of a URL, as its variant index lists it (see tierproxy.variants)."""
+
+    vid: str  # its id: tierproxy.variants.variant_id(values)
+    values: Headers  # the normalised request values it was chosen by (lower-case names)
+    language: str  # its Content-Language, case-folded members joined by "," ("" = none)
+    encoding: str  # its Content-Encoding, likewise ("" = none: identity)
+    expires_at: float  # when its record may be dropped (Entry.expires_at)
+
 
 # Response fields tierproxy writes itself on every response: an upstream's copy is never
 # replayed next to them. X-Cache and X-Request-ID are replaced (and not stored, see
@@ -73,6 +85,10 @@ class Entry:
     last_modified: str | None = None
     vary: Headers = ()  # request header (lower-case name, value) pairs this variant was chosen by
     tags: tuple[str, ...] = ()  # surrogate keys
+    # Non-empty only in a URL's variant index (a response that varies): the variants stored,
+    # least recently used first; each is a record of its own (tierproxy.variants). An index
+    # is never a response: only tiers/base.GuardedTier reads it.
+    variants: tuple[Variant, ...] = ()
     # Built once per entry, never per hit (and counted in ``size``): the status line and the
     # stored header lines as HTTP/1.1 bytes, without the fields tierproxy writes itself (see
     # OWN_HEADERS); None when a stored line is unsafe to write (the full path refuses it).
@@ -151,6 +167,16 @@ class Entry:
             size += _pairs_size(self.vary)
         if self.tags:
             size += getsizeof(self.tags) + sum(map(getsizeof, self.tags))
+        if self.variants:
+            size += getsizeof(self.variants) + sum(
+                getsizeof(v)
+                + 40
+                + len(v.vid)
+                + len(v.language)
+                + len(v.encoding)
+                + _pairs_size(v.values)
+                for v in self.variants
+            )
         setattr_(self, "size", size)
 
     def age(self, now: float) -> int:

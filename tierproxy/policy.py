@@ -37,8 +37,6 @@ __all__ = [
     "parse_cache_control",
     "parse_tags",
     "response_directives",
-    "vary_matches",
-    "vary_values",
 ]
 
 AnyHeaders = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -359,23 +357,6 @@ def _vary_names(headers: AnyHeaders) -> list[str]:
     for value in headers.getall("Vary", ()):
         names.extend(n.strip().lower() for n in value.split(",") if n.strip())
     return names
-
-
-def vary_values(response_headers: AnyHeaders, request_headers: AnyHeaders) -> Headers:
-    """RFC 9111 §4.1: the request's values for the headers the response varies on."""
-    names = sorted(set(_vary_names(response_headers)))
-    return tuple((name, _normalise_field(request_headers.getall(name, ()))) for name in names)
-
-
-def _normalise_field(values: Iterable[str]) -> str:
-    return ",".join(" ".join(v.split()) for v in values)
-
-
-def vary_matches(entry: Entry, request_headers: AnyHeaders) -> bool:
-    for name, stored in entry.vary:
-        if _normalise_field(request_headers.getall(name, ())) != stored:
-            return False
-    return True
 
 
 def freshen(

@@ -10,12 +10,17 @@
   timeout (at least :data:`PURGE_MIN_TIMEOUT`).
 * **Invalidation** of one key (RFC 9111 §4.4, :meth:`Purges.invalidate`): required work,
   never dropped.
+* **Writes it overtook.** A backfill write on its way while a purge of its key runs is undone
+  by its writer once it lands (:mod:`tierproxy.backfill`); a purge waits for those writes
+  (bounded by twice the slowest tier's write timeout) before it answers, so what it purged is
+  not found again once it has answered - another variant of a URL included.
 
 The replicas' fan-out (the purge log in Redis, leases) is :mod:`tierproxy.invalidation`'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from collections.abc import Sequence
@@ -47,6 +52,49 @@ class Purges:
         self._log: collections.deque[tuple[int, frozenset[str] | None]] = collections.deque(
             maxlen=PURGE_LOG
         )
+        # Backfill writes on their way per key material, and the purges waiting for them.
+        self._writing: dict[str, int] = {}
+        self._settled: list[tuple[frozenset[str] | None, asyncio.Future[None]]] = []
+
+    def write_began(self, material: str) -> None:
+        """A backfill write of ``material`` is on its way (see :meth:`write_ended`)."""
+        self._writing[material] = self._writing.get(material, 0) + 1
+
+    def write_ended(self, material: str) -> None:
+        """That write has landed, failed or been undone: purges waiting for it may answer."""
+        left = self._writing.pop(material, 1) - 1
+        if left > 0:
+            self._writing[material] = left
+        if self._settled:
+            waiting, self._settled = self._settled, []
+            for scope, future in waiting:
+                if future.done():
+                    continue
+                if self._pending(scope):
+                    self._settled.append((scope, future))
+                else:
+                    future.set_result(None)
+
+    def _pending(self, scope: frozenset[str] | None) -> bool:
+        if scope is None:
+            return bool(self._writing)
+        return not scope.isdisjoint(self._writing)
+
+    async def _writes_settled(self, scope: frozenset[str] | None, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the backfill writes of ``scope`` (None: any key)
+        that were on their way: each is undone by its writer, the purge having overtaken it."""
+        if not self._pending(scope):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settled.append((scope, future))
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            log.warning("purge answered with backfill writes still on their way")
+        finally:
+            if not future.done():
+                future.cancel()
 
     def bump(self, scope: frozenset[str] | None) -> None:
         """A purge of the keys in ``scope`` (None: of any key) begins or ends."""
@@ -114,6 +162,11 @@ class Purges:
                 log.warning("purge in %s failed: %r", tier.name, exc)
                 results[tier.name] = "error"
         self.bump(scope)
+        writes = [2 * tier.write_timeout for tier in self.tiers if not tier.synchronous]
+        if writes:
+            await self._writes_settled(
+                frozenset(key.material for key in keys) if not tags else None, max(writes)
+            )
         return dict(reversed(results.items()))
 
     def remove_now(self, keys: Sequence[CacheKey]) -> None:

@@ -29,7 +29,7 @@ def purge_authorized(request: web.Request, token: str) -> bool:
 
 
 async def purge(request: web.Request, state: ProxyState, key: CacheKey) -> web.Response:
-    """``PURGE <path>``: the key (the one entry per URL, whatever its Vary variant) from every
+    """``PURGE <path>``: the key (its entry, or every variant of a URL that varies) from every
     tier and every replica's local tiers. ``Soft-Purge: 1`` marks it stale instead of deleting
     it. With replicas, 200 once each live one applied it or was fenced (see
     tierproxy.invalidation); 503 when that or a tier could not be confirmed."""

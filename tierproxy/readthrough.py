@@ -304,11 +304,9 @@ class ReadThrough:
         settings = self.settings
 
         async def invalidate() -> None:
+            # The purge returns once a backfill write it overtook has been undone (bounded;
+            # Purges.purge), so the answer never goes out before that.
             await self.invalidate_everywhere(invalidated)
-            # A backfill write the purge overtook lands, and is undone, before the answer
-            # (bounded: backfills of newer copies may keep starting meanwhile).
-            async with asyncio.timeout(max(settings.l2_write_timeout, settings.l3_write_timeout)):
-                await self.backfill.landed(invalidated)
 
         wait = settings.l2_write_timeout + settings.l3_write_timeout
         done = await self.background.run_required("invalidate", invalidate, wait=wait)

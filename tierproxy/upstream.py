@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
 
-from . import policy
+from . import policy, variants
 from .backoff import KeyBackoff, full_jitter
 from .clock import SYSTEM, Clock
 from .entry import Entry
@@ -377,8 +377,10 @@ class Upstream:
         )
         if not decision.storable:
             return Unstorable(response, decision.reason)
+        vary = variants.vary_values(response.headers, req.headers)
         entry = Entry(
-            key=req.key.material,
+            # A variant's record has a key of its own (its URL's and its variant's id).
+            key=variants.record_material(req.key.material, vary) if vary else req.key.material,
             status=response.status,
             headers=policy.storable_headers(response.headers, decision.strip),
             body=response.body,
@@ -389,7 +391,7 @@ class Upstream:
             expires_at=decision.expires_at,
             etag=response.headers.get("ETag"),
             last_modified=response.headers.get("Last-Modified"),
-            vary=policy.vary_values(response.headers, req.headers),
+            vary=vary,
             tags=policy.parse_tags(response.headers.get("Surrogate-Key")),
         )
         own = policy.storable_headers(response.headers) if decision.strip else None

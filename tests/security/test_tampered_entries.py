@@ -19,13 +19,13 @@ from support.fixture_types import MakeProxy
 from support.origin import Origin
 from support.storage import redis_key, sqlite_row, sqlite_set_value
 
-# Field positions of tierproxy.codec's format version 2 (the same as in version 1).
-KEY, STATUS, HEADERS, BODY, FRESH_UNTIL, BODY_LENGTH, CRC = 1, 2, 3, 4, 6, 14, 15
+# Field positions of tierproxy.codec's format version 3 (version 2 had no variant index at 14).
+KEY, STATUS, HEADERS, BODY, FRESH_UNTIL, BODY_LENGTH, CRC = 1, 2, 3, 4, 6, 15, 16
 
 
 def _fields(blob: bytes) -> list[Any]:
     fields: list[Any] = msgpack.unpackb(blob, raw=False)
-    assert fields[0] == 2, "codec format changed: update the field positions above"
+    assert fields[0] == 3, "codec format changed: update the field positions above"
     return fields
 
 

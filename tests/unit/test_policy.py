@@ -214,17 +214,6 @@ def _entry(**kw: Any) -> Entry:
     return Entry(**base)
 
 
-def test_vary_values_and_matching() -> None:
-    response = h(("Vary", "Accept-Encoding, accept-language"))
-    request = h(("Accept-Encoding", "gzip"), ("Accept-Language", "en"))
-    values = policy.vary_values(response, request)
-    assert values == (("accept-encoding", "gzip"), ("accept-language", "en"))
-    entry = _entry(vary=values)
-    assert policy.vary_matches(entry, request)
-    assert not policy.vary_matches(entry, h(("Accept-Encoding", "br"), ("Accept-Language", "en")))
-    assert not policy.vary_matches(entry, h(("Accept-Language", "en")))
-
-
 def test_freshen_from_304_updates_headers_and_lifetime() -> None:
     entry = _entry(headers=(("ETag", '"v1"'), ("Cache-Control", "max-age=10"), ("X-Old", "1")))
     fresh = policy.freshen(

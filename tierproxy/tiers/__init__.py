@@ -47,6 +47,7 @@ def make_tiers(
                     clock=clock,
                     adaptive_floor=settings.adaptive_floor if settings.adaptive_timeouts else None,
                     estimate=settings.hedge,
+                    max_variants=settings.max_variants,
                 )
             )
     return tiers

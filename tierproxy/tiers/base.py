@@ -14,20 +14,21 @@ errors: they count against its breaker) and one entry or request that cannot be 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDictProxy
 
-from .. import codec, policy
+from .. import codec, variants
 from ..clock import SYSTEM, Clock
-from ..entry import Entry
+from ..entry import Entry, Variant
 from ..keys import CacheKey
 from ..latency import AdaptiveTimeout, NearTimeout
 
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("tierproxy.tiers")
+
+# Variant indexes a purge reads at once (to find the variants of the URLs it purges).
+_PURGE_READS = 64
 
 # The floor of an estimate kept only for hedging (its timeout is never used).
 _DEFAULT_FLOOR = 0.002
@@ -223,6 +227,27 @@ def decode_unkeyed(data: bytes, digest: str, namespace: str) -> Entry:
     if not isinstance(material, str) or CacheKey(material, namespace).digest != digest:
         raise codec.CorruptEntry("entry does not belong to this digest")
     return codec.decode(data, material)
+
+
+def _record_key(key: CacheKey, vid: str) -> CacheKey:
+    """The key of one variant's record of the URL ``key``."""
+    return CacheKey(variants.variant_material(key.material, vid), key.namespace)
+
+
+def _index_entry(material: str, listed: tuple[Variant, ...], now: float) -> Entry:
+    """A URL's variant index: no response of its own, kept while a variant it lists is."""
+    return Entry(
+        key=material,
+        status=200,
+        headers=(),
+        body=b"",
+        stored_at=now,
+        fresh_until=now,
+        stale_until=now,
+        swr_until=now,
+        expires_at=max(variant.expires_at for variant in listed),
+        variants=listed,
+    )
 
 
 class Replicated(Protocol):
@@ -462,8 +487,14 @@ class GuardedTier:
         clock: Clock = SYSTEM,
         adaptive_floor: float | None = None,
         estimate: bool = False,
+        max_variants: int = 32,
     ) -> None:
         self.backend = backend
+        #: Variants kept per URL that varies (TIERPROXY_MAX_VARIANTS), least recently used out.
+        self.max_variants = max_variants
+        # One update of a URL's variant index at a time in this process (read, change, write):
+        # a lock per URL while one is being written, gone when none waits (bounded by them).
+        self._index_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.clock = clock
         self.name = backend.name
         self.read_timeout = read_timeout
@@ -507,7 +538,7 @@ class GuardedTier:
         if entry is not None:
             now = self.clock.wall()
             if now < entry.expires_at and (
-                headers is None or not entry.vary or policy.vary_matches(entry, headers)
+                not entry.vary or (headers is not None and variants.entry_matches(entry, headers))
             ):
                 trust = self.trust
                 if (
@@ -611,12 +642,35 @@ class GuardedTier:
     # ---- the synchronous fast path (a tier with ``synchronous``: memory) ----------------
 
     def set_now(self, key: CacheKey, entry: Entry) -> bool:
-        """Store ``entry`` now (a backfill into memory: nothing to time out)."""
-        return self.backend.set_now(key, entry)
+        """Store ``entry`` now (a backfill into memory: nothing to time out); a variant as
+        :meth:`set` stores one."""
+        backend = self.backend
+        if not entry.vary:
+            return backend.set_now(key, entry)
+        record_key = _record_key(key, variants.variant_id(entry.vary))
+        if entry.key != record_key.material:
+            entry = dataclasses.replace(entry, key=record_key.material)
+        current = backend.get_now(key)
+        now = self.clock.wall()
+        listed = current.variants if current is not None else ()
+        kept, dropped = variants.remember(
+            listed, variants.variant_of(entry), self.max_variants, now
+        )
+        if not backend.set_now(record_key, entry):
+            return False
+        backend.set_now(key, _index_entry(key.material, kept, now))
+        for variant in dropped:
+            backend.remove_now(_record_key(key, variant.vid))
+        return True
 
     def remove_now(self, key: CacheKey) -> bool:
-        """Remove ``key`` now (an invalidation's first step, in memory)."""
-        return self.backend.remove_now(key)
+        """Remove ``key`` now (an invalidation's first step, in memory), every variant too."""
+        backend = self.backend
+        current = backend.get_now(key)
+        removed = backend.remove_now(key)
+        for variant in current.variants if current is not None else ():
+            removed = backend.remove_now(_record_key(key, variant.vid)) or removed
+        return removed
 
     def clear(self) -> int:
         """Drop every entry now (a local tier that may have missed purges); how many."""
@@ -629,8 +683,30 @@ class GuardedTier:
         """
         started = time.perf_counter()
         entry = self.backend.get_now(key)
+        varied = entry is not None and bool(entry.variants)
+        if entry is not None and varied:
+            key, entry = self._variant_now(key, entry, headers)
         self._latency["get"].observe(time.perf_counter() - started)
-        return self._classify(key, entry, headers)
+        found = self._classify(key, entry, headers)
+        if found is None and varied:
+            MISS_REASON.set("vary-miss")  # the URL's index, but no variant for these headers
+        return found
+
+    def _variant_now(
+        self, key: CacheKey, index: Entry, headers: CIMultiDictProxy[str] | None
+    ) -> tuple[CacheKey, Entry | None]:
+        """The variant ``index`` lists for ``headers``, read now (memory), made its URL's most
+        recently used; (its record's key, its record or None)."""
+        chosen = variants.select(index.variants, headers) if headers is not None else None
+        if chosen is None:
+            return key, None
+        record_key = _record_key(key, chosen.vid)
+        entry = self.backend.get_now(record_key)
+        if entry is not None:
+            touched = variants.touch(index.variants, chosen.vid)
+            if touched is not None:
+                self.backend.set_now(key, dataclasses.replace(index, variants=touched))
+        return record_key, entry
 
     def peek_fresh(self, key: CacheKey, headers: CIMultiDictProxy[str], now: float) -> Entry | None:
         """A fresh copy usable for ``headers``, else None; counts nothing.
@@ -640,10 +716,12 @@ class GuardedTier:
         :meth:`get_now` counts that lookup once.
         """
         entry = self.backend.get_now(key)
+        if entry is not None and entry.variants:
+            entry = self._variant_now(key, entry, headers)[1]
         if (
             entry is None
             or now >= entry.fresh_until
-            or (entry.vary and not policy.vary_matches(entry, headers))
+            or (entry.vary and not variants.entry_matches(entry, headers))
         ):
             return None
         trust = self.trust
@@ -677,9 +755,18 @@ class GuardedTier:
         learned = adaptive is not None and adaptive.current <= budget
         timeout = adaptive.current if learned and adaptive is not None else budget
         started = time.perf_counter()
+        varied = False
         try:
             async with asyncio.timeout(timeout):
                 entry = await self.backend.get(key)
+                if entry is not None and entry.variants:
+                    varied = True
+                    # A URL that varies: its index, then the chosen variant's own record.
+                    chosen = variants.select(entry.variants, headers) if headers else None
+                    entry = None
+                    if chosen is not None:
+                        key = _record_key(key, chosen.vid)
+                        entry = await self.backend.get(key)
         except asyncio.CancelledError:
             # The caller gave up (a hedged lookup's loser, a client gone): nothing is known
             # about the tier - no failure, no latency sample, no outcome. A probe that never
@@ -734,7 +821,10 @@ class GuardedTier:
             estimator.observe(elapsed)
         self.near_timeout.observe(elapsed, timeout)
         self.breaker.success()
-        return self._classify(key, entry, headers)
+        found = self._classify(key, entry, headers)
+        if found is None and varied:
+            MISS_REASON.set("vary-miss")  # the URL's index, but no variant for these headers
+        return found
 
     async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> bool:
         if isinstance(self.backend, BytesBackend):
@@ -745,12 +835,92 @@ class GuardedTier:
             except codec.Unencodable as exc:
                 self._unencodable(key, "set", exc)
                 return False
+        if entry.vary:
+            record_key = _record_key(key, variants.variant_id(entry.vary))
+            if entry.key != record_key.material:  # (built for the URL: its record's own key)
+                entry = dataclasses.replace(entry, key=record_key.material)
+                blob = Blob(entry)
+            if self.trust is not None:
+                self.trust.writing(record_key.material, entry)
+            return await self._write("set", key, self._set_variant(key, record_key, entry, blob))
         if self.trust is not None:
             self.trust.writing(key.material, entry)
         return await self._write("set", key, self.backend.set(key, entry, blob))
 
+    async def _set_variant(
+        self, key: CacheKey, record_key: CacheKey, entry: Entry, blob: Blob
+    ) -> None:
+        """Store one variant of a URL that varies: its record, then its URL's index listing
+        it as the most recently used; the variants the bound drops are deleted last. (Not
+        atomic between replicas: a lost update of the index costs a variant a miss, never
+        a wrong answer - a record is checked against the request it is served to.)"""
+        async with self._index_lock(key.material):
+            try:
+                current = await self.backend.get(key)
+            except codec.CorruptEntry:  # (deleted by the backend)
+                current = None
+            listed = current.variants if current is not None else ()
+            kept, dropped = variants.remember(
+                listed, variants.variant_of(entry), self.max_variants, self.clock.wall()
+            )
+            await self.backend.set(record_key, entry, blob)
+            index = _index_entry(key.material, kept, self.clock.wall())
+            await self.backend.set(key, index, Blob(index))
+            for variant in dropped:
+                await self.backend.delete(_record_key(key, variant.vid))
+
+    @contextlib.asynccontextmanager
+    async def _index_lock(self, material: str) -> AsyncIterator[None]:
+        locks = self._index_locks
+        lock, users = locks.get(material) or (asyncio.Lock(), 0)
+        locks[material] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = locks[material]
+            if users <= 1:
+                del locks[material]
+            else:
+                locks[material] = (lock, users - 1)
+
     async def delete(self, key: CacheKey) -> bool:
-        return await self._write("delete", key, self.backend.delete(key))
+        return await self._write("delete", key, self._delete_all(key))
+
+    async def _delete_all(self, key: CacheKey) -> bool:
+        """Delete ``key``'s entry and, when it is a variant index, every variant it lists."""
+        async with self._index_lock(key.material):
+            try:
+                current = await self.backend.get(key)
+            except codec.CorruptEntry:
+                current = None
+            removed = await self.backend.delete(key)
+            for variant in current.variants if current is not None else ():
+                removed = await self.backend.delete(_record_key(key, variant.vid)) or removed
+            return removed
+
+    async def _with_variants(self, keys: Sequence[CacheKey]) -> list[CacheKey]:
+        """``keys`` and the records of the variants their indexes list here (the indexes read
+        a batch at a time). An index that cannot be read now is still purged: its variants
+        are then never found again (a record is only reached through its index, and is
+        rewritten before it is listed anew)."""
+        expanded = list(keys)
+
+        async def index_of(key: CacheKey) -> Entry | None:
+            try:
+                return await self.backend.get(key)
+            except Exception as exc:  # noqa: BLE001 - the purge itself reports what failed
+                log.debug("%s purge: index of %r unread: %r", self.name, key.material[:200], exc)
+                return None
+
+        for start in range(0, len(keys), _PURGE_READS):
+            batch = keys[start : start + _PURGE_READS]
+            for key, current in zip(
+                batch, await asyncio.gather(*map(index_of, batch)), strict=True
+            ):
+                if current is not None:
+                    expanded.extend(_record_key(key, v.vid) for v in current.variants)
+        return expanded
 
     async def _write(self, op: str, key: CacheKey, call: Coroutine[Any, Any, object]) -> bool:
         # A removal (an invalidation, or undoing a write a purge overtook) is tried even while
@@ -805,7 +975,7 @@ class GuardedTier:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                changed = await self.backend.purge(keys, tags, soft_at)
+                changed = await self.backend.purge(await self._with_variants(keys), tags, soft_at)
         except PurgeUnsupported:
             self.metrics.tier_write_outcomes.labels(self.name, "purge", "unsupported").inc()
             raise
