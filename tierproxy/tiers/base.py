@@ -572,7 +572,11 @@ class GuardedTier:
         is open: the backend's ``ping`` under the configured read timeout. When it answers,
         the breaker closes at once (said once in the log), so no client request pays for
         finding out - on probation: the first lookup that fails reopens it. When it does not,
-        the breaker's cool-down starts again (:meth:`Breaker.rearm`). Returns the outcome,
+        the breaker's cool-down starts again (:meth:`Breaker.rearm`). With adaptive
+        timeouts, an answer in ``L`` seconds lifts the learned lookup timeout to at least
+        ``1.5 * L`` (:meth:`AdaptiveTimeout.observe_probe`; a slow answer is checked by a
+        second ping, the faster one counts), so a tier that slowed down is not locked below
+        its latency. Returns the outcome,
         counted in ``tierproxy_tier_probes_total``: ``ok``, ``failed`` (answered no),
         ``timeout``, ``error`` or ``skipped`` (the storage is unavailable, e.g. the L3 file
         being reopened)."""
