@@ -10,29 +10,44 @@ tier's lookup latency in O(1) memory and O(1) time per sample:
   1% of the weight begins.
 * an exponentially weighted mean and variance with the same half-life.
 
-The effective timeout is ``min(max(p99 * 1.5, mean + 3 sigma, floor) * widen, ceiling)``,
-where ``ceiling`` is the configured ``TIERPROXY_Lx_TIMEOUT`` and ``floor`` is
-``TIERPROXY_ADAPTIVE_FLOOR``. It is recomputed every ``refresh`` samples and on every timeout,
-so a lookup reads one attribute. Until ``warmup`` samples have been seen it is the ceiling.
+The effective timeout is ``min(max(p99 * 1.5, mean + 3 sigma, floor), ceiling)``, where
+``ceiling`` is the configured ``TIERPROXY_Lx_TIMEOUT`` and ``floor`` is
+``TIERPROXY_ADAPTIVE_FLOOR``. It is recomputed every ``refresh`` samples, on every timeout and
+on every probe answer, so a lookup reads one attribute. Until ``warmup`` samples have been
+seen it is the ceiling.
 
 The same estimate gives hedged lookups (``TIERPROXY_HEDGE=on``, :mod:`tierproxy.readthrough`)
 their delay: ``p95``, recomputed with ``current`` and None until ``warmup`` samples have been
 seen. With hedging on and adaptive timeouts off, a tier keeps this estimate without using
 ``current`` (:class:`tierproxy.tiers.base.GuardedTier`).
 
-Timeouts and errors feed the estimate. An error is a sample of how long the tier took to
-fail. A timeout is a sample *at the timeout used* - the true latency is at least that - and
-it also doubles ``widen`` (once for lookups that were in flight together: one that had a
-timeout lower than the current one is a sample only), which only a successful lookup resets
-to 1. Why both: a timeout
-sample alone cannot lift the p99 above the timeout until at least 1% of the (decayed) weight
-is timeouts, and the tier's breaker opens after a few consecutive failures, so a tier that
-slowed down below its ceiling could stay locked at a low timeout for ever (every lookup
-times out, the breaker opens, a probe closes it, every lookup times out again). Doubling on
-each consecutive timeout makes a tier whose every lookup times out reach its ceiling within
-``log2(ceiling / floor)`` lookups, whatever the breaker does meanwhile; the timeout samples
-keep the estimate cautious (high) for a while after the tier recovers, decaying with the
-half-life.
+Timeouts, errors and health probes feed the estimate; two properties are kept.
+
+*A frozen tier costs each lookup the learned timeout until the breaker opens.* An error is a
+sample of how long the tier took to fail. A timeout is a sample *at the timeout used* (the
+true latency is at least that) and nothing more: the next lookup gets (about) the same
+timeout, and the tier's breaker counts it as a failure. Lookups that were in flight together
+count once (:class:`tierproxy.tiers.base.GuardedTier` counts a lookup that timed out only if
+it began after the last counted timeout ended): a stall of the event loop that times out
+every lookup in flight at once is one failure, while a frozen Redis opens the breaker after
+``TIERPROXY_BREAKER_FAILURES`` lookups that each waited the learned few milliseconds. (A
+handful of timeout samples is more than 1% of the decayed weight, so the p99 itself climbs
+to the timeout's bucket and the next timeouts are up to ~1.8 times the learned one - still
+milliseconds.)
+
+*A tier that slowed down below its ceiling is not locked at a too-low timeout.* Timeout
+samples alone cannot lift the estimate above the timeout used, and once the breaker is open
+no lookup reaches the tier, so every lookup could time out, the breaker open, a probe close
+it, and so on for ever. The background health probe (:mod:`tierproxy.probes`, under the
+configured read timeout) breaks that circle: a probe that answers in ``L`` seconds is passed
+to :meth:`AdaptiveTimeout.observe_probe`, which puts a weight of 2% of the histogram's
+decayed total into ``L``'s bucket, so the p99 is at least ``L`` and the next effective
+timeout at least ``1.5 * L`` (the ceiling at most). A tier slowed to ``L`` thus recovers
+through one breaker trip and one probe; its lookups, now answered, keep the estimate there,
+and if the tier is fast again the 2% decays like any other sample (below 1% after one
+half-life of fast lookups). O(1): one bucket, one recomputation. (A probe that answers late
+only because it was sent just before a frozen Redis resumed would lift the timeout to the
+ceiling: GuardedTier pings again at once and passes the faster of the two answers.)
 
 :class:`NearTimeout` counts operations that used more than 80% of their timeout
 (``tierproxy_near_timeout_total{tier}``) and says so in the log at most once per tier per
@@ -63,6 +78,8 @@ _RESCALE_AT = 1e100  # sample weights grow geometrically; scaled back to 1 past 
 _QUANTILE = 0.99
 _P99_FACTOR = 1.5
 _SIGMAS = 3.0
+#: A probe's answer weighs this share of the histogram (more than 1 - _QUANTILE).
+_PROBE_SHARE = 0.02
 
 
 class AdaptiveTimeout:
@@ -87,7 +104,6 @@ class AdaptiveTimeout:
         "p95",
         "samples",
         "variance",
-        "widen",
     )
 
     def __init__(
@@ -116,7 +132,6 @@ class AdaptiveTimeout:
         self.samples = 0
         self.mean = 0.0
         self.variance = 0.0
-        self.widen = 1.0
         #: The effective timeout; the ceiling until ``warmup`` samples were seen.
         self.current = ceiling
         #: The latencies' 95th percentile (a bucket's upper bound); None until ``warmup``
@@ -128,32 +143,31 @@ class AdaptiveTimeout:
     def observe(self, seconds: float) -> None:
         """A lookup that succeeded in ``seconds``."""
         self._add(seconds)
-        if self.widen != 1.0:
-            self.widen = 1.0
-            self._refresh_now()
 
     def observe_error(self, seconds: float) -> None:
-        """A lookup that failed (not a timeout) after ``seconds``: a sample; ``widen`` kept."""
+        """A lookup that failed (not a timeout) after ``seconds``: a sample."""
         self._add(seconds)
 
-    def observe_timeout(self, timeout: float) -> bool:
+    def observe_timeout(self, timeout: float) -> None:
         """A lookup that timed out at ``timeout`` (one this estimate gave): a sample at
-        ``timeout`` (its latency was at least that) and, unless the timeout was already
-        raised since that lookup began, the next timeout doubled.
-
-        Returns whether this is news: False when the timeout is already above ``timeout``
-        (lookups that were in flight together time out together - one slow spell, widened
-        once, counted against the tier's breaker once)."""
+        ``timeout`` (its latency was at least that), the estimate recomputed at once. The
+        timeout is not widened: a frozen tier costs each lookup the learned timeout until the
+        breaker opens; a slowed one is found again by a probe (:meth:`observe_probe`)."""
         self._add(timeout)
-        if timeout < self.current:
-            return False
-        self.widen = min(self.widen * 2.0, self.ceiling / self.floor)
         self._refresh_now()
-        return True
+
+    def observe_probe(self, seconds: float) -> None:
+        """A health probe answered in ``seconds``: the p99 is lifted to at least ``seconds``
+        (2% of the decayed weight put in its bucket, without counting as a sample), so the
+        next effective timeout is at least ``1.5 * seconds``, the ceiling at most."""
+        lift = _PROBE_SHARE * self._total + self._weight
+        self._counts[bisect_left(BUCKET_BOUNDS, seconds)] += lift
+        self._total += lift
+        self._refresh_now()
 
     def sample(self, seconds: float) -> None:
         """A latency sample only: a lookup that timed out at a fixed (not learned) timeout
-        took at least ``seconds``; ``widen`` kept."""
+        took at least ``seconds``."""
         self._add(seconds)
 
     def _add(self, seconds: float) -> None:
@@ -203,7 +217,7 @@ class AdaptiveTimeout:
         return math.sqrt(self.variance)
 
     def estimate(self) -> float:
-        """``max(p99 * 1.5, mean + 3 sigma)``, before ``widen`` and the clamp."""
+        """``max(p99 * 1.5, mean + 3 sigma)``, before the clamp."""
         return max(self.p99() * _P99_FACTOR, self.mean + _SIGMAS * self.sigma)
 
     def _refresh_now(self) -> None:
@@ -212,7 +226,7 @@ class AdaptiveTimeout:
             self.current = self.ceiling
             return
         self.p95 = self.quantile(0.95)
-        self.current = min(self.ceiling, max(self.floor, self.estimate()) * self.widen)
+        self.current = min(self.ceiling, max(self.floor, self.estimate()))
 
 
 class NearTimeout:

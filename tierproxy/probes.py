@@ -8,7 +8,10 @@ jittered intervals (uniform in [``MIN_INTERVAL``, ``TICK``], never longer than t
 backoff window) and probes each tier whose lookups' breaker is open and whose next probe is
 due, with :meth:`~tierproxy.tiers.base.GuardedTier.probe`: the backend's ``ping`` (Redis PING
 on both of its connections, a SQLite read) under the tier's configured read timeout. The
-first probe that answers closes the breaker, so the next request uses the tier again.
+first probe that answers closes the breaker, so the next request uses the tier again. With
+adaptive timeouts its answer also lifts the tier's learned lookup timeout to at least 1.5
+times the probe's latency (:mod:`tierproxy.latency`): a tier that slowed down past its
+learned timeout is used again, under a timeout it can meet, after one breaker trip.
 
 Backoff. The first probe of a tier goes at the first look after its breaker opened; after
 ``n`` consecutive failed probes the next one waits ``equal_jitter(n - 1, base, cap)``

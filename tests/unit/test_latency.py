@@ -105,40 +105,68 @@ def test_the_estimate_follows_a_tier_that_slows_down_and_recovers() -> None:
     assert adaptive.current < 2 * fast
 
 
-def test_timeouts_climb_to_the_ceiling_even_when_every_lookup_times_out_at_the_floor() -> None:
-    adaptive = _fed([10e-6] * 500)
-    assert adaptive.current == FLOOR
-
-    used: list[float] = []
-    for _ in range(20):
-        if adaptive.current == CEILING:
-            break
+def test_a_timeout_is_a_sample_at_the_timeout_not_a_wider_timeout() -> None:
+    # A frozen tier: every lookup times out at the learned timeout, and the next lookups
+    # must cost (about) that too - not twice, four times... - until the breaker opens.
+    adaptive = _fed(_jittered(1 * MS, 500))
+    learned = adaptive.current
+    assert learned < 5 * MS
+    used = []
+    for _ in range(5):  # TIERPROXY_BREAKER_FAILURES' default
         used.append(adaptive.current)
         adaptive.observe_timeout(adaptive.current)
-    # Doubling per consecutive timeout: the ceiling within log2(ceiling / floor) + 1 steps.
-    assert adaptive.current == CEILING
-    assert len(used) <= math.ceil(math.log2(CEILING / FLOOR)) + 1, used
-    assert all(b >= 2 * a for a, b in itertools.pairwise(used)), used
+    assert adaptive.samples == 505
+    # Five samples at the timeout are more than 1% of the decayed weight, so the p99 reaches
+    # the timeout's bucket (x 1.5, a quarter-octave bucket's bound): at most ~1.8 x learned.
+    assert all(u <= 1.8 * learned for u in used), (learned, used)
+    assert adaptive.current <= 1.8 * 1.8 * learned
+    assert sum(used) < 5 * 2 * learned
 
 
-def test_a_success_ends_the_widening_and_timeout_samples_keep_it_cautious() -> None:
+def test_timeouts_alone_stay_far_below_the_ceiling_a_probe_lifts_them() -> None:
+    # A tier slowed from 1 ms to 30 ms: lookups time out at the learned timeout. Without the
+    # probe, consecutive timeouts would climb only by the p99's bucket each; the breaker opens
+    # long before they reach 30 ms. A probe that answers in 30 ms lifts it past that at once.
     adaptive = _fed(_jittered(1 * MS, 500))
-    before = adaptive.current
-    for _ in range(3):
+    for _ in range(5):
         adaptive.observe_timeout(adaptive.current)
-    assert adaptive.widen == 8
-    adaptive.observe(1 * MS)
-    assert adaptive.widen == 1
-    # Three timeout samples are under 1% of the weight: the p99 stays; mean + 3 sigma rose.
-    assert before <= adaptive.current < CEILING
+    assert adaptive.current < 10 * MS
+    adaptive.observe_probe(30 * MS)
+    assert adaptive.current >= 1.5 * 30 * MS, adaptive.current
+    assert adaptive.samples == 505  # a probe is not a lookup sample
+    # The lookups now answer in ~30 ms: the estimate stays above them.
+    for sample in _jittered(30 * MS, 600, seed=5):
+        adaptive.observe(sample)
+        assert adaptive.current > 30 * MS * 1.2, adaptive.current
 
 
-def test_errors_are_samples_but_do_not_end_the_widening() -> None:
+def test_a_probe_lift_is_clamped_and_fades_when_the_tier_is_fast_again() -> None:
     adaptive = _fed(_jittered(1 * MS, 500))
-    adaptive.observe_timeout(adaptive.current)
+    fast = adaptive.current
+    adaptive.observe_probe(1.0)  # slower than the ceiling
+    assert adaptive.current == CEILING
+    for sample in _jittered(1 * MS, 2000, seed=6):  # ~8 half-lives of fast lookups
+        adaptive.observe(sample)
+    assert adaptive.current < 2 * fast
+
+
+def test_a_fast_probe_changes_nothing_visible() -> None:
+    adaptive = _fed(_jittered(3 * MS, 500))
+    before = adaptive.current
+    adaptive.observe_probe(0.3 * MS)
+    assert adaptive.current == pytest.approx(before, rel=0.2)
+
+
+def test_a_probe_before_the_warm_up_leaves_the_ceiling() -> None:
+    adaptive = AdaptiveTimeout(CEILING, FLOOR)
+    adaptive.observe_probe(1 * MS)
+    assert adaptive.current == CEILING and adaptive.p95 is None
+
+
+def test_errors_are_samples() -> None:
+    adaptive = _fed(_jittered(1 * MS, 500))
     adaptive.observe_error(0.5 * MS)
-    assert adaptive.widen == 2
-    assert adaptive.samples == 502
+    assert adaptive.samples == 501
 
 
 def test_memory_stays_fixed_and_weights_are_rescaled_before_they_overflow() -> None:
@@ -236,17 +264,6 @@ def test_observe_costs_about_a_microsecond() -> None:
     assert per_sample < 20e-6 or sys.gettrace() is not None, per_sample
 
 
-def test_lookups_timing_out_together_widen_once() -> None:
-    adaptive = _fed(_jittered(1 * MS, 500))
-    used = adaptive.current
-    news = [adaptive.observe_timeout(used) for _ in range(10)]  # ten in flight at once
-    assert news == [True] + [False] * 9
-    assert adaptive.widen == 2
-    assert adaptive.current >= 2 * used
-    assert adaptive.observe_timeout(adaptive.current) is True  # the next one, at the new value
-    assert adaptive.widen == 4
-
-
 def test_the_p95_for_hedging_is_there_once_warm_and_follows_the_samples() -> None:
     adaptive = AdaptiveTimeout(CEILING, FLOOR)  # warm-up: 100 samples
     for _ in range(99):
@@ -263,9 +280,9 @@ def test_the_p95_for_hedging_is_there_once_warm_and_follows_the_samples() -> Non
     assert mixed.quantile(0.99) == mixed.p99()
 
 
-def test_a_plain_sample_feeds_the_estimate_without_widening() -> None:
+def test_a_plain_sample_feeds_the_estimate_at_the_next_refresh() -> None:
     adaptive = _fed([1 * MS] * 100)
     before = adaptive.current
     adaptive.sample(CEILING)  # a lookup that timed out at a fixed timeout
-    assert adaptive.samples == 101 and adaptive.widen == 1.0
+    assert adaptive.samples == 101
     assert adaptive.current == before  # recomputed only at the next refresh

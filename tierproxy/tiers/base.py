@@ -527,6 +527,9 @@ class GuardedTier:
             self.estimator if adaptive_floor is not None else None
         )
         self.near_timeout = NearTimeout(self.name, metrics, clock)
+        # When the last lookup that timed out at a learned timeout and counted against the
+        # breaker ended (perf_counter): one that began before it was in flight with it.
+        self._timeout_counted_at = -math.inf
 
     def _classify(
         self, key: CacheKey, entry: Entry | None, headers: CIMultiDictProxy[str] | None
@@ -600,10 +603,48 @@ class GuardedTier:
         is open: the backend's ``ping`` under the configured read timeout. When it answers,
         the breaker closes at once (said once in the log), so no client request pays for
         finding out - on probation: the first lookup that fails reopens it. When it does not,
-        the breaker's cool-down starts again (:meth:`Breaker.rearm`). Returns the outcome,
+        the breaker's cool-down starts again (:meth:`Breaker.rearm`). With adaptive
+        timeouts, an answer in ``L`` seconds lifts the learned lookup timeout to at least
+        ``1.5 * L`` (:meth:`AdaptiveTimeout.observe_probe`; a slow answer is checked by a
+        second ping, the faster one counts), so a tier that slowed down is not locked below
+        its latency. Returns the outcome,
         counted in ``tierproxy_tier_probes_total``: ``ok``, ``failed`` (answered no),
         ``timeout``, ``error`` or ``skipped`` (the storage is unavailable, e.g. the L3 file
         being reopened)."""
+        outcome, took, failure = await self._ping_timed()
+        adaptive = self.adaptive
+        if outcome == "ok" and adaptive is not None:
+            # The probe's answer lifts a learned timeout it would not fit in (a tier that
+            # slowed down must not stay locked below its latency; tierproxy.latency). A late
+            # answer may only be a PING that waited out a freeze that just ended: asked again
+            # at once, the faster answer is the tier's latency.
+            if took * 1.5 > adaptive.current:
+                again, retook, failure = await self._ping_timed()
+                if again == "ok":
+                    took = min(took, retook)
+                else:
+                    outcome = again
+            if outcome == "ok":
+                adaptive.observe_probe(took)
+        self.metrics.tier_probes.labels(self.name, outcome).inc()
+        if outcome == "ok" and self.breaker.is_open:
+            # Closed, on probation: a probe's PING is not a lookup, so the first lookup that
+            # fails again reopens it at once (Breaker.close_after_probe).
+            self.breaker.close_after_probe()
+            log.warning(
+                "%s breaker closed: a background probe answered in %.1f ms",
+                self.name,
+                took * 1000,
+            )
+        else:
+            if outcome != "skipped":
+                self.breaker.rearm()
+            log.debug("%s probe: %s %r", self.name, outcome, failure)
+        return outcome
+
+    async def _ping_timed(self) -> tuple[str, float, BaseException | None]:
+        """The backend's ``ping`` under the configured read timeout: outcome (see
+        :meth:`probe`), seconds taken, what it raised."""
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
@@ -615,21 +656,7 @@ class GuardedTier:
             outcome = "skipped"
         except Exception as exc:  # noqa: BLE001 - a probe that fails is an outcome, not an error
             outcome, failure = "error", exc
-        self.metrics.tier_probes.labels(self.name, outcome).inc()
-        if outcome == "ok" and self.breaker.is_open:
-            # Closed, on probation: a probe's PING is not a lookup, so the first lookup that
-            # fails again reopens it at once (Breaker.close_after_probe).
-            self.breaker.close_after_probe()
-            log.warning(
-                "%s breaker closed: a background probe answered in %.1f ms",
-                self.name,
-                (time.perf_counter() - started) * 1000,
-            )
-        else:
-            if outcome != "skipped":
-                self.breaker.rearm()
-            log.debug("%s probe: %s %r", self.name, outcome, failure)
-        return outcome
+        return outcome, time.perf_counter() - started, failure
 
     def watch(self, metrics: Metrics) -> None:
         """Register the backend's own gauges (L1/L3 size) with ``metrics``."""
@@ -778,13 +805,18 @@ class GuardedTier:
             # Only a timeout the estimate gave feeds the estimate; one the request's deadline
             # cut short is not the tier's latency (it still counts against the breaker, as a
             # fixed timeout always has). Lookups that timed out together at a learned timeout
-            # are one failure of the tier, not one each (the estimate has widened since the
-            # first): a burst on a busy loop must not open the breaker.
-            if learned and adaptive is not None and not adaptive.observe_timeout(timeout):
-                self.breaker.probing = False
-                self._lookup["timeout"].inc()
-                return None
-            if adaptive is None and estimator is not None and timeout >= self.read_timeout:
+            # are one failure of the tier, not one each: only a lookup that began after the
+            # last counted timeout ended counts, so a stall of the loop that times out every
+            # lookup in flight must not open the breaker, while a frozen tier opens it after
+            # BREAKER_FAILURES lookups that each waited the learned timeout.
+            if learned and adaptive is not None:
+                adaptive.observe_timeout(timeout)
+                if started < self._timeout_counted_at:
+                    self.breaker.probing = False
+                    self._lookup["timeout"].inc()
+                    return None
+                self._timeout_counted_at = time.perf_counter()
+            elif adaptive is None and estimator is not None and timeout >= self.read_timeout:
                 estimator.sample(timeout)  # the configured timeout, not the deadline's cut
             self._fail("timeout", key, "get")
             return None
