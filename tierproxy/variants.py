@@ -8,17 +8,21 @@ identical semantics"):
 * every field: its field lines combined with commas (RFC 9110 §5.3), list members trimmed,
   runs of whitespace inside a member collapsed, empty members dropped;
 * ``Accept-Language``, ``Accept-Encoding``, ``Accept-Charset`` (case-insensitive tokens with
-  weights, RFC 9110 §12.5): members case-folded, ``q`` read as a number, and the list ordered
-  by weight then token, so member order among equal weights and ``q=1`` spelled out or not
-  do not matter. A list whose members do not parse is compared as trimmed and case-folded.
+  weights, RFC 9110 §12.5): members case-folded, ``q`` read as a number (``q=1`` spelled out
+  or not), and the list ordered by weight. Among equal weights ``Accept-Encoding`` and
+  ``Accept-Charset`` members are ordered by token too; ``Accept-Language`` members keep the
+  request's order: common server frameworks (Django, Rails, Go's x/text) answer in the first
+  listed of equally weighted languages, so ``fr, de`` and ``de, fr`` may get different
+  answers. A list whose members do not parse is compared as trimmed and case-folded.
 
 A stored variant is selected for a request when each of its selecting fields is equal after
-normalisation, or - for ``Accept-Language`` against the stored response's
-``Content-Language``, and ``Accept-Encoding`` against its ``Content-Encoding`` - when what
-the stored response is in is what the request prefers above everything else: every member
-with the request's highest weight (above 0) matches it (``fr;q=0.5, de;q=1.0`` gets a
-stored ``Content-Language: de``). Among several, an exact match first, then the most recently
-used.
+normalisation, or when what the stored response is in is what the request prefers first:
+``Accept-Language`` against the stored ``Content-Language`` - the request's first language
+among those of its highest weight (above 0) is exactly that language (``fr;q=0.5, de;q=1.0``
+and ``de, en`` get a stored ``Content-Language: de``; ``en`` does not get ``en-GB``, whose
+origin may have ``en`` too, nor does ``*``) - and ``Accept-Encoding`` against the stored
+``Content-Encoding``: every coding of the request's highest weight is the stored one. Among
+several, an exact match first, then the most recently used.
 
 Each URL keeps at most a bounded number of variants (``TIERPROXY_MAX_VARIANTS``), the least
 recently used dropped first (:func:`remember`).
@@ -106,9 +110,11 @@ def _weighted(members: list[str]) -> list[tuple[str, float]] | None:
     return parsed
 
 
-def _render(parsed: list[tuple[str, float]]) -> str:
+def _render(parsed: list[tuple[str, float]], ordered: bool) -> str:
+    """``ordered``: members of equal weight keep their order (else ordered by token)."""
     parts = []
-    for token, q in sorted(parsed, key=lambda member: (-member[1], member[0])):
+    key = (lambda member: -member[1]) if ordered else (lambda member: (-member[1], member[0]))
+    for token, q in sorted(parsed, key=key):
         if q == 1.0:
             parts.append(token)
         else:
@@ -125,7 +131,7 @@ def normalise(name: str, lines: Iterable[str]) -> str:
     parsed = _weighted(members)
     if parsed is None:
         return ",".join(member.lower() for member in members)
-    return _render(parsed)
+    return _render(parsed, ordered=name == "accept-language")
 
 
 def _preferred(normalised: str) -> list[str] | None:
@@ -146,14 +152,6 @@ def _content_values(name: str, value: str) -> list[str]:
     return values
 
 
-def _range_matches(name: str, wanted: str, available: list[str]) -> bool:
-    if wanted == "*":
-        return True
-    if name == "accept-language":  # RFC 4647 §3.3.1 basic filtering
-        return any(have == wanted or have.startswith(wanted + "-") for have in available)
-    return wanted in available
-
-
 def _field_matches(name: str, stored: str, asked: str, content: Mapping[str, str]) -> bool:
     if asked == stored:
         return True
@@ -164,9 +162,11 @@ def _field_matches(name: str, stored: str, asked: str, content: Mapping[str, str
     if not available:
         return False
     preferred = _preferred(asked)
-    return preferred is not None and all(
-        _range_matches(name, wanted, available) for wanted in preferred
-    )
+    if preferred is None:
+        return False
+    if name == "accept-language":
+        return preferred[0] in available  # the first of the most preferred (kept in order)
+    return all(wanted in available for wanted in preferred)
 
 
 def _asked(name: str, request_headers: _Fields, cache: dict[str, str]) -> str:

@@ -107,10 +107,29 @@ async def test_accept_language_is_normalised_and_resolved_against_content_langua
     for asked in ("de, en", "eN, De", " en ,   de", "fr;q=0.5, de;q=1.0", "de"):
         hit = await _get(proxy, "/sel", asked)
         assert (hit.x_cache, hit.body) == ("HIT-L1", stored.body), (asked, hit)
-    # not preferred above everything else: the origin decides
+    # de not the first preference: the origin decides
     assert (await _get(proxy, "/sel", "en")).x_cache == "MISS"
-    assert (await _get(proxy, "/sel", "de, fr")).x_cache == "MISS"
+    assert (await _get(proxy, "/sel", "fr, de")).x_cache == "MISS"
     assert origin.count("/sel") == 3
+
+
+async def test_accept_language_order_and_subtags_are_kept(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """An origin without Content-Language may answer in the first language listed (as common
+    frameworks do), and one with en-GB may have en too: neither is served for the other."""
+    origin.set("/first", headers=VARYING)
+    proxy = await make_proxy()
+    assert (await _get(proxy, "/first", "fr, de")).x_cache == "MISS"
+    reordered = await _get(proxy, "/first", "de, fr")
+    assert reordered.x_cache == "MISS", reordered
+    assert _asked_by(origin, "/first", reordered) == "de, fr"
+    assert (await _get(proxy, "/first", "FR ,de")).x_cache == "HIT-L1"
+    origin.set("/gb", headers={**VARYING, "Content-Language": "en-GB"})
+    assert (await _get(proxy, "/gb", "en-GB")).x_cache == "MISS"
+    assert (await _get(proxy, "/gb", "en")).x_cache == "MISS"
+    assert (await _get(proxy, "/gb", "*")).x_cache == "MISS"
+    assert origin.count("/gb") == 3
 
 
 async def test_the_bound_drops_the_least_recently_used_variant_in_l1(

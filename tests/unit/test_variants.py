@@ -47,9 +47,10 @@ def stored(request: CIMultiDictProxy[str], vary: str = "Accept-Language", **resp
         ("foo", ["1,,  2"], "1,2"),
         ("foo", ["A  b"], "A b"),  # case kept: an unknown field may be case-sensitive
         ("foo", [], ""),
-        ("accept-language", ["en, de"], "de,en"),
-        ("accept-language", ["eN, De"], "de,en"),
-        ("accept-language", [" en ,   de"], "de,en"),
+        ("accept-language", ["en, de"], "en,de"),  # equal weights: the order kept
+        ("accept-language", ["eN, De"], "en,de"),
+        ("accept-language", [" en ,   de"], "en,de"),
+        ("accept-language", ["en;q=0.5, de"], "de,en;q=0.5"),  # ordered by weight
         ("accept-language", ["fr;q=0.5, de;q=1.0"], "de,fr;q=0.5"),
         ("accept-language", ["de;q=1, fr ; q=0.50"], "de,fr;q=0.5"),
         ("accept-language", ["en;q=0"], "en;q=0"),
@@ -69,17 +70,23 @@ def test_normalise(name: str, lines: list[str], expected: str) -> None:
     ("stored_lang", "content_language", "asked", "selected"),
     [
         ("en, de", None, "en, de", True),
-        ("en, de", None, "de, en", True),  # vary-normalise-lang-order
+        # Order kept among equal weights: common frameworks answer in the first listed.
+        ("en, de", None, "de, en", False),
+        ("fr, de", None, "de, fr", False),
         ("en, de", None, "eN, De", True),  # vary-normalise-lang-case
         ("en, de", None, " en ,   de", True),  # vary-normalise-lang-space
         ("en, de", "de", "fr;q=0.5, de;q=1.0", True),  # vary-normalise-lang-select
         ("en, de", "de", "de", True),
         ("en, de", "de", "de-CH", False),  # more specific than what is stored
-        ("en, de", "de-CH", "de", True),  # basic filtering: de covers de-CH
+        ("en, de", "de-CH", "de", False),  # no prefix matching: the origin may have de
+        ("en-GB", "en-GB", "en", False),
+        ("en-GB", "en-GB", "en-gb", True),
         ("en, de", "de", "en", False),
         ("en, de", "de", "en, de", True),  # exactly what it was stored for
-        ("en, de", "de", "de, fr", False),  # fr preferred as much: the origin may have it
-        ("en, de", "de", "*", True),
+        ("en, de", "de", "de, fr", True),  # de is the first preference
+        ("en, de", "de", "fr, de", False),  # fr is
+        ("en, de", "de", "de, en", True),
+        ("en, de", "de", "*", False),
         ("en, de", "de", "de;q=0", False),
         ("en, de", None, "fr", False),
         ("en, de", None, "", False),
@@ -233,18 +240,15 @@ def test_normalise_is_idempotent(name: str, text: str) -> None:
     assert variants.normalise(name, [once]) == once
 
 
-@given(members=st.lists(_MEMBER, min_size=1, max_size=6), data=st.data(), space=_SPACE)
-def test_permuted_accept_language_selects_the_same_variant(
-    members: list[str], data: st.DataObject, space: str
-) -> None:
-    """Any order, any case, any whitespace around members: the same variant."""
+@given(members=st.lists(_MEMBER, min_size=1, max_size=6), space=_SPACE)
+def test_recased_accept_language_selects_the_same_variant(members: list[str], space: str) -> None:
+    """Any case, any whitespace around members: the same variant (the order is kept)."""
     entries = [
         stored(h(("Accept-Language", ", ".join(members)))),
         stored(h(("Accept-Language", "xx-other"))),
     ]
     listed = tuple(variants.variant_of(entry) for entry in entries)
-    permuted = data.draw(st.permutations(members))
-    recased = [m.swapcase() if i % 2 else m.upper() for i, m in enumerate(permuted)]
+    recased = [m.swapcase() if i % 2 else m.upper() for i, m in enumerate(members)]
     asking = h(("Accept-Language", (space + "," + space).join(recased)))
     assert variants.select(listed, asking) == listed[0]
     assert variants.entry_matches(entries[0], asking)
