@@ -52,7 +52,7 @@ def delta_seconds(value: str | None) -> float | None:
         return None
     if not _DIGITS.fullmatch(value):
         return INVALID
-    return float(min(int(value), DELTA_SECONDS_CAP))
+    return _capped(value)
 
 
 def age_seconds(values: Sequence[str]) -> float:
@@ -64,7 +64,16 @@ def age_seconds(values: Sequence[str]) -> float:
     first = values[0].split(",", 1)[0].split(";", 1)[0].strip()
     if not _DIGITS.fullmatch(first):
         return 0.0
-    return float(min(int(first), DELTA_SECONDS_CAP))
+    return _capped(first)
+
+
+def _capped(digits: str) -> float:
+    """``1*DIGIT`` as seconds, at most :data:`DELTA_SECONDS_CAP` (RFC 9111 §1.2.2), whatever
+    its length: int() refuses a str of more than 4300 digits, and need not see one."""
+    digits = digits.lstrip("0")
+    if len(digits) > 10:  # 2^31 has 10 digits
+        return float(DELTA_SECONDS_CAP)
+    return float(min(int(digits or "0"), DELTA_SECONDS_CAP))
 
 
 def field_names(argument: str | None) -> frozenset[str]:

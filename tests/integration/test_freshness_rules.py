@@ -92,6 +92,26 @@ async def test_the_three_http_date_forms_give_freshness(
     assert origin.count("/r") == 1
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Cache-Control": "max-age=" + "9" * 5000},
+        {"Cache-Control": "max-age=60", "Age": "9" * 5000},
+    ],
+    ids=["max-age", "age"],
+)
+async def test_a_delta_seconds_of_thousands_of_digits_is_capped_not_a_500(
+    headers: dict[str, str], origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """RFC 9111 §1.2.2: too large to hold means 2^31 seconds (for Age: the copy is old)."""
+    origin.set("/r", headers=headers)
+    first, second = await _twice(origin, make_proxy, DEFAULT_TTL=0)  # both 200
+    if "Age" in headers:  # older than any freshness: expired on arrival, not stored
+        assert origin.count("/r") == 2
+    else:
+        assert (second.x_cache, second.body) == ("HIT-L1", FIRST_BODY), second
+
+
 # ---- targeted cache control (RFC 9213) ------------------------------------------------------
 
 

@@ -510,3 +510,13 @@ def test_only_the_request_that_fetched_gets_the_fields_left_out_of_the_stored_co
     assert isinstance(leader, Fetched) and isinstance(waiter, Fetched)
     assert leader.entry.headers == own
     assert waiter.entry.headers == stored.headers
+
+
+@pytest.mark.parametrize("digits", [11, 4300, 5000, 100_000])
+def test_a_delta_seconds_of_any_length_is_capped_never_an_error(digits: int) -> None:
+    """RFC 9111 §1.2.2: a delta-seconds too large to hold is 2^31 - also past the longest
+    integer str() converts (4300 digits): an origin's max-age or Age of 5000 nines is no 500."""
+    nines = "9" * digits
+    assert directives.delta_seconds(nines) == directives.DELTA_SECONDS_CAP
+    assert directives.age_seconds([nines]) == directives.DELTA_SECONDS_CAP
+    assert directives.delta_seconds("0" * digits + "7") == 7.0
