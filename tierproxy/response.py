@@ -241,6 +241,10 @@ def _ranged(
         if last - first + 1 > BODY_SLICE_BYTES and request.method != "HEAD":
             return 206, memoryview(body)[first : last + 1], headers  # no copy per client
         return 206, body[first : last + 1], headers
+    if sum(last - first + 1 for first, last in decision.ranges) > BODY_SLICE_BYTES:
+        # A multipart body is built per request, a copy; the whole body is a view of the one
+        # stored copy (RFC 9110 §14.2 lets a server ignore Range): bounded memory per client.
+        return 200, body, headers
     headers.popall("Content-Type", None)
     headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
     return 206, multipart(body, decision.ranges, content_type, boundary), headers
