@@ -46,6 +46,7 @@ __all__ = [
     "OriginTimeout",
     "OriginUnanswered",
     "connector_internals_available",
+    "rewritten_fields",
     "upstream_headers",
 ]
 
@@ -67,6 +68,18 @@ _ALWAYS_DROP = (
     "x-forwarded-proto",
     "x-real-ip",
 )
+
+
+# Request fields the proxy sets on every fetch (replacing any the client sent): the origin
+# answers the proxy's value, never the client's.
+_ALWAYS_SET = ("via", "x-request-id")
+
+
+def rewritten_fields(denylist: frozenset[str]) -> frozenset[str]:
+    """The request fields whose value the origin sees is not the client's on a fetch that
+    fills the cache: dropped (``denylist`` included) or set by the proxy. A response that
+    varies on one of them cannot be stored as a variant chosen by the client's value."""
+    return frozenset((*_ALWAYS_DROP, *_CONDITIONALS, *_ALWAYS_SET, *denylist))
 
 
 class OriginTimeout(Exception):

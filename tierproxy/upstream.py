@@ -29,6 +29,7 @@ from .origin import (
     OriginResponse,
     OriginTimeout,
     OriginUnanswered,
+    rewritten_fields,
     upstream_headers,
 )
 from .states import Failed, OriginFailed, Outcome, ProxyRequest, Relayed, Stored, Unstorable
@@ -130,6 +131,7 @@ class Upstream:
         self.origin_timeout = origin_timeout
         self.max_entry_bytes = max_entry_bytes
         self.unkeyed_denylist = unkeyed_denylist
+        self._rewritten = rewritten_fields(unkeyed_denylist)
         # Opens after TIERPROXY_BREAKER_FAILURES consecutive origin failures: while open, a
         # request holding a stale copy it may serve gets it at once instead of waiting out
         # the origin timeout; misses still go to the origin, and one request per cooldown
@@ -378,6 +380,13 @@ class Upstream:
         if not decision.storable:
             return Unstorable(response, decision.reason)
         vary = variants.vary_values(response.headers, req.headers)
+        if vary:
+            # Chosen by a field whose value the origin did not see from the client: its
+            # answer may not be this client's (RFC 9111 §4.1 keys on what the origin saw).
+            if any(name in self._rewritten for name, _ in vary):
+                return Unstorable(response, "vary-rewritten")
+            if variants.too_long(vary):  # kept in the URL's index, read on every lookup
+                return Unstorable(response, "vary-too-long")
         entry = Entry(
             # A variant's record has a key of its own (its URL's and its variant's id).
             key=variants.record_material(req.key.material, vary) if vary else req.key.material,

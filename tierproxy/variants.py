@@ -44,6 +44,7 @@ __all__ = [
     "record_material",
     "remember",
     "select",
+    "too_long",
     "touch",
     "variant_id",
     "variant_material",
@@ -226,6 +227,17 @@ def entry_matches(entry: Entry, request_headers: _Fields) -> bool:
         "content-encoding": _header(entry.headers, "content-encoding"),
     }
     return _matches(entry.vary, content, request_headers, {})[0]
+
+
+#: The most bytes of normalised request values a stored variant may be chosen by: its URL's
+#: index holds them for every variant and is read on every L2/L3 lookup of the URL, so a
+#: client sending 8 KiB header values must not make that index large (32 x 1 KiB at most).
+MAX_VALUES_BYTES = 1024
+
+
+def too_long(values: Headers) -> bool:
+    """Whether a variant chosen by ``values`` is too costly to keep (see MAX_VALUES_BYTES)."""
+    return sum(len(name) + len(value) for name, value in values) > MAX_VALUES_BYTES
 
 
 def variant_id(values: Headers) -> str:

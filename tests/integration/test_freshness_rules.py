@@ -105,7 +105,7 @@ async def test_a_delta_seconds_of_thousands_of_digits_is_capped_not_a_500(
 ) -> None:
     """RFC 9111 §1.2.2: too large to hold means 2^31 seconds (for Age: the copy is old)."""
     origin.set("/r", headers=headers)
-    first, second = await _twice(origin, make_proxy, DEFAULT_TTL=0)  # both 200
+    _first, second = await _twice(origin, make_proxy, DEFAULT_TTL=0)  # both 200
     if "Age" in headers:  # older than any freshness: expired on arrival, not stored
         assert origin.count("/r") == 2
     else:

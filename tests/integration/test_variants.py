@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from support.fixture_types import MakeProxy, SpawnProxy
 from support.origin import Origin
 from support.proxy import Fetched, ProxyHandle, fetch
@@ -319,3 +320,34 @@ async def test_every_variant_survives_a_restart_in_l2_and_l3(
             again.terminate()
             await again.wait()
     assert origin.count("/restart") == 3
+
+
+@pytest.mark.parametrize("field", ["X-Forwarded-Proto", "X-Forwarded-For", "X-Real-IP", "Via"])
+async def test_a_response_varying_on_a_field_the_proxy_rewrites_is_not_stored(
+    field: str, origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """The origin saw the proxy's value of the field (set or dropped by the proxy), not the
+    client's: a variant keyed on the client's would be served to clients the origin would
+    have answered otherwise (an http redirect to https clients, one client IP's answer)."""
+    origin.set("/rw", headers={"Cache-Control": "max-age=300", "Vary": f"{field}, Accept"})
+    proxy = await make_proxy()
+    for _ in range(2):
+        got = await proxy.get("/rw")
+        assert got.status == 200 and got.x_cache == "BYPASS", got
+    assert origin.count("/rw") == 2
+
+
+async def test_a_variant_chosen_by_very_long_values_is_not_stored(
+    origin: Origin, make_proxy: MakeProxy
+) -> None:
+    """Each variant's request values are kept in its URL's index, read on every L2/L3
+    lookup of the URL: values over 1 KiB are not stored (the answer is still served)."""
+    origin.set("/long", headers=VARYING)
+    proxy = await make_proxy()
+    huge = ", ".join(f"x{i:04d}" for i in range(300))  # ~2 KiB
+    for _ in range(2):
+        got = await _get(proxy, "/long", huge)
+        assert got.status == 200 and got.x_cache == "BYPASS", got
+    assert (await _get(proxy, "/long", "en")).x_cache == "MISS"
+    assert (await _get(proxy, "/long", "en")).x_cache == "HIT-L1"
+    assert origin.count("/long") == 3
