@@ -18,7 +18,12 @@ from .directives import http_date
 if TYPE_CHECKING:
     from .entry import Entry
 
-__all__ = ["NOT_MODIFIED_HEADERS", "client_not_modified", "etag_list_matches_weakly"]
+__all__ = [
+    "NOT_MODIFIED_HEADERS",
+    "client_not_modified",
+    "etag_list_matches_weakly",
+    "weakly_equal",
+]
 
 AnyHeaders = CIMultiDict[str] | CIMultiDictProxy[str] | Mapping[str, str]
 
@@ -31,6 +36,11 @@ NOT_MODIFIED_HEADERS = frozenset(
 
 def _opaque(tag: str) -> str:
     return tag.strip().removeprefix("W/")
+
+
+def weakly_equal(a: str, b: str) -> bool:
+    """RFC 9110 §8.8.3.2 weak comparison of two entity-tags: the opaque tags are equal."""
+    return _opaque(a) == _opaque(b)
 
 
 def etag_list_matches_weakly(if_none_match: str, etag: str) -> bool:

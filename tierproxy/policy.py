@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .conditionals import weakly_equal
 from .directives import (
     DEFAULT_TARGETED_FIELDS,
     INVALID,
@@ -359,6 +360,21 @@ def _vary_names(headers: AnyHeaders) -> list[str]:
     return names
 
 
+def _selects(entry: Entry, not_modified_headers: AnyHeaders) -> bool:
+    """RFC 9111 §4.3.4: a 304 updates the stored response its validator identifies - the
+    same entity-tag (weak comparison, so a weak tag of it too), else the same Last-Modified;
+    one without a validator updates the response it answered."""
+    etag = not_modified_headers.get("ETag")
+    if etag is not None:
+        return entry.etag is not None and weakly_equal(etag, entry.etag)
+    last_modified = not_modified_headers.get("Last-Modified")
+    if last_modified is not None:
+        return entry.last_modified is not None and (
+            last_modified.strip() == entry.last_modified.strip()
+        )
+    return True
+
+
 def freshen(
     entry: Entry,
     not_modified_headers: AnyHeaders,
@@ -367,7 +383,10 @@ def freshen(
     response_time: float,
     policy: CachePolicy,
 ) -> Entry | None:
-    """RFC 9111 §4.3.4: update a stored entry from a 304; None if it may no longer be stored."""
+    """RFC 9111 §4.3.4: update a stored entry from a 304; None if it may no longer be stored,
+    or if the 304 is not about it (its validator is not the stored one)."""
+    if not _selects(entry, not_modified_headers):
+        return None
     merged: CIMultiDict[str] = CIMultiDict(entry.headers)
     update = storable_headers(not_modified_headers)
     for name in {n.lower() for n, _ in update}:

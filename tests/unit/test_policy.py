@@ -231,6 +231,27 @@ def test_freshen_from_304_updates_headers_and_lifetime() -> None:
     assert fresh.body == entry.body
 
 
+@pytest.mark.parametrize(
+    ("validators", "updates"),
+    [
+        ([("ETag", '"v1"')], True),
+        ([("ETag", 'W/"v1"')], True),  # the same opaque tag, weakly
+        ([("ETag", '"v2"')], False),  # another representation: RFC 9111 §4.3.4
+        ([("Last-Modified", "Fri, 15 Jan 2027 08:00:00 GMT")], True),
+        ([("Last-Modified", "Fri, 15 Jan 2027 09:00:00 GMT")], False),
+        ([("ETag", '"v1"'), ("Last-Modified", "Fri, 15 Jan 2027 09:00:00 GMT")], True),
+        ([], True),  # no validator: the stored response it answered
+    ],
+)
+def test_freshen_only_from_a_304_whose_validator_is_the_stored_one(
+    validators: list[tuple[str, str]], updates: bool
+) -> None:
+    fresh = policy.freshen(
+        _entry(), h(("Cache-Control", "max-age=100"), *validators), h(), NOW, NOW, POLICY
+    )
+    assert (fresh is not None) is updates
+
+
 def test_freshen_refuses_when_the_304_forbids_storing() -> None:
     assert policy.freshen(_entry(), h(("Cache-Control", "no-store")), h(), NOW, NOW, POLICY) is None
 
