@@ -78,16 +78,15 @@ class BackgroundTasks:
         wait: float | None = None,
     ) -> bool:
         """Run ``factory()`` for sure: in the background while the required lane has room,
-        else (lane full, or shutting down) right here, awaited by the caller. ``wait``: the
-        caller waits for it either way, at most this many seconds (an owned task unless
-        shutting down: neither the bound nor cancelling the caller stops it). Returns whether
-        it is done.
+        else (lane full, or shutting down) right here, awaited by the caller. ``wait``: with
+        room in the lane, the caller waits for it at most this many seconds (an owned task:
+        neither the bound nor cancelling the caller stops it); with the lane full it runs
+        inline like any other, to its end - back pressure, so callers that do not wait for
+        all of it can never pile up more than the lane's limit. Returns whether it is done.
 
         ``factory()`` must bound its own I/O (a tier write runs under its write timeout).
         """
-        if not self._closed and (wait is not None or len(self._required) < self.limit):
-            if len(self._required) >= self.limit:
-                self.metrics.background_inline.inc()
+        if not self._closed and len(self._required) < self.limit:
             task = self._start(self._required, name, factory)
             if wait is None:
                 return False
