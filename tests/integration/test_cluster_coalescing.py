@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
+import sys
 from typing import Any
 
 import aiohttp
 import pytest
 from support.fixture_types import MakeProxy, SpawnProxy
 from support.origin import Origin
-from support.proxy import Fetched, ProxyHandle, fetch
+from support.proxy import REPO_ROOT, Fetched, ProxyHandle, fetch
 from support.redis_server import RedisServer
 from support.wait import wait_for_condition
 
@@ -82,6 +84,25 @@ def test_coalesce_is_validated_at_start_up() -> None:
         load_settings({**base, "TIERPROXY_COALESCE": "cluster"})
     with_redis = {**base, "TIERPROXY_REDIS_URL": "redis://127.0.0.1:1"}
     assert load_settings({**with_redis, "TIERPROXY_COALESCE": "cluster"}).coalesce == "cluster"
+
+
+@pytest.mark.parametrize("value", ["everywhere", "cluster"])
+def test_tierproxy_serve_exits_2_on_a_bad_coalesce(value: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERPROXY_")}
+    env.update(TIERPROXY_ORIGIN="http://127.0.0.1:9", TIERPROXY_COALESCE=value)
+    env["PYTHONPATH"] = str(REPO_ROOT)  # this checkout's tierproxy
+    done = subprocess.run(
+        [sys.executable, "-m", "tierproxy", "serve"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "TIERPROXY_COALESCE" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # -- one fetch across the replicas -----------------------------------------------------------
