@@ -7,6 +7,7 @@ key is not written, and a write a purge overtook is undone (:mod:`tierproxy.purg
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from .background import BackgroundTasks
@@ -34,6 +35,10 @@ class Backfiller:
         # Keys with backfills into L2/L3 still on their way (bounded by the background tasks):
         # a lookup may miss there until they land (see tierproxy.coalescer).
         self._storing: dict[str, int] = {}
+        # The latest write of each key into the shared tier (L2) still on its way: its future
+        # says whether it landed. Awaited by a replica that holds the key's fetch lease
+        # (tierproxy.cluster_coalesce) before it tells the others the entry is there.
+        self._shared: dict[str, asyncio.Future[bool]] = {}
         #: With replicas (Redis): write to a shared tier only while this replica holds its
         #: purge lease (see LocalTrust). None = always.
         self.trust: LocalTrust | None = None
@@ -41,6 +46,11 @@ class Backfiller:
     def storing(self, key: CacheKey) -> bool:
         """Whether a backfill of ``key`` into an awaited tier has yet to land."""
         return key.material in self._storing
+
+    def shared_write(self, key: CacheKey) -> asyncio.Future[bool] | None:
+        """The write of ``key`` into the shared tier still on its way (its result: whether it
+        landed), or None when none is."""
+        return self._shared.get(key.material)
 
     def backfill(self, key: CacheKey, entry: Entry, upto: int, generation: int) -> None:
         """Fill the tiers before index ``upto``: L1 now (memory), the others in the background.
@@ -66,33 +76,40 @@ class Backfiller:
     ) -> None:
         counters, purges = self._counters, self.purges
         storing, material = self._storing, key.material
+        landed: asyncio.Future[bool] | None = None
+        if tier.shared:
+            landed = asyncio.get_running_loop().create_future()
+            self._shared[material] = landed
 
         async def store() -> None:
+            ok = False
             try:
-                await write()
+                ok = await write()
             finally:
                 _release(storing, material)
                 purges.write_ended(material)
+                _landed(self._shared, material, landed, ok)
 
-        async def write() -> None:
+        async def write() -> bool:
             # A purge since this copy was read may have been for it: don't write it back, and
             # undo a write that was on its way while the purge ran.
             if purges.purged_since(generation, key):
                 counters.labels(tier.name, "superseded").inc()
-                return
+                return False
             # A replica that may have missed purges (its lease ran out) writes nothing that
             # every replica reads: a PURGE that counted it as fenced will not look again.
             if tier.shared and self.trust is not None and not self.trust.held():
                 counters.labels(tier.name, "fenced").inc()
-                return
+                return False
             ok = await tier.set(key, entry, blob)
             if purges.purged_since(generation, key):
                 # Also when the write timed out: it may still land (a statement already sent
                 # to Redis, or queued on SQLite's writer thread), and this delete lands after it.
                 await tier.delete(key)
                 counters.labels(tier.name, "superseded").inc()
-                return
+                return False
             counters.labels(tier.name, "completed" if ok else "failed").inc()
+            return ok
 
         storing[material] = storing.get(material, 0) + 1
         purges.write_began(material)
@@ -101,6 +118,7 @@ class Backfiller:
         else:
             _release(storing, material)
             purges.write_ended(material)
+            _landed(self._shared, material, landed, False)
             counters.labels(tier.name, "dropped").inc()
 
 
@@ -108,3 +126,17 @@ def _release(storing: dict[str, int], material: str) -> None:
     left = storing.pop(material) - 1
     if left:
         storing[material] = left
+
+
+def _landed(
+    shared: dict[str, asyncio.Future[bool]],
+    material: str,
+    landed: asyncio.Future[bool] | None,
+    ok: bool,
+) -> None:
+    if landed is None:
+        return
+    if not landed.done():
+        landed.set_result(ok)
+    if shared.get(material) is landed:
+        del shared[material]

@@ -42,6 +42,7 @@ from .states import OriginFailed, Outcome, ProxyRequest, Stored, Unstorable
 from .tiers.base import LocalTrust
 
 if TYPE_CHECKING:
+    from .cluster_coalesce import ClusterCoalescing
     from .config import Settings
 
 __all__ = ["Coalescer"]
@@ -147,6 +148,10 @@ class Coalescer:
         #: With replicas: a replica whose purge lease lapsed may have missed a purge, and
         #: shares no remembered fetch meanwhile. None = always trusted.
         self.trust: LocalTrust | None = None
+        #: TIERPROXY_COALESCE=cluster: a leader's fetch also takes the key's fetch lease in
+        #: Redis, or serves the entry another replica's fetch stored (cluster_coalesce).
+        #: None (local): one fetch per key per replica.
+        self.cluster: ClusterCoalescing | None = None
 
     async def fetch(
         self,
@@ -280,7 +285,8 @@ class Coalescer:
         # when the fetch raised or was cancelled.
         shared: Outcome | None = None
         try:
-            outcome = await fetch()
+            cluster = self.cluster
+            outcome = await (fetch() if cluster is None else cluster.fetch(req, name, fetch))
             self._learn_vary(req.key.material, outcome)
             if _shareable(outcome, req.headers) and not (
                 own_deadline

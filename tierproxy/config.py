@@ -143,6 +143,9 @@ ENV_DEFAULTS: dict[str, str] = {
     # by name; ignored names and name_* patterns leave the key and the forwarded request.
     "TIERPROXY_QUERY": "keep",
     "TIERPROXY_QUERY_IGNORE": "",
+    # "cluster": one origin fetch per key across every replica sharing TIERPROXY_REDIS_URL (a
+    # short lease in Redis; the others wait for the entry in L2). "local": one per replica.
+    "TIERPROXY_COALESCE": "local",
 }
 
 #: TIERPROXY_MAX_INFLIGHT's default, in origin pools (TIERPROXY_ORIGIN_MAX_CONNECTIONS): one
@@ -213,6 +216,7 @@ class Settings:
 
     query: QueryRules = dataclasses.field(default_factory=QueryRules)  # TIERPROXY_QUERY(_IGNORE)
     max_variants: int = 32
+    coalesce: str = "local"  # TIERPROXY_COALESCE: "local" or "cluster" (needs Redis)
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -286,6 +290,13 @@ def _redis_url(raw: str) -> str | None:
     if parts.scheme != "unix" and not parts.hostname:
         raise ValueError(raw)
     return raw
+
+
+def _coalesce(raw: str) -> str:
+    value = raw.lower()
+    if value not in ("local", "cluster"):
+        raise ValueError(raw)
+    return value
 
 
 def _log_level(raw: str) -> str:
@@ -502,6 +513,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         hedge=_parse(env, "TIERPROXY_HEDGE", _on_off, "on or off"),
         targeted_fields=_targeted_fields(env),
+        coalesce=_parse(env, "TIERPROXY_COALESCE", _coalesce, "local or cluster"),
     )
     max_inflight = _parse(
         env,
@@ -527,6 +539,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if settings.purge_token is not None and len(settings.purge_token) < 16:
         raise ConfigError(
             "TIERPROXY_PURGE_TOKEN is too short: use at least 16 characters (or unset it)"
+        )
+    if settings.coalesce == "cluster" and settings.redis_url is None:
+        raise ConfigError(
+            "TIERPROXY_COALESCE=cluster needs TIERPROXY_REDIS_URL: replicas coalesce through "
+            "the Redis they share (set it, or use TIERPROXY_COALESCE=local)"
         )
     if 0 < settings.stale_deadline and settings.stale_deadline >= settings.request_deadline:
         raise ConfigError(

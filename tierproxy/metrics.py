@@ -458,6 +458,15 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.coalesce_leases = Counter(
+            "tierproxy_coalesce_leases",
+            "TIERPROXY_COALESCE=cluster: fetch leases in Redis by outcome - acquired (this "
+            "replica fetched), waited-hit (served the entry another replica stored), "
+            "waited-unstored (its answer was not stored: fetched at once), waited-timeout (no "
+            "entry by the end of the wait: fetched), error (Redis failed: fetched, as local)",
+            ["outcome"],
+            registry=r,
+        )
         self._responses = {
             (cache, cls): self.responses.labels(cache, cls)
             for cache in X_CACHE_VALUES

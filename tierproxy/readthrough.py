@@ -28,6 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .backfill import Backfiller
 from .background import BackgroundTasks
 from .clock import SYSTEM, Clock
+from .cluster_coalesce import ClusterCoalescing
 from .coalescer import Coalescer
 from .entry import Entry
 from .keys import CacheKey, KeySpace
@@ -57,6 +58,7 @@ from .states import (
     stale_at_deadline,
     stale_usable,
 )
+from .tiers import redis_leases
 from .tiers.base import MISS_REASON, GuardedTier, LocalTrust
 from .upstream import Upstream
 
@@ -108,6 +110,33 @@ class ReadThrough:
             background=background,
         )
         self._trust: LocalTrust | None = None
+        #: TIERPROXY_COALESCE=cluster: the fetch leases shared with the other replicas.
+        self.cluster: ClusterCoalescing | None = None
+        if settings.coalesce == "cluster":
+            self.cluster = self._cluster_coalescing()
+            self.coalescer.cluster = self.cluster
+
+    def _cluster_coalescing(self) -> ClusterCoalescing | None:
+        index = next((i for i, tier in enumerate(self.tiers) if tier.shared), None)
+        if index is None:
+            return None
+        l2 = self.tiers[index]
+        leases = redis_leases.for_tier(l2, self.settings.l2_write_timeout)
+        if leases is None:
+            return None
+
+        async def read(req: ProxyRequest) -> Entry | None:
+            # The normal L2 lookup (Vary-checked); only a fresh copy, backfilled like a hit.
+            generation = self.purges.generation
+            entry, _ = await tier_get(req, l2, asyncio.get_running_loop())
+            if entry is None or freshness(entry, self.clock.wall()) != "fresh":
+                return None
+            self.backfill.backfill(req.key, entry, index, generation)
+            return entry
+
+        return ClusterCoalescing(
+            self.settings, leases, l2, read, self.purges, self.backfill, self.metrics
+        )
 
     @property
     def trust(self) -> LocalTrust | None:

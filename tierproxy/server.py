@@ -112,6 +112,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         l2 = state.tier("l2")
         assert l2 is not None
         state.invalidation.start()  # the replicas' purge channel
+        if state.readthrough.cluster is not None:
+            state.readthrough.cluster.start()  # TIERPROXY_COALESCE=cluster: the lease channel
         try:
             if await l2.ping(max(1.0, settings.l2_timeout)):
                 log.info("L2 Redis reachable")
@@ -152,6 +154,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await state.background.drain(settings.shutdown_timeout)
         # Its purges write to L1/L3: stop listening before the tiers close.
         await state.invalidation.stop()
+        if state.readthrough.cluster is not None:
+            await state.readthrough.cluster.stop()
         for tier in state.tiers:
             try:
                 await tier.close()

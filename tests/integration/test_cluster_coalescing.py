@@ -1,0 +1,227 @@
+"""Coalescing across replicas (TIERPROXY_COALESCE=cluster): several proxies sharing one real
+Redis send one origin fetch per cold key between them; a leaseholder that dies, a frozen
+Redis, a purge during the wait and an unstorable answer never cost a client an error.
+
+Replicas are in-process proxies (one event loop) except where one must die (subprocesses,
+SIGKILL). The origin counts requests and answers slowly on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from typing import Any
+
+import aiohttp
+import pytest
+from support.fixture_types import MakeProxy, SpawnProxy
+from support.origin import Origin
+from support.proxy import REPO_ROOT, Fetched, ProxyHandle, fetch
+from support.redis_server import RedisServer
+from support.wait import wait_for_condition
+
+from tierproxy.config import ConfigError, load_settings
+
+CACHEABLE = {"Cache-Control": "max-age=300"}
+# Concurrent clients per replica for the cold-key burst (3 replicas). 300 each by default;
+# TIERPROXY_TEST_CLUSTER_CLIENTS lowers it on a small machine.
+CLIENTS = int(os.environ.get("TIERPROXY_TEST_CLUSTER_CLIENTS", "300"))
+TOKEN = "cluster-coalescing-purge-token-0123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _env(**extra: Any) -> dict[str, Any]:
+    return {
+        "SQLITE_PATH": "off",  # L3 is per host: not what is shared here
+        "KEY_PREFIX": f"t{secrets.token_hex(4)}:",
+        "ORIGIN_TIMEOUT": 4,
+        "REQUEST_DEADLINE": 10,
+        "L2_TIMEOUT": 1.0,  # 900 clients on one test loop: lookups must not time out here
+        "L2_WRITE_TIMEOUT": 1.0,
+        "PURGE_TOKEN": TOKEN,
+        **extra,
+    }
+
+
+def _leases(proxy: ProxyHandle, outcome: str) -> float:
+    value = proxy.state.metrics.registry.get_sample_value(
+        "tierproxy_coalesce_leases_total", {"outcome": outcome}
+    )
+    return float(value or 0.0)
+
+
+async def _burst(urls: list[str], clients: int) -> list[Fetched]:
+    """``clients`` concurrent GETs at each URL, all released at once."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        return await asyncio.gather(
+            *(fetch(session, "GET", url, timeout=30) for url in urls for _ in range(clients))
+        )
+
+
+async def _replicas(make_proxy: MakeProxy, count: int, **env: Any) -> list[ProxyHandle]:
+    shared = _env(**env)
+    proxies = [await make_proxy(**shared) for _ in range(count)]
+    if shared.get("COALESCE") == "cluster":
+        await wait_for_condition(
+            lambda: all(p.state.readthrough.cluster.leases.connected for p in proxies), timeout=5
+        )
+    return proxies
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_coalesce_is_validated_at_start_up() -> None:
+    base = {"TIERPROXY_ORIGIN": "http://127.0.0.1:9"}
+    assert load_settings(base).coalesce == "local"
+    with pytest.raises(ConfigError, match="TIERPROXY_COALESCE='everywhere'.*local or cluster"):
+        load_settings({**base, "TIERPROXY_COALESCE": "everywhere"})
+    with pytest.raises(ConfigError, match="TIERPROXY_COALESCE=cluster needs TIERPROXY_REDIS_URL"):
+        load_settings({**base, "TIERPROXY_COALESCE": "cluster"})
+    with_redis = {**base, "TIERPROXY_REDIS_URL": "redis://127.0.0.1:1"}
+    assert load_settings({**with_redis, "TIERPROXY_COALESCE": "cluster"}).coalesce == "cluster"
+
+
+@pytest.mark.parametrize("value", ["everywhere", "cluster"])
+def test_tierproxy_serve_exits_2_on_a_bad_coalesce(value: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERPROXY_")}
+    env.update(TIERPROXY_ORIGIN="http://127.0.0.1:9", TIERPROXY_COALESCE=value)
+    env["PYTHONPATH"] = str(REPO_ROOT)  # this checkout's tierproxy
+    done = subprocess.run(
+        [sys.executable, "-m", "tierproxy", "serve"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "TIERPROXY_COALESCE" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- one fetch across the replicas -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "fetches"), [("cluster", 1), ("local", 3)])
+async def test_three_replicas_on_one_cold_key(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, mode: str, fetches: int
+) -> None:
+    """3 replicas x CLIENTS concurrent clients on one cold key: one origin fetch in all with
+    ``cluster``; one per replica with ``local`` (so the count measures the feature)."""
+    origin.set("/cold", headers=CACHEABLE, latency=0.5)
+    proxies = await _replicas(make_proxy, 3, COALESCE=mode)
+    answers = await _burst([f"{p.url}/cold" for p in proxies], CLIENTS)
+    assert {a.status for a in answers} == {200}
+    assert len({a.body for a in answers}) == fetches  # one fetch's answer everywhere (cluster)
+    assert origin.count("/cold") == fetches
+    if mode == "cluster":
+        assert sum(_leases(p, "acquired") for p in proxies) == 1
+        assert sum(_leases(p, "waited-hit") for p in proxies) == 2  # one leader per replica
+        assert sum(_leases(p, "error") for p in proxies) == 0
+    else:
+        assert sum(_leases(p, "acquired") for p in proxies) == 0
+
+
+# -- a leaseholder that dies -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_killed_leaseholder_costs_a_handful_of_fetches(
+    origin: Origin, spawn_proxy: SpawnProxy, redis_url: str
+) -> None:
+    """The replica holding the lease is SIGKILLed mid-fetch: its lease runs out (origin
+    timeout + L2 write timeout), one of the others takes it and fetches; every client of
+    the surviving replicas gets a 200."""
+    env = _env(COALESCE="cluster", ORIGIN_TIMEOUT=2)
+    origin.set("/dies", headers=CACHEABLE, hang=True, hang_limit=30)
+    holder, *others = [await spawn_proxy(**env) for _ in range(3)]
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        first = asyncio.create_task(fetch(session, "GET", f"{holder.url}/dies", timeout=30))
+        await wait_for_condition(lambda: origin.count("/dies") == 1, timeout=10)
+        waiting = [
+            asyncio.create_task(fetch(session, "GET", f"{p.url}/dies", timeout=30))
+            for p in others
+            for _ in range(50)
+        ]
+        await asyncio.sleep(0.5)  # they are waiting on the lease now
+        assert origin.count("/dies") == 1
+        holder.kill()
+        origin.set("/dies", headers=CACHEABLE, latency=0.5)
+        origin.release()
+        answers = await asyncio.gather(*waiting)
+        first.cancel()
+    assert {a.status for a in answers} == {200}
+    assert len({a.body for a in answers}) == 1
+    assert origin.count("/dies") <= 3, origin.count("/dies")
+
+
+# -- Redis frozen ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_frozen_redis_coalesces_per_replica_without_errors(
+    origin: Origin, make_proxy: MakeProxy, redis_server: RedisServer, redis_url: str
+) -> None:
+    origin.set("/frozen", headers=CACHEABLE, latency=0.5)
+    proxies = await _replicas(make_proxy, 3, COALESCE="cluster", L2_TIMEOUT=0.1)
+    with redis_server.frozen():
+        answers = await _burst([f"{p.url}/frozen" for p in proxies], 50)
+    assert {a.status for a in answers} == {200}
+    assert max(a.elapsed for a in answers) < 5.0
+    assert origin.count("/frozen") <= 3  # like local: one per replica
+    assert sum(_leases(p, "error") for p in proxies) >= 1
+    assert sum(_leases(p, "acquired") for p in proxies) == 0
+
+
+# -- a purge during the wait -----------------------------------------------------------------
+
+
+async def test_a_purge_during_the_wait_lets_no_pre_purge_entry_through(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str
+) -> None:
+    origin.set("/p", headers=CACHEABLE, body=b"v1", latency=1.0)
+    holder, waiter = await _replicas(make_proxy, 2, COALESCE="cluster")
+    first = asyncio.create_task(holder.get("/p"))
+    await wait_for_condition(lambda: origin.count("/p") == 1, timeout=5)
+    waiting = [asyncio.create_task(waiter.get("/p")) for _ in range(5)]
+    await asyncio.sleep(0.2)  # waiting on the holder's lease
+    origin.set("/p", headers=CACHEABLE, body=b"v2", latency=0.1)
+    purged = await waiter.request("PURGE", "/p", headers=AUTH)
+    assert purged.status == 200, purged.body
+    assert (await first).body == b"v1"  # the holder's own client gets what it asked for
+    for answer in await asyncio.gather(*waiting):
+        assert answer.status == 200
+        assert answer.body == b"v2"
+    await holder.settle()
+    await waiter.settle()
+    assert (await waiter.get("/p")).body == b"v2"
+    assert (await holder.get("/p")).body == b"v2"
+
+
+# -- an unstorable answer --------------------------------------------------------------------
+
+
+async def test_an_unstorable_answer_sends_the_waiters_to_the_origin_at_once(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str
+) -> None:
+    """The leaseholder's answer is private: it publishes ``unstored`` and the waiter fetches
+    at once, not after a fallback re-check (a second here) or its deadline."""
+    origin.set("/private", headers={"Cache-Control": "private, max-age=300"}, latency=0.5)
+    holder, waiter = await _replicas(make_proxy, 2, COALESCE="cluster", ORIGIN_TIMEOUT=8)
+    first = asyncio.create_task(holder.get("/private"))
+    await wait_for_condition(lambda: origin.count("/private") == 1, timeout=5)
+    second = await waiter.get("/private")
+    assert (await first).status == 200
+    assert second.status == 200
+    assert origin.count("/private") == 2
+    assert _leases(waiter, "waited-unstored") == 1
+    # The rest of the holder's 0.5 s fetch, then its own 0.5 s; a fallback re-check would add 1 s.
+    assert second.elapsed < 1.3, second.elapsed

@@ -1,0 +1,225 @@
+"""Fetch leases in Redis: one origin fetch per key across the replicas (TIERPROXY_COALESCE=cluster).
+
+Used by :mod:`tierproxy.cluster_coalesce`; this module is the only one that talks to Redis
+for it. Names, under the L2 tier's per-origin prefix (``<TIERPROXY_KEY_PREFIX>tierproxy:
+<origin id>:``, like the purge log's):
+
+* ``fetch-lease:<sha256(flight name)>`` - a string holding the leaseholder's replica id, set
+  with ``SET NX PX`` (the lease runs out by itself if its holder dies);
+* ``fetched`` - the channel a leaseholder publishes ``<lease name> stored|unstored`` on
+  after it released its lease.
+
+Every command names at most one key (Redis Cluster safe); the release is a compare-and-delete
+script (only the holder's own lease goes). Every call is bounded by the L2 write timeout and
+never raises: a failure is ``None`` (the caller then behaves as without cluster coalescing).
+One pub/sub connection per process listens on the channel and wakes the local waiters of the
+lease named in each message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..backoff import equal_jitter
+from .redis import RedisTier
+
+if TYPE_CHECKING:
+    from .base import GuardedTier
+
+__all__ = ["STORED", "UNSTORED", "FetchLeases", "LeaseNote", "for_tier"]
+
+log = logging.getLogger("tierproxy.tiers.leases")
+
+STORED = "stored"
+UNSTORED = "unstored"
+
+# KEYS[1] the lease; ARGV[1] the holder's id. Deletes it only while it is still that holder's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_BACKOFF_BASE = 0.1
+_BACKOFF_CAP = 5.0
+_STABLE_AFTER = 10.0  # a subscription that lasted this long resets the reconnect backoff
+
+
+def for_tier(tier: GuardedTier, timeout: float) -> FetchLeases | None:
+    """Fetch leases in ``tier``'s Redis, or None when it is not the Redis tier."""
+    backend = tier.backend
+    return FetchLeases(backend, timeout=timeout) if isinstance(backend, RedisTier) else None
+
+
+class LeaseNote:
+    """What a waiter hears about one lease: set once, with ``stored`` or ``unstored``."""
+
+    __slots__ = ("event", "what")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.what = ""
+
+    def tell(self, what: str) -> None:
+        if not self.event.is_set():
+            self.what = what
+            self.event.set()
+
+
+class FetchLeases:
+    """Fetch leases and their notifications for one L2 tier (see module)."""
+
+    def __init__(self, tier: RedisTier, *, timeout: float) -> None:
+        self.timeout = timeout
+        self.url = tier.url
+        self.client = tier.client
+        base = f"{tier.prefix}{tier.keys.origin_id}:"  # as the purge log's names
+        self._lease_prefix = base + "fetch-lease:"
+        self.channel = base + "fetched"
+        #: This process's id as a leaseholder.
+        self.owner = secrets.token_hex(8)
+        self._release = self.client.register_script(_RELEASE)
+        # Local waiters per lease name: one note per waiter, bounded by the waiting requests.
+        self._waiters: dict[str, set[LeaseNote]] = {}
+        #: True while the channel is subscribed (a waiter is only woken while it is).
+        self.connected = False
+        self._task: asyncio.Task[None] | None = None
+
+    def lease_name(self, flight: str) -> str:
+        return self._lease_prefix + hashlib.sha256(flight.encode()).hexdigest()
+
+    async def acquire(self, lease: str, ms: int) -> bool | None:
+        """``SET lease owner NX PX ms``: True when this process now holds it, False when
+        another does, None when Redis failed (or did not answer in time)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return bool(await self.client.set(lease, self.owner, nx=True, px=ms))
+        except Exception as exc:  # noqa: BLE001 - Redis failing means coalescing locally
+            log.debug("fetch lease %s not taken: %r", lease, exc)
+            return None
+
+    async def release(self, lease: str, what: str) -> bool:
+        """Delete the lease if it is still ours, then publish ``what`` for its waiters.
+        False when Redis failed (the lease then runs out by itself)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._release(keys=[lease], args=[self.owner])
+                await self.client.publish(self.channel, f"{lease} {what}")
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+            log.debug("fetch lease %s not released: %r", lease, exc)
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def watch(self, lease: str) -> Iterator[LeaseNote]:
+        """A note told what the leaseholder of ``lease`` published (registered before the
+        caller looks at the lease, so no message after that is missed)."""
+        note = LeaseNote()
+        self._waiters.setdefault(lease, set()).add(note)
+        try:
+            yield note
+        finally:
+            notes = self._waiters.get(lease)
+            if notes is not None:
+                notes.discard(note)
+                if not notes:
+                    del self._waiters[lease]
+
+    def _tell(self, data: object) -> None:
+        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        lease, _, what = text.rpartition(" ")
+        for note in self._waiters.get(lease, ()):
+            note.tell(what if what in (STORED, UNSTORED) else UNSTORED)
+
+    def _wake_all(self) -> None:
+        """The channel was lost: nobody waits on it (each waiter re-checks and decides)."""
+        for notes in self._waiters.values():
+            for note in notes:
+                note.tell(UNSTORED)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="tierproxy-fetch-lease-subscriber"
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        self.connected = False
+
+    async def _run(self) -> None:
+        # Its own connection: a subscribed connection can run nothing else.
+        client = Redis.from_url(
+            self.url,
+            socket_timeout=None,  # a quiet channel is fine; reads are bounded below
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            max_connections=2,
+        )
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        try:
+            while True:  # until cancelled; each pass waits a bounded, growing backoff
+                started = loop.time()
+                try:
+                    await self._session(client)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any channel failure means reconnect
+                    log.log(
+                        logging.WARNING if attempt == 0 else logging.DEBUG,
+                        "fetch-lease channel lost (%r); coalescing per replica until it is back",
+                        exc,
+                    )
+                finally:
+                    self.connected = False
+                    self._wake_all()
+                if loop.time() - started >= _STABLE_AFTER:
+                    attempt = 0
+                await asyncio.sleep(equal_jitter(attempt, _BACKOFF_BASE, _BACKOFF_CAP))
+                attempt += 1
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _session(self, client: Redis) -> None:
+        pubsub = client.pubsub()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await pubsub.subscribe(self.channel)
+                for _ in range(100):  # the confirmation comes first; bounded anyway
+                    message = await pubsub.get_message(timeout=self.timeout)
+                    if message is not None and message.get("type") == "subscribe":
+                        break
+                else:
+                    raise ConnectionError("no subscribe confirmation")
+            self.connected = True
+            while True:  # until the connection fails or the task is cancelled
+                # A PING every few seconds: a dead connection is found, not waited on forever.
+                message = await pubsub.get_message(timeout=2.0)
+                if message is None:
+                    async with asyncio.timeout(self.timeout):
+                        await pubsub.ping()
+                    continue
+                if message.get("type") == "message":
+                    self._tell(message.get("data"))
+        finally:
+            self.connected = False
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
