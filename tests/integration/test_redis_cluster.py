@@ -63,12 +63,10 @@ async def admin_clients() -> AsyncIterator[list[TestClient[Any, Any]]]:
 
 
 async def _connected(*proxies: ProxyHandle) -> None:
-    for proxy in proxies:
-        await wait_for_condition(
-            lambda proxy=proxy: proxy.state.invalidation.state == "connected",
-            timeout=10,
-            message="subscribed to the purge channel",
-        )
+    def connected() -> bool:
+        return all(proxy.state.invalidation.state == "connected" for proxy in proxies)
+
+    await wait_for_condition(connected, timeout=10, message="subscribed to the purge channel")
 
 
 async def test_entries_spread_are_shared_and_purged_by_key_and_tag(

@@ -137,7 +137,9 @@ class RedisServer:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
                 sock.settimeout(timeout)
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                reply = sock.recv(64)
+                # A server started with --requirepass answers, but asks for a password first.
+                return reply.startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
