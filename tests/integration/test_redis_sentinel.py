@@ -8,6 +8,7 @@ restarting the proxy.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,10 @@ from support.origin import Origin
 from support.proxy import ProxyHandle
 from support.redis_server import RedisSentinelSet, find_redis_server
 from support.storage import redis_key
+from support.wait import wait_for_condition
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
+TOKEN = "test-purge-token-0123456789"
 
 
 @pytest.fixture
@@ -57,7 +60,12 @@ async def test_failover_is_followed_without_errors_or_a_restart(
     origin: Origin, make_proxy: MakeProxy, sentinel_set: RedisSentinelSet
 ) -> None:
     origin.set_default(headers=CACHEABLE)
-    env = {"REDIS_URL": sentinel_set.url, "SQLITE_PATH": "off", "BREAKER_COOLDOWN": "0.2"}
+    env = {
+        "REDIS_URL": sentinel_set.url,
+        "SQLITE_PATH": "off",
+        "BREAKER_COOLDOWN": "0.2",
+        "PURGE_TOKEN": TOKEN,
+    }
     a = await make_proxy(**env)
     b = await make_proxy(**env)
     assert await _l2_shared(a, b, "/before")
@@ -95,4 +103,19 @@ async def test_failover_is_followed_without_errors_or_a_restart(
             break
         await asyncio.sleep(0.1)
     assert shared, "L2 never worked on the promoted master"
-    assert _holds(sentinel_set.replica.port, f"/after/{attempt}", origin)
+    path = f"/after/{attempt}"
+    assert _holds(sentinel_set.replica.port, path, origin)
+
+    # The purge channel followed the master too: a purge on A leaves B's L1.
+    assert (await b.get(path)).x_cache == "HIT-L1"
+
+    def subscribed() -> bool:
+        return all(p.state.invalidation.state == "connected" for p in (a, b))
+
+    await wait_for_condition(subscribed, timeout=10, message="resubscribed on the new master")
+    purged = await a.request("PURGE", path, headers={"Authorization": f"Bearer {TOKEN}"})
+    body = json.loads(purged.body)
+    assert purged.status == 200 and body["replicas_acked"] == 2, body
+    assert not _holds(sentinel_set.replica.port, path, origin)
+    refetched = await b.get(path)
+    assert refetched.status == 200 and refetched.x_cache == "MISS", refetched
