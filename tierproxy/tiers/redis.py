@@ -25,10 +25,11 @@ it was not given in KEYS: fine on a single Redis (and under Sentinel, a single m
 
 Redis Cluster (``redis+cluster://``, see tierproxy.redis_url): no command or script touches
 two keys that may sit in different slots. An entry and its tag sets hash to different slots in
-general, so a tagged write is one small script per tag set (add the digest, raise its TTL, and
-return a sample of members to prune once it is large; the prune is then one EXISTS per member,
-each on its own slot) followed by one script on the entry key alone - tag sets first, so that a
-write that fails half way leaves at most a dangling member, never an unindexed entry. The write
+general, so a tagged write is one script on the entry key alone followed by one small script
+per tag set (add the digest, raise its TTL, and return a sample of members to prune once it is
+large; the prune is then one EXISTS per member, each on its own slot). The entry comes first so
+that a concurrent prune never drops a member whose entry is still to be written; when a tag
+cannot be indexed, the entry is deleted again (a purge by tag could not find it). The write
 is fenced by this replica's lease end as the purge log's node last confirmed it (passed to the
 script, compared with the entry node's clock: the nodes' clocks are assumed to agree within the
 write budget). Purges delete entries and tag sets key by key (redis-py groups them per slot).
@@ -41,6 +42,7 @@ to one server), as they do under Sentinel, where the master moves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -258,18 +260,29 @@ class RedisTier(BytesBackend):
             if self._lease_end_ms is None:
                 raise TierUnavailable("L2 write refused: this replica holds no purge lease yet")
             fence = str(self._lease_end_ms)
-        for tag in entry.tags:
-            sample = await self._tag_one(keys=[self.tag_name(tag)], args=[key.digest, ttl_ms])
-            if sample:
-                members = [m.decode() if isinstance(m, bytes) else str(m) for m in sample]
-                gone = [m for m in members if not await self.client.exists(self.prefix + m)]
-                if gone:
-                    await self.client.srem(self.tag_name(tag), *gone)
-        written = await self._set_fenced_one(
-            keys=[self.entry_name(key)], args=[blob.data, ttl_ms, fence]
-        )
+        name = self.entry_name(key)
+        written = await self._set_fenced_one(keys=[name], args=[blob.data, ttl_ms, fence])
         if not written:
             raise TierUnavailable("L2 write refused: this replica's purge lease has lapsed")
+        try:
+            for tag in entry.tags:
+                sample = await self._tag_one(keys=[self.tag_name(tag)], args=[key.digest, ttl_ms])
+                if sample:
+                    members = [m.decode() if isinstance(m, bytes) else str(m) for m in sample]
+                    gone = [
+                        m
+                        for m in members
+                        if m != key.digest and not await self.client.exists(self.prefix + m)
+                    ]
+                    if gone:
+                        await self.client.srem(self.tag_name(tag), *gone)
+        except BaseException:
+            # Not indexed under every tag: a purge by tag could miss it. Take it out again
+            # (bounded, whatever cancelled this write).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._socket_timeout):
+                    await asyncio.shield(self.client.delete(name))
+            raise
 
     def _on_lease(self, lease_end_ms: int | None) -> None:
         """The purge log registered (or, None, ended) this replica's lease."""
