@@ -72,6 +72,16 @@ async def test_failover_is_followed_without_errors_or_a_restart(
     assert _holds(sentinel_set.master.port, "/before", origin)
     assert a.state.invalidation.state == "connected"
 
+    # More concurrent lookups than pooled connections: they wait for one (bounded), as on
+    # one Redis, rather than failing.
+    for i in range(20):
+        await a.get(f"/pool/{i}")
+    await a.settle()
+    narrow = await make_proxy(**env, REDIS_MAX_CONNECTIONS=1)
+    answers = await asyncio.gather(*(narrow.get(f"/pool/{i}") for i in range(20)))
+    assert {(r.status, r.x_cache) for r in answers} == {(200, "HIT-L2")}, answers
+    await narrow.close()
+
     statuses: list[int] = []
     stop = asyncio.Event()
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from ..redis_url import CLUSTER, SENTINEL, RedisTarget
@@ -32,6 +32,11 @@ __all__ = ["Clients", "RedisClient", "Subscriber"]
 #: What the tier and the purge log talk to: one Redis (or a Sentinel-managed master) or a
 #: cluster. Both take the same single-key commands and scripts.
 RedisClient = Redis | RedisCluster
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's master pool that waits (bounded) for a free connection when all are busy,
+    as the one-Redis pool does, instead of failing the command at once."""
 
 
 class Clients:
@@ -74,8 +79,14 @@ class Clients:
                     "retry": Retry(NoBackoff(), 0),
                 },
             )
+            pool: dict[str, Any] = (
+                {"connection_pool_class": _BlockingSentinelPool, "timeout": socket_timeout}
+                if blocking
+                else {}
+            )
             self.client = self._sentinel.master_for(
                 target.service,
+                **pool,
                 db=target.db,
                 username=target.username,
                 password=target.password,
