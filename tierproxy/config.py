@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from . import redis_url
 from .directives import DEFAULT_TARGETED_FIELDS
 from .keys import QueryRules
 
@@ -69,6 +70,7 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_ADMIN_HOST": "",  # empty = same as TIERPROXY_HOST
     "TIERPROXY_ADMIN_PORT": "8081",
     "TIERPROXY_REDIS_URL": "",
+    "TIERPROXY_REDIS_PASSWORD": "",
     "TIERPROXY_SQLITE_PATH": "./tierproxy-cache.sqlite3",
     "TIERPROXY_L1_TIMEOUT": "0.01",
     "TIERPROXY_L2_TIMEOUT": "0.1",
@@ -217,6 +219,8 @@ class Settings:
     query: QueryRules = dataclasses.field(default_factory=QueryRules)  # TIERPROXY_QUERY(_IGNORE)
     max_variants: int = 32
     coalesce: str = "local"  # TIERPROXY_COALESCE: "local" or "cluster" (needs Redis)
+    # TIERPROXY_REDIS_PASSWORD: Redis's password when TIERPROXY_REDIS_URL has none (never shown).
+    redis_password: str | None = dataclasses.field(default=None, repr=False)
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -281,14 +285,18 @@ def _key_prefix(env: Mapping[str, str]) -> str:
     return raw
 
 
-def _redis_url(raw: str) -> str | None:
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    """TIERPROXY_REDIS_URL, checked (tierproxy.redis_url); the error shows it redacted."""
+    raw = (env.get("TIERPROXY_REDIS_URL") or ENV_DEFAULTS["TIERPROXY_REDIS_URL"]).strip()
     if raw in ("", "off"):
         return None
-    parts = urlsplit(raw)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(raw)
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError(raw)
+    try:
+        redis_url.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(
+            f"TIERPROXY_REDIS_URL={redis_url.redact(raw)[:200]!r} is not valid ({exc}): "
+            f"expected a {redis_url.ALLOWED}"
+        ) from None
     return raw
 
 
@@ -418,9 +426,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port=_parse(env, "TIERPROXY_PORT", _integer(0, 65535), port),
         admin_host=(env.get("TIERPROXY_ADMIN_HOST") or host).strip(),
         admin_port=_parse(env, "TIERPROXY_ADMIN_PORT", _integer(0, 65535), port),
-        redis_url=_parse(
-            env, "TIERPROXY_REDIS_URL", _redis_url, "a redis://, rediss:// or unix:// URL"
-        ),
+        redis_url=_redis_url(env),
+        redis_password=env.get("TIERPROXY_REDIS_PASSWORD") or None,
         sqlite_path=sqlite_path,
         l1_timeout=_parse(env, "TIERPROXY_L1_TIMEOUT", _seconds(True), timeout),
         l2_timeout=_parse(env, "TIERPROXY_L2_TIMEOUT", _seconds(True), timeout),

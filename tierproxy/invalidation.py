@@ -48,10 +48,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from .backoff import equal_jitter
 from .clock import SYSTEM, Clock
 from .keys import MAX_TARGET_LENGTH, CacheKey, KeySpace
@@ -64,6 +60,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .metrics import Metrics
     from .tiers.base import GuardedTier
+    from .tiers.redis_clients import Clients
 
 __all__ = ["Invalidation", "PurgeOrder", "PurgeOutcome"]
 
@@ -397,19 +394,13 @@ class Invalidation:
         assert self._l2 is not None and self._log is not None
         assert self.settings.redis_url is not None
         timeout = max(1.0, self.settings.l2_write_timeout)
-        # Its own small pool: a subscribed connection can run nothing else, and the lease's
-        # heartbeats must not queue behind L2 writes. No retries: a reconnect must go through
-        # _session (redis-py would resubscribe silently, hiding the gap from the replay).
-        client = Redis.from_url(
-            self.settings.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            max_connections=2,
-        )
+        # Its own small pool (redis_clients.Subscriber): a subscribed connection can run
+        # nothing else, and the lease's heartbeats must not queue behind L2 writes. No
+        # retries: a reconnect must go through _session (redis-py would resubscribe
+        # silently, hiding the gap from the replay).
         assert self._replicated is not None
-        purge_log = self._replicated.purge_log(client)
+        clients = self._replicated.subscriber(timeout)
+        purge_log = self._replicated.purge_log(clients.client)
         self._ack_log = purge_log
         loop = asyncio.get_running_loop()
         attempt = 0
@@ -418,7 +409,7 @@ class Invalidation:
                 self.state = "connecting"
                 started = loop.time()
                 try:
-                    await self._session(client, purge_log, timeout)
+                    await self._session(clients, purge_log, timeout)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - any channel failure means reconnect, never a dead subscriber
@@ -437,12 +428,13 @@ class Invalidation:
         finally:
             self.state = "disabled"
             try:
-                await client.aclose()
+                await clients.aclose()
             except Exception as exc:  # noqa: BLE001 - closing is best effort
                 log.debug("closing the invalidation client: %r", exc)
 
-    async def _session(self, client: Redis, purge_log: PurgeLog, timeout: float) -> None:
-        pubsub = client.pubsub()
+    async def _session(self, clients: Clients, purge_log: PurgeLog, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            pubsub, direct = await clients.pubsub_for(purge_log.log_key)
         try:
             async with asyncio.timeout(timeout):
                 await pubsub.subscribe(purge_log.channel)
@@ -474,6 +466,8 @@ class Invalidation:
             try:
                 async with asyncio.timeout(1.0):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    if direct is not None:
+                        await direct.aclose()
             except Exception as exc:  # noqa: BLE001 - closing is best effort
                 log.debug("closing the pub/sub connection: %r", exc)
 

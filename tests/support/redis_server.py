@@ -15,12 +15,19 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .net import free_port
 
-__all__ = ["RedisServer", "RedisServerError", "find_redis_server"]
+__all__ = [
+    "RedisClusterSet",
+    "RedisSentinelSet",
+    "RedisServer",
+    "RedisServerError",
+    "find_redis_server",
+]
 
 
 class RedisServerError(RuntimeError):
@@ -40,8 +47,15 @@ def find_redis_server() -> str | None:
 class RedisServer:
     """One ``redis-server`` bound to 127.0.0.1 on a free port (never 6379)."""
 
-    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.binary = binary
+        self.extra_args = list(extra_args)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -86,6 +100,7 @@ class RedisServer:
             str(self.log_path),
             "--daemonize",
             "no",
+            *self.extra_args,
         ]
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -122,7 +137,9 @@ class RedisServer:
             with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
                 sock.settimeout(timeout)
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                reply = sock.recv(64)
+                # A server started with --requirepass answers, but asks for a password first.
+                return reply.startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -185,3 +202,184 @@ class RedisServer:
             return
         if not self.ping(timeout=1.0):
             self.restart(ready_timeout)
+
+
+def _redis_cli() -> str:
+    found = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    if not os.access(found, os.X_OK):
+        raise RedisServerError("redis-cli not found (needed to create a Redis Cluster)")
+    return found
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # not ready yet: retried until the deadline
+            if check():
+                return
+        time.sleep(0.05)
+    raise RedisServerError(f"{what}: not within {timeout}s")
+
+
+class RedisSentinelSet:
+    """A master, one replica and one sentinel (quorum 1, down after ``down_after_ms``) on
+    free loopback ports: ``kill_master()`` then ``wait_failover()`` promote the replica."""
+
+    SERVICE = "tierproxy-test"
+
+    def __init__(self, binary: str, workdir: Path, down_after_ms: int = 300) -> None:
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.master = RedisServer(binary, self.workdir / "master")
+        self.replica = RedisServer(
+            binary,
+            self.workdir / "replica",
+            extra_args=["--replicaof", "127.0.0.1", str(self.master.port)],
+        )
+        self.down_after_ms = down_after_ms
+        self.sentinel_port = free_port()
+        self._sentinel: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.SERVICE}/0"
+
+    def _client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+
+    def master_port(self) -> int:
+        """The master's port as the sentinel has it."""
+        with self._client(self.sentinel_port) as client:
+            _host, port = client.sentinel_get_master_addr_by_name(self.SERVICE)
+        return int(port)
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.master.start()
+        self.replica.start()
+
+        def linked() -> bool:
+            with self._client(self.replica.port) as client:
+                info = client.info("replication")
+            return bool(info.get("master_link_status") == "up")
+
+        _wait(linked, timeout, "replica linked to its master")
+        conf = self.workdir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel_port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.workdir}\n"
+            f"logfile {self.workdir / 'sentinel.log'}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.SERVICE} 3000\n"
+            f"sentinel parallel-syncs {self.SERVICE} 1\n"
+        )
+        self._sentinel = subprocess.Popen(
+            [self.binary, str(conf), "--sentinel"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def knows_replica() -> bool:
+            with self._client(self.sentinel_port) as client:
+                return len(client.sentinel_slaves(self.SERVICE)) == 1
+
+        _wait(knows_replica, timeout, "sentinel found the replica")
+
+    def kill_master(self) -> None:
+        self.master.kill()
+
+    def wait_failover(self, timeout: float = 15.0) -> None:
+        _wait(lambda: self.master_port() == self.replica.port, timeout, "sentinel failover")
+
+        def promoted() -> bool:
+            with self._client(self.replica.port) as client:
+                return bool(client.info("replication").get("role") == "master")
+
+        _wait(promoted, timeout, "replica promoted")
+
+    def stop(self) -> None:
+        if self._sentinel is not None and self._sentinel.poll() is None:
+            self._sentinel.kill()
+            self._sentinel.wait(5)
+        self.replica.stop()
+        self.master.stop()
+
+
+class RedisClusterSet:
+    """``size`` masters (no replicas) forming one Redis Cluster on free loopback ports (each
+    with its cluster bus on another free port), created with ``redis-cli --cluster create``."""
+
+    def __init__(self, binary: str, workdir: Path, size: int = 3) -> None:
+        self.workdir = Path(workdir)
+        self.nodes: list[RedisServer] = []
+        for i in range(size):
+            node_dir = self.workdir / f"node{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(
+                RedisServer(
+                    binary,
+                    node_dir,
+                    extra_args=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-port",
+                        str(free_port()),
+                        "--cluster-node-timeout",
+                        "2000",
+                    ],
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self, timeout: float = 20.0) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                _redis_cli(),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+        )
+        import redis
+
+        def ready() -> bool:
+            for node in self.nodes:
+                with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=1) as client:
+                    if client.cluster("info").get("cluster_state") != "ok":
+                        return False
+            return True
+
+        _wait(ready, timeout, "cluster state ok on every node")
+
+    def keys_per_node(self) -> list[int]:
+        """How many keys each node holds."""
+        import redis
+
+        counts = []
+        for node in self.nodes:
+            with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=1) as client:
+                counts.append(int(client.dbsize()))
+        return counts
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

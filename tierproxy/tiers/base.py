@@ -34,9 +34,11 @@ from ..latency import AdaptiveTimeout, NearTimeout
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
     from ..metrics import Metrics
     from .purge_log import PurgeLog
+    from .redis_clients import Subscriber
 
 __all__ = [
     "MISS_REASON",
@@ -255,9 +257,11 @@ class Replicated(Protocol):
     every replica shares (Redis): its purge log and channel, and fencing its writes by this
     replica's purge lease."""
 
-    def purge_log(self, client: Redis | None = None) -> PurgeLog: ...
+    def purge_log(self, client: Redis | RedisCluster | None = None) -> PurgeLog: ...
 
     def fence(self, replica_id: str) -> None: ...
+
+    def subscriber(self, socket_timeout: float) -> Subscriber: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = ["PURGE_LOG_MAXLEN", "REPLICAS", "PurgeLog", "stream_id"]
 
@@ -86,11 +87,22 @@ class PurgeLog:
     * ``<prefix>replicas`` / ``<prefix>replicas:applied`` - each replica's lease end (Redis
       clock) and the last log id it applied: what a PURGE waits on.
 
-    Every call is one command or one script (nothing to strand under a timeout).
+    Every call is one command or one script (nothing to strand under a timeout). On Redis
+    Cluster the prefix carries a hash tag (tierproxy.tiers.redis), so every key here is in one
+    slot and the scripts run there; the channel is cluster-wide (PUBLISH reaches every node).
     """
 
-    def __init__(self, client: Redis, prefix: str) -> None:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        prefix: str,
+        *,
+        on_lease: Callable[[int | None], None] | None = None,
+    ) -> None:
         self.client = client
+        #: Told this replica's lease end (Redis clock ms) at each heartbeat, None when it
+        #: leaves: on a cluster, the tier fences its writes by it.
+        self._on_lease = on_lease
         self.log_key = prefix + "purge-log"
         self.channel = prefix + "invalidate"
         self.replicas_key = prefix + REPLICAS
@@ -131,13 +143,17 @@ class PurgeLog:
 
     async def heartbeat(self, replica_id: str, lease_ms: int, applied: str) -> None:
         """Register this replica's lease (from now, Redis clock) and what it has applied."""
-        await self._heartbeat(
+        now = await self._heartbeat(
             keys=[self.replicas_key, self.applied_key],
             args=[replica_id, max(0, lease_ms), applied, _REPLICA_FORGET_MS, _REPLICAS_TTL_MS],
         )
+        if self._on_lease is not None:
+            self._on_lease(int(now) + max(0, lease_ms))
 
     async def leave(self, replica_id: str) -> None:
         """Deregister: a PURGE no longer waits for this replica."""
+        if self._on_lease is not None:
+            self._on_lease(None)
         await self.client.zrem(self.replicas_key, replica_id)
         await self.client.hdel(self.applied_key, replica_id)
 

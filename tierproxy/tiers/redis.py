@@ -21,26 +21,44 @@ pipeline to strand under a timeout) that also adds the entry's digest to one set
 it outlives every entry it indexes and then expires with them; members whose entry has gone
 (expired, evicted, purged) are pruned by sampling on each tagged write, which keeps a set that
 is written to for ever within a small factor of its live members. The script reads entry keys
-it was not given in KEYS: fine on a single Redis, not on Redis Cluster (unsupported anyway).
+it was not given in KEYS: fine on a single Redis (and under Sentinel, a single master).
+
+Redis Cluster (``redis+cluster://``, see tierproxy.redis_url): no command or script touches
+two keys that may sit in different slots. An entry and its tag sets hash to different slots in
+general, so a tagged write is one script on the entry key alone followed by one small script
+per tag set (add the digest, raise its TTL, and return a sample of members to prune once it is
+large; the prune is then one EXISTS per member, each on its own slot). The entry comes first so
+that a concurrent prune never drops a member whose entry is still to be written; when a tag
+cannot be indexed, the entry is deleted again (a purge by tag could not find it). The write
+is fenced by this replica's lease end as the purge log's node last confirmed it (passed to the
+script, compared with the entry node's clock: the nodes' clocks are assumed to agree within the
+write budget). Purges delete entries and tag sets key by key (redis-py groups them per slot).
+The purge log's keys (stream, leases, acks, loss mark) share one slot through a hash tag,
+``<prefix>{<origin id>}:...``, as its scripts touch several of them; on one Redis they keep
+their plain names. Lookups go through redis-py's cluster client (the pipelined reader speaks
+to one server), as they do under Sentinel, where the master moves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .. import redis_url
 from ..entry import Entry
 from ..keys import CacheKey, KeySpace
 from . import redis_reads
 from .base import Blob, BytesBackend, Configured, TierUnavailable, mark_stale_encoded
 from .purge_log import REPLICAS, PurgeLog
+from .redis_clients import Clients, RedisClient, Subscriber
 
 if TYPE_CHECKING:
     from ..clock import Clock
@@ -85,6 +103,28 @@ end
 return 1
 """
 
+# Cluster: KEYS[1] entry key; ARGV: value, TTL ms, the writing replica's lease end on the
+# purge log's node clock (ms; '' = no fence). Returns 0 when refused.
+_SET_FENCED_ONE = """
+if ARGV[3] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if tonumber(ARGV[3]) < now then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+
+# Cluster: KEYS[1] a tag set; ARGV: digest, TTL ms. Adds the digest and raises the set's TTL;
+# returns a sample of members to check (and prune) once the set is large, else nothing.
+_TAG_ONE = """
+local ttl = tonumber(ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+if redis.call('SCARD', KEYS[1]) > 64 then return redis.call('SRANDMEMBER', KEYS[1], 8) end
+return {}
+"""
+
 
 def link_retry() -> Retry:
     """One immediate retry, on a connection error only.
@@ -116,6 +156,7 @@ def configured(
         key_prefix=settings.key_prefix,
         socket_timeout=max(settings.l2_timeout, settings.l2_write_timeout),
         max_connections=settings.redis_max_connections,
+        password=settings.redis_password,
     )
     return Configured(backend, settings.l2_timeout, settings.l2_write_timeout)
 
@@ -132,34 +173,53 @@ class RedisTier(BytesBackend):
         max_connections: int,
         keys: KeySpace,
         key_prefix: str = "",
+        password: str | None = None,
     ) -> None:
         self.url = url
+        #: The topology (one Redis, Sentinel, Cluster) and credentials; see tierproxy.redis_url.
+        self.target = redis_url.parse(url, password)
+        self.cluster = self.target.kind == redis_url.CLUSTER
         self.keys = keys
         #: The start of every Redis name this process uses (entries, tag sets, channels, and
         #: anything added later): build names as ``self.prefix + ...``, never from scratch.
         self.prefix = key_prefix + NAME_ROOT
         self._tag_prefix = self.prefix + "tag:"
-        self._pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout,  # waiting for a pooled connection is bounded too
+        self._socket_timeout = socket_timeout
+        self._clients = Clients(
+            self.target,
             socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
+            max_connections=max_connections,
             retry=link_retry(),
-            health_check_interval=0,
         )
-        self.client: Redis = Redis(connection_pool=self._pool, retry=link_retry())
+        self.client: RedisClient = self._clients.client
         self._set_fenced = self.client.register_script(_SET_FENCED)
-        # The replicas' purge channel, log and leases: per origin (PurgeLog).
-        self._log_prefix = f"{self.prefix}{keys.origin_id}:"
+        self._set_fenced_one = self.client.register_script(_SET_FENCED_ONE)
+        self._tag_one = self.client.register_script(_TAG_ONE)
+        # The replicas' purge channel, log and leases: per origin (PurgeLog). On a cluster
+        # they share one slot (a hash tag): the purge log's scripts touch several of them.
+        if self.cluster:
+            self._log_prefix = f"{self.prefix}{{{keys.origin_id}}}:"
+        else:
+            self._log_prefix = f"{self.prefix}{keys.origin_id}:"
         self._leases_name = self._log_prefix + REPLICAS
+        #: Cluster: this replica's lease end (ms, the purge log node's clock) from its last
+        #: heartbeat; writes are fenced by it. None: not yet known.
+        self._lease_end_ms: int | None = None
         #: This replica's id in the purge lease registry (set by tierproxy.invalidation, which
         #: every proxy with Redis runs): every write is then fenced by that lease
         #: (_SET_FENCED). None: unfenced (a RedisTier used on its own).
         self.fence_id: str | None = None
-        # Lookups: one pipelined connection for all of them (tiers/redis_reads.py).
-        self.reads = redis_reads.for_url(
-            url, connect_timeout=socket_timeout, stale_after=socket_timeout
+        # Lookups: one pipelined connection for all of them (tiers/redis_reads.py); on
+        # Sentinel and Cluster through redis-py (the server to ask is not fixed).
+        self.reads = (
+            redis_reads.for_url(
+                url,
+                connect_timeout=socket_timeout,
+                stale_after=socket_timeout,
+                password=self.target.password,
+            )
+            if self.target.kind == redis_url.SINGLE
+            else None
         )
 
     def entry_name(self, key: CacheKey) -> str:
@@ -179,6 +239,9 @@ class RedisTier(BytesBackend):
         ttl_ms = int((entry.expires_at - time.time()) * 1000)
         if ttl_ms <= 0:
             return
+        if self.cluster:
+            await self._set_on_cluster(key, entry, blob, ttl_ms)
+            return
         written = await self._set_fenced(
             keys=[
                 self.entry_name(key),
@@ -189,6 +252,41 @@ class RedisTier(BytesBackend):
         )
         if not written:
             raise TierUnavailable("L2 write refused: this replica's purge lease has lapsed")
+
+    async def _set_on_cluster(self, key: CacheKey, entry: Entry, blob: Blob, ttl_ms: int) -> None:
+        """``set`` on a cluster: every command on one key (see the module docstring)."""
+        fence = ""
+        if self.fence_id is not None:
+            if self._lease_end_ms is None:
+                raise TierUnavailable("L2 write refused: this replica holds no purge lease yet")
+            fence = str(self._lease_end_ms)
+        name = self.entry_name(key)
+        written = await self._set_fenced_one(keys=[name], args=[blob.data, ttl_ms, fence])
+        if not written:
+            raise TierUnavailable("L2 write refused: this replica's purge lease has lapsed")
+        try:
+            for tag in entry.tags:
+                sample = await self._tag_one(keys=[self.tag_name(tag)], args=[key.digest, ttl_ms])
+                if sample:
+                    members = [m.decode() if isinstance(m, bytes) else str(m) for m in sample]
+                    gone = [
+                        m
+                        for m in members
+                        if m != key.digest and not await self.client.exists(self.prefix + m)
+                    ]
+                    if gone:
+                        await self.client.srem(self.tag_name(tag), *gone)
+        except BaseException:
+            # Not indexed under every tag: a purge by tag could miss it. Take it out again
+            # (bounded, whatever cancelled this write).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._socket_timeout):
+                    await asyncio.shield(self.client.delete(name))
+            raise
+
+    def _on_lease(self, lease_end_ms: int | None) -> None:
+        """The purge log registered (or, None, ended) this replica's lease."""
+        self._lease_end_ms = lease_end_ms
 
     async def delete(self, key: CacheKey) -> bool:
         return bool(await self.client.delete(self.entry_name(key)))
@@ -230,7 +328,11 @@ class RedisTier(BytesBackend):
             return bool(await self.client.set(name, data, xx=True, keepttl=True))
 
         for batch in _batches(digests, _SOFT_BATCH):  # few at a time: entries can be large
-            values = await self.client.mget([self.prefix + d for d in batch])
+            names = [self.prefix + d for d in batch]
+            if isinstance(self.client, RedisCluster):
+                values = await self.client.mget_nonatomic(names)  # one MGET per slot
+            else:
+                values = await self.client.mget(names)
             writes: list[tuple[str, bytes]] = []
             for digest, data in zip(batch, values, strict=True):
                 if not isinstance(data, bytes):
@@ -250,10 +352,18 @@ class RedisTier(BytesBackend):
         """Write only while ``replica_id``'s purge lease holds (see :attr:`fence_id`)."""
         self.fence_id = replica_id
 
-    def purge_log(self, client: Redis | None = None) -> PurgeLog:
+    def purge_log(self, client: RedisClient | None = None) -> PurgeLog:
         """The purge log over ``client`` (default: this tier's pool), under this tier's prefix
         and this origin's id: replicas of another origin sharing the Redis are not ours."""
-        return PurgeLog(self.client if client is None else client, self._log_prefix)
+        return PurgeLog(
+            self.client if client is None else client,
+            self._log_prefix,
+            on_lease=self._on_lease if self.cluster else None,
+        )
+
+    def subscriber(self, socket_timeout: float) -> Subscriber:
+        """The purge subscriber's own connections to this tier's Redis (tierproxy.invalidation)."""
+        return Subscriber(self.target, socket_timeout=socket_timeout)
 
     async def ping(self) -> bool:
         """Both connections answer: redis-py's (writes) and the pipelined one (lookups)."""
@@ -264,5 +374,4 @@ class RedisTier(BytesBackend):
     async def close(self) -> None:
         if self.reads is not None:
             await self.reads.close()
-        await self.client.aclose()
-        await self._pool.disconnect()
+        await self._clients.aclose()

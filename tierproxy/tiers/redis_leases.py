@@ -26,12 +26,9 @@ import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from ..backoff import equal_jitter
 from .redis import RedisTier
+from .redis_clients import Subscriber
 
 if TYPE_CHECKING:
     from .base import GuardedTier
@@ -80,7 +77,7 @@ class FetchLeases:
 
     def __init__(self, tier: RedisTier, *, timeout: float) -> None:
         self.timeout = timeout
-        self.url = tier.url
+        self._tier = tier
         self.client = tier.client
         base = f"{tier.prefix}{tier.keys.origin_id}:"  # as the purge log's names
         self._lease_prefix = base + "fetch-lease:"
@@ -162,22 +159,16 @@ class FetchLeases:
         self.connected = False
 
     async def _run(self) -> None:
-        # Its own connection: a subscribed connection can run nothing else.
-        client = Redis.from_url(
-            self.url,
-            socket_timeout=None,  # a quiet channel is fine; reads are bounded below
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            max_connections=2,
-        )
+        # Its own small client (a subscribed connection can run nothing else), for whatever
+        # Redis topology the tier uses, with its credentials: the tier's subscriber clients.
+        clients = self._tier.subscriber(self.timeout)
         loop = asyncio.get_running_loop()
         attempt = 0
         try:
             while True:  # until cancelled; each pass waits a bounded, growing backoff
                 started = loop.time()
                 try:
-                    await self._session(client)
+                    await self._session(clients)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - any channel failure means reconnect
@@ -195,10 +186,12 @@ class FetchLeases:
                 attempt += 1
         finally:
             with contextlib.suppress(Exception):
-                await client.aclose()
+                await clients.aclose()
 
-    async def _session(self, client: Redis) -> None:
-        pubsub = client.pubsub()
+    async def _session(self, clients: Subscriber) -> None:
+        async with asyncio.timeout(self.timeout):
+            # On a cluster: a plain connection to one node (PUBLISH reaches every node).
+            pubsub, direct = await clients.pubsub_for(self.channel)
         try:
             async with asyncio.timeout(self.timeout):
                 await pubsub.subscribe(self.channel)
@@ -223,3 +216,5 @@ class FetchLeases:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    if direct is not None:
+                        await direct.aclose()

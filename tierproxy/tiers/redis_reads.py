@@ -19,7 +19,9 @@ its reply for the next caller: redis/redis-py#2665, CVE-2023-28858/28859):
 * Connecting (and AUTH/SELECT) happens once for all waiters, under ``connect_timeout``.
 
 Only ``redis://`` and ``unix://`` URLs are read this way; for ``rediss://`` (TLS, with its
-certificate options) :func:`for_url` returns None and lookups stay on redis-py.
+certificate options) :func:`for_url` returns None and lookups stay on redis-py, as they do
+under Sentinel (the master moves) and on Redis Cluster (keys live on several nodes): the tier
+does not build a reader for those (tierproxy.tiers.redis).
 """
 
 from __future__ import annotations
@@ -221,8 +223,11 @@ class PipelinedReader:
         self._protocol = None
 
 
-def for_url(url: str, *, connect_timeout: float, stale_after: float) -> PipelinedReader | None:
-    """A reader for ``url``; None for TLS (``rediss://``), which stays on redis-py."""
+def for_url(
+    url: str, *, connect_timeout: float, stale_after: float, password: str | None = None
+) -> PipelinedReader | None:
+    """A reader for ``url``; None for TLS (``rediss://``), which stays on redis-py.
+    ``password``: when the URL has none (TIERPROXY_REDIS_PASSWORD)."""
     options = parse_url(url)
     if options.get("connection_class") is SSLConnection:
         return None
@@ -232,7 +237,7 @@ def for_url(url: str, *, connect_timeout: float, stale_after: float) -> Pipeline
         path=options.get("path"),
         db=int(options.get("db", 0) or 0),
         username=options.get("username"),
-        password=options.get("password"),
+        password=options.get("password") or password,
         connect_timeout=connect_timeout,
         stale_after=stale_after,
     )
