@@ -239,6 +239,7 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(
         return [int(w["pid"]) for w in body["workers"]]
 
     now = await wait_for_condition(replaced, timeout=20, message="worker not replaced")
+    assert now is not None
     assert pids[0] not in now and pids[1] in now and len(set(now)) == 2
     assert await _metric(proxy, "tierproxy_worker_restarts_total") == 1
 
