@@ -1,13 +1,14 @@
 """``TIERPROXY_WORKERS=N``: N serving processes on one port, supervised by the parent.
 
-**The listening socket.** The parent binds the proxy port once and every worker inherits that
-socket (``pass_fds``) and accepts on it. Chosen over ``SO_REUSEPORT`` (each worker binding
-its own socket) because: the port is bound before any worker starts, so a worker being
-restarted never leaves a moment where the port refuses connections or a stale process could
-bind it; ``TIERPROXY_PORT=0`` means one port for the whole group; and it is portable. The
-kernel hands each connection to one of the workers blocked in accept (epoll wake-ups on a
-shared socket), which balances less evenly than ``SO_REUSEPORT``'s hashing under some loads;
-README gives the measured figures.
+**The listening sockets: ``SO_REUSEPORT``.** The parent binds the proxy port with
+``SO_REUSEPORT`` and holds it without listening: ``TIERPROXY_PORT=0`` means one port for the
+whole group, and no other program can take the port while workers come and go. Each worker
+binds its own socket to that address and listens (:func:`listen_like`); Linux spreads new
+connections over the listening sockets by a hash of the connection. A socket bound once by the
+parent and inherited by every worker would not lose the backlog of a worker that dies, but
+it balanced badly when measured: the worker that wakes first accepts the whole backlog, so
+under light or bursty load one worker took every connection. With ``SO_REUSEPORT`` the
+connections queued on a worker that is killed are reset; later ones go to live workers.
 
 **Workers** run ``python -m tierproxy _worker``: the same proxy as one process (its own L1,
 the shared L2 and L3), with its admin app on a unix socket in the group's private directory
@@ -44,7 +45,6 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,6 +470,3 @@ class Supervisor:
                 return web.Response(text=answer, status=status, content_type="text/plain")
             return web.json_response(answer, status=status)
         return web.json_response({"error": "no worker answered"}, status=503)
-
-
-Started = Callable[[int, int], None]
