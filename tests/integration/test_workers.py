@@ -22,6 +22,8 @@ from support.origin import Origin
 from support.proxy import SpawnedProxy
 from support.wait import wait_for_condition
 
+from tierproxy.config import load_settings
+
 pytestmark = pytest.mark.slow
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
@@ -90,6 +92,14 @@ async def _blast(
 
         await asyncio.gather(*(one() for _ in range(concurrency)))
     return results
+
+
+def test_auto_is_the_cpus_this_process_may_use() -> None:
+    origin = "http://127.0.0.1:9"
+    settings = load_settings({"TIERPROXY_ORIGIN": origin, "TIERPROXY_WORKERS": "auto"})
+
+    assert settings.workers == len(os.sched_getaffinity(0))
+    assert load_settings({"TIERPROXY_ORIGIN": origin}).workers == 1
 
 
 async def test_bad_worker_count_exits_2_with_one_line(spawn_proxy: SpawnProxy) -> None:
