@@ -28,6 +28,7 @@ from aiohttp import web
 from .admin import ADMIN_HANDLER_ARGS, build_admin_app, build_group_admin_app
 from .aiohttp_internals import (
     CappedRunner,
+    ConnectionCap,
     ConnectorUnavailable,
     connector_internals_available,
     missing_internals,
@@ -244,8 +245,13 @@ async def serve_group(settings: Settings, env: dict[str, str], nofile: int) -> i
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    admin_runner = web.AppRunner(
-        build_group_admin_app(group), access_log=None, shutdown_timeout=1.0
+    # Capped like one process's admin port (the group has no proxy metrics to count in).
+    admin_runner = CappedRunner(
+        build_group_admin_app(group),
+        cap=ConnectionCap(ADMIN_MAX_CONNECTIONS, "admin"),
+        handler_args=ADMIN_HANDLER_ARGS,
+        access_log=None,
+        shutdown_timeout=1.0,
     )
     try:
         starting = asyncio.create_task(group.start())
