@@ -54,8 +54,9 @@ or a replica's acknowledgement failed (``replicas_unconfirmed``; retry); 400 for
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -65,7 +66,16 @@ from .keys import BadTarget, KeySpace
 from .purge_handler import purge_authorized
 from .state import STATE, ProxyState
 
-__all__ = ["ADMIN_HANDLER_ARGS", "MAX_PURGE_ITEMS", "build_admin_app", "readiness"]
+if TYPE_CHECKING:
+    from .workers import Supervisor
+
+__all__ = [
+    "ADMIN_HANDLER_ARGS",
+    "MAX_PURGE_ITEMS",
+    "build_admin_app",
+    "build_group_admin_app",
+    "readiness",
+]
 
 TIERS = ("l1", "l2", "l3")
 MAX_PURGE_ITEMS = 10_000  # keys + tags in one POST /purge
@@ -181,6 +191,63 @@ def build_admin_app(proxy_app: web.Application) -> web.Application:
             return _bad(order)
         outcome = await state.invalidation.purge(order, "admin")
         return web.json_response(outcome.body, status=200 if outcome.ok else 503)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/purge", purge)
+    return app
+
+
+def build_group_admin_app(group: Supervisor) -> web.Application:
+    """The admin port of a group of workers (``TIERPROXY_WORKERS`` > 1), served by their
+    supervisor (:mod:`tierproxy.workers`). Same routes as one process's:
+
+    * ``/healthz``: 200 while the supervisor's event loop answers.
+    * ``/readyz``: 200 when every worker answers its own /readyz with 200; the body has each
+      worker's (``workers``: pid, ready, and its readiness body or what went wrong). 503
+      while a worker is starting, being restarted or not answering, and from shutdown on.
+    * ``/metrics``: every worker's metrics summed (counters and histograms over every
+      worker that ran, gauges over the live ones unless their help says otherwise), then the
+      supervisor's own (``tierproxy_workers``, ``tierproxy_worker_restarts_total``).
+    * ``POST /purge``: handed to one worker, which purges every tier and every other
+      worker's L1 before it answers.
+    """
+    app = web.Application(client_max_size=_MAX_PURGE_BODY, handler_args=ADMIN_HANDLER_ARGS)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        answers = await asyncio.gather(*(group.worker_ready(slot) for slot in group.slots))
+        workers = [
+            {
+                "worker": slot.index,
+                "pid": slot.proc.pid if slot.proc is not None else None,
+                "ready": ready,
+                "restarts": slot.restarts,
+                "readiness": body,
+            }
+            for slot, (ready, body) in zip(group.slots, answers, strict=True)
+        ]
+        ready = not group.stopping and all(answer[0] for answer in answers)
+        return web.json_response({"ready": ready, "workers": workers}, status=200 if ready else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        text = generate_latest(group.group_registry()) + generate_latest(group.registry)
+        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def purge(request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": "body too large"}, status=413)
+        headers = {
+            name: value
+            for name in ("Authorization", "Content-Type")
+            if (value := request.headers.get(name)) is not None
+        }
+        return await group.forward_purge(body, headers)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

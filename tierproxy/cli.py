@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import gc
 import importlib.metadata
@@ -24,9 +25,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .admin import ADMIN_HANDLER_ARGS, build_admin_app
+from .admin import ADMIN_HANDLER_ARGS, build_admin_app, build_group_admin_app
 from .aiohttp_internals import (
     CappedRunner,
+    ConnectionCap,
     ConnectorUnavailable,
     connector_internals_available,
     missing_internals,
@@ -47,6 +49,7 @@ from .listener import (
 from .logs import configure as configure_logging
 from .server import STATE, build_app, make_runner
 from .tiers.sqlite import SQLiteOpenError
+from .workers import GroupStartError, Supervisor, WorkerSide, bind_proxy_socket
 
 __all__ = ["main"]
 
@@ -81,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
             f"--{flag.replace('_', '-')}", dest=flag, metavar=env, help=f"overrides {env}"
         )
     add_demo_commands(sub)
+    # One worker of a group (TIERPROXY_WORKERS > 1), started by its supervisor only.
+    worker = sub.add_parser("_worker")
+    worker.add_argument("--port-fd", type=int, required=True)
+    worker.add_argument("--admin-socket", required=True)
+    worker.add_argument("--parent-fd", type=int, required=True)
     return parser
 
 
@@ -131,9 +139,14 @@ async def serve(
     nofile: int,
     cap: int,
     on_listening: Callable[[int, int], None] | None = None,
+    worker: WorkerSide | None = None,
 ) -> int:
+    """One serving process: the whole proxy, or (``worker``) one worker of a group, which
+    accepts on the socket its supervisor bound and answers admin requests on a unix socket."""
     app = build_app(settings)
     admin_app = build_admin_app(app)
+    if worker is not None:
+        worker.add_routes(admin_app, app[STATE])
     # aiohttp's runner with hardened connections (tierproxy.aiohttp_internals) that answer
     # fresh hits themselves (tierproxy.hits), at most TIERPROXY_MAX_CLIENT_CONNECTIONS of them.
     runner = make_runner(
@@ -160,16 +173,26 @@ async def serve(
             # would only make a supervisor restart it in a loop.
             raise StartupError(str(exc), 2) from None
         await admin_runner.setup()
-        port = await _start_site(
-            runner, settings.host, settings.port, "TIERPROXY_PORT", listen_backlog(nofile)
-        )
-        admin_port = await _start_site(
-            admin_runner,
-            settings.admin_host,
-            settings.admin_port,
-            "TIERPROXY_ADMIN_PORT",
-            ADMIN_BACKLOG,
-        )
+        if worker is not None:
+            try:
+                await worker.proxy_site(runner, listen_backlog(nofile)).start()
+            except OSError as exc:
+                raise StartupError(
+                    f"TIERPROXY_PORT={settings.port}: cannot listen: {exc}", 1
+                ) from None
+            await worker.admin_site(admin_runner).start()
+            port, admin_port = settings.port, settings.admin_port
+        else:
+            port = await _start_site(
+                runner, settings.host, settings.port, "TIERPROXY_PORT", listen_backlog(nofile)
+            )
+            admin_port = await _start_site(
+                admin_runner,
+                settings.admin_host,
+                settings.admin_port,
+                "TIERPROXY_ADMIN_PORT",
+                ADMIN_BACKLOG,
+            )
     except StartupError:
         await admin_runner.cleanup()
         await runner.cleanup()
@@ -194,6 +217,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        worker.started(app[STATE], stop)
     await stop.wait()
     # Unready first, so load balancers stop sending while in-flight requests finish.
     app[STATE].ready = False
@@ -201,9 +226,77 @@ async def serve(
     # Order: stop accepting and finish in-flight requests, drain backfills, close pools
     # (all inside runner.cleanup via cleanup_ctx); the admin listener goes last.
     await runner.cleanup()
+    if worker is not None:
+        await worker.stopped()
     await admin_runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def serve_group(settings: Settings, env: dict[str, str], nofile: int) -> int:
+    """``TIERPROXY_WORKERS`` > 1: bind the proxy port, start and supervise the workers, serve
+    the group's admin port, stop them all on SIGTERM/SIGINT (tierproxy.workers)."""
+    try:
+        sock = bind_proxy_socket(settings.host, settings.port)
+    except GroupStartError as exc:
+        raise StartupError(str(exc), exc.exit_code) from None
+    group = Supervisor(settings.workers, env, sock, settings.shutdown_timeout)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # Capped like one process's admin port (the group has no proxy metrics to count in).
+    admin_runner = CappedRunner(
+        build_group_admin_app(group),
+        cap=ConnectionCap(ADMIN_MAX_CONNECTIONS, "admin"),
+        handler_args=ADMIN_HANDLER_ARGS,
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
+    try:
+        starting = asyncio.create_task(group.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal during start-up
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, GroupStartError):
+                await starting
+            await group.stop()
+            return 0
+        stopped.cancel()
+        try:
+            starting.result()
+        except GroupStartError as exc:
+            raise StartupError(str(exc), exc.exit_code) from None
+        await admin_runner.setup()
+        try:
+            admin_port = await _start_site(
+                admin_runner,
+                settings.admin_host,
+                settings.admin_port,
+                "TIERPROXY_ADMIN_PORT",
+                ADMIN_BACKLOG,
+            )
+        except StartupError:
+            await group.stop()
+            raise
+        log.info(
+            "tierproxy serving %s on http://%s:%d with %d workers (admin on http://%s:%d)",
+            settings.origin,
+            settings.host,
+            sock.getsockname()[1],
+            settings.workers,
+            settings.admin_host,
+            admin_port,
+        )
+        await stop.wait()
+        log.info("stopping: every worker drains within %.1fs", settings.shutdown_timeout)
+        await group.stop()
+        log.info("stopped")
+        return 0
+    finally:
+        await admin_runner.cleanup()
+        group.close()
 
 
 Serve = Callable[[Settings, int, int], Coroutine[Any, Any, int]]
@@ -272,6 +365,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             env[env_name] = value
     if args.command == "demo":
         return _demo(args, env)
+    if args.command == "_worker":
+        side = WorkerSide(args.port_fd, args.admin_socket, args.parent_fd)
+
+        async def run_worker(settings: Settings, nofile: int, cap: int) -> int:
+            return await serve(settings, nofile, cap, worker=side)
+
+        return _start(env, run_worker)
+    if env.get("TIERPROXY_WORKERS", "1").strip() not in ("", "1"):
+
+        async def run_group(settings: Settings, nofile: int, cap: int) -> int:
+            if settings.workers == 1:  # "auto" on one CPU
+                return await serve(settings, nofile, cap)
+            return await serve_group(settings, env, nofile)
+
+        return _start(env, run_group)
     return _start(env, serve)
 
 

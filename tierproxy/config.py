@@ -89,6 +89,7 @@ ENV_DEFAULTS: dict[str, str] = {
     "TIERPROXY_BREAKER_COOLDOWN": "5.0",
     "TIERPROXY_BACKFILL_MAX_TASKS": "256",
     "TIERPROXY_SHUTDOWN_TIMEOUT": "10.0",
+    "TIERPROXY_WORKERS": "1",
     "TIERPROXY_ORIGIN_MAX_CONNECTIONS": "100",
     # Wait for a free origin connection; never counted as origin time. Past it: stale or 503.
     "TIERPROXY_ORIGIN_QUEUE_TIMEOUT": "0.5",
@@ -221,6 +222,7 @@ class Settings:
     coalesce: str = "local"  # TIERPROXY_COALESCE: "local" or "cluster" (needs Redis)
     # TIERPROXY_REDIS_PASSWORD: Redis's password when TIERPROXY_REDIS_URL has none (never shown).
     redis_password: str | None = dataclasses.field(default=None, repr=False)
+    workers: int = 1  # TIERPROXY_WORKERS: serving processes on the one port (tierproxy.workers)
 
 
 def _parse(env: Mapping[str, str], name: str, convert: Callable[[str], T], allowed: str) -> T:
@@ -258,6 +260,16 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         return value
 
     return convert
+
+
+def _workers(raw: str) -> int:
+    """``auto`` (the CPUs this process may run on) or a whole number 1-1024."""
+    if raw.lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    value = int(raw)
+    if not 1 <= value <= 1024:
+        raise ValueError(raw)
+    return value
 
 
 def _origin(raw: str) -> str:
@@ -456,6 +468,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "TIERPROXY_BACKFILL_MAX_TASKS", _integer(1, 1_000_000), "a whole number, 1 or more"
         ),
         shutdown_timeout=_parse(env, "TIERPROXY_SHUTDOWN_TIMEOUT", _seconds(True), timeout),
+        workers=_parse(
+            env, "TIERPROXY_WORKERS", _workers, "auto or a whole number of processes, 1-1024"
+        ),
         origin_max_connections=_parse(
             env,
             "TIERPROXY_ORIGIN_MAX_CONNECTIONS",

@@ -44,7 +44,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -158,6 +158,9 @@ class Invalidation:
             elif tier.synchronous:
                 self._l1 = tier
         self.state = "disabled" if self._l2 is None else "connecting"
+        #: Set in a worker of a group (tierproxy.workers): without L2, takes a purge to the
+        #: other workers' L1; returns (acknowledged, unconfirmed).
+        self.siblings: Callable[[PurgeOrder], Awaitable[tuple[int, int]]] | None = None
         #: None without Redis: one replica's local copies are always its own to trust.
         self.trust: LocalTrust | None = None
         self._log: PurgeLog | None = None
@@ -226,6 +229,13 @@ class Invalidation:
             "tags": len(order.tags),
         }
         replicas = ""
+        if self._l2 is None and self.siblings is not None:
+            # Workers of one group without Redis: the supervisor's private channel takes the
+            # purge to every other worker's L1 (tierproxy.workers).
+            siblings_acked, siblings_unconfirmed = await self.siblings(order)
+            ok = ok and siblings_unconfirmed == 0
+            body.update(workers_acked=siblings_acked + 1, workers_unconfirmed=siblings_unconfirmed)
+            replicas = f", workers acked {siblings_acked + 1}, unconfirmed {siblings_unconfirmed}"
         if self._l2 is not None:
             published = await self._publish(order)
             acked: int | None = None

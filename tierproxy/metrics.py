@@ -18,11 +18,12 @@ already spent); ``tierproxy_origin_fetches_total{outcome}`` keeps the 5xx/error 
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -33,6 +34,8 @@ __all__ = [
     "LoopCounter",
     "LoopHistogram",
     "Metrics",
+    "group_registry",
+    "multiprocess_mode",
 ]
 
 TIER_OUTCOMES = ("hit", "stale", "miss", "timeout", "error", "skipped", "corrupt")
@@ -182,6 +185,95 @@ class LoopCounter(_LoopCollector[LoopCounterChild]):
         family.add_metric(values, child.value)
 
 
+def multiprocess_mode() -> bool:
+    """Whether this process is one of a group of workers (``TIERPROXY_WORKERS`` > 1): its
+    prometheus_client values then live in files in ``PROMETHEUS_MULTIPROC_DIR`` (set by the
+    supervisor before the worker starts), summed by the supervisor's /metrics."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def group_registry(directory: str) -> CollectorRegistry:
+    """The supervisor's registry: every worker's values in ``directory``, aggregated."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
+class _Gauge(Gauge):
+    """A Gauge whose ``set_function`` also works for a group of workers.
+
+    In multiprocess mode prometheus_client reads values from the workers' files, never by
+    calling a function: there the function is kept and :meth:`Metrics.sync` writes its value.
+    Group values are the sum over live workers (``livesum``) unless said otherwise.
+    """
+
+    _function: Callable[[], float] | None = None
+
+    def __init__(self, *args: Any, multiprocess_mode: str = "livesum", **kwargs: Any) -> None:
+        super().__init__(*args, multiprocess_mode=multiprocess_mode, **kwargs)  # type: ignore[misc, arg-type]
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        if multiprocess_mode():
+            self._function = f
+        else:
+            super().set_function(f)
+
+    def sync(self) -> None:
+        children: list[Any] = list(self._metrics.values()) if self._labelnames else [self]
+        for child in children:
+            if child._function is not None:
+                child.set(child._function())
+
+
+class _Shadows:
+    """Multiprocess mode: the loop-local collectors' values copied into prometheus_client
+    metrics (so into the worker's files) by :meth:`Metrics.sync`, as deltas."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
+        self._seen: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+
+    def _delta(self, name: str, values: tuple[str, ...], now: list[float]) -> list[float]:
+        before = self._seen.get((name, values)) or [0.0] * len(now)
+        self._seen[(name, values)] = list(now)
+        return [a - b for a, b in zip(now, before, strict=True)]
+
+    def counter(self, source: LoopCounter) -> None:
+        shadow = self._counters.get(source.name)
+        if shadow is None:
+            shadow = self._counters[source.name] = Counter(
+                source.name, source.documentation, source.labelnames, registry=None
+            )
+        for values, child in list(source._children.items()):
+            (delta,) = self._delta(source.name, values, [child.value])
+            if delta > 0:
+                (shadow.labels(*values) if values else shadow).inc(delta)
+
+    def histogram(self, source: LoopHistogram) -> None:
+        shadow = self._histograms.get(source.name)
+        if shadow is None:
+            shadow = self._histograms[source.name] = Histogram(
+                source.name,
+                source.documentation,
+                source.labelnames,
+                registry=None,
+                buckets=LATENCY_BUCKETS,
+            )
+        for values, child in list(source._children.items()):
+            *counts, total = self._delta(
+                source.name, values, [float(c) for c in child.counts] + [child.sum]
+            )
+            target: Any = shadow.labels(*values) if values else shadow
+            # prometheus_client has no public "add n observations to bucket i"; its buckets
+            # and sum are these values (non-cumulative per bucket, as LoopHistogramChild's).
+            for bucket, delta in zip(target._buckets, counts, strict=True):
+                if delta:
+                    bucket.inc(delta)
+            if total:
+                target._sum.inc(total)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -254,12 +346,13 @@ class Metrics:
         self.backfills = Counter(
             "tierproxy_backfills", "Background tier writes", ["tier", "outcome"], registry=r
         )
-        self.hit_path_responses = LoopCounter(
+        self.hit_path_collector = LoopCounter(
             "tierproxy_hit_path_responses",
             "Fresh L1 hits answered by the connection handler itself (a subset of responses)",
             [],
             registry=r,
-        ).labels()
+        )
+        self.hit_path_responses = self.hit_path_collector.labels()
         self.coalesced_waiters = Counter(
             "tierproxy_coalesced_waiters",
             "Requests that waited on another request's origin fetch",
@@ -275,24 +368,25 @@ class Metrics:
             "Required writes (invalidations) run by the request itself because their lane was full",
             registry=r,
         )
-        self.inflight = Gauge("tierproxy_inflight_requests", "Requests being handled", registry=r)
-        self.background_tasks = Gauge(
+        self.inflight = _Gauge("tierproxy_inflight_requests", "Requests being handled", registry=r)
+        self.background_tasks = _Gauge(
             "tierproxy_background_tasks", "Background tasks running", registry=r
         )
-        self.breaker_open = Gauge(
+        self.breaker_open = _Gauge(
             "tierproxy_breaker_open", "1 while a tier's breaker is open", ["tier"], registry=r
         )
-        self.tier_timeout = Gauge(
+        self.tier_timeout = _Gauge(
             "tierproxy_tier_timeout_seconds",
             "Effective lookup timeout per tier",
             ["tier"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.l1_bytes = Gauge("tierproxy_l1_bytes", "Bytes held in L1", registry=r)
-        self.l1_entries = Gauge("tierproxy_l1_entries", "Entries held in L1", registry=r)
-        self.l3_bytes = Gauge("tierproxy_l3_bytes", "Bytes held in L3", registry=r)
-        self.l3_entries = Gauge("tierproxy_l3_entries", "Entries held in L3", registry=r)
-        self.l3_file_bytes = Gauge(
+        self.l1_bytes = _Gauge("tierproxy_l1_bytes", "Bytes held in L1", registry=r)
+        self.l1_entries = _Gauge("tierproxy_l1_entries", "Entries held in L1", registry=r)
+        self.l3_bytes = _Gauge("tierproxy_l3_bytes", "Bytes held in L3", registry=r)
+        self.l3_entries = _Gauge("tierproxy_l3_entries", "Entries held in L3", registry=r)
+        self.l3_file_bytes = _Gauge(
             "tierproxy_l3_file_bytes", "Bytes the L3 file and its WAL take on disk", registry=r
         )
         self.l3_recoveries = Counter(
@@ -301,20 +395,23 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.breaker_state = Gauge(
+        self.breaker_state = _Gauge(
             "tierproxy_breaker_state",
             "1 for the breaker's current state (closed, open, half-open)",
             ["tier", "state"],
             registry=r,
         )
-        self.tier_state = Gauge(
+        self.tier_state = _Gauge(
             "tierproxy_tier_state",
             "1 for each tier's readiness state (up, degraded, breaker-open, unavailable)",
             ["tier", "state"],
             registry=r,
         )
-        self.request_deadline = Gauge(
-            "tierproxy_request_deadline_seconds", "The whole request's budget", registry=r
+        self.request_deadline = _Gauge(
+            "tierproxy_request_deadline_seconds",
+            "The whole request's budget",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         # -- purge and invalidation --------------------------------------------------------
         self.purge_requests = Counter(
@@ -341,7 +438,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.invalidation_connected = Gauge(
+        self.invalidation_connected = _Gauge(
             "tierproxy_invalidation_connected",
             "1 while subscribed to the replicas' invalidation channel",
             registry=r,
@@ -353,10 +450,10 @@ class Metrics:
             registry=r,
         )
         # -- client connections (file descriptors) ----------------------------------------
-        self.client_connections = Gauge(
+        self.client_connections = _Gauge(
             "tierproxy_client_connections", "Open client connections", ["listener"], registry=r
         )
-        self.client_connections_max = Gauge(
+        self.client_connections_max = _Gauge(
             "tierproxy_client_connections_max",
             "The client connection cap (TIERPROXY_MAX_CLIENT_CONNECTIONS or derived from "
             "RLIMIT_NOFILE)",
@@ -376,7 +473,7 @@ class Metrics:
             ["listener"],
             registry=r,
         )
-        self.purge_lease_held = Gauge(
+        self.purge_lease_held = _Gauge(
             "tierproxy_purge_lease_held",
             "1 while this replica holds its purge lease (its local copies may be served fresh)",
             registry=r,
@@ -393,7 +490,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.log_dropped = Gauge(
+        self.log_dropped = _Gauge(
             "tierproxy_log_lines_dropped",
             "Log lines dropped because the log buffer was full",
             registry=r,
@@ -413,13 +510,13 @@ class Metrics:
             ["tier", "outcome"],
             registry=r,
         )
-        self.tier_probe_failures = Gauge(
+        self.tier_probe_failures = _Gauge(
             "tierproxy_tier_probe_failures",
             "Consecutive failed background probes of a tier (0: not backing off)",
             ["tier"],
             registry=r,
         )
-        self.tier_probe_backoff = Gauge(
+        self.tier_probe_backoff = _Gauge(
             "tierproxy_tier_probe_backoff_seconds",
             "The wait drawn before the next background probe of a tier whose probes keep "
             "failing (exponential, jittered, capped; 0: not backing off)",
@@ -444,7 +541,7 @@ class Metrics:
             ["fwd"],
             registry=r,
         )
-        self.origin_inflight = Gauge(
+        self.origin_inflight = _Gauge(
             "tierproxy_origin_inflight",
             "Requests that need the origin now: fetches (not the requests sharing them), "
             "pass-throughs, background refreshes; waiting for a connection or its answer",
@@ -467,11 +564,34 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self._shadows: _Shadows | None = None
+        self._loop_collectors = [
+            self.tier_lookups,
+            self.tier_op_seconds,
+            self.responses,
+            self.hit_path_collector,
+            self.near_timeout,
+        ]
         self._responses = {
             (cache, cls): self.responses.labels(cache, cls)
             for cache in X_CACHE_VALUES
             for cls in STATUS_CLASSES
         }
+
+    def sync(self) -> None:
+        """Multiprocess mode (a worker of a group): write what is computed or counted in this
+        process only (function gauges, the loop-local collectors) to the worker's files, for
+        the supervisor's /metrics. Called about every second, and at shutdown."""
+        if self._shadows is None:
+            self._shadows = _Shadows()
+        for value in list(vars(self).values()):
+            if isinstance(value, _Gauge):
+                value.sync()
+        for collector in self._loop_collectors:
+            if isinstance(collector, LoopCounter):
+                self._shadows.counter(collector)
+            elif isinstance(collector, LoopHistogram):
+                self._shadows.histogram(collector)
 
     def tier_lookup_counters(self, tier: str) -> dict[str, LoopCounterChild]:
         return {outcome: self.tier_lookups.labels(tier, outcome) for outcome in TIER_OUTCOMES}
