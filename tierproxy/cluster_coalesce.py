@@ -17,8 +17,9 @@ plus the L2 write timeout long):
   it reads back from L2 through the normal tier lookup (``waited-hit``): Vary-checked, fresh,
   and never a copy a purge since the wait began may have been for. Otherwise it fetches
   itself: at once on ``unstored`` or an entry not usable here (``waited-unstored``), or when
-  its wait ends (``waited-timeout``): the wait lasts until the request's deadline less the
-  time kept for its own fetch (the origin timeout, at most half of what is left).
+  its wait ends (``waited-timeout``): as a local waiter, it waits up to the request's
+  deadline (the leaseholder's fetch is bounded by the origin timeout). Each Redis round trip
+  of the wait (the lease, the L2 read) is bounded by what is left of it.
 * **Redis failing** (an error or no answer within the L2 write timeout, the L2 breaker open,
   the channel not subscribed): it fetches, as with ``local`` (``error``). Never an error to
   the client.
@@ -99,19 +100,22 @@ class ClusterCoalescing:
         loop = asyncio.get_running_loop()
         lease = self.leases.lease_name(flight)
         generation = self.purges.generation
-        now = loop.time()
-        reserve = min(self.origin_timeout, max(0.0, req.deadline - now) / 2)
-        wait_until = req.deadline - reserve
+        # As a local waiter: while another replica's fetch runs (bounded by the origin
+        # timeout), wait for it up to the request's deadline.
+        wait_until = req.deadline
         with self.leases.watch(lease) as note:  # before the lease is looked at: nothing missed
             for _ in range(_MAX_ROUNDS):
-                taken = await self.leases.acquire(lease, self.lease_ms)
+                left = wait_until - loop.time()
+                if left <= 0:
+                    break
+                taken = await self.leases.acquire(lease, self.lease_ms, timeout=left)
                 if taken is None:
                     self._counted["error"].inc()
                     return await fetch()
                 if taken:
                     # The lease may be free because its last holder just stored the entry
                     # this request's lookup missed: one more L2 read saves that fetch.
-                    entry = await self._read(req, generation)
+                    entry = await self._read(req, generation, wait_until)
                     if entry is not None:
                         self._spawn_release(lease, None, stored=True)  # it is there: say so
                         self._counted["waited-hit"].inc()
@@ -119,7 +123,7 @@ class ClusterCoalescing:
                     self._counted["acquired"].inc()
                     return await self._lead(req, lease, fetch)
                 # Held by another replica: its entry may have landed since this one missed.
-                entry = await self._read(req, generation)
+                entry = await self._read(req, generation, wait_until)
                 if entry is not None:
                     self._counted["waited-hit"].inc()
                     return Stored(entry, False)
@@ -132,7 +136,7 @@ class ClusterCoalescing:
                 except TimeoutError:
                     continue  # the fallback re-check: the lease again (its holder may be gone)
                 if note.what == STORED:
-                    entry = await self._read(req, generation)
+                    entry = await self._read(req, generation, wait_until)
                     if entry is not None:
                         self._counted["waited-hit"].inc()
                         return Stored(entry, False)
@@ -142,10 +146,17 @@ class ClusterCoalescing:
         self._counted["waited-timeout"].inc()
         return await fetch()
 
-    async def _read(self, req: ProxyRequest, generation: int) -> Entry | None:
+    async def _read(self, req: ProxyRequest, generation: int, until: float) -> Entry | None:
         """The entry in L2 for ``req``, unless a purge that may have been for it ran since
-        ``generation`` (a copy read then may be the one purged)."""
-        entry = await self.read(req)
+        ``generation`` (a copy read then may be the one purged); None past ``until``."""
+        left = until - asyncio.get_running_loop().time()
+        if left <= 0:
+            return None
+        try:
+            async with asyncio.timeout(left):
+                entry = await self.read(req)
+        except TimeoutError:
+            return None
         if entry is None or self.purges.purged_since(generation, req.key):
             return None
         return entry

@@ -225,3 +225,33 @@ async def test_an_unstorable_answer_sends_the_waiters_to_the_origin_at_once(
     assert _leases(waiter, "waited-unstored") == 1
     # The rest of the holder's 0.5 s fetch, then its own 0.5 s; a fallback re-check would add 1 s.
     assert second.elapsed < 1.3, second.elapsed
+
+
+# -- a slow origin within its timeout --------------------------------------------------------
+
+
+async def test_a_slow_origin_within_its_timeout_serves_every_replica_from_one_fetch(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str
+) -> None:
+    """Default timeouts (origin 2 s, request deadline 3 s) and an origin taking 1.7 s: the
+    waiters on the other replica wait for the leaseholder's fetch (bounded by the origin
+    timeout) instead of giving up half way and fetching with too little time left."""
+    env = {"SQLITE_PATH": "off", "KEY_PREFIX": f"t{secrets.token_hex(4)}:", "COALESCE": "cluster"}
+    holder, waiter = [await make_proxy(**env) for _ in range(2)]
+    await wait_for_condition(
+        lambda: (
+            holder.state.readthrough.cluster.leases.connected
+            and waiter.state.readthrough.cluster.leases.connected
+        ),
+        timeout=5,
+    )
+    origin.set("/slow", headers=CACHEABLE, latency=1.7)
+    first = asyncio.create_task(holder.get("/slow"))
+    await wait_for_condition(lambda: origin.count("/slow") == 1, timeout=5)
+    others = [asyncio.create_task(p.get("/slow")) for p in (holder, waiter) for _ in range(5)]
+    answers = [await first, *await asyncio.gather(*others)]
+    assert [a.status for a in answers] == [200] * len(answers)
+    assert len({a.body for a in answers}) == 1
+    assert origin.count("/slow") == 1
+    assert _leases(waiter, "waited-hit") == 1
+    assert _leases(waiter, "waited-timeout") == 0

@@ -94,11 +94,14 @@ class FetchLeases:
     def lease_name(self, flight: str) -> str:
         return self._lease_prefix + hashlib.sha256(flight.encode()).hexdigest()
 
-    async def acquire(self, lease: str, ms: int) -> bool | None:
+    async def acquire(self, lease: str, ms: int, *, timeout: float | None = None) -> bool | None:
         """``SET lease owner NX PX ms``: True when this process now holds it, False when
-        another does, None when Redis failed (or did not answer in time)."""
+        another does, None when Redis failed (or did not answer within the timeout, or
+        ``timeout`` when shorter)."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(
+                self.timeout if timeout is None else min(self.timeout, timeout)
+            ):
                 return bool(await self.client.set(lease, self.owner, nx=True, px=ms))
         except Exception as exc:  # noqa: BLE001 - Redis failing means coalescing locally
             log.debug("fetch lease %s not taken: %r", lease, exc)
