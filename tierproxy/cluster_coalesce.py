@@ -20,6 +20,10 @@ plus the L2 write timeout long):
   its wait ends (``waited-timeout``): as a local waiter, it waits up to the request's
   deadline (the leaseholder's fetch is bounded by the origin timeout). Each Redis round trip
   of the wait (the lease, the L2 read) is bounded by what is left of it.
+Once the lease may be this request's (its SET sent), it is released whatever happens next:
+no answer in time, a cancellation, an error. A lease held under this process's own id is
+taken as its own (:mod:`tierproxy.tiers.redis_leases`).
+
 * **Redis failing** (an error or no answer within the L2 write timeout, the L2 breaker open,
   the channel not subscribed): it fetches, as with ``local`` (``error``). Never an error to
   the client.
@@ -108,20 +112,13 @@ class ClusterCoalescing:
                 left = wait_until - loop.time()
                 if left <= 0:
                     break
-                taken = await self.leases.acquire(lease, self.lease_ms, timeout=left)
+                token = self.leases.token()
+                taken = await self._acquire(lease, token, left)
                 if taken is None:
                     self._counted["error"].inc()
                     return await fetch()
                 if taken:
-                    # The lease may be free because its last holder just stored the entry
-                    # this request's lookup missed: one more L2 read saves that fetch.
-                    entry = await self._read(req, generation, wait_until)
-                    if entry is not None:
-                        self._spawn_release(lease, None, stored=True)  # it is there: say so
-                        self._counted["waited-hit"].inc()
-                        return Stored(entry, False)
-                    self._counted["acquired"].inc()
-                    return await self._lead(req, lease, fetch)
+                    return await self._taken(req, lease, token, generation, wait_until, fetch)
                 # Held by another replica: its entry may have landed since this one missed.
                 entry = await self._read(req, generation, wait_until)
                 if entry is not None:
@@ -146,6 +143,44 @@ class ClusterCoalescing:
         self._counted["waited-timeout"].inc()
         return await fetch()
 
+    async def _acquire(self, lease: str, token: str, left: float) -> bool | None:
+        """The lease under ``token``; a SET that may have landed (no answer, cancelled) is
+        released (compare-and-delete: only that token's lease goes) before this returns."""
+        taken: bool | None = None
+        try:
+            taken = await self.leases.acquire(lease, token, self.lease_ms, timeout=left)
+        finally:
+            if taken is None:
+                self._spawn_release(lease, token, None)
+        return taken
+
+    async def _taken(
+        self,
+        req: ProxyRequest,
+        lease: str,
+        token: str,
+        generation: int,
+        until: float,
+        fetch: Callable[[], Awaitable[Outcome]],
+    ) -> Outcome:
+        """This request holds the lease: serve L2's entry or fetch; released either way."""
+        led = False
+        try:
+            # The lease may be free because its last holder just stored the entry this
+            # request's lookup missed: one more L2 read saves that fetch.
+            entry = await self._read(req, generation, until)
+            if entry is not None:
+                self._spawn_release(lease, token, None, stored=True)  # it is there: say so
+                led = True
+                self._counted["waited-hit"].inc()
+                return Stored(entry, False)
+            self._counted["acquired"].inc()
+            led = True
+            return await self._lead(req, lease, token, fetch)
+        finally:
+            if not led:  # cancelled before either
+                self._spawn_release(lease, token, None)
+
     async def _read(self, req: ProxyRequest, generation: int, until: float) -> Entry | None:
         """The entry in L2 for ``req``, unless a purge that may have been for it ran since
         ``generation`` (a copy read then may be the one purged); None past ``until``."""
@@ -162,7 +197,7 @@ class ClusterCoalescing:
         return entry
 
     async def _lead(
-        self, req: ProxyRequest, lease: str, fetch: Callable[[], Awaitable[Outcome]]
+        self, req: ProxyRequest, lease: str, token: str, fetch: Callable[[], Awaitable[Outcome]]
     ) -> Outcome:
         """Fetch as the key's leaseholder; the lease is released (and the outcome published)
         once the answer's L2 write has landed - in an owned task, so the client does not
@@ -174,17 +209,18 @@ class ClusterCoalescing:
                 landed = self.backfiller.shared_write(req.key)
             return outcome
         finally:
-            self._spawn_release(lease, landed)
+            self._spawn_release(lease, token, landed)
 
     def _spawn_release(
-        self, lease: str, landed: asyncio.Future[bool] | None, *, stored: bool = False
+        self, lease: str, token: str, landed: asyncio.Future[bool] | None, *, stored: bool = False
     ) -> None:
-        task = asyncio.get_running_loop().create_task(self._release(lease, landed, stored))
+        release = self._release(lease, token, landed, stored)
+        task = asyncio.get_running_loop().create_task(release)
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
     async def _release(
-        self, lease: str, landed: asyncio.Future[bool] | None, stored: bool = False
+        self, lease: str, token: str, landed: asyncio.Future[bool] | None, stored: bool = False
     ) -> bool:
         what = STORED if stored else UNSTORED
         if landed is not None:
@@ -194,4 +230,4 @@ class ClusterCoalescing:
                         what = STORED
             except TimeoutError:
                 pass
-        return await self.leases.release(lease, what)
+        return await self.leases.release(lease, token, what)

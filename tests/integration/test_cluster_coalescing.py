@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from support.fixture_types import MakeProxy, SpawnProxy
 from support.origin import Origin
 from support.proxy import REPO_ROOT, Fetched, ProxyHandle, fetch
@@ -24,6 +25,8 @@ from support.redis_server import RedisServer
 from support.wait import wait_for_condition
 
 from tierproxy.config import ConfigError, load_settings
+from tierproxy.entry import Entry
+from tierproxy.states import OriginFailed, Outcome, ProxyRequest
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 # Concurrent clients per replica for the cold-key burst (3 replicas). 300 each by default;
@@ -255,3 +258,94 @@ async def test_a_slow_origin_within_its_timeout_serves_every_replica_from_one_fe
     assert origin.count("/slow") == 1
     assert _leases(waiter, "waited-hit") == 1
     assert _leases(waiter, "waited-timeout") == 0
+
+
+# -- no lease left behind --------------------------------------------------------------------
+
+
+def _request(proxy: ProxyHandle, target: str, budget: float) -> ProxyRequest:
+    key = proxy.state.readthrough.keys.for_target(target)
+    deadline = asyncio.get_running_loop().time() + budget
+    return ProxyRequest("GET", key, CIMultiDictProxy(CIMultiDict()), "127.0.0.1", "http", deadline)
+
+
+async def test_a_leader_cancelled_after_taking_the_lease_releases_it(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any
+) -> None:
+    """Cancelled during its L2 re-read (just after taking the lease): the lease goes with it,
+    and the other replica does not wait for a fetch nobody makes."""
+    origin.set("/c", headers=CACHEABLE, latency=0.1)
+    holder, other = await _replicas(make_proxy, 2, COALESCE="cluster", REQUEST_DEADLINE=3)
+    cluster = holder.state.readthrough.cluster
+    real_read = cluster.read
+
+    async def slow_read(req: ProxyRequest) -> Entry | None:  # the real L2 read, later
+        await asyncio.sleep(0.5)
+        entry: Entry | None = await real_read(req)
+        return entry
+
+    cluster.read = slow_read
+    req = _request(holder, "/c", 3.0)
+    fetched: list[int] = []
+
+    async def fetch_() -> Outcome:
+        fetched.append(1)
+        raise AssertionError("a cancelled leader does not fetch")
+
+    task = asyncio.create_task(cluster.fetch(req, req.key.material, fetch_))
+    lease = cluster.leases.lease_name(req.key.material)
+    await wait_for_condition(lambda: bool(redis_client.exists(lease)), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for_condition(lambda: not redis_client.exists(lease), timeout=3)
+    answer = await other.get("/c")
+    assert answer.status == 200
+    assert answer.elapsed < 1.0, answer.elapsed
+    assert fetched == []
+
+
+async def test_a_lease_taken_as_redis_timed_out_is_released(
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_server: RedisServer,
+    redis_url: str,
+    redis_client: Any,
+) -> None:
+    """The SET is sent but Redis answers too late (frozen, then thawed): the request fetches
+    as without a lease, and the lease its SET made once Redis ran it does not stay."""
+    origin.set("/late", headers=CACHEABLE)
+    (holder,) = await _replicas(make_proxy, 1, COALESCE="cluster")
+    cluster = holder.state.readthrough.cluster
+    req = _request(holder, "/late", 0.3)  # the SET waits for at most this long
+    lease = cluster.leases.lease_name(req.key.material)
+    fetched: list[int] = []
+
+    async def fetch_() -> Outcome:
+        fetched.append(1)
+        return OriginFailed("origin-timeout")
+
+    with redis_server.frozen():
+        await cluster.fetch(req, req.key.material, fetch_)
+        assert fetched == [1]
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.3)  # Redis ran the SET (and the release, after it)
+    assert _leases(holder, "error") == 1
+    await wait_for_condition(lambda: not redis_client.exists(lease), timeout=2)
+
+
+async def test_a_lease_held_under_this_replicas_own_id_is_its_own(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any
+) -> None:
+    """A lease of this replica left in Redis (a release that failed) is not waited on."""
+    origin.set("/own", headers=CACHEABLE)
+    (proxy,) = await _replicas(make_proxy, 1, COALESCE="cluster", REQUEST_DEADLINE=3)
+    leases = proxy.state.readthrough.cluster.leases
+    material = proxy.state.readthrough.keys.for_target("/own").material
+    lease = leases.lease_name(material)
+    redis_client.set(lease, f"{leases.owner}:0", px=30_000)
+    answer = await proxy.get("/own")
+    assert answer.status == 200
+    assert answer.elapsed < 1.0, answer.elapsed
+    assert _leases(proxy, "acquired") == 1
+    await wait_for_condition(lambda: not redis_client.exists(lease), timeout=3)
