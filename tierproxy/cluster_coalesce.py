@@ -25,8 +25,9 @@ no answer in time, a cancellation, an error. A lease held under this process's o
 taken as its own (:mod:`tierproxy.tiers.redis_leases`).
 
 * **Redis failing** (an error or no answer within the L2 write timeout, the L2 breaker open,
-  the channel not subscribed): it fetches, as with ``local`` (``error``). Never an error to
-  the client.
+  the channel not subscribed when the request starts): it fetches, as with ``local``
+  (``error``). Never an error to the client. A channel lost during the wait does not end
+  it: the waiter looks at the lease and L2 again and goes on waiting.
 
 Outcomes are counted in ``tierproxy_coalesce_leases_total{outcome}``.
 """
@@ -44,7 +45,7 @@ from .metrics import Metrics
 from .purge import Purges
 from .states import Outcome, ProxyRequest, Stored
 from .tiers.base import GuardedTier
-from .tiers.redis_leases import STORED, UNSTORED, FetchLeases
+from .tiers.redis_leases import LOST, STORED, UNSTORED, FetchLeases
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -132,6 +133,9 @@ class ClusterCoalescing:
                         await note.event.wait()
                 except TimeoutError:
                     continue  # the fallback re-check: the lease again (its holder may be gone)
+                if note.what == LOST:  # the channel, not the fetch: look again, wait on
+                    note.clear()
+                    continue
                 if note.what == STORED:
                     entry = await self._read(req, generation, wait_until)
                     if entry is not None:

@@ -349,3 +349,25 @@ async def test_a_lease_held_under_this_replicas_own_id_is_its_own(
     assert answer.elapsed < 1.0, answer.elapsed
     assert _leases(proxy, "acquired") == 1
     await wait_for_condition(lambda: not redis_client.exists(lease), timeout=3)
+
+
+# -- the channel lost for a moment -----------------------------------------------------------
+
+
+async def test_a_lost_channel_does_not_send_the_waiters_to_the_origin(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any
+) -> None:
+    """Every pub/sub connection is killed while the waiters wait: they go on waiting (the
+    lease, L2, the fallback re-check) instead of all fetching at once."""
+    origin.set("/lost", headers=CACHEABLE, latency=1.5)
+    holder, waiter = await _replicas(make_proxy, 2, COALESCE="cluster")
+    first = asyncio.create_task(holder.get("/lost"))
+    await wait_for_condition(lambda: origin.count("/lost") == 1, timeout=5)
+    waiting = [asyncio.create_task(waiter.get("/lost")) for _ in range(5)]
+    await asyncio.sleep(0.3)  # waiting on the holder's lease
+    assert redis_client.client_kill_filter(_type="pubsub") >= 1
+    answers = [await first, *await asyncio.gather(*waiting)]
+    assert [a.status for a in answers] == [200] * len(answers)
+    assert len({a.body for a in answers}) == 1
+    assert origin.count("/lost") == 1
+    assert _leases(waiter, "waited-hit") == 1

@@ -35,12 +35,14 @@ from .redis_clients import Subscriber
 if TYPE_CHECKING:
     from .base import GuardedTier
 
-__all__ = ["STORED", "UNSTORED", "FetchLeases", "LeaseNote", "for_tier"]
+__all__ = ["LOST", "STORED", "UNSTORED", "FetchLeases", "LeaseNote", "for_tier"]
 
 log = logging.getLogger("tierproxy.tiers.leases")
 
 STORED = "stored"
 UNSTORED = "unstored"
+#: Not a message: the channel was lost, so a message may be (the waiter looks again).
+LOST = "lost"
 
 # KEYS[1] the lease; ARGV[1] the new holder's token; ARGV[2] its length in ms; ARGV[3] this
 # process's id. Taken when free, or when held under this process's id (a lease of its own
@@ -70,7 +72,8 @@ def for_tier(tier: GuardedTier, timeout: float) -> FetchLeases | None:
 
 
 class LeaseNote:
-    """What a waiter hears about one lease: set once, with ``stored`` or ``unstored``."""
+    """What a waiter hears about one lease: set once, with ``stored`` or ``unstored`` (or
+    ``lost``), until :meth:`clear`."""
 
     __slots__ = ("event", "what")
 
@@ -82,6 +85,10 @@ class LeaseNote:
         if not self.event.is_set():
             self.what = what
             self.event.set()
+
+    def clear(self) -> None:
+        self.what = ""
+        self.event.clear()
 
 
 class FetchLeases:
@@ -161,10 +168,11 @@ class FetchLeases:
             note.tell(what if what in (STORED, UNSTORED) else UNSTORED)
 
     def _wake_all(self) -> None:
-        """The channel was lost: nobody waits on it (each waiter re-checks and decides)."""
+        """The channel was lost: a message may be too, so each waiter looks again (the lease,
+        L2) and goes on waiting, on the fallback re-check until the channel is back."""
         for notes in self._waiters.values():
             for note in notes:
-                note.tell(UNSTORED)
+                note.tell(LOST)
 
     def start(self) -> None:
         if self._task is None:
