@@ -371,3 +371,30 @@ async def test_a_lost_channel_does_not_send_the_waiters_to_the_origin(
     assert len({a.body for a in answers}) == 1
     assert origin.count("/lost") == 1
     assert _leases(waiter, "waited-hit") == 1
+
+
+# -- a release that removed nothing -----------------------------------------------------------
+
+
+async def test_a_release_of_a_lease_no_longer_held_publishes_nothing(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str, redis_client: Any
+) -> None:
+    """The holder's lease ran out and another replica holds it now (set by hand here): the
+    holder's release deletes nothing and must not tell that one's waiters ``unstored``."""
+    origin.set("/gone", headers={"Cache-Control": "private, max-age=300"}, latency=0.8)
+    holder, waiter = await _replicas(make_proxy, 2, COALESCE="cluster")
+    leases = holder.state.readthrough.cluster.leases
+    lease = leases.lease_name(holder.state.readthrough.keys.for_target("/gone").material)
+    first = asyncio.create_task(holder.get("/gone"))
+    await wait_for_condition(lambda: origin.count("/gone") == 1, timeout=5)
+    redis_client.set(lease, "another-replica:0", px=30_000)
+    waiting = asyncio.create_task(waiter.get("/gone"))
+    await asyncio.sleep(0.2)  # waiting on "another replica"
+    assert (await first).status == 200
+    await asyncio.sleep(0.5)  # the holder's release has run
+    assert origin.count("/gone") == 1
+    redis_client.delete(lease)  # "another replica" is gone: the waiter's re-check takes it
+    assert (await waiting).status == 200
+    assert origin.count("/gone") == 2
+    assert _leases(waiter, "waited-unstored") == 0
+    assert _leases(waiter, "acquired") == 1

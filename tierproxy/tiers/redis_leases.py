@@ -136,11 +136,13 @@ class FetchLeases:
 
     async def release(self, lease: str, token: str, what: str) -> bool:
         """Delete the lease if ``token`` still holds it, then publish ``what`` for its
-        waiters. False when Redis failed (the lease then runs out by itself)."""
+        waiters - only if it did (a lease that ran out may be another replica's now, and its
+        waiters wait for that one's word). False when Redis failed (the lease then runs out
+        by itself)."""
         try:
             async with asyncio.timeout(self.timeout):
-                await self._release(keys=[lease], args=[token])
-                await self.client.publish(self.channel, f"{lease} {what}")
+                if await self._release(keys=[lease], args=[token]) == 1:
+                    await self.client.publish(self.channel, f"{lease} {what}")
         except Exception as exc:  # noqa: BLE001 - the lease expires by itself
             log.debug("fetch lease %s not released: %r", lease, exc)
             return False
