@@ -78,6 +78,7 @@ class ClusterCoalescing:
         self.read = read
         self.purges = purges
         self.backfiller = backfiller
+        backfiller.track_shared = True  # its L2 writes' futures: the release awaits them
         self.origin_timeout = settings.origin_timeout
         self.write_timeout = settings.l2_write_timeout
         lease = settings.origin_timeout + settings.l2_write_timeout

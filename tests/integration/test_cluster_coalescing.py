@@ -398,3 +398,28 @@ async def test_a_release_of_a_lease_no_longer_held_publishes_nothing(
     assert origin.count("/gone") == 2
     assert _leases(waiter, "waited-unstored") == 0
     assert _leases(waiter, "acquired") == 1
+
+
+# -- local costs what it did -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "tracked"), [("local", 0), ("cluster", 1)])
+async def test_only_cluster_tracks_the_shared_writes(
+    origin: Origin,
+    make_proxy: MakeProxy,
+    redis_server: RedisServer,
+    redis_url: str,
+    mode: str,
+    tracked: int,
+) -> None:
+    """The L2 write still on its way is tracked (a future per write) only for the fetch
+    lease's release; with ``local`` nothing waits for it, so nothing is kept."""
+    origin.set("/w", headers=CACHEABLE)
+    (proxy,) = await _replicas(make_proxy, 1, COALESCE=mode, L2_TIMEOUT=0.2)
+    backfill = proxy.state.readthrough.backfill
+    with redis_server.frozen():  # the L2 write waits on Redis
+        answer = await proxy.get("/w")
+        assert answer.status == 200
+        assert len(backfill._shared) == tracked
+    await proxy.settle()
+    assert len(backfill._shared) == 0
