@@ -15,8 +15,10 @@ plus the L2 write timeout long):
   again, read L2) every quarter lease, at most a second apart, so a lost message or a
   leaseholder that died (its lease runs out) costs at most that. On ``stored`` it serves what
   it reads back from L2 through the normal tier lookup (``waited-hit``): Vary-checked, fresh,
-  and never a copy a purge since the wait began may have been for. Otherwise it fetches
-  itself: at once on ``unstored`` or an entry not usable here (``waited-unstored``), or when
+  and never a copy a purge since the wait began may have been for. On ``unstored`` or an
+  entry not usable here it tries the lease once more (so one replica leads the next fetch,
+  ``acquired``, and the others wait for it); told so a second time it fetches itself at once
+  (``waited-unstored``). It also fetches itself when
   its wait ends (``waited-timeout``): as a local waiter, it waits up to the request's
   deadline (the leaseholder's fetch is bounded by the origin timeout). Each Redis round trip
   of the wait (the lease, the L2 read) is bounded by what is left of it.
@@ -109,6 +111,7 @@ class ClusterCoalescing:
         # As a local waiter: while another replica's fetch runs (bounded by the origin
         # timeout), wait for it up to the request's deadline.
         wait_until = req.deadline
+        told = False  # told stored/unstored once, without an entry for this request
         with self.leases.watch(lease) as note:  # before the lease is looked at: nothing missed
             for _ in range(_MAX_ROUNDS):
                 left = wait_until - loop.time()
@@ -142,7 +145,13 @@ class ClusterCoalescing:
                     if entry is not None:
                         self._counted["waited-hit"].inc()
                         return Stored(entry, False)
-                # Not stored, or not for this request (another variant, purged since): at once.
+                # Not stored, or not for this request (purged since, a failed read). The
+                # first time: the lease once more, so that one replica leads the next fetch
+                # and the others wait for it; the second time: fetch at once.
+                if not told:
+                    told = True
+                    note.clear()
+                    continue
                 self._counted["waited-unstored"].inc()
                 return await fetch()
         self._counted["waited-timeout"].inc()

@@ -216,7 +216,8 @@ async def test_an_unstorable_answer_sends_the_waiters_to_the_origin_at_once(
     origin: Origin, make_proxy: MakeProxy, redis_url: str
 ) -> None:
     """The leaseholder's answer is private: it publishes ``unstored`` and the waiter fetches
-    at once, not after a fallback re-check (a second here) or its deadline."""
+    at once (taking the lease it released), not after a fallback re-check (a second here) or
+    its deadline."""
     origin.set("/private", headers={"Cache-Control": "private, max-age=300"}, latency=0.5)
     holder, waiter = await _replicas(make_proxy, 2, COALESCE="cluster", ORIGIN_TIMEOUT=8)
     first = asyncio.create_task(holder.get("/private"))
@@ -225,7 +226,7 @@ async def test_an_unstorable_answer_sends_the_waiters_to_the_origin_at_once(
     assert (await first).status == 200
     assert second.status == 200
     assert origin.count("/private") == 2
-    assert _leases(waiter, "waited-unstored") == 1
+    assert _leases(waiter, "acquired") == 1
     # The rest of the holder's 0.5 s fetch, then its own 0.5 s; a fallback re-check would add 1 s.
     assert second.elapsed < 1.3, second.elapsed
 
@@ -423,3 +424,25 @@ async def test_only_cluster_tracks_the_shared_writes(
         assert len(backfill._shared) == tracked
     await proxy.settle()
     assert len(backfill._shared) == 0
+
+
+# -- after an answer that was not stored -----------------------------------------------------
+
+
+async def test_after_an_unstored_answer_one_replica_leads_the_next_fetch(
+    origin: Origin, make_proxy: MakeProxy, redis_url: str
+) -> None:
+    """The leaseholder's answer is not stored, the next one would be: of the two replicas
+    told ``unstored``, one takes the lease and fetches, the other serves what it stored."""
+    origin.set("/next", headers={"Cache-Control": "private"}, latency=0.8)
+    holder, *waiters = await _replicas(make_proxy, 3, COALESCE="cluster")
+    first = asyncio.create_task(holder.get("/next"))
+    await wait_for_condition(lambda: origin.count("/next") == 1, timeout=5)
+    origin.set("/next", headers=CACHEABLE, latency=0.5)  # what the next fetch gets
+    waiting = [asyncio.create_task(p.get("/next")) for p in waiters]
+    assert (await first).status == 200
+    answers = await asyncio.gather(*waiting)
+    assert [a.status for a in answers] == [200, 200]
+    assert answers[0].body == answers[1].body
+    assert origin.count("/next") == 2
+    assert sum(_leases(p, "acquired") for p in waiters) == 1
