@@ -7,9 +7,11 @@ lease in Redis (:mod:`tierproxy.tiers.redis_leases`, ``SET NX PX``, about the or
 plus the L2 write timeout long):
 
 * **Taken** (``acquired``): it reads L2 once more (the last holder may have just stored the
-  entry this request's lookup missed; then that is served, ``waited-hit``), else fetches; once the answer's L2 write has landed it releases the
-  lease (only its own) and publishes ``stored`` - or ``unstored`` at once when the answer is
-  not stored (private, Set-Cookie, an error, a failed write), so nobody waits for nothing.
+  entry this request's lookup missed; then that is served, ``waited-hit``), else fetches;
+  once the answer's L2 write has landed it releases the lease (only its own) and publishes
+  ``stored`` - or ``unstored`` at once when the answer is not stored (private, Set-Cookie,
+  an error, a failed write), so nobody waits for nothing. A release that deleted nothing
+  (the lease ran out; it may be another replica's now) publishes nothing.
 * **Held by another replica**: it reads L2 (the entry may have landed meanwhile), else waits
   for the leaseholder's message on the channel - with a fallback re-check (try the lease
   again, read L2) every quarter lease, at most a second apart, so a lost message or a
@@ -18,18 +20,18 @@ plus the L2 write timeout long):
   and never a copy a purge since the wait began may have been for. On ``unstored`` or an
   entry not usable here it tries the lease once more (so one replica leads the next fetch,
   ``acquired``, and the others wait for it); told so a second time it fetches itself at once
-  (``waited-unstored``). It also fetches itself when
-  its wait ends (``waited-timeout``): as a local waiter, it waits up to the request's
-  deadline (the leaseholder's fetch is bounded by the origin timeout). Each Redis round trip
-  of the wait (the lease, the L2 read) is bounded by what is left of it.
-Once the lease may be this request's (its SET sent), it is released whatever happens next:
-no answer in time, a cancellation, an error. A lease held under this process's own id is
-taken as its own (:mod:`tierproxy.tiers.redis_leases`).
-
+  (``waited-unstored``). It also fetches itself when its wait ends (``waited-timeout``): as
+  a local waiter, it waits up to the request's deadline (the leaseholder's fetch is bounded
+  by the origin timeout). Each Redis round trip of the wait (the lease, the L2 read) is
+  bounded by what is left of it. A channel lost during the wait does not end it: the waiter
+  looks at the lease and L2 again and goes on waiting.
 * **Redis failing** (an error or no answer within the L2 write timeout, the L2 breaker open,
   the channel not subscribed when the request starts): it fetches, as with ``local``
-  (``error``). Never an error to the client. A channel lost during the wait does not end
-  it: the waiter looks at the lease and L2 again and goes on waiting.
+  (``error``). Never an error to the client.
+
+Once the lease may be this request's (its SET sent), it is released whatever happens next:
+no answer in time, a cancellation, an error. A lease held under this process's own id is
+taken as its own (:mod:`tierproxy.tiers.redis_leases`): a replica never waits on itself.
 
 Outcomes are counted in ``tierproxy_coalesce_leases_total{outcome}``.
 """
