@@ -38,7 +38,11 @@ class Backfiller:
         # The latest write of each key into the shared tier (L2) still on its way: its future
         # says whether it landed. Awaited by a replica that holds the key's fetch lease
         # (tierproxy.cluster_coalesce) before it tells the others the entry is there.
+        # Kept only when set (TIERPROXY_COALESCE=cluster): otherwise nobody awaits them.
         self._shared: dict[str, asyncio.Future[bool]] = {}
+        #: Whether to keep those futures (:class:`~tierproxy.cluster_coalesce.ClusterCoalescing`
+        #: sets it).
+        self.track_shared = False
         #: With replicas (Redis): write to a shared tier only while this replica holds its
         #: purge lease (see LocalTrust). None = always.
         self.trust: LocalTrust | None = None
@@ -77,7 +81,7 @@ class Backfiller:
         counters, purges = self._counters, self.purges
         storing, material = self._storing, key.material
         landed: asyncio.Future[bool] | None = None
-        if tier.shared:
+        if tier.shared and self.track_shared:
             landed = asyncio.get_running_loop().create_future()
             self._shared[material] = landed
 

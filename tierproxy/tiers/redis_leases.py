@@ -4,13 +4,14 @@ Used by :mod:`tierproxy.cluster_coalesce`; this module is the only one that talk
 for it. Names, under the L2 tier's per-origin prefix (``<TIERPROXY_KEY_PREFIX>tierproxy:
 <origin id>:``, like the purge log's):
 
-* ``fetch-lease:<sha256(flight name)>`` - a string holding the leaseholder's replica id, set
-  with ``SET NX PX`` (the lease runs out by itself if its holder dies);
+* ``fetch-lease:<sha256(flight name)>`` - a string holding the leaseholder's token
+  (``<replica id>:<n>``), set by a script as ``SET NX PX`` would, except that a lease held
+  under the replica's own id is its own (the lease runs out by itself if its holder dies);
 * ``fetched`` - the channel a leaseholder publishes ``<lease name> stored|unstored`` on
   after it released its lease.
 
 Every command names at most one key (Redis Cluster safe); the release is a compare-and-delete
-script (only the holder's own lease goes). Every call is bounded by the L2 write timeout and
+script (only the holder's own lease, by its token, goes). Every call is bounded by the L2 write timeout and
 never raises: a failure is ``None`` (the caller then behaves as without cluster coalescing).
 One pub/sub connection per process listens on the channel and wakes the local waiters of the
 lease named in each message.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import secrets
 from collections.abc import Iterator
@@ -33,14 +35,26 @@ from .redis_clients import Subscriber
 if TYPE_CHECKING:
     from .base import GuardedTier
 
-__all__ = ["STORED", "UNSTORED", "FetchLeases", "LeaseNote", "for_tier"]
+__all__ = ["LOST", "STORED", "UNSTORED", "FetchLeases", "LeaseNote", "for_tier"]
 
 log = logging.getLogger("tierproxy.tiers.leases")
 
 STORED = "stored"
 UNSTORED = "unstored"
+#: Not a message: the channel was lost, so a message may be (the waiter looks again).
+LOST = "lost"
 
-# KEYS[1] the lease; ARGV[1] the holder's id. Deletes it only while it is still that holder's.
+# KEYS[1] the lease; ARGV[1] the new holder's token; ARGV[2] its length in ms; ARGV[3] this
+# process's id. Taken when free, or when held under this process's id (a lease of its own
+# left behind: never waited on), under the new token (a late release of the old one misses).
+_ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, string.len(ARGV[3])) ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] the lease; ARGV[1] the holder's token. Deletes it only while it is still that one's.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -58,7 +72,8 @@ def for_tier(tier: GuardedTier, timeout: float) -> FetchLeases | None:
 
 
 class LeaseNote:
-    """What a waiter hears about one lease: set once, with ``stored`` or ``unstored``."""
+    """What a waiter hears about one lease: set once, with ``stored`` or ``unstored`` (or
+    ``lost``), until :meth:`clear`."""
 
     __slots__ = ("event", "what")
 
@@ -71,6 +86,10 @@ class LeaseNote:
             self.what = what
             self.event.set()
 
+    def clear(self) -> None:
+        self.what = ""
+        self.event.clear()
+
 
 class FetchLeases:
     """Fetch leases and their notifications for one L2 tier (see module)."""
@@ -82,8 +101,10 @@ class FetchLeases:
         base = f"{tier.prefix}{tier.keys.origin_id}:"  # as the purge log's names
         self._lease_prefix = base + "fetch-lease:"
         self.channel = base + "fetched"
-        #: This process's id as a leaseholder.
+        #: This process's id as a leaseholder; each lease it takes holds ``<owner>:<n>``.
         self.owner = secrets.token_hex(8)
+        self._taken = itertools.count()
+        self._acquire = self.client.register_script(_ACQUIRE)
         self._release = self.client.register_script(_RELEASE)
         # Local waiters per lease name: one note per waiter, bounded by the waiting requests.
         self._waiters: dict[str, set[LeaseNote]] = {}
@@ -94,23 +115,34 @@ class FetchLeases:
     def lease_name(self, flight: str) -> str:
         return self._lease_prefix + hashlib.sha256(flight.encode()).hexdigest()
 
-    async def acquire(self, lease: str, ms: int) -> bool | None:
-        """``SET lease owner NX PX ms``: True when this process now holds it, False when
-        another does, None when Redis failed (or did not answer in time)."""
+    def token(self) -> str:
+        """A new holder token of this process (the value a lease it takes holds)."""
+        return f"{self.owner}:{next(self._taken)}"
+
+    async def acquire(
+        self, lease: str, token: str, ms: int, *, timeout: float | None = None
+    ) -> bool | None:
+        """Take ``lease`` for ``ms`` under ``token``: True when taken (it was free, or held
+        under this process's id), False when another process holds it, None when Redis failed
+        or did not answer within the timeout (or ``timeout`` when shorter) - the SET may
+        still have landed: release ``token`` then."""
+        limit = self.timeout if timeout is None else min(self.timeout, timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                return bool(await self.client.set(lease, self.owner, nx=True, px=ms))
+            async with asyncio.timeout(limit):
+                return bool(await self._acquire(keys=[lease], args=[token, ms, self.owner]))
         except Exception as exc:  # noqa: BLE001 - Redis failing means coalescing locally
             log.debug("fetch lease %s not taken: %r", lease, exc)
             return None
 
-    async def release(self, lease: str, what: str) -> bool:
-        """Delete the lease if it is still ours, then publish ``what`` for its waiters.
-        False when Redis failed (the lease then runs out by itself)."""
+    async def release(self, lease: str, token: str, what: str) -> bool:
+        """Delete the lease if ``token`` still holds it, then publish ``what`` for its
+        waiters - only if it did (a lease that ran out may be another replica's now, and its
+        waiters wait for that one's word). False when Redis failed (the lease then runs out
+        by itself)."""
         try:
             async with asyncio.timeout(self.timeout):
-                await self._release(keys=[lease], args=[self.owner])
-                await self.client.publish(self.channel, f"{lease} {what}")
+                if await self._release(keys=[lease], args=[token]) == 1:
+                    await self.client.publish(self.channel, f"{lease} {what}")
         except Exception as exc:  # noqa: BLE001 - the lease expires by itself
             log.debug("fetch lease %s not released: %r", lease, exc)
             return False
@@ -138,10 +170,11 @@ class FetchLeases:
             note.tell(what if what in (STORED, UNSTORED) else UNSTORED)
 
     def _wake_all(self) -> None:
-        """The channel was lost: nobody waits on it (each waiter re-checks and decides)."""
+        """The channel was lost: a message may be too, so each waiter looks again (the lease,
+        L2) and goes on waiting, on the fallback re-check until the channel is back."""
         for notes in self._waiters.values():
             for note in notes:
-                note.tell(UNSTORED)
+                note.tell(LOST)
 
     def start(self) -> None:
         if self._task is None:
