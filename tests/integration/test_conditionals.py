@@ -11,15 +11,7 @@ from typing import Any
 import pytest
 from support.fixture_types import MakeProxy
 from support.origin import Origin
-from support.proxy import ProxyHandle
-from support.storage import redis_key, sqlite_row
-from support.wait import wait_for_condition
-
-TIER_ONLY: dict[str, dict[str, Any]] = {
-    "l1": {"REDIS_URL": None, "SQLITE_PATH": "off"},
-    "l2": {"L1_MAX_BYTES": 0, "SQLITE_PATH": "off"},
-    "l3": {"L1_MAX_BYTES": 0, "REDIS_URL": None},
-}
+from support.warm import warm_in_tier
 
 NOW = time.time()
 DATE = email.utils.formatdate(NOW, usegmt=True)
@@ -34,32 +26,6 @@ HEADERS = {
 }
 
 
-async def _warm(
-    tier: str,
-    path: str,
-    make_proxy: MakeProxy,
-    origin: Origin,
-    redis_client: Any,
-    sqlite_path: Path,
-) -> ProxyHandle:
-    """Store ``path`` in ``tier`` alone; for L2/L3 return a new process that reads it back."""
-    first = await make_proxy(**TIER_ONLY[tier])
-    miss = await first.get(path)
-    assert miss.status == 200 and miss.x_cache == "MISS", miss
-    if tier == "l1":
-        return first
-    if tier == "l2":
-        await wait_for_condition(
-            lambda: redis_client.exists(redis_key(path, origin.url)), message="stored in Redis"
-        )
-    else:
-        await wait_for_condition(
-            lambda: sqlite_row(sqlite_path, path, origin.url), message="stored in SQLite"
-        )
-    await first.close()
-    return await make_proxy(**TIER_ONLY[tier])
-
-
 @pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
 async def test_conditionals_answered_from_each_tier(
     tier: str,
@@ -70,7 +36,7 @@ async def test_conditionals_answered_from_each_tier(
     sqlite_path: Path,
 ) -> None:
     origin.set("/c", body=b"conditional body", headers=HEADERS, etag='"c1"', last_modified=MODIFIED)
-    proxy = await _warm(tier, "/c", make_proxy, origin, redis_client, sqlite_path)
+    proxy = await warm_in_tier(tier, "/c", make_proxy, origin, redis_client, sqlite_path)
     hit = f"HIT-{tier.upper()}"
 
     cases: list[tuple[dict[str, str], int]] = [

@@ -21,45 +21,10 @@ import pytest
 from support.fixture_types import MakeProxy
 from support.net import RawConnection
 from support.origin import Origin, make_body
-from support.proxy import ProxyHandle
-from support.storage import redis_key, sqlite_row
-from support.wait import wait_for_condition
+from support.warm import warm_in_tier
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 SIZE = 1000
-
-TIER_ONLY: dict[str, dict[str, Any]] = {
-    "l1": {"REDIS_URL": None, "SQLITE_PATH": "off"},
-    "l2": {"L1_MAX_BYTES": 0, "SQLITE_PATH": "off"},
-    "l3": {"L1_MAX_BYTES": 0, "REDIS_URL": None},
-}
-
-
-async def _warm(
-    tier: str,
-    path: str,
-    make_proxy: MakeProxy,
-    origin: Origin,
-    redis_client: Any,
-    sqlite_path: Path,
-) -> ProxyHandle:
-    """Store ``path`` in ``tier`` alone; for L2/L3 return a new process (empty memory) that
-    reads it back from there."""
-    first = await make_proxy(**TIER_ONLY[tier])
-    miss = await first.get(path)
-    assert miss.status == 200 and miss.x_cache == "MISS", miss
-    if tier == "l1":
-        return first
-    if tier == "l2":
-        await wait_for_condition(
-            lambda: redis_client.exists(redis_key(path, origin.url)), message="stored in Redis"
-        )
-    else:
-        await wait_for_condition(
-            lambda: sqlite_row(sqlite_path, path, origin.url), message="stored in SQLite"
-        )
-    await first.close()
-    return await make_proxy(**TIER_ONLY[tier])
 
 
 @pytest.mark.parametrize("tier", ["l1", "l2", "l3"])
@@ -73,7 +38,7 @@ async def test_single_ranges_from_each_tier(
 ) -> None:
     origin.set("/r", size=SIZE, headers=CACHEABLE, etag='"r1"')
     body = make_body(SIZE)
-    proxy = await _warm(tier, "/r", make_proxy, origin, redis_client, sqlite_path)
+    proxy = await warm_in_tier(tier, "/r", make_proxy, origin, redis_client, sqlite_path)
 
     cases = [
         ("bytes=0-9", 0, 9),
@@ -145,7 +110,7 @@ async def test_several_ranges_make_a_multipart_byteranges_answer(
 ) -> None:
     origin.set("/m", size=SIZE, headers=CACHEABLE)
     body = make_body(SIZE)
-    proxy = await _warm(tier, "/m", make_proxy, origin, redis_client, sqlite_path)
+    proxy = await warm_in_tier(tier, "/m", make_proxy, origin, redis_client, sqlite_path)
 
     got = await proxy.get("/m", headers={"Range": "bytes=0-9, 500-519,-3"})
 
