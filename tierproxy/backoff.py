@@ -3,6 +3,9 @@
 * :func:`full_jitter` - the pause before retrying a request whose origin connection failed
   before any response byte (:mod:`tierproxy.upstream`): ``uniform(0, min(cap, base * 2**n))``,
   so clients that failed together do not retry together.
+* :class:`SessionBackoff` - the pause before starting again a long-lived session that ended
+  (a pub/sub subscription, a worker process): equal jitter, the window doubling with each
+  session that ended early, back to the first once one lasted.
 * :class:`KeyBackoff` - per cache key, while the origin keeps failing for it (as many
   consecutive failures as open the origin's breaker, TIERPROXY_BREAKER_FAILURES: a per-key
   breaker, for the key that fails while the others succeed and keep the breaker closed): at
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 from .clock import SYSTEM, Clock
 
-__all__ = ["KeyBackoff", "equal_jitter", "full_jitter"]
+__all__ = ["KeyBackoff", "SessionBackoff", "equal_jitter", "full_jitter"]
 
 
 def _window(attempt: int, base: float, cap: float) -> float:
@@ -42,6 +45,27 @@ def equal_jitter(attempt: int, base: float, cap: float, rng: random.Random | Non
     together)."""
     window = _window(attempt, base, cap)
     return window / 2 + (rng or random).uniform(0.0, window / 2)
+
+
+@dataclass(slots=True)
+class SessionBackoff:
+    """Pauses between the runs of a session that should last (a subscription, a worker):
+    :func:`equal_jitter` over a window that doubles with each run ending sooner than
+    ``stable_after`` seconds; a run that lasted that long starts over at the first window."""
+
+    base: float
+    cap: float
+    stable_after: float = 10.0
+    #: Runs in a row that ended early (0 before the first pause of an episode).
+    attempt: int = 0
+
+    def pause(self, lived: float) -> float:
+        """The pause after a run that lasted ``lived`` seconds."""
+        if lived >= self.stable_after:
+            self.attempt = 0
+        delay = equal_jitter(self.attempt, self.base, self.cap)
+        self.attempt += 1
+        return delay
 
 
 @dataclass(slots=True)

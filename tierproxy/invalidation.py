@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .backoff import equal_jitter
+from .backoff import SessionBackoff
 from .clock import SYSTEM, Clock
 from .keys import MAX_TARGET_LENGTH, CacheKey, KeySpace
 from .policy import MAX_TAG_LENGTH
@@ -413,7 +413,7 @@ class Invalidation:
         purge_log = self._replicated.purge_log(clients.client)
         self._ack_log = purge_log
         loop = asyncio.get_running_loop()
-        attempt = 0
+        backoff = SessionBackoff(_BACKOFF_BASE, _BACKOFF_CAP, _STABLE_AFTER)
         try:
             while True:  # until cancelled; every pass waits a bounded, growing backoff
                 self.state = "connecting"
@@ -424,17 +424,14 @@ class Invalidation:
                     raise
                 except Exception as exc:  # noqa: BLE001 - any channel failure means reconnect, never a dead subscriber
                     log.log(
-                        logging.WARNING if attempt == 0 else logging.DEBUG,
+                        logging.WARNING if backoff.attempt == 0 else logging.DEBUG,
                         "invalidation channel lost (%r); reconnecting (local copies are "
                         "revalidated once the %.1fs lease runs out)",
                         exc,
                         self.lease,
                     )
                 self.state = "connecting"
-                if loop.time() - started >= _STABLE_AFTER:
-                    attempt = 0
-                await asyncio.sleep(equal_jitter(attempt, _BACKOFF_BASE, _BACKOFF_CAP))
-                attempt += 1
+                await asyncio.sleep(backoff.pause(loop.time() - started))
         finally:
             self.state = "disabled"
             try:

@@ -53,7 +53,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
-from .backoff import equal_jitter
+from .backoff import SessionBackoff
 from .invalidation import PurgeOrder
 from .state import ProxyState
 
@@ -277,7 +277,9 @@ class _Slot:
     socket_path: str
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
-    failures: int = 0
+    backoff: SessionBackoff = field(
+        default_factory=lambda: SessionBackoff(_BACKOFF_BASE, _BACKOFF_CAP, _STABLE_AFTER)
+    )
     task: asyncio.Task[None] | None = None
     restarts: int = field(default=0)
 
@@ -399,8 +401,7 @@ class Supervisor:
             pid = slot.proc.pid
             multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             lived = time.monotonic() - slot.started_at
-            slot.failures = 1 if lived >= _STABLE_AFTER else slot.failures + 1
-            delay = equal_jitter(slot.failures - 1, _BACKOFF_BASE, _BACKOFF_CAP)
+            delay = slot.backoff.pause(lived)
             log.warning(
                 "worker %d (pid %d) exited with %s after %.1fs; starting it again in %.2fs",
                 slot.index,

@@ -7,7 +7,7 @@ import random
 
 from support.clock import SteppedClock
 
-from tierproxy.backoff import KeyBackoff, full_jitter
+from tierproxy.backoff import KeyBackoff, SessionBackoff, full_jitter
 
 
 def test_full_jitter_stays_within_its_doubling_capped_window() -> None:
@@ -57,3 +57,14 @@ def test_memory_is_bounded_least_recently_failed_first() -> None:
     backoff.failure("/b")  # failing again makes it the most recent
     backoff.failure("/e")
     assert backoff.allow("/c") and not backoff.allow("/b")
+
+
+def test_session_backoff_grows_with_early_ends_and_starts_over_after_a_lasting_run() -> None:
+    backoff = SessionBackoff(base=0.1, cap=1.0, stable_after=10.0)
+    pauses = [backoff.pause(lived=0.5) for _ in range(6)]
+    # equal jitter: each pause within [window/2, window], window 0.1, 0.2, 0.4, 0.8, 1.0, 1.0
+    for pause, window in zip(pauses, (0.1, 0.2, 0.4, 0.8, 1.0, 1.0), strict=True):
+        assert window / 2 <= pause <= window
+    assert backoff.attempt == 6
+    assert 0.05 <= backoff.pause(lived=10.0) <= 0.1  # a run that lasted: the first window
+    assert backoff.attempt == 1

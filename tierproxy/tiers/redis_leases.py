@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..backoff import equal_jitter
+from ..backoff import SessionBackoff
 from .redis import RedisTier
 from .redis_clients import Subscriber
 
@@ -196,7 +196,7 @@ class FetchLeases:
         # Redis topology the tier uses, with its credentials: the tier's subscriber clients.
         clients = self._tier.subscriber(self.timeout)
         loop = asyncio.get_running_loop()
-        attempt = 0
+        backoff = SessionBackoff(_BACKOFF_BASE, _BACKOFF_CAP, _STABLE_AFTER)
         try:
             while True:  # until cancelled; each pass waits a bounded, growing backoff
                 started = loop.time()
@@ -206,17 +206,14 @@ class FetchLeases:
                     raise
                 except Exception as exc:  # noqa: BLE001 - any channel failure means reconnect
                     log.log(
-                        logging.WARNING if attempt == 0 else logging.DEBUG,
+                        logging.WARNING if backoff.attempt == 0 else logging.DEBUG,
                         "fetch-lease channel lost (%r); coalescing per replica until it is back",
                         exc,
                     )
                 finally:
                     self.connected = False
                     self._wake_all()
-                if loop.time() - started >= _STABLE_AFTER:
-                    attempt = 0
-                await asyncio.sleep(equal_jitter(attempt, _BACKOFF_BASE, _BACKOFF_CAP))
-                attempt += 1
+                await asyncio.sleep(backoff.pause(loop.time() - started))
         finally:
             with contextlib.suppress(Exception):
                 await clients.aclose()
