@@ -85,9 +85,6 @@ UNDERSTOOD_STATUSES = frozenset(
 # §4.2.2: the heuristically cacheable statuses, given TIERPROXY_DEFAULT_TTL when the origin
 # states no freshness (any other status only when it is marked public).
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
-# Kept for callers that asked "may this status be stored at all" before explicit freshness
-# made every final status storable: the understood ones.
-STORABLE_STATUSES = UNDERSTOOD_STATUSES
 _NEVER_STORED_STATUSES = frozenset({206, 304})
 
 
