@@ -230,8 +230,10 @@ async def test_a_frozen_redis_costs_each_request_the_learned_timeout_until_the_b
     # One after another, each lookup began after the previous one timed out: each counts.
     assert counted == failures_to_open == len(elapsed), (counted, elapsed)
     # The timeout each of them had: the learned one, give or take the p99 reaching the
-    # timeouts' own bucket (x 1.5 x a quarter octave) - never doubled and doubled again.
-    assert max(used) <= 2 * learned, (learned, used)
+    # timeouts' own buckets - each timeout sample may lift it about a quarter octave (x 1.19;
+    # seen in CI: 2.3, 3.2, 3.8, 4.6, 5.4 ms from 2.3 ms learned), far from the old doubling
+    # (x 16 over five lookups).
+    assert max(used) <= 3 * learned, (learned, used)
     assert l2.lookup_timeout <= 4 * learned, (learned, l2.lookup_timeout)
     # Whole requests: about the learned timeout each, plus slack for the origin fetches on
     # a loaded machine - below what the configured timeout alone would cost them (5 x 0.1 s).
