@@ -98,6 +98,7 @@ class HitPath:
         "_l1",
         "_l1_name",
         "_looks_further",
+        "_loop",
         "_metrics",
         "_readthrough",
         "_state",
@@ -113,6 +114,7 @@ class HitPath:
         self._readthrough = state.readthrough
         self._looks_further = any(not tier.synchronous for tier in state.tiers)
         self._l1_name = l1.name if l1 is not None else "l1"
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def handover_key(self) -> web.RequestKey[Handover]:
@@ -173,18 +175,21 @@ class HitPath:
         self, message: RawRequestMessage, key: CacheKey, started: float, remote: str | None
     ) -> Answer | Handover:
         state = self._state
+        loop = self._loop
+        if loop is None:  # the loop this proxy serves on, for good (tierproxy.deadlines)
+            loop = self._loop = asyncio.get_running_loop()
         req = ProxyRequest(
             method="GET",
             key=key,
             headers=message.headers,
             peer=remote,
             scheme="http",
-            deadline=asyncio.get_running_loop().time() + state.settings.request_deadline,
+            deadline=loop.time() + state.settings.request_deadline,
             request_id=request_id(message.headers.get("X-Request-ID")),
         )
         state.inflight += 1
         try:
-            found = await self._readthrough.lookup(req)
+            found = await self._readthrough.lookup(req, loop)
         finally:
             state.inflight -= 1
         hit = found.found

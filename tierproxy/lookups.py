@@ -33,7 +33,7 @@ async def tier_get(req: ProxyRequest, tier: GuardedTier, loop: asyncio.AbstractE
     """``tier``'s lookup under min(its timeout, what is left of the request deadline)."""
     budget = min(tier.read_timeout, req.deadline - loop.time())
     started = time.perf_counter()  # (uvloop's loop clock has ms resolution)
-    entry = await tier.get(req.key, budget, req.headers)
+    entry = await tier.get(req.key, budget, req.headers, loop)
     req.timings[tier.name] = time.perf_counter() - started
     return entry, "" if entry is not None else MISS_REASON.get()
 

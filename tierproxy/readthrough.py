@@ -148,7 +148,9 @@ class ReadThrough:
     def trust(self, trust: LocalTrust | None) -> None:
         self._trust = self.backfill.trust = self.coalescer.trust = trust
 
-    async def lookup(self, req: ProxyRequest) -> Lookup:
+    async def lookup(
+        self, req: ProxyRequest, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Lookup:
         """The tiers in order, each under its budget: a fresh hit (backfilled into the tiers
         before it), else the first stale copy still usable, else a miss.
 
@@ -157,8 +159,10 @@ class ReadThrough:
         next tier may answer first; everything else keeps this order.
 
         What each tier reached said is the found state's trace (``tiers``, for Cache-Status):
-        a tier's position in it is its index in ``self.tiers``."""
-        loop = asyncio.get_running_loop()
+        a tier's position in it is its index in ``self.tiers``. ``loop``: the running loop,
+        when the caller holds it (spares a system call on Python 3.11: tierproxy.deadlines)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         generation = self.purges.generation  # copies read before a purge are not written back
         since = self.coalescer.completed  # fetches completed later may hold what this misses
         tiers, index = self.tiers, 0

@@ -28,6 +28,7 @@ from multidict import CIMultiDictProxy
 
 from .. import codec, variants
 from ..clock import SYSTEM, Clock
+from ..deadlines import LoopTimeout
 from ..entry import Entry, Variant
 from ..keys import CacheKey
 from ..latency import AdaptiveTimeout, NearTimeout
@@ -766,11 +767,17 @@ class GuardedTier:
         self._lookup["hit"].inc()
 
     async def get(
-        self, key: CacheKey, budget: float, headers: CIMultiDictProxy[str] | None = None
+        self,
+        key: CacheKey,
+        budget: float,
+        headers: CIMultiDictProxy[str] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Entry | None:
         """Look ``key`` up within ``budget`` seconds; any failure is a miss, never an error.
 
-        Like :meth:`get_now`, returns only a copy usable for ``headers``.
+        Like :meth:`get_now`, returns only a copy usable for ``headers``. ``loop``: the
+        running loop, when the caller holds it (spares a system call on Python 3.11, see
+        :mod:`tierproxy.deadlines`).
         """
         if not self.backend.available or not self.breaker.allow():
             MISS_REASON.set("skipped" if not self.backend.available else "breaker-open")
@@ -785,10 +792,14 @@ class GuardedTier:
         adaptive, estimator = self.adaptive, self.estimator
         learned = adaptive is not None and adaptive.current <= budget
         timeout = adaptive.current if learned and adaptive is not None else budget
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None, "a lookup runs in a task"
         started = time.perf_counter()
         varied = False
         try:
-            async with asyncio.timeout(timeout):
+            with LoopTimeout(loop, task, loop.time() + timeout):
                 entry = await self.backend.get(key)
                 if entry is not None and entry.variants:
                     varied = True

@@ -58,6 +58,7 @@ class _Protocol(asyncio.Protocol):
         # (future, monotonic time sent): answered strictly in order.
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.lost = False
         # Commands sent in this loop iteration, written together by _flush (one send for all
         # the lookups started together, not one each: Redis then reads them in one go too).
@@ -66,6 +67,8 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
         self.transport = cast(asyncio.Transport, transport)
+        # Kept: asking for the running loop per GET costs a system call on Python 3.11.
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -106,8 +109,8 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(exc)
 
     def send(self, payload: bytes) -> asyncio.Future[Any]:
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert self.transport is not None and loop is not None
         future = loop.create_future()
         self.waiting.append((future, time.monotonic()))
         outgoing = self.outgoing
