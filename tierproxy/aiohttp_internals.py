@@ -229,6 +229,17 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     ),
     Private(
         _RH,
+        "_request_in_progress",
+        "read",
+        "listener",
+        True,
+        "whether the full path's request handler (its response writing included) is still "
+        "running once start() has taken a request: a request arriving after it ended, before "
+        "start() resumed, is between requests and the hit path's to answer. No public flag or "
+        "hook tells when a response is done (on_response_prepare fires before the body)",
+    ),
+    Private(
+        _RH,
         "_current_request",
         "read",
         "listener",
@@ -968,6 +979,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
 
     __slots__ = (
         "_event_loop",
+        "_full_path_writer",
         "_handover",
         "_head_timeout",
         "_head_timer",
@@ -1010,6 +1022,8 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         self._lookup: asyncio.Task[None] | None = None
         self._handover: tuple[RawRequestMessage, H] | None = None
         self._writable: asyncio.Future[None] | None = None  # set when writing resumes
+        # The writer of the last request start() took (see _full_path_done).
+        self._full_path_writer: AbstractStreamWriter | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -1062,22 +1076,29 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self._waiter is None and self._request_count:
+        waiter = self._waiter
+        if (
+            self._head_timer is None
+            and waiter is None
+            and self._request_count
+            and not self._full_path_done()
+        ):
             # A request is being handled: these bytes are its body (or pipelined requests).
             super().data_received(data)
             self._fail_body_read_on_framing_error()
             return
         # Between requests (or before the first): these bytes belong to a request head.
         before = self._request_count
-        waiter = self._waiter
         if (
             self._hits is not None
-            and waiter is not None
+            and (waiter is not None or self._full_path_done())
             and (not self._messages or self._lookup is not None)
         ):
-            # start() waits for the next request, and no request is queued (or the hit path
-            # is looking one up): parse without waking start(), answer what the hit path can,
-            # and wake start() only for what is left once no lookup is in flight.
+            # start() waits for the next request - or is about to: the full path's response
+            # has gone out and start() resumes on the next loop iteration -, and no request
+            # is queued (or the hit path is looking one up): parse without waking start(),
+            # answer what the hit path can, and wake start() only for what is left once no
+            # lookup is in flight.
             self._waiter = None
             try:
                 super().data_received(data)
@@ -1094,6 +1115,35 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
             # (aiohttp feeds b"" to resume parsing; while a lookup is in flight the bytes are
             # pipelined behind a request in progress, as in the first branch: idle-bounded)
             self._start_head_timer()
+
+    def _full_path_done(self) -> bool:
+        """Whether the full path's last request is over, its response written, while start()
+        has not yet resumed (it does on the next loop iteration; with uvloop, after the
+        connections' reads of this one). A request arriving then is between requests: left
+        for start(), it would take the full path, and so would every request after it that
+        came before start() had resumed - a connection could stay on the full path for good.
+
+        ``_request_in_progress`` is aiohttp's flag for a request handler running, response
+        writing included; between start() taking a request and its handler's first step it is
+        still False, but that request's writer has written nothing yet."""
+        writer = self._full_path_writer
+        return writer is not None and not self._request_in_progress and writer.output_size > 0
+
+    def full_path_taking(
+        self, message: object, payload: object, writer: AbstractStreamWriter
+    ) -> None:
+        """start() is taking ``message`` for the full path, its response to go to ``writer``
+        (called by the server's request factory). Only a bodiless keep-alive request counts:
+        after one with a body (which may be left unread, and its connection closed) or one
+        that closes the connection, start() alone goes on (RFC 9112 §9.6: no request is
+        processed after a response that closes)."""
+        keeps_alive = (
+            isinstance(message, RawRequestMessage)
+            and not message.should_close
+            and not message.upgrade
+            and payload is EMPTY_PAYLOAD
+        )
+        self._full_path_writer = writer if keeps_alive else None
 
     def _answer_hits(self, hits: HitAnswerer[H]) -> None:
         """Answer queued requests in order while the hit path can; stop at the first it can't.
@@ -1330,6 +1380,8 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        # Every response made here closes the connection: nothing after it is answered.
+        self._full_path_writer = None
         if isinstance(exc, ConnectionResetError) and request.writer.output_size > 0:
             # The client went away (or was cut off by the send timeout) mid-response: routine,
             # not an error worth a traceback per connection.
@@ -1397,6 +1449,7 @@ class _ProxyServer(CappedServer, Generic[H]):
             ) -> web.BaseRequest:
                 request = request_factory(message, payload, protocol, writer, task)
                 if isinstance(protocol, ProxyRequestHandler):
+                    protocol.full_path_taking(message, payload, writer)
                     handover = protocol.take_handover(message)
                     if handover is not None:
                         request[key] = handover
