@@ -78,13 +78,28 @@ def origin_identity(origin: str) -> str:
     return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
+# KeySpace.for_target remembers up to this many targets of at most this many characters (at
+# most ~1.5 MB with their keys).
+_KNOWN_TARGETS = 4096
+_KNOWN_TARGET_CHARS = 256
+
+
 class KeySpace:
     """The namespace of this process's keys in shared tiers: origin identity + format version.
 
     Built once from the settings; :meth:`key` makes the :class:`CacheKey` of a request.
     """
 
-    __slots__ = ("_authority", "_base_path", "_url", "namespace", "origin", "origin_id", "query")
+    __slots__ = (
+        "_authority",
+        "_base_path",
+        "_known",
+        "_url",
+        "namespace",
+        "origin",
+        "origin_id",
+        "query",
+    )
 
     def __init__(
         self,
@@ -103,6 +118,9 @@ class KeySpace:
         #: A short id of the origin for names that are not per key (the replicas' purge
         #: channel, log and leases): deployments of other origins on one Redis share none.
         self.origin_id = _sha256(self.origin)[:16]
+        # for_target's answers for recent short targets: the same target always makes the same
+        # key, and a hot URL is normalised once, not per request (bounded: cleared when full).
+        self._known: dict[str, CacheKey] = {}
 
     def key(self, material: str, target: str | None = None) -> CacheKey:
         """The key of already-final ``material`` (as stored, purged, published)."""
@@ -111,12 +129,21 @@ class KeySpace:
     def for_target(self, raw: str) -> CacheKey:
         """The key of a request target as a client sent it (also a purge by URL): normalised
         (:func:`normalise_target`), then the query rules applied. Raises :class:`BadTarget`."""
+        known = self._known.get(raw)
+        if known is not None:
+            return known
         material = normalise_target(raw)
         query = self.query
         if not query.active or "?" not in material:
-            return CacheKey(material, self.namespace)
-        keyed, target = query.apply(material)
-        return CacheKey(keyed, self.namespace, target)
+            key = CacheKey(material, self.namespace)
+        else:
+            keyed, target = query.apply(material)
+            key = CacheKey(keyed, self.namespace, target)
+        if len(raw) <= _KNOWN_TARGET_CHARS:
+            if len(self._known) >= _KNOWN_TARGETS:
+                self._known.clear()
+            self._known[raw] = key
+        return key
 
     def same_origin_keys(self, request_target: str, references: Iterable[str]) -> list[CacheKey]:
         """Keys of the URI references (``Location``, ``Content-Location`` values) that name

@@ -87,3 +87,21 @@ def test_the_format_version_is_part_of_every_key_but_not_of_tag_ids() -> None:
     now, older = KeySpace("http://h", 2), KeySpace("http://h", 1)
     assert now.key("/a").digest != older.key("/a").digest
     assert now.tag_id("t") == older.tag_id("t")  # a tag purge reaches older entries too
+
+
+def test_for_target_remembers_recent_short_targets_within_its_bound() -> None:
+    from tierproxy import keys as keys_module
+
+    space = KeySpace("http://origin.test")
+    first = space.for_target("/a/%7euser?x=1")
+    assert space.for_target("/a/%7euser?x=1") is first  # normalised once
+    assert first.material == space.for_target("/a/~user?x=1").material
+    long_target = "/" + "l" * keys_module._KNOWN_TARGET_CHARS
+    assert space.for_target(long_target) is not space.for_target(long_target)  # not kept
+    for i in range(keys_module._KNOWN_TARGETS + 10):
+        space.for_target(f"/many/{i}")
+    assert len(space._known) <= keys_module._KNOWN_TARGETS
+    with pytest.raises(BadTarget):
+        space.for_target("/bad/%zz")
+    with pytest.raises(BadTarget):
+        space.for_target("/bad/%zz")  # an error is not remembered as a key
