@@ -609,7 +609,14 @@ class SQLiteTier(BytesBackend):
         time and one batch at a time, until none wait; each caller gets its outcome."""
         batch: list[tuple[str, float, asyncio.Future[Any]]] = []
         try:
-            while self._waiting:
+            while True:
+                if not self._waiting:
+                    # The callers just answered run first (their tasks were woken before
+                    # this one): lookups they begin at once join the next batch instead of
+                    # one of them going alone and the rest waiting for it.
+                    await asyncio.sleep(0)
+                    if not self._waiting:
+                        break
                 batch, waiting = [], self._waiting
                 while waiting and len(batch) < LOOKUP_BATCH:
                     item = waiting.popleft()
