@@ -238,3 +238,50 @@ async def test_lookups_past_the_waiting_bound_are_skipped_at_once(
         assert got == [values["/k0"], *(values[f"/k{i % 150}"] for i in range(MAX_WAITING_LOOKUPS))]
     finally:
         await tier.close()
+
+
+def _break_overflow_chain(path: Path, value: bytes) -> None:
+    """Point the middle of ``value``'s overflow chain at a page past the end of the file: a
+    read of that row fails as malformed, every other row still reads."""
+    conn = sqlite3.connect(str(path), timeout=2.0, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # its pages into the main file
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        conn.close()
+    data = bytearray(path.read_bytes())
+    at = data.find(value[len(value) // 2 : len(value) // 2 + 64])
+    assert at > 0
+    page = at - at % page_size  # an overflow page: a 4-byte next-page number, then content
+    data[page : page + 4] = (0x7FFFFFF0).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+
+
+async def test_a_lookup_that_fails_fails_alone_and_a_corrupt_file_is_reported(
+    l3_path: Path, values: dict[str, bytes]
+) -> None:
+    tier = await _open(l3_path, 5.0)
+    try:
+        big = os.urandom(200_000)
+        _store(l3_path, {**values, "/big": big})
+        _break_overflow_chain(l3_path, big)
+        materials = [f"/k{i}" for i in range(30)]
+        materials.insert(15, "/big")
+        hops = tier.read_hops
+        got = await asyncio.gather(
+            *(tier.get_bytes(KEYS.key(m)) for m in materials), return_exceptions=True
+        )
+        assert tier.read_hops - hops == 2  # one alone, then the 30 others in one batch
+        for material, outcome in zip(materials, got, strict=True):
+            if material == "/big":
+                assert isinstance(outcome, sqlite3.DatabaseError), outcome
+                assert "malformed" in str(outcome)
+            else:
+                assert outcome == values[material], material
+        # Reported: the file is moved aside and a new one opened.
+        await wait_for_condition(
+            lambda: list(l3_path.parent.glob("l3.sqlite3.corrupt-*")), message="moved aside"
+        )
+        await wait_for_condition(lambda: tier.available, message="reopened")
+    finally:
+        await tier.close()
