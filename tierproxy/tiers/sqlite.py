@@ -547,6 +547,16 @@ class SQLiteTier(BytesBackend):
             current.at = math.inf
 
     @staticmethod
+    def _lookup_alone(
+        raw: sqlite3.Connection, current: _Deadline, digest: str, deadline: float
+    ) -> Any:
+        """One lookup in a trip of its own: its outcome, as :meth:`_lookup_batch` gives it."""
+        try:
+            return SQLiteTier._lookup(raw, current, digest, deadline)
+        except sqlite3.DatabaseError as exc:
+            return exc
+
+    @staticmethod
     def _lookup_batch(
         raw: sqlite3.Connection, current: _Deadline, batch: list[tuple[str, float]]
     ) -> list[Any]:
@@ -571,7 +581,7 @@ class SQLiteTier(BytesBackend):
             # Lookups begun meanwhile wait, and go together when it is back.
             self._alone = True
             try:
-                outcome = (await self._send([(key.digest, deadline)]))[0]
+                outcome = await self._send(self._lookup_alone, key.digest, deadline)
             finally:
                 self._alone = False
                 if self._waiting and self._batcher is None:
@@ -604,16 +614,16 @@ class SQLiteTier(BytesBackend):
             self._touched[key.digest] = now
         return bytes(value)
 
-    async def _send(self, lookups: list[tuple[str, float]]) -> list[Any]:
-        """One trip to the reader's thread for ``lookups`` (digest, deadline): their
-        outcomes, in order (see :meth:`_lookup_batch`)."""
+    async def _send(self, lookup: Callable[..., Any], *args: Any) -> Any:
+        """One trip to the reader's thread: ``lookup`` (:meth:`_lookup_alone` or
+        :meth:`_lookup_batch`) run there with the reader, its deadline and ``args``."""
         reader, raw, current = self._reader, self._reader_raw, self._read_deadline
         if reader is None or raw is None or not self.available:
             raise TierUnavailable("L3 file unavailable")
         self.read_hops += 1
         try:
-            outcomes: list[Any] = await reader._execute(  # type: ignore[no-untyped-call]
-                self._lookup_batch, raw, current, lookups
+            outcomes = await reader._execute(  # type: ignore[no-untyped-call]
+                lookup, raw, current, *args
             )
         except (sqlite3.DatabaseError, ValueError):
             # ValueError: aiosqlite's connection was closed (recovery, shutdown).
@@ -658,7 +668,9 @@ class SQLiteTier(BytesBackend):
         gone: str | None = None  # why every caller of the batch fails (TierUnavailable)
         outcomes: list[Any] = []
         try:
-            outcomes = await self._send([(digest, deadline) for digest, deadline, _ in batch])
+            outcomes = await self._send(
+                self._lookup_batch, [(digest, deadline) for digest, deadline, _ in batch]
+            )
         except TierUnavailable as exc:
             gone = str(exc)
         for i, (*_, future) in enumerate(batch):
