@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import subprocess
+import sys
 from collections import UserString
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ __all__ = [
     "sqlite_count",
     "sqlite_exclusive_lock",
     "sqlite_keys",
+    "sqlite_readers_locked_out",
     "sqlite_row",
     "sqlite_set_value",
     "tag_id",
@@ -163,6 +166,45 @@ def sqlite_exclusive_lock(path: Path | str, *, acquire_timeout: float = 3.0) -> 
             conn.execute("ROLLBACK")
     finally:
         conn.close()
+
+
+# The WAL-index's lock bytes (SQLite's wal.c: WALINDEX_LOCK_OFFSET 120, WAL_NREADER 5 read
+# marks after the write, checkpoint and recovery locks): 8 bytes from offset 120 of -shm.
+_SHM_LOCKS = (120, 8)
+_LOCK_HOLDER = (
+    "import fcntl, os, sys\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "fcntl.lockf(fd, fcntl.LOCK_EX, int(sys.argv[2]), int(sys.argv[3]))\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.readline()\n"
+)
+
+
+@contextlib.contextmanager
+def sqlite_readers_locked_out(path: Path | str) -> Iterator[None]:
+    """Stall every read of the WAL-mode file at ``path`` for the duration of the block.
+
+    In WAL mode a competing transaction (``sqlite_exclusive_lock``) does not stop readers;
+    another process holding all the WAL-index's lock bytes does: a read retries with sleeps
+    (about 10 s, never calling the progress handler) and then fails with "locking protocol".
+    POSIX record locks are per process, so a child process holds them.
+    """
+    offset, length = _SHM_LOCKS
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(path) + "-shm", str(length), str(offset)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()  # the child reads EOF and exits, releasing the locks
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
 
 
 @dataclass(frozen=True)
