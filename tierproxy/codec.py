@@ -98,6 +98,7 @@ def _head_ok(status: int, head: bytes) -> bool:
 
 
 def _unpack(data: bytes) -> Any:
+    # use_list=False: every msgpack array is a tuple, as Entry holds its tags (and Headers)
     try:
         return msgpack.unpackb(
             data, raw=False, use_list=False, strict_map_key=True, unicode_errors="surrogateescape"
@@ -191,9 +192,7 @@ def decode(data: bytes, key: str) -> Entry:
     The CRC only tells damage apart: a record written by someone who can also compute a CRC is
     checked field by field, cheaply (C-level type checks), so that it raises nothing but
     CorruptEntry and its head is never one tierproxy would not write (module docstring)."""
-    if zlib.crc32(data) != _CRC_RESIDUE:
-        raise CorruptEntry("checksum mismatch")
-    fields = _unpack(data)
+    fields = unpack(data)
     if type(fields) is not tuple or not fields or fields[0] != FORMAT_VERSION:
         raise CorruptEntry("unknown format version")
     if len(fields) != _FIELDS:
@@ -252,7 +251,7 @@ def decode(data: bytes, key: str) -> Entry:
         raise CorruptEntry("bad variant index")
     if head is not None and not (type(head) is bytes and _head_ok(status, head)):
         raise CorruptEntry("bad head")
-    if type(upstream) is not bytes or not _members_ok(head, upstream):
+    if type(upstream) is not bytes or (upstream and not _members_ok(head, upstream)):
         raise CorruptEntry("bad upstream Cache-Status")
     if type(flags) is not int or not 0 <= flags <= 7 or type(raw_bytes) is not bool:
         raise CorruptEntry("bad head flags")
@@ -270,7 +269,7 @@ def decode(data: bytes, key: str) -> Entry:
         expires_at,
         etag,
         last_modified,
-        _pairs(vary) if vary else (),
+        ((vary[0], vary[1]),) if len(vary) == 2 else _pairs(vary),
         tags,
         tuple(
             Variant(vid, _pairs(values), language, encoding, expires)

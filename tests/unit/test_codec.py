@@ -14,7 +14,7 @@ from support import records
 from support.records import damaged, forged
 
 from tierproxy import codec
-from tierproxy.entry import Entry, Variant
+from tierproxy.entry import Entry, Variant, restore
 
 
 def make_entry(**kw: Any) -> Entry:
@@ -393,3 +393,15 @@ def test_any_forged_field_is_corrupt_or_a_safe_entry(position: int, value: Any) 
 def test_any_forged_list_is_corrupt(items: list[Any]) -> None:
     with pytest.raises(codec.CorruptEntry):
         codec.decode(forged([*items, b""] if len(items) != records.CRC else items), "/a?b=1")
+
+
+def test_restore_makes_an_ordinary_frozen_entry_without_post_init() -> None:
+    entry = _ENTRIES["own-fields"]
+    values = {f.name: getattr(entry, f.name) for f in dataclasses.fields(Entry)}
+    restored = restore(**values)
+    assert type(restored) is Entry and restored == entry and hash(restored) == hash(entry)
+    assert {name: getattr(restored, name) for name in values} == values
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        restored.status = 404  # type: ignore[misc]
+    # Nothing is built again: the derived fields are the ones given, even made-up ones.
+    assert restore(**{**values, "size": 1}).size == 1
