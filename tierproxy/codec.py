@@ -1,7 +1,7 @@
 """Entry <-> bytes for the shared tiers (L2, L3): msgpack with a format version and a CRC.
 
-A record is a msgpack list (the entry's fields, then what :class:`~tierproxy.entry.Entry`
-derives from them) followed by the CRC-32 of those bytes, 4 bytes big-endian. An entry that
+A record is a msgpack list: the entry's fields, then what :class:`~tierproxy.entry.Entry`
+derives from them, then the CRC-32 of every byte before it (a 4-byte bin). An entry that
 cannot be read back exactly — another format version, truncated or damaged bytes (any byte:
 the CRC covers them all), a body whose length differs from the stored one, or an entry stored
 under another key — raises :class:`CorruptEntry`; callers treat it as a miss and delete it.
