@@ -1,8 +1,22 @@
-"""Entry <-> bytes for the shared tiers (L2, L3): msgpack with a format version.
+"""Entry <-> bytes for the shared tiers (L2, L3): msgpack with a format version and a CRC.
 
-An entry that cannot be read back exactly — another format version, truncated bytes, a body
-whose length or checksum differs from what was stored, or an entry stored under another key —
-raises :class:`CorruptEntry`; callers treat it as a miss and delete it.
+A record is a msgpack list: the entry's fields, then what :class:`~tierproxy.entry.Entry`
+derives from them, then the CRC-32 of every byte before it (a 4-byte bin). An entry that
+cannot be read back exactly — another format version, truncated or damaged bytes (any byte:
+the CRC covers them all), a body whose length differs from the stored one, or an entry stored
+under another key — raises :class:`CorruptEntry`; callers treat it as a miss and delete it.
+
+Wire-ready: the record holds what ``Entry.__post_init__`` built when the entry was stored (its
+HTTP/1.1 head, upstream Cache-Status members, head flags, raw-bytes flag and size), and
+decoding restores the Entry with them (:func:`tierproxy.entry.restore`) instead of building
+them again on every L2/L3 hit. Whoever can write to Redis can also forge a valid CRC, so every
+field is still checked for its type (a forged record raises CorruptEntry, never anything
+else), and the stored head is checked before it can ever be written to a client: exactly the
+status line for the stored status, then field lines ``token ": " value CRLF`` with no control
+character in a value but HTAB (RFC 9110 §5.5, §5.6.2), and no field tierproxy writes itself
+or never stores (framing, hop-by-hop, Age, X-Cache, ...: see ``_UNSTORABLE``). An entry whose
+head does not pass these checks (a header name that is not a token, say: never from aiohttp's
+parser) is stored with no head, which the full path serves.
 
 Header names and values, validators, Vary values and tags are stored as the bytes that came
 over the wire: aiohttp decodes header bytes as UTF-8 with ``surrogateescape``, so any byte
@@ -17,21 +31,56 @@ shared tiers (a bug to log), which says nothing about the tier's health.
 
 from __future__ import annotations
 
-import struct
+import re
 import zlib
 from typing import Any
 
 import msgpack
 
-from .entry import Entry, Variant
+from .entry import OWN_HEADERS, REASON_PHRASES, Entry, Variant, restore
+from .policy import HOP_BY_HOP, NOT_STORED
 
 __all__ = ["FORMAT_VERSION", "CorruptEntry", "Unencodable", "decode", "encode", "unpack"]
 
 # 2: str fields carry the wire bytes (surrogateescape), where 1 refused non-UTF-8 ones.
 # 3: a URL that varies has a variant index (Entry.variants) and one record per variant.
+# 4: one CRC-32 over the whole record (it was over the fields a response is built from), and
+#    the fields Entry derives stored with the others (wire-ready: see the module docstring).
 # The version is part of every shared-tier key (tierproxy.keys.KeySpace) as well: a record
 # of another version is not even looked up, and one found all the same is a miss.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+
+_FIELDS = 22  # in a record's list: see encode()
+# A record ends with the CRC-32 of all its bytes before it, little-endian (as a 4-byte msgpack
+# bin: the list's last item). The CRC-32 of such bytes, CRC included, is always this constant
+# (the CRC's residue), so checking one costs one zlib.crc32 of the record as it is.
+_CRC_BYTES = 4
+_CRC_PLACEHOLDER = bytes(_CRC_BYTES)
+_CRC_RESIDUE = 0x2144DF1C
+
+# Fields never in a stored head: framing and hop-by-hop ones (RFC 9110 §7.6.1), those
+# tierproxy writes itself on every response (Age, X-Cache, X-Request-ID, Cache-Status) and
+# those the policy never stores. A forged head holding one could frame a response its own
+# way, or smuggle a second one.
+_UNSTORABLE = HOP_BY_HOP | NOT_STORED | OWN_HEADERS
+# A head after its status line, lower-cased: field lines, each a name (a token, RFC 9110
+# §5.6.2) that is not one of _UNSTORABLE nor a Proxy-* field (never the origin's business),
+# ": ", a value with no control character but HTAB (§5.5), CRLF. One regex, one pass.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9a-z]+"
+_FIELD_LINES = re.compile(
+    rb"(?:(?!(?:%s|proxy(?:-%s)?):)%s: [^\x00-\x08\x0a-\x1f\x7f]*+\r\n)*+"
+    % (b"|".join(re.escape(name.encode()) for name in sorted(_UNSTORABLE)), _TOKEN, _TOKEN)
+)
+_STATUS_LINES = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, REASON_PHRASES.get(status, "").encode())
+    for status in range(100, 600)
+}
+# Upstream Cache-Status members followed by ", " (Entry.upstream_cache_status): with a head,
+# which the hit path writes them after, no control character but HTAB; without one, no CR or
+# LF (the full path hands them to aiohttp's serialiser, which refuses those two only).
+_MEMBERS = re.compile(rb"(?:[^\x00-\x08\x0a-\x1f\x7f]*, )?")
+_MEMBERS_WITHOUT_HEAD = re.compile(rb"(?:[^\r\n]*, )?")
+_OPTIONAL_STR = (str, type(None))
 
 
 class CorruptEntry(Exception):
@@ -42,125 +91,111 @@ class Unencodable(Exception):
     """An entry that cannot be serialised: a bug, never a sign that a tier is down."""
 
 
-def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[str]:
-    return [item for pair in pairs for item in pair]
+def _head_ok(status: int, head: bytes) -> bool:
+    """Whether ``head`` is one tierproxy may write for ``status`` (module docstring)."""
+    line = _STATUS_LINES[status]
+    return head.startswith(line) and _FIELD_LINES.fullmatch(head.lower(), len(line)) is not None
 
 
-def _all_str(items: list[Any]) -> bool:
-    return not items or set(map(type, items)) == {str}  # C-level: no generator per item
-
-
-def _pairs(flat: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(flat, list) or len(flat) % 2 or not _all_str(flat):
-        raise CorruptEntry("bad header list")
-    return tuple(zip(flat[0::2], flat[1::2], strict=True))
-
-
-def _checksum(
-    body: bytes,
-    status: int,
-    headers: list[str],
-    times: tuple[float, ...],
-    etag: str | None,
-    last_modified: str | None,
-    vary: list[str],
-    tags: list[str],
-    variants: list[Any],
-) -> int:
-    """CRC-32 of the body and of everything else a response is built from (status, header
-    bytes, lifetimes, validators, Vary values, tags): damage to any of them is a miss, never
-    a wrong header or a wrong lifetime served. The key is checked apart (it must be the one
-    asked for)."""
-    text = "\0".join(
-        (
-            "\n".join(headers),
-            "\n".join(vary),
-            "\n".join(tags),
-            _variants_text(variants) if variants else "",
-            "\x01" if etag is None else etag,
-            "\x01" if last_modified is None else last_modified,
-        )
-    )
-    crc = zlib.crc32(_NUMBERS.pack(status, *times), zlib.crc32(body))
-    return zlib.crc32(text.encode("utf-8", "surrogateescape"), crc)
-
-
-def _variants_text(variants: list[Any]) -> str:
-    return "\n".join(
-        f"{v[0]}\x02{chr(2).join(v[1])}\x02{v[2]}\x02{v[3]}\x02{v[4]!r}" for v in variants
-    )
-
-
-_NUMBERS = struct.Struct("<H5d")  # status and the five timestamps, as the checksum sees them
-
-
-def unpack(data: bytes) -> Any:
-    """msgpack bytes -> objects, str fields with their exact wire bytes (module docstring)."""
+def _unpack(data: bytes) -> Any:
+    # use_list=False: every msgpack array is a tuple, as Entry holds its tags (and Headers)
     try:
         return msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True, unicode_errors="surrogateescape"
+            data, raw=False, use_list=False, strict_map_key=True, unicode_errors="surrogateescape"
         )
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
         raise CorruptEntry(f"undecodable: {type(exc).__name__}") from None
 
 
+def _flatten(pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    return [item for pair in pairs for item in pair]
+
+
+def _pairs(flat: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    items = iter(flat)  # (an even count of str: checked by the caller)
+    return tuple(zip(items, items))
+
+
+def _members_ok(head: bytes | None, upstream: bytes) -> bool:
+    return (_MEMBERS if head is not None else _MEMBERS_WITHOUT_HEAD).fullmatch(upstream) is not None
+
+
+def unpack(data: bytes) -> Any:
+    """A record -> its msgpack objects, once its CRC matches; str fields with their exact wire
+    bytes (module docstring). ``fields[1]`` is the key material (tiers/base.decode_unkeyed)."""
+    if zlib.crc32(data) != _CRC_RESIDUE:
+        raise CorruptEntry("checksum mismatch")
+    return _unpack(data)
+
+
 def encode(entry: Entry) -> bytes:
     """The entry's bytes; :class:`Unencodable` if it has something msgpack cannot hold."""
     body = entry.body
-    headers, vary, tags = _flatten(entry.headers), _flatten(entry.vary), list(entry.tags)
-    variants = [
-        [v.vid, _flatten(v.values), v.language, v.encoding, float(v.expires_at)]
-        for v in entry.variants
-    ]
-    times = (
-        entry.stored_at,
-        entry.fresh_until,
-        entry.stale_until,
-        entry.swr_until,
-        entry.expires_at,
-    )
+    head = entry.wire_head
+    if head is not None and not _head_ok(entry.status, head):
+        head = None  # not one decode would accept: the full path serves this entry
     try:
-        crc = _checksum(
-            body,
-            entry.status,
-            headers,
-            times,
-            entry.etag,
-            entry.last_modified,
-            vary,
-            tags,
-            variants,
-        )
         packed: bytes = msgpack.packb(
             [
                 FORMAT_VERSION,
                 entry.key,
                 entry.status,
-                headers,
+                _flatten(entry.headers),
                 body,
-                *times,
+                float(entry.stored_at),
+                float(entry.fresh_until),
+                float(entry.stale_until),
+                float(entry.swr_until),
+                float(entry.expires_at),
                 entry.etag,
                 entry.last_modified,
-                vary,
-                tags,
-                variants,
+                _flatten(entry.vary),
+                entry.tags,
+                [
+                    (v.vid, _flatten(v.values), v.language, v.encoding, float(v.expires_at))
+                    for v in entry.variants
+                ],
                 len(body),
-                crc,
+                # What Entry.__post_init__ derived (tierproxy.entry.restore):
+                head,
+                entry.upstream_cache_status,
+                entry.head_flags,
+                entry.raw_bytes,
+                entry.size,
+                _CRC_PLACEHOLDER,  # the CRC's 4 bytes (a msgpack bin) are the record's last
             ],
             use_bin_type=True,
             unicode_errors="surrogateescape",
         )
-    except Exception as exc:  # noqa: BLE001 - msgpack and str.encode raise unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack and float() raise unrelated types
         raise Unencodable(f"{type(exc).__name__}: {exc}") from None
-    return packed
+    payload = packed[:-_CRC_BYTES]
+    record = payload + zlib.crc32(payload).to_bytes(_CRC_BYTES, "little")
+    # Never store what decode refuses (only a hand-built entry can be so).
+    if not _members_ok(head, entry.upstream_cache_status):
+        raise Unencodable("upstream Cache-Status members hold CR or LF")
+    if not len(body) <= entry.size <= _max_size(record):
+        raise Unencodable(f"size {entry.size} out of bounds for a {len(record)}-byte record")
+    return record
+
+
+def _max_size(record: bytes) -> int:
+    """The largest Entry.size decode accepts for a record: far more than any real entry's
+    (a few hundred bytes a header at worst), far less than a forged size that would make L1
+    evict everything for one entry."""
+    return 64 * len(record) + 65536
 
 
 def decode(data: bytes, key: str) -> Entry:
-    """Decode ``data`` stored for ``key``; raise :class:`CorruptEntry` unless it is exactly that."""
+    """Decode ``data`` stored for ``key``; raise :class:`CorruptEntry` unless it is exactly that.
+
+    The CRC only tells damage apart: a record written by someone who can also compute a CRC is
+    checked field by field, cheaply (C-level type checks), so that it raises nothing but
+    CorruptEntry and its head is never one tierproxy would not write (module docstring)."""
     fields = unpack(data)
-    if not isinstance(fields, list) or not fields or fields[0] != FORMAT_VERSION:
+    if type(fields) is not tuple or not fields or fields[0] != FORMAT_VERSION:
         raise CorruptEntry("unknown format version")
-    if len(fields) != 17:
+    if len(fields) != _FIELDS:
         raise CorruptEntry("wrong field count")
     (
         _version,
@@ -179,66 +214,94 @@ def decode(data: bytes, key: str) -> Entry:
         tags,
         variants,
         body_len,
-        crc,
+        head,
+        upstream,
+        flags,
+        raw_bytes,
+        size,
+        _crc,
     ) = fields
     if stored_key != key:
         raise CorruptEntry("entry belongs to another key")
-    if not isinstance(body, bytes) or len(body) != body_len:
+    if type(body) is not bytes or len(body) != body_len:
         raise CorruptEntry("body length mismatch")
-    if not isinstance(status, int) or not 100 <= status <= 599:
+    if type(status) is not int or not 100 <= status <= 599:
         raise CorruptEntry("bad status")
-    times = (stored_at, fresh_until, stale_until, swr_until, expires_at)
-    if not all(isinstance(t, (int, float)) for t in times):
-        raise CorruptEntry("bad timestamps")
-    if not (etag is None or isinstance(etag, str)) or not (
-        last_modified is None or isinstance(last_modified, str)
-    ):
-        raise CorruptEntry("bad validators")
-    if not isinstance(tags, list) or not _all_str(tags):
-        raise CorruptEntry("bad tags")
     if not (
-        isinstance(headers, list)
-        and _all_str(headers)
-        and isinstance(vary, list)
-        and _all_str(vary)
+        type(stored_at)
+        is type(fresh_until)
+        is type(stale_until)
+        is type(swr_until)
+        is type(expires_at)
+        is float
+    ):
+        raise CorruptEntry("bad timestamps")
+    if not (isinstance(etag, _OPTIONAL_STR) and isinstance(last_modified, _OPTIONAL_STR)):
+        raise CorruptEntry("bad validators")
+    # Header names and values, Vary's, tags: tuples of str (an even count for pairs): checked
+    # all at once (str.join refuses anything else).
+    if not (
+        type(headers) is type(vary) is type(tags) is tuple
+        and _all_str(headers + vary + tags)
+        and not len(headers) % 2
+        and not len(vary) % 2
     ):
         raise CorruptEntry("bad header list")
-    if not isinstance(variants, list) or (variants and not all(map(_is_variant, variants))):
+    if type(variants) is not tuple or (variants and not all(map(_is_variant, variants))):
         raise CorruptEntry("bad variant index")
-    if _checksum(body, status, headers, times, etag, last_modified, vary, tags, variants) != crc:
-        raise CorruptEntry("checksum mismatch")
-    return Entry(
-        key=key,
-        status=status,
-        headers=_pairs(headers),
-        body=body,
-        stored_at=float(stored_at),
-        fresh_until=float(fresh_until),
-        stale_until=float(stale_until),
-        swr_until=float(swr_until),
-        expires_at=float(expires_at),
-        etag=etag,
-        last_modified=last_modified,
-        vary=_pairs(vary),
-        tags=tuple(tags),
-        variants=tuple(
-            Variant(vid, _pairs(values), language, encoding, float(expires))
+    if head is not None and not (type(head) is bytes and _head_ok(status, head)):
+        raise CorruptEntry("bad head")
+    if type(upstream) is not bytes or (upstream and not _members_ok(head, upstream)):
+        raise CorruptEntry("bad upstream Cache-Status")
+    if type(flags) is not int or not 0 <= flags <= 7 or type(raw_bytes) is not bool:
+        raise CorruptEntry("bad head flags")
+    if type(size) is not int or not body_len <= size <= _max_size(data):
+        raise CorruptEntry("bad size")
+    return restore(
+        key,
+        status,
+        _pairs(headers),
+        body,
+        stored_at,
+        fresh_until,
+        stale_until,
+        swr_until,
+        expires_at,
+        etag,
+        last_modified,
+        ((vary[0], vary[1]),) if len(vary) == 2 else _pairs(vary),
+        tags,
+        tuple(
+            Variant(vid, _pairs(values), language, encoding, expires)
             for vid, values, language, encoding, expires in variants
         )
         if variants
         else (),
+        head,
+        upstream,
+        flags,
+        raw_bytes,
+        size,
     )
+
+
+def _all_str(items: tuple[Any, ...]) -> bool:
+    try:
+        "".join(items)  # C: refuses any item that is not a str
+    except TypeError:
+        return False
+    return True
 
 
 def _is_variant(item: Any) -> bool:
     return (
-        isinstance(item, list)
+        type(item) is tuple
         and len(item) == 5
-        and isinstance(item[0], str)
-        and isinstance(item[1], list)
+        and type(item[0]) is str
+        and type(item[1]) is tuple
         and _all_str(item[1])
-        and len(item[1]) % 2 == 0
-        and isinstance(item[2], str)
-        and isinstance(item[3], str)
-        and isinstance(item[4], (int, float))
+        and not len(item[1]) % 2
+        and type(item[2]) is str
+        and type(item[3]) is str
+        and type(item[4]) is float
     )

@@ -28,6 +28,7 @@ __all__ = [
     "HOP_BY_HOP",
     "MAX_TAGS_PER_ENTRY",
     "MAX_TAG_LENGTH",
+    "NOT_STORED",
     "CachePolicy",
     "StoreDecision",
     "bypass_reason",
@@ -62,7 +63,7 @@ HOP_BY_HOP = frozenset(
 # braces), or for the cache only (Surrogate-Key), or replaced by tierproxy's own on every
 # response (X-Cache, X-Request-ID: the origin's are about another hop and another request).
 # An upstream Cache-Status is stored: tierproxy appends its member to it (RFC 9211 §2).
-_NOT_STORED = frozenset(
+NOT_STORED = frozenset(
     {
         "age",
         "content-length",
@@ -347,7 +348,7 @@ def storable_headers(headers: AnyHeaders, strip: Iterable[str] = ()) -> Headers:
     """The headers a stored copy keeps: end-to-end ones, minus those recomputed per response
     (Content-Length reflects the stored body), and minus ``strip`` (the fields a qualified
     no-cache or private names: RFC 9111 §5.2.2.4, §5.2.2.7)."""
-    return tuple(end_to_end(headers, (*_NOT_STORED, *strip)))
+    return tuple(end_to_end(headers, (*NOT_STORED, *strip)))
 
 
 def _vary_names(headers: AnyHeaders) -> list[str]:

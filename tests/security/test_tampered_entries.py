@@ -1,10 +1,11 @@
-"""Issue 4, line 10: corrupted cache content.
+"""Corrupted and forged cache content.
 
-An L2/L3 entry carries its key material, its body length and a CRC-32 of the body and of
-everything else a response is built from (status, header bytes, lifetimes, validators). One
-that was stored under another key, truncated, or whose body, headers, status or lifetimes do
-not match the stored length or checksum is detected, deleted, and treated as a miss: a cache
-never serves one URL's bytes for another, nor a damaged body or header.
+An L2/L3 record carries its key material, its body length and a CRC-32 of all its bytes. One
+that was stored under another key, truncated, or whose bytes (body, headers, status,
+lifetimes, stored head) no longer match its CRC is detected, deleted, and treated as a miss:
+a cache never serves one URL's bytes for another, nor a damaged body or header. A record with
+a valid CRC is still checked: one whose stored head (written as is by the hit path) would
+smuggle a second response, a framing field or a field tierproxy writes itself is a miss too.
 """
 
 from __future__ import annotations
@@ -13,25 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 from support.fixture_types import MakeProxy
 from support.origin import Origin
+from support.records import BODY, BODY_LENGTH, FRESH_UNTIL, HEADERS, KEY, STATUS, WIRE_HEAD, forged
+from support.records import damaged as _pack
+from support.records import fields as _fields
 from support.storage import redis_key, sqlite_row, sqlite_set_value
-
-# Field positions of tierproxy.codec's format version 3 (version 2 had no variant index at 14).
-KEY, STATUS, HEADERS, BODY, FRESH_UNTIL, BODY_LENGTH, CRC = 1, 2, 3, 4, 6, 15, 16
-
-
-def _fields(blob: bytes) -> list[Any]:
-    fields: list[Any] = msgpack.unpackb(blob, raw=False)
-    assert fields[0] == 3, "codec format changed: update the field positions above"
-    return fields
-
-
-def _pack(fields: list[Any]) -> bytes:
-    packed: bytes = msgpack.packb(fields, use_bin_type=True)
-    return packed
 
 
 def _wrong_key(blob: bytes, other: bytes) -> bytes:
@@ -66,7 +55,7 @@ def _key_rewritten(blob: bytes, other: bytes) -> bytes:
     """A forgery, not damage: another URL's entry with this URL's key written into it."""
     fields = _fields(other)
     fields[KEY] = _fields(blob)[KEY]
-    return _pack(fields)
+    return forged(fields)
 
 
 def _flipped_header_byte(blob: bytes, other: bytes) -> bytes:
@@ -102,12 +91,54 @@ TAMPERINGS = [
 ]
 
 
+def _head_added(blob: bytes, extra: bytes) -> bytes:
+    """A forgery with a valid CRC: the stored head (the hit path writes it as it is) with
+    ``extra`` after its field lines."""
+    fields = _fields(blob)
+    assert fields[WIRE_HEAD] is not None and fields[WIRE_HEAD].endswith(b"\r\n")
+    fields[WIRE_HEAD] += extra
+    return forged(fields)
+
+
+def _head_smuggles_a_second_response(blob: bytes, other: bytes) -> bytes:
+    return _head_added(
+        blob, b"Content-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
+    )
+
+
+def _head_with_content_length(blob: bytes, other: bytes) -> bytes:
+    return _head_added(blob, b"Content-Length: 3\r\n")
+
+
+def _head_with_x_cache(blob: bytes, other: bytes) -> bytes:
+    return _head_added(blob, b"X-Cache: HIT-FORGED\r\n")
+
+
+def _head_with_bare_lf(blob: bytes, other: bytes) -> bytes:
+    return _head_added(blob, b"X-Evil: 1\nX-More: 2\r\n")
+
+
+def _length_mismatch_forged(blob: bytes, other: bytes) -> bytes:
+    fields = _fields(blob)
+    fields[BODY_LENGTH] += 1
+    return forged(fields)
+
+
+FORGERIES = [
+    _head_smuggles_a_second_response,
+    _head_with_content_length,
+    _head_with_x_cache,
+    _head_with_bare_lf,
+    _length_mismatch_forged,
+]
+
+
 @pytest.fixture(params=["l2", "l3"])
 def tier(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.mark.parametrize("tamper", TAMPERINGS, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("tamper", TAMPERINGS + FORGERIES, ids=lambda f: f.__name__.strip("_"))
 async def test_a_tampered_entry_is_a_miss_never_served(
     tamper: Callable[[bytes, bytes], bytes],
     tier: str,
@@ -177,7 +208,7 @@ def test_the_codec_refuses_each_tampering() -> None:
 
     victim, other = encode(entry("/victim", b"v" * 100)), encode(entry("/other", b"o" * 100))
     assert decode(victim, "/victim").body == b"v" * 100
-    for tamper in TAMPERINGS:
+    for tamper in TAMPERINGS + FORGERIES:
         with pytest.raises(CorruptEntry):
             decode(tamper(victim, other), "/victim")
     # A forged entry that names the victim's key is accepted: L2/L3 are the operator's stores,

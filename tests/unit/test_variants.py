@@ -3,13 +3,12 @@ the per-URL bound. Pure functions: tables, and properties over generated header 
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
+from support import records
 
 from tierproxy import codec, variants
 from tierproxy.config import ConfigError, load_settings
@@ -203,21 +202,26 @@ def test_variant_index_round_trips_through_the_codec() -> None:
     )
     data = codec.encode(index)
     assert codec.decode(data, "/p") == index
-    fields: list[Any] = msgpack.unpackb(data, raw=False)
-    fields[14][0][0] = "other"  # a variant id changed after it was written
+    fields = records.fields(data)
+    fields[records.VARIANTS][0][0] = "other"  # a variant id changed after it was written
     with pytest.raises(codec.CorruptEntry, match="checksum"):
-        codec.decode(msgpack.packb(fields, use_bin_type=True), "/p")
-    fields[14] = [["a", ["odd"], "", "", 1.0]]
+        codec.decode(records.damaged(fields), "/p")
+    fields[records.VARIANTS] = [["a", ["odd"], "", "", 1.0]]  # forged, with a valid CRC
     with pytest.raises(codec.CorruptEntry, match="variant"):
-        codec.decode(msgpack.packb(fields, use_bin_type=True), "/p")
+        codec.decode(records.forged(fields), "/p")
 
 
-def test_a_record_of_the_previous_format_is_a_miss() -> None:
-    """Format 2 (one record per URL, no variant index): CorruptEntry, which a tier counts as
-    a miss and deletes - never an error."""
+def test_a_record_of_a_previous_format_is_a_miss() -> None:
+    """Format 2 (one record per URL, no variant index) and 3 (no stored head): CorruptEntry,
+    which a tier counts as a miss and deletes - never an error; with a CRC as format 4 ends
+    with, too."""
     old = [2, "/p", 200, [], b"x", 0.0, 1.0, 1.0, 1.0, 1.0, None, None, [], [], 1, 0]
-    with pytest.raises(codec.CorruptEntry):
-        codec.decode(msgpack.packb(old, use_bin_type=True), "/p")
+    three = [3, "/p", 200, [], b"x", 0.0, 1.0, 1.0, 1.0, 1.0, None, None, [], [], [], 1, 0]
+    for fields in (old, three):
+        with pytest.raises(codec.CorruptEntry):
+            codec.decode(msgpack.packb(fields, use_bin_type=True), "/p")
+        with pytest.raises(codec.CorruptEntry):
+            codec.decode(records.forged([*fields, b""]), "/p")
 
 
 # ---- properties -----------------------------------------------------------------------

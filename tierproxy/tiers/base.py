@@ -226,7 +226,7 @@ def decode_unkeyed(data: bytes, digest: str, namespace: str) -> Entry:
     :func:`codec.decode` as for a keyed lookup.
     """
     fields = codec.unpack(data)
-    material = fields[1] if isinstance(fields, list) and len(fields) > 1 else None
+    material = fields[1] if isinstance(fields, tuple) and len(fields) > 1 else None
     if not isinstance(material, str) or CacheKey(material, namespace).digest != digest:
         raise codec.CorruptEntry("entry does not belong to this digest")
     return codec.decode(data, material)
