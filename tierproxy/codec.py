@@ -63,6 +63,9 @@ _CRC_RESIDUE = 0x2144DF1C
 # those the policy never stores. A forged head holding one could frame a response its own
 # way, or smuggle a second one.
 _UNSTORABLE = HOP_BY_HOP | NOT_STORED | OWN_HEADERS
+# Of those, the ones that frame a message (RFC 9112 §6; hop-by-hop fields, Connection and
+# Transfer-Encoding among them): never among a record's stored header fields either.
+_FRAMING = HOP_BY_HOP | {"content-length"}
 # A head after its status line, lower-cased: field lines, each a name (a token, RFC 9110
 # §5.6.2) that is not one of _UNSTORABLE nor a Proxy-* field (never the origin's business),
 # ": ", a value with no control character but HTAB (§5.5), CRLF. One regex, one pass.
@@ -172,6 +175,8 @@ def encode(entry: Entry) -> bytes:
     payload = packed[:-_CRC_BYTES]
     record = payload + zlib.crc32(payload).to_bytes(_CRC_BYTES, "little")
     # Never store what decode refuses (only a hand-built entry can be so).
+    if not _FRAMING.isdisjoint(name.lower() for name, _ in entry.headers):
+        raise Unencodable("a framing field among the stored ones")
     if not _members_ok(head, entry.upstream_cache_status):
         raise Unencodable("upstream Cache-Status members hold CR or LF")
     if not len(body) <= entry.size <= _max_size(record):
@@ -247,6 +252,10 @@ def decode(data: bytes, key: str) -> Entry:
         and not len(vary) % 2
     ):
         raise CorruptEntry("bad header list")
+    if not _FRAMING.isdisjoint(map(str.lower, headers[::2])):
+        # Never stored (tierproxy.policy), and the full path serves these fields as they are:
+        # a forged one could frame a response its own way.
+        raise CorruptEntry("a framing field among the stored ones")
     if type(variants) is not tuple or (variants and not all(map(_is_variant, variants))):
         raise CorruptEntry("bad variant index")
     if head is not None and not (type(head) is bytes and _head_ok(status, head)):

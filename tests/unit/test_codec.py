@@ -239,13 +239,8 @@ def test_any_entry_decodes_with_the_derived_fields_it_was_stored_with(
 @pytest.mark.parametrize(
     "headers",
     [
-        (("Content-Length", "5"),),
-        (("content-length", "5"),),
-        (("Transfer-Encoding", "chunked"),),
-        (("Connection", "close"),),
         (("Age", "3"),),
         (("Set-Cookie", "a=b"),),
-        (("Proxy-Connection", "close"),),
         (("Bad Name", "x"),),
         (("", "x"),),
         (("X-A:", "x"),),
@@ -260,6 +255,23 @@ def test_a_head_decode_would_refuse_is_stored_as_none(headers: tuple[tuple[str, 
     assert entry.wire_head is not None
     decoded = codec.decode(codec.encode(entry), entry.key)
     assert decoded == entry and decoded.wire_head is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (("Content-Length", "5"),),
+        (("content-length", "5"),),
+        (("Transfer-Encoding", "chunked"),),
+        (("Connection", "close"),),
+        (("Proxy-Connection", "close"),),
+    ],
+)
+def test_an_entry_with_a_framing_field_is_unencodable(headers: tuple[tuple[str, str]]) -> None:
+    # The policy never stores these; decode refuses a record holding one (the full path
+    # would serve it as it is), so such an entry is never written at all.
+    with pytest.raises(codec.Unencodable):
+        codec.encode(make_entry(headers=headers))
 
 
 def test_an_entry_whose_derived_fields_decode_would_refuse_is_unencodable() -> None:
@@ -330,6 +342,13 @@ FORGERIES: dict[str, Callable[[list[Any]], None]] = {
     "time-a-str": _with(records.FRESH_UNTIL, "soon"),
     "time-an-int": _with(records.STORED_AT, 1),
     "etag-an-int": _with(records.ETAG, 1),
+    # The stored fields themselves, which the full path serves (HEAD, ranges, 304s): none
+    # that frames a response, whatever the head says.
+    "headers-transfer-encoding": _with(
+        records.HEADERS, ["Content-Type", "text/plain", "Transfer-Encoding", "chunked"]
+    ),
+    "headers-content-length": _with(records.HEADERS, ["content-length", "0"]),
+    "headers-connection": _with(records.HEADERS, ["Connection", "close"]),
     "headers-odd": _with(records.HEADERS, ["X-A"]),
     "headers-not-str": _with(records.HEADERS, ["X-A", 1]),
     "headers-a-map": _with(records.HEADERS, {"X-A": "1"}),
