@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from support.canned import CannedOrigin
 from support.clock import SteppedClock
@@ -27,6 +26,7 @@ from support.origin import Origin
 from support.proxy import ProxyHandle
 from support.purge_log import past_purge_log_start
 from support.redis_server import RedisServer
+from support.scrape import metric_value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
@@ -508,15 +508,6 @@ async def test_idle_timer_spares_a_slow_lookup_and_applies_after_it(
     assert 0.2 <= idle < 2.0, idle
 
 
-async def _hit_path_total(admin_url: str) -> float:
-    async with aiohttp.ClientSession() as session, session.get(admin_url + "/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith("tierproxy_hit_path_responses_total "):
-            return float(line.split()[1])
-    raise AssertionError("no tierproxy_hit_path_responses_total")
-
-
 async def test_a_hit_right_after_a_full_path_response_takes_the_hit_path(
     spawn_proxy: SpawnProxy, origin: Origin
 ) -> None:
@@ -533,7 +524,7 @@ async def test_a_hit_right_after_a_full_path_response_takes_the_hit_path(
     proc = await spawn_proxy(SQLITE_PATH="off", ACCESS_LOG="off")
     assert b"MISS" in await one_response(proc.port, get("/h"))
     assert b"HIT-L1" in await one_response(proc.port, get("/h"))
-    before = await _hit_path_total(proc.admin_url)
+    before = await metric_value(proc.admin_url, "tierproxy_hit_path_responses_total")
     head = b"HEAD /h HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
     plain = get("/h")
     rounds, gets_per_round, connections = 30, 3, 24
@@ -558,7 +549,7 @@ async def test_a_hit_right_after_a_full_path_response_takes_the_hit_path(
     async with asyncio.timeout(60):
         sent = sum(await asyncio.gather(*(client() for _ in range(connections))))
     assert sent == rounds * gets_per_round * connections
-    assert await _hit_path_total(proc.admin_url) - before == sent
+    assert await metric_value(proc.admin_url, "tierproxy_hit_path_responses_total") - before == sent
 
 
 async def test_no_request_is_answered_after_a_response_that_closes(

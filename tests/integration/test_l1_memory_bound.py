@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from support.origin import Origin
+from support.scrape import metric_value
 
 pytestmark = pytest.mark.asyncio
 
@@ -59,12 +60,7 @@ async def fetch_all(base: str, paths: list[str], concurrency: int = 16) -> None:
 
 
 async def l1_bytes(admin: str) -> float:
-    async with aiohttp.ClientSession() as session, session.get(admin + "/metrics") as response:
-        text = await response.text()
-    for line in text.splitlines():
-        if line.startswith("tierproxy_l1_bytes "):
-            return float(line.split()[1])
-    raise AssertionError("no tierproxy_l1_bytes metric")
+    return await metric_value(admin, "tierproxy_l1_bytes")
 
 
 @pytest.mark.parametrize(
