@@ -78,7 +78,9 @@ class _Recent:
     at: float  # loop clock, when it completed
 
 
-def _shareable(outcome: Outcome, leader_headers: CIMultiDictProxy[str]) -> bool:
+def _shareable(
+    outcome: Outcome, leader_headers: CIMultiDictProxy[str], targeted_fields: tuple[str, ...]
+) -> bool:
     if isinstance(outcome, Stored):
         return True  # each waiter still checks the entry's Vary against its own request
     if isinstance(outcome, OriginFailed):
@@ -90,7 +92,7 @@ def _shareable(outcome: Outcome, leader_headers: CIMultiDictProxy[str]) -> bool:
             return True
         # An unstored 5xx fetched with the leader's credentials may be the leader's alone.
         return outcome.response.stream is None and policy.may_share_unstored(
-            leader_headers, outcome.response.headers
+            leader_headers, outcome.response.headers, targeted_fields
         )
     return False  # may be private to the requester, or a stream only one client can read
 
@@ -123,6 +125,7 @@ class Coalescer:
         clock: Clock = SYSTEM,
     ) -> None:
         self.origin_timeout = settings.origin_timeout
+        self.targeted_fields = settings.targeted_fields  # (RFC 9213: see _shareable)
         self.request_deadline = settings.request_deadline
         # Records matter only when a lookup awaits (an L2/L3 tier): an L1-only lookup cannot
         # overlap a fetch.
@@ -288,7 +291,7 @@ class Coalescer:
             cluster = self.cluster
             outcome = await (fetch() if cluster is None else cluster.fetch(req, name, fetch))
             self._learn_vary(req.key.material, outcome)
-            if _shareable(outcome, req.headers) and not (
+            if _shareable(outcome, req.headers, self.targeted_fields) and not (
                 own_deadline
                 and isinstance(outcome, OriginFailed)
                 and outcome.reason == "origin-timeout"

@@ -309,20 +309,31 @@ def _delta(value: str | None) -> float | None:
     return None if seconds == INVALID else seconds
 
 
-def may_share_unstored(request_headers: AnyHeaders, response_headers: AnyHeaders) -> bool:
+def may_share_unstored(
+    request_headers: AnyHeaders,
+    response_headers: AnyHeaders,
+    targeted_fields: Sequence[str] = DEFAULT_TARGETED_FIELDS,
+) -> bool:
     """May an origin answer that was not stored (e.g. a 5xx) fetched for one request be handed
     to other requests for the same key that waited on that fetch?
 
     Only when nothing in it can be personal: the request carried no credentials, and the
-    response sets no cookie and is not private or no-store. A stored entry needs no such
-    check: it passed :func:`decide_storage`.
+    response sets no cookie and is private or no-store neither by its Cache-Control nor by
+    the targeted field this cache obeys (RFC 9213, ``targeted_fields``: either one saying so
+    is enough - sharing with another client is the one mistake that cannot be taken back).
+    A stored entry needs no such check: it passed :func:`decide_storage`.
     """
     if "authorization" in request_headers or "cookie" in request_headers:
         return False
     if "set-cookie" in response_headers or "set-cookie2" in response_headers:
         return False
-    cc = parse_cache_control(response_headers.getall("Cache-Control", ()))
-    return "private" not in cc and "no-store" not in cc
+    for cc in (
+        parse_cache_control(response_headers.getall("Cache-Control", ())),
+        response_directives(response_headers, targeted_fields)[0],
+    ):
+        if "private" in cc or "no-store" in cc:
+            return False
+    return True
 
 
 def end_to_end(headers: AnyHeaders, extra_drop: Iterable[str] = ()) -> list[tuple[str, str]]:

@@ -189,3 +189,31 @@ async def test_a_coalesced_waiter_never_gets_another_clients_error_with_its_cook
 def _coalesced_waiters(proxy: ProxyHandle) -> float:
     value = proxy.state.metrics.registry.get_sample_value("tierproxy_coalesced_waiters_total")
     return value or 0.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("CDN-Cache-Control", "private"), ("Tierproxy-Cache-Control", "no-store")],
+)
+async def test_a_5xx_a_targeted_field_marks_private_is_not_shared_with_waiters(
+    origin: Origin, make_proxy: MakeProxy, field: str, value: str
+) -> None:
+    """RFC 9213: this cache obeys its targeted fields (TIERPROXY_TARGETED_FIELDS) over
+    Cache-Control. An unstored 5xx the targeted field calls private (or no-store) is the
+    requester's own, however public its Cache-Control: a waiter fetches its own."""
+    origin.set(
+        "/account",
+        status=503,
+        headers={"Cache-Control": "public, max-age=0", field: value},
+        latency=0.3,
+    )
+    proxy = await make_proxy()
+
+    first = asyncio.create_task(proxy.get("/account"))
+    await asyncio.sleep(0.1)
+    second = await proxy.get("/account")
+    await first
+
+    assert second.status == 503 and second.body.endswith(b"(request 2)"), second
+    assert origin.count("/account") == 2
+    assert origin.peak_concurrency("/account") == 1
