@@ -163,6 +163,9 @@ _LATE = object()  # a lookup that reached the reader's thread after its deadline
 LOOKUP_BATCH = 64
 # Lookups waiting for a trip; past this a lookup is skipped at once (TierUnavailable).
 MAX_WAITING_LOOKUPS = 1024
+# Keys and tags of removals missed while the file was unusable that are remembered, to be
+# applied when it is opened again; past this the file is discarded on reopen instead.
+MAX_MISSED_REMOVALS = 1024
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -317,6 +320,11 @@ class SQLiteTier(BytesBackend):
         self._touched: dict[str, float] = {}
         self._last_touch_flush = 0.0
         self._last_sweep = 0.0
+        # Removals asked for while the file was unusable (keys, tags, soft purge time), applied
+        # to the file when it is opened again; _missed_purge: more than MAX_MISSED_REMOVALS
+        # were missed, so the file is discarded instead (see _removal_missed).
+        self._missed: list[tuple[tuple[CacheKey, ...], tuple[str, ...], float | None]] = []
+        self._missed_count = 0
         self._missed_purge = False
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -386,9 +394,10 @@ class SQLiteTier(BytesBackend):
         self._check_path()
         discard = self._missed_purge
         if discard:
-            # Purges were asked for while the file was unusable: what it holds may have been
-            # purged. A cache file is disposable: start with an empty one.
+            # More purges were asked for while the file was unusable than are remembered: what
+            # it holds may have been purged. A cache file is disposable: start with an empty one.
             log.warning("L3 missed purges while unavailable: its old file is discarded")
+            self._missed, self._missed_count = [], 0
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path + suffix)
@@ -427,9 +436,21 @@ class SQLiteTier(BytesBackend):
         self._reader_raw = self._reader._connection  # for statements run in its thread
         await self._refresh_stats()
         self._last_sweep = 0.0
+        # The removals missed while the file was unusable (or while it was being opened), on
+        # the file as it is now - another worker may be filling it: it is kept, not discarded.
+        while self._missed and not self._missed_purge:
+            missed, self._missed, self._missed_count = self._missed, [], 0
+            try:
+                for keys, tags, soft_at in missed:
+                    await self._purge(self._writer, keys, tags, soft_at)
+            except BaseException:
+                self._missed = missed + self._missed  # still to be applied: on the next open
+                self._missed_count += sum(len(k) + len(t) for k, t, _ in missed)
+                raise
+            log.info("L3 applied %d removal(s) it missed while unavailable", len(missed))
         if self._missed_purge and not discard:
-            # A purge came while this file was being opened: open it again, discarding it.
-            raise TierUnavailable("L3 missed a purge while it was being opened")
+            # Too many purges came while this file was being opened: open it again, discarding it.
+            raise TierUnavailable("L3 missed purges while it was being opened")
         self._missed_purge = False
 
     @staticmethod
@@ -825,19 +846,28 @@ class SQLiteTier(BytesBackend):
         for size, count in rows:
             self.bytes, self.entries = int(size), int(count)
 
-    def _removal_missed(self) -> TierUnavailable:
-        # What this removal was for may be in the file when it is opened again: discard it.
-        self._missed_purge = True
+    def _removal_missed(
+        self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
+    ) -> TierUnavailable:
+        """What this removal was for may be in the file when it is opened again: it is applied
+        then (_open); past MAX_MISSED_REMOVALS keys and tags, the file is discarded instead."""
+        if not self._missed_purge:
+            self._missed_count += len(keys) + len(tags)
+            if self._missed_count > MAX_MISSED_REMOVALS:
+                self._missed_purge = True
+                self._missed, self._missed_count = [], 0
+            else:
+                self._missed.append((tuple(keys), tuple(tags), soft_at))
         return TierUnavailable("L3 file unavailable")
 
     async def delete(self, key: CacheKey) -> bool:
         self._touched.pop(key.digest, None)
         if not self.available:
-            raise self._removal_missed()
+            raise self._removal_missed((key,), (), None)
         try:
             return await self._delete(key)
         except TierUnavailable:  # the file was being reopened under it
-            raise self._removal_missed() from None
+            raise self._removal_missed((key,), (), None) from None
 
     async def _delete(self, key: CacheKey) -> bool:
 
@@ -855,11 +885,11 @@ class SQLiteTier(BytesBackend):
         self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
     ) -> int:
         if not self.available:
-            raise self._removal_missed()
+            raise self._removal_missed(keys, tags, soft_at)
         try:
             return int(await self._on_writer(lambda w: self._purge(w, keys, tags, soft_at)))
         except TierUnavailable:  # the file was being reopened under it
-            raise self._removal_missed() from None
+            raise self._removal_missed(keys, tags, soft_at) from None
 
     async def _purge(
         self,
