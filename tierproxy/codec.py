@@ -31,6 +31,7 @@ shared tiers (a bug to log), which says nothing about the tier's health.
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from typing import Any
@@ -175,6 +176,8 @@ def encode(entry: Entry) -> bytes:
     payload = packed[:-_CRC_BYTES]
     record = payload + zlib.crc32(payload).to_bytes(_CRC_BYTES, "little")
     # Never store what decode refuses (only a hand-built entry can be so).
+    if not 200 <= entry.status <= 599:
+        raise Unencodable(f"status {entry.status} is not a final one")
     if not _FRAMING.isdisjoint(name.lower() for name, _ in entry.headers):
         raise Unencodable("a framing field among the stored ones")
     if not _members_ok(head, entry.upstream_cache_status):
@@ -182,6 +185,31 @@ def encode(entry: Entry) -> bytes:
     if not len(body) <= entry.size <= _max_size(record):
         raise Unencodable(f"size {entry.size} out of bounds for a {len(record)}-byte record")
     return record
+
+
+def _min_size(
+    record: bytes,
+    headers: tuple[str, ...],
+    vary: tuple[str, ...],
+    tags: tuple[str, ...],
+    variants: tuple[Any, ...],
+) -> int:
+    """The least Entry.size decode accepts: the record's bytes (each held at least once), plus
+    what each string (a str object: 49 bytes and more) and each variant (a tuple of five, its
+    pairs) takes beyond its characters - far below what Entry.__post_init__ counts for them."""
+    return len(record) + 48 * (len(headers) + len(vary) + len(tags)) + 160 * len(variants)
+
+
+def _utf8(headers: tuple[str, ...], upstream: bytes) -> bool:
+    """Whether the header strings and upstream Cache-Status members are UTF-8 text."""
+    text = "".join(headers)
+    if not (text.isascii() and upstream.isascii()):
+        try:
+            text.encode("utf-8")
+            upstream.decode("utf-8")
+        except UnicodeError:
+            return False
+    return True
 
 
 def _max_size(record: bytes) -> int:
@@ -230,7 +258,9 @@ def decode(data: bytes, key: str) -> Entry:
         raise CorruptEntry("entry belongs to another key")
     if type(body) is not bytes or len(body) != body_len:
         raise CorruptEntry("body length mismatch")
-    if type(status) is not int or not 100 <= status <= 599:
+    # A final status only (RFC 9111 §3: nothing else is stored): a 1xx served as the answer
+    # would be taken for an interim response, and the next response for this one.
+    if type(status) is not int or not 200 <= status <= 599:
         raise CorruptEntry("bad status")
     if not (
         type(stored_at)
@@ -239,6 +269,7 @@ def decode(data: bytes, key: str) -> Entry:
         is type(swr_until)
         is type(expires_at)
         is float
+        and math.isfinite(stored_at + fresh_until + stale_until + swr_until + expires_at)
     ):
         raise CorruptEntry("bad timestamps")
     if not (isinstance(etag, _OPTIONAL_STR) and isinstance(last_modified, _OPTIONAL_STR)):
@@ -264,7 +295,15 @@ def decode(data: bytes, key: str) -> Entry:
         raise CorruptEntry("bad upstream Cache-Status")
     if type(flags) is not int or not 0 <= flags <= 7 or type(raw_bytes) is not bool:
         raise CorruptEntry("bad head flags")
-    if type(size) is not int or not body_len <= size <= _max_size(data):
+    if not raw_bytes and not _utf8(headers, upstream):
+        # The full path hands such an entry's fields to aiohttp's serialiser, which refuses
+        # bytes that are not UTF-8: raw_bytes says the entry holds some (it is written as is).
+        raise CorruptEntry("raw bytes not flagged")
+    if type(size) is not int or not _min_size(data, headers, vary, tags, variants) <= size <= (
+        _max_size(data)
+    ):
+        # What L1 charges for the entry: never less than what holding it costs at the least
+        # (a forged small size would let L1 hold far more than its bound), never absurdly more.
         raise CorruptEntry("bad size")
     return restore(
         key,

@@ -210,7 +210,7 @@ def test_the_entries_cover_each_kind_of_head() -> None:
 
 
 @given(
-    status=st.integers(100, 599),
+    status=st.integers(200, 599),
     headers=st.lists(
         st.tuples(
             st.sampled_from(
@@ -255,6 +255,11 @@ def test_a_head_decode_would_refuse_is_stored_as_none(headers: tuple[tuple[str, 
     assert entry.wire_head is not None
     decoded = codec.decode(codec.encode(entry), entry.key)
     assert decoded == entry and decoded.wire_head is None
+
+
+def test_an_interim_status_is_unencodable() -> None:
+    with pytest.raises(codec.Unencodable):
+        codec.encode(make_entry(status=101))
 
 
 @pytest.mark.parametrize(
@@ -338,6 +343,20 @@ FORGERIES: dict[str, Callable[[list[Any]], None]] = {
     "body-length": _with(records.BODY_LENGTH, 4),
     "body-a-str": _with(records.BODY, "hello"),
     "status-out-of-range": _with(records.STATUS, 600),
+    # An interim status served as the answer: the client takes the next response for it.
+    "status-interim": lambda fields: (
+        fields.__setitem__(slice(records.STATUS, records.STATUS + 1), [103])
+        or fields.__setitem__(records.WIRE_HEAD, None)
+    ),
+    "time-nan": _with(records.FRESH_UNTIL, float("nan")),
+    "time-infinite": _with(records.STORED_AT, float("inf")),
+    # Bytes that are not UTF-8, not flagged raw: the full path's serialiser would refuse them.
+    "upstream-not-utf8-unflagged": _with(records.UPSTREAM_CACHE_STATUS, b"x\xff, "),
+    "headers-not-utf8-unflagged": _with(
+        records.HEADERS, ["Content-Type", "text/plain", "X-A", "caf\udce9"]
+    ),
+    # A size below what the entry takes to hold: L1 would keep far more than its bound.
+    "size-below-the-record": _with(records.SIZE, 10),
     "status-a-str": _with(records.STATUS, "200"),
     "time-a-str": _with(records.FRESH_UNTIL, "soon"),
     "time-an-int": _with(records.STORED_AT, 1),
