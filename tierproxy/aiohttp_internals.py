@@ -108,6 +108,7 @@ import aiohttp.helpers
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler  # PRIVATE_NAMES (not exported)
 from aiohttp.helpers import rfc822_formatted_time, set_exception  # PRIVATE_NAMES
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong  # LineTooLong: PRIVATE_NAMES
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
@@ -1133,12 +1134,16 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         self, message: object, payload: object, writer: AbstractStreamWriter
     ) -> None:
         """start() is taking ``message`` for the full path, its response to go to ``writer``
-        (called by the server's request factory). Only a bodiless keep-alive request counts:
+        (called by the server's request factory). Only a bodiless HTTP/1.1 keep-alive request
+        counts:
         after one with a body (which may be left unread, and its connection closed) or one
         that closes the connection, start() alone goes on (RFC 9112 §9.6: no request is
         processed after a response that closes)."""
         keeps_alive = (
             isinstance(message, RawRequestMessage)
+            # HTTP/1.1 only: an HTTP/1.0 response of unknown length ends with the connection
+            # (aiohttp closes it after the body, RFC 9112 §6.3), whatever the request said.
+            and message.version == HttpVersion11
             and not message.should_close
             and not message.upgrade
             and payload is EMPTY_PAYLOAD

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, assert_never
 
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from multidict import CIMultiDict
 
 from . import policy
@@ -414,6 +414,12 @@ async def _stream(
     if length is not None:
         # Keep the origin's framing so the client can tell a truncated body from a whole one.
         response.content_length = length
+    elif request.version < HttpVersion11:
+        # No chunked coding in HTTP/1.0: the body ends when the connection closes (RFC 9112
+        # §6.3), so it must close. aiohttp 3.14 leaves out the keep-alive header then but
+        # keeps the connection open: the client would wait out the keep-alive timeout, and
+        # a request sent after the body would be answered as if it were part of it.
+        response.force_close()
     cut: str | None = None
     try:
         async with asyncio.timeout(settings.stream_timeout):

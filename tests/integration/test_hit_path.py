@@ -573,3 +573,32 @@ async def test_no_request_is_answered_after_a_response_that_closes(
     finally:
         await conn.close()
     assert rest == b"", rest[:200]
+
+
+async def test_a_body_that_ends_with_the_connection_ends_it(
+    spawn_proxy: SpawnProxy, origin: Origin
+) -> None:
+    """An HTTP/1.0 request (even with ``Connection: keep-alive``) whose response has no known
+    length gets a body that ends when the connection closes (RFC 9112 §6.3): the proxy closes
+    it after the body. (aiohttp 3.14 drops the keep-alive header then but keeps the connection
+    open, so such a client waited out the keep-alive timeout; and a request sent after the
+    body was answered, its response read as the end of that body.)"""
+    # Over the largest entry: relayed as it streams in, so its length is not known up front.
+    origin.set("/stream", chunked=True, size=20_000)
+    origin.set("/hot", headers=CACHEABLE, size=100)
+    proc = await spawn_proxy(SQLITE_PATH="off", MAX_ENTRY_BYTES=4096)
+    assert b"MISS" in await one_response(proc.port, get("/hot"))
+    conn = await RawConnection.open(proc.port)
+    try:
+        await conn.send(
+            b"GET /stream HTTP/1.0\r\nHost: proxy.test\r\nConnection: keep-alive\r\n\r\n"
+        )
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n", 1)[0], head
+        assert b"content-length:" not in head.lower() and b"chunked" not in head.lower(), head
+        await conn.reader.readexactly(20_000)
+        await conn.send(get("/hot"))
+        rest = await conn.read_until_closed(timeout=3)
+    finally:
+        await conn.close()
+    assert rest == b"", rest[:200]
