@@ -29,8 +29,8 @@ another request's lookup as often as the late one.
 Lookups that overlap share one trip to the reader's thread (a trip - a queue put, a thread
 wake-up, a ``call_soon_threadsafe`` back to the loop - costs more than a point read). On an
 idle tier a lookup is sent at once, alone; lookups begun while one is in flight wait and go
-together as a batch (at most ``LOOKUP_BATCH``; one trip in flight at a time; the next sent as
-soon as one returns). In the thread each lookup of a batch keeps its own deadline - one found
+together as a batch (at most ``LOOKUP_BATCH`` a trip; the trips of a loop iteration are sent at
+once, queued in the thread, none waiting for another's answer). In the thread each lookup of a batch keeps its own deadline - one found
 past it is late (``TimeoutError``), and the progress handler interrupts a statement at the
 deadline of the lookup it runs - and its own outcome: a DatabaseError fails that lookup only
 (and is checked for corruption as before). What one stalled statement does to the others is
@@ -313,6 +313,7 @@ class SQLiteTier(BytesBackend):
             collections.deque()
         )
         self._batcher: asyncio.Task[None] | None = None
+        self._trips: set[asyncio.Task[None]] = set()  # batches sent, their answers awaited
         self._alone = False  # a lookup sent on its own is in flight
         self.read_hops = 0  # trips to the reader's thread made for lookups (batches)
         self._page_size = 4096
@@ -656,9 +657,12 @@ class SQLiteTier(BytesBackend):
         return outcomes
 
     async def _run_batches(self) -> None:
-        """Send the waiting lookups to the reader's thread, at most ``LOOKUP_BATCH`` at a
-        time and one batch at a time, until none wait; each caller gets its outcome."""
-        batch: list[tuple[str, float, asyncio.Future[Any]]] = []
+        """Send the waiting lookups to the reader's thread, at most ``LOOKUP_BATCH`` a trip,
+        until none wait. Trips do not wait for each other: they queue in the thread, which
+        runs them back to back, so lookups never wait on a busy event loop's turn to take a
+        trip's answer before the next trip can go (under a stampede of thousands of lookups,
+        one trip at a time held lookups for seconds)."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self._waiting:
@@ -668,20 +672,16 @@ class SQLiteTier(BytesBackend):
                     await asyncio.sleep(0)
                     if not self._waiting:
                         break
-                batch, waiting = [], self._waiting
+                batch: list[tuple[str, float, asyncio.Future[Any]]] = []
+                waiting = self._waiting
                 while waiting and len(batch) < LOOKUP_BATCH:
                     item = waiting.popleft()
                     if not item[2].done():  # a caller already gone is not looked up
                         batch.append(item)
                 if batch:
-                    await self._run_batch(batch)
-                    batch = []
-        except BaseException as exc:
-            # (A cancellation at shutdown, or a bug: no caller may wait for ever.)
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(TierUnavailable(f"L3 lookups stopped: {exc!r}"))
-            raise
+                    trip = loop.create_task(self._run_batch(batch))
+                    self._trips.add(trip)
+                    trip.add_done_callback(self._trips.discard)
         finally:
             self._batcher = None
 
@@ -694,6 +694,12 @@ class SQLiteTier(BytesBackend):
             )
         except TierUnavailable as exc:
             gone = str(exc)
+        except BaseException as exc:
+            # (A cancellation at shutdown, or a bug: no caller may wait for ever.)
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(TierUnavailable(f"L3 lookups stopped: {exc!r}"))
+            raise
         for i, (*_, future) in enumerate(batch):
             if future.done():
                 continue  # its caller went away: the outcome is dropped
@@ -973,11 +979,11 @@ class SQLiteTier(BytesBackend):
             await asyncio.wait([supervisor])  # (re-raises only our own cancellation)
         self.available = False
         await self._close_connections()
-        batcher = self._batcher
-        if batcher is not None:
-            # It fails what still waits (the reader is gone) as soon as the batch in flight
-            # returns - at once, unless a statement outlived the close's own bound above.
-            await asyncio.wait([batcher], timeout=max(1.0, self.read_timeout))
+        pending = [t for t in (self._batcher, *self._trips) if t is not None]
+        if pending:
+            # They fail what still waits (the reader is gone) as soon as the batches in flight
+            # return - at once, unless a statement outlived the close's own bound above.
+            await asyncio.wait(pending, timeout=max(1.0, self.read_timeout))
 
     async def _close_connections(self) -> None:
         self._reader_raw = None
