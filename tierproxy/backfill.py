@@ -8,7 +8,7 @@ key is not written, and a write a purge overtook is undone (:mod:`tierproxy.purg
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .background import BackgroundTasks
 from .entry import Entry
@@ -46,6 +46,10 @@ class Backfiller:
         #: With replicas (Redis): write to a shared tier only while this replica holds its
         #: purge lease (see LocalTrust). None = always.
         self.trust: LocalTrust | None = None
+        #: Called with a key's material when its last backfill into L2/L3 has ended (landed
+        #: or not): the coalescer then counts the key's fetch as completed anew, since a
+        #: lookup that began before may have missed the copy (tierproxy.coalescer).
+        self.on_settled: Callable[[str], None] | None = None
 
     def storing(self, key: CacheKey) -> bool:
         """Whether a backfill of ``key`` into an awaited tier has yet to land."""
@@ -93,6 +97,8 @@ class Backfiller:
                 _release(storing, material)
                 purges.write_ended(material)
                 _landed(self._shared, material, landed, ok)
+                if material not in storing and self.on_settled is not None:
+                    self.on_settled(material)
 
         async def write() -> bool:
             # A purge since this copy was read may have been for it: don't write it back, and

@@ -133,6 +133,7 @@ class Coalescer:
         self.metrics = metrics
         self.purges = purges
         self.backfiller = backfiller
+        backfiller.on_settled = self._settled
         self.background = background  # owns the fetches a leader stopped waiting for
         self.clock = clock
         # The fetch in flight per key (its future gets the outcome the waiters may share, or
@@ -320,6 +321,18 @@ class Coalescer:
         self._recent[key.material] = _Recent(outcome, self.completed, generation, now)
         self._recent_bytes += entry.size
         self._prune_recent(now)
+
+    def _settled(self, material: str) -> None:
+        """The backfills of ``material``'s fetch into L2/L3 have all ended: a lookup that began
+        before may have read those tiers before the copy landed, so the fetch counts as
+        completed now (its record's number and time move on) - such a lookup still gets the
+        fetch's entry instead of fetching again (:meth:`_recent_outcome`)."""
+        record = self._recent.get(material)
+        if record is not None:
+            self.completed += 1
+            record.seq = self.completed
+            record.at = asyncio.get_running_loop().time()
+            self._recent.move_to_end(material)  # (kept in completion order for pruning)
 
     def _prune_recent(self, now: float) -> None:
         """Drop the records no pending lookup can need (older than the request deadline: a
