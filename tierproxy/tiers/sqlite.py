@@ -312,6 +312,7 @@ class SQLiteTier(BytesBackend):
         self._waiting: collections.deque[tuple[str, float, asyncio.Future[Any]]] = (
             collections.deque()
         )
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by open()
         self._batcher: asyncio.Task[None] | None = None
         self._trips: set[asyncio.Task[None]] = set()  # batches sent, their answers awaited
         self._alone = False  # a lookup sent on its own is in flight
@@ -356,9 +357,10 @@ class SQLiteTier(BytesBackend):
             self._went_unavailable(f"cannot open {self.path}: {exc!r}")
         else:
             self._became_available(first=True)
-        self._supervisor = asyncio.get_running_loop().create_task(
-            self._supervise(), name="tierproxy-l3-supervisor"
-        )
+        # The loop the tier serves on, kept: asking for it per lookup costs a system call on
+        # Python 3.11 (tierproxy.deadlines).
+        self._loop = loop = asyncio.get_running_loop()
+        self._supervisor = loop.create_task(self._supervise(), name="tierproxy-l3-supervisor")
 
     def _check_path(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -593,7 +595,8 @@ class SQLiteTier(BytesBackend):
         return outcomes
 
     async def get_bytes(self, key: CacheKey) -> bytes | None:
-        if self._reader is None or self._reader_raw is None or not self.available:
+        loop = self._loop
+        if loop is None or self._reader is None or self._reader_raw is None or not self.available:
             raise TierUnavailable("L3 file unavailable")
         # A lookup whose caller is cancelled (timeout, client gone) is not interrupted: it
         # finishes or hits its own deadline in the reader's thread, and its row is dropped.
@@ -607,7 +610,7 @@ class SQLiteTier(BytesBackend):
             finally:
                 self._alone = False
                 if self._waiting and self._batcher is None:
-                    self._batcher = asyncio.get_running_loop().create_task(
+                    self._batcher = loop.create_task(
                         self._run_batches(), name="tierproxy-l3-lookups"
                     )
         else:
@@ -616,7 +619,7 @@ class SQLiteTier(BytesBackend):
                 # longer would only time out. Skipped, like an unavailable tier (a skipped
                 # lookup is no failure for the breaker; the ones in flight time out and are).
                 raise TierUnavailable("L3 lookup queue full")
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Any] = loop.create_future()
             self._waiting.append((key.digest, deadline, future))
             outcome = await future
         if isinstance(outcome, BaseException):
