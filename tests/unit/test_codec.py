@@ -324,6 +324,8 @@ FORGERIES: dict[str, Callable[[list[Any]], None]] = {
     "head-no-colon": _with(records.WIRE_HEAD, _HEAD + b"X-B\r\n"),
     "head-control-in-value": _with(records.WIRE_HEAD, _HEAD + b"X-B: a\x00b\r\n"),
     "head-other-status": _with(records.WIRE_HEAD, b"HTTP/1.1 404 Not Found\r\n"),
+    # The head itself was checked already (encoding the entry did), the status is another's.
+    "status-not-the-heads": _with(records.STATUS, 404),
     "head-other-reason": _with(records.WIRE_HEAD, b"HTTP/1.1 200 Fine\r\n"),
     "head-other-version": _with(records.WIRE_HEAD, b"HTTP/1.0 200 OK\r\n"),
     "head-a-str": _with(records.WIRE_HEAD, _HEAD.decode()),
@@ -399,6 +401,25 @@ def test_a_forged_record_of_valid_fields_is_accepted() -> None:
     fields = records.fields(codec.encode(entry))
     fields[records.WIRE_HEAD] = _HEAD + b"X-B: \t\xe9\r\n"
     assert codec.decode(forged(fields), entry.key).wire_head == _HEAD + b"X-B: \t\xe9\r\n"
+
+
+def test_heads_checked_lately_are_remembered_within_their_bound() -> None:
+    """A hot entry's head is checked once, not at every decode; the memory of checked heads
+    holds only heads that passed, and stays within its count and bytes."""
+    heads: set[bytes] = codec._HEADS_OK
+    entry = make_entry(headers=(("Content-Type", "text/plain"), ("X-A", "1")))
+    data = codec.encode(entry)
+    assert codec.decode(data, entry.key).wire_head in heads
+    fields = records.fields(data)
+    fields[records.WIRE_HEAD] = _HEAD + b"Content-Length: 0\r\n"
+    with pytest.raises(codec.CorruptEntry):
+        codec.decode(forged(fields), entry.key)
+    assert _HEAD + b"Content-Length: 0\r\n" not in heads
+    for i in range(3 * codec._HEADS_OK_MAX):
+        many = make_entry(headers=(("X-N", str(i)), ("X-Pad", "p" * 500)))
+        assert codec.decode(codec.encode(many), many.key) == many
+        assert len(heads) <= codec._HEADS_OK_MAX
+        assert sum(map(len, heads)) <= codec._HEADS_OK_MAX_BYTES
 
 
 _MSGPACK = st.recursive(
