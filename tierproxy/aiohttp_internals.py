@@ -97,7 +97,7 @@ import importlib
 import inspect
 import logging
 import select
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
@@ -946,17 +946,32 @@ H = TypeVar("H")
 Answer = tuple[bytes, bytes]  # response head, body
 
 
+H_co = TypeVar("H_co", covariant=True)
+
+
+class PendingAnswer(Protocol[H_co]):
+    """A hit-path answer still being looked up (:meth:`HitAnswerer.answer`)."""
+
+    def then(self, callback: Callable[[Answer | H_co | None], object]) -> None:
+        """Call ``callback`` once with the outcome when the lookup is over - the answer, a
+        hand-over, or None when it failed (the full path answers then) - directly, not on a
+        later loop iteration. Called once, right after ``answer`` returned this."""
+
+    def cancel(self) -> None:
+        """The client is gone: stop, and never call the callback."""
+
+
 class HitAnswerer(Protocol[H]):
     """Answers a parsed request (see :mod:`tierproxy.hits`): with the response's head and body
-    at once; or with an awaitable that gives them, or else a hand-over ``H`` for the full path
-    (stored on its request under :attr:`handover_key`); or declines (None)."""
+    at once; or later (:class:`PendingAnswer`) with them, or else with a hand-over ``H`` for
+    the full path (stored on its request under :attr:`handover_key`); or declines (None)."""
 
     @property
     def handover_key(self) -> web.RequestKey[H]: ...
 
     def answer(
         self, message: RawRequestMessage, remote: str | None
-    ) -> Answer | Awaitable[Answer | H] | None: ...
+    ) -> Answer | PendingAnswer[H] | None: ...
 
 
 def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field_size: int) -> int:
@@ -987,6 +1002,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         "_hits",
         "_idle_timeout",
         "_lookup",
+        "_lookup_over",
         "_proxy_server",
         "_remote",
         "_send_timeout",
@@ -1020,7 +1036,9 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         # The hit path's work in flight - a lookup, or the rest of a large body waiting for
         # the client to drain - one at a time: responses keep the requests' order. And what
         # a lookup left for the full path, with the message it is for.
-        self._lookup: asyncio.Task[None] | None = None
+        self._lookup: PendingAnswer[H] | asyncio.Task[None] | None = None
+        # Set when the hit path's work in flight is over, for shutdown() waiting on it.
+        self._lookup_over: asyncio.Future[None] | None = None
         self._handover: tuple[RawRequestMessage, H] | None = None
         self._writable: asyncio.Future[None] | None = None  # set when writing resumes
         # The writer of the last request start() took (see _full_path_done).
@@ -1036,6 +1054,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         if self._lookup is not None:
             self._lookup.cancel()  # its client is gone
             self._lookup = None
+        over = self._lookup_over
+        if over is not None:
+            self._lookup_over = None
+            if not over.done():
+                over.set_result(None)
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -1180,12 +1203,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 return
             messages.popleft()
             if not isinstance(answer, tuple):
-                # A lookup to await. The message is out of the queue meanwhile, so start()
+                # A lookup in flight. The message is out of the queue meanwhile, so start()
                 # is not woken for what follows it (and the idle timer leaves the connection
                 # alone: _process_keepalive).
-                self._lookup = self._event_loop.create_task(
-                    self._finish_lookup(message, payload, answer)
-                )
+                self._lookup = answer
+                answer.then(functools.partial(self._looked_up, message, payload, answer))
                 return
             rest = self._write_answer(answer)
             if rest is not None:
@@ -1194,29 +1216,32 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 self._lookup = self._event_loop.create_task(self._finish_body(rest))
                 return
 
-    async def _finish_lookup(
-        self, message: RawRequestMessage, payload: Any, pending: Awaitable[Answer | H]
+    def _looked_up(
+        self,
+        message: RawRequestMessage,
+        payload: Any,
+        lookup: PendingAnswer[H],
+        outcome: Answer | H | None,
     ) -> None:
-        outcome: Answer | H | None
-        try:
-            outcome = await pending
-        except asyncio.CancelledError:
-            raise  # the connection is gone (connection_lost cancels this task)
-        except Exception:
-            log.exception("hit path lookup failed; the request takes the full path")
-            outcome = None
+        """The hit path's lookup of ``message`` is over: its answer written, or the message
+        back at the head of the queue for start(), with what the lookup found (None: it
+        failed, and the full path answers)."""
+        if lookup is not self._lookup:
+            return  # the connection is gone (connection_lost cancelled it)
+        self._lookup = None
         transport = self.transport
         if isinstance(outcome, tuple):
             if transport is not None and not transport.is_closing():
                 rest = self._write_answer(cast(Answer, outcome))
                 if rest is not None:
-                    await self._send_rest(rest)  # still this connection's work in flight
+                    # Still this connection's work in flight: the rest of the body.
+                    self._lookup = self._event_loop.create_task(self._finish_body(rest))
+                    return
         else:
             # Back to the head of the queue for start(), with what the lookup found: the
             # request factory hands it to that message's request (take_handover).
             self._handover = (message, outcome) if outcome is not None else None
             self._messages.appendleft((message, payload))
-        self._lookup = None
         if self._hits is not None and self._messages and self._messages[0][0] is not message:
             self._answer_hits(self._hits)
         self._after_hit_path_work()
@@ -1229,6 +1254,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         self._after_hit_path_work()
 
     def _after_hit_path_work(self) -> None:
+        over = self._lookup_over
+        if over is not None and self._lookup is None:
+            self._lookup_over = None
+            if not over.done():
+                over.set_result(None)
         self._wake_for_full_path()
         if self._close and self._lookup is None and not self._messages:
             super().close()  # closing was asked for while the work ran (see close())
@@ -1324,9 +1354,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
     async def shutdown(self, timeout: float | None = 15.0) -> None:
         # A lookup in flight is a request in progress: let it finish (answered, or handed to
         # start(), which aiohttp's shutdown then waits for) before the connection is closed.
-        lookup = self._lookup
-        if lookup is not None:
-            await asyncio.wait({lookup}, timeout=timeout)
+        if self._lookup is not None:
+            over = self._lookup_over
+            if over is None:
+                over = self._lookup_over = self._event_loop.create_future()
+            await asyncio.wait({over}, timeout=timeout)
         await super().shutdown(timeout)
 
     @property

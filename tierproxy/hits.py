@@ -8,14 +8,18 @@ entry's status line and stored headers, encoded once per entry (``Entry.wire_hea
 the few header lines that change per request; the handler writes them to the transport.
 
 * A fresh **L1** copy is answered synchronously, inside ``data_received``.
-* Otherwise, with L2/L3 configured, the handler awaits :meth:`ReadThrough.lookup
-  <tierproxy.readthrough.ReadThrough.lookup>` (the same tiers, budgets and backfills as the
-  full path) and answers a fresh **L2/L3** copy the same way. Anything else - a miss, a stale
-  copy - is handed over to the full path with the lookup's outcome (:class:`Handover`), so
-  the tiers are never asked twice and the request keeps its deadline and request id. The
-  hand-over reaches the full path's request under :data:`HANDOVER` (a typed
-  ``web.RequestKey``), put there by the server's request factory for that very message
-  (see :mod:`tierproxy.aiohttp_internals`).
+* Otherwise, with L2/L3 configured, the lookup goes on with :meth:`ReadThrough.lookup_soon
+  <tierproxy.readthrough.ReadThrough.lookup_soon>` (the same tiers, budgets and backfills as
+  the full path) with no task and no coroutine: callbacks on the tier's reply (the pipelined
+  Redis reply, the L3 reader thread's answer), each tier's timeouts on one timer
+  (:class:`~tierproxy.tiers.base.LookupDeadlines`). The handler gets a pending answer
+  (:class:`_HitLookup`) and answers a fresh **L2/L3** copy the same way when it comes.
+  Anything else - a miss, a stale copy - is handed over to the full path with the lookup's
+  outcome (:class:`Handover`), so the tiers are never asked twice and the request keeps its
+  deadline and request id. The hand-over reaches the full path's request under
+  :data:`HANDOVER` (a typed ``web.RequestKey``), put there by the server's request factory
+  for that very message (see :mod:`tierproxy.aiohttp_internals`). With
+  ``TIERPROXY_HEDGE=on`` (two tiers asked at once) the lookup is awaited in a task instead.
 
 Anything the hit path is not sure of goes the full way from the start: another method, a
 request with a body, ``Connection: close``, HTTP/1.0, a conditional or ``Cache-Control``
@@ -31,9 +35,10 @@ as the full path's - and wall time is the proxy's clock (``ProxyState.clock``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
@@ -45,11 +50,15 @@ from .response import fresh_hit_head
 from .states import FreshHit, Lookup, ProxyRequest, Trace
 
 if TYPE_CHECKING:
+    from .aiohttp_internals import PendingAnswer
     from .entry import Entry
+    from .readthrough import ReadThrough, TierWalk
     from .state import ProxyState
     from .tiers.base import GuardedTier
 
 __all__ = ["HANDOVER", "Answer", "Handover", "HitPath"]
+
+log = logging.getLogger("tierproxy.hits")
 
 Answer = tuple[bytes, bytes]  # response head, body
 
@@ -122,7 +131,7 @@ class HitPath:
 
     def answer(
         self, message: RawRequestMessage, remote: str | None
-    ) -> Answer | Coroutine[Any, Any, Answer | Handover] | None:
+    ) -> Answer | PendingAnswer[Handover] | None:
         """The response for ``message`` (a fresh L1 hit), or a lookup to await (L2/L3, see the
         module docstring), or None: take the full path."""
         if (
@@ -171,9 +180,9 @@ class HitPath:
             return None
         return self._look_further(message, key, started, remote)
 
-    async def _look_further(
+    def _look_further(
         self, message: RawRequestMessage, key: CacheKey, started: float, remote: str | None
-    ) -> Answer | Handover:
+    ) -> PendingAnswer[Handover]:
         state = self._state
         loop = self._loop
         if loop is None:  # the loop this proxy serves on, for good (tierproxy.deadlines)
@@ -187,11 +196,29 @@ class HitPath:
             deadline=loop.time() + state.settings.request_deadline,
             request_id=request_id(message.headers.get("X-Request-ID")),
         )
+        if state.settings.hedge:
+            # Hedged lookups run two tiers at once: awaited, in a task of their own.
+            return _Awaited(
+                loop.create_task(self._look_further_hedged(req, message.path, started, remote))
+            )
+        return _HitLookup(self, state, self._readthrough, req, message.path, started, remote, loop)
+
+    async def _look_further_hedged(
+        self, req: ProxyRequest, path: str, started: float, remote: str | None
+    ) -> Answer | Handover:
+        state = self._state
         state.inflight += 1
         try:
-            found = await self._readthrough.lookup(req, loop)
+            found = await self._readthrough.lookup(req, self._loop)
         finally:
             state.inflight -= 1
+        return self.looked_up(req, path, started, remote, found)
+
+    def looked_up(
+        self, req: ProxyRequest, path: str, started: float, remote: str | None, found: Lookup
+    ) -> Answer | Handover:
+        """What a lookup that went past L1 ends in: the answer of a fresh hit, else the
+        request handed over to the full path with what the tiers held."""
         hit = found.found
         if isinstance(hit, FreshHit) and _answerable(hit.entry):
             answer = self._respond(
@@ -199,7 +226,7 @@ class HitPath:
                 hit.entry,
                 self._clock.wall(),
                 req.request_id,
-                message.path,
+                path,
                 started,
                 req.timings,
                 remote,
@@ -248,3 +275,120 @@ class HitPath:
 def _answerable(entry: Entry) -> bool:
     # 1xx/204/304 are framed specially by aiohttp (no body, no Content-Length): left to it.
     return entry.status >= 200 and entry.status not in _SPECIAL_STATUS
+
+
+Listener = Callable[["Answer | Handover | None"], object]
+
+
+class _HitLookup:
+    """A hit-path request whose lookup goes past L1, with no task (a
+    :class:`~tierproxy.aiohttp_internals.PendingAnswer`): the tiers walked by
+    :meth:`ReadThrough.lookup_soon <tierproxy.readthrough.ReadThrough.lookup_soon>`, the
+    outcome (:meth:`HitPath.looked_up`) given straight to the connection handler's callback.
+    Cancelled (the client gone), the walk is abandoned. Counted in ``ProxyState.inflight``
+    while it runs, as a full-path request is."""
+
+    __slots__ = (
+        "_hits",
+        "_listener",
+        "_loop",
+        "_outcome",
+        "_path",
+        "_remote",
+        "_req",
+        "_started",
+        "_state",
+        "_walk",
+    )
+
+    def __init__(
+        self,
+        hits: HitPath,
+        state: ProxyState,
+        readthrough: ReadThrough,
+        req: ProxyRequest,
+        path: str,
+        started: float,
+        remote: str | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._hits = hits
+        self._state = state
+        self._req = req
+        self._path = path
+        self._started = started
+        self._remote = remote
+        self._loop = loop
+        self._listener: Listener | None = None
+        # The outcome, when it came before the listener did (every tier answered at once).
+        self._outcome: tuple[Answer | Handover | None] | None = None
+        state.inflight += 1
+        self._walk: TierWalk | None = None
+        walk = readthrough.lookup_soon(req, loop, self._found)
+        if not walk.over:
+            self._walk = walk
+
+    def then(self, callback: Listener) -> None:
+        outcome = self._outcome
+        if outcome is not None:
+            # Over before the handler listened (every tier answered at once): on the next
+            # step, not from inside the handler's own call (it would answer the requests
+            # queued behind this one by recursion).
+            self._outcome = None
+            self._loop.call_soon(callback, outcome[0])
+        else:
+            self._listener = callback
+
+    def cancel(self) -> None:
+        walk = self._walk
+        self._listener = None
+        if walk is not None:
+            self._walk = None
+            self._state.inflight -= 1
+            walk.cancel()
+
+    def _found(self, found: Lookup) -> None:
+        self._walk = None
+        self._state.inflight -= 1
+        outcome: Answer | Handover | None
+        try:
+            outcome = self._hits.looked_up(
+                self._req, self._path, self._started, self._remote, found
+            )
+        except Exception:  # the full path answers it, and reports what is wrong
+            log.exception("hit path lookup failed; the request takes the full path")
+            outcome = None
+        listener = self._listener
+        if listener is None:
+            self._outcome = (outcome,)
+        else:
+            self._listener = None
+            listener(outcome)
+
+
+class _Awaited:
+    """A lookup awaited in a task (hedged), as a
+    :class:`~tierproxy.aiohttp_internals.PendingAnswer`."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self, task: asyncio.Task[Answer | Handover]) -> None:
+        self._task = task
+
+    def then(self, callback: Listener) -> None:
+        def over(task: asyncio.Task[Answer | Handover]) -> None:
+            if task.cancelled():
+                return
+            failure = task.exception()
+            if failure is not None:
+                log.error(
+                    "hit path lookup failed; the request takes the full path", exc_info=failure
+                )
+                callback(None)
+            else:
+                callback(task.result())
+
+        self._task.add_done_callback(over)
+
+    def cancel(self) -> None:
+        self._task.cancel()

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, assert_never
 
@@ -59,13 +61,13 @@ from .states import (
     stale_usable,
 )
 from .tiers import redis_leases
-from .tiers.base import MISS_REASON, GuardedTier, LocalTrust
+from .tiers.base import MISS_REASON, GuardedTier, LocalTrust, TierLookup
 from .upstream import Upstream
 
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["Failed", "Lookup", "ProxyRequest", "ReadThrough"]
+__all__ = ["Failed", "Lookup", "ProxyRequest", "ReadThrough", "TierWalk"]
 
 # RFC 9110 §9.2.1: a successful request with any other method invalidates (RFC 9111 §4.4).
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
@@ -156,13 +158,22 @@ class ReadThrough:
 
         With ``TIERPROXY_HEDGE=on`` a tier that has not answered by its recent p95 gets the
         next tier asked alongside (:func:`tierproxy.lookups.hedged`): a fresh copy from the
-        next tier may answer first; everything else keeps this order.
+        next tier may answer first; everything else keeps this order. Otherwise this is
+        :meth:`lookup_soon`, awaited.
 
         What each tier reached said is the found state's trace (``tiers``, for Cache-Status):
         a tier's position in it is its index in ``self.tiers``. ``loop``: the running loop,
         when the caller holds it (spares a system call on Python 3.11: tierproxy.deadlines)."""
         if loop is None:
             loop = asyncio.get_running_loop()
+        if not self.settings.hedge:
+            found: asyncio.Future[Lookup] = loop.create_future()
+            walk = self.lookup_soon(req, loop, functools.partial(_settle, found))
+            try:
+                return await found
+            except asyncio.CancelledError:
+                walk.cancel()
+                raise
         generation = self.purges.generation  # copies read before a purge are not written back
         since = self.coalescer.completed  # fetches completed later may hold what this misses
         tiers, index = self.tiers, 0
@@ -176,7 +187,7 @@ class ReadThrough:
                 entry = tier.get_now(req.key, req.headers)
                 said: tuple[str, ...] = ("" if entry is not None else MISS_REASON.get(),)
             else:
-                after = tier.hedge_after if self.settings.hedge else None
+                after = tier.hedge_after
                 if (
                     after is not None
                     and index + 1 < len(tiers)
@@ -193,20 +204,47 @@ class ReadThrough:
             if entry is None:
                 index += 1
                 continue
-            name = tiers[index].name
-            match freshness(entry, self.clock.wall()):
-                case "fresh":
-                    trace[index] = (name, "hit")
-                    self.backfill.backfill(req.key, entry, index, generation)
-                    return Lookup(FreshHit(name, entry, tuple(trace)), generation, since)
-                case "stale":
-                    trace[index] = (name, "stale")
-                    found = NeedsRevalidation(name, entry, tuple(trace))
-                    return Lookup(found, generation, since)
-                case _:  # expired since the tier looked: nothing usable there
-                    trace[index] = (name, "uri-miss")
-                    index += 1
+            judged = self.judge(req, index, entry, trace, generation, since)
+            if judged is not None:
+                return judged
+            index += 1
         return Lookup(Miss(tuple(trace)) if trace else MISS, generation, since)
+
+    def lookup_soon(
+        self, req: ProxyRequest, loop: asyncio.AbstractEventLoop, done: Callable[[Lookup], object]
+    ) -> TierWalk:
+        """:meth:`lookup` with no task and no hedging (the tiers strictly in order), its
+        outcome given to ``done`` - at once if no tier needs awaiting. Cancel the walk
+        returned when the caller gives up: the tier lookup in flight is abandoned, uncounted,
+        and ``done`` is not called."""
+        walk = TierWalk(self, req, loop, done)
+        walk.step()
+        return walk
+
+    def judge(
+        self,
+        req: ProxyRequest,
+        index: int,
+        entry: Entry,
+        trace: list[tuple[str, str]],
+        generation: int,
+        since: int,
+    ) -> Lookup | None:
+        """The lookup's outcome when tier ``index`` gave ``entry``: a fresh hit (backfilled
+        into the tiers before it) or a stale copy, its trace entry set; None when the copy
+        expired since the tier looked (nothing usable there: the lookup goes on)."""
+        name = self.tiers[index].name
+        match freshness(entry, self.clock.wall()):
+            case "fresh":
+                trace[index] = (name, "hit")
+                self.backfill.backfill(req.key, entry, index, generation)
+                return Lookup(FreshHit(name, entry, tuple(trace)), generation, since)
+            case "stale":
+                trace[index] = (name, "stale")
+                return Lookup(NeedsRevalidation(name, entry, tuple(trace)), generation, since)
+            case _:
+                trace[index] = (name, "uri-miss")
+                return None
 
     async def get(self, req: ProxyRequest, found: Lookup | None = None) -> Final:
         """Answer a cacheable GET/HEAD. ``found`` is :meth:`lookup`'s outcome for this very
@@ -374,3 +412,108 @@ class ReadThrough:
         """Local copies may have missed purges: nothing read or fetched before now is written
         back anywhere (tierproxy.purge)."""
         self.purges.distrust_local()
+
+
+def _settle(future: asyncio.Future[Lookup], found: Lookup) -> None:
+    if not future.done():  # (cancelled with its task, the walk ending in the same iteration)
+        future.set_result(found)
+
+
+class TierWalk:
+    """One request's walk down the tiers with no task (:meth:`ReadThrough.lookup_soon`): a
+    memory tier is read at once, the others through :meth:`GuardedTier.lookup_soon`, each
+    under min(its timeout, what is left of the request's deadline), its duration in the
+    request's timings - as :meth:`ReadThrough.lookup` walks them without hedging."""
+
+    __slots__ = (
+        "_done",
+        "_generation",
+        "_index",
+        "_loop",
+        "_pending",
+        "_readthrough",
+        "_req",
+        "_since",
+        "_started",
+        "_trace",
+        "over",
+    )
+
+    def __init__(
+        self,
+        readthrough: ReadThrough,
+        req: ProxyRequest,
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[Lookup], object],
+    ) -> None:
+        self._readthrough = readthrough
+        self._req = req
+        self._loop = loop
+        self._done = done
+        # The purge generation now: copies read before a purge are not written back; and
+        # the fetches completed by now: one completed later may hold what this misses.
+        self._generation = readthrough.purges.generation
+        self._since = readthrough.coalescer.completed
+        self._index = 0
+        self._trace: list[tuple[str, str]] = []
+        self._pending: TierLookup | None = None
+        self._started = 0.0
+        #: The outcome was given, or the caller gave up.
+        self.over = False
+
+    def cancel(self) -> None:
+        if not self.over:
+            self.over = True
+            pending = self._pending
+            if pending is not None:
+                self._pending = None
+                pending.cancel()
+
+    def step(self) -> None:
+        """Ask the tiers from the current one on, until one must be awaited or all were."""
+        readthrough, req = self._readthrough, self._req
+        tiers = readthrough.tiers
+        while self._index < len(tiers):
+            tier = tiers[self._index]
+            if tier.synchronous:
+                # The tier returns only a copy usable for these request headers (Vary).
+                entry = tier.get_now(req.key, req.headers)
+                if self._found(tier, entry, "" if entry is not None else MISS_REASON.get()):
+                    return
+                continue
+            loop = self._loop
+            budget = min(tier.read_timeout, req.deadline - loop.time())
+            self._started = time.perf_counter()  # (uvloop's loop clock has ms resolution)
+            pending = tier.lookup_soon(req.key, budget, req.headers, loop, self._answered)
+            if pending is not None and not pending.over:
+                self._pending = pending
+            return  # _answered goes on (it may already have)
+        self._finish(
+            Lookup(Miss(tuple(self._trace)) if self._trace else MISS, self._generation, self._since)
+        )
+
+    def _answered(self, entry: Entry | None, why: str) -> None:
+        self._pending = None
+        if self.over:
+            return
+        tier = self._readthrough.tiers[self._index]
+        self._req.timings[tier.name] = time.perf_counter() - self._started
+        if not self._found(tier, entry, why):
+            self.step()
+
+    def _found(self, tier: GuardedTier, entry: Entry | None, why: str) -> bool:
+        """Tier ``self._index`` said ``why`` / gave ``entry``: whether the walk is over."""
+        self._trace.append((tier.name, why))
+        if entry is not None:
+            judged = self._readthrough.judge(
+                self._req, self._index, entry, self._trace, self._generation, self._since
+            )
+            if judged is not None:
+                self._finish(judged)
+                return True
+        self._index += 1
+        return False
+
+    def _finish(self, found: Lookup) -> None:
+        self.over = True
+        self._done(found)

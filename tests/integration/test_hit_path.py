@@ -28,6 +28,8 @@ from support.purge_log import past_purge_log_start
 from support.redis_server import RedisServer
 from support.scrape import metric_value
 
+import tierproxy
+
 CACHEABLE = {"Cache-Control": "max-age=300"}
 
 
@@ -602,3 +604,86 @@ async def test_a_body_that_ends_with_the_connection_ends_it(
     finally:
         await conn.close()
     assert rest == b"", rest[:200]
+
+
+@pytest.mark.parametrize("tier", ["l2", "l3"])
+async def test_l2_and_l3_hits_start_no_task_of_their_own(
+    make_proxy: MakeProxy, origin: Origin, redis_url: str, tier: str
+) -> None:
+    """A hit-path lookup past L1 is callbacks on the tier's reply and one timer per tier, not
+    a task per request (a task and its coroutines cost more than the rest of an L2 hit's
+    Python work); the answers are still the tier's hits, and the tier still backfills."""
+    origin.set("/t", headers=CACHEABLE, size=100)
+    env: dict[str, Any] = {"L1_MAX_BYTES": 0}
+    if tier == "l3":
+        env["REDIS_URL"] = None
+    proxy = await make_proxy(**env)
+    assert b"MISS" in await one_response(proxy.port, get("/t"))
+    await proxy.settle()
+    loop = asyncio.get_running_loop()
+    started: list[str] = []
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        code = getattr(coro, "cr_code", None)
+        where = code.co_filename if code is not None else ""
+        started.append(f"{getattr(coro, '__qualname__', repr(coro))} ({where})")
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    conns = [await RawConnection.open(proxy.port) for _ in range(8)]
+    try:
+        await asyncio.sleep(0.05)  # the connections are idle, between requests
+        loop.set_task_factory(counting_factory)
+        try:
+            for _ in range(5):
+                for conn in conns:
+                    await conn.send(get("/t"))
+                for conn in conns:
+                    response = await conn.read_response()
+                    assert f"\r\nX-Cache: HIT-{tier.upper()}\r\n".encode() in response
+        finally:
+            loop.set_task_factory(default_factory)
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert hit_path_count(proxy) == 40
+    assert lookups(proxy, tier, "hit") == 40
+    # The test's own reads and writes may start tasks; the proxy starts none for these hits.
+    package = str(Path(tierproxy.__file__).parent)
+    assert [name for name in started if package in name] == [], started
+    assert origin.count("/t") == 1
+
+
+async def test_a_restarted_redis_is_reconnected_by_the_hit_paths_own_lookups(
+    make_proxy: MakeProxy, origin: Origin, redis_server: RedisServer, redis_url: str
+) -> None:
+    """While the pipelined L2 connection is down, a hit-path lookup cannot go on it at once:
+    it is awaited (and reconnects) like the full path's, a miss rather than an error, and L2
+    hits come back on the hit path."""
+    origin.set("/r", headers=CACHEABLE, size=50)
+    proxy = await make_proxy(L1_MAX_BYTES=0, SQLITE_PATH="off")
+    assert b"MISS" in await one_response(proxy.port, get("/r"))
+    await proxy.settle()
+    assert b"\r\nX-Cache: HIT-L2\r\n" in await one_response(proxy.port, get("/r"))
+    redis_server.restart()  # empty again: nothing persisted
+    errors_before = lookups(proxy, "l2", "error")
+    assert b"\r\nX-Cache: MISS\r\n" in await one_response(proxy.port, get("/r"))
+    # The lookup reconnected: a miss, not an error (nothing was sent on the dead connection).
+    assert lookups(proxy, "l2", "error") == errors_before == 0
+    assert lookups(proxy, "l2", "timeout") == 0
+    assert lookups(proxy, "l2", "miss") == 2  # the first request, and this one
+    # L2 takes writes again once this replica's purge lease is renewed on the new Redis.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while True:
+        await proxy.settle()
+        before = hit_path_count(proxy)
+        response = await one_response(proxy.port, get("/r"))
+        if b"\r\nX-Cache: HIT-L2\r\n" in response:
+            break
+        assert loop.time() < deadline, response[:300]
+        await asyncio.sleep(0.2)
+    assert hit_path_count(proxy) == before + 1
+    assert lookups(proxy, "l2", "error") == 0

@@ -14,15 +14,17 @@ errors: they count against its breaker) and one entry or request that cannot be 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from multidict import CIMultiDictProxy
 
@@ -43,16 +45,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MISS_REASON",
+    "Answered",
     "Blob",
     "Breaker",
     "BytesBackend",
     "Configured",
     "GuardedTier",
     "LocalTrust",
+    "LookupDeadlines",
     "PurgeUnsupported",
     "Replicated",
     "StorageFull",
     "TierBackend",
+    "TierLookup",
     "TierUnavailable",
     "decode_unkeyed",
     "lease_clock",
@@ -64,6 +69,9 @@ log = logging.getLogger("tierproxy.tiers")
 
 # Variant indexes a purge reads at once (to find the variants of the URLs it purges).
 _PURGE_READS = 64
+
+# How early a shared lookup timer may fire (LookupDeadlines): the loop clock's resolution.
+_CLOCK_RESOLUTION = 0.001
 
 # The floor of an estimate kept only for hedging (its timeout is never used).
 _DEFAULT_FLOOR = 0.002
@@ -303,6 +311,12 @@ class TierBackend(ABC):
     def remove_now(self, key: CacheKey) -> bool:
         raise NotImplementedError
 
+    def lookups_soon(self) -> bool:
+        """Whether a lookup can start now with no task: the backend is a
+        :class:`BytesBackend` whose :meth:`~BytesBackend.get_bytes_soon` gives a future
+        (:meth:`GuardedTier.lookup_soon`). False: lookups await :meth:`get`."""
+        return False
+
     @abstractmethod
     async def get(self, key: CacheKey) -> Entry | None: ...
 
@@ -362,10 +376,25 @@ class BytesBackend(TierBackend):
     @abstractmethod
     async def get_bytes(self, key: CacheKey) -> bytes | None: ...
 
+    def get_bytes_soon(self, key: CacheKey) -> asyncio.Future[bytes | None]:
+        """``get_bytes`` started now, its outcome a future, for a backend whose
+        :meth:`lookups_soon` is true. Cancelling the future abandons the read (its answer is
+        dropped). May raise at once what ``get_bytes`` would."""
+        raise NotImplementedError
+
     async def get(self, key: CacheKey) -> Entry | None:
         data = await self.get_bytes(key)
         if data is None:
             return None
+        try:
+            return self.decoded(key, data)
+        except codec.CorruptEntry:
+            await self.delete(key)
+            raise
+
+    def decoded(self, key: CacheKey, data: bytes) -> Entry:
+        """``data``, read for ``key``, decoded; a corrupt record is logged (the caller
+        deletes it) and raises :class:`codec.CorruptEntry`."""
         try:
             return codec.decode(data, key.material)
         except codec.CorruptEntry as exc:
@@ -375,7 +404,6 @@ class BytesBackend(TierBackend):
                 key.material[:200],
                 exc,
             )
-            await self.delete(key)
             raise
 
 
@@ -464,6 +492,267 @@ class Breaker:
         return "degraded" if self.failures else "up"
 
 
+#: Where a lookup's outcome goes (:meth:`GuardedTier.lookup_soon`): the copy and "", or None
+#: and why (a :data:`MISS_REASON` value).
+Answered = Callable[["Entry | None", str], object]
+
+
+def _resolve(
+    future: asyncio.Future[tuple[Entry | None, str]], entry: Entry | None, why: str
+) -> None:
+    if not future.done():
+        future.set_result((entry, why))
+
+
+class LookupDeadlines:
+    """The timeouts of one tier's lookups in flight (:class:`TierLookup`), on one loop timer.
+
+    A timer per lookup costs a timer handle created and cancelled per lookup (about 3 us on
+    uvloop, where a hit costs tens). A tier's lookups mostly share one timeout, so their
+    deadlines arrive in the order they began: they wait in a FIFO, and one timer is armed,
+    for the oldest deadline; when it fires, every lookup past its deadline times out and the
+    timer is armed again for the next. A lookup that ends first is only marked over and
+    dropped when it reaches the front. A deadline earlier than the last one queued (the
+    request's deadline cut the budget, or the learned timeout went down) gets a timer of its
+    own, so no lookup ever times out late. Bounded by the lookups begun within one timeout.
+    """
+
+    __slots__ = ("_armed_at", "_loop", "_queue", "_timer")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: collections.deque[tuple[float, TierLookup]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_at = math.inf  # when the timer fires
+
+    def add(
+        self, lookup: TierLookup, at: float, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.TimerHandle | None:
+        """Time ``lookup`` out at ``at`` (loop time); returns the lookup's own timer when it
+        needs one (cancel it when the lookup ends), else None."""
+        queue = self._queue
+        if loop is not self._loop:  # (a new loop: what the old one held can never fire)
+            self._loop = loop
+            queue.clear()
+            self._timer = None
+        while queue and queue[0][1].over:
+            queue.popleft()
+        if queue and at < queue[-1][0]:
+            return loop.call_at(at, lookup.timed_out)
+        queue.append((at, lookup))
+        timer = self._timer
+        if timer is None or at < self._armed_at:
+            # (armed for a lookup over and gone, later than this one: armed again for this)
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(at, self._fire)
+            self._armed_at = at
+        return None
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        # Due within the loop clock's resolution counts as due (asyncio's loops run timers
+        # so too; uvloop's clock has ms resolution): no re-arming for a few microseconds.
+        due = loop.time() + _CLOCK_RESOLUTION
+        queue = self._queue
+        while queue:
+            at, lookup = queue[0]
+            if lookup.over:
+                queue.popleft()
+            elif at <= due:
+                queue.popleft()
+                lookup.timed_out()
+            else:
+                self._timer = loop.call_at(at, self._fire)
+                self._armed_at = at
+                return
+
+    @property
+    def waiting(self) -> int:
+        """Lookups queued (some may be over, dropped when they reach the front)."""
+        return len(self._queue)
+
+
+class TierLookup:
+    """One lookup of a tier in flight with no task of its own (:meth:`GuardedTier.lookup_soon`):
+    the backend's read is a future, the timeout a timer on the loop, and the outcome - counted
+    by the tier exactly as :meth:`GuardedTier.get` counts it - goes to a callback. A URL that
+    varies takes a second read (its index, then the chosen variant's record); a corrupt record
+    is deleted before the lookup ends, as :meth:`BytesBackend.get` does it."""
+
+    __slots__ = (
+        "_answered",
+        "_backend",
+        "_headers",
+        "_key",
+        "_learned",
+        "_loop",
+        "_pending",
+        "_started",
+        "_tier",
+        "_timeout",
+        "_timer",
+        "_varied",
+        "over",
+    )
+
+    def __init__(
+        self,
+        tier: GuardedTier,
+        key: CacheKey,
+        headers: CIMultiDictProxy[str] | None,
+        answered: Answered,
+        timeout: float,
+        learned: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._tier = tier
+        self._backend = cast(BytesBackend, tier.backend)
+        self._key = key
+        self._headers = headers
+        self._answered = answered
+        self._timeout = timeout
+        self._learned = learned
+        self._loop = loop
+        self._varied = False
+        self._pending: asyncio.Future[Any] | None = None
+        self._started = time.perf_counter()
+        #: The outcome went to the callback, or the caller gave up: nothing more happens.
+        self.over = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Send the read, its timeout on the tier's timer (:class:`LookupDeadlines`)."""
+        loop = self._loop
+        self._timer = self._tier.deadlines.add(self, loop.time() + self._timeout, loop)
+        self._read(self._key)
+
+    def start_awaited(self, budget: float) -> None:
+        """For a backend that only awaits (:meth:`TierBackend.lookups_soon` false: redis-py
+        under TLS, Sentinel or Cluster, or the L2 reader while it reconnects): the whole
+        :meth:`GuardedTier.get` - its checks, timeout and counting - in a task of its own."""
+        tier = self._tier
+        pending = self._loop.create_task(
+            tier.get_with_reason(self._key, budget, self._headers, self._loop)
+        )
+        self._pending = pending
+        pending.add_done_callback(self._awaited)
+
+    def _awaited(self, pending: asyncio.Future[tuple[Entry | None, str]]) -> None:
+        if self.over or pending is not self._pending:
+            return
+        self._pending = None
+        entry: Entry | None = None
+        why = "error"  # (get() never raises; a bug in it is a miss, as a lookup's error is)
+        if not pending.cancelled():
+            failure = pending.exception()
+            if failure is None:
+                entry, why = pending.result()
+            else:
+                log.error("%s lookup failed", self._tier.name, exc_info=failure)
+        self._end()
+        self._answered(entry, why)
+
+    def cancel(self) -> None:
+        """The caller gave up (a client gone): nothing is known about the tier - no failure,
+        no latency sample, no outcome, and no answer. A probe that never reported must not
+        keep the breaker half-open: the next lookup may probe."""
+        if not self.over:
+            self._end()
+            self._tier.breaker.probing = False
+
+    def _read(self, key: CacheKey) -> None:
+        try:
+            pending = self._backend.get_bytes_soon(key)
+        except Exception as exc:  # noqa: BLE001 - a broken tier is a miss, whatever it raised
+            self._fail(exc)
+            return
+        self._pending = pending
+        pending.add_done_callback(self._got)
+
+    def _got(self, pending: asyncio.Future[bytes | None]) -> None:
+        if self.over or pending is not self._pending:
+            return
+        self._pending = None
+        if pending.cancelled():
+            self._fail(TierUnavailable(f"{self._tier.name} read abandoned"))
+            return
+        failure = pending.exception()
+        if failure is not None:
+            self._fail(failure)
+            return
+        data = pending.result()
+        entry: Entry | None = None
+        if data is not None:
+            try:
+                entry = self._backend.decoded(self._key, data)
+            except codec.CorruptEntry as exc:
+                self._drop_corrupt(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - as get(): a miss, counted as an error
+                self._fail(exc)
+                return
+        if entry is not None and entry.variants and not self._varied:
+            self._varied = True
+            # A URL that varies: its index, then the chosen variant's own record.
+            headers = self._headers
+            chosen = variants.select(entry.variants, headers) if headers else None
+            if chosen is not None:
+                self._key = _record_key(self._key, chosen.vid)
+                self._read(self._key)
+                return
+            entry = None
+        found, why = self._tier._looked_up(
+            self._key, entry, self._headers, self._started, self._timeout, self._varied
+        )
+        self._end()
+        self._answered(found, why)
+
+    def _drop_corrupt(self, corrupt: codec.CorruptEntry) -> None:
+        deleting = self._loop.create_task(self._backend.delete(self._key))
+        self._pending = deleting
+        deleting.add_done_callback(lambda task: self._dropped(task, corrupt))
+
+    def _dropped(self, deleting: asyncio.Future[Any], corrupt: codec.CorruptEntry) -> None:
+        if self.over or deleting is not self._pending:
+            return
+        self._pending = None
+        failure = None if deleting.cancelled() else deleting.exception()
+        self._fail(failure if failure is not None else corrupt)
+
+    def timed_out(self) -> None:
+        """The lookup's timeout passed (:class:`LookupDeadlines`)."""
+        if self.over:
+            return
+        self._end()
+        self._answered(
+            None, self._tier._timed_out(self._key, self._started, self._timeout, self._learned)
+        )
+
+    def _fail(self, failure: BaseException) -> None:
+        tier = self._tier
+        if isinstance(failure, TimeoutError):  # (a backend's own deadline: L3's)
+            why = tier._timed_out(self._key, self._started, self._timeout, self._learned)
+        else:
+            if not isinstance(failure, Exception):
+                failure = RuntimeError(f"lookup failed: {failure!r}")
+            why = tier._failed(self._key, failure, self._started, self._timeout)
+        self._end()
+        self._answered(None, why)
+
+    def _end(self) -> None:
+        self.over = True
+        if self._timer is not None:
+            self._timer.cancel()
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            pending.cancel()  # an L2 reply or L3 row still due is dropped when it comes
+
+
 class GuardedTier:
     """A backend under read/write timeouts and breakers; every outcome is counted.
 
@@ -532,14 +821,17 @@ class GuardedTier:
             self.estimator if adaptive_floor is not None else None
         )
         self.near_timeout = NearTimeout(self.name, metrics, clock)
+        #: The timeouts of the lookups in flight (:meth:`lookup_soon`), on one timer.
+        self.deadlines = LookupDeadlines()
         # When the last lookup that timed out at a learned timeout and counted against the
         # breaker ended (perf_counter): one that began before it was in flight with it.
         self._timeout_counted_at = -math.inf
 
     def _classify(
         self, key: CacheKey, entry: Entry | None, headers: CIMultiDictProxy[str] | None
-    ) -> Entry | None:
+    ) -> tuple[Entry | None, str]:
         """Count one lookup as hit, stale or miss; a copy for other Vary values is a miss.
+        The copy and "", or None and why (a :data:`MISS_REASON` value).
 
         A copy this replica may not trust (:class:`LocalTrust`) is returned stale as of now.
         """
@@ -562,12 +854,12 @@ class GuardedTier:
                 ):
                     entry = mark_stale(entry, now) or entry
                 self._lookup["hit" if now < entry.fresh_until else "stale"].inc()
-                return entry
-            MISS_REASON.set("vary-miss" if now < entry.expires_at else "uri-miss")
+                return entry, ""
+            why = "vary-miss" if now < entry.expires_at else "uri-miss"
         else:
-            MISS_REASON.set("uri-miss")
+            why = "uri-miss"
         self._lookup["miss"].inc()
-        return None
+        return None, why
 
     @property
     def lookup_timeout(self) -> float:
@@ -719,9 +1011,10 @@ class GuardedTier:
         if entry is not None and varied:
             key, entry = self._variant_now(key, entry, headers)
         self._latency["get"].observe(time.perf_counter() - started)
-        found = self._classify(key, entry, headers)
-        if found is None and varied:
-            MISS_REASON.set("vary-miss")  # the URL's index, but no variant for these headers
+        found, why = self._classify(key, entry, headers)
+        if found is None:
+            # (an index with no variant for these headers: a vary-miss)
+            MISS_REASON.set("vary-miss" if varied else why)
         return found
 
     def _variant_now(
@@ -775,25 +1068,174 @@ class GuardedTier:
     ) -> Entry | None:
         """Look ``key`` up within ``budget`` seconds; any failure is a miss, never an error.
 
-        Like :meth:`get_now`, returns only a copy usable for ``headers``. ``loop``: the
-        running loop, when the caller holds it (spares a system call on Python 3.11, see
-        :mod:`tierproxy.deadlines`).
+        Like :meth:`get_now`, returns only a copy usable for ``headers``; why there is none
+        is left in :data:`MISS_REASON`. ``loop``: the running loop, when the caller holds it
+        (spares a system call on Python 3.11, see :mod:`tierproxy.deadlines`).
+
+        A backend that looks up through futures (:meth:`BytesBackend.get_bytes_soon`) is
+        asked as :meth:`lookup_soon` asks it - the same lookup, awaited here.
         """
-        if not self.backend.available or not self.breaker.allow():
-            MISS_REASON.set("skipped" if not self.backend.available else "breaker-open")
-            self._lookup["skipped"].inc()
-            return None
-        if budget <= 0:
-            MISS_REASON.set("skipped")
-            self.breaker.probing = False
-            self._lookup["skipped"].inc()
-            return None
-        # ``budget`` is already at most the configured timeout; the learned one may be less.
-        adaptive, estimator = self.adaptive, self.estimator
-        learned = adaptive is not None and adaptive.current <= budget
-        timeout = adaptive.current if learned and adaptive is not None else budget
         if loop is None:
             loop = asyncio.get_running_loop()
+        if self.backend.lookups_soon():
+            answered: asyncio.Future[tuple[Entry | None, str]] = loop.create_future()
+            lookup = self.lookup_soon(
+                key, budget, headers, loop, functools.partial(_resolve, answered)
+            )
+            try:
+                entry, why = await answered
+            except asyncio.CancelledError:
+                if lookup is not None:
+                    lookup.cancel()
+                raise
+            if entry is None:
+                MISS_REASON.set(why)
+            return entry
+        return await self._get_awaited(key, budget, headers, loop)
+
+    def lookup_soon(
+        self,
+        key: CacheKey,
+        budget: float,
+        headers: CIMultiDictProxy[str] | None,
+        loop: asyncio.AbstractEventLoop,
+        answered: Answered,
+    ) -> TierLookup | None:
+        """Start looking ``key`` up within ``budget`` seconds, with no task: ``answered``
+        gets ``(copy, "")`` or ``(None, why)`` (a :data:`MISS_REASON` value), once - at once
+        when the tier is skipped. Returns the lookup in flight (cancel it when its caller
+        gives up: no outcome is counted), or None when it was answered at once.
+
+        The outcomes, metrics, breaker and timeouts are those of :meth:`get`. A backend whose
+        :meth:`~TierBackend.lookups_soon` is false now is awaited in a task instead
+        (:meth:`TierLookup.start_awaited`)."""
+        if not self.backend.lookups_soon():
+            awaited = TierLookup(self, key, headers, answered, budget, False, loop)
+            awaited.start_awaited(budget)
+            return awaited
+        why = self._skipped(budget)
+        if why is not None:
+            answered(None, why)
+            return None
+        timeout, learned = self._timeout_for(budget)
+        lookup = TierLookup(self, key, headers, answered, timeout, learned, loop)
+        lookup.start()
+        return None if lookup.over else lookup
+
+    def _skipped(self, budget: float) -> str | None:
+        """Why a lookup is not sent at all (counted as skipped), or None: send it."""
+        if not self.backend.available or not self.breaker.allow():
+            self._lookup["skipped"].inc()
+            return "skipped" if not self.backend.available else "breaker-open"
+        if budget <= 0:
+            self.breaker.probing = False
+            self._lookup["skipped"].inc()
+            return "skipped"
+        return None
+
+    def _timeout_for(self, budget: float) -> tuple[float, bool]:
+        """A lookup's timeout within ``budget`` (already at most the configured timeout; the
+        learned one may be less), and whether it is the learned one."""
+        adaptive = self.adaptive
+        if adaptive is not None and adaptive.current <= budget:
+            return adaptive.current, True
+        return budget, False
+
+    def _looked_up(
+        self,
+        key: CacheKey,
+        entry: Entry | None,
+        headers: CIMultiDictProxy[str] | None,
+        started: float,
+        timeout: float,
+        varied: bool,
+    ) -> tuple[Entry | None, str]:
+        """A lookup the tier answered (``entry``, None for nothing there): counted, then
+        classified for ``headers``; the copy, or None and why."""
+        elapsed = time.perf_counter() - started
+        self._latency["get"].observe(elapsed)
+        estimator = self.estimator
+        if estimator is not None:
+            estimator.observe(elapsed)
+        self.near_timeout.observe(elapsed, timeout)
+        self.breaker.success()
+        found, why = self._classify(key, entry, headers)
+        if found is None and varied:
+            why = "vary-miss"  # the URL's index, but no variant for these headers
+        return found, why
+
+    def _timed_out(self, key: CacheKey, started: float, timeout: float, learned: bool) -> str:
+        """A lookup that took its whole ``timeout``: counted; why it found nothing."""
+        # Only a timeout the estimate gave feeds the estimate; one the request's deadline
+        # cut short is not the tier's latency (it still counts against the breaker, as a
+        # fixed timeout always has). Lookups that timed out together at a learned timeout
+        # are one failure of the tier, not one each: only a lookup that began after the
+        # last counted timeout ended counts, so a stall of the loop that times out every
+        # lookup in flight must not open the breaker, while a frozen tier opens it after
+        # BREAKER_FAILURES lookups that each waited the learned timeout.
+        adaptive, estimator = self.adaptive, self.estimator
+        if learned and adaptive is not None:
+            adaptive.observe_timeout(timeout)
+            if started < self._timeout_counted_at:
+                self.breaker.probing = False
+                self._lookup["timeout"].inc()
+                return "timeout"
+            self._timeout_counted_at = time.perf_counter()
+        elif adaptive is None and estimator is not None and timeout >= self.read_timeout:
+            estimator.sample(timeout)  # the configured timeout, not the deadline's cut
+        self._fail("timeout", key, "get")
+        return "timeout"
+
+    def _failed(self, key: CacheKey, exc: Exception, started: float, timeout: float) -> str:
+        """A lookup that raised ``exc`` (not a timeout): counted; why it found nothing."""
+        if isinstance(exc, TierUnavailable):
+            self.breaker.probing = False
+            self._lookup["skipped"].inc()
+            return "skipped"
+        if isinstance(exc, codec.CorruptEntry):
+            # The tier works (it answered); its content was bad and has been deleted.
+            if self.estimator is not None:
+                self.estimator.observe(time.perf_counter() - started)
+            self.breaker.success()
+            self._lookup["corrupt"].inc()
+            return "corrupt"
+        if isinstance(exc, codec.Unencodable):  # this request's key, not the tier
+            self.breaker.probing = False
+            self._unencodable(key, "get", exc)
+            self._lookup["miss"].inc()
+            return "error"
+        elapsed = time.perf_counter() - started
+        if self.estimator is not None:
+            self.estimator.observe_error(elapsed)
+        self.near_timeout.observe(elapsed, timeout)
+        self._fail("error", key, "get", exc)
+        return "error"
+
+    async def get_with_reason(
+        self,
+        key: CacheKey,
+        budget: float,
+        headers: CIMultiDictProxy[str] | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> tuple[Entry | None, str]:
+        """:meth:`get` of a backend that only awaits, and why it found nothing (the
+        :data:`MISS_REASON` it left in its own task's context), for a caller in another."""
+        entry = await self._get_awaited(key, budget, headers, loop)
+        return entry, "" if entry is not None else MISS_REASON.get()
+
+    async def _get_awaited(
+        self,
+        key: CacheKey,
+        budget: float,
+        headers: CIMultiDictProxy[str] | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Entry | None:
+        """:meth:`get` of a backend that looks up only by awaiting its ``get``."""
+        why = self._skipped(budget)
+        if why is not None:
+            MISS_REASON.set(why)
+            return None
+        timeout, learned = self._timeout_for(budget)
         task = asyncio.current_task(loop)
         assert task is not None, "a lookup runs in a task"
         started = time.perf_counter()
@@ -816,61 +1258,14 @@ class GuardedTier:
             self.breaker.probing = False
             raise
         except TimeoutError:
-            MISS_REASON.set("timeout")
-            # Only a timeout the estimate gave feeds the estimate; one the request's deadline
-            # cut short is not the tier's latency (it still counts against the breaker, as a
-            # fixed timeout always has). Lookups that timed out together at a learned timeout
-            # are one failure of the tier, not one each: only a lookup that began after the
-            # last counted timeout ended counts, so a stall of the loop that times out every
-            # lookup in flight must not open the breaker, while a frozen tier opens it after
-            # BREAKER_FAILURES lookups that each waited the learned timeout.
-            if learned and adaptive is not None:
-                adaptive.observe_timeout(timeout)
-                if started < self._timeout_counted_at:
-                    self.breaker.probing = False
-                    self._lookup["timeout"].inc()
-                    return None
-                self._timeout_counted_at = time.perf_counter()
-            elif adaptive is None and estimator is not None and timeout >= self.read_timeout:
-                estimator.sample(timeout)  # the configured timeout, not the deadline's cut
-            self._fail("timeout", key, "get")
-            return None
-        except TierUnavailable:
-            MISS_REASON.set("skipped")
-            self.breaker.probing = False
-            self._lookup["skipped"].inc()
-            return None
-        except codec.CorruptEntry:
-            MISS_REASON.set("corrupt")
-            # The tier works (it answered); its content was bad and has been deleted.
-            if estimator is not None:
-                estimator.observe(time.perf_counter() - started)
-            self.breaker.success()
-            self._lookup["corrupt"].inc()
-            return None
-        except codec.Unencodable as exc:  # this request's key, not the tier
-            MISS_REASON.set("error")
-            self.breaker.probing = False
-            self._unencodable(key, "get", exc)
-            self._lookup["miss"].inc()
+            MISS_REASON.set(self._timed_out(key, started, timeout, learned))
             return None
         except Exception as exc:  # noqa: BLE001 - a broken tier is a miss, whatever the driver raised
-            MISS_REASON.set("error")
-            elapsed = time.perf_counter() - started
-            if estimator is not None:
-                estimator.observe_error(elapsed)
-            self.near_timeout.observe(elapsed, timeout)
-            self._fail("error", key, "get", exc)
+            MISS_REASON.set(self._failed(key, exc, started, timeout))
             return None
-        elapsed = time.perf_counter() - started
-        self._latency["get"].observe(elapsed)
-        if estimator is not None:
-            estimator.observe(elapsed)
-        self.near_timeout.observe(elapsed, timeout)
-        self.breaker.success()
-        found = self._classify(key, entry, headers)
-        if found is None and varied:
-            MISS_REASON.set("vary-miss")  # the URL's index, but no variant for these headers
+        found, why = self._looked_up(key, entry, headers, started, timeout, varied)
+        if found is None:
+            MISS_REASON.set(why)
         return found
 
     async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> bool:

@@ -228,6 +228,15 @@ class RedisTier(BytesBackend):
     def tag_name(self, tag: str) -> str:
         return self._tag_prefix + self.keys.tag_id(tag)
 
+    def lookups_soon(self) -> bool:
+        # On the pipelined connection, once connected (connecting is awaited: get_bytes).
+        return self.reads is not None and self.reads.connected
+
+    def get_bytes_soon(self, key: CacheKey) -> asyncio.Future[bytes | None]:
+        assert self.reads is not None
+        # (GET's reply is a bulk string or nil; an error reply fails the future)
+        return self.reads.get_soon(self.entry_name(key).encode())
+
     async def get_bytes(self, key: CacheKey) -> bytes | None:
         if self.reads is not None:
             return await self.reads.get(self.entry_name(key).encode())

@@ -164,6 +164,20 @@ class PipelinedReader:
         value = await self._send(_command(b"GET", key))
         return value if isinstance(value, bytes) else None
 
+    @property
+    def connected(self) -> bool:
+        """Whether a GET can be sent now, with no connecting to wait for (:meth:`get_soon`)."""
+        protocol = self._protocol
+        return protocol is not None and not protocol.lost
+
+    def get_soon(self, key: bytes) -> asyncio.Future[Any]:
+        """A GET sent now on the connection (:attr:`connected` must be true): a future of the
+        reply (the value, or None). Cancelling it drops the reply when it comes."""
+        protocol = self._protocol
+        assert protocol is not None, "get_soon() needs a connection (see connected)"
+        self._check_waiting(protocol)
+        return protocol.send(_command(b"GET", key))
+
     async def ping(self) -> bool:
         """Connect now if not connected (start-up), and check that Redis answers."""
         return bool(await self._send(_command(b"PING")) == b"PONG")
@@ -172,6 +186,12 @@ class PipelinedReader:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connected()
+        self._check_waiting(protocol)
+        return await protocol.send(payload)
+
+    def _check_waiting(self, protocol: _Protocol) -> None:
+        """Refuse a command (ReadChannelError) when too many wait, or when the oldest has
+        waited past ``stale_after`` (the connection is then dropped)."""
         waiting = protocol.waiting
         if waiting:
             if len(waiting) >= self._max_pending:
@@ -183,7 +203,6 @@ class PipelinedReader:
                     )
                 )
                 raise ReadChannelError("Redis stopped answering; reconnecting on the next read")
-        return await protocol.send(payload)
 
     async def _connected(self) -> _Protocol:
         if self._closed:

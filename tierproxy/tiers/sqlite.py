@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -313,8 +314,8 @@ class SQLiteTier(BytesBackend):
             collections.deque()
         )
         self._loop: asyncio.AbstractEventLoop | None = None  # set by open()
-        self._batcher: asyncio.Task[None] | None = None
-        self._trips: set[asyncio.Task[None]] = set()  # batches sent, their answers awaited
+        self._batcher: asyncio.Handle | None = None  # a send of the waiting lookups is due
+        self._trips: set[asyncio.Future[Any]] = set()  # batches sent, their answers awaited
         self._alone = False  # a lookup sent on its own is in flight
         self.read_hops = 0  # trips to the reader's thread made for lookups (batches)
         self._page_size = 4096
@@ -594,122 +595,181 @@ class SQLiteTier(BytesBackend):
                 outcomes.append(exc)
         return outcomes
 
+    def lookups_soon(self) -> bool:
+        return self._loop is not None  # (opened; an unusable file raises TierUnavailable)
+
     async def get_bytes(self, key: CacheKey) -> bytes | None:
+        return await self.get_bytes_soon(key)
+
+    def get_bytes_soon(self, key: CacheKey) -> asyncio.Future[bytes | None]:
         loop = self._loop
         if loop is None or self._reader is None or self._reader_raw is None or not self.available:
             raise TierUnavailable("L3 file unavailable")
-        # A lookup whose caller is cancelled (timeout, client gone) is not interrupted: it
+        # A lookup whose caller gives up (timeout, client gone) is not interrupted: it
         # finishes or hits its own deadline in the reader's thread, and its row is dropped.
         deadline = time.monotonic() + self.read_timeout
+        digest = key.digest
+        answer: asyncio.Future[bytes | None] = loop.create_future()
         if self._batcher is None and not self._alone:
             # Nothing in flight: sent at once, on its own (batching adds nothing when idle).
             # Lookups begun meanwhile wait, and go together when it is back.
+            trip = self._trip(self._lookup_alone, digest, deadline)
             self._alone = True
-            try:
-                outcome = await self._send(self._lookup_alone, key.digest, deadline)
-            finally:
-                self._alone = False
-                if self._waiting and self._batcher is None:
-                    self._batcher = loop.create_task(
-                        self._run_batches(), name="tierproxy-l3-lookups"
-                    )
-        else:
-            if len(self._waiting) >= MAX_WAITING_LOOKUPS:
-                # The reader's thread is far behind (a stalled statement, a flood): waiting
-                # longer would only time out. Skipped, like an unavailable tier (a skipped
-                # lookup is no failure for the breaker; the ones in flight time out and are).
-                raise TierUnavailable("L3 lookup queue full")
-            future: asyncio.Future[Any] = loop.create_future()
-            self._waiting.append((key.digest, deadline, future))
-            outcome = await future
+            trip.add_done_callback(
+                functools.partial(self._alone_back, answer, self._reader, digest)
+            )
+            # Answered, or given up by its caller: the lookups begun meanwhile go then.
+            answer.add_done_callback(self._alone_over)
+            return answer
+        if len(self._waiting) >= MAX_WAITING_LOOKUPS:
+            # The reader's thread is far behind (a stalled statement, a flood): waiting
+            # longer would only time out. Skipped, like an unavailable tier (a skipped
+            # lookup is no failure for the breaker; the ones in flight time out and are).
+            raise TierUnavailable("L3 lookup queue full")
+        self._waiting.append((digest, deadline, answer))
+        return answer
+
+    def _alone_back(
+        self,
+        answer: asyncio.Future[bytes | None],
+        reader: aiosqlite.Connection,
+        digest: str,
+        trip: asyncio.Future[Any],
+    ) -> None:
+        """A lookup sent on its own is back from the reader's thread: its answer settled."""
+        if answer.done():
+            return  # its caller went away: the outcome is dropped
+        try:
+            outcome = self._trip_outcome(trip, reader)
+        except TierUnavailable as exc:
+            answer.set_exception(exc)
+            return
+        self._settle(answer, digest, outcome)
+
+    def _alone_over(self, _: asyncio.Future[bytes | None]) -> None:
+        """The lookup sent on its own is over for its caller: the lookups that began
+        meanwhile are sent together (queued in the reader's thread behind it if it is still
+        there)."""
+        self._alone = False
+        loop = self._loop
+        if self._waiting and self._batcher is None and loop is not None:
+            self._batcher = loop.call_soon(self._send_waiting)
+
+    def _settle(self, answer: asyncio.Future[bytes | None], digest: str, outcome: Any) -> None:
+        """A lookup's outcome from the reader's thread (:meth:`_lookup`) into its caller's
+        future: the value of a live row, None, or what failed."""
         if isinstance(outcome, BaseException):
             if "interrupted" in str(outcome):
-                raise TimeoutError("L3 lookup passed its deadline") from None
+                answer.set_exception(TimeoutError("L3 lookup passed its deadline"))
+                return
             self._report_corrupt(outcome)
-            raise outcome
+            answer.set_exception(outcome)
+            return
         if outcome is _LATE:
-            raise TimeoutError("L3 lookup waited past its deadline")
+            answer.set_exception(TimeoutError("L3 lookup waited past its deadline"))
+            return
         if outcome is None:
-            return None
+            answer.set_result(None)
+            return
         value, expires_at = outcome
         now = time.time()
         if expires_at <= now:
-            return None
+            answer.set_result(None)
+            return
         if len(self._touched) < _MAX_PENDING_TOUCHES:
-            self._touched[key.digest] = now
-        return bytes(value)
+            self._touched[digest] = now
+        answer.set_result(bytes(value))
 
-    async def _send(self, lookup: Callable[..., Any], *args: Any) -> Any:
-        """One trip to the reader's thread: ``lookup`` (:meth:`_lookup_alone` or
-        :meth:`_lookup_batch`) run there with the reader, its deadline and ``args``."""
-        reader, raw, current = self._reader, self._reader_raw, self._read_deadline
-        if reader is None or raw is None or not self.available:
+    def _trip(self, lookup: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """One trip to the reader's thread, started now: ``lookup`` (:meth:`_lookup_alone` or
+        :meth:`_lookup_batch`) run there with the reader, its deadline and ``args``; its
+        outcome a future (see :meth:`_trip_outcome`).
+
+        Queued on aiosqlite's own thread as its ``_execute`` queues a call, minus the
+        coroutine (and its get_event_loop()): a lookup needs no task of its own."""
+        reader, raw, current, loop = self._reader, self._reader_raw, self._read_deadline, self._loop
+        if reader is None or raw is None or loop is None or not self.available:
             raise TierUnavailable("L3 file unavailable")
+        if not reader._running or reader._connection is None:
+            raise TierUnavailable("L3 file being reopened")  # closed (recovery, shutdown)
         self.read_hops += 1
-        try:
-            outcomes = await reader._execute(  # type: ignore[no-untyped-call]
-                lookup, raw, current, *args
-            )
-        except (sqlite3.DatabaseError, ValueError):
-            # ValueError: aiosqlite's connection was closed (recovery, shutdown).
-            raise TierUnavailable("L3 file being reopened") from None
+        trip: asyncio.Future[Any] = loop.create_future()
+        reader._tx.put_nowait((trip, functools.partial(lookup, raw, current, *args)))
+        return trip
+
+    def _trip_outcome(self, trip: asyncio.Future[Any], reader: aiosqlite.Connection) -> Any:
+        """What a trip to ``reader``'s thread gave; TierUnavailable when it failed or the
+        reader was closed or replaced under it by a recovery (the old file's answers are not
+        trusted: it was deleted, replaced or corrupt)."""
+        if trip.cancelled():
+            raise TierUnavailable("L3 lookups stopped")
+        failure = trip.exception()
+        if failure is not None:
+            raise TierUnavailable(f"L3 file being reopened ({failure!r})")
         if reader is not self._reader:
-            # Closed or replaced under the lookups by a recovery: the old file's answers are
-            # not trusted (it was deleted, replaced or corrupt).
             raise TierUnavailable("L3 file being reopened")
-        return outcomes
+        return trip.result()
 
-    async def _run_batches(self) -> None:
-        """Send the waiting lookups to the reader's thread, at most ``LOOKUP_BATCH`` a trip,
-        until none wait. Trips do not wait for each other: they queue in the thread, which
-        runs them back to back, so lookups never wait on a busy event loop's turn to take a
-        trip's answer before the next trip can go (under a stampede of thousands of lookups,
-        one trip at a time held lookups for seconds)."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not self._waiting:
-                    # The callers just answered run first (their tasks were woken before
-                    # this one): lookups they begin at once join the next batch instead of
-                    # one of them going alone and the rest waiting for it.
-                    await asyncio.sleep(0)
-                    if not self._waiting:
-                        break
-                batch: list[tuple[str, float, asyncio.Future[Any]]] = []
-                waiting = self._waiting
-                while waiting and len(batch) < LOOKUP_BATCH:
-                    item = waiting.popleft()
-                    if not item[2].done():  # a caller already gone is not looked up
-                        batch.append(item)
-                if batch:
-                    trip = loop.create_task(self._run_batch(batch))
-                    self._trips.add(trip)
-                    trip.add_done_callback(self._trips.discard)
-        finally:
-            self._batcher = None
+    def _send_waiting(self) -> None:
+        """Send the waiting lookups to the reader's thread, at most ``LOOKUP_BATCH`` a trip.
 
-    async def _run_batch(self, batch: list[tuple[str, float, asyncio.Future[Any]]]) -> None:
+        Trips do not wait for each other: they queue in the thread, which runs them back to
+        back, so lookups never wait on a busy event loop's turn to take a trip's answer
+        before the next trip can go (under a stampede of thousands of lookups, one trip at a
+        time held lookups for seconds). After a send this runs again on the next loop
+        iteration: the callers just answered run first, and lookups they begin at once join
+        that batch instead of one of them going alone and the rest waiting for it. When none
+        waited, batching ends and the next lookup goes alone. No task: callbacks only."""
+        self._batcher = None
+        waiting = self._waiting
+        loop = self._loop
+        if not waiting or loop is None:
+            return
+        reader = self._reader
+        while waiting:
+            batch: list[tuple[str, float, asyncio.Future[Any]]] = []
+            while waiting and len(batch) < LOOKUP_BATCH:
+                item = waiting.popleft()
+                if not item[2].done():  # a caller already gone is not looked up
+                    batch.append(item)
+            if not batch:
+                continue
+            try:
+                trip = self._trip(
+                    self._lookup_batch, [(digest, deadline) for digest, deadline, _ in batch]
+                )
+            except TierUnavailable as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(TierUnavailable(str(exc)))
+                continue
+            self._trips.add(trip)
+            trip.add_done_callback(functools.partial(self._batch_back, batch, reader))
+        self._batcher = loop.call_soon(self._send_waiting)
+
+    def _batch_back(
+        self,
+        batch: list[tuple[str, float, asyncio.Future[Any]]],
+        reader: aiosqlite.Connection | None,
+        trip: asyncio.Future[Any],
+    ) -> None:
+        """A batch is back from the reader's thread: each caller's future settled."""
+        self._trips.discard(trip)
         gone: str | None = None  # why every caller of the batch fails (TierUnavailable)
         outcomes: list[Any] = []
         try:
-            outcomes = await self._send(
-                self._lookup_batch, [(digest, deadline) for digest, deadline, _ in batch]
-            )
+            if reader is None:
+                raise TierUnavailable("L3 file unavailable")
+            outcomes = self._trip_outcome(trip, reader)
         except TierUnavailable as exc:
             gone = str(exc)
-        except BaseException as exc:
-            # (A cancellation at shutdown, or a bug: no caller may wait for ever.)
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(TierUnavailable(f"L3 lookups stopped: {exc!r}"))
-            raise
-        for i, (*_, future) in enumerate(batch):
+        for i, (digest, _, future) in enumerate(batch):
             if future.done():
                 continue  # its caller went away: the outcome is dropped
             if gone is not None:
                 future.set_exception(TierUnavailable(gone))
             else:
-                future.set_result(outcomes[i])
+                self._settle(future, digest, outcomes[i])
 
     async def ping(self) -> bool:
         """One read on the lookups' connection, as a lookup does it (a key never stored),
@@ -982,7 +1042,10 @@ class SQLiteTier(BytesBackend):
             await asyncio.wait([supervisor])  # (re-raises only our own cancellation)
         self.available = False
         await self._close_connections()
-        pending = [t for t in (self._batcher, *self._trips) if t is not None]
+        if self._batcher is not None:
+            self._batcher.cancel()
+        self._send_waiting()  # what still waits fails at once: the reader is gone
+        pending = list(self._trips)
         if pending:
             # They fail what still waits (the reader is gone) as soon as the batches in flight
             # return - at once, unless a statement outlived the close's own bound above.
