@@ -223,3 +223,32 @@ async def test_gets_started_together_reach_redis_in_one_write(
             assert reads <= 5, reads
     finally:
         await reader.close()
+
+
+async def test_replies_split_across_parser_slices_reach_their_own_gets(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
+    """Replies are parsed a slice of the read at a time (hiredis moves its buffer after every
+    reply, quadratic in one big feed): replies of every size around the slice's, errors and
+    nils among them, still each reach the GET that asked, in one read or many."""
+    sizes = [0, 1, 100, 16_383, 16_384, 16_385, 16_400, 40_000, 70_000, 1_300]
+    values = {
+        f"k{i}".encode(): (b"%d:" % i + bytes([65 + i % 26]) * sizes[i % len(sizes)])
+        for i in range(300)
+    }
+    redis_client.mset(values)
+    redis_client.rpush("a-list", "x")  # GET on it: a WRONGTYPE error reply
+    reader = reader_for(redis_url)
+    try:
+        await reader.get(b"k0")  # connected
+        for _round in range(3):
+            keys = [*values, b"missing", b"a-list", *reversed(values)]
+            got = await asyncio.gather(*(reader.get(key) for key in keys), return_exceptions=True)
+            assert got[: len(values)] == list(values.values())
+            assert got[len(values)] is None
+            failed = got[len(values) + 1]
+            assert isinstance(failed, ReadChannelError) and "WRONGTYPE" in str(failed)
+            assert got[len(values) + 2 :] == list(reversed(values.values()))
+        assert reader.pending == 0
+    finally:
+        await reader.close()

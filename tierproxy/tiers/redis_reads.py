@@ -39,6 +39,8 @@ from redis.asyncio.connection import SSLConnection, parse_url
 __all__ = ["PipelinedReader", "ReadChannelError", "for_url"]
 
 _MAX_PENDING = 4096
+# Bytes of a read fed to the reply parser at a time (see _Protocol.data_received).
+_FEED_BYTES = 16384
 
 
 class ReadChannelError(ConnectionError):
@@ -71,19 +73,35 @@ class _Protocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
+        # Fed a slice at a time: hiredis moves what is left of its buffer down after every
+        # reply it parses (once 1 KiB is consumed), so one feed of many replies costs time
+        # quadratic in their number (1,024 replies of 1.3 KB: 10 us each, against 0.3 fed
+        # by slices; 32 of 64 KiB: 27 against 6 - python -m loadtest.redis_reply_bench).
+        reader = self.reader
+        size = len(data)
+        offset = 0
+        while offset < size:
+            step = min(_FEED_BYTES, size - offset)
+            reader.feed(data, offset, step)
+            offset += step
+            if not self._take_replies(reader):
+                return
+
+    def _take_replies(self, reader: hiredis.Reader) -> bool:
+        """Hand the complete replies in ``reader`` to their waiters, in order; False when
+        the connection was aborted (a malformed or unasked-for reply)."""
         waiting = self.waiting
         while True:
             try:
-                reply = self.reader.gets()
+                reply = reader.gets()
             except hiredis.ProtocolError as exc:
                 self.abort(ReadChannelError(f"Redis sent a malformed reply: {exc}"))
-                return
+                return False
             if reply is False:
-                return
+                return True
             if not waiting:
                 self.abort(ReadChannelError("Redis sent a reply nothing asked for"))
-                return
+                return False
             future, _ = waiting.popleft()
             if future.done():  # its caller gave up (timeout, cancellation): drop the reply
                 continue
