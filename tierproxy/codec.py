@@ -115,12 +115,13 @@ def _head_ok(status: int, head: bytes) -> bool:
         return True
     if _FIELD_LINES.fullmatch(head.lower(), len(line)) is None:
         return False
+    if len(head) > _HEADS_OK_MAX_BYTES // 64:
+        return True  # (one such head would crowd the others out: checked each time)
     if len(_HEADS_OK) >= _HEADS_OK_MAX or _heads_ok_bytes + len(head) > _HEADS_OK_MAX_BYTES:
         _HEADS_OK.clear()
         _heads_ok_bytes = 0
-    if len(head) <= _HEADS_OK_MAX_BYTES:
-        _HEADS_OK.add(head)
-        _heads_ok_bytes += len(head)
+    _HEADS_OK.add(head)
+    _heads_ok_bytes += len(head)
     return True
 
 

@@ -347,17 +347,17 @@ class _HitLookup:
             self._state.inflight -= 1
             walk.cancel()
 
-    def _found(self, found: Lookup) -> None:
+    def _found(self, found: Lookup | Exception) -> None:
         self._walk = None
         self._state.inflight -= 1
-        outcome: Answer | Handover | None
-        try:
-            outcome = self._hits.looked_up(
-                self._req, self._path, self._started, self._remote, found
-            )
-        except Exception:  # the full path answers it, and reports what is wrong
-            log.exception("hit path lookup failed; the request takes the full path")
-            outcome = None
+        outcome: Answer | Handover | None = None
+        if not isinstance(found, Exception):  # (the walk failed: logged, the full path goes)
+            try:
+                outcome = self._hits.looked_up(
+                    self._req, self._path, self._started, self._remote, found
+                )
+            except Exception:  # the full path answers it, and reports what is wrong
+                log.exception("hit path lookup failed; the request takes the full path")
         listener = self._listener
         if listener is None:
             self._outcome = (outcome,)

@@ -211,12 +211,13 @@ class ReadThrough:
         return Lookup(Miss(tuple(trace)) if trace else MISS, generation, since)
 
     def lookup_soon(
-        self, req: ProxyRequest, loop: asyncio.AbstractEventLoop, done: Callable[[Lookup], object]
+        self, req: ProxyRequest, loop: asyncio.AbstractEventLoop, done: WalkDone
     ) -> TierWalk:
         """:meth:`lookup` with no task and no hedging (the tiers strictly in order), its
-        outcome given to ``done`` - at once if no tier needs awaiting. Cancel the walk
-        returned when the caller gives up: the tier lookup in flight is abandoned, uncounted,
-        and ``done`` is not called."""
+        outcome given to ``done`` - at once if no tier needs awaiting; the exception instead
+        if the walk itself failed (a bug: it is logged). Cancel the walk returned when the
+        caller gives up: the tier lookup in flight is abandoned, uncounted, and ``done`` is
+        not called."""
         walk = TierWalk(self, req, loop, done)
         walk.step()
         return walk
@@ -414,8 +415,17 @@ class ReadThrough:
         self.purges.distrust_local()
 
 
-def _settle(future: asyncio.Future[Lookup], found: Lookup) -> None:
-    if not future.done():  # (cancelled with its task, the walk ending in the same iteration)
+#: Where a walk's outcome goes (:meth:`ReadThrough.lookup_soon`): what the tiers held, or
+#: what went wrong in the walk itself.
+WalkDone = Callable[["Lookup | Exception"], object]
+
+
+def _settle(future: asyncio.Future[Lookup], found: Lookup | Exception) -> None:
+    if future.done():  # (cancelled with its task, the walk ending in the same iteration)
+        return
+    if isinstance(found, Exception):
+        future.set_exception(found)
+    else:
         future.set_result(found)
 
 
@@ -444,7 +454,7 @@ class TierWalk:
         readthrough: ReadThrough,
         req: ProxyRequest,
         loop: asyncio.AbstractEventLoop,
-        done: Callable[[Lookup], object],
+        done: WalkDone,
     ) -> None:
         self._readthrough = readthrough
         self._req = req
@@ -471,6 +481,22 @@ class TierWalk:
 
     def step(self) -> None:
         """Ask the tiers from the current one on, until one must be awaited or all were."""
+        try:
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - a bug: its caller must still hear of it
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        log.exception("tier lookup failed")
+        if not self.over:
+            self.over = True
+            pending = self._pending
+            if pending is not None:
+                self._pending = None
+                pending.cancel()
+            self._done(exc)
+
+    def _step(self) -> None:
         readthrough, req = self._readthrough, self._req
         tiers = readthrough.tiers
         while self._index < len(tiers):
@@ -496,10 +522,15 @@ class TierWalk:
         self._pending = None
         if self.over:
             return
-        tier = self._readthrough.tiers[self._index]
-        self._req.timings[tier.name] = time.perf_counter() - self._started
-        if not self._found(tier, entry, why):
-            self.step()
+        try:
+            tier = self._readthrough.tiers[self._index]
+            self._req.timings[tier.name] = time.perf_counter() - self._started
+            if self._found(tier, entry, why):
+                return
+        except Exception as exc:  # noqa: BLE001 - as step()
+            self._failed(exc)
+            return
+        self.step()
 
     def _found(self, tier: GuardedTier, entry: Entry | None, why: str) -> bool:
         """Tier ``self._index`` said ``why`` / gave ``entry``: whether the walk is over."""

@@ -252,3 +252,24 @@ async def test_replies_split_across_parser_slices_reach_their_own_gets(
         assert reader.pending == 0
     finally:
         await reader.close()
+
+
+async def test_a_get_started_after_the_connection_was_lost_fails_at_once(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
+    """A lookup's second read (a variant's record, after its index's reply) can start after the
+    connection went down in the same loop iteration: it fails at once instead of waiting on a
+    dead connection for its whole timeout, and the next GET reconnects."""
+    redis_client.set("k", "v")
+    reader = reader_for(redis_url)
+    try:
+        assert await reader.get(b"k") == b"v"
+        assert reader.connected
+        redis_client.client_kill_filter(_type="normal", skipme=True)
+        await wait_for_condition(lambda: not reader.connected, message="connection lost")
+        with pytest.raises(ReadChannelError, match="lost"):
+            reader.get_soon(b"k")
+        assert await get_within(reader, b"k", 5) == b"v"  # reconnected
+        assert reader.connected
+    finally:
+        await reader.close()

@@ -45,7 +45,13 @@ def test_round_trip() -> None:
 @given(
     body=st.binary(max_size=2048),
     key=st.text(min_size=1, max_size=50),
-    headers=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=5),
+    headers=st.lists(
+        # (a framing field is never stored: test_an_entry_with_a_framing_field_is_unencodable)
+        st.tuples(st.text(max_size=20), st.text(max_size=40)).filter(
+            lambda field: field[0].lower() not in codec._FRAMING
+        ),
+        max_size=5,
+    ),
 )
 def test_round_trip_any_body_and_headers(
     body: bytes, key: str, headers: list[tuple[str, str]]
@@ -415,6 +421,10 @@ def test_heads_checked_lately_are_remembered_within_their_bound() -> None:
     with pytest.raises(codec.CorruptEntry):
         codec.decode(forged(fields), entry.key)
     assert _HEAD + b"Content-Length: 0\r\n" not in heads
+    remembered = set(heads)
+    big = make_entry(headers=(("X-Big", "b" * (codec._HEADS_OK_MAX_BYTES // 32)),))
+    assert codec.decode(codec.encode(big), big.key) == big
+    assert heads == remembered  # a head that big is checked every time, crowding none out
     for i in range(3 * codec._HEADS_OK_MAX):
         many = make_entry(headers=(("X-N", str(i)), ("X-Pad", "p" * 500)))
         assert codec.decode(codec.encode(many), many.key) == many

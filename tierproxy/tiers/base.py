@@ -70,9 +70,6 @@ log = logging.getLogger("tierproxy.tiers")
 # Variant indexes a purge reads at once (to find the variants of the URLs it purges).
 _PURGE_READS = 64
 
-# How early a shared lookup timer may fire (LookupDeadlines): the loop clock's resolution.
-_CLOCK_RESOLUTION = 0.001
-
 # The floor of an estimate kept only for hedging (its timeout is never used).
 _DEFAULT_FLOOR = 0.002
 
@@ -497,6 +494,10 @@ class Breaker:
 Answered = Callable[["Entry | None", str], object]
 
 
+def _ignore(entry: Entry | None, why: str) -> None:
+    """Where a lookup's outcome goes once it is over (nowhere: it was given already)."""
+
+
 def _resolve(
     future: asyncio.Future[tuple[Entry | None, str]], entry: Entry | None, why: str
 ) -> None:
@@ -551,24 +552,31 @@ class LookupDeadlines:
 
     def _fire(self) -> None:
         self._timer = None
+        self._armed_at = math.inf
         loop = self._loop
         if loop is None:
             return
-        # Due within the loop clock's resolution counts as due (asyncio's loops run timers
-        # so too; uvloop's clock has ms resolution): no re-arming for a few microseconds.
-        due = loop.time() + _CLOCK_RESOLUTION
+        now = loop.time()
         queue = self._queue
+        due: list[TierLookup] = []
         while queue:
             at, lookup = queue[0]
             if lookup.over:
                 queue.popleft()
-            elif at <= due:
+            elif at <= now:
                 queue.popleft()
-                lookup.timed_out()
+                due.append(lookup)
             else:
+                # Armed for the next one before any lookup's callbacks run (they may start
+                # lookups on this tier: add() then sees the timer as it is).
                 self._timer = loop.call_at(at, self._fire)
                 self._armed_at = at
-                return
+                break
+        for lookup in due:
+            try:
+                lookup.timed_out()
+            except Exception:  # (a bug downstream must not strand the others' timeouts)
+                log.exception("a lookup's timeout failed")
 
     @property
     def waiting(self) -> int:
@@ -653,16 +661,16 @@ class TierLookup:
                 entry, why = pending.result()
             else:
                 log.error("%s lookup failed", self._tier.name, exc_info=failure)
-        self._end()
-        self._answered(entry, why)
+        answered = self._end()
+        answered(entry, why)
 
     def cancel(self) -> None:
         """The caller gave up (a client gone): nothing is known about the tier - no failure,
         no latency sample, no outcome, and no answer. A probe that never reported must not
         keep the breaker half-open: the next lookup may probe."""
         if not self.over:
-            self._end()
             self._tier.breaker.probing = False
+            self._end()
 
     def _read(self, key: CacheKey) -> None:
         try:
@@ -708,8 +716,8 @@ class TierLookup:
         found, why = self._tier._looked_up(
             self._key, entry, self._headers, self._started, self._timeout, self._varied
         )
-        self._end()
-        self._answered(found, why)
+        answered = self._end()
+        answered(found, why)
 
     def _drop_corrupt(self, corrupt: codec.CorruptEntry) -> None:
         deleting = self._loop.create_task(self._backend.delete(self._key))
@@ -727,8 +735,8 @@ class TierLookup:
         """The lookup's timeout passed (:class:`LookupDeadlines`)."""
         if self.over:
             return
-        self._end()
-        self._answered(
+        answered = self._end()
+        answered(
             None, self._tier._timed_out(self._key, self._started, self._timeout, self._learned)
         )
 
@@ -740,10 +748,13 @@ class TierLookup:
             if not isinstance(failure, Exception):
                 failure = RuntimeError(f"lookup failed: {failure!r}")
             why = tier._failed(self._key, failure, self._started, self._timeout)
-        self._end()
-        self._answered(None, why)
+        answered = self._end()
+        answered(None, why)
 
-    def _end(self) -> None:
+    def _end(self) -> Answered:
+        """Over: the timer and the read in flight let go, and what the lookup held of its
+        request released (it may wait in the tier's deadline queue a while); returns where
+        the outcome goes."""
         self.over = True
         if self._timer is not None:
             self._timer.cancel()
@@ -751,6 +762,9 @@ class TierLookup:
         if pending is not None:
             self._pending = None
             pending.cancel()  # an L2 reply or L3 row still due is dropped when it comes
+        answered, self._answered = self._answered, _ignore
+        self._headers = None
+        return answered
 
 
 class GuardedTier:

@@ -192,7 +192,9 @@ class PipelinedReader:
         """A GET sent now on the connection (:attr:`connected` must be true): a future of the
         reply (the value, or None). Cancelling it drops the reply when it comes."""
         protocol = self._protocol
-        assert protocol is not None, "get_soon() needs a connection (see connected)"
+        if protocol is None or protocol.lost:
+            # (lost since ``connected`` was asked: a variant's read after its index's reply)
+            raise ReadChannelError("Redis connection lost; reconnecting on the next read")
         self._check_waiting(protocol)
         return protocol.send(_command(b"GET", key))
 
