@@ -70,6 +70,9 @@ log = logging.getLogger("tierproxy.tiers")
 # Variant indexes a purge reads at once (to find the variants of the URLs it purges).
 _PURGE_READS = 64
 
+# The least a lookup timer is armed again for after it fired (LookupDeadlines._fire).
+_REARM_AFTER = 0.001
+
 # The floor of an estimate kept only for hedging (its timeout is never used).
 _DEFAULT_FLOOR = 0.002
 
@@ -568,9 +571,13 @@ class LookupDeadlines:
                 due.append(lookup)
             else:
                 # Armed for the next one before any lookup's callbacks run (they may start
-                # lookups on this tier: add() then sees the timer as it is).
-                self._timer = loop.call_at(at, self._fire)
-                self._armed_at = at
+                # lookups on this tier: add() then sees the timer as it is). At least 1 ms
+                # on: uvloop's clock has ms resolution and fires a timer up to half a ms
+                # early, so a nearer deadline would make the loop spin until its ms ticks
+                # (a timeout is never early, at most a ms late).
+                when = max(at, now + _REARM_AFTER)
+                self._timer = loop.call_at(when, self._fire)
+                self._armed_at = when
                 break
         for lookup in due:
             try:
