@@ -489,11 +489,7 @@ class TierWalk:
     def _failed(self, exc: Exception) -> None:
         log.exception("tier lookup failed")
         if not self.over:
-            self.over = True
-            pending = self._pending
-            if pending is not None:
-                self._pending = None
-                pending.cancel()
+            self.cancel()  # (the tier lookup in flight, if any, is abandoned)
             self._done(exc)
 
     def _step(self) -> None:
