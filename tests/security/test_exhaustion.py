@@ -329,6 +329,19 @@ async def test_a_client_that_stops_reading_cannot_hold_origin_connections(
         started = loop.time()
         other = await wait_for_condition(_fetch_ok(proxy, "/small"), timeout=10, interval=0.1)
         served_after = loop.time() - started
+        # One freed connection is enough for /small: the other stalled client may not be cut
+        # off yet, and reading from it now would resume its stream. Both are cut first.
+        registry = proxy.state.metrics.registry
+        await wait_for_condition(
+            lambda: (
+                registry.get_sample_value(
+                    "tierproxy_streams_cut_total", {"reason": "client-stalled"}
+                )
+                == 2
+            ),
+            timeout=5,
+            message="both stalled clients cut off",
+        )
         received = [len(await conn.read_until_closed(timeout=5)) for conn in stalled]
     finally:
         for conn in stalled:
