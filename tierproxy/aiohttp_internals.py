@@ -1054,11 +1054,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         if self._lookup is not None:
             self._lookup.cancel()  # its client is gone
             self._lookup = None
-        over = self._lookup_over
-        if over is not None:
-            self._lookup_over = None
-            if not over.done():
-                over.set_result(None)
+        self._hit_path_work_over()
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -1254,14 +1250,19 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         self._after_hit_path_work()
 
     def _after_hit_path_work(self) -> None:
-        over = self._lookup_over
-        if over is not None and self._lookup is None:
-            self._lookup_over = None
-            if not over.done():
-                over.set_result(None)
+        if self._lookup is None:
+            self._hit_path_work_over()
         self._wake_for_full_path()
         if self._close and self._lookup is None and not self._messages:
             super().close()  # closing was asked for while the work ran (see close())
+
+    def _hit_path_work_over(self) -> None:
+        """No hit-path work is in flight any more: a shutdown() waiting for it goes on."""
+        over = self._lookup_over
+        if over is not None:
+            self._lookup_over = None
+            if not over.done():
+                over.set_result(None)
 
     def _write_answer(self, answer: Answer) -> memoryview | None:
         """Write a hit-path answer; return what of its body waits for the client to drain."""

@@ -645,13 +645,13 @@ class TierLookup:
         self._timer = self._tier.deadlines.add(self, loop.time() + self._timeout, loop)
         self._read(self._key)
 
-    def start_awaited(self, budget: float) -> None:
+    def start_awaited(self) -> None:
         """For a backend that only awaits (:meth:`TierBackend.lookups_soon` false: redis-py
         under TLS, Sentinel or Cluster, or the L2 reader while it reconnects): the whole
         :meth:`GuardedTier.get` - its checks, timeout and counting - in a task of its own."""
         tier = self._tier
         pending = self._loop.create_task(
-            tier.get_with_reason(self._key, budget, self._headers, self._loop)
+            tier.get_with_reason(self._key, self._timeout, self._headers, self._loop)
         )
         self._pending = pending
         pending.add_done_callback(self._awaited)
@@ -1131,8 +1131,9 @@ class GuardedTier:
         :meth:`~TierBackend.lookups_soon` is false now is awaited in a task instead
         (:meth:`TierLookup.start_awaited`)."""
         if not self.backend.lookups_soon():
+            # (its timeout is get()'s own, within ``budget``)
             awaited = TierLookup(self, key, headers, answered, budget, False, loop)
-            awaited.start_awaited(budget)
+            awaited.start_awaited()
             return awaited
         why = self._skipped(budget)
         if why is not None:
