@@ -273,3 +273,26 @@ async def test_a_get_started_after_the_connection_was_lost_fails_at_once(
         assert reader.connected
     finally:
         await reader.close()
+
+
+async def test_a_probe_after_a_thaw_is_not_failed_by_the_frozen_connections_backlog(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
+    """A health probe (ping) that finds the connection stale - its oldest command older than
+    ``stale_after``, its reply not yet read because Redis was frozen until just now - asks on
+    a fresh connection instead of failing: the first probe after a thaw closes the breaker
+    instead of backing off for another window (seen as a flake of the probe-backoff test)."""
+    redis_client.set("k", "v")
+    reader = reader_for(redis_url, stale_after=0.3)
+    try:
+        assert await reader.get(b"k") == b"v"
+        with redis_server.frozen():
+            with pytest.raises(TimeoutError):
+                await get_within(reader, b"k", 0.1)
+            await asyncio.sleep(0.4)  # the unanswered GET is now older than stale_after
+        # Thawed; the GET's late reply is still in the socket, unread: the probe goes now.
+        assert await asyncio.wait_for(reader.ping(), 2.0)
+        assert await get_within(reader, b"k", 2.0) == b"v"
+        assert reader.pending == 0
+    finally:
+        await reader.close()

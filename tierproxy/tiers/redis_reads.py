@@ -199,7 +199,14 @@ class PipelinedReader:
         return protocol.send(_command(b"GET", key))
 
     async def ping(self) -> bool:
-        """Connect now if not connected (start-up), and check that Redis answers."""
+        """Connect now if not connected (start-up), and check that Redis answers.
+
+        A connection that looks stale is replaced first, not failed on: right after a thaw
+        its old commands' replies can still be unread in the socket, and a health probe that
+        failed on them would keep the tier's breaker open for another backoff window."""
+        protocol = self._protocol
+        if protocol is not None and not protocol.lost and self._stale(protocol):
+            protocol.abort(ReadChannelError("stale Redis connection replaced by a probe"))
         return bool(await self._send(_command(b"PING")) == b"PONG")
 
     async def _send(self, payload: bytes) -> Any:
@@ -216,13 +223,17 @@ class PipelinedReader:
         if waiting:
             if len(waiting) >= self._max_pending:
                 raise ReadChannelError(f"{len(waiting)} Redis reads already waiting")
-            if time.monotonic() - waiting[0][1] > self._stale_after:
+            if self._stale(protocol):
                 protocol.abort(
                     ReadChannelError(
                         f"no Redis reply for {self._stale_after:g}s: connection dropped"
                     )
                 )
                 raise ReadChannelError("Redis stopped answering; reconnecting on the next read")
+
+    def _stale(self, protocol: _Protocol) -> bool:
+        waiting = protocol.waiting
+        return bool(waiting) and time.monotonic() - waiting[0][1] > self._stale_after
 
     async def _connected(self) -> _Protocol:
         if self._closed:
