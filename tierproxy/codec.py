@@ -105,6 +105,31 @@ _HEADS_OK_MAX_BYTES = 1 << 20
 _heads_ok_bytes = 0
 
 
+# Records decoded lately, by their exact bytes (with the Entry decode built for them): a hot
+# L2/L3 entry comes back byte for byte at every hit, and decoding it again (the CRC, msgpack,
+# every field's check) builds the same frozen Entry - most of an L2 hit's decode. Only exactly
+# equal bytes are taken (a dict compares them after their hash), and only for the key they
+# were stored under; anything else is decoded, or refused, as ever. Bounded by count and by
+# bytes (each record counted twice: its bytes and its Entry's body), emptied when full;
+# records over _DECODED_MAX_RECORD bytes are never remembered (hashing and comparing them
+# would cost about what decoding them does, and one would crowd the others out).
+_DECODED: dict[bytes, Entry] = {}
+_DECODED_MAX = 1024
+_DECODED_MAX_BYTES = 8 << 20
+_DECODED_MAX_RECORD = 64 << 10
+_decoded_bytes = 0
+
+
+def _remember(data: bytes, entry: Entry) -> None:
+    global _decoded_bytes
+    cost = 2 * len(data)
+    if len(_DECODED) >= _DECODED_MAX or _decoded_bytes + cost > _DECODED_MAX_BYTES:
+        _DECODED.clear()
+        _decoded_bytes = 0
+    _DECODED[data] = entry
+    _decoded_bytes += cost
+
+
 def _head_ok(status: int, head: bytes) -> bool:
     """Whether ``head`` is one tierproxy may write for ``status`` (module docstring)."""
     global _heads_ok_bytes
@@ -248,7 +273,20 @@ def decode(data: bytes, key: str) -> Entry:
 
     The CRC only tells damage apart: a record written by someone who can also compute a CRC is
     checked field by field, cheaply (C-level type checks), so that it raises nothing but
-    CorruptEntry and its head is never one tierproxy would not write (module docstring)."""
+    CorruptEntry and its head is never one tierproxy would not write (module docstring).
+    The same bytes decoded lately for the same key give the same Entry (``_DECODED``)."""
+    small = len(data) <= _DECODED_MAX_RECORD
+    if small:
+        known = _DECODED.get(data)
+        if known is not None and known.key == key:
+            return known
+    entry = _decode(data, key)
+    if small:
+        _remember(data, entry)
+    return entry
+
+
+def _decode(data: bytes, key: str) -> Entry:
     fields = unpack(data)
     if type(fields) is not tuple or not fields or fields[0] != FORMAT_VERSION:
         raise CorruptEntry("unknown format version")

@@ -432,6 +432,42 @@ def test_heads_checked_lately_are_remembered_within_their_bound() -> None:
         assert sum(map(len, heads)) <= codec._HEADS_OK_MAX_BYTES
 
 
+def test_a_record_decoded_lately_is_not_decoded_again_and_stays_exact() -> None:
+    """A hot L2/L3 entry's record comes back byte for byte at every hit: decoding it again
+    (CRC, msgpack, every check) would build the same frozen Entry, so the Entry decoded
+    lately for those exact bytes is served. Only exactly those bytes, for that key: other
+    bytes are decoded (and refused) as ever, and the memory stays within its bounds."""
+    entry = make_entry(headers=(("Content-Type", "text/plain"), ("X-A", "1")))
+    data = codec.encode(entry)
+    first = codec.decode(data, entry.key)
+    assert first == entry
+    assert codec.decode(data, entry.key) is first
+    assert codec.decode(bytes(bytearray(data)), entry.key) is first  # equal bytes, new object
+    with pytest.raises(codec.CorruptEntry, match="another key"):
+        codec.decode(data, "/another")
+    damaged_data = data.replace(b"hello", b"jello")
+    with pytest.raises(codec.CorruptEntry, match="checksum"):
+        codec.decode(damaged_data, entry.key)
+    fields = records.fields(data)
+    fields[records.STATUS] = 404  # a valid CRC, a head for another status: still refused
+    with pytest.raises(codec.CorruptEntry):
+        codec.decode(forged(fields), entry.key)
+    assert codec.decode(data, entry.key) is first
+
+    big = make_entry(body=b"b" * (codec._DECODED_MAX_RECORD + 1))
+    big_data = codec.encode(big)
+    assert codec.decode(big_data, big.key) == big
+    assert codec.decode(big_data, big.key) is not codec.decode(big_data, big.key)
+    remembered: dict[bytes, Entry] = codec._DECODED
+    assert big_data not in remembered
+    for i in range(3 * codec._DECODED_MAX):
+        many = make_entry(key=f"/n{i}", body=b"x" * (i % 7 * 1000))
+        assert codec.decode(codec.encode(many), many.key) == many
+        assert len(remembered) <= codec._DECODED_MAX
+        assert codec._decoded_bytes <= codec._DECODED_MAX_BYTES
+        assert codec._decoded_bytes == sum(2 * len(record) for record in remembered)
+
+
 _MSGPACK = st.recursive(
     st.none()
     | st.booleans()
