@@ -108,8 +108,10 @@ async def test_waiting_gets_are_bounded_while_redis_is_frozen(
     try:
         await reader.get(b"k")
         with redis_server.frozen():
+            # (distinct keys: GETs of one key in one loop iteration share one command)
             results = await asyncio.gather(
-                *(get_within(reader, b"k", 0.2) for _ in range(80)), return_exceptions=True
+                *(get_within(reader, b"k%d" % i, 0.2) for i in range(80)),
+                return_exceptions=True,
             )
             refused = [r for r in results if isinstance(r, ReadChannelError)]
             timed_out = [r for r in results if isinstance(r, TimeoutError)]
@@ -293,6 +295,44 @@ async def test_a_probe_after_a_thaw_is_not_failed_by_the_frozen_connections_back
         # Thawed; the GET's late reply is still in the socket, unread: the probe goes now.
         assert await asyncio.wait_for(reader.ping(), 2.0)
         assert await get_within(reader, b"k", 2.0) == b"v"
+        assert reader.pending == 0
+    finally:
+        await reader.close()
+
+
+async def test_gets_of_one_key_started_together_share_one_command_each_with_its_own_fate(
+    redis_server: RedisServer, redis_url: str, redis_client: Any
+) -> None:
+    """GETs of the same key started in one loop iteration are written as one command, whose
+    reply answers them all (they would have gone in the same write, one after another: Redis
+    answers them alike). Each keeps its own future: one given up does not take the others
+    with it. A GET started after the write is a command of its own, and sees what Redis
+    holds by then."""
+    redis_client.set("hot", "v1")
+    redis_client.set("cold", "c")
+    reader = reader_for(redis_url)
+    try:
+        await reader.get(b"cold")  # connected
+        before = int(redis_client.info("commandstats")["cmdstat_get"]["calls"])
+        hot = [reader.get_soon(b"hot") for _ in range(50)]
+        cold = [reader.get_soon(b"cold") for _ in range(3)]
+        hot[7].cancel()  # its caller gave up: the others still get the reply
+        assert reader.pending == 2
+        got = await asyncio.gather(*hot[:7], *hot[8:], *cold)
+        assert got == [b"v1"] * 49 + [b"c"] * 3
+        assert hot[7].cancelled()
+        calls = int(redis_client.info("commandstats")["cmdstat_get"]["calls"]) - before
+        assert calls == 2, calls
+        # Written: a later GET of that key is a command of its own.
+        redis_client.set("hot", "v2")
+        assert await reader.get(b"hot") == b"v2"
+        # Errors reach every GET that shared the command.
+        redis_client.delete("hot")
+        redis_client.rpush("hot", "x")
+        failed = await asyncio.gather(
+            *(reader.get(b"hot") for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(f, ReadChannelError) and "WRONGTYPE" in str(f) for f in failed)
         assert reader.pending == 0
     finally:
         await reader.close()

@@ -5,7 +5,10 @@ GET here, most of an L2 hit's cost besides the HTTP work). Redis answers the com
 connection in the order they were sent (RESP), so lookups need no pool: each GET is written to
 one connection and waits on a future in a FIFO; replies, parsed by hiredis, resolve the futures
 in order (~15 us a GET). The GETs started in one loop iteration are written together, in one
-send, on the next: Redis reads them in one go and answers them in one reply write. Writes,
+send, on the next: Redis reads them in one go and answers them in one reply write. GETs of
+one key started in that iteration share one command (they would have gone one after another
+in that same write, and Redis would have answered them alike): a hot key's concurrent hits cost
+Redis, the socket and the reply parser one GET, each caller still with its own future. Writes,
 scripts, purges and pub/sub stay on redis-py.
 
 Why this keeps the tier budget (a redis-py command cancelled between send and read once left
@@ -57,14 +60,19 @@ def _command(*parts: bytes) -> bytes:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        # (future, monotonic time sent): answered strictly in order.
-        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # (futures, monotonic time sent), a command each: answered strictly in order, the
+        # reply going to each of its futures (GETs of one key share one command: send).
+        self.waiting: collections.deque[tuple[list[asyncio.Future[Any]], float]] = (
+            collections.deque()
+        )
         self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lost = False
         # Commands sent in this loop iteration, written together by _flush (one send for all
         # the lookups started together, not one each: Redis then reads them in one go too).
         self.outgoing: list[bytes] = []
+        # The futures of the GETs among them, by command: a GET of the same key joins them.
+        self.joinable: dict[bytes, list[asyncio.Future[Any]]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance).
@@ -102,13 +110,16 @@ class _Protocol(asyncio.Protocol):
             if not waiting:
                 self.abort(ReadChannelError("Redis sent a reply nothing asked for"))
                 return False
-            future, _ = waiting.popleft()
-            if future.done():  # its caller gave up (timeout, cancellation): drop the reply
-                continue
+            futures, _ = waiting.popleft()
             if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(ReadChannelError(f"Redis error: {reply}"))
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(ReadChannelError(f"Redis error: {reply}"))
             else:
-                future.set_result(reply)
+                for future in futures:
+                    # (done: its caller gave up - timeout, cancellation: the reply is dropped)
+                    if not future.done():
+                        future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -121,16 +132,29 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
     def _fail_all(self, exc: ReadChannelError) -> None:
+        self.joinable.clear()
         while self.waiting:
-            future, _ = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(exc)
+            futures, _ = self.waiting.popleft()
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
 
-    def send(self, payload: bytes) -> asyncio.Future[Any]:
+    def send(self, payload: bytes, *, join: bool = False) -> asyncio.Future[Any]:
+        """The future of ``payload``'s reply, the command written on the next loop step.
+        ``join``: a read (GET) that may share the command of an identical one not yet written
+        (Redis answers both alike) - never a command with an effect."""
         loop = self.loop
         assert self.transport is not None and loop is not None
         future = loop.create_future()
-        self.waiting.append((future, time.monotonic()))
+        if join:
+            joined = self.joinable.get(payload)
+            if joined is not None:
+                joined.append(future)
+                return future
+        futures = [future]
+        self.waiting.append((futures, time.monotonic()))
+        if join:
+            self.joinable[payload] = futures
         outgoing = self.outgoing
         if not outgoing:
             loop.call_soon(self._flush)
@@ -139,6 +163,7 @@ class _Protocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         outgoing, self.outgoing = self.outgoing, []
+        self.joinable.clear()
         transport = self.transport
         if self.lost or transport is None or transport.is_closing():
             return  # their futures failed with the connection (connection_lost, abort)
@@ -179,7 +204,7 @@ class PipelinedReader:
         self._closed = False
 
     async def get(self, key: bytes) -> bytes | None:
-        value = await self._send(_command(b"GET", key))
+        value = await self._send(_command(b"GET", key), join=True)
         return value if isinstance(value, bytes) else None
 
     @property
@@ -196,7 +221,7 @@ class PipelinedReader:
             # (lost since ``connected`` was asked: a variant's read after its index's reply)
             raise ReadChannelError("Redis connection lost; reconnecting on the next read")
         self._check_waiting(protocol)
-        return protocol.send(_command(b"GET", key))
+        return protocol.send(_command(b"GET", key), join=True)
 
     async def ping(self) -> bool:
         """Connect now if not connected (start-up), and check that Redis answers.
@@ -209,12 +234,12 @@ class PipelinedReader:
             protocol.abort(ReadChannelError("stale Redis connection replaced by a probe"))
         return bool(await self._send(_command(b"PING")) == b"PONG")
 
-    async def _send(self, payload: bytes) -> Any:
+    async def _send(self, payload: bytes, *, join: bool = False) -> Any:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connected()
         self._check_waiting(protocol)
-        return await protocol.send(payload)
+        return await protocol.send(payload, join=join)
 
     def _check_waiting(self, protocol: _Protocol) -> None:
         """Refuse a command (ReadChannelError) when too many wait, or when the oldest has
@@ -280,7 +305,8 @@ class PipelinedReader:
 
     @property
     def pending(self) -> int:
-        """GETs waiting for a reply (including abandoned ones whose reply is still due)."""
+        """Commands waiting for a reply (including abandoned ones whose reply is still due;
+        GETs of one key sent together are one command)."""
         return len(self._protocol.waiting) if self._protocol is not None else 0
 
     async def close(self) -> None:
