@@ -117,6 +117,29 @@ async def test_concurrent_lookups_get_their_own_bytes_in_fewer_thread_hops(
         await tier.close()
 
 
+async def test_lookups_of_one_key_in_a_batch_read_its_row_once_each_with_its_own_fate(
+    l3_path: Path, values: dict[str, bytes]
+) -> None:
+    """A hot key's lookups waiting together read its row once in their trip (they would
+    have read it one after another in that trip), each caller still answered on its own: one
+    gone does not take the others with it."""
+    tier = await _open(l3_path, 2.0)
+    try:
+        _store(l3_path, values)
+        statements = tier.read_statements
+        hot = [asyncio.create_task(tier.get_bytes(KEYS.key("/k1"))) for _ in range(50)]
+        others = [asyncio.create_task(tier.get_bytes(KEYS.key(m))) for m in ("/k2", "/gone")]
+        await asyncio.sleep(0)  # all begun: the first went alone, the others wait
+        hot[9].cancel()
+        got = await asyncio.gather(*hot[:9], *hot[10:], *others)
+        assert got == [values["/k1"]] * 49 + [values["/k2"], None]
+        assert hot[9].cancelled()
+        # The first /k1 alone; then one batch: /k1 once, /k2, /gone.
+        assert tier.read_statements - statements == 4
+    finally:
+        await tier.close()
+
+
 async def test_a_stalled_read_times_out_each_lookup_of_the_batch_within_its_budget(
     l3_path: Path, values: dict[str, bytes]
 ) -> None:

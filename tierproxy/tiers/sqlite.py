@@ -270,7 +270,8 @@ class SQLiteTier(BytesBackend):
     through the ``accessed_at`` index. Freed pages are reused, so the file stops growing.
 
     Lookups: ``read_hops`` counts the trips made to the reader's thread for them (a batch of
-    overlapping lookups is one trip; module docstring).
+    overlapping lookups is one trip; module docstring), ``read_statements`` the point reads
+    sent in them (the lookups of one key in a batch share one).
     """
 
     name = "l3"
@@ -318,6 +319,7 @@ class SQLiteTier(BytesBackend):
         self._trips: set[asyncio.Future[Any]] = set()  # batches sent, their answers awaited
         self._alone = False  # a lookup sent on its own is in flight
         self.read_hops = 0  # trips to the reader's thread made for lookups (batches)
+        self.read_statements = 0  # point reads sent in those trips
         self._page_size = 4096
         self._identity: tuple[int, int] | None = None
         self._touched: dict[str, float] = {}
@@ -614,6 +616,7 @@ class SQLiteTier(BytesBackend):
             # Nothing in flight: sent at once, on its own (batching adds nothing when idle).
             # Lookups begun meanwhile wait, and go together when it is back.
             trip = self._trip(self._lookup_alone, digest, deadline)
+            self.read_statements += 1
             self._alone = True
             trip.add_done_callback(
                 functools.partial(self._alone_back, answer, self._reader, digest)
@@ -728,48 +731,55 @@ class SQLiteTier(BytesBackend):
         reader = self._reader
         while waiting:
             batch: list[tuple[str, float, asyncio.Future[Any]]] = []
-            while waiting and len(batch) < LOOKUP_BATCH:
+            # One read a key (its callers would have read it one after another in this
+            # trip): under the latest of their deadlines, each caller keeping its own.
+            reads: dict[str, float] = {}
+            while waiting and len(reads) < LOOKUP_BATCH:
                 item = waiting.popleft()
-                if not item[2].done():  # a caller already gone is not looked up
+                digest, deadline, future = item
+                if not future.done():  # a caller already gone is not looked up
                     batch.append(item)
+                    if reads.get(digest, -math.inf) < deadline:
+                        reads[digest] = deadline
             if not batch:
                 continue
             try:
-                trip = self._trip(
-                    self._lookup_batch, [(digest, deadline) for digest, deadline, _ in batch]
-                )
+                trip = self._trip(self._lookup_batch, list(reads.items()))
+                self.read_statements += len(reads)
             except TierUnavailable as exc:
                 for *_, future in batch:
                     if not future.done():
                         future.set_exception(TierUnavailable(str(exc)))
                 continue
             self._trips.add(trip)
-            trip.add_done_callback(functools.partial(self._batch_back, batch, reader))
+            trip.add_done_callback(functools.partial(self._batch_back, batch, list(reads), reader))
         self._batcher = loop.call_soon(self._send_waiting)
 
     def _batch_back(
         self,
         batch: list[tuple[str, float, asyncio.Future[Any]]],
+        digests: list[str],
         reader: aiosqlite.Connection | None,
         trip: asyncio.Future[Any],
     ) -> None:
-        """A batch is back from the reader's thread: each caller's future settled."""
+        """A batch is back from the reader's thread (the outcomes of ``digests``, one read
+        a key): each caller's future settled with its key's."""
         self._trips.discard(trip)
         gone: str | None = None  # why every caller of the batch fails (TierUnavailable)
-        outcomes: list[Any] = []
+        outcomes: dict[str, Any] = {}
         try:
             if reader is None:
                 raise TierUnavailable("L3 file unavailable")
-            outcomes = self._trip_outcome(trip, reader)
+            outcomes = dict(zip(digests, self._trip_outcome(trip, reader), strict=True))
         except TierUnavailable as exc:
             gone = str(exc)
-        for i, (digest, _, future) in enumerate(batch):
+        for digest, _, future in batch:
             if future.done():
                 continue  # its caller went away: the outcome is dropped
             if gone is not None:
                 future.set_exception(TierUnavailable(gone))
             else:
-                self._settle(future, digest, outcomes[i])
+                self._settle(future, digest, outcomes[digest])
 
     async def ping(self) -> bool:
         """One read on the lookups' connection, as a lookup does it (a key never stored),
