@@ -7,7 +7,7 @@
 ``loadtest.bench`` compares targets with each other; this compares two builds of tierproxy
 (``--a``, ``--b``: commands that start ``tierproxy serve``; ``--b`` defaults to this
 checkout's). Each tierproxy target (``l1``, ``l2``, ``l3``, set up as the bench does: one hot
-key, a 1 KiB body, L1 off for l2/l3, Redis beside the server) is started once per build, all
+key - or ``--keys N`` in turn -, a 1 KiB body, L1 off for l2/l3, Redis beside the server) is started once per build, all
 pinned to CPU 0 with wrk and the origin on CPU 1, and every round runs each of them in turn
 (reversed every other round), so a slow phase of the host hits A and B alike. On a machine
 whose rounds move by 2x, one run of each build shows nothing; the median over rounds of
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -56,7 +57,9 @@ def _start_build(
         work,
         logs,
         tiers,
-        argparse.Namespace(**{**vars(ns), "proxy_cmd": command, "proxy_env": []}),
+        # PYTHONSAFEPATH: the proxies start in this repository, and ``python -m`` would put it
+        # first on sys.path - before a build's PYTHONPATH - making every build this checkout.
+        argparse.Namespace(**{**vars(ns), "proxy_cmd": command, "proxy_env": ["PYTHONSAFEPATH=1"]}),
         origin_url,
         redis_url,
         "0",
@@ -79,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument(
+        "--keys",
+        type=int,
+        default=1,
+        help="keys the load spreads over, in turn (as loadtest.bench --keys; 1: one hot key)",
+    )
     ap.add_argument("--out", type=Path)
     ns = ap.parse_args(argv)
     names = [n.strip() for n in ns.targets.split(",") if n.strip()]
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--targets: at least one of l1,l2,l3, and nginx if wanted")
     if not (1 <= ns.rounds <= 30 and 1 <= ns.duration <= 60):
         ap.error("--rounds within 1..30, --duration within 1..60")
+    if not 1 <= ns.keys <= 100_000:
+        ap.error("--keys within 1..100000")
     if not shutil.which("wrk") or not shutil.which("taskset"):
         print("wrk and taskset are needed (apt-get install wrk util-linux)", file=sys.stderr)
         return 2
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ns.out.mkdir(parents=True, exist_ok=True)
     builds = {"A": ns.a, "B": ns.b or " ".join(procs.proxy_command())}
     runs: dict[str, list[float]] = {}
+    code: dict[str, str | None] = {}
     try:
         with ProcGroup() as group, procs.sigterm_as_interrupt():
             work = Path(tempfile.mkdtemp(prefix="tierproxy-ab-"))
@@ -112,15 +124,19 @@ def main(argv: list[str] | None = None) -> int:
             for label, command in builds.items():
                 started = _start_build(group, label, command, tiers, ns, origin_url, redis_url)
                 urls.update({f"{label}:{name}": t.url for name, t in started.items()})
+                code[label] = _code_of(ns.out / label / f"proxy-{tiers[0]}.log")
+            if code["A"] == code["B"]:
+                print(f"[ab] A and B run the same code ({code['A']}): an A/A run", flush=True)
             if "nginx" in names:
                 _, port = bench.start_nginx(group, work, f"{LOOPBACK}:{oport}", "0")
                 urls["nginx"] = f"http://{LOOPBACK}:{port}{bench.BENCH_PATH}"
             keys = list(urls)
-            for key in keys:  # warm every target's connections and caches once
-                bench.run_wrk(urls[key], 1, ns.connections, 1, "1")
+            script = bench.keys_script(work, ns.keys)
+            for key in keys:  # warm every target's connections and caches once (every key)
+                bench.run_wrk(urls[key], 1 if ns.keys <= 1 else 3, ns.connections, 1, "1", script)
             for rnd in range(ns.rounds):
                 for key in keys if rnd % 2 == 0 else keys[::-1]:
-                    r = bench.run_wrk(urls[key], ns.duration, ns.connections, 1, "1")
+                    r = bench.run_wrk(urls[key], ns.duration, ns.connections, 1, "1", script)
                     runs.setdefault(key, []).append(float(r["rps"]))
                 print(
                     f"[ab] round {rnd + 1}/{ns.rounds}: "
@@ -138,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "builds": builds,
+                "code": code,
                 "args": {**vars(ns), "out": str(ns.out)},
                 "rounds": runs,
                 "summary": summary,
@@ -147,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"[ab] results: {ns.out}")
     return 0
+
+
+def _code_of(log: Path) -> str | None:
+    """Where a proxy's code came from, as it logs it at start-up ("tierproxy code: DIR")."""
+    match = re.search(r"tierproxy code: (\S+)", log.read_text(errors="replace"))
+    return match[1] if match else None
 
 
 def _per_round(a: list[float], b: list[float]) -> float:
@@ -189,7 +212,8 @@ def table(summary: dict[str, Any], ns: argparse.Namespace) -> str:
     if "nginx" in summary:
         lines.append(f"| nginx | {summary['nginx']['rps']} | | | | |")
     lines.append(
-        f"\nwrk -t1 -c{ns.connections} -d{ns.duration:g}s, {ns.rounds} rounds, medians; "
+        f"\nwrk -t1 -c{ns.connections} -d{ns.duration:g}s, {ns.rounds} rounds, medians, "
+        f"{bench._keys_note(ns.keys)}; "
         "ratios: the median of the ratios within each round."
     )
     return "\n".join(lines)
