@@ -57,9 +57,7 @@ def _start_build(
         work,
         logs,
         tiers,
-        # PYTHONSAFEPATH: the proxies start in this repository, and ``python -m`` would put it
-        # first on sys.path - before a build's PYTHONPATH - making every build this checkout.
-        argparse.Namespace(**{**vars(ns), "proxy_cmd": command, "proxy_env": ["PYTHONSAFEPATH=1"]}),
+        argparse.Namespace(**{**vars(ns), "proxy_cmd": command, "proxy_env": []}),
         origin_url,
         redis_url,
         "0",

@@ -286,6 +286,10 @@ def start_proxy(
         "TIERPROXY_HOST": LOOPBACK,
         "TIERPROXY_PORT": str(port),
         "TIERPROXY_ADMIN_PORT": str(admin),
+        # The proxy starts in this repository, and ``python -m`` would put it first on
+        # sys.path, before PYTHONPATH: a command running another build
+        # (``env PYTHONPATH=DIR python -m tierproxy serve``) would run this checkout.
+        "PYTHONSAFEPATH": "1",
         **env_extra,
     }
     p = group.start(
