@@ -10,10 +10,15 @@ while a second tier fills the file, as another worker would, and purges reach th
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
+from support.wait import wait_for_condition
 
+from tierproxy import codec
 from tierproxy.entry import Entry
 from tierproxy.keys import KeySpace
 from tierproxy.tiers.base import Blob, TierUnavailable
@@ -91,3 +96,95 @@ async def test_too_many_missed_removals_discard_the_file(tmp_path: Path) -> None
         assert await first.get_bytes(KEYS.key("/kept")) is None
     finally:
         await first.close()
+
+
+def _fill(path: Path, tags: list[str], per_tag: int) -> None:
+    """``per_tag`` entries under each of ``tags`` written straight into the file (as another
+    worker's tier would write them, far faster)."""
+    now = time.time()
+    rows = []
+    for tag in tags:
+        for i in range(per_tag):
+            record = codec.encode(_entry(f"/{tag}/{i}", (tag,)))
+            digest = KEYS.key(f"/{tag}/{i}").digest
+            rows.append((digest, record, len(record), 4e9, now, json.dumps([KEYS.tag_id(tag)])))
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO entries (key, value, size, expires_at, accessed_at, tags)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def _reopened_after_missing_soft_purges(
+    path: Path, tags: list[str], per_tag: int
+) -> tuple[SQLiteTier, float]:
+    """A tier that missed a soft purge of each of ``tags`` (filled by another worker while it
+    was unusable), reopened with a 0.2 s open timeout and back within 30 s."""
+    first = _tier(path)
+    await first.open()
+    await first.close()
+    other = _tier(path)
+    await other.open()
+    await other.close()
+    _fill(path, tags, per_tag)
+    soft_at = time.time()
+    for tag in tags:
+        with pytest.raises(TierUnavailable):
+            await first.purge([], [tag], soft_at)
+    first._open_timeout = 0.2
+    first.retry_max = 0.25
+    await first.open()
+    await wait_for_condition(lambda: first.available, timeout=30, message="L3 reopened")
+    return first, soft_at
+
+
+async def _nothing_purged_is_fresh(
+    tier: SQLiteTier, tags: list[str], per_tag: int, soft_at: float
+) -> int:
+    """How many of a sample of the purged entries the tier still holds (stale: checked)."""
+    held = 0
+    for tag in tags:
+        for i in (0, per_tag // 2, per_tag - 1):
+            data = await tier.get_bytes(KEYS.key(f"/{tag}/{i}"))
+            if data is not None:
+                held += 1
+                assert codec.decode(data, f"/{tag}/{i}").fresh_until <= soft_at, (tag, i)
+    return held
+
+
+async def test_a_replay_longer_than_the_open_timeout_still_ends_with_the_removals_applied(
+    tmp_path: Path,
+) -> None:
+    """The missed removals are applied inside the open, under its timeout. A replay that
+    takes longer (soft purges rewriting many entries, a slow disk) used to be undone whole
+    and begun again at every retry, none ever finishing: the tier stayed unavailable for
+    good. Each applied removal is now kept, so retries go on from where the last stopped.
+    The whole replay here (32,000 entries rewritten) takes far longer than the 0.2 s open
+    timeout; one tag's does not, on an ordinary machine (if it does, the next test's
+    discarding makes this pass all the same)."""
+    tags = [f"t{i}" for i in range(8)]
+    tier, soft_at = await _reopened_after_missing_soft_purges(tmp_path / "l3.sqlite3", tags, 4000)
+    try:
+        await _nothing_purged_is_fresh(tier, tags, 4000, soft_at)
+    finally:
+        await tier.close()
+
+
+async def test_a_missed_removal_that_never_fits_in_an_open_has_the_file_discarded(
+    tmp_path: Path,
+) -> None:
+    """One removal that cannot be applied within the open timeout by itself (a soft purge of
+    a tag on 32,000 entries, 0.2 s): after two opens that applied nothing, the file is
+    discarded, as when too many removals were missed, and the tier comes back empty."""
+    tier, soft_at = await _reopened_after_missing_soft_purges(tmp_path / "l3.sqlite3", ["t"], 32000)
+    try:
+        assert await _nothing_purged_is_fresh(tier, ["t"], 32000, soft_at) == 0
+        assert tier.entries == 0
+    finally:
+        await tier.close()

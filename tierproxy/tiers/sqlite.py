@@ -164,6 +164,9 @@ _LATE = object()  # a lookup that reached the reader's thread after its deadline
 LOOKUP_BATCH = 64
 # Lookups waiting for a trip; past this a lookup is skipped at once (TierUnavailable).
 MAX_WAITING_LOOKUPS = 1024
+# Opens in a row that fail before applying a single missed removal, after which the file is
+# discarded instead (SQLiteTier._apply_missed).
+_MAX_REPLAY_STALLS = 2
 # Keys and tags of removals missed while the file was unusable that are remembered, to be
 # applied when it is opened again; past this the file is discarded on reopen instead.
 MAX_MISSED_REMOVALS = 1024
@@ -331,6 +334,8 @@ class SQLiteTier(BytesBackend):
         self._missed: list[tuple[tuple[CacheKey, ...], tuple[str, ...], float | None]] = []
         self._missed_count = 0
         self._missed_purge = False
+        # Opens in a row that failed before applying one missed removal (_apply_missed).
+        self._replay_stalls = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
@@ -442,22 +447,51 @@ class SQLiteTier(BytesBackend):
         self._reader_raw = self._reader._connection  # for statements run in its thread
         await self._refresh_stats()
         self._last_sweep = 0.0
-        # The removals missed while the file was unusable (or while it was being opened), on
-        # the file as it is now - another worker may be filling it: it is kept, not discarded.
-        while self._missed and not self._missed_purge:
-            missed, self._missed, self._missed_count = self._missed, [], 0
-            try:
-                for keys, tags, soft_at in missed:
-                    await self._purge(self._writer, keys, tags, soft_at)
-            except BaseException:
-                self._missed = missed + self._missed  # still to be applied: on the next open
-                self._missed_count += sum(len(k) + len(t) for k, t, _ in missed)
-                raise
-            log.info("L3 applied %d removal(s) it missed while unavailable", len(missed))
+        await self._apply_missed()
         if self._missed_purge and not discard:
             # Too many purges came while this file was being opened: open it again, discarding it.
             raise TierUnavailable("L3 missed purges while it was being opened")
         self._missed_purge = False
+
+    async def _apply_missed(self) -> None:
+        """Apply the removals missed while the file was unusable (or while it was being
+        opened) to the file as it is now - another worker may be filling it: it is kept, not
+        discarded.
+
+        Runs inside the open, under its timeout. Each removal is dropped from the list once
+        applied, so an open that times out mid-replay (soft purges rewriting many entries, a
+        slow disk) keeps what it did, and the next attempt goes on from there: undone whole
+        and begun again, a replay longer than the timeout never ended and the tier stayed
+        unavailable for good. Opens that fail twice in a row without applying one removal
+        have the file discarded at the next, as when too many removals were missed."""
+        writer = self._writer
+        assert writer is not None
+        applied = 0
+        try:
+            while self._missed and not self._missed_purge:
+                removal = self._missed[0]
+                keys, tags, soft_at = removal
+                await self._purge(writer, keys, tags, soft_at)
+                if self._missed and self._missed[0] is removal:
+                    self._missed.pop(0)
+                    self._missed_count -= len(keys) + len(tags)
+                applied += 1
+                self._replay_stalls = 0
+        except BaseException:
+            if applied == 0 and self._missed and not self._missed_purge:
+                self._replay_stalls += 1
+                if self._replay_stalls >= _MAX_REPLAY_STALLS:
+                    log.warning(
+                        "L3 could not apply a missed removal in %d opens: its file is discarded",
+                        self._replay_stalls,
+                    )
+                    self._missed_purge = True
+                    self._missed, self._missed_count = [], 0
+            raise
+        finally:
+            if applied:
+                log.info("L3 applied %d removal(s) it missed while unavailable", applied)
+        self._replay_stalls = 0
 
     @staticmethod
     async def _migrate(writer: aiosqlite.Connection) -> None:
