@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 started = _start_build(group, label, command, tiers, ns, origin_url, redis_url)
                 urls.update({f"{label}:{name}": t.url for name, t in started.items()})
                 code[label] = _code_of(ns.out / label / f"proxy-{tiers[0]}.log")
-            if code["A"] == code["B"]:
+            if code["A"] is not None and code["A"] == code["B"]:
                 print(f"[ab] A and B run the same code ({code['A']}): an A/A run", flush=True)
             if "nginx" in names:
                 _, port = bench.start_nginx(group, work, f"{LOOPBACK}:{oport}", "0")
@@ -165,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _code_of(log: Path) -> str | None:
-    """Where a proxy's code came from, as it logs it at start-up ("tierproxy code: DIR")."""
-    match = re.search(r"tierproxy code: (\S+)", log.read_text(errors="replace"))
-    return match[1] if match else None
+    """Where a proxy's code came from, as it logs it at start-up ("tierproxy code: DIR"; the
+    last such line: a reused --out folder holds earlier runs' logs too). None for a build
+    older than that line."""
+    found = re.findall(r"tierproxy code: (\S+)", log.read_text(errors="replace"))
+    return found[-1] if found else None
 
 
 def _per_round(a: list[float], b: list[float]) -> float:

@@ -31,6 +31,7 @@ shared tiers (a bug to log), which says nothing about the tier's health.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import zlib
@@ -105,28 +106,42 @@ _HEADS_OK_MAX_BYTES = 1 << 20
 _heads_ok_bytes = 0
 
 
-# Records decoded lately, by their exact bytes (with the Entry decode built for them): a hot
-# L2/L3 entry comes back byte for byte at every hit, and decoding it again (the CRC, msgpack,
-# every field's check) builds the same frozen Entry - most of an L2 hit's decode. Only exactly
-# equal bytes are taken (a dict compares them after their hash), and only for the key they
-# were stored under; anything else is decoded, or refused, as ever. Bounded by count and by
-# bytes (each record counted twice: its bytes and its Entry's body), emptied when full;
-# records over _DECODED_MAX_RECORD bytes are never remembered (hashing and comparing them
-# would cost about what decoding them does, and one would crowd the others out).
-_DECODED: dict[bytes, Entry] = {}
+# Records decoded lately, with the Entry decode built for each: a hot L2/L3 entry comes back
+# byte for byte at every hit, and decoding it again (the CRC, msgpack, every field's check)
+# builds the same frozen Entry - most of an L2 hit's decode. Found by key and CRC (a record's
+# last 4 bytes: a small tuple to hash, where hashing the whole record would cost about what
+# its CRC does), then compared byte for byte: only exactly equal bytes stored for the same
+# key are taken, anything else is decoded, or refused, as ever. Bounded by count and bytes,
+# a record counting its bytes plus its Entry's size (what L1 charges for it: every str and
+# tuple it holds; a record whose entry would take over a sixteenth of the bound is not kept);
+# the oldest go first. A record is remembered the second time it is decoded lately
+# (_SEEN_ONCE): with L1 on, most records are decoded once (their entry then sits in L1), and
+# keeping each would only churn memory. Records over _DECODED_MAX_RECORD bytes are never
+# remembered (one would crowd the others out for what its memcmp would save).
+_DECODED: collections.OrderedDict[tuple[str, bytes], tuple[bytes, Entry, int]] = (
+    collections.OrderedDict()
+)
 _DECODED_MAX = 1024
 _DECODED_MAX_BYTES = 8 << 20
 _DECODED_MAX_RECORD = 64 << 10
 _decoded_bytes = 0
+_SEEN_ONCE: set[tuple[str, bytes]] = set()  # (key, CRC) decoded once lately; emptied when full
+_SEEN_ONCE_MAX = 4096
 
 
-def _remember(data: bytes, entry: Entry) -> None:
+def _remember(found_by: tuple[str, bytes], data: bytes, entry: Entry) -> None:
     global _decoded_bytes
-    cost = 2 * len(data)
-    if len(_DECODED) >= _DECODED_MAX or _decoded_bytes + cost > _DECODED_MAX_BYTES:
-        _DECODED.clear()
-        _decoded_bytes = 0
-    _DECODED[data] = entry
+    cost = len(data) + entry.size
+    if cost > _DECODED_MAX_BYTES // 16:
+        return
+    old = _DECODED.pop(found_by, None)
+    if old is not None:
+        _decoded_bytes -= old[2]
+    while _DECODED and (
+        len(_DECODED) >= _DECODED_MAX or _decoded_bytes + cost > _DECODED_MAX_BYTES
+    ):
+        _decoded_bytes -= _DECODED.popitem(last=False)[1][2]
+    _DECODED[found_by] = (data, entry, cost)
     _decoded_bytes += cost
 
 
@@ -275,14 +290,19 @@ def decode(data: bytes, key: str) -> Entry:
     checked field by field, cheaply (C-level type checks), so that it raises nothing but
     CorruptEntry and its head is never one tierproxy would not write (module docstring).
     The same bytes decoded lately for the same key give the same Entry (``_DECODED``)."""
-    small = len(data) <= _DECODED_MAX_RECORD
-    if small:
-        known = _DECODED.get(data)
-        if known is not None and known.key == key:
-            return known
+    if len(data) > _DECODED_MAX_RECORD:
+        return _decode(data, key)
+    found_by = (key, data[-_CRC_BYTES:])
+    known = _DECODED.get(found_by)
+    if known is not None and known[0] == data:
+        return known[1]
     entry = _decode(data, key)
-    if small:
-        _remember(data, entry)
+    if found_by in _SEEN_ONCE:
+        _remember(found_by, data, entry)
+    else:
+        if len(_SEEN_ONCE) >= _SEEN_ONCE_MAX:
+            _SEEN_ONCE.clear()
+        _SEEN_ONCE.add(found_by)
     return entry
 
 

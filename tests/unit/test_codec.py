@@ -439,6 +439,9 @@ def test_a_record_decoded_lately_is_not_decoded_again_and_stays_exact() -> None:
     bytes are decoded (and refused) as ever, and the memory stays within its bounds."""
     entry = make_entry(headers=(("Content-Type", "text/plain"), ("X-A", "1")))
     data = codec.encode(entry)
+    # Remembered the second time it is decoded (a record decoded once, its entry then in
+    # L1, is not kept), taken from then on.
+    assert codec.decode(data, entry.key) == entry
     first = codec.decode(data, entry.key)
     assert first == entry
     assert codec.decode(data, entry.key) is first
@@ -454,18 +457,51 @@ def test_a_record_decoded_lately_is_not_decoded_again_and_stays_exact() -> None:
         codec.decode(forged(fields), entry.key)
     assert codec.decode(data, entry.key) is first
 
+    # A new copy under the same key (another body, so another CRC) is decoded, not taken
+    # for the old one; so is one with the same CRC but other bytes (forged: a CRC is no
+    # proof, the bytes are compared).
+    newer = dataclasses.replace(entry, body=b"hello, again")
+    assert codec.decode(codec.encode(newer), entry.key) == newer
+    fields[records.STATUS] = 200
+    fields[records.BODY] = b"jello"
+    fields[records.SIZE] = entry.size
+    same_crc = bytearray(forged(fields))
+    same_crc[-4:] = data[-4:]  # (then its CRC no longer matches: checksum mismatch)
+    with pytest.raises(codec.CorruptEntry, match="checksum"):
+        codec.decode(bytes(same_crc), entry.key)
+
     big = make_entry(body=b"b" * (codec._DECODED_MAX_RECORD + 1))
     big_data = codec.encode(big)
     assert codec.decode(big_data, big.key) == big
     assert codec.decode(big_data, big.key) is not codec.decode(big_data, big.key)
-    remembered: dict[bytes, Entry] = codec._DECODED
-    assert big_data not in remembered
+    remembered = codec._DECODED
+    assert all(record != big_data for record, _, _ in remembered.values())
+    # What an entry holds beyond its record (a str and a tuple per header, ...) is counted:
+    # its size, as L1 charges it.
+    wide = make_entry(key="/wide", headers=tuple((f"X-H{i}", "v") for i in range(100)))
+    wide_data = codec.encode(wide)
+    codec.decode(wide_data, wide.key)
+    assert codec.decode(wide_data, wide.key) is codec.decode(wide_data, wide.key)
+    assert remembered[(wide.key, wide_data[-4:])][2] == len(wide_data) + wide.size
+    assert wide.size > 10 * len(wide_data)
     for i in range(3 * codec._DECODED_MAX):
         many = make_entry(key=f"/n{i}", body=b"x" * (i % 7 * 1000))
-        assert codec.decode(codec.encode(many), many.key) == many
+        many_data = codec.encode(many)
+        assert codec.decode(many_data, many.key) == codec.decode(many_data, many.key) == many
         assert len(remembered) <= codec._DECODED_MAX
         assert codec._decoded_bytes <= codec._DECODED_MAX_BYTES
-        assert codec._decoded_bytes == sum(2 * len(record) for record in remembered)
+        assert codec._decoded_bytes == sum(
+            len(record) + decoded.size for record, decoded, _ in remembered.values()
+        )
+    # The oldest went first: the latest are still there.
+    latest = make_entry(key=f"/n{3 * codec._DECODED_MAX - 1}", body=b"x" * 5000)
+    latest_data = codec.encode(latest)
+    assert remembered[(latest.key, latest_data[-4:])][0] == latest_data
+    assert (wide.key, wide_data[-4:]) not in remembered
+    assert len(codec._SEEN_ONCE) <= codec._SEEN_ONCE_MAX
+    once = make_entry(key="/once")
+    codec.decode(codec.encode(once), once.key)
+    assert all(key != "/once" for key, _ in remembered)
 
 
 _MSGPACK = st.recursive(

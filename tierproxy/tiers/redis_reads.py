@@ -19,8 +19,10 @@ its reply for the next caller: redis/redis-py#2665, CVE-2023-28858/28859):
   drop a connection whose command was cancelled.
 * A connection whose oldest unanswered GET is older than ``stale_after`` (a frozen or
   unreachable Redis) is aborted: every waiter fails at once and the next GET reconnects.
-* At most ``max_pending`` GETs wait on the connection; beyond that a GET fails at once (the
-  tier's breaker then stops sending), so a stalled Redis cannot make the queue grow unbounded.
+* At most ``max_pending`` commands wait on the connection; beyond that a GET that would be a
+  new command fails at once (the tier's breaker then stops sending), so a stalled Redis
+  cannot make the queue grow unbounded. (GETs sharing one command are as many futures on
+  it, bounded by the requests in flight.)
 * Connecting (and AUTH/SELECT) happens once for all waiters, under ``connect_timeout``.
 
 Only ``redis://`` and ``unix://`` URLs are read this way; for ``rediss://`` (TLS, with its
@@ -220,8 +222,10 @@ class PipelinedReader:
         if protocol is None or protocol.lost:
             # (lost since ``connected`` was asked: a variant's read after its index's reply)
             raise ReadChannelError("Redis connection lost; reconnecting on the next read")
-        self._check_waiting(protocol)
-        return protocol.send(_command(b"GET", key), join=True)
+        payload = _command(b"GET", key)
+        if payload not in protocol.joinable:  # (one that joins adds no command)
+            self._check_waiting(protocol)
+        return protocol.send(payload, join=True)
 
     async def ping(self) -> bool:
         """Connect now if not connected (start-up), and check that Redis answers.
