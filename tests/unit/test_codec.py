@@ -475,29 +475,46 @@ def test_a_record_decoded_lately_is_not_decoded_again_and_stays_exact() -> None:
     assert codec.decode(big_data, big.key) == big
     assert codec.decode(big_data, big.key) is not codec.decode(big_data, big.key)
     remembered = codec._DECODED
-    assert all(record != big_data for record, _, _ in remembered.values())
+    assert all(record != big_data for record, _ in remembered.values())
     # What an entry holds beyond its record (a str and a tuple per header, ...) is counted:
     # its size, as L1 charges it.
     wide = make_entry(key="/wide", headers=tuple((f"X-H{i}", "v") for i in range(100)))
     wide_data = codec.encode(wide)
     codec.decode(wide_data, wide.key)
     assert codec.decode(wide_data, wide.key) is codec.decode(wide_data, wide.key)
-    assert remembered[(wide.key, wide_data[-4:])][2] == len(wide_data) + wide.size
     assert wide.size > 10 * len(wide_data)
-    for i in range(3 * codec._DECODED_MAX):
+    codec._DECODED.clear()
+    codec._decoded_bytes = codec._decoded_refused = 0
+
+    def counted() -> int:
+        return sum(len(record) + decoded.size for record, decoded in remembered.values())
+
+    assert counted() == 0
+    codec.decode(wide_data, wide.key)
+    codec.decode(wide_data, wide.key)
+    assert codec._decoded_bytes == counted() == len(wide_data) + wide.size
+    for i in range(2 * codec._DECODED_MAX):
         many = make_entry(key=f"/n{i}", body=b"x" * (i % 7 * 1000))
         many_data = codec.encode(many)
         assert codec.decode(many_data, many.key) == codec.decode(many_data, many.key) == many
         assert len(remembered) <= codec._DECODED_MAX
-        assert codec._decoded_bytes <= codec._DECODED_MAX_BYTES
-        assert codec._decoded_bytes == sum(
-            len(record) + decoded.size for record, decoded, _ in remembered.values()
-        )
-    # The oldest went first: the latest are still there.
-    latest = make_entry(key=f"/n{3 * codec._DECODED_MAX - 1}", body=b"x" * 5000)
-    latest_data = codec.encode(latest)
-    assert remembered[(latest.key, latest_data[-4:])][0] == latest_data
-    assert (wide.key, wide_data[-4:]) not in remembered
+        assert codec._decoded_bytes == counted() <= codec._DECODED_MAX_BYTES
+    # Full: a newcomer is refused, nothing evicted for it (load cycling over more keys than
+    # fit would otherwise replace every record before it came back) - until so many were
+    # refused that it is emptied, and newcomers get in again.
+    assert (wide.key, wide_data[-4:]) in remembered
+    refused = codec._decoded_refused
+    assert refused > 0
+    late = make_entry(key="/late")
+    late_data = codec.encode(late)
+    codec.decode(late_data, late.key)
+    codec.decode(late_data, late.key)
+    assert (late.key, late_data[-4:]) not in remembered
+    assert codec._decoded_refused == refused + 1
+    codec._decoded_refused = codec._DECODED_REFUSALS - 1
+    codec.decode(late_data, late.key)
+    assert list(remembered) == [(late.key, late_data[-4:])]
+    assert codec._decoded_bytes == counted() and codec._decoded_refused == 0
     assert len(codec._SEEN_ONCE) <= codec._SEEN_ONCE_MAX
     once = make_entry(key="/once")
     codec.decode(codec.encode(once), once.key)
