@@ -78,6 +78,14 @@ async def test_abandoned_gets_never_answer_another_keys_get(
         await reader.close()
 
 
+async def _leave_a_get_unanswered(reader: PipelinedReader) -> None:
+    """With Redis frozen: a GET that gives up, and then time for it to be older than the
+    reader's stale_after (0.3 s in these tests)."""
+    with pytest.raises(TimeoutError):
+        await get_within(reader, b"k", 0.1)
+    await asyncio.sleep(0.4)
+
+
 async def test_a_connection_that_stops_answering_is_dropped_and_replaced(
     redis_server: RedisServer, redis_url: str, redis_client: Any
 ) -> None:
@@ -87,9 +95,7 @@ async def test_a_connection_that_stops_answering_is_dropped_and_replaced(
     try:
         assert await reader.get(b"k") == b"v"
         with redis_server.frozen():
-            with pytest.raises(TimeoutError):
-                await get_within(reader, b"k", 0.1)
-            await asyncio.sleep(0.4)  # the unanswered GET is now older than stale_after
+            await _leave_a_get_unanswered(reader)
             started = loop.time()
             with pytest.raises(ReadChannelError, match="stopped answering"):
                 await get_within(reader, b"k", 1.0)
@@ -289,9 +295,7 @@ async def test_a_probe_after_a_thaw_is_not_failed_by_the_frozen_connections_back
     try:
         assert await reader.get(b"k") == b"v"
         with redis_server.frozen():
-            with pytest.raises(TimeoutError):
-                await get_within(reader, b"k", 0.1)
-            await asyncio.sleep(0.4)  # the unanswered GET is now older than stale_after
+            await _leave_a_get_unanswered(reader)
         # Thawed; the GET's late reply is still in the socket, unread: the probe goes now.
         assert await asyncio.wait_for(reader.ping(), 2.0)
         assert await get_within(reader, b"k", 2.0) == b"v"
