@@ -117,9 +117,9 @@ _heads_ok_bytes = 0
 # sixteenth of the bound is not kept). A record is kept the second time it is decoded lately
 # (_SEEN_ONCE): with L1 on, most records are decoded once, their entry then in L1. Once full,
 # nothing is evicted for a newcomer: load cycling over more keys than fit would replace every
-# record before it came back, and that churn (objects promoted to the collector's oldest
-# generation, freed soon after) cost more than decoding: L2 hits over 2,000 keys in turn ran
-# 21 % slower with an evicting memo than with none (python -m loadtest.ab --keys 2000).
+# record before it came back, and that churn (likely: objects promoted toward the collector's
+# oldest generation, freed soon after) cost more than decoding: L2 hits over 2,000 keys in
+# turn ran 21 % slower with an evicting memo than with none (python -m loadtest.ab --keys 2000).
 # After _DECODED_REFUSALS newcomers were refused it is emptied, so a hot set that changed
 # gets in. Records over _DECODED_MAX_RECORD bytes are never kept (one would crowd the others
 # out for what its memcmp would save).
