@@ -432,11 +432,18 @@ def test_heads_checked_lately_are_remembered_within_their_bound() -> None:
         assert sum(map(len, heads)) <= codec._HEADS_OK_MAX_BYTES
 
 
+def _empty_decode_memo() -> None:
+    codec._DECODED.clear()
+    codec._SEEN_ONCE.clear()
+    codec._decoded_bytes = codec._decoded_refused = 0
+
+
 def test_a_record_decoded_lately_is_not_decoded_again_and_stays_exact() -> None:
     """A hot L2/L3 entry's record comes back byte for byte at every hit: decoding it again
     (CRC, msgpack, every check) would build the same frozen Entry, so the Entry decoded
     lately for those exact bytes is served. Only exactly those bytes, for that key: other
     bytes are decoded (and refused) as ever, and the memory stays within its bounds."""
+    _empty_decode_memo()  # (the memo is the process's: other tests fill it)
     entry = make_entry(headers=(("Content-Type", "text/plain"), ("X-A", "1")))
     data = codec.encode(entry)
     # Remembered the second time it is decoded (a record decoded once, its entry then in
@@ -483,8 +490,7 @@ def test_a_record_decoded_lately_is_not_decoded_again_and_stays_exact() -> None:
     codec.decode(wide_data, wide.key)
     assert codec.decode(wide_data, wide.key) is codec.decode(wide_data, wide.key)
     assert wide.size > 10 * len(wide_data)
-    codec._DECODED.clear()
-    codec._decoded_bytes = codec._decoded_refused = 0
+    _empty_decode_memo()
 
     def counted() -> int:
         return sum(len(record) + decoded.size for record, decoded in remembered.values())
