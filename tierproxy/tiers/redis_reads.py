@@ -113,15 +113,14 @@ class _Protocol(asyncio.Protocol):
                 self.abort(ReadChannelError("Redis sent a reply nothing asked for"))
                 return False
             futures, _ = waiting.popleft()
-            if isinstance(reply, hiredis.ReplyError):
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(ReadChannelError(f"Redis error: {reply}"))
-            else:
-                for future in futures:
-                    # (done: its caller gave up - timeout, cancellation: the reply is dropped)
-                    if not future.done():
-                        future.set_result(reply)
+            failed = isinstance(reply, hiredis.ReplyError)
+            for future in futures:
+                if future.done():  # its caller gave up (timeout, cancellation): dropped
+                    continue
+                if failed:
+                    future.set_exception(ReadChannelError(f"Redis error: {reply}"))
+                else:
+                    future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -222,10 +221,7 @@ class PipelinedReader:
         if protocol is None or protocol.lost:
             # (lost since ``connected`` was asked: a variant's read after its index's reply)
             raise ReadChannelError("Redis connection lost; reconnecting on the next read")
-        payload = _command(b"GET", key)
-        if payload not in protocol.joinable:  # (one that joins adds no command)
-            self._check_waiting(protocol)
-        return protocol.send(payload, join=True)
+        return self._queue(protocol, _command(b"GET", key), join=True)
 
     async def ping(self) -> bool:
         """Connect now if not connected (start-up), and check that Redis answers.
@@ -242,8 +238,14 @@ class PipelinedReader:
         protocol = self._protocol
         if protocol is None or protocol.lost:
             protocol = await self._connected()
-        self._check_waiting(protocol)
-        return await protocol.send(payload, join=join)
+        return await self._queue(protocol, payload, join=join)
+
+    def _queue(self, protocol: _Protocol, payload: bytes, *, join: bool) -> asyncio.Future[Any]:
+        """``payload`` sent on ``protocol`` (:meth:`_Protocol.send`), unless it would be a new
+        command that :meth:`_check_waiting` refuses; a GET that joins one adds no command."""
+        if not (join and payload in protocol.joinable):
+            self._check_waiting(protocol)
+        return protocol.send(payload, join=join)
 
     def _check_waiting(self, protocol: _Protocol) -> None:
         """Refuse a command (ReadChannelError) when too many wait, or when the oldest has
