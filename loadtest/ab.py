@@ -15,7 +15,8 @@ the ratio B/A taken within each round does. ``nginx`` among the targets adds ngi
 ``proxy_cache`` and each build's ratio to it, per round.
 
 Prints a table: per target and build the median req/s, then the median per-round ratio
-B/A (and × nginx); writes ``ab.json`` (every round) and ``ab.md`` into ``--out``
+B/A (and × nginx); writes ``ab.json`` (every round, the environment as ``loadtest.bench``
+records it) and ``ab.md`` into ``--out``
 (``loadtest/runs/ab-<time>/``). Exit code 0, or 2 when the run could not be made.
 Loopback only, bounded (``--rounds`` ≤ 30, ``--duration`` ≤ 60 s), everything stopped at the
 end, also on error.
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import bench, procs
+from loadtest import environment as envinfo
 from loadtest.procs import LOOPBACK, ProcGroup, StartupError
 
 TIERS = ("l1", "l2", "l3")
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     builds = {"A": ns.a, "B": ns.b or " ".join(procs.proxy_command())}
     runs: dict[str, list[float]] = {}
     code: dict[str, str | None] = {}
+    environment: dict[str, Any] = {}
     try:
         with ProcGroup() as group, procs.sigterm_as_interrupt():
             work = Path(tempfile.mkdtemp(prefix="tierproxy-ab-"))
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 code[label] = _code_of(ns.out / label / f"proxy-{tiers[0]}.log")
             if code["A"] is not None and code["A"] == code["B"]:
                 print(f"[ab] A and B run the same code ({code['A']}): an A/A run", flush=True)
+            environment = envinfo.collect(
+                redis_path=procs.redis_server_path() if redis_url else None
+            )
             if "nginx" in names:
                 _, port = bench.start_nginx(group, work, f"{LOOPBACK}:{oport}", "0")
                 urls["nginx"] = f"http://{LOOPBACK}:{port}{bench.BENCH_PATH}"
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ab] could not run: {exc}", file=sys.stderr)
         return 2
     summary = summarise(runs, tiers)
-    text = table(summary, ns)
+    text = table(summary, ns, environment)
     print(text)
     (ns.out / "ab.md").write_text(text + "\n")
     (ns.out / "ab.json").write_text(
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "builds": builds,
                 "code": code,
+                "environment": environment,
                 "args": {**vars(ns), "out": str(ns.out)},
                 "rounds": runs,
                 "summary": summary,
@@ -197,7 +204,9 @@ def summarise(runs: dict[str, list[float]], tiers: list[str]) -> dict[str, Any]:
     return out
 
 
-def table(summary: dict[str, Any], ns: argparse.Namespace) -> str:
+def table(
+    summary: dict[str, Any], ns: argparse.Namespace, environment: dict[str, Any] | None = None
+) -> str:
     lines = [
         "| target | A req/s | B req/s | B / A (per round) | A × nginx | B × nginx |",
         "|---|---:|---:|---:|---:|---:|",
@@ -216,6 +225,9 @@ def table(summary: dict[str, Any], ns: argparse.Namespace) -> str:
         f"{bench._keys_note(ns.keys)}; "
         "ratios: the median of the ratios within each round."
     )
+    host = envinfo.host_line(environment or {})
+    if host:
+        lines.append(host)
     return "\n".join(lines)
 
 

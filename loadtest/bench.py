@@ -553,6 +553,9 @@ def table(results: dict[str, Any]) -> str:
         f"median round shown (per-round ratios: median of the ratios within each round); body {m['size']} bytes; {_keys_note(m.get('keys', 1))}; server pinned to CPU {m['server_cpu']} (Redis: {m.get('redis_cpu', 'wrk')}), "
         f"wrk to CPU {m['wrk_cpu']}; bare loop: {m['bare_loop']}; {m['cpus']} CPUs, Python {m['python']}."
     )
+    host = envinfo.host_line(results.get("environment") or {})
+    if host:
+        out.append(host)
     if l1p99 is not None:
         extra = []
         for name, lim in (("l2", 2.0), ("l3", 5.0)):

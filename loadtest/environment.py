@@ -2,7 +2,8 @@
 
 Versions of Python and the libraries on the request path, whether uvloop is installed and
 which event loop the proxy actually ran (from its own start-up log line), the Redis server's
-version, the CPU count, the git commit (and whether the tree had local changes), the full
+version, the CPU count and model, what the host charges for the kernel work of a cache hit
+(:func:`host_costs`), the git commit (and whether the tree had local changes), the full
 ``TIERPROXY_*`` environment the proxy got (the purge token masked) and the command line.
 """
 
@@ -14,6 +15,8 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,68 @@ def masked_env(env: dict[str, str]) -> dict[str, str]:
     return {k: ("(set)" if k in SECRET_ENV else v) for k, v in sorted(env.items())}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name as Linux reports it (``/proc/cpuinfo``); None where it is not
+    known."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() in ("model name", "Model", "Hardware") and value.strip():
+            return value.strip()
+    return None
+
+
+def host_costs(rounds: int = 5, calls: int = 20_000, opens: int = 5_000) -> dict[str, float]:
+    """What this host charges for the kernel work of a cache hit, in microseconds, the
+    fastest of ``rounds`` (a busy moment only ever makes a round slower):
+
+    * ``syscall_us``: one system call (``getppid``, through Python: about 0.05 us of it is
+      the call from Python);
+    * ``file_hit_us``: open, fstat, pread of 1 KiB and close of a file in the page cache -
+      what nginx's ``proxy_cache`` does for every hit (tierproxy reads no file for an L1 or
+      L2 hit).
+
+    The two differ from host to host far more than the Python work does, so a ratio to nginx
+    measured on two hosts can differ too (README, Performance). Bounded: about 0.3 s."""
+    best_call = best_file = float("inf")
+    with tempfile.TemporaryDirectory(prefix="tierproxy-host-") as tmp:
+        path = os.path.join(tmp, "hit")
+        Path(path).write_bytes(b"x" * 1024)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for _ in range(calls):
+                os.getppid()
+            best_call = min(best_call, (time.perf_counter() - started) / calls)
+            started = time.perf_counter()
+            for _ in range(opens):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fstat(fd)
+                    os.pread(fd, 1024, 0)
+                finally:
+                    os.close(fd)
+            best_file = min(best_file, (time.perf_counter() - started) / opens)
+    return {"syscall_us": round(best_call * 1e6, 3), "file_hit_us": round(best_file * 1e6, 3)}
+
+
+def host_line(env: dict[str, Any]) -> str:
+    """The host's CPU and what it charges for a hit's kernel work (environment.host_costs):
+    a ratio to nginx depends on them, so a table says where it was measured."""
+    costs = env.get("host_costs") or {}
+    parts = []
+    if env.get("cpu_model"):
+        parts.append(f"CPU: {env['cpu_model']}")
+    if costs:
+        parts.append(
+            f"a system call {costs['syscall_us']:.2f} us, a file hit (open, fstat, pread 1 KiB,"
+            f" close: nginx's proxy_cache per hit) {costs['file_hit_us']:.2f} us"
+        )
+    return "Host: " + "; ".join(parts) + "." if parts else ""
+
+
 def collect(
     proxy_env: dict[str, str] | None = None,
     redis_path: str | None = None,
@@ -96,6 +161,8 @@ def collect(
         "redis_server": redis_server_version(redis_path),
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model(),
+        "host_costs": host_costs(),
         "git": git_commit(),
         "tierproxy_env": masked_env(tierproxy_env),
         # as typed (`python -m loadtest.run ...`), not with the module resolved to a path

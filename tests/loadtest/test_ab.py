@@ -53,6 +53,10 @@ def test_one_build_against_itself_gives_a_ratio_near_one(tmp_path: Path) -> None
     result = json.loads((out / "ab.json").read_text())
     assert len(result["rounds"]["A:l1"]) == len(result["rounds"]["B:l1"]) == 2
     assert 0.33 < result["summary"]["l1"]["b_over_a"] < 3.0
+    # Where it was measured: a ratio to nginx differs from host to host (environment.py).
+    host = result["environment"]["host_costs"]
+    assert host["syscall_us"] > 0 and host["file_hit_us"] > 0, result["environment"]
+    assert "Host: " in done.stdout
 
 
 def test_each_build_runs_its_own_code_and_the_run_says_which(tmp_path: Path) -> None:
