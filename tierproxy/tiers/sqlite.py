@@ -2,7 +2,8 @@
 
 Two connections in WAL mode: a reader for lookups and a writer that every change goes through
 (single writer path), so a slow write never queues in front of a read. Both run in autocommit
-(``isolation_level=None``) and each change is one statement, so a cancelled write cannot leave
+(``isolation_level=None``) and each change is one statement (the writes waiting together are
+one multi-row statement, see :meth:`SQLiteTier._write_rows`), so a cancelled write cannot leave
 a transaction - and its lock - open (aiosqlite runs each connection's statements in its own
 thread, and a cancelled await does not stop them). The total size is kept in ``stats`` by
 triggers, so it stays right when several processes share the file.
