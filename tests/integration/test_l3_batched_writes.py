@@ -7,12 +7,12 @@ connection of our own, as another process sharing the file would read it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import sqlite3
 from pathlib import Path
 
-from tierproxy.entry import Entry
+from support.records import long_lived
+from support.storage import sqlite_count
+
 from tierproxy.keys import KeySpace
 from tierproxy.tiers.base import Blob, TierUnavailable
 from tierproxy.tiers.sqlite import WRITE_BATCH, SQLiteTier
@@ -20,23 +20,8 @@ from tierproxy.tiers.sqlite import WRITE_BATCH, SQLiteTier
 KEYS = KeySpace("http://origin.test")
 
 
-def _entry(material: str, body: bytes, tags: tuple[str, ...] = ()) -> Entry:
-    return Entry(
-        key=material,
-        status=200,
-        headers=(("Content-Type", "text/plain"),),
-        body=body,
-        stored_at=1.0,
-        fresh_until=4e9,
-        stale_until=4e9,
-        swr_until=4e9,
-        expires_at=4e9,
-        tags=tags,
-    )
-
-
 async def _set(tier: SQLiteTier, material: str, body: bytes, tags: tuple[str, ...] = ()) -> None:
-    entry = _entry(material, body, tags)
+    entry = long_lived(material, body, tags)
     await tier.set(KEYS.key(material), entry, Blob(entry))
 
 
@@ -44,11 +29,6 @@ async def _open(path: Path) -> SQLiteTier:
     tier = SQLiteTier(str(path), max_bytes=10**8, read_timeout=1.0, write_timeout=1.0, keys=KEYS)
     await tier.open()
     return tier
-
-
-def _rows(path: Path) -> int:
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
 
 
 async def test_overlapping_writes_land_together_each_exact(tmp_path: Path) -> None:
@@ -67,13 +47,13 @@ async def test_overlapping_writes_land_together_each_exact(tmp_path: Path) -> No
         assert tier.write_batches <= 1 + math.ceil((count - 1) / WRITE_BATCH) + 1, (
             tier.write_batches
         )
-        assert _rows(path) == count and tier.entries == count
+        assert sqlite_count(path) == count and tier.entries == count
         for i in (0, 1, 150, count - 1):
             entry = await tier.get(KEYS.key(f"/k/{i}"))
             assert entry is not None and entry.body == b"body %d " % i * 40
         # The tags were indexed with the rows (triggers): a tag purge finds exactly them.
         assert await tier.purge([], ["tag"], None) == count // 2
-        assert _rows(path) == count - count // 2
+        assert sqlite_count(path) == count - count // 2
     finally:
         await tier.close()
 

@@ -13,14 +13,13 @@ now go in batches: the rows waiting when the writer is free go in one trip.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
 from pathlib import Path
 
 import aiohttp
 import pytest
 from support.fixture_types import SpawnProxy
 from support.origin import Origin
+from support.storage import sqlite_count
 
 KEYS = 400
 CLIENTS = 64
@@ -78,9 +77,7 @@ async def test_misses_over_many_keys_under_load_are_all_stored_once(
     # Every key is in the file (read by a connection of our own, as another process would).
     stored = 0
     for _ in range(50):  # the last backfills may still be on their way (bounded: 5 s)
-        uri = f"file:{sqlite_path}?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=2)) as conn:
-            stored = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+        stored = sqlite_count(sqlite_path)
         if stored >= KEYS:
             break
         await asyncio.sleep(0.1)

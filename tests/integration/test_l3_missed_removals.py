@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support.records import long_lived
 from support.wait import wait_for_condition
 
 from tierproxy import codec
-from tierproxy.entry import Entry
 from tierproxy.keys import KeySpace
 from tierproxy.tiers.base import Blob, TierUnavailable
 from tierproxy.tiers.sqlite import MAX_MISSED_REMOVALS, SQLiteTier
@@ -31,23 +31,8 @@ def _tier(path: Path) -> SQLiteTier:
     return SQLiteTier(str(path), max_bytes=10**8, read_timeout=1.0, write_timeout=1.0, keys=KEYS)
 
 
-def _entry(material: str, tags: tuple[str, ...] = ()) -> Entry:
-    return Entry(
-        key=material,
-        status=200,
-        headers=(("Content-Type", "text/plain"),),
-        body=material.encode(),
-        stored_at=1.0,
-        fresh_until=4e9,
-        stale_until=4e9,
-        swr_until=4e9,
-        expires_at=4e9,
-        tags=tags,
-    )
-
-
 async def _store(tier: SQLiteTier, material: str, tags: tuple[str, ...] = ()) -> None:
-    entry = _entry(material, tags)
+    entry = long_lived(material, material.encode(), tags)
     await tier.set(KEYS.key(material), entry, Blob(entry))
 
 
@@ -105,7 +90,8 @@ def _fill(path: Path, tags: list[str], per_tag: int) -> None:
     rows = []
     for tag in tags:
         for i in range(per_tag):
-            record = codec.encode(_entry(f"/{tag}/{i}", (tag,)))
+            material = f"/{tag}/{i}"
+            record = codec.encode(long_lived(material, material.encode(), (tag,)))
             digest = KEYS.key(f"/{tag}/{i}").digest
             rows.append((digest, record, len(record), 4e9, now, json.dumps([KEYS.tag_id(tag)])))
     conn = sqlite3.connect(str(path), isolation_level=None)

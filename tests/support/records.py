@@ -13,6 +13,8 @@ from typing import Any
 
 import msgpack
 
+from tierproxy.entry import Entry
+
 FORMAT = 4
 # Field positions in a format-4 record (tierproxy.codec.encode).
 KEY, STATUS, HEADERS, BODY, STORED_AT, FRESH_UNTIL = 1, 2, 3, 4, 5, 6
@@ -41,3 +43,20 @@ def forged(items: list[Any]) -> bytes:
     """``items`` packed again with a CRC that matches them."""
     payload = _pack([*items[:CRC], bytes(4)])[:-4]
     return payload + zlib.crc32(payload).to_bytes(4, "little")
+
+
+def long_lived(material: str, body: bytes, tags: tuple[str, ...] = ()) -> Entry:
+    """A plain 200 for ``material`` that stays fresh for decades: for tests of storage, not of
+    freshness."""
+    return Entry(
+        key=material,
+        status=200,
+        headers=(("Content-Type", "text/plain"),),
+        body=body,
+        stored_at=1.0,
+        fresh_until=4e9,
+        stale_until=4e9,
+        swr_until=4e9,
+        expires_at=4e9,
+        tags=tags,
+    )

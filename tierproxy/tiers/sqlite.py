@@ -365,6 +365,9 @@ class SQLiteTier(BytesBackend):
             collections.deque()
         )
         self._row_writer: asyncio.Task[None] | None = None
+        # Taken by each batch (by the row writer alone, so never waited for in itself; held
+        # from outside, it delays the writes as a slow write before them would).
+        self._write_lock = asyncio.Lock()
         self.write_batches = 0
         self.rows_written = 0
         self._suspect: str | None = None  # a statement failed as if the file were corrupt
@@ -925,7 +928,8 @@ class SQLiteTier(BytesBackend):
                 if not batch:
                     continue
                 try:
-                    await self._write_batch([row for row, _ in batch], size)
+                    async with self._write_lock:
+                        await self._write_batch([row for row, _ in batch], size)
                 except Exception as exc:  # noqa: BLE001 - each caller gets it (and counts it)
                     for _, written in batch:
                         if not written.done():
