@@ -97,3 +97,33 @@ async def test_writes_waiting_when_the_tier_closes_fail_as_unavailable(tmp_path:
     # Some may have landed before the close; none hangs, and what failed says why.
     assert all(isinstance(o, TierUnavailable) for o in failed), failed
     assert not tier._rows and tier._row_writer is None
+
+
+async def test_an_entry_read_since_the_last_flush_is_not_evicted_as_least_recently_used(
+    tmp_path: Path,
+) -> None:
+    """Reads are written to the file (``accessed_at``, the order eviction goes by) once a
+    second at most, after a batch. A batch that must make room first evicted by the order
+    the file held: an entry read many times since the last flush, but stored first, went
+    first."""
+    path = tmp_path / "l3.sqlite3"
+    tier = SQLiteTier(
+        str(path), max_bytes=2 * 2**20, read_timeout=1.0, write_timeout=2.0, keys=KEYS
+    )
+    await tier.open()
+    try:
+        body = b"b" * 10_000
+        for group in range(14):  # 140 entries of 10 kB, under the 1.75 MiB the data may use
+            await asyncio.gather(*(_set(tier, f"/old/{group}/{i}", body) for i in range(10)))
+        stored = sqlite_count(path)
+        hot = "/old/0/0"  # among the first stored: the file holds it as least recently used
+        for _ in range(3):
+            assert await tier.get(KEYS.key(hot)) is not None
+        # New entries past the bound: the batch makes room by evicting about a tenth.
+        for group in range(6):
+            await asyncio.gather(*(_set(tier, f"/new/{group}/{i}", body) for i in range(10)))
+        assert sqlite_count(path) < stored + 60, "nothing was evicted: the test proves nothing"
+        assert await tier.get(KEYS.key("/old/0/1")) is None  # stored with it, never read
+        assert await tier.get(KEYS.key(hot)) is not None
+    finally:
+        await tier.close()

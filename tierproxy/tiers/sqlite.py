@@ -992,12 +992,7 @@ class SQLiteTier(BytesBackend):
 
     async def _maintain(self, writer: aiosqlite.Connection, now: float) -> None:
         if self._touched and now - self._last_touch_flush >= _TOUCH_FLUSH_INTERVAL:
-            touched, self._touched = self._touched, {}
-            self._last_touch_flush = now
-            await writer.executemany(
-                "UPDATE entries SET accessed_at = ? WHERE key = ?",
-                [(t, k) for k, t in touched.items()],
-            )
+            await self._flush_touches(writer, now)
         if now - self._last_sweep >= _EXPIRY_SWEEP_INTERVAL:
             self._last_sweep = now
             # Through the expires_at index, a bounded batch; a full batch sweeps again soon.
@@ -1018,9 +1013,27 @@ class SQLiteTier(BytesBackend):
         )
         return int(rows[0][0]) * self._page_size if rows else 0
 
+    async def _flush_touches(self, writer: aiosqlite.Connection, now: float) -> None:
+        """Write when the entries read since the last flush were read (the order eviction
+        goes by): ``now`` for all of them, a statement per ``_BATCH`` keys. Within one flush
+        their order is not kept (read within a second or so of each other); against every
+        other entry it is. One statement a key took the GIL back once a key in the writer's
+        thread, which a saturated event loop makes wait up to a switch interval each."""
+        touched, self._touched = list(self._touched), {}
+        self._last_touch_flush = now
+        for start in range(0, len(touched), _BATCH):
+            chunk = touched[start : start + _BATCH]
+            await writer.execute(
+                f"UPDATE entries SET accessed_at = ? WHERE key IN ({','.join('?' * len(chunk))})",
+                (now, *chunk),
+            )
+
     async def _evict(self, writer: aiosqlite.Connection, need: int) -> None:
         """Delete least recently used entries worth about ``need`` bytes of pages; bounded
-        statements, each through the accessed_at index."""
+        statements, each through the accessed_at index. The reads not yet written go first:
+        an entry read since the last flush is not among the least recently used."""
+        if self._touched:
+            await self._flush_touches(writer, time.time())
         for _ in range(_EVICT_STATEMENTS):
             if need <= 0 or self.entries == 0:
                 return
