@@ -7,7 +7,9 @@ connection of our own, as another process sharing the file would read it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import sqlite3
 from pathlib import Path
 
 from support.records import long_lived
@@ -15,7 +17,7 @@ from support.storage import sqlite_count
 
 from tierproxy.keys import KeySpace
 from tierproxy.tiers.base import Blob, TierUnavailable
-from tierproxy.tiers.sqlite import WRITE_BATCH, SQLiteTier
+from tierproxy.tiers.sqlite import MAX_WAITING_WRITES, WRITE_BATCH, SQLiteTier
 
 KEYS = KeySpace("http://origin.test")
 
@@ -125,5 +127,55 @@ async def test_an_entry_read_since_the_last_flush_is_not_evicted_as_least_recent
         assert sqlite_count(path) < stored + 60, "nothing was evicted: the test proves nothing"
         assert await tier.get(KEYS.key("/old/0/1")) is None  # stored with it, never read
         assert await tier.get(KEYS.key(hot)) is not None
+    finally:
+        await tier.close()
+
+
+async def test_a_row_whose_values_fail_fails_alone(tmp_path: Path) -> None:
+    """One statement writes a batch, so one row's bad value (here a lifetime SQLite stores as
+    NULL, against the column's NOT NULL) fails the statement: the batch is then written a
+    row at a time, and only that row's caller hears of it."""
+    tier = await _open(tmp_path / "l3.sqlite3")
+    try:
+        bad = dataclasses.replace(long_lived("/bad", b"x"), expires_at=math.nan)
+        outcomes = await asyncio.gather(
+            *(_set(tier, f"/good/{i}", b"g") for i in range(5)),
+            tier.set(KEYS.key("/bad"), bad, Blob(bad)),
+            return_exceptions=True,
+        )
+        assert outcomes[:5] == [None] * 5, outcomes
+        assert isinstance(outcomes[5], sqlite3.IntegrityError), outcomes
+        assert tier.rows_written == 5
+        assert await tier.get(KEYS.key("/good/4")) is not None
+    finally:
+        await tier.close()
+
+
+async def test_writes_past_the_bound_are_skipped_and_a_given_up_row_is_let_go(
+    tmp_path: Path,
+) -> None:
+    tier = await _open(tmp_path / "l3.sqlite3")
+    try:
+        await tier._write_lock.acquire()  # the writer busy with a slow write
+        try:
+            writes = [
+                asyncio.ensure_future(_set(tier, f"/w/{i}", b"v"))
+                for i in range(MAX_WAITING_WRITES + 10)
+            ]
+            await asyncio.sleep(0.05)
+            refused = [w for w in writes if w.done()]
+            assert len(refused) == 10, len(refused)
+            assert all(isinstance(w.exception(), TierUnavailable) for w in refused)
+            waiting = [w for w in writes if not w.done()]
+            for w in waiting[-100:]:
+                w.cancel()  # their write timeouts
+            await asyncio.sleep(0)
+            # What they gave up is not held while it waits to be dropped.
+            assert sum(1 for r in tier._rows if r.row is None) == 100
+        finally:
+            tier._write_lock.release()
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        assert sum(1 for o in outcomes if o is None) == len(waiting) - 100
+        assert tier.rows_written == len(waiting) - 100
     finally:
         await tier.close()

@@ -264,3 +264,28 @@ async def test_the_answer_waits_until_a_backfill_the_invalidation_overtook_is_un
     assert sqlite_row(sqlite_path, "/doc", origin.url) is None
     after = await proxy.get("/doc")
     assert after.x_cache == "MISS", after
+
+
+async def test_a_backfill_that_timed_out_waiting_is_not_written_after_the_invalidation(
+    origin: Origin, make_proxy: MakeProxy, sqlite_path: Path
+) -> None:
+    """As above, but the L3 write waits longer than its timeout: the backfill gives up, its
+    undo (a delete) finds nothing, and the PUT is answered. The write must then not land
+    when the writer frees up: that copy is what the PUT invalidated. (Writes go in batches;
+    a row taken into a batch waiting behind a slow one was once written after all, and
+    served as a hit until it expired.)"""
+    origin.set_default(headers=CACHEABLE)
+    proxy = await make_proxy(SQLITE_PATH=str(sqlite_path), L3_WRITE_TIMEOUT=0.3)
+    l3 = proxy.state.tier("l3")
+    await l3.backend._write_lock.acquire()  # the writer is busy with a slow write
+    try:
+        assert (await proxy.get("/doc")).x_cache == "MISS"
+        changed = await proxy.request("PUT", "/doc", data=b"x")  # the backfill times out
+        assert changed.status == 200, changed
+    finally:
+        l3.backend._write_lock.release()
+    await proxy.settle()
+    await asyncio.sleep(0.2)  # (the batch, freed, has run: nothing of it is left to do)
+    assert sqlite_row(sqlite_path, "/doc", origin.url) is None
+    after = await proxy.get("/doc")
+    assert after.x_cache == "MISS", after

@@ -167,6 +167,18 @@ LOOKUP_BATCH = 64
 #: Most rows one batch of writes carries (see SQLiteTier._write_rows): 768 parameters in its
 #: one statement, under the 999 of SQLite before 3.32.
 WRITE_BATCH = 128
+#: Most writes waiting for a batch; more are skipped at once (TierUnavailable), as lookups
+#: past MAX_WAITING_LOOKUPS are.
+MAX_WAITING_WRITES = 1024
+# What a row's own values can make a statement raise (a value SQLite cannot bind or a
+# constraint it breaks): a batch that fails so is written again a row at a time.
+_ROW_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    OverflowError,
+)
 # Rows of one key in one statement: the later updates the earlier (the last one wins).
 _UPSERT = (
     "INSERT INTO entries (key, value, size, expires_at, accessed_at, tags) VALUES %s"
@@ -181,6 +193,21 @@ _MAX_REPLAY_STALLS = 2
 # Keys and tags of removals missed while the file was unusable that are remembered, to be
 # applied when it is opened again; past this the file is discarded on reopen instead.
 MAX_MISSED_REMOVALS = 1024
+
+
+class _RowWrite:
+    """A row waiting for its batch (SQLiteTier.set) and its caller's future; ``row`` is None
+    once the caller gave up (its bytes are not held while it waits to be dropped)."""
+
+    __slots__ = ("row", "written")
+
+    def __init__(self, row: tuple[Any, ...], written: asyncio.Future[None]) -> None:
+        self.row: tuple[Any, ...] | None = row
+        self.written = written
+
+
+class _RowRefused(Exception):
+    """A batch of several rows failed on one row's values (:data:`_ROW_ERRORS`)."""
 
 
 def _own_copy(exc: Exception) -> Exception:
@@ -361,9 +388,7 @@ class SQLiteTier(BytesBackend):
         self._wake = asyncio.Event()
         # Rows waiting to be written (row, caller's future) and the task writing them, while
         # any wait (see set); batches written and the rows in them.
-        self._rows: collections.deque[tuple[tuple[Any, ...], asyncio.Future[None]]] = (
-            collections.deque()
-        )
+        self._rows: collections.deque[_RowWrite] = collections.deque()
         self._row_writer: asyncio.Task[None] | None = None
         # Taken by each batch (by the row writer alone, so never waited for in itself; held
         # from outside, it delays the writes as a slow write before them would).
@@ -871,8 +896,17 @@ class SQLiteTier(BytesBackend):
             raise TierUnavailable("L3 file unavailable")
         return self._writer
 
-    async def _on_writer(self, call: Callable[[aiosqlite.Connection], Any]) -> Any:
-        writer = self._writer_conn()
+    async def _on_writer(
+        self,
+        call: Callable[[aiosqlite.Connection], Any],
+        writer: aiosqlite.Connection | None = None,
+    ) -> Any:
+        """``call`` on the writer connection; ``writer``: on that one only (a batch's steps
+        stay on the file they began on: TierUnavailable once it was closed or replaced)."""
+        if writer is None:
+            writer = self._writer_conn()
+        elif writer is not self._writer or not self.available:
+            raise TierUnavailable("L3 file being reopened")
         try:
             return await call(writer)
         except sqlite3.DatabaseError as exc:
@@ -888,98 +922,144 @@ class SQLiteTier(BytesBackend):
     async def set(self, key: CacheKey, entry: Entry, blob: Blob) -> None:
         """Store ``entry``: its row waits for the next batch (:meth:`_write_rows`) and this
         returns once the batch is written. A caller that gives up (its write timeout) before
-        its batch is taken is not written; once taken, the row is written all the same."""
+        its batch's statement is queued on the writer's thread is not written, and its row
+        is let go at once; once queued, the row is written all the same, as a statement
+        queued there always was (a backfill a purge overtook deletes it afterwards, and that
+        delete is queued after it). At most ``MAX_WAITING_WRITES`` wait; more are skipped at
+        once (``TierUnavailable``)."""
         data = blob.data
         if len(data) > self.wal_budget // 2:
             return  # it could not be written without the WAL growing past its share
         self._writer_conn()  # (unavailable: TierUnavailable now, not after waiting)
+        if len(self._rows) >= MAX_WAITING_WRITES:
+            raise TierUnavailable(f"{len(self._rows)} L3 writes already waiting")
         tags = json.dumps([self.keys.tag_id(tag) for tag in entry.tags]) if entry.tags else "[]"
         row = (key.digest, data, len(data), entry.expires_at, time.time(), tags)
         loop = asyncio.get_running_loop()
-        written: asyncio.Future[None] = loop.create_future()
-        self._rows.append((row, written))
+        waiting = _RowWrite(row, loop.create_future())
+        self._rows.append(waiting)
         if self._row_writer is None:
             self._row_writer = loop.create_task(self._write_rows())
-        await written
+        try:
+            await waiting.written
+        except asyncio.CancelledError:
+            waiting.row = None  # given up: not written (if not queued yet), its bytes let go
+            raise
 
     async def _write_rows(self) -> None:
         """Write the rows waiting (:meth:`set`) until none wait, a batch at a time: what
         waits when the writer is free goes together, at most ``WRITE_BATCH`` rows and a WAL
         share of bytes. A batch makes room for all of its rows, writes them in one
-        ``executemany`` and tidies up once - three trips to the writer's thread for the batch,
-        where each row took three of its own, one row at a time, and a loaded proxy's writes
-        queued behind each other past their timeout. Each row is still its own statement in
-        autocommit (a cancelled caller cannot leave a transaction open, module docstring), and
-        rows of one key keep their order (the last one written wins). Bounded by the callers
-        waiting: each waits for its own row."""
+        multi-row statement and tidies up once (:meth:`_write_batch`), where each row took
+        those steps on its own, one row at a time, and a loaded proxy's writes queued behind
+        each other past their timeout. The statement runs in autocommit (a cancelled caller
+        cannot leave a transaction open, module docstring), and rows of one key keep their
+        order (the last one written wins). A batch that fails on one row's values is written
+        again a row at a time, so that row fails alone."""
         rows = self._rows
         try:
             while rows:
-                batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+                batch: list[_RowWrite] = []
                 size = 0
                 while rows and len(batch) < WRITE_BATCH:
-                    row, written = rows[0]
-                    if batch and size + row[2] > self.wal_budget // 2:
+                    waiting = rows[0]
+                    row = waiting.row
+                    if batch and row is not None and size + row[2] > self.wal_budget // 2:
                         break
                     rows.popleft()
-                    if not written.done():  # (its caller gave up: not written)
-                        batch.append((row, written))
+                    if row is not None and not waiting.written.done():
+                        batch.append(waiting)
                         size += row[2]
                 if not batch:
                     continue
                 try:
-                    async with self._write_lock:
-                        await self._write_batch([row for row, _ in batch], size)
-                except Exception as exc:  # noqa: BLE001 - each caller gets it (and counts it)
-                    for _, written in batch:
-                        if not written.done():
-                            written.set_exception(_own_copy(exc))
-                except BaseException:  # (the tier closing: what waits goes with it)
-                    for _, written in batch:
-                        if not written.done():
-                            written.set_exception(TierUnavailable("L3 writes stopped"))
-                    raise
-                else:
-                    self.rows_written += len(batch)
-                    for _, written in batch:
-                        if not written.done():
-                            written.set_result(None)
+                    await self._write_settled(batch, size)
+                except _RowRefused:
+                    for waiting in batch:  # (one row's values: each row alone, each outcome)
+                        if waiting.row is not None:
+                            await self._write_settled([waiting], waiting.row[2])
         finally:
             self._row_writer = None
             if rows:  # (stopped by a close: nothing waits for the rest)
-                for _, written in rows:
-                    if not written.done():
-                        written.set_exception(TierUnavailable("L3 writes stopped"))
+                for waiting in rows:
+                    if not waiting.written.done():
+                        waiting.written.set_exception(TierUnavailable("L3 writes stopped"))
                 rows.clear()
 
-    async def _write_batch(self, rows: list[tuple[Any, ...]], size: int) -> None:
+    async def _write_settled(self, batch: list[_RowWrite], size: int) -> None:
+        """Write ``batch`` and give each caller still waiting the outcome; raises
+        :class:`_RowRefused` (no caller told) when a batch of several failed on a row's
+        values."""
+        try:
+            async with self._write_lock:
+                written = await self._write_batch(batch, size)
+        except _ROW_ERRORS as exc:
+            if len(batch) > 1:
+                raise _RowRefused from exc
+            self._settle_writes(batch, exc)
+        except Exception as exc:  # noqa: BLE001 - each caller gets it (and counts it)
+            self._settle_writes(batch, exc)
+        except BaseException:  # (the tier closing: what waits goes with it)
+            self._settle_writes(batch, TierUnavailable("L3 writes stopped"))
+            raise
+        else:
+            self.rows_written += written
+            self._settle_writes(batch, None)
+
+    @staticmethod
+    def _settle_writes(batch: list[_RowWrite], failure: Exception | None) -> None:
+        for waiting in batch:
+            if not waiting.written.done():
+                if failure is None:
+                    waiting.written.set_result(None)
+                else:
+                    waiting.written.set_exception(_own_copy(failure))
+
+    async def _write_batch(self, batch: list[_RowWrite], size: int) -> int:
+        """Make room, write the rows of ``batch`` whose callers still wait, tidy up; all on
+        one writer connection (a file reopened meanwhile is not written: TierUnavailable).
+        Returns how many rows were written."""
+        writer = self._writer_conn()
         now = time.time()
+        count = 0
 
-        # One statement for the batch: the triggers index the tags with it (module docstring),
-        # and the writer's thread takes the GIL back once for it, not once a row (under a
-        # saturated event loop, each take can wait a switch interval: 64 rows one at a time
-        # took 143 ms).
-        sql = _UPSERT % ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(rows))
-        params = [value for row in rows for value in row]
-
-        async def insert(writer: aiosqlite.Connection) -> None:
-            await writer.execute(sql, params)
+        async def insert(conn: aiosqlite.Connection) -> None:
+            # The rows still wanted are chosen here, in the loop step that queues the
+            # statement on the writer's thread: a caller that gave up before is not written,
+            # and anything queued after (a purge's delete) runs after it. One statement for
+            # the batch: the triggers index the tags with it (module docstring), and the
+            # writer's thread takes the GIL back once for it, not once a row (under a
+            # saturated event loop each take can wait a switch interval).
+            nonlocal count
+            rows = [w.row for w in batch if w.row is not None and not w.written.done()]
+            count = len(rows)
+            if rows:
+                await conn.execute(
+                    _UPSERT % ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(rows)),
+                    [value for row in rows for value in row],
+                )
 
         self.write_batches += 1
-        await self._on_writer(lambda w: self._make_room(w, size))
-        await self._insert(insert, size)
-        await self._on_writer(lambda w: self._maintain(w, now))
+        await self._on_writer(lambda w: self._make_room(w, size), writer)
+        await self._insert(insert, size, writer)
+        await self._on_writer(lambda w: self._maintain(w, now), writer)
+        return count
 
-    async def _insert(self, insert: Callable[[aiosqlite.Connection], Any], size: int) -> None:
+    async def _insert(
+        self,
+        insert: Callable[[aiosqlite.Connection], Any],
+        size: int,
+        writer: aiosqlite.Connection,
+    ) -> None:
         try:
-            await self._on_writer(insert)
+            await self._on_writer(insert, writer)
         except sqlite3.OperationalError as exc:
             if not _is_full(exc):
                 raise
             # The disk is full: make room (least recently used first), then try once more.
             try:
-                await self._on_writer(lambda w: self._evict(w, size * 2))
-                await self._on_writer(insert)
+                await self._on_writer(lambda w: self._evict(w, size * 2), writer)
+                await self._on_writer(insert, writer)
             except sqlite3.OperationalError as exc2:
                 if _is_full(exc2):
                     raise StorageFull(f"L3 {self.path}: {exc2}") from None
@@ -1019,21 +1099,36 @@ class SQLiteTier(BytesBackend):
         their order is not kept (read within a second or so of each other); against every
         other entry it is. One statement a key took the GIL back once a key in the writer's
         thread, which a saturated event loop makes wait up to a switch interval each."""
-        touched, self._touched = list(self._touched), {}
+        touched, self._touched = self._touched, {}
         self._last_touch_flush = now
-        for start in range(0, len(touched), _BATCH):
-            chunk = touched[start : start + _BATCH]
-            await writer.execute(
-                f"UPDATE entries SET accessed_at = ? WHERE key IN ({','.join('?' * len(chunk))})",
-                (now, *chunk),
-            )
+        keys = list(touched)
+        try:
+            for start in range(0, len(keys), _BATCH):
+                chunk = keys[start : start + _BATCH]
+                await writer.execute(
+                    f"UPDATE entries SET accessed_at = ? WHERE key IN ({','.join('?' * len(chunk))})",
+                    (now, *chunk),
+                )
+        except BaseException:
+            # Not written (or not all): kept for the next flush, within the bound.
+            for key, at in touched.items():
+                if len(self._touched) >= _MAX_PENDING_TOUCHES:
+                    break
+                self._touched.setdefault(key, at)
+            raise
 
     async def _evict(self, writer: aiosqlite.Connection, need: int) -> None:
         """Delete least recently used entries worth about ``need`` bytes of pages; bounded
         statements, each through the accessed_at index. The reads not yet written go first:
         an entry read since the last flush is not among the least recently used."""
         if self._touched:
-            await self._flush_touches(writer, time.time())
+            try:
+                await self._flush_touches(writer, time.time())
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                # A full disk: the marks wait (kept), and the eviction goes on - it is what
+                # makes the room they need.
         for _ in range(_EVICT_STATEMENTS):
             if need <= 0 or self.entries == 0:
                 return
