@@ -1,9 +1,10 @@
 """What a result records of the host it was measured on (loadtest/environment.py).
 
-A ratio to nginx moved from 0.57 to 0.86 between two hosts of the same kind, the code
-unchanged (README, Performance): nginx's proxy_cache opens and reads a file for every hit,
-tierproxy's L1/L2 hits read none, so the host's price of a system call moves one side
-more. Every bench and A/B result therefore records the CPU and that price, measured.
+The L1 hit path's ratio to nginx measured 0.57 on one host and 0.85 on another of the same
+kind, the code unchanged, and 0.63 on the second an hour later (README, Performance). nginx's
+proxy_cache opens and reads a file for every hit, and tierproxy's L1/L2 hits read none, so
+the host's price of a system call moves one side more. Every bench and A/B result therefore
+records the CPU and that price, measured.
 """
 
 from __future__ import annotations
