@@ -206,10 +206,6 @@ class _RowWrite:
         self.written = written
 
 
-class _RowRefused(Exception):
-    """A batch of several rows failed on one row's values (:data:`_ROW_ERRORS`)."""
-
-
 def _own_copy(exc: Exception) -> Exception:
     """``exc`` for one of several callers it fails (a batch's writes, the lookups of one key
     sharing a read): a copy of its own, as each would have raised its own - one object raised
@@ -373,7 +369,9 @@ class SQLiteTier(BytesBackend):
         self.read_statements = 0  # point reads sent in those trips
         self._page_size = 4096
         self._identity: tuple[int, int] | None = None
-        self._touched: dict[str, float] = {}
+        # Keys read since the last flush of read marks (_flush_touches stamps them all with
+        # its own time).
+        self._touched: set[str] = set()
         self._last_touch_flush = 0.0
         self._last_sweep = 0.0
         # Removals asked for while the file was unusable (keys, tags, soft purge time), applied
@@ -770,7 +768,7 @@ class SQLiteTier(BytesBackend):
             answer.set_result(None)
             return
         if len(self._touched) < _MAX_PENDING_TOUCHES:
-            self._touched[digest] = now
+            self._touched.add(digest)
         answer.set_result(bytes(value))
 
     def _trip(self, lookup: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -970,14 +968,8 @@ class SQLiteTier(BytesBackend):
                     if row is not None and not waiting.written.done():
                         batch.append(waiting)
                         size += row[2]
-                if not batch:
-                    continue
-                try:
+                if batch:
                     await self._write_settled(batch, size)
-                except _RowRefused:
-                    for waiting in batch:  # (one row's values: each row alone, each outcome)
-                        if waiting.row is not None:
-                            await self._write_settled([waiting], waiting.row[2])
         finally:
             self._row_writer = None
             if rows:  # (stopped by a close: nothing waits for the rest)
@@ -987,16 +979,22 @@ class SQLiteTier(BytesBackend):
                 rows.clear()
 
     async def _write_settled(self, batch: list[_RowWrite], size: int) -> None:
-        """Write ``batch`` and give each caller still waiting the outcome; raises
-        :class:`_RowRefused` (no caller told) when a batch of several failed on a row's
-        values."""
+        """Write ``batch`` and give each caller still waiting the outcome. A batch of several
+        that failed on a row's values is written again a row at a time, each its own outcome."""
         try:
             async with self._write_lock:
                 written = await self._write_batch(batch, size)
         except _ROW_ERRORS as exc:
-            if len(batch) > 1:
-                raise _RowRefused from exc
-            self._settle_writes(batch, exc)
+            if len(batch) == 1:
+                self._settle_writes(batch, exc)
+                return
+            try:
+                for waiting in batch:
+                    if waiting.row is not None:
+                        await self._write_settled([waiting], waiting.row[2])
+            except BaseException:  # (the tier closing mid-way: the rest are not left waiting)
+                self._settle_writes(batch, TierUnavailable("L3 writes stopped"))
+                raise
         except Exception as exc:  # noqa: BLE001 - each caller gets it (and counts it)
             self._settle_writes(batch, exc)
         except BaseException:  # (the tier closing: what waits goes with it)
@@ -1099,7 +1097,7 @@ class SQLiteTier(BytesBackend):
         their order is not kept (read within a second or so of each other); against every
         other entry it is. One statement a key took the GIL back once a key in the writer's
         thread, which a saturated event loop makes wait up to a switch interval each."""
-        touched, self._touched = self._touched, {}
+        touched, self._touched = self._touched, set()
         self._last_touch_flush = now
         keys = list(touched)
         try:
@@ -1111,10 +1109,10 @@ class SQLiteTier(BytesBackend):
                 )
         except BaseException:
             # Not written (or not all): kept for the next flush, within the bound.
-            for key, at in touched.items():
+            for key in keys:
                 if len(self._touched) >= _MAX_PENDING_TOUCHES:
                     break
-                self._touched.setdefault(key, at)
+                self._touched.add(key)
             raise
 
     async def _evict(self, writer: aiosqlite.Connection, need: int) -> None:
@@ -1172,7 +1170,7 @@ class SQLiteTier(BytesBackend):
         return TierUnavailable("L3 file unavailable")
 
     async def delete(self, key: CacheKey) -> bool:
-        self._touched.pop(key.digest, None)
+        self._touched.discard(key.digest)
         if not self.available:
             raise self._removal_missed((key,), (), None)
         try:
@@ -1231,7 +1229,7 @@ class SQLiteTier(BytesBackend):
         else:
             changed = await self._soft_purge(writer, keys, tag_ids, soft_at)
         for digest in digests:
-            self._touched.pop(digest, None)
+            self._touched.discard(digest)
         await self._refresh_stats()
         return changed
 
