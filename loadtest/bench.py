@@ -7,6 +7,8 @@
 Targets (each serves the same stored bytes for one hot key, ``/bench/1``):
     bare          a naive aiohttp handler returning the stored bytes (loadtest/bare.py): reference (a)
     bare-asyncio  the same on the default asyncio loop (only when asked)
+    floor         no framework: aiohttp's C parser and one prebuilt write per request
+                  (loadtest/bare.py --floor): what an HTTP exchange costs in this runtime (f)
     l1            tierproxy, L1 hits (Redis and SQLite off)
     l2            tierproxy, L2 hits (L1 off, Redis on, SQLite off)
     l3            tierproxy, L3 hits (L1 off, no Redis, SQLite on)
@@ -47,8 +49,8 @@ from loadtest import procs
 from loadtest.procs import LOOPBACK, ProcGroup, StartupError, host_busy_seconds
 
 BENCH_PATH = "/bench/1"
-ALL_TARGETS = ("bare", "bare-asyncio", "l1", "l2", "l3", "nginx")
-DEFAULT_TARGETS = ("bare", "l1", "l2", "l3", "nginx")
+ALL_TARGETS = ("bare", "bare-asyncio", "floor", "l1", "l2", "l3", "nginx")
+DEFAULT_TARGETS = ("bare", "floor", "l1", "l2", "l3", "nginx")
 EXPECT = {
     "l1": "HIT-L1",
     "l2": "HIT-L2",
@@ -56,10 +58,12 @@ EXPECT = {
     "nginx": "HIT",
     "bare": "HIT-L1",
     "bare-asyncio": "HIT-L1",
+    "floor": "HIT-L1",
 }
 LABELS = {
     "bare": "(a) bare aiohttp handler, stored bytes",
     "bare-asyncio": "(a') bare aiohttp handler, asyncio loop",
+    "floor": "(f) floor: aiohttp's parser, one prebuilt write",
     "l1": "(b) tierproxy L1 hit",
     "l2": "(c) tierproxy L2 hit (L1 off, Redis)",
     "l3": "(d) tierproxy L3 hit (L1 off, SQLite)",
@@ -303,7 +307,7 @@ def start_targets(
     origin_hostport = origin_url.split("//", 1)[1]
     lifetime = str(int(ns.rounds * len(names) * (ns.duration + 10) + 600))
     for name in names:
-        if name in ("bare", "bare-asyncio"):
+        if name in ("bare", "bare-asyncio", "floor"):
             port = procs.free_port()
             loop = "asyncio" if name == "bare-asyncio" else ns.bare_loop
             p = group.start(
@@ -322,6 +326,7 @@ def start_targets(
                     loop,
                     "--max-lifetime",
                     lifetime,
+                    *(["--floor"] if name == "floor" else []),
                 ],
                 logs / f"{name}.log",
                 taskset=server_cpu,
@@ -556,6 +561,18 @@ def table(results: dict[str, Any]) -> str:
     host = envinfo.host_line(results.get("environment") or {})
     if host:
         out.append(host)
+    to_floor = [
+        f"{name} {_f(ratios.get(name, {}).get('to_floor_per_round_median'))}"
+        for name in rows
+        if name != "floor" and ratios.get(name, {}).get("to_floor_per_round_median") is not None
+    ]
+    if to_floor:
+        out.append(
+            "× (f) floor, per round: "
+            + ", ".join(to_floor)
+            + " (the floor is what parsing a request and one write cost in this runtime:"
+            " the rest of a target's time is its own work)."
+        )
     if l1p99 is not None:
         extra = []
         for name, lim in (("l2", 2.0), ("l3", 5.0)):
@@ -964,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
             for ref, key in (
                 ("bare", "to_bare_per_round_median"),
                 ("nginx", "to_nginx_per_round_median"),
+                ("floor", "to_floor_per_round_median"),
             ):
                 if ref in targets and targets[ref].runs:
                     for n in order:
