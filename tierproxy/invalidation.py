@@ -472,7 +472,7 @@ class Invalidation:
             self.state = "connecting"
             try:
                 async with asyncio.timeout(1.0):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
                     if direct is not None:
                         await direct.aclose()
             except Exception as exc:  # noqa: BLE001 - closing is best effort

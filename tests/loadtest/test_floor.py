@@ -16,9 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from tests.support.net import free_port
-from tests.support.origin import Origin, make_body
+from support.net import free_port
+from support.origin import Origin, make_body
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = make_body(1024, seed=7)

@@ -71,7 +71,7 @@ class Clients:
                 **common,
             )
         elif target.kind == SENTINEL:
-            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
                 list(target.nodes),
                 sentinel_kwargs={
                     "socket_timeout": socket_timeout,

@@ -245,6 +245,6 @@ class FetchLeases:
             self.connected = False
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
                     if direct is not None:
                         await direct.aclose()

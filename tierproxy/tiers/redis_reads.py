@@ -48,6 +48,9 @@ _MAX_PENDING = 4096
 _FEED_BYTES = 16384
 
 
+_NOT_YET = object()  # hiredis.Reader.gets(): no complete reply in the buffer yet
+
+
 class ReadChannelError(ConnectionError):
     """The pipelined connection failed or refused the GET (it is a miss, counted as an error)."""
 
@@ -61,7 +64,9 @@ def _command(*parts: bytes) -> bytes:
 
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
-        self.reader = hiredis.Reader()
+        # "No complete reply yet" is a sentinel of our own: hiredis's default (False) is also
+        # how it returns a RESP3 boolean, which would shift every later reply by one.
+        self.reader = hiredis.Reader(notEnoughData=_NOT_YET)
         # (futures, monotonic time sent), a command each: answered strictly in order, the
         # reply going to each of its futures (GETs of one key share one command: send).
         self.waiting: collections.deque[tuple[list[asyncio.Future[Any]], float]] = (
@@ -107,18 +112,24 @@ class _Protocol(asyncio.Protocol):
             except hiredis.ProtocolError as exc:
                 self.abort(ReadChannelError(f"Redis sent a malformed reply: {exc}"))
                 return False
-            if reply is False:
+            if reply is _NOT_YET:
                 return True
             if not waiting:
                 self.abort(ReadChannelError("Redis sent a reply nothing asked for"))
                 return False
+            if not (reply is None or isinstance(reply, (bytes, hiredis.ReplyError))):
+                # GET, PING, AUTH and SELECT answer a string, nil or an error on a RESP2
+                # connection; anything else (a RESP3 push or boolean from something that is
+                # not plain Redis) means replies and commands may no longer line up.
+                self.abort(ReadChannelError(f"Redis sent an unexpected {type(reply).__name__}"))
+                return False
             futures, _ = waiting.popleft()
-            failed = isinstance(reply, hiredis.ReplyError)
+            error = str(reply) if isinstance(reply, hiredis.ReplyError) else None
             for future in futures:
                 if future.done():  # its caller gave up (timeout, cancellation): dropped
                     continue
-                if failed:
-                    future.set_exception(ReadChannelError(f"Redis error: {reply}"))
+                if error is not None:
+                    future.set_exception(ReadChannelError(f"Redis error: {error}"))
                 else:
                     future.set_result(reply)
 
@@ -144,6 +155,10 @@ class _Protocol(asyncio.Protocol):
         """The future of ``payload``'s reply, the command written on the next loop step.
         ``join``: a read (GET) that may share the command of an identical one not yet written
         (Redis answers both alike) - never a command with an effect."""
+        if self.lost:
+            # (lost between its attempt's end and this caller resuming: Redis at maxclients
+            # accepts, writes an error and closes. Nothing would answer a command now.)
+            raise ReadChannelError("Redis connection lost; reconnecting on the next read")
         loop = self.loop
         assert self.transport is not None and loop is not None
         future = loop.create_future()
@@ -285,7 +300,13 @@ class PipelinedReader:
     def _connect_done(self, attempt: asyncio.Future[_Protocol]) -> None:
         self._connecting = None
         if not attempt.cancelled() and attempt.exception() is None:
-            self._protocol = attempt.result()
+            protocol = attempt.result()
+            if self._closed:
+                # close() came after the attempt ended but before this callback: cancelling
+                # the attempt did nothing, so the connection is closed here.
+                protocol.abort(ReadChannelError("L2 reader closed"))
+            else:
+                self._protocol = protocol
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
