@@ -91,6 +91,7 @@ request to the stored hand-over itself, while the factory is handed the exact me
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import importlib
@@ -266,6 +267,26 @@ PRIVATE_NAMES: tuple[Private, ...] = (
         "reading paused for a full pipelining queue: the hit path leaves such a queue to "
         "start(), which resumes reading as it drains (no public flag; absent before "
         "3.14.4)",
+    ),
+    Private(
+        _RH,
+        "_max_msg_queue_size",
+        "read",
+        "listener",
+        True,
+        "how many parsed requests may wait before reading pauses: requests the hit path "
+        "holds back from start() count against it as aiohttp's own queue does (no public "
+        "limit is exposed; absent before 3.14.4)",
+    ),
+    Private(
+        _RH,
+        "_pause_reading_for_buffer",
+        "call",
+        "listener",
+        False,
+        "pause reading as aiohttp does for a full pipelining queue, so start() resumes it "
+        "as it drains the queue (_buffer_paused set with it); there is no public pause that "
+        "aiohttp's own resume would undo (absent before 3.14.4)",
     ),
     Private(
         _RH,
@@ -552,6 +573,7 @@ SIGNATURES: dict[tuple[str, str], tuple[bool, str]] = {
     ("ResponseHandler", "data_received"): (False, "self, data"),
     ("ResponseHandler", "is_connected"): (False, "self"),
     ("ResponseHandler", "connection_lost"): (False, "self, exc"),
+    ("RequestHandler", "_pause_reading_for_buffer"): (False, "self"),
     # called on RequestHandler._parser (the parser RequestHandler builds), as start() does
     ("HttpRequestParser", "message_consumed"): (False, "self"),
     ("helpers", "set_exception"): (False, "fut, exc, exc_cause"),
@@ -999,6 +1021,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         "_handover",
         "_head_timeout",
         "_head_timer",
+        "_held",
         "_hits",
         "_idle_timeout",
         "_lookup",
@@ -1037,6 +1060,9 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         # the client to drain - one at a time: responses keep the requests' order. And what
         # a lookup left for the full path, with the message it is for.
         self._lookup: PendingAnswer[H] | asyncio.Task[None] | None = None
+        # Parsed requests kept from start() while that work is in flight and start() is not
+        # waiting for a request (see _hide_from_start), in order, ahead of _messages.
+        self._held: collections.deque[Any] = collections.deque()
         # Set when the hit path's work in flight is over, for shutdown() waiting on it.
         self._lookup_over: asyncio.Future[None] | None = None
         self._handover: tuple[RawRequestMessage, H] | None = None
@@ -1054,6 +1080,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         if self._lookup is not None:
             self._lookup.cancel()  # its client is gone
             self._lookup = None
+        self._held.clear()
         self._hit_path_work_over()
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -1129,6 +1156,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 self._wake_for_full_path()
         else:
             super().data_received(data)
+        self._hide_from_start()
         if self._request_count != before:
             self._stop_head_timer()  # a head arrived (or failed to parse: aiohttp answers 400)
         elif self._head_timer is None and data and self._lookup is None:
@@ -1172,8 +1200,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
     def _answer_hits(self, hits: HitAnswerer[H]) -> None:
         """Answer queued requests in order while the hit path can; stop at the first it can't.
 
-        Runs only while start() is idle, so no response of the full path is in flight and the
-        order of responses on the connection is the order of the requests.
+        Runs only while start() has no request: it waits for one, or has just written the
+        full path's last response and not yet resumed. No response of the full path is in
+        flight, so the order of responses on the connection is the order of the requests.
+        When an answer has to wait (a lookup, a large body), the requests behind it are kept
+        from start() until it is over (:meth:`_hide_from_start`).
         """
         transport = self.transport
         messages = self._messages
@@ -1204,12 +1235,14 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 # alone: _process_keepalive).
                 self._lookup = answer
                 answer.then(functools.partial(self._looked_up, message, payload, answer))
+                self._hide_from_start()
                 return
             rest = self._write_answer(answer)
             if rest is not None:
                 # The client is not taking the body as fast: the rest goes as it drains, and
                 # what follows waits for it, as behind a lookup.
                 self._lookup = self._event_loop.create_task(self._finish_body(rest))
+                self._hide_from_start()
                 return
 
     def _looked_up(
@@ -1225,6 +1258,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         if lookup is not self._lookup:
             return  # the connection is gone (connection_lost cancelled it)
         self._lookup = None
+        self._release_held()
         transport = self.transport
         if isinstance(outcome, tuple):
             if transport is not None and not transport.is_closing():
@@ -1232,6 +1266,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 if rest is not None:
                     # Still this connection's work in flight: the rest of the body.
                     self._lookup = self._event_loop.create_task(self._finish_body(rest))
+                    self._hide_from_start()
                     return
         else:
             # Back to the head of the queue for start(), with what the lookup found: the
@@ -1245,9 +1280,42 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
     async def _finish_body(self, rest: memoryview) -> None:
         await self._send_rest(rest)
         self._lookup = None
+        self._release_held()
         if self._hits is not None and self._messages:
             self._answer_hits(self._hits)
         self._after_hit_path_work()
+
+    def _hide_from_start(self) -> None:
+        """Keep the queued requests from start() while the hit path's work is in flight and
+        start() is not waiting for a request.
+
+        That is the case when a request came right after the full path's last response was
+        written, before start() resumed (:meth:`_full_path_done`): start() takes whatever is
+        queued when it resumes, without waiting, so a request behind one being looked up
+        would be answered first - its response read by the client as the other's. Waiting,
+        start() is only woken once the work is over (:meth:`_wake_for_full_path`).
+
+        Held requests count against aiohttp's pipelining limit: reading pauses when it is
+        reached, as it does for start()'s own queue, and start() resumes it as it drains."""
+        if self._lookup is None:
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            return
+        messages, held = self._messages, self._held
+        if messages:
+            held.extend(messages)
+            messages.clear()
+        if held and len(held) >= self._max_msg_queue_size and not self._buffer_paused:
+            self._pause_reading_for_buffer()
+
+    def _release_held(self) -> None:
+        """The requests held from start() back at the head of its queue, in order (the hit
+        path's work is over)."""
+        held = self._held
+        if held:
+            self._messages.extendleft(reversed(held))
+            held.clear()
 
     def _after_hit_path_work(self) -> None:
         if self._lookup is None:
