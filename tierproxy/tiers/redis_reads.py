@@ -24,6 +24,13 @@ its reply for the next caller: redis/redis-py#2665, CVE-2023-28858/28859):
   cannot make the queue grow unbounded. (GETs sharing one command are as many futures on
   it, bounded by the requests in flight.)
 * Connecting (and AUTH/SELECT) happens once for all waiters, under ``connect_timeout``.
+  A connection lost before a waiter resumed (Redis at ``maxclients`` accepts, writes an
+  error and closes) fails that waiter's command at once; one that completes after
+  ``close()`` is closed, not kept.
+* Replies stay aligned with commands: hiredis is given a "not yet" value of our own (its
+  default, False, is also a RESP3 boolean), and a reply that GET, PING, AUTH and SELECT never
+  give on a RESP2 connection (a push, a boolean, an integer: a server or proxy that is not
+  plain Redis) drops the connection rather than be handed to a waiter.
 
 Only ``redis://`` and ``unix://`` URLs are read this way; for ``rediss://`` (TLS, with its
 certificate options) :func:`for_url` returns None and lookups stay on redis-py, as they do
