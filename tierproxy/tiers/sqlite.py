@@ -496,6 +496,11 @@ class SQLiteTier(BytesBackend):
             self.path, timeout=self.read_timeout, isolation_level=None
         )
         await self._reader.execute("PRAGMA query_only=1")
+        # A value that should be a BLOB but is TEXT (a damaged record header: the two serial
+        # types differ in their lowest bit; or a foreign writer) comes back as bytes, not as
+        # a str or a "Could not decode to UTF-8" error: it then fails its check and is dropped
+        # as a corrupt copy. The reader reads nothing else that is TEXT.
+        self._reader.text_factory = bytes
         self._read_deadline = deadline = _Deadline()
         await self._reader.set_progress_handler(deadline.passed, _PROGRESS_OPS)
         self._reader_raw = self._reader._connection  # for statements run in its thread
@@ -735,7 +740,7 @@ class SQLiteTier(BytesBackend):
         except TierUnavailable as exc:
             answer.set_exception(exc)
             return
-        self._settle(answer, digest, outcome)
+        self._settle_safely(answer, digest, outcome)
 
     def _alone_over(self, _: asyncio.Future[bytes | None]) -> None:
         """The lookup sent on its own is over for its caller: the lookups that began
@@ -745,6 +750,18 @@ class SQLiteTier(BytesBackend):
         loop = self._loop
         if self._waiting and self._batcher is None and loop is not None:
             self._batcher = loop.call_soon(self._send_waiting)
+
+    def _settle_safely(
+        self, answer: asyncio.Future[bytes | None], digest: str, outcome: Any
+    ) -> None:
+        """:meth:`_settle`, in a callback from the reader's thread: if it fails (a bug), this
+        caller fails with it - never left waiting, nor the rest of its batch unanswered."""
+        try:
+            self._settle(answer, digest, outcome)
+        except Exception as exc:
+            log.exception("L3 lookup outcome could not be handed over")
+            if not answer.done():
+                answer.set_exception(exc)
 
     def _settle(self, answer: asyncio.Future[bytes | None], digest: str, outcome: Any) -> None:
         """A lookup's outcome from the reader's thread (:meth:`_lookup`) into its caller's
@@ -763,13 +780,18 @@ class SQLiteTier(BytesBackend):
             answer.set_result(None)
             return
         value, expires_at = outcome
-        now = time.time()
-        if expires_at <= now:
+        if type(value) is not bytes or not isinstance(expires_at, (int, float)):
+            # Not a record (a number or NULL where the BLOB should be, a damaged row): handed
+            # on as an empty one, which fails its check - deleted and counted as corrupt, as
+            # any damaged copy is.
+            answer.set_result(b"")
+            return
+        if expires_at <= time.time():
             answer.set_result(None)
             return
         if len(self._touched) < _MAX_PENDING_TOUCHES:
             self._touched.add(digest)
-        answer.set_result(bytes(value))
+        answer.set_result(value)
 
     def _trip(self, lookup: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """One trip to the reader's thread, started now: ``lookup`` (:meth:`_lookup_alone` or
@@ -867,7 +889,7 @@ class SQLiteTier(BytesBackend):
             if gone is not None:
                 future.set_exception(TierUnavailable(gone))
             else:
-                self._settle(future, digest, outcomes[digest])
+                self._settle_safely(future, digest, outcomes[digest])
 
     async def ping(self) -> bool:
         """One read on the lookups' connection, as a lookup does it (a key never stored),
@@ -1255,7 +1277,9 @@ class SQLiteTier(BytesBackend):
             for digest, value in await writer.execute_fetchall(
                 f"SELECT key, value FROM entries WHERE key IN ({','.join('?' * len(batch))})", batch
             ):
-                data = bytes(value)
+                if type(value) is not bytes:
+                    continue  # not a record: never served (its next read drops it as corrupt)
+                data = value
                 encoded = mark_stale_encoded(
                     data, materials.get(str(digest)), str(digest), self.keys.namespace, soft_at
                 )
