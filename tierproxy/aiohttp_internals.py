@@ -326,6 +326,16 @@ PRIVATE_NAMES: tuple[Private, ...] = (
     ),
     Private(
         _RH,
+        "_task_handler",
+        "read",
+        "listener",
+        True,
+        "start()'s task, to learn when it ends: it closes the transport itself after a "
+        "response that closes the connection, and that close must be bounded like the "
+        "others (no public hook or done signal for the connection's end of serving)",
+    ),
+    Private(
+        _RH,
         "_close",
         "write",
         "listener",
@@ -521,6 +531,7 @@ OVERRIDDEN_PUBLIC = (
     ("RequestHandler", "resume_writing"),
     ("RequestHandler", "handle_error"),
     ("RequestHandler", "close"),
+    ("RequestHandler", "force_close"),
     ("RequestHandler", "shutdown"),
     ("Server", "connection_made"),
     ("Server", "connection_lost"),
@@ -565,6 +576,7 @@ SIGNATURES: dict[tuple[str, str], tuple[bool, str]] = {
     ("RequestHandler", "resume_writing"): (False, "self"),
     ("RequestHandler", "handle_error"): (False, "self, request, status, exc, message"),
     ("RequestHandler", "close"): (False, "self"),
+    ("RequestHandler", "force_close"): (False, "self"),
     ("RequestHandler", "shutdown"): (True, "self, timeout"),
     ("Server", "connection_made"): (False, "self, handler, transport"),
     ("Server", "connection_lost"): (False, "self, handler, exc"),
@@ -920,6 +932,12 @@ class ConnectionCap:
             self._at_cap = False  # the episode is over; the next one is logged again
 
 
+def _buffered(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to ``transport`` and not yet taken by the kernel."""
+    size = getattr(transport, "get_write_buffer_size", None)
+    return int(size()) if size is not None else 0
+
+
 def _idle_since(handler: RequestHandler) -> float | None:
     """When ``handler`` became idle (a keep-alive deadline orders them), or None if busy.
 
@@ -938,6 +956,11 @@ def _idle_since(handler: RequestHandler) -> float | None:
         # wait for the client, outside the cap's count; the send timeout deals with it)
         return None
     if isinstance(handler, ProxyRequestHandler) and handler._lookup is not None:
+        return None
+    transport = handler.transport
+    if transport is not None and _buffered(transport):
+        # Still sending (below the high-water mark, so writing is not paused): closing it
+        # would wait for the client, and its descriptor would outlive its place in the count.
         return None
     return handler._next_keepalive_close_time
 
@@ -1016,6 +1039,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
     """One client connection. See the module docstring for what it adds to aiohttp's."""
 
     __slots__ = (
+        "_close_guard",
         "_event_loop",
         "_full_path_writer",
         "_handover",
@@ -1054,6 +1078,8 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timeout = send_timeout
         self._send_timer: asyncio.TimerHandle | None = None
+        # Bounds a close that waits for the client to take what is buffered (_guard_close).
+        self._close_guard: asyncio.TimerHandle | None = None
         self._hits = hits
         self._remote: str | None = None
         # The hit path's work in flight - a lookup, or the rest of a large body waiting for
@@ -1074,9 +1100,64 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         super().connection_made(transport)
         # A client that connects and sends nothing is cut off like one that trickles a head.
         self._start_head_timer()
+        task = self._task_handler
+        if task is not None:
+            # start() closes the transport itself when it ends (a response that closes the
+            # connection): that close is bounded too.
+            task.add_done_callback(self._start_ended)
+
+    def _start_ended(self, _: object) -> None:
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            self._guard_close(transport)
+
+    def force_close(self) -> None:
+        # (the keep-alive timer, the head timer, the connection cap, shutdown): aiohttp's
+        # close waits for the client to take what is buffered - bounded here.
+        transport = self.transport
+        super().force_close()
+        if transport is not None:
+            self._guard_close(transport)
+
+    def _guard_close(self, transport: asyncio.Transport) -> None:
+        """Abort ``transport`` if, a send timeout from now, the client took none of what is
+        buffered meanwhile (looked at again while it takes some): after a response left
+        under the high-water mark, and when the transport is closing and waits for it.
+
+        ``transport.close()`` ends only once the write buffer is empty. The send timeout
+        (pause_writing) only runs while that buffer is over the transport's high-water
+        mark: a client that reads nothing, once the kernel's buffers are full, can leave
+        less than that behind and keep the connection - its descriptor, its place under the
+        connection cap - for as long as its TCP stack answers, which is for ever."""
+        if self._close_guard is None:
+            self._close_guard = self._event_loop.call_later(
+                self._send_timeout, self._close_stalled, transport, _buffered(transport)
+            )
+
+    def _close_stalled(self, transport: asyncio.Transport, buffered_then: int) -> None:
+        self._close_guard = None
+        buffered = _buffered(transport)
+        if buffered == 0 and not transport.is_closing():
+            return  # all taken
+        if buffered and buffered != buffered_then:
+            # The client takes it, slowly (or more was written): another send timeout to go.
+            self._close_guard = self._event_loop.call_later(
+                self._send_timeout, self._close_stalled, transport, buffered
+            )
+            return
+        log.debug(
+            "aborting a connection from %s: it took none of its last %d bytes for %.1fs",
+            self.peername,
+            buffered,
+            self._send_timeout,
+        )
+        transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_timer()
+        if self._close_guard is not None:
+            self._close_guard.cancel()
+            self._close_guard = None
         if self._lookup is not None:
             self._lookup.cancel()  # its client is gone
             self._lookup = None
@@ -1295,18 +1376,23 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         would be answered first - its response read by the client as the other's. Waiting,
         start() is only woken once the work is over (:meth:`_wake_for_full_path`).
 
-        Held requests count against aiohttp's pipelining limit: reading pauses when it is
-        reached, as it does for start()'s own queue, and start() resumes it as it drains."""
-        if self._lookup is None:
-            return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        Held and queued requests, and the one being looked up, count against the parser's
+        pipelining window: reading pauses when it is full, and start() resumes it (and feeds
+        the parser what it kept) as it drains its queue."""
+        lookup = self._lookup
+        if lookup is None:
             return
         messages, held = self._messages, self._held
-        if messages:
+        waiter = self._waiter
+        if messages and (waiter is None or waiter.done()):
             held.extend(messages)
             messages.clear()
-        if held and len(held) >= self._max_msg_queue_size and not self._buffer_paused:
+        # The parser stops emitting requests once its window is full - and a request being
+        # looked up still counts in it until answered (message_consumed); the rest of the
+        # read waits in the parser, fed again only when reading resumes. aiohttp pauses for
+        # its own queue alone, which is one short then: pause here, counting everything.
+        in_window = len(held) + len(messages) + (0 if isinstance(lookup, asyncio.Task) else 1)
+        if in_window >= self._max_msg_queue_size and not self._buffer_paused:
             self._pause_reading_for_buffer()
 
     def _release_held(self) -> None:
@@ -1378,6 +1464,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         self._response_sent()
 
     def _response_sent(self) -> None:
+        transport = self.transport
+        if self._close_guard is None and transport is not None and _buffered(transport):
+            # Left under the high-water mark (writing not paused, so no send timer): a client
+            # that takes none of it for a send timeout is cut off (_guard_close).
+            self._guard_close(transport)
         # What start() does after a response: keep-alive from now on, idle-bounded.
         self._keepalive = True
         loop = self._event_loop
