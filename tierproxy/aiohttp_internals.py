@@ -1465,7 +1465,11 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
 
     def _response_sent(self) -> None:
         transport = self.transport
-        if self._close_guard is None and transport is not None and _buffered(transport):
+        if (
+            self._close_guard is None
+            and transport is not None
+            and transport.get_write_buffer_size()
+        ):
             # Left under the high-water mark (writing not paused, so no send timer): a client
             # that takes none of it for a send timeout is cut off (_guard_close).
             self._guard_close(transport)
