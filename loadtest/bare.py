@@ -57,6 +57,17 @@ def fetch(url: str) -> tuple[bytes, dict[str, str]]:
     return body, headers
 
 
+async def _until_stopped(max_lifetime: float) -> None:
+    """Until SIGINT or SIGTERM, or ``max_lifetime`` seconds (0: no limit)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), max_lifetime if max_lifetime > 0 else None)
+
+
 async def serve(
     host: str, port: int, body: bytes, headers: dict[str, str], max_lifetime: float
 ) -> None:
@@ -71,14 +82,8 @@ async def serve(
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=1024).start()
     print(f"loadtest.bare listening on http://{host}:{port} ({len(body)} bytes)", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), max_lifetime if max_lifetime > 0 else None)
+        await _until_stopped(max_lifetime)
     finally:
         await runner.cleanup()
 
@@ -143,13 +148,8 @@ async def serve_floor(
     print(
         f"loadtest.bare --floor listening on http://{host}:{port} ({len(body)} bytes)", flush=True
     )
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), max_lifetime if max_lifetime > 0 else None)
+        await _until_stopped(max_lifetime)
     finally:
         server.close()
         await server.wait_closed()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.storage import sqlite_readers_locked_out
+from support.storage import open_l3, sqlite_readers_locked_out
 from support.wait import wait_for_condition
 
 from tierproxy.keys import KeySpace
@@ -45,17 +45,7 @@ def l3_path(tmp_path: Path) -> Path:
 
 
 async def _open(path: Path, read_timeout: float) -> SQLiteTier:
-    tier = SQLiteTier(
-        str(path),
-        max_bytes=10**8,
-        read_timeout=read_timeout,
-        write_timeout=1.0,
-        check_interval=0.05,
-        keys=KEYS,
-    )
-    await tier.open()
-    assert tier.available
-    return tier
+    return await open_l3(path, KEYS, read_timeout)
 
 
 @pytest.fixture

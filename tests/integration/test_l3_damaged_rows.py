@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.storage import open_l3
 
 from tierproxy.entry import Entry
 from tierproxy.keys import KeySpace
@@ -57,17 +58,7 @@ def _rows_of(path: Path, material: str) -> int:
 
 
 async def _open(path: Path, read_timeout: float) -> SQLiteTier:
-    tier = SQLiteTier(
-        str(path),
-        max_bytes=10**8,
-        read_timeout=read_timeout,
-        write_timeout=1.0,
-        check_interval=0.05,
-        keys=KEYS,
-    )
-    await tier.open()
-    assert tier.available
-    return tier
+    return await open_l3(path, KEYS, read_timeout)
 
 
 @pytest.mark.parametrize("bad", [BAD, -1, 1.5])

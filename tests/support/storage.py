@@ -21,9 +21,13 @@ from collections import UserString
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import http_sf
+
+if TYPE_CHECKING:
+    from tierproxy.keys import KeySpace
+    from tierproxy.tiers.sqlite import SQLiteTier
 
 __all__ = [
     "REDIS_PREFIX",
@@ -89,6 +93,23 @@ def redis_tier_keys(client: Any) -> list[bytes]:
     and the replicas' leases (:data:`REDIS_PURGE_NAMES`)."""
     keys = client.scan_iter(match=REDIS_PREFIX + "*", count=1000)
     return sorted(key for key in keys if not key.endswith(REDIS_PURGE_NAMES))
+
+
+async def open_l3(path: Path, keys: KeySpace, read_timeout: float) -> SQLiteTier:
+    """A real L3 tier on ``path``, open and available (write timeout 1 s, 100 MB bound)."""
+    from tierproxy.tiers.sqlite import SQLiteTier
+
+    tier = SQLiteTier(
+        str(path),
+        max_bytes=10**8,
+        read_timeout=read_timeout,
+        write_timeout=1.0,
+        check_interval=0.05,
+        keys=keys,
+    )
+    await tier.open()
+    assert tier.available
+    return tier
 
 
 def _connect(path: Path | str, timeout: float = 2.0) -> sqlite3.Connection:
