@@ -16,6 +16,7 @@ from .keys import CacheKey
 from .metrics import Metrics
 from .purge import Purges
 from .tiers.base import Blob, GuardedTier, LocalTrust
+from .tiers.redis import RedisTier
 
 __all__ = ["Backfiller"]
 
@@ -68,7 +69,7 @@ class Backfiller:
         what was purged, and it is not written back anywhere (the client that asked still
         gets it). A purge is rare; a skipped backfill costs a miss.
         """
-        if self.purges.purged_since(generation, key):
+        if self.purges.refuses(generation, key, entry.tags):
             return
         blob: Blob | None = None
         for tier in self.tiers[:upto]:
@@ -101,9 +102,9 @@ class Backfiller:
                     self.on_settled(material)
 
         async def write() -> bool:
-            # A purge since this copy was read may have been for it: don't write it back, and
-            # undo a write that was on its way while the purge ran.
-            if purges.purged_since(generation, key):
+            # A purge since this copy was read (or running now) may have been for it: don't
+            # write it back, and undo a write that was on its way while the purge ran.
+            if purges.refuses(generation, key, entry.tags):
                 counters.labels(tier.name, "superseded").inc()
                 return False
             # A replica that may have missed purges (its lease ran out) writes nothing that
@@ -112,12 +113,19 @@ class Backfiller:
                 counters.labels(tier.name, "fenced").inc()
                 return False
             ok = await tier.set(key, entry, blob)
-            if purges.purged_since(generation, key):
+            if purges.refuses(generation, key, entry.tags):
                 # Also when the write timed out: it may still land (a statement already sent
-                # to Redis, or queued on SQLite's writer thread), and this delete lands after it.
+                # to Redis, or queued on SQLite's writer thread). SQLite's writer runs them in
+                # order, so this delete lands after it; Redis refuses a timed-out write once
+                # its delete has run (RedisTier.delete), whichever connection it arrives on.
                 await tier.delete(key)
                 counters.labels(tier.name, "superseded").inc()
                 return False
+            if not ok and _may_land(tier, key):
+                # No reply: it may still land - after a purge this replica has not heard of
+                # yet (the PURGE waits for this replica only until it applied it, and then
+                # purges L2 once more: a write that lands later would stay). Withdraw it.
+                await tier.delete(key)
             counters.labels(tier.name, "completed" if ok else "failed").inc()
             return ok
 
@@ -130,6 +138,12 @@ class Backfiller:
             purges.write_ended(material)
             _landed(self._shared, material, landed, False)
             counters.labels(tier.name, "dropped").inc()
+
+
+def _may_land(tier: GuardedTier, key: CacheKey) -> bool:
+    """Whether a write of ``key`` into ``tier`` that failed may still land (it got no reply)."""
+    backend = tier.backend
+    return isinstance(backend, RedisTier) and backend.unsettled(key)
 
 
 def _release(storing: dict[str, int], material: str) -> None:

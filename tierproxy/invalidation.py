@@ -20,10 +20,14 @@ from every replica's L2 - and then reaches the other replicas' local tiers (L1, 
   - and it stops writing to L2.
 * **PURGE waits** after publishing until every other replica with a live lease has applied
   the purge (acked) or its lease has run out plus one L2 write timeout (fenced: it has
-  stopped trusting its local copies, and a write it started before has landed). When any was
-  fenced, L2 is purged once more, for such a late write. Then 200, with ``replicas_acked``
+  stopped trusting its local copies, and a write it started before has landed). Then, when
+  there are other replicas, L2 is purged once more (a write another replica landed there
+  before it heard of the purge), and a second round - published and acknowledged the same
+  way - purges every replica's L1 again (any replica may have read that copy from L2 into its
+  L1 meanwhile). The purging replica stores no copy of a purged key until its second L2
+  purge (:meth:`~tierproxy.purge.Purges.holding`). Then 200, with ``replicas_acked``
   (this replica included) and ``replicas_fenced``; a replica still live and silent at the
-  end of the wait (about the lease plus the write timeout) makes it 503
+  end of a wait (about the lease plus the write timeout) makes it 503
   (``replicas_unconfirmed``), as does a tier or the log that could not be written.
 
 An untrusted local copy is revalidated before it is served (and can still be served stale,
@@ -40,6 +44,7 @@ with capped exponential backoff and jitter; every wait in it is bounded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -89,6 +94,8 @@ class PurgeOrder:
     tags: tuple[str, ...]  # surrogate keys
     soft: bool = False
     at: float = 0.0  # wall clock: a soft purge marks entries stale as of this time
+    #: The second round of a purge (see Invalidation.purge): only L1 is purged again.
+    again: bool = False
 
     def chunks(self) -> Iterable[PurgeOrder]:
         """The order split into messages of bounded size (items and bytes)."""
@@ -108,8 +115,8 @@ class PurgeOrder:
 
     def _with(self, field: str, items: tuple[str, ...]) -> PurgeOrder:
         if field == "keys":
-            return PurgeOrder(items, (), self.soft, self.at)
-        return PurgeOrder((), items, self.soft, self.at)
+            return PurgeOrder(items, (), self.soft, self.at, self.again)
+        return PurgeOrder((), items, self.soft, self.at, self.again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,42 +223,85 @@ class Invalidation:
     ) -> PurgeOutcome:
         """Purge everywhere: every tier here, then the other replicas' local tiers.
         ``ack_within``: wait at most this long for the other replicas (default: until each
-        acknowledged or was fenced, about a lease)."""
+        acknowledged or was fenced, about a lease).
+
+        Two rounds when there are other replicas (or workers). In the first, a replica whose
+        backfill into the shared tier (L2; a group's shared L3) was on its way when this
+        purge went through that tier can land it there before it hears of the purge; any
+        replica may read it from there meanwhile and store it in its L1. So once the first
+        round is acknowledged (every such write has landed or been undone), the shared tier is
+        purged once more, and a second round purges every replica's L1 again (and undoes any
+        write of that copy still on its way). This replica holds the purge throughout the
+        first round (:meth:`~tierproxy.purge.Purges.holding`): it stores no copy of a purged
+        key meanwhile."""
         keys = [self._keys.key(material) for material in order.keys]
         soft_at = order.at if order.soft else None
-        tiers = await self.readthrough.purge(keys, order.tags, soft_at)
-        ok = all(isinstance(count, int) for count in tiers.values())
-        body: dict[str, Any] = {
-            "purged": sum(count for count in tiers.values() if isinstance(count, int)),
-            "tiers": tiers,
-            "soft": order.soft,
-            "keys": len(order.keys),
-            "tags": len(order.tags),
-        }
+        body: dict[str, Any] = {}
         replicas = ""
+        again = False  # a second round is due
+        with self.readthrough.purges.holding(keys, order.tags):
+            tiers = await self.readthrough.purge(keys, order.tags, soft_at)
+            ok = all(isinstance(count, int) for count in tiers.values())
+            body.update(
+                purged=sum(count for count in tiers.values() if isinstance(count, int)),
+                tiers=tiers,
+                soft=order.soft,
+                keys=len(order.keys),
+                tags=len(order.tags),
+            )
+            siblings_acked = siblings_unconfirmed = 0
+            if self._l2 is None and self.siblings is not None:
+                # Workers of one group without Redis: the supervisor's private channel takes
+                # the purge to every other worker's L1 and L3 - the shared file: each sibling
+                # purges it again, after any write of its own that landed there (tierproxy.workers).
+                siblings_acked, siblings_unconfirmed = await self.siblings(order)
+                again = siblings_acked > 0
+            acked: int | None = None
+            fenced: int | None = None
+            unconfirmed: int | None = None
+            if self._l2 is not None:
+                published = await self._publish(order)
+                if published is not None:
+                    acked, fenced, unconfirmed, lost = await self._await_replicas(
+                        published, ack_within
+                    )
+                    if acked or fenced or lost:
+                        # Another replica may have written a copy to L2 after the purge above
+                        # and before it applied this one (an acked replica: a backfill that
+                        # landed in between; a fenced one: a write started before its lease
+                        # ran out). Such a write has landed by now, and anything later is
+                        # undone by the replica itself (its purge generation moved when it
+                        # applied this): purge the shared tiers once more.
+                        shared = await self.readthrough.purge(
+                            keys, order.tags, soft_at, local=False
+                        )
+                        ok = ok and all(isinstance(count, int) for count in shared.values())
+                        again = True
+        if again:
+            # Any replica may have stored such a copy in its L1 before the shared tier was
+            # purged again: the second round (L1 only).
+            second = dataclasses.replace(order, again=True)
+            if self._l2 is None and self.siblings is not None:
+                _, siblings_again = await self.siblings(second)
+                siblings_unconfirmed = max(siblings_unconfirmed, siblings_again)
+            elif self._l2 is not None:
+                published = await self._publish(second)
+                if published is None:
+                    unconfirmed = None
+                else:
+                    _, _, unconfirmed_again, _ = await self._await_replicas(published, ack_within)
+                    if unconfirmed is not None:
+                        unconfirmed = (
+                            None
+                            if unconfirmed_again is None
+                            else max(unconfirmed, unconfirmed_again)
+                        )
         if self._l2 is None and self.siblings is not None:
-            # Workers of one group without Redis: the supervisor's private channel takes the
-            # purge to every other worker's L1 (tierproxy.workers).
-            siblings_acked, siblings_unconfirmed = await self.siblings(order)
             ok = ok and siblings_unconfirmed == 0
             body.update(workers_acked=siblings_acked + 1, workers_unconfirmed=siblings_unconfirmed)
             replicas = f", workers acked {siblings_acked + 1}, unconfirmed {siblings_unconfirmed}"
         if self._l2 is not None:
-            published = await self._publish(order)
-            acked: int | None = None
-            fenced: int | None = None
-            unconfirmed: int | None = None
-            if published is not None:
-                acked, fenced, unconfirmed, lost = await self._await_replicas(published, ack_within)
-                if acked or fenced or lost:
-                    # Another replica may have written a copy to L2 after the purge above and
-                    # before it applied this one (an acked replica: a backfill that landed in
-                    # between; a fenced one: a write started before its lease ran out). Such
-                    # a write has landed by now, and anything later is undone by the replica
-                    # itself (its purge generation moved when it applied this): purge the
-                    # shared tiers once more.
-                    again = await self.readthrough.purge(keys, order.tags, soft_at, local=False)
-                    ok = ok and all(isinstance(count, int) for count in again.values())
+            if acked is not None:
                 acked += 1  # this replica
             ok = ok and unconfirmed == 0
             body.update(
@@ -585,6 +635,7 @@ class Invalidation:
                 "tags": list(order.tags),
                 "soft": order.soft,
                 "at": order.at,
+                **({"again": True} if order.again else {}),
             }
         ).encode()
 
@@ -625,8 +676,12 @@ class Invalidation:
             self._received["own"].inc()
             return
         keys = [self._keys.key(material) for material in order.keys]
-        results = await self.readthrough.purge(
-            keys, order.tags, order.at if order.soft else None, shared=False
+        results = await self.readthrough.purges.purge(
+            keys,
+            order.tags,
+            order.at if order.soft else None,
+            shared=False,
+            synchronous_only=order.again,
         )
         ok = all(isinstance(count, int) for count in results.values())
         self._received[outcome if ok else "failed"].inc()
@@ -659,8 +714,10 @@ class Invalidation:
             return "anchor"
         if fields.get("from") == self.replica_id:
             return "own"
-        soft, at = fields.get("soft"), fields.get("at")
+        soft, at, again = fields.get("soft"), fields.get("at"), fields.get("again", False)
         if not isinstance(keys, list) or not isinstance(tags, list) or not isinstance(soft, bool):
+            return None
+        if not isinstance(again, bool):
             return None
         if not all(
             isinstance(k, str) and k.startswith("/") and len(k) <= MAX_TARGET_LENGTH for k in keys
@@ -671,4 +728,4 @@ class Invalidation:
         if not isinstance(at, (int, float)) or isinstance(at, bool):
             return None
         # A soft purge from a replica whose clock runs ahead must not mark later copies stale.
-        return PurgeOrder(tuple(keys), tuple(tags), soft, min(float(at), self.clock.wall()))
+        return PurgeOrder(tuple(keys), tuple(tags), soft, min(float(at), self.clock.wall()), again)

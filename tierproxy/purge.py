@@ -11,9 +11,14 @@
 * **Invalidation** of one key (RFC 9111 §4.4, :meth:`Purges.invalidate`): required work,
   never dropped.
 * **Writes it overtook.** A backfill write on its way while a purge of its key runs is undone
-  by its writer once it lands (:mod:`tierproxy.backfill`); a purge waits for those writes
-  (bounded by twice the slowest tier's write timeout) before it answers, so what it purged is
-  not found again once it has answered - another variant of a URL included.
+  by its writer once it lands (:mod:`tierproxy.backfill`; an L2 write that got no reply is
+  withdrawn: Redis refuses it if it arrives later, :mod:`tierproxy.tiers.redis`); a purge
+  waits for those writes (bounded by twice the slowest tier's write timeout) before it
+  answers, so what it purged is not found again once it has answered - another variant of a
+  URL included.
+* **Held while it runs** (:meth:`Purges.holding`): until those writes are undone no copy of a
+  key it covers (an entry carrying one of its tags) is written anywhere, whenever it was read
+  - a lookup may find an overtaken write's copy in a tier already purged, before its undo.
 
 The replicas' fan-out (the purge log in Redis, leases) is :mod:`tierproxy.invalidation`'s.
 """
@@ -22,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 from .background import BackgroundTasks
 from .keys import CacheKey
@@ -52,6 +58,8 @@ class Purges:
         self._log: collections.deque[tuple[int, frozenset[str] | None]] = collections.deque(
             maxlen=PURGE_LOG
         )
+        # The purges running now (:meth:`holding`): (keys, tags) each.
+        self._active: list[tuple[frozenset[str], frozenset[str]]] = []
         # Backfill writes on their way per key material, and the purges waiting for them.
         self._writing: dict[str, int] = {}
         self._settled: list[tuple[frozenset[str] | None, asyncio.Future[None]]] = []
@@ -115,6 +123,33 @@ class Purges:
                 return True
         return False
 
+    @contextlib.contextmanager
+    def holding(self, keys: Sequence[CacheKey], tags: Sequence[str]) -> Iterator[None]:
+        """A purge of ``keys`` and ``tags`` runs for as long as this is held: no copy of a
+        key it covers (an entry carrying one of its tags) is written anywhere meanwhile
+        (:meth:`refuses`), whenever that copy was read - a lookup may find one in a tier the
+        purge already went through (a write it overtook has landed there and is not undone
+        yet, another replica wrote it before it heard of the purge). On release the
+        generation moves: a copy read before is refused by :meth:`purged_since`."""
+        hold = (frozenset(key.material for key in keys), frozenset(tags))
+        scope = _scope(keys, tags)
+        self.bump(scope)
+        self._active.append(hold)
+        try:
+            yield
+        finally:
+            self._active.remove(hold)
+            self.bump(scope)
+
+    def refuses(self, generation: int, key: CacheKey, tags: Collection[str] = ()) -> bool:
+        """Whether a copy of ``key`` (carrying ``tags``) read or fetched at ``generation``
+        must not be written anywhere: a purge that may have been for it ran since, or is
+        running now (:meth:`holding`)."""
+        for keys, purged_tags in self._active:
+            if key.material in keys or not purged_tags.isdisjoint(tags):
+                return True
+        return self.purged_since(generation, key)
+
     def distrust_local(self) -> None:
         """Local copies may have missed purges: a copy read or fetched before now is not
         written back anywhere (as after a purge of every key)."""
@@ -128,27 +163,39 @@ class Purges:
         *,
         shared: bool = True,
         local: bool = True,
+        synchronous_only: bool = False,
     ) -> dict[str, int | str]:
         """Purge ``keys`` and every entry tagged with one of ``tags`` now.
 
         Hard purge deletes; ``soft_at`` (wall clock) marks the entries stale as of then
         instead, so they are revalidated and can still be served on origin failure.
         ``shared=False`` (a purge heard from another replica) skips tiers every replica shares;
-        ``local=False`` purges only those. Returns {tier: entries changed, or "error" /
-        "timeout" / "unsupported"}.
+        ``local=False`` purges only those; ``synchronous_only`` only the tiers that answer at
+        once (L1: the second round of a purge between replicas, tierproxy.invalidation).
+        Returns {tier: entries changed, or "error" / "timeout" / "unsupported"}.
 
         Slowest tier first: a lookup that runs during the purge can then only find an old copy
         in a tier that is still to be purged, never backfill a purged tier from an unpurged one.
+        Held (:meth:`holding`) until the backfill writes it overtook have been undone: a copy
+        such a write put into a purged tier meanwhile is written nowhere else.
         """
-        scope = (
-            frozenset(key.material for key in keys)
-            if not tags and len(keys) <= _PURGE_SCOPE_KEYS
-            else None
-        )
-        self.bump(scope)
+        with self.holding(keys, tags):
+            return await self._purge(keys, tags, soft_at, shared, local, synchronous_only)
+
+    async def _purge(
+        self,
+        keys: Sequence[CacheKey],
+        tags: Sequence[str],
+        soft_at: float | None,
+        shared: bool,
+        local: bool,
+        synchronous_only: bool,
+    ) -> dict[str, int | str]:
         results: dict[str, int | str] = {}
         for tier in reversed(self.tiers):
             if not (shared if tier.shared else local):
+                continue
+            if synchronous_only and not tier.synchronous:
                 continue
             timeout = max(tier.write_timeout, PURGE_MIN_TIMEOUT)
             try:
@@ -161,9 +208,8 @@ class Purges:
             except Exception as exc:  # noqa: BLE001 - one tier's failure is reported per tier; the others proceed
                 log.warning("purge in %s failed: %r", tier.name, exc)
                 results[tier.name] = "error"
-        self.bump(scope)
         writes = [2 * tier.write_timeout for tier in self.tiers if not tier.synchronous]
-        if writes:
+        if writes and not synchronous_only:
             await self._writes_settled(
                 frozenset(key.material for key in keys) if not tags else None, max(writes)
             )
@@ -187,3 +233,10 @@ class Purges:
             await self.purge([key], ())
 
         await self.background.run_required("invalidate", purge)
+
+
+def _scope(keys: Sequence[CacheKey], tags: Sequence[str]) -> frozenset[str] | None:
+    """What the generation log remembers of a purge: its keys, or None (any key)."""
+    if tags or len(keys) > _PURGE_SCOPE_KEYS:
+        return None
+    return frozenset(key.material for key in keys)

@@ -28,7 +28,10 @@ SIGINT: every worker gets SIGTERM and drains; one still running after
 **Purges** reach every worker's L1: with Redis through the replicas' invalidation channel
 (each worker is a replica, :mod:`tierproxy.invalidation`); without Redis the worker that took
 the purge sends it to every other worker's unix socket (:func:`purge_siblings`), which purges
-its L1 (the shared L3 is already purged) before the PURGE answers.
+its L1 and the shared L3 again (after any write of its own that landed there since the first
+worker purged it), then - once every worker answered - a second time, L1 only (a copy such a
+write put in L3 meanwhile may have been read into another worker's L1), before the PURGE
+answers (the two rounds: :meth:`tierproxy.invalidation.Invalidation.purge`).
 """
 
 from __future__ import annotations
@@ -189,12 +192,17 @@ class WorkerSide:
                     tuple(str(t) for t in raw["tags"]),
                     bool(raw["soft"]),
                     float(raw["at"]),
+                    bool(raw.get("again", False)),
                 )
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 return web.json_response({"error": "bad relayed purge"}, status=400)
             keys = [state.keys.key(material) for material in order.keys]
-            tiers = await state.readthrough.purge(
-                keys, order.tags, order.at if order.soft else None, shared=False
+            tiers = await state.readthrough.purges.purge(
+                keys,
+                order.tags,
+                order.at if order.soft else None,
+                shared=False,
+                synchronous_only=order.again,
             )
             ok = all(isinstance(count, int) for count in tiers.values())
             return web.json_response({"tiers": tiers}, status=200 if ok else 503)
@@ -247,6 +255,7 @@ class WorkerSide:
             "tags": list(order.tags),
             "soft": order.soft,
             "at": order.at,
+            "again": order.again,
         }
 
         async def one(path: str) -> str:

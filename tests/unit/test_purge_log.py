@@ -1,4 +1,5 @@
-"""Which purges a copy in flight must yield to: the purge generation log (tierproxy.purge)."""
+"""Which purges a copy in flight must yield to: the purge generation log and the purges
+running now (tierproxy.purge)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,22 @@ def test_distrusting_local_copies_counts_as_a_purge_of_every_key() -> None:
     purges.distrust_local()
     assert purges.purged_since(start, a)
     assert not purges.purged_since(purges.generation, a)
+
+
+def test_a_purge_being_held_refuses_copies_of_its_keys_and_tags_whenever_they_were_read() -> None:
+    purges = _log_only()
+    space = KeySpace("http://o.test")
+    a, b, c = space.key("/a"), space.key("/b"), space.key("/c")
+    with purges.holding([a], ["news"]):
+        now = purges.generation  # a copy read while the purge runs (after its first bump)
+        assert purges.refuses(now, a)  # its key
+        assert purges.refuses(now, c, ("sports", "news"))  # an entry carrying its tag
+        assert not purges.refuses(now, b) and not purges.refuses(now, c, ("sports",))
+        with purges.holding([b], ()):  # nested, as Invalidation.purge holds around Purges.purge
+            assert purges.refuses(purges.generation, b) and purges.refuses(now, a)
+        assert purges.refuses(purges.generation, a)  # the outer one still runs
+    # Released: the generation moved, so a copy read while it ran is still not written...
+    assert purges.refuses(now, a) and purges.refuses(now, c, ("news",))
+    # ...and one read afterwards is.
+    assert not purges.refuses(purges.generation, a)
+    assert not purges.refuses(purges.generation, c, ("news",))

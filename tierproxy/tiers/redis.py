@@ -37,20 +37,32 @@ The purge log's keys (stream, leases, acks, loss mark) share one slot through a 
 ``<prefix>{<origin id>}:...``, as its scripts touch several of them; on one Redis they keep
 their plain names. Lookups go through redis-py's cluster client (the pipelined reader speaks
 to one server), as they do under Sentinel, where the master moves.
+
+Withdrawn writes: a write whose reply never came back (it timed out, was cancelled, its
+connection failed) may still land at any later moment - the command can sit in a socket buffer
+or be retransmitted - and a delete sent on another connection is not ordered with it. Every
+write therefore carries a token and is refused by Redis once the marker
+``<entry name>:withdrawn:<token>`` exists; :meth:`RedisTier.delete` of a key with such writes
+outstanding sets their markers (for :data:`WITHDRAWN_TTL` at least) and deletes the entry in
+one script, so whichever of the two runs first, the entry is not there afterwards. (On a
+cluster the marker shares the entry's slot through a hash tag.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from .. import redis_url
 from ..entry import Entry
@@ -65,7 +77,7 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..metrics import Metrics
 
-__all__ = ["NAME_ROOT", "RedisTier", "configured", "link_retry"]
+__all__ = ["NAME_ROOT", "WITHDRAWN_TTL", "RedisTier", "configured", "link_retry"]
 
 # What follows TIERPROXY_KEY_PREFIX in every Redis name (see RedisTier.prefix).
 NAME_ROOT = "tierproxy:"
@@ -74,14 +86,21 @@ NAME_ROOT = "tierproxy:"
 _BATCH = 500
 _SOFT_BATCH = 16
 _MAX_SCAN_ROUNDS = 100_000
+#: How long (s, at least) a withdrawn write's marker refuses it (see the module docstring): far
+#: longer than a command that was sent can take to reach Redis over a live connection.
+WITHDRAWN_TTL = 120.0
+# Writes without a reply remembered per process (oldest forgotten first past this).
+_MAX_UNSETTLED = 10_000
 
-# KEYS[1] entry key, KEYS[2..] tag set keys; ARGV: value, TTL ms, digest, entry key prefix.
-# KEYS[1] entry key, KEYS[2] the replicas' leases (zset), KEYS[3..] tag set keys; ARGV: value,
-# TTL ms, digest, entry key prefix, the writing replica's id ('' = no fence: a RedisTier used
-# without replicas). The write happens only while that replica's lease, as Redis has it, holds: a replica that was paused or cut off past its lease
-# (a PURGE then stopped waiting for it and counted it fenced) cannot land a copy that may have
-# been purged, however late its write arrives. Returns 0 when refused.
+# KEYS[1] entry key, KEYS[2] the replicas' leases (zset), KEYS[3] this write's withdrawal
+# marker, KEYS[4..] tag set keys; ARGV: value, TTL ms, digest, entry key prefix, the writing
+# replica's id ('' = no fence: a RedisTier used without replicas). The write happens only
+# while that replica's lease, as Redis has it, holds: a replica that was paused or cut off past
+# its lease (a PURGE then stopped waiting for it and counted it fenced) cannot land a copy
+# that may have been purged, however late its write arrives. Nor once the write was withdrawn
+# (see the module docstring). Returns 0 when refused for the lease, 2 when withdrawn.
 _SET_FENCED = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 if ARGV[5] ~= '' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -90,7 +109,7 @@ if ARGV[5] ~= '' then
 end
 local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local tag = KEYS[i]
   redis.call('SADD', tag, ARGV[3])
   if redis.call('PTTL', tag) < ttl then redis.call('PEXPIRE', tag, ttl) end
@@ -103,9 +122,12 @@ end
 return 1
 """
 
-# Cluster: KEYS[1] entry key; ARGV: value, TTL ms, the writing replica's lease end on the
-# purge log's node clock (ms; '' = no fence). Returns 0 when refused.
+# Cluster: KEYS[1] entry key, KEYS[2] this write's withdrawal marker (same slot; none when the
+# entry's name allows no such name, see RedisTier._marker); ARGV:
+# value, TTL ms, the writing replica's lease end on the purge log's node clock (ms; '' = no
+# fence). Returns 0 when refused for the lease, 2 when withdrawn.
 _SET_FENCED_ONE = """
+if #KEYS > 1 and redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 if ARGV[3] ~= '' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -123,6 +145,14 @@ redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 if redis.call('SCARD', KEYS[1]) > 64 then return redis.call('SRANDMEMBER', KEYS[1], 8) end
 return {}
+"""
+
+# KEYS[1] entry key, KEYS[2..] the withdrawal markers of its writes that got no reply (same
+# slot); ARGV[1] the markers' TTL ms. Refuses those writes from now on, then deletes the entry
+# (whichever ran first of a withdrawn write and this: the entry is not there afterwards).
+_WITHDRAW = """
+for i = 2, #KEYS do redis.call('SET', KEYS[i], '1', 'PX', tonumber(ARGV[1])) end
+return redis.call('DEL', KEYS[1])
 """
 
 
@@ -195,6 +225,12 @@ class RedisTier(BytesBackend):
         self._set_fenced = self.client.register_script(_SET_FENCED)
         self._set_fenced_one = self.client.register_script(_SET_FENCED_ONE)
         self._tag_one = self.client.register_script(_TAG_ONE)
+        self._withdraw = self.client.register_script(_WITHDRAW)
+        # Writes sent without a reply (see the module docstring): entry name -> {withdrawal
+        # marker name: when (monotonic)}; bounded (_MAX_UNSETTLED, oldest dropped first).
+        self._unsettled: dict[str, dict[str, float]] = {}
+        self._tokens = (f"{secrets.token_hex(6)}.{n}" for n in itertools.count())
+        self._withdrawn_ttl = max(WITHDRAWN_TTL, 4 * socket_timeout)
         # The replicas' purge channel, log and leases: per origin (PurgeLog). On a cluster
         # they share one slot (a hash tag): the purge log's scripts touch several of them.
         if self.cluster:
@@ -248,21 +284,76 @@ class RedisTier(BytesBackend):
         ttl_ms = int((entry.expires_at - time.time()) * 1000)
         if ttl_ms <= 0:
             return
-        if self.cluster:
-            await self._set_on_cluster(key, entry, blob, ttl_ms)
+        name = self.entry_name(key)
+        marker = self._marker(name)
+        if marker is None:  # (a cluster, and a prefix with a stray '}')
+            await self._set_on_cluster(key, entry, blob, ttl_ms, None)
             return
-        written = await self._set_fenced(
-            keys=[
-                self.entry_name(key),
-                self._leases_name,
-                *(self.tag_name(tag) for tag in entry.tags),
-            ],
-            args=[blob.data, ttl_ms, key.digest, self.prefix, self.fence_id or ""],
-        )
-        if not written:
-            raise TierUnavailable("L2 write refused: this replica's purge lease has lapsed")
+        with self._outstanding(name, marker):
+            if self.cluster:
+                await self._set_on_cluster(key, entry, blob, ttl_ms, marker)
+                return
+            written = await self._set_fenced(
+                keys=[
+                    name,
+                    self._leases_name,
+                    marker,
+                    *(self.tag_name(tag) for tag in entry.tags),
+                ],
+                args=[blob.data, ttl_ms, key.digest, self.prefix, self.fence_id or ""],
+            )
+        _check_written(written)
 
-    async def _set_on_cluster(self, key: CacheKey, entry: Entry, blob: Blob, ttl_ms: int) -> None:
+    def _marker(self, name: str) -> str | None:
+        """A new write's withdrawal marker: on a cluster in its entry's slot (a hash tag).
+        None when there is no such name (a cluster, and a key prefix with a stray '}')."""
+        suffix = ":withdrawn:" + next(self._tokens)
+        if not self.cluster or _hash_tag(name) is not None:
+            return name + suffix
+        if "}" in name:
+            return None
+        return "{" + name + "}" + suffix
+
+    @contextlib.contextmanager
+    def _outstanding(self, name: str, marker: str) -> Iterator[None]:
+        """Remember ``marker``'s write unless its reply comes back (see :meth:`delete`)."""
+        now = time.monotonic()
+        unsettled = self._unsettled
+        unsettled.setdefault(name, {})[marker] = now
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, TierUnavailable | ResponseError):
+                _forget(unsettled, name, marker)  # Redis answered: nothing is on its way
+            raise
+        else:
+            _forget(unsettled, name, marker)
+        finally:
+            if len(unsettled) > _MAX_UNSETTLED:
+                self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self._withdrawn_ttl
+        for name in list(self._unsettled):
+            markers = self._unsettled[name]
+            for marker, when in list(markers.items()):
+                if when < horizon:
+                    del markers[marker]
+            if not markers:
+                del self._unsettled[name]
+        while len(self._unsettled) > _MAX_UNSETTLED:
+            del self._unsettled[next(iter(self._unsettled))]
+
+    def unsettled(self, key: CacheKey | None = None) -> bool:
+        """Whether a write of ``key`` (None: of any key) got no reply (it may still land: see
+        :meth:`delete`)."""
+        if key is None:
+            return bool(self._unsettled)
+        return self.entry_name(key) in self._unsettled
+
+    async def _set_on_cluster(
+        self, key: CacheKey, entry: Entry, blob: Blob, ttl_ms: int, marker: str | None
+    ) -> None:
         """``set`` on a cluster: every command on one key (see the module docstring)."""
         fence = ""
         if self.fence_id is not None:
@@ -270,9 +361,10 @@ class RedisTier(BytesBackend):
                 raise TierUnavailable("L2 write refused: this replica holds no purge lease yet")
             fence = str(self._lease_end_ms)
         name = self.entry_name(key)
-        written = await self._set_fenced_one(keys=[name], args=[blob.data, ttl_ms, fence])
-        if not written:
-            raise TierUnavailable("L2 write refused: this replica's purge lease has lapsed")
+        written = await self._set_fenced_one(
+            keys=[name] if marker is None else [name, marker], args=[blob.data, ttl_ms, fence]
+        )
+        _check_written(written)
         try:
             for tag in entry.tags:
                 sample = await self._tag_one(keys=[self.tag_name(tag)], args=[key.digest, ttl_ms])
@@ -298,7 +390,19 @@ class RedisTier(BytesBackend):
         self._lease_end_ms = lease_end_ms
 
     async def delete(self, key: CacheKey) -> bool:
-        return bool(await self.client.delete(self.entry_name(key)))
+        """Delete ``key``'s entry - and withdraw its writes that got no reply (see the module
+        docstring), so that none of them lands afterwards."""
+        name = self.entry_name(key)
+        markers = self._unsettled.get(name)
+        if not markers:
+            return bool(await self.client.delete(name))
+        withdrawn = list(markers)
+        removed = await self._withdraw(
+            keys=[name, *withdrawn], args=[int(self._withdrawn_ttl * 1000)]
+        )
+        for marker in withdrawn:  # refused from now on
+            _forget(self._unsettled, name, marker)
+        return bool(removed)
 
     async def tag_members(self, tag: str) -> list[str]:
         """Digests indexed under ``tag`` (SSCAN: no single huge reply)."""
@@ -384,3 +488,29 @@ class RedisTier(BytesBackend):
         if self.reads is not None:
             await self.reads.close()
         await self._clients.aclose()
+
+
+def _check_written(written: object) -> None:
+    if written == 2:
+        raise TierUnavailable("L2 write refused: it was withdrawn")
+    if not written:
+        raise TierUnavailable("L2 write refused: this replica's purge lease has lapsed")
+
+
+def _forget(unsettled: dict[str, dict[str, float]], name: str, marker: str) -> None:
+    markers = unsettled.get(name)
+    if markers is not None:
+        markers.pop(marker, None)
+        if not markers:
+            del unsettled[name]
+
+
+def _hash_tag(name: str) -> str | None:
+    """The hash tag Redis Cluster slots ``name`` by, or None (the whole name)."""
+    start = name.find("{")
+    if start < 0:
+        return None
+    end = name.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return name[start + 1 : end]
