@@ -1237,7 +1237,8 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 self._wake_for_full_path()
         else:
             super().data_received(data)
-        self._hide_from_start()
+        if self._lookup is not None and self._messages:
+            self._hide_from_start()
         if self._request_count != before:
             self._stop_head_timer()  # a head arrived (or failed to parse: aiohttp answers 400)
         elif self._head_timer is None and data and self._lookup is None:
@@ -1316,14 +1317,16 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 # alone: _process_keepalive).
                 self._lookup = answer
                 answer.then(functools.partial(self._looked_up, message, payload, answer))
-                self._hide_from_start()
+                if messages:
+                    self._hide_from_start()
                 return
             rest = self._write_answer(answer)
             if rest is not None:
                 # The client is not taking the body as fast: the rest goes as it drains, and
                 # what follows waits for it, as behind a lookup.
                 self._lookup = self._event_loop.create_task(self._finish_body(rest))
-                self._hide_from_start()
+                if messages:
+                    self._hide_from_start()
                 return
 
     def _looked_up(
@@ -1339,7 +1342,8 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         if lookup is not self._lookup:
             return  # the connection is gone (connection_lost cancelled it)
         self._lookup = None
-        self._release_held()
+        if self._held:
+            self._release_held()
         transport = self.transport
         if isinstance(outcome, tuple):
             if transport is not None and not transport.is_closing():
@@ -1347,7 +1351,8 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 if rest is not None:
                     # Still this connection's work in flight: the rest of the body.
                     self._lookup = self._event_loop.create_task(self._finish_body(rest))
-                    self._hide_from_start()
+                    if self._messages:
+                        self._hide_from_start()
                     return
         else:
             # Back to the head of the queue for start(), with what the lookup found: the
@@ -1361,7 +1366,8 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
     async def _finish_body(self, rest: memoryview) -> None:
         await self._send_rest(rest)
         self._lookup = None
-        self._release_held()
+        if self._held:
+            self._release_held()
         if self._hits is not None and self._messages:
             self._answer_hits(self._hits)
         self._after_hit_path_work()
@@ -1379,10 +1385,10 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         Held and queued requests, and the one being looked up, count against the parser's
         pipelining window: reading pauses when it is full, and start() resumes it (and feeds
         the parser what it kept) as it drains its queue."""
-        lookup = self._lookup
-        if lookup is None:
-            return
-        messages, held = self._messages, self._held
+        lookup, messages = self._lookup, self._messages
+        if lookup is None or not messages:
+            return  # (only newly queued requests change what is held or counted)
+        held = self._held
         waiter = self._waiter
         if messages and (waiter is None or waiter.done()):
             held.extend(messages)

@@ -145,6 +145,8 @@ class Purges:
         """Whether a copy of ``key`` (carrying ``tags``) read or fetched at ``generation``
         must not be written anywhere: a purge that may have been for it ran since, or is
         running now (:meth:`holding`)."""
+        if generation == self.generation and not self._active:
+            return False  # (every backfill asks: the common case first)
         for keys, purged_tags in self._active:
             if key.material in keys or not purged_tags.isdisjoint(tags):
                 return True

@@ -223,6 +223,14 @@ def _is_full(exc: BaseException) -> bool:
     return "database or disk is full" in str(exc)
 
 
+def _settle_failed(answer: asyncio.Future[bytes | None], exc: Exception) -> None:
+    """A lookup's outcome could not be handed over (a bug): its caller fails with it - never
+    left waiting, nor the rest of its batch unanswered."""
+    log.exception("L3 lookup outcome could not be handed over")
+    if not answer.done():
+        answer.set_exception(exc)
+
+
 def _is_corrupt(exc: BaseException) -> bool:
     """The file is not (or no longer) a usable database: move it aside and start afresh."""
     if isinstance(exc, _NewerSchema):
@@ -740,7 +748,10 @@ class SQLiteTier(BytesBackend):
         except TierUnavailable as exc:
             answer.set_exception(exc)
             return
-        self._settle_safely(answer, digest, outcome)
+        try:
+            self._settle(answer, digest, outcome)
+        except Exception as exc:  # noqa: BLE001 - a bug: logged, its caller fails with it
+            _settle_failed(answer, exc)
 
     def _alone_over(self, _: asyncio.Future[bytes | None]) -> None:
         """The lookup sent on its own is over for its caller: the lookups that began
@@ -750,18 +761,6 @@ class SQLiteTier(BytesBackend):
         loop = self._loop
         if self._waiting and self._batcher is None and loop is not None:
             self._batcher = loop.call_soon(self._send_waiting)
-
-    def _settle_safely(
-        self, answer: asyncio.Future[bytes | None], digest: str, outcome: Any
-    ) -> None:
-        """:meth:`_settle`, in a callback from the reader's thread: if it fails (a bug), this
-        caller fails with it - never left waiting, nor the rest of its batch unanswered."""
-        try:
-            self._settle(answer, digest, outcome)
-        except Exception as exc:
-            log.exception("L3 lookup outcome could not be handed over")
-            if not answer.done():
-                answer.set_exception(exc)
 
     def _settle(self, answer: asyncio.Future[bytes | None], digest: str, outcome: Any) -> None:
         """A lookup's outcome from the reader's thread (:meth:`_lookup`) into its caller's
@@ -889,7 +888,10 @@ class SQLiteTier(BytesBackend):
             if gone is not None:
                 future.set_exception(TierUnavailable(gone))
             else:
-                self._settle_safely(future, digest, outcomes[digest])
+                try:
+                    self._settle(future, digest, outcomes[digest])
+                except Exception as exc:  # noqa: BLE001 - a bug: logged, only this caller fails
+                    _settle_failed(future, exc)
 
     async def ping(self) -> bool:
         """One read on the lookups' connection, as a lookup does it (a key never stored),
