@@ -119,6 +119,20 @@ class PurgeOrder:
         return PurgeOrder((), items, self.soft, self.at, self.again)
 
 
+async def apply_order(
+    readthrough: ReadThrough, keyspace: KeySpace, order: PurgeOrder
+) -> dict[str, int | str]:
+    """Apply a purge heard from another replica or worker here: this process's own tiers only
+    (the shared ones were purged by the sender), only L1 in a purge's second round."""
+    return await readthrough.purges.purge(
+        [keyspace.key(material) for material in order.keys],
+        order.tags,
+        order.at if order.soft else None,
+        shared=False,
+        synchronous_only=order.again,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class PurgeOutcome:
     ok: bool  # every enabled tier purged and (with L2) the other replicas told
@@ -675,14 +689,7 @@ class Invalidation:
         if isinstance(order, str):  # "own": this replica's message, already applied
             self._received["own"].inc()
             return
-        keys = [self._keys.key(material) for material in order.keys]
-        results = await self.readthrough.purges.purge(
-            keys,
-            order.tags,
-            order.at if order.soft else None,
-            shared=False,
-            synchronous_only=order.again,
-        )
+        results = await apply_order(self.readthrough, self._keys, order)
         ok = all(isinstance(count, int) for count in results.values())
         self._received[outcome if ok else "failed"].inc()
         if not ok:

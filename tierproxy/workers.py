@@ -57,7 +57,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
 from .backoff import SessionBackoff
-from .invalidation import PurgeOrder
+from .invalidation import PurgeOrder, apply_order
 from .state import ProxyState
 
 __all__ = [
@@ -196,14 +196,7 @@ class WorkerSide:
                 )
             except (ValueError, KeyError, TypeError, AttributeError):
                 return web.json_response({"error": "bad relayed purge"}, status=400)
-            keys = [state.keys.key(material) for material in order.keys]
-            tiers = await state.readthrough.purges.purge(
-                keys,
-                order.tags,
-                order.at if order.soft else None,
-                shared=False,
-                synchronous_only=order.again,
-            )
+            tiers = await apply_order(state.readthrough, state.keys, order)
             ok = all(isinstance(count, int) for count in tiers.values())
             return web.json_response({"tiers": tiers}, status=200 if ok else 503)
 
