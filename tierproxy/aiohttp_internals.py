@@ -932,12 +932,6 @@ class ConnectionCap:
             self._at_cap = False  # the episode is over; the next one is logged again
 
 
-def _buffered(transport: asyncio.BaseTransport) -> int:
-    """Bytes written to ``transport`` and not yet taken by the kernel."""
-    size = getattr(transport, "get_write_buffer_size", None)
-    return int(size()) if size is not None else 0
-
-
 def _idle_since(handler: RequestHandler) -> float | None:
     """When ``handler`` became idle (a keep-alive deadline orders them), or None if busy.
 
@@ -958,7 +952,7 @@ def _idle_since(handler: RequestHandler) -> float | None:
     if isinstance(handler, ProxyRequestHandler) and handler._lookup is not None:
         return None
     transport = handler.transport
-    if transport is not None and _buffered(transport):
+    if transport is not None and transport.get_write_buffer_size():
         # Still sending (below the high-water mark, so writing is not paused): closing it
         # would wait for the client, and its descriptor would outlive its place in the count.
         return None
@@ -1131,12 +1125,15 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         connection cap - for as long as its TCP stack answers, which is for ever."""
         if self._close_guard is None:
             self._close_guard = self._event_loop.call_later(
-                self._send_timeout, self._close_stalled, transport, _buffered(transport)
+                self._send_timeout,
+                self._close_stalled,
+                transport,
+                transport.get_write_buffer_size(),
             )
 
     def _close_stalled(self, transport: asyncio.Transport, buffered_then: int) -> None:
         self._close_guard = None
-        buffered = _buffered(transport)
+        buffered = transport.get_write_buffer_size()
         if buffered == 0 and not transport.is_closing():
             return  # all taken
         if buffered and buffered != buffered_then:
@@ -1384,13 +1381,13 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
 
         Held and queued requests, and the one being looked up, count against the parser's
         pipelining window: reading pauses when it is full, and start() resumes it (and feeds
-        the parser what it kept) as it drains its queue."""
-        lookup, messages = self._lookup, self._messages
-        if lookup is None or not messages:
-            return  # (only newly queued requests change what is held or counted)
-        held = self._held
+        the parser what it kept) as it drains its queue.
+
+        Called, with that work in flight, when requests were queued: only they change what is
+        held or counted."""
+        lookup, messages, held = self._lookup, self._messages, self._held
         waiter = self._waiter
-        if messages and (waiter is None or waiter.done()):
+        if waiter is None or waiter.done():
             held.extend(messages)
             messages.clear()
         # The parser stops emitting requests once its window is full - and a request being
@@ -1403,11 +1400,9 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
 
     def _release_held(self) -> None:
         """The requests held from start() back at the head of its queue, in order (the hit
-        path's work is over)."""
-        held = self._held
-        if held:
-            self._messages.extendleft(reversed(held))
-            held.clear()
+        path's work is over; called when some are held)."""
+        self._messages.extendleft(reversed(self._held))
+        self._held.clear()
 
     def _after_hit_path_work(self) -> None:
         if self._lookup is None:

@@ -16,7 +16,6 @@ from .keys import CacheKey
 from .metrics import Metrics
 from .purge import Purges
 from .tiers.base import Blob, GuardedTier, LocalTrust
-from .tiers.redis import RedisTier
 
 __all__ = ["Backfiller"]
 
@@ -121,7 +120,7 @@ class Backfiller:
                 await tier.delete(key)
                 counters.labels(tier.name, "superseded").inc()
                 return False
-            if not ok and _may_land(tier, key):
+            if not ok and tier.write_may_land(key):
                 # No reply: it may still land - after a purge this replica has not heard of
                 # yet (the PURGE waits for this replica only until it applied it, and then
                 # purges L2 once more: a write that lands later would stay). Withdraw it.
@@ -138,12 +137,6 @@ class Backfiller:
             purges.write_ended(material)
             _landed(self._shared, material, landed, False)
             counters.labels(tier.name, "dropped").inc()
-
-
-def _may_land(tier: GuardedTier, key: CacheKey) -> bool:
-    """Whether a write of ``key`` into ``tier`` that failed may still land (it got no reply)."""
-    backend = tier.backend
-    return isinstance(backend, RedisTier) and backend.unsettled(key)
 
 
 def _release(storing: dict[str, int], material: str) -> None:

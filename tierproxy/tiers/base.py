@@ -344,6 +344,12 @@ class TierBackend(ABC):
         """The replicas' purge log this backend carries (a shared tier: Redis), else None."""
         return None
 
+    def write_may_land(self, key: CacheKey) -> bool:
+        """Whether a write of ``key`` that failed may still land later (it got no reply, and
+        a delete sent now would not be ordered after it). None by default: SQLite runs its
+        statements in order on one writer thread."""
+        return False
+
     async def purge(
         self, keys: Sequence[CacheKey], tags: Sequence[str], soft_at: float | None
     ) -> int:
@@ -983,6 +989,10 @@ class GuardedTier:
     def replicated(self) -> Replicated | None:
         """The replicas' purge log and write fencing, when this tier carries them (Redis)."""
         return self.backend.replicated()
+
+    def write_may_land(self, key: CacheKey) -> bool:
+        """Whether a failed write of ``key`` may still land (see the backend's)."""
+        return self.backend.write_may_land(key)
 
     # ---- the synchronous fast path (a tier with ``synchronous``: memory) ----------------
 

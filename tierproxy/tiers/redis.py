@@ -344,11 +344,8 @@ class RedisTier(BytesBackend):
         while len(self._unsettled) > _MAX_UNSETTLED:
             del self._unsettled[next(iter(self._unsettled))]
 
-    def unsettled(self, key: CacheKey | None = None) -> bool:
-        """Whether a write of ``key`` (None: of any key) got no reply (it may still land: see
-        :meth:`delete`)."""
-        if key is None:
-            return bool(self._unsettled)
+    def write_may_land(self, key: CacheKey) -> bool:
+        """Whether a write of ``key`` got no reply: it may still land (see :meth:`delete`)."""
         return self.entry_name(key) in self._unsettled
 
     async def _set_on_cluster(
