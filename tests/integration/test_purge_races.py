@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from support.fixture_types import MakeProxy
@@ -174,6 +175,18 @@ def _purged_copy(response: Fetched) -> bool:
     return response.body == OLD
 
 
+async def _none_serves_the_purged_copy(
+    origin: Origin, proxies: Sequence[ProxyHandle], answered: object
+) -> None:
+    """The origin has a new copy now: none of ``proxies`` may answer with the purged one."""
+    origin.set("/k", headers=CACHEABLE, body=NEW)
+    for proxy in proxies:
+        after = await proxy.get("/k")
+        assert not _purged_copy(after), (
+            f"served the purged copy after PURGE answered {answered!r}: {after}"
+        )
+
+
 async def _l2_has(redis_client: Any, origin: Origin, path: str, timeout: float = 5.0) -> None:
     name = redis_key(path, origin.url)
     await wait_for_condition(
@@ -217,11 +230,7 @@ async def test_a_lookup_while_an_overtaken_l2_write_is_being_undone_does_not_ref
         assert answered.status == 200, answered
         assert not redis_client.exists(redis_key("/k", origin.url)), "the undo did not happen"
 
-        origin.set("/k", headers=CACHEABLE, body=NEW)
-        after = await a.get("/k")
-        assert not _purged_copy(after), (
-            f"served the purged copy after PURGE answered {answered.body!r}: {after}"
-        )
+        await _none_serves_the_purged_copy(origin, [a], answered.body)
     finally:
         await link.close()
 
@@ -267,11 +276,7 @@ async def test_a_replica_s_late_l2_write_is_purged_again_and_no_l1_keeps_it(
         assert answered.status == 200 and body["replicas_acked"] == 2, body
         assert not redis_client.exists(redis_key("/k", origin.url)), "L2 was not purged again"
 
-        origin.set("/k", headers=CACHEABLE, body=NEW)
-        after = await a.get("/k")
-        assert not _purged_copy(after), (
-            f"A served the purged copy after its PURGE answered {body}: {after}"
-        )
+        await _none_serves_the_purged_copy(origin, [a], body)
     finally:
         await link.close()
 
@@ -312,14 +317,9 @@ async def test_an_l2_write_that_timed_out_and_arrives_after_its_undo_is_refused(
         await asyncio.sleep(0.2)
         assert not redis_client.exists(redis_key("/k", origin.url)), "the late SET landed"
 
-        origin.set("/k", headers=CACHEABLE, body=NEW)
         other = await make_proxy(PURGE_TOKEN=TOKEN, SQLITE_PATH="off")  # another replica
         await _trusting(other)
-        for proxy in (a, other):
-            after = await proxy.get("/k")
-            assert not _purged_copy(after), (
-                f"served the purged copy after PURGE answered {answered.body!r}: {after}"
-            )
+        await _none_serves_the_purged_copy(origin, [a, other], answered.body)
     finally:
         await link.close()
 
@@ -362,11 +362,6 @@ async def test_a_timed_out_l2_write_is_withdrawn_before_its_replica_hears_of_a_p
         await asyncio.sleep(0.2)
         assert not redis_client.exists(redis_key("/k", origin.url)), "the late SET landed"
 
-        origin.set("/k", headers=CACHEABLE, body=NEW)
-        for proxy in (a, b):
-            after = await proxy.get("/k")
-            assert not _purged_copy(after), (
-                f"served the purged copy after PURGE answered {body}: {after}"
-            )
+        await _none_serves_the_purged_copy(origin, [a, b], body)
     finally:
         await link.close()
