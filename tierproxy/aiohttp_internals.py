@@ -1231,13 +1231,16 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 self._waiter = waiter
             if self._lookup is None and self._messages:
                 self._answer_hits(self._hits)
-                self._wake_for_full_path()
+                if self._messages:
+                    self._wake_for_full_path()
         else:
             super().data_received(data)
         if self._lookup is not None and self._messages:
             self._hide_from_start()
         if self._request_count != before:
-            self._stop_head_timer()  # a head arrived (or failed to parse: aiohttp answers 400)
+            # A head arrived (or failed to parse: aiohttp answers 400).
+            if self._head_timer is not None:
+                self._stop_head_timer()
         elif self._head_timer is None and data and self._lookup is None:
             # (aiohttp feeds b"" to resume parsing; while a lookup is in flight the bytes are
             # pipelined behind a request in progress, as in the first branch: idle-bounded)
@@ -1287,6 +1290,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         """
         transport = self.transport
         messages = self._messages
+        remote = self._remote if self._remote is not None else self.remote
         while messages:
             if (
                 transport is None
@@ -1301,7 +1305,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
             if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
                 return
             try:
-                answer = hits.answer(message, self.remote)
+                answer = hits.answer(message, remote)
             except Exception:  # the full path answers it, and reports what is wrong
                 log.exception("hit path failed; the request takes the full path")
                 return

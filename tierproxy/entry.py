@@ -52,6 +52,11 @@ HAS_SERVER = 4
 # the parser shares between responses are counted for each entry).
 _INDEX_OVERHEAD = 160
 
+# What Entry.hit_memo holds beyond a copy of the stored head: the per-hit lines but the
+# request id (Age, X-Cache, Cache-Status, Content-Length, and those aiohttp would add: about
+# 250 bytes), the tuple and its small values; on the generous side.
+HIT_MEMO_BYTES = 512
+
 
 def wire(text: str) -> bytes:
     """The bytes a header str came from: aiohttp decodes header bytes as UTF-8 with
@@ -102,6 +107,11 @@ class Entry:
     raw_bytes: bool = field(init=False, repr=False, compare=False, hash=False)
     # What holding this entry costs in memory, in bytes (L1 charges it against its bound).
     size: int = field(init=False, repr=False, compare=False, hash=False)
+    # The hit path's head for this entry at its latest hit, but the request id
+    # (tierproxy.response.fresh_hit_head): it changes at most once a second, where a hit
+    # comes many times. None until the first hit; never copied (dataclasses.replace builds
+    # an entry anew), and charged in ``size`` (HIT_MEMO_BYTES beyond the stored head).
+    hit_memo: tuple[Any, ...] | None = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Runs for every entry built from a response (an entry decoded from L2/L3 gets these
@@ -156,9 +166,10 @@ class Entry:
             ),
         )
         setattr_(self, "raw_bytes", raw_bytes)
+        setattr_(self, "hit_memo", None)
         size += getsizeof(self) + getsizeof(self.body) + getsizeof(self.key) + _INDEX_OVERHEAD
         if head is not None:
-            size += getsizeof(head)
+            size += 2 * getsizeof(head) + HIT_MEMO_BYTES  # the head, and the hit path's copy
         if upstream:
             size += getsizeof(upstream)
         for text in (self.etag, self.last_modified):
@@ -240,6 +251,7 @@ def restore(
     entry.head_flags = head_flags
     entry.raw_bytes = raw_bytes
     entry.size = size
+    entry.hit_memo = None
     entry.__class__ = Entry
     return cast(Entry, entry)
 

@@ -91,11 +91,10 @@ def plain(status: int, text: str, labels: tuple[str, str] = REFUSED) -> web.Resp
 
 _SERVER_LINE = b"Server: " + SERVER_SOFTWARE.encode("latin-1") + b"\r\n"
 _OCTET_STREAM_LINE = b"Content-Type: application/octet-stream\r\n"
-# After the stored headers: what the full path adds to a hit, in the order aiohttp writes it.
-_HIT_HEAD = (
-    b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s%s\r\n"
-    b"X-Request-ID: %s\r\nContent-Length: %d\r\n%s\r\n"
-)
+# After the stored headers: what the full path adds to a hit, in the order aiohttp writes it;
+# the request id goes between the two parts.
+_HIT_HEAD_TO_ID = b"%sAge: %d\r\nX-Cache: %s\r\nCache-Status: %s%s\r\nX-Request-ID: "
+_HIT_HEAD_FROM_ID = b"\r\nContent-Length: %d\r\n%s\r\n"
 # labels(FreshHit(tier, entry, tiers), now), encoded, by (the lookup's trace - or the tier
 # alone when only it was asked: an L1 hit - and whole seconds of freshness left): what those
 # labels depend on. Building them costs about as much as the rest of an L1 hit, so they are
@@ -111,37 +110,54 @@ def fresh_hit_head(
     tiers)`` at ``now``, as bytes, and its ``X-Cache``: the entry's stored head
     (``Entry.wire_head``; None when a stored line is unsafe to write), then ``Age``,
     ``X-Cache``, ``Cache-Status``, ``X-Request-ID`` and the lines aiohttp adds to a
-    ``web.Response``."""
+    ``web.Response``.
+
+    All of it but the request id depends only on the entry, the whole seconds since it was
+    stored (``Age``) and of freshness left (the labels' ``ttl``), the trace, and the
+    ``Date`` when one is added: the entry keeps the last head built (``Entry.hit_memo``)
+    with what it was built from, and a hit that finds the same values splices its id in."""
     head = entry.wire_head
     if head is None:
         return None
-    memo = (tiers or tier, math.floor(entry.fresh_until - now))
-    encoded = _FRESH_LABELS.get(memo)
+    since = int(now - entry.stored_at)  # Entry.age before it is clamped at 0
+    left = math.floor(entry.fresh_until - now)
+    trace = tiers or tier
+    flags = entry.head_flags
+    date = None if flags & HAS_DATE else rfc822_formatted_time()
+    memo = entry.hit_memo
+    if (
+        memo is not None
+        and memo[0] == since
+        and memo[1] == left
+        and memo[2] == trace
+        and memo[3] == date
+    ):
+        return memo[4] + rid.encode() + memo[5], memo[6]
+    encoded = _FRESH_LABELS.get((trace, left))
     if encoded is None:
         x_cache, member = labels(FreshHit(tier, entry, tiers), now)
         if len(_FRESH_LABELS) >= _FRESH_LABELS_MAX:
             _FRESH_LABELS.clear()
-        encoded = _FRESH_LABELS[memo] = (x_cache, x_cache.encode(), member.encode())
+        encoded = _FRESH_LABELS[(trace, left)] = (x_cache, x_cache.encode(), member.encode())
     body = entry.body
-    flags = entry.head_flags
     # The lines aiohttp adds after ours when the stored headers lack them.
     tail = b""
     if body and not flags & HAS_CONTENT_TYPE:
         tail = _OCTET_STREAM_LINE
-    if not flags & HAS_DATE:
-        tail += b"Date: " + rfc822_formatted_time().encode() + b"\r\n"
+    if date is not None:
+        tail += b"Date: " + date.encode() + b"\r\n"
     if not flags & HAS_SERVER:
         tail += _SERVER_LINE
-    return _HIT_HEAD % (
+    to_id = _HIT_HEAD_TO_ID % (
         head,
-        entry.age(now),
+        max(0, since),
         encoded[1],
         entry.upstream_cache_status,
         encoded[2],
-        rid.encode(),
-        len(body),
-        tail,
-    ), encoded[0]
+    )
+    from_id = _HIT_HEAD_FROM_ID % (len(body), tail)
+    object.__setattr__(entry, "hit_memo", (since, left, trace, date, to_id, from_id, encoded[0]))
+    return to_id + rid.encode() + from_id, encoded[0]
 
 
 # ---- the full path ------------------------------------------------------------------------

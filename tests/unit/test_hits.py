@@ -3,9 +3,13 @@ never a split line."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
+from aiohttp.helpers import rfc822_formatted_time
+from hypothesis import given
+from hypothesis import strategies as st
 from support.storage import parse_cache_status
 
 from tierproxy.entry import Entry
@@ -127,3 +131,90 @@ def test_the_hit_head_carries_the_labels_of_its_final_state(
         assert lines[b"Age"] == b"7"
         assert lines[b"X-Request-ID"] == b"rid-1"
         assert lines[b"Content-Length"] == b"2"
+
+
+def _fresh_copy(stored: Entry) -> Entry:
+    """The same entry built anew: no head remembered from an earlier hit."""
+    copy = dataclasses.replace(stored)
+    assert copy.hit_memo is None
+    return copy
+
+
+_TRACES = [(), (("l1", "uri-miss"), ("l2", "hit")), (("l1", "uri-miss"), ("l3", "hit"))]
+
+
+@given(
+    hits=st.lists(
+        st.tuples(
+            # Quarter seconds land on either side of each boundary: Age turns at x.5, the
+            # ttl at x.75 (stored_at and fresh_until below); any float in between too.
+            st.one_of(
+                st.integers(min_value=-12, max_value=280).map(lambda quarters: quarters / 4),
+                st.floats(min_value=-3.0, max_value=70.0, allow_nan=False),
+            ),
+            st.sampled_from(["l1", "l2", "l3"]),
+            st.sampled_from(range(len(_TRACES))),
+            st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    dated=st.booleans(),
+)
+def test_a_remembered_hit_head_is_the_head_built_anew(
+    hits: list[tuple[float, str, int, str]], dated: bool
+) -> None:
+    """Entry.hit_memo: whatever the order of hits (the clock may even step back), each head
+    is byte for byte the one an entry with nothing remembered gives - Age, ttl, trace and the
+    request id of that very hit included."""
+    from tierproxy.response import fresh_hit_head
+
+    now = 1_000_000.0
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "text/plain"),)
+    if dated:
+        headers += (("Date", "Fri, 04 Dec 2026 09:00:00 GMT"),)
+    stored = Entry(
+        key="/a",
+        status=200,
+        headers=headers,
+        body=b"xy",
+        stored_at=now - 0.5,
+        fresh_until=now + 60.75,
+        stale_until=now + 120,
+        swr_until=now + 120,
+        expires_at=now + 120,
+    )
+    for offset, tier, trace_at, rid in hits:
+        at = now + offset
+        trace = _TRACES[trace_at]
+        for _ in range(3):  # (without a stored Date, aiohttp's Date line may turn a second)
+            date_before = rfc822_formatted_time()
+            got = fresh_hit_head(tier, stored, at, rid, trace)
+            expected = fresh_hit_head(tier, _fresh_copy(stored), at, rid, trace)
+            if dated or rfc822_formatted_time() == date_before:
+                break
+        assert got == expected
+        assert got is not None
+        lines = _labelled_lines(got[0])
+        assert lines[b"Age"] == b"%d" % max(0, int(at - stored.stored_at))
+        assert lines[b"X-Request-ID"] == rid.encode()
+
+
+def test_a_remembered_hit_head_takes_the_date_of_its_second() -> None:
+    """An entry stored without a Date gets aiohttp's (RFC 9110 §6.6.1), which turns every
+    second of real time: a head remembered in one second is not written in the next."""
+    import time
+
+    from tierproxy.response import fresh_hit_head
+
+    now = 1_000_000.0
+    stored = entry(200, (("Content-Type", "text/plain"),))
+    stored = dataclasses.replace(stored, fresh_until=now + 10, expires_at=now + 10)
+    first = fresh_hit_head("l1", stored, now, "rid-1")
+    assert first is not None and stored.hit_memo is not None
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)  # into the next second of real time
+    date = rfc822_formatted_time()
+    second = fresh_hit_head("l1", stored, now, "rid-1")
+    assert second is not None
+    assert _labelled_lines(second[0])[b"Date"] == date.encode()
+    assert _labelled_lines(first[0])[b"Date"] != date.encode()
