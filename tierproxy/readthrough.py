@@ -238,7 +238,8 @@ class ReadThrough:
         match freshness(entry, self.clock.wall()):
             case "fresh":
                 trace[index] = (name, "hit")
-                self.backfill.backfill(req.key, entry, index, generation)
+                if index:  # (the first tier has no faster one to fill)
+                    self.backfill.backfill(req.key, entry, index, generation)
                 return Lookup(FreshHit(name, entry, tuple(trace)), generation, since)
             case "stale":
                 trace[index] = (name, "stale")

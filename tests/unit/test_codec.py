@@ -62,7 +62,15 @@ def test_round_trip_any_body_and_headers(
 
 @given(
     headers=st.lists(
-        st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=40)), max_size=5
+        st.tuples(
+            # Any bytes but a framing field's name (Content-Length, the hop-by-hop ones):
+            # never stored - the origin path drops them, and encode refuses an entry with one.
+            st.binary(min_size=1, max_size=20).filter(
+                lambda name: name.decode("utf-8", "surrogateescape").lower() not in codec._FRAMING
+            ),
+            st.binary(max_size=40),
+        ),
+        max_size=5,
     ),
     vary=st.binary(max_size=20),
     etag=st.binary(max_size=20),

@@ -24,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDictProxy
 
@@ -631,7 +631,8 @@ class TierLookup:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._tier = tier
-        self._backend = cast(BytesBackend, tier.backend)
+        # (only a BytesBackend looks up soon; an annotation, not typing.cast: no call per lookup)
+        self._backend: BytesBackend = tier.backend  # type: ignore[assignment]
         self._key = key
         self._headers = headers
         self._answered = answered
