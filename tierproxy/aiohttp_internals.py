@@ -1231,16 +1231,13 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
                 self._waiter = waiter
             if self._lookup is None and self._messages:
                 self._answer_hits(self._hits)
-                if self._messages:
-                    self._wake_for_full_path()
+                self._wake_for_full_path()
         else:
             super().data_received(data)
         if self._lookup is not None and self._messages:
             self._hide_from_start()
         if self._request_count != before:
-            # A head arrived (or failed to parse: aiohttp answers 400).
-            if self._head_timer is not None:
-                self._stop_head_timer()
+            self._stop_head_timer()  # a head arrived (or failed to parse: aiohttp answers 400)
         elif self._head_timer is None and data and self._lookup is None:
             # (aiohttp feeds b"" to resume parsing; while a lookup is in flight the bytes are
             # pipelined behind a request in progress, as in the first branch: idle-bounded)

@@ -54,9 +54,6 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 BREAKER_STATES = ("closed", "open", "half-open")
 
 # Sub-millisecond resolution for L1/L2, up to the default request deadline and beyond.
-# Bounds Metrics._by_status (X-Cache values times the statuses an origin sends).
-_BY_STATUS_MAX = 1024
-
 LATENCY_BUCKETS = (
     0.00005,
     0.0001,
@@ -575,9 +572,6 @@ class Metrics:
             self.hit_path_collector,
             self.near_timeout,
         ]
-        # The same children by exact status, as the hit path counts them (spares formatting
-        # the class per response); bounded: X-Cache values times the statuses seen.
-        self._by_status: dict[tuple[str, int], LoopCounterChild] = {}
         self._responses = {
             (cache, cls): self.responses.labels(cache, cls)
             for cache in X_CACHE_VALUES
@@ -608,12 +602,8 @@ class Metrics:
         }
 
     def response(self, x_cache: str, status: int) -> None:
-        child = self._by_status.get((x_cache, status))
+        cls = f"{status // 100}xx"
+        child = self._responses.get((x_cache, cls))
         if child is None:
-            cls = f"{status // 100}xx"
-            child = self._responses.get((x_cache, cls))
-            if child is None:
-                child = self.responses.labels(x_cache, cls)
-            if len(self._by_status) < _BY_STATUS_MAX:
-                self._by_status[(x_cache, status)] = child
-        child.value += 1.0
+            child = self.responses.labels(x_cache, cls)
+        child.inc()
