@@ -388,16 +388,14 @@ def tier_get_ms(
 
 def proc_tree_cpu(pid: int) -> float | None:
     """CPU seconds of a process and its direct children (nginx's worker is the master's child)."""
-    from loadtest.run import cpu_seconds
-
-    total = cpu_seconds(pid)
+    total = procs.cpu_seconds(pid)
     if total is None:
         return None
     with contextlib.suppress(OSError, ValueError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 for child in f.read().split():
-                    total += cpu_seconds(int(child)) or 0.0
+                    total += procs.cpu_seconds(int(child)) or 0.0
     return total
 
 

@@ -107,14 +107,14 @@ def histogram_quantile(
         return None
     rank = q * count
     prev_le, prev_c = 0.0, 0.0
-    for le, c in items:
+    for edge, c in items:
         if c >= rank:
-            if le == float("inf"):
+            if edge == float("inf"):
                 return prev_le
             if c == prev_c:
-                return le
-            return prev_le + (le - prev_le) * (rank - prev_c) / (c - prev_c)
-        prev_le, prev_c = le, c
+                return edge
+            return prev_le + (edge - prev_le) * (rank - prev_c) / (c - prev_c)
+        prev_le, prev_c = edge, c
     return items[-1][0]
 
 

@@ -303,6 +303,19 @@ def start_proxy(
     return p, port, admin
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """user+system CPU seconds of a process (all its threads), from /proc; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def host_busy_seconds() -> float | None:
     """CPU seconds all cores spent busy (not idle/iowait), from /proc/stat; shows outside load."""
     try:

@@ -49,7 +49,7 @@ XCACHE_COLORS = {
 
 
 def bucket_value(b: int) -> float:
-    return H0 * G ** (b + 0.5)
+    return float(H0 * G ** (b + 0.5))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -443,7 +443,8 @@ def _cold_fetches_per_key(
     ]
     if before is None or not pts:
         return None
-    return round((pts[-1] - before) / keys, 4)
+    per_key: float = round(float(pts[-1] - before) / keys, 4)
+    return per_key
 
 
 def _error_details(run_dir: Path, t0: int, limit: int = 20) -> list[dict[str, Any]]:
@@ -583,8 +584,10 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     ax2.legend(loc="upper left", fontsize=8, ncol=3)
     if ax3 is not None:
         for name, pts in sorted(cpu.items()):
-            style = {"color": "#000000", "ls": ":"} if name.startswith("host") else {}
-            ax3.plot([t - t0 for t, _ in pts], [v for _, v in pts], lw=1.1, label=name, **style)
+            host_style = {"color": "#000000", "ls": ":"} if name.startswith("host") else {}
+            ax3.plot(
+                [t - t0 for t, _ in pts], [v for _, v in pts], lw=1.1, label=name, **host_style
+            )
         ax3.axhline(100, color="#888888", lw=0.8, ls="--")
         ax3.set_ylabel("CPU % (100 = 1 core)")
         ax3.set_ylim(bottom=0)
@@ -711,14 +714,14 @@ def plot(run_dir: Path, summary: dict[str, Any]) -> list[str]:
                 acc += h[b]
                 px.append(H0 * G ** (b + 1))  # the bucket's upper edge: P(latency <= x)
                 py.append(acc / n)
-            err = x.startswith("error")
+            is_error = x.startswith("error")
             ax.step(
                 px,
                 py,
                 where="post",
                 lw=1.6,
-                ls="--" if err else "-",
-                color=XCACHE_COLORS.get(x, XCACHE_COLORS["ERROR"] if err else None),
+                ls="--" if is_error else "-",
+                color=XCACHE_COLORS.get(x, XCACHE_COLORS["ERROR"] if is_error else None),
                 label=f"{x} (n={n}, p99 {hist_pct(h, 99):.3g} ms)",
             )
         ax.set_xscale("log")

@@ -45,7 +45,7 @@ from typing import Any
 from loadtest import environment as envinfo
 from loadtest import metrics as M
 from loadtest import procs
-from loadtest.procs import LOOPBACK, ProcGroup, StartupError
+from loadtest.procs import LOOPBACK, ProcGroup, StartupError, cpu_seconds
 from loadtest.verdicts import COMMON, Expect, with_overrides
 
 PURGE_TOKEN = "loadtest-purge-token"
@@ -302,19 +302,6 @@ class Sampler(threading.Thread):
                 self.stop_ev.wait(max(0.0, self.interval - (time.monotonic() - t)))
 
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """user+system CPU seconds of a process (all its threads), from /proc; None if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _is_gauge(name: str) -> bool:
     return not name.endswith(("_total", "_bucket", "_count", "_sum", "_created"))
 
@@ -330,7 +317,8 @@ def origin_stats(base: str) -> dict[str, Any]:
     status, body, _ = procs.http_get(base + "/__stats", timeout=2.0)
     if status != 200:
         raise RuntimeError(f"origin /__stats answered {status}")
-    return json.loads(body)
+    stats: dict[str, Any] = json.loads(body)
+    return stats
 
 
 async def _warm(base: str, paths: list[str], concurrency: int = 32) -> dict[str, int]:
@@ -514,7 +502,7 @@ def run_scenario(
             proxy_url = f"http://{LOOPBACK}:{pport}"
             metrics_url: str | None = f"http://{LOOPBACK}:{aport}/metrics"
             try:
-                scrape(metrics_url)
+                scrape(f"http://{LOOPBACK}:{aport}/metrics")
             except Exception as e:  # noqa: BLE001
                 run["notes"].append(
                     f"/metrics unusable ({e}); summary has client-side numbers only"
