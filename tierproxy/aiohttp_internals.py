@@ -1029,6 +1029,15 @@ def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field
     return 400
 
 
+# What is left of a shutdown's timeout after a lookup used it up: aiohttp's
+# RequestHandler.shutdown takes a timeout <= 0 as no timeout at all.
+_LEAST_SHUTDOWN_WAIT = 0.001
+
+# What is left of a shutdown's timeout after a lookup used it up: aiohttp's
+# RequestHandler.shutdown takes a timeout <= 0 as no timeout at all.
+_LEAST_SHUTDOWN_WAIT = 0.001
+
+
 class ProxyRequestHandler(RequestHandler, Generic[H]):
     """One client connection. See the module docstring for what it adds to aiohttp's."""
 
@@ -1518,14 +1527,36 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         super().close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        # A lookup in flight is a request in progress: let it finish (answered, or handed to
-        # start(), which aiohttp's shutdown then waits for) before the connection is closed.
+        """Finish the request in flight within ``timeout`` (``TIERPROXY_SHUTDOWN_TIMEOUT``) in
+        all, then close. A hit-path lookup is a request in progress: it may finish (answered,
+        or handed to start()). aiohttp's own shutdown waits the timeout for a running
+        handler, then the timeout again after asking it to stop (which a handler that is not
+        cancelled on disconnect does not notice), and a lookup's wait came before both: a
+        slow lookup handed to a hanging origin held SIGTERM for three timeouts. All of it
+        now shares one deadline; at the deadline the handler is cancelled and the
+        connection closed."""
+        loop = self._event_loop
+        if timeout is None:
+            deadline = None
+        else:
+            deadline = loop.time() + timeout
         if self._lookup is not None:
             over = self._lookup_over
             if over is None:
-                over = self._lookup_over = self._event_loop.create_future()
+                over = self._lookup_over = loop.create_future()
             await asyncio.wait({over}, timeout=timeout)
-        await super().shutdown(timeout)
+        if deadline is None:
+            await super().shutdown(None)
+            return
+        try:
+            async with asyncio.timeout_at(deadline):
+                # (never 0: aiohttp takes a timeout <= 0 as none at all)
+                await super().shutdown(max(_LEAST_SHUTDOWN_WAIT, deadline - loop.time()))
+        except TimeoutError:
+            task = self._task_handler
+            if task is not None:
+                task.cancel()
+            self.force_close()
 
     @property
     def remote(self) -> str | None:

@@ -290,7 +290,7 @@ async def serve_group(settings: Settings, env: dict[str, str], nofile: int) -> i
             admin_port,
         )
         await stop.wait()
-        log.info("stopping: every worker drains within %.1fs", settings.shutdown_timeout)
+        log.info("stopping: every worker drains within %.1fs", group.stop_timeout)
         await group.stop()
         log.info("stopped")
         return 0

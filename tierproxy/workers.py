@@ -79,6 +79,7 @@ _BACKOFF_CAP = 10.0
 _STABLE_AFTER = 10.0  # a worker that lived this long resets its backoff
 _SYNC_INTERVAL = 1.0  # a worker writes its process-local metrics this often
 _RELAY_PATH = "/_worker/purge"
+_CLOSE_ALLOWANCE = 5.0  # a stopping worker closing its tiers and pools, after its drain
 
 
 class GroupStartError(Exception):
@@ -425,8 +426,15 @@ class Supervisor:
             self.restarts.inc()
             slot.restarts += 1
 
+    @property
+    def stop_timeout(self) -> float:
+        """How long a worker may take to stop before it is killed: as long as one serving
+        process's shutdown may take (the timeout for the requests in flight, then the timeout
+        again for background writes), and a moment to close its pools."""
+        return 2 * self.shutdown_timeout + _CLOSE_ALLOWANCE
+
     async def stop(self) -> None:
-        """SIGTERM every worker; kill those still running after the shutdown timeout."""
+        """SIGTERM every worker; kill those still running after :attr:`stop_timeout`."""
         self.stopping = True
         self._stop.set()
         procs = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]
@@ -435,7 +443,7 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
         if procs:
             _, pending = await asyncio.wait(
-                [asyncio.ensure_future(p.wait()) for p in procs], timeout=self.shutdown_timeout
+                [asyncio.ensure_future(p.wait()) for p in procs], timeout=self.stop_timeout
             )
             for proc in procs:
                 if proc.returncode is None:

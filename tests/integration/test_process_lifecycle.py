@@ -5,6 +5,7 @@ the admin listener, graceful SIGTERM (in-flight requests finish, backfills are d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,65 @@ async def test_backfill_pending_on_a_locked_l3_lands_when_drained(
     await proxy.drain(5)
     assert proxy.state.background.pending == 0
     assert sqlite_row(sqlite_path, "/pending", origin.url) is not None
+
+
+@pytest.mark.parametrize(
+    ("l2", "shutdown_timeout", "origin_asked"),
+    [
+        # The origin hangs: aiohttp waited the timeout, then the timeout again after "asking"
+        # the handler to stop, which it does not notice.
+        pytest.param(False, 2, True, id="origin-hangs"),
+        # 2.2 s more of L2 lookup (no reply), then handed over to the hanging origin.
+        pytest.param(True, 3, True, id="lookup-then-origin"),
+        # The lookup outlasts the timeout: cut then, not left to wait without bound.
+        pytest.param(True, 1, False, id="lookup-outlasts-timeout"),
+    ],
+)
+async def test_sigterm_cuts_a_request_in_flight_at_the_shutdown_timeout(
+    origin: Origin,
+    spawn_proxy: SpawnProxy,
+    redis_server: RedisServer,
+    fault_proxy: MakeFaultProxy,
+    l2: bool,
+    shutdown_timeout: float,
+    origin_asked: bool,
+) -> None:
+    """TIERPROXY_SHUTDOWN_TIMEOUT bounds how long a request in flight holds the shutdown, in
+    all, wherever the request is: looked up by the hit path, then handed over to the full
+    path, then waiting on the origin. That took up to three timeouts (the lookup's wait,
+    then aiohttp's two), so a Kubernetes grace period sized for the timeout was cut short by
+    SIGKILL. A lookup that outlasts the whole timeout leaves the rest no time, which must
+    not become "no limit" (aiohttp's reading of a timeout of 0)."""
+    origin.set("/hang", hang=True, headers=CACHEABLE)
+    env: dict[str, Any] = {
+        "SHUTDOWN_TIMEOUT": shutdown_timeout,
+        "ORIGIN_TIMEOUT": 30,
+        "REQUEST_DEADLINE": 30,
+    }
+    blackhole = None
+    if l2:
+        blackhole = await fault_proxy(redis_server.port)
+        env.update(REDIS_URL=blackhole.url("redis", "/0"), L2_TIMEOUT=2.5)
+    proc = await spawn_proxy(**env)
+    if blackhole is not None:
+        blackhole.set_mode("blackhole")  # the L2 lookup gets no reply: it waits its 2.5 s
+    loop = asyncio.get_running_loop()
+
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.ensure_future(
+            session.get(proc.url + "/hang", timeout=aiohttp.ClientTimeout(total=20))
+        )
+        await asyncio.sleep(0.3)  # in the L2 lookup, or (no L2) waiting on the origin
+        assert origin.count("/hang") == (0 if l2 else 1)
+        proc.terminate()
+        terminated = loop.time()
+        with contextlib.suppress(aiohttp.ClientError):
+            response = await in_flight
+            assert response.status >= 500, response  # (never a 200 of a cut-off body)
+            response.release()
+        cut_after = loop.time() - terminated
+
+    assert origin.count("/hang") == (1 if origin_asked else 0)
+    # One timeout from SIGTERM, with slack either side.
+    assert shutdown_timeout - 0.2 <= cut_after <= shutdown_timeout + 0.8, cut_after
+    assert await proc.wait(15) == 0, proc.stderr

@@ -8,6 +8,7 @@ Which worker answered is told by the workers themselves: their pids come from th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import pytest
 from support.fixture_types import SpawnProxy
 from support.origin import Origin
 from support.proxy import SpawnedProxy
+from support.storage import sqlite_exclusive_lock, sqlite_row
 from support.wait import wait_for_condition
 
 from tierproxy.config import load_settings
@@ -271,6 +273,42 @@ async def test_sigterm_stops_every_worker_within_the_shutdown_timeout(
     assert loop.time() - started < 3 + 2
     await wait_for_condition(lambda: not any(_running(pid) for pid in pids), timeout=2)
     assert "Traceback" not in proxy.stderr
+
+
+async def test_a_worker_gets_its_whole_drain_before_the_supervisor_kills_it(
+    spawn_proxy: SpawnProxy, origin: Origin, sqlite_path: Path
+) -> None:
+    """A worker's shutdown is the proxy's: TIERPROXY_SHUTDOWN_TIMEOUT for the request in
+    flight, then as long again for background writes. The supervisor killed a worker still
+    running one timeout after SIGTERM, so a worker whose request held the first timeout lost
+    the backfills it was draining (here: an L3 write waiting on a lock released 2.5 s in)."""
+    origin.set("/kept", headers=CACHEABLE, body=b"kept")
+    origin.set("/hang", hang=True, headers=CACHEABLE)
+    proxy = await spawn_proxy(
+        WORKERS=2, REDIS_URL=None, SHUTDOWN_TIMEOUT=2, L3_WRITE_TIMEOUT=10, REQUEST_DEADLINE=30
+    )
+    await _worker_pids(proxy)
+    loop = asyncio.get_running_loop()
+    # One connection: both requests reach the same worker.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        with sqlite_exclusive_lock(sqlite_path):
+            async with session.get(proxy.url + "/kept") as kept:
+                assert (kept.status, await kept.read()) == (200, b"kept")  # its backfill waits
+            hanging = asyncio.ensure_future(
+                session.get(proxy.url + "/hang", timeout=aiohttp.ClientTimeout(total=20))
+            )
+            await wait_for_condition(lambda: origin.count("/hang") == 1, message="in flight")
+            proxy.terminate()
+            started = loop.time()
+            await asyncio.sleep(2.5)  # the request is cut at 2 s; the drain goes on
+        with contextlib.suppress(aiohttp.ClientError):
+            (await hanging).release()
+        code = await proxy.wait(15)
+
+    assert code == 0, proxy.stderr
+    assert loop.time() - started < 2 * 2 + 2
+    assert "killed" not in proxy.stderr, proxy.stderr
+    assert sqlite_row(sqlite_path, "/kept", origin.url) is not None, proxy.stderr
 
 
 async def test_both_workers_write_sqlite_concurrently_without_errors(

@@ -111,6 +111,9 @@ def test_compose_runs_two_tierproxy_replicas_sharing_redis_before_the_demo_origi
         assert env["TIERPROXY_REDIS_URL"] == "redis://redis:6379/0"
         assert env["TIERPROXY_ORIGIN"] == "http://origin:9000"
         assert set(svc["depends_on"]) == {"redis", "origin"}
+        # Docker's SIGKILL comes after both drains: requests in flight, then backfills.
+        grace = float(str(svc["stop_grace_period"]).removesuffix("s"))
+        assert grace > 2 * float(env["TIERPROXY_SHUTDOWN_TIMEOUT"]), svc
     published = [p for svc in replicas.values() for p in svc["ports"]]
     assert len(set(published)) == len(published) == 4, published
     assert all(p.startswith("127.0.0.1:") for p in published), published
@@ -136,10 +139,11 @@ def test_kubernetes_probes_are_on_the_admin_listener_and_selectors_match_the_pod
     assert container["envFrom"] == [{"configMapRef": {"name": "tierproxy"}}]
     resources = container["resources"]
     assert resources["requests"]["memory"] and resources["limits"]["memory"], resources
-    # Room for preStop and the drain before the kubelet's SIGKILL.
+    # Room for preStop and the drain before the kubelet's SIGKILL: the shutdown timeout for
+    # the requests in flight, then as long again for background writes.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = float(configmap["TIERPROXY_SHUTDOWN_TIMEOUT"])
-    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + drain
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + 2 * drain
 
     labels = pod["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"] == labels
@@ -172,6 +176,6 @@ def test_the_systemd_unit_runs_serve_and_waits_for_the_drain() -> None:
 
     assert settings["ExecStart"].endswith("tierproxy serve"), settings
     assert settings["KillSignal"] == "SIGTERM"
-    assert float(settings["TimeoutStopSec"]) > float(ENV_DEFAULTS["TIERPROXY_SHUTDOWN_TIMEOUT"])
+    assert float(settings["TimeoutStopSec"]) > 2 * float(ENV_DEFAULTS["TIERPROXY_SHUTDOWN_TIMEOUT"])
     assert settings["RestartPreventExitStatus"] == "2"  # configuration errors exit 2
     assert settings["DynamicUser"] == "yes" or settings.get("User") not in (None, "root")
