@@ -1225,11 +1225,13 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         before = self._request_count
         if (
             self._hits is not None
-            and (waiter is not None or self._full_path_done())
+            and (waiter is not None or self._full_path_done() or not before)
             and (not self._messages or self._lookup is not None)
         ):
             # start() waits for the next request - or is about to: the full path's response
-            # has gone out and start() resumes on the next loop iteration -, and no request
+            # has gone out and start() resumes on the next loop iteration, or the connection
+            # is new and start() has not run yet (no request came: none is in progress;
+            # with uvloop a new connection's first bytes often come first) -, and no request
             # is queued (or the hit path is looking one up): parse without waking start(),
             # answer what the hit path can, and wake start() only for what is left once no
             # lookup is in flight.
