@@ -25,6 +25,8 @@ from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
+from tierproxy.tiers.purge_log import REPLICAS
+
 from .conftest import AUTH, TOKEN, AdminFor, value
 
 CACHEABLE = {"Cache-Control": "max-age=300"}
@@ -358,6 +360,56 @@ async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(
         redis_client.delete(name)
         await asyncio.sleep(0.4)  # real time: the lease, as Redis keeps it, runs out
         with pytest.raises(TierUnavailable):
+            await tier.set(key, entry, Blob(entry))
+        assert not redis_client.exists(name)
+    finally:
+        await tier.close()
+
+
+async def test_redis_refuses_an_l2_write_that_outlived_the_lease_it_was_sent_under(
+    redis_url: str, redis_client: Any
+) -> None:
+    """A write held up on its way (a socket buffer, retransmissions) longer than the lease
+    it was sent under is refused, though the replica has renewed its lease meanwhile: its
+    withdrawal marker lives only so long (120 s), and a purge counted on the lease. Here the
+    write carries a 0.3 s lease end, as a write sent then would; the renewal that followed
+    went through another connection, as heartbeats do (tierproxy.invalidation)."""
+    import asyncio
+
+    from tierproxy.entry import Entry
+    from tierproxy.keys import KeySpace
+    from tierproxy.tiers.base import Blob, TierUnavailable
+    from tierproxy.tiers.purge_log import PurgeLog
+    from tierproxy.tiers.redis import RedisTier
+
+    keys = KeySpace("http://origin.test")
+    tier = RedisTier(redis_url, socket_timeout=1.0, max_connections=2, keys=keys)
+    tier.fence_id = "replica-1"
+    await tier.open()
+    try:
+        now = time.time()
+        entry = Entry(
+            key="/g",
+            status=200,
+            headers=(),
+            body=b"old",
+            stored_at=now,
+            fresh_until=now + 60,
+            stale_until=now + 60,
+            swr_until=now,
+            expires_at=now + 60,
+        )
+        key = keys.key("/g")
+        name = tier.entry_name(key)
+        await tier.purge_log().heartbeat("replica-1", 300, "0-0")  # the lease the write knows
+        await tier.set(key, entry, Blob(entry))  # within it: stored
+        assert redis_client.exists(name)
+        redis_client.delete(name)
+        # Renewed for a minute, its reply not yet seen by the writer.
+        renewal = PurgeLog(tier.client, tier.purge_log().replicas_key.removesuffix(REPLICAS))
+        await renewal.heartbeat("replica-1", 60_000, "0-0")
+        await asyncio.sleep(0.4)  # real time: the lease the write was sent under ends
+        with pytest.raises(TierUnavailable, match="lease"):
             await tier.set(key, entry, Blob(entry))
         assert not redis_client.exists(name)
     finally:

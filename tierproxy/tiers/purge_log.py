@@ -101,7 +101,7 @@ class PurgeLog:
     ) -> None:
         self.client = client
         #: Told this replica's lease end (Redis clock ms) at each heartbeat, None when it
-        #: leaves: on a cluster, the tier fences its writes by it.
+        #: leaves: the tier fences its writes by it (tierproxy.tiers.redis).
         self._on_lease = on_lease
         self.log_key = prefix + "purge-log"
         self.channel = prefix + "invalidate"

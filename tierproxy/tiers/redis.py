@@ -94,11 +94,15 @@ _MAX_UNSETTLED = 10_000
 
 # KEYS[1] entry key, KEYS[2] the replicas' leases (zset), KEYS[3] this write's withdrawal
 # marker, KEYS[4..] tag set keys; ARGV: value, TTL ms, digest, entry key prefix, the writing
-# replica's id ('' = no fence: a RedisTier used without replicas). The write happens only
+# replica's id ('' = no fence: a RedisTier used without replicas), the end of the lease it
+# held when it sent the write (ms, Redis's clock; '' = not known yet). The write happens only
 # while that replica's lease, as Redis has it, holds: a replica that was paused or cut off past
 # its lease (a PURGE then stopped waiting for it and counted it fenced) cannot land a copy
-# that may have been purged, however late its write arrives. Nor once the write was withdrawn
-# (see the module docstring). Returns 0 when refused for the lease, 2 when withdrawn.
+# that may have been purged, however late its write arrives. Nor once the lease it was sent
+# under has ended, though the replica renewed its lease since: a write held up on its way
+# (a socket buffer, retransmissions) longer than a lease - and so, perhaps, longer than its
+# withdrawal marker lives - does not land. Nor once the write was withdrawn (see the module
+# docstring). Returns 0 when refused for the lease, 2 when withdrawn.
 _SET_FENCED = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 if ARGV[5] ~= '' then
@@ -106,6 +110,7 @@ if ARGV[5] ~= '' then
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local lease = redis.call('ZSCORE', KEYS[2], ARGV[5])
   if not lease or tonumber(lease) < now then return 0 end
+  if ARGV[6] ~= '' and tonumber(ARGV[6]) < now then return 0 end
 end
 local ttl = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
@@ -238,8 +243,8 @@ class RedisTier(BytesBackend):
         else:
             self._log_prefix = f"{self.prefix}{keys.origin_id}:"
         self._leases_name = self._log_prefix + REPLICAS
-        #: Cluster: this replica's lease end (ms, the purge log node's clock) from its last
-        #: heartbeat; writes are fenced by it. None: not yet known.
+        #: This replica's lease end (ms, the purge log's Redis clock) from its last heartbeat;
+        #: every write carries it and is refused once it has passed. None: not yet known.
         self._lease_end_ms: int | None = None
         #: This replica's id in the purge lease registry (set by tierproxy.invalidation, which
         #: every proxy with Redis runs): every write is then fenced by that lease
@@ -300,7 +305,14 @@ class RedisTier(BytesBackend):
                     marker,
                     *(self.tag_name(tag) for tag in entry.tags),
                 ],
-                args=[blob.data, ttl_ms, key.digest, self.prefix, self.fence_id or ""],
+                args=[
+                    blob.data,
+                    ttl_ms,
+                    key.digest,
+                    self.prefix,
+                    self.fence_id or "",
+                    "" if self._lease_end_ms is None else str(self._lease_end_ms),
+                ],
             )
         _check_written(written)
 
@@ -468,7 +480,7 @@ class RedisTier(BytesBackend):
         return PurgeLog(
             self.client if client is None else client,
             self._log_prefix,
-            on_lease=self._on_lease if self.cluster else None,
+            on_lease=self._on_lease,
         )
 
     def subscriber(self, socket_timeout: float) -> Subscriber:
