@@ -9,12 +9,16 @@ Redis through a fault proxy (tests/support/faultproxy.py) switched to blackhole 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
@@ -25,7 +29,11 @@ from support.redis_server import RedisServer
 from support.storage import redis_key, sqlite_row
 from support.wait import wait_for_condition
 
-from tierproxy.tiers.purge_log import REPLICAS
+from tierproxy.entry import Entry
+from tierproxy.keys import KeySpace
+from tierproxy.tiers.base import Blob, TierUnavailable
+from tierproxy.tiers.purge_log import REPLICAS, PurgeLog
+from tierproxy.tiers.redis import RedisTier
 
 from .conftest import AUTH, TOKEN, AdminFor, value
 
@@ -320,18 +328,15 @@ async def test_a_purge_after_redis_lost_its_data_waits_out_leases_it_cannot_see(
     assert not _purged_copy_served_as_hit(after, old), after
 
 
-async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(
-    redis_url: str, redis_client: Any
-) -> None:
-    """The fence is in Redis itself: a write that arrives late - its replica was paused or cut
-    off past its lease, and a PURGE counted it fenced - is refused, however late it lands."""
-    import asyncio
+class Write(NamedTuple):
+    name: str
+    send: Callable[[], Awaitable[None]]
 
-    from tierproxy.entry import Entry
-    from tierproxy.keys import KeySpace
-    from tierproxy.tiers.base import Blob, TierUnavailable
-    from tierproxy.tiers.redis import RedisTier
 
+@contextlib.asynccontextmanager
+async def _fenced_tier(redis_url: str, path: str) -> AsyncIterator[tuple[RedisTier, Write]]:
+    """A RedisTier writing as replica ``replica-1`` (fenced by its lease), and one write of a
+    minute-long entry for ``path`` (its Redis name as ``write.name``)."""
     keys = KeySpace("http://origin.test")
     tier = RedisTier(redis_url, socket_timeout=1.0, max_connections=2, keys=keys)
     tier.fence_id = "replica-1"
@@ -339,7 +344,7 @@ async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(
     try:
         now = time.time()
         entry = Entry(
-            key="/f",
+            key=path,
             status=200,
             headers=(),
             body=b"old",
@@ -349,21 +354,29 @@ async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(
             swr_until=now,
             expires_at=now + 60,
         )
-        key = keys.key("/f")
-        name = tier.entry_name(key)
-        with pytest.raises(TierUnavailable):
-            await tier.set(key, entry, Blob(entry))  # never registered: no lease
-        assert not redis_client.exists(name)
-        await tier.purge_log().heartbeat("replica-1", 300, "0-0")  # a lease of 0.3 s
-        await tier.set(key, entry, Blob(entry))
-        assert redis_client.exists(name)
-        redis_client.delete(name)
-        await asyncio.sleep(0.4)  # real time: the lease, as Redis keeps it, runs out
-        with pytest.raises(TierUnavailable):
-            await tier.set(key, entry, Blob(entry))
-        assert not redis_client.exists(name)
+        key = keys.key(path)
+        yield tier, Write(tier.entry_name(key), partial(tier.set, key, entry, Blob(entry)))
     finally:
         await tier.close()
+
+
+async def test_redis_refuses_an_l2_write_from_a_replica_whose_lease_ran_out(
+    redis_url: str, redis_client: Any
+) -> None:
+    """The fence is in Redis itself: a write that arrives late - its replica was paused or cut
+    off past its lease, and a PURGE counted it fenced - is refused, however late it lands."""
+    async with _fenced_tier(redis_url, "/f") as (tier, write):
+        with pytest.raises(TierUnavailable):
+            await write.send()  # never registered: no lease
+        assert not redis_client.exists(write.name)
+        await tier.purge_log().heartbeat("replica-1", 300, "0-0")  # a lease of 0.3 s
+        await write.send()
+        assert redis_client.exists(write.name)
+        redis_client.delete(write.name)
+        await asyncio.sleep(0.4)  # real time: the lease, as Redis keeps it, runs out
+        with pytest.raises(TierUnavailable):
+            await write.send()
+        assert not redis_client.exists(write.name)
 
 
 async def test_redis_refuses_an_l2_write_that_outlived_the_lease_it_was_sent_under(
@@ -374,43 +387,15 @@ async def test_redis_refuses_an_l2_write_that_outlived_the_lease_it_was_sent_und
     withdrawal marker lives only so long (120 s), and a purge counted on the lease. Here the
     write carries a 0.3 s lease end, as a write sent then would; the renewal that followed
     went through another connection, as heartbeats do (tierproxy.invalidation)."""
-    import asyncio
-
-    from tierproxy.entry import Entry
-    from tierproxy.keys import KeySpace
-    from tierproxy.tiers.base import Blob, TierUnavailable
-    from tierproxy.tiers.purge_log import PurgeLog
-    from tierproxy.tiers.redis import RedisTier
-
-    keys = KeySpace("http://origin.test")
-    tier = RedisTier(redis_url, socket_timeout=1.0, max_connections=2, keys=keys)
-    tier.fence_id = "replica-1"
-    await tier.open()
-    try:
-        now = time.time()
-        entry = Entry(
-            key="/g",
-            status=200,
-            headers=(),
-            body=b"old",
-            stored_at=now,
-            fresh_until=now + 60,
-            stale_until=now + 60,
-            swr_until=now,
-            expires_at=now + 60,
-        )
-        key = keys.key("/g")
-        name = tier.entry_name(key)
+    async with _fenced_tier(redis_url, "/g") as (tier, write):
         await tier.purge_log().heartbeat("replica-1", 300, "0-0")  # the lease the write knows
-        await tier.set(key, entry, Blob(entry))  # within it: stored
-        assert redis_client.exists(name)
-        redis_client.delete(name)
+        await write.send()  # within it: stored
+        assert redis_client.exists(write.name)
+        redis_client.delete(write.name)
         # Renewed for a minute, its reply not yet seen by the writer.
         renewal = PurgeLog(tier.client, tier.purge_log().replicas_key.removesuffix(REPLICAS))
         await renewal.heartbeat("replica-1", 60_000, "0-0")
         await asyncio.sleep(0.4)  # real time: the lease the write was sent under ends
         with pytest.raises(TierUnavailable, match="lease"):
-            await tier.set(key, entry, Blob(entry))
-        assert not redis_client.exists(name)
-    finally:
-        await tier.close()
+            await write.send()
+        assert not redis_client.exists(write.name)
