@@ -1033,10 +1033,6 @@ def _client_error_status(exc: HttpProcessingError, max_line_size: int, max_field
 # RequestHandler.shutdown takes a timeout <= 0 as no timeout at all.
 _LEAST_SHUTDOWN_WAIT = 0.001
 
-# What is left of a shutdown's timeout after a lookup used it up: aiohttp's
-# RequestHandler.shutdown takes a timeout <= 0 as no timeout at all.
-_LEAST_SHUTDOWN_WAIT = 0.001
-
 
 class ProxyRequestHandler(RequestHandler, Generic[H]):
     """One client connection. See the module docstring for what it adds to aiohttp's."""
