@@ -68,8 +68,8 @@ class Backfiller:
         what was purged, and it is not written back anywhere (the client that asked still
         gets it). A purge is rare; a skipped backfill costs a miss.
         """
-        if self.purges.refuses(generation, key, entry.tags):
-            return
+        if not upto or self.purges.refuses(generation, key, entry.tags):
+            return  # (the first tier has no faster one to fill)
         blob: Blob | None = None
         for tier in self.tiers[:upto]:
             if tier.synchronous:

@@ -238,8 +238,7 @@ class ReadThrough:
         match freshness(entry, self.clock.wall()):
             case "fresh":
                 trace[index] = (name, "hit")
-                if index:  # (the first tier has no faster one to fill)
-                    self.backfill.backfill(req.key, entry, index, generation)
+                self.backfill.backfill(req.key, entry, index, generation)
                 return Lookup(FreshHit(name, entry, tuple(trace)), generation, since)
             case "stale":
                 trace[index] = (name, "stale")
