@@ -1534,10 +1534,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         now shares one deadline; at the deadline the handler is cancelled and the
         connection closed."""
         loop = self._event_loop
-        if timeout is None:
-            deadline = None
-        else:
-            deadline = loop.time() + timeout
+        deadline = None if timeout is None else loop.time() + timeout
         if self._lookup is not None:
             over = self._lookup_over
             if over is None:
