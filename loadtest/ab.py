@@ -25,7 +25,6 @@ end, also on error.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import statistics
@@ -151,23 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ab] could not run: {exc}", file=sys.stderr)
         return 2
     summary = summarise(runs, tiers)
-    text = table(summary, ns, environment)
-    print(text)
-    (ns.out / "ab.md").write_text(text + "\n")
-    (ns.out / "ab.json").write_text(
-        json.dumps(
-            {
-                "builds": builds,
-                "code": code,
-                "environment": environment,
-                "args": {**vars(ns), "out": str(ns.out)},
-                "rounds": runs,
-                "summary": summary,
-            },
-            indent=2,
-        )
-    )
-    print(f"[ab] results: {ns.out}")
+    record = {
+        "builds": builds,
+        "code": code,
+        "environment": environment,
+        "rounds": runs,
+        "summary": summary,
+    }
+    envinfo.write_result(ns.out, "ab", table(summary, ns, environment), record, ns)
     return 0
 
 

@@ -9,7 +9,9 @@ version, the CPU count and model, what the host charges for the kernel work of a
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -168,3 +170,15 @@ def collect(
         # as typed (`python -m loadtest.run ...`), not with the module resolved to a path
         "command": list(sys.orig_argv) if command is None else command,
     }
+
+
+def write_result(
+    out: Path, name: str, table: str, record: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """Print ``table`` and keep it as ``<name>.md`` in ``out``, with ``record`` and the
+    command's arguments as ``<name>.json`` (the side-by-side tools: ab, scale, newconn)."""
+    print(table)
+    (out / f"{name}.md").write_text(table + "\n")
+    payload = {**record, "args": {**vars(args), "out": str(out)}}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"[{name}] results: {out}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -143,23 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     host = envinfo.host_line(environment)
     if host:
         lines.append(host)
-    text = "\n".join(lines)
-    print(text)
-    (ns.out / "newconn.md").write_text(text + "\n")
-    (ns.out / "newconn.json").write_text(
-        json.dumps(
-            {
-                "builds": builds,
-                "environment": environment,
-                "args": {**vars(ns), "out": str(ns.out)},
-                "rounds": rounds,
-                "summary": summary,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"[newconn] results: {ns.out}")
+    record = {"builds": builds, "environment": environment, "rounds": rounds, "summary": summary}
+    envinfo.write_result(ns.out, "newconn", "\n".join(lines), record, ns)
     return 0
 
 

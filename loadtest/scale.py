@@ -338,23 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[scale] could not run: {exc}", file=sys.stderr)
         return 2
     summary = summarise(runs, tiers, counts, ns.expect, budgets=ns.cpu_per_worker > 0)
-    text = table(summary, ns, environment)
-    print(text)
-    (ns.out / "scale.md").write_text(text + "\n")
-    (ns.out / "scale.json").write_text(
-        json.dumps(
-            {
-                "environment": environment,
-                "args": {**vars(ns), "out": str(ns.out)},
-                "period_us": PERIOD_US,
-                "rounds": runs,
-                "summary": summary,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"[scale] results: {ns.out}")
+    record = {
+        "environment": environment,
+        "period_us": PERIOD_US,
+        "rounds": runs,
+        "summary": summary,
+    }
+    envinfo.write_result(ns.out, "scale", table(summary, ns, environment), record, ns)
     if any(row["pass"] is None for row in summary.values()):
         return 2
     return 0 if all(row["pass"] for row in summary.values()) else 1
