@@ -16,8 +16,8 @@ from typing import Any, Literal
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 from support.faultproxy import FaultProxy
 from support.fixture_types import MakeFaultProxy, MakeProxy
 from support.origin import Origin
