@@ -1352,7 +1352,7 @@ class ProxyRequestHandler(RequestHandler, Generic[H]):
         transport = self.transport
         if isinstance(outcome, tuple):
             if transport is not None and not transport.is_closing():
-                rest = self._write_answer(cast(Answer, outcome))
+                rest = self._write_answer(outcome)
                 if rest is not None:
                     # Still this connection's work in flight: the rest of the body.
                     self._lookup = self._event_loop.create_task(self._finish_body(rest))
