@@ -91,6 +91,9 @@ _MAX_SCAN_ROUNDS = 100_000
 WITHDRAWN_TTL = 120.0
 # Writes without a reply remembered per process (oldest forgotten first past this).
 _MAX_UNSETTLED = 10_000
+# Lookups' encoded GET commands, by entry digest (emptied when full): a key asked for again
+# is sent as it was, not named and encoded anew at every lookup.
+_MAX_GET_COMMANDS = 4096
 
 # KEYS[1] entry key, KEYS[2] the replicas' leases (zset), KEYS[3] this write's withdrawal
 # marker, KEYS[4..] tag set keys; ARGV: value, TTL ms, digest, entry key prefix, the writing
@@ -234,6 +237,7 @@ class RedisTier(BytesBackend):
         # Writes sent without a reply (see the module docstring): entry name -> {withdrawal
         # marker name: when (monotonic)}; bounded (_MAX_UNSETTLED, oldest dropped first).
         self._unsettled: dict[str, dict[str, float]] = {}
+        self._get_commands: dict[str, bytes] = {}
         self._tokens = (f"{secrets.token_hex(6)}.{n}" for n in itertools.count())
         self._withdrawn_ttl = max(WITHDRAWN_TTL, 4 * socket_timeout)
         # The replicas' purge channel, log and leases: per origin (PurgeLog). On a cluster
@@ -275,8 +279,16 @@ class RedisTier(BytesBackend):
 
     def get_bytes_soon(self, key: CacheKey) -> asyncio.Future[bytes | None]:
         assert self.reads is not None
+        # (the entry's name is the fixed prefix and the digest: entry_name)
+        digest = key.digest
+        commands = self._get_commands
+        command = commands.get(digest)
+        if command is None:
+            if len(commands) >= _MAX_GET_COMMANDS:
+                commands.clear()
+            command = commands[digest] = redis_reads.get_command(self.entry_name(key).encode())
         # (GET's reply is a bulk string or nil; an error reply fails the future)
-        return self.reads.get_soon(self.entry_name(key).encode())
+        return self.reads.send_get_soon(command)
 
     async def get_bytes(self, key: CacheKey) -> bytes | None:
         if self.reads is not None:

@@ -48,7 +48,7 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
-__all__ = ["PipelinedReader", "ReadChannelError", "for_url"]
+__all__ = ["PipelinedReader", "ReadChannelError", "for_url", "get_command"]
 
 _MAX_PENDING = 4096
 # Bytes of a read fed to the reply parser at a time (see _Protocol.data_received).
@@ -67,6 +67,11 @@ def _command(*parts: bytes) -> bytes:
     for part in parts:
         out.append(b"$%d\r\n%s\r\n" % (len(part), part))
     return b"".join(out)
+
+
+def get_command(key: bytes) -> bytes:
+    """The RESP encoding of ``GET key``."""
+    return _command(b"GET", key)
 
 
 class _Protocol(asyncio.Protocol):
@@ -227,7 +232,7 @@ class PipelinedReader:
         self._closed = False
 
     async def get(self, key: bytes) -> bytes | None:
-        value = await self._send(_command(b"GET", key), join=True)
+        value = await self._send(get_command(key), join=True)
         return value if isinstance(value, bytes) else None
 
     @property
@@ -239,11 +244,16 @@ class PipelinedReader:
     def get_soon(self, key: bytes) -> asyncio.Future[Any]:
         """A GET sent now on the connection (:attr:`connected` must be true): a future of the
         reply (the value, or None). Cancelling it drops the reply when it comes."""
+        return self.send_get_soon(get_command(key))
+
+    def send_get_soon(self, command: bytes) -> asyncio.Future[Any]:
+        """:meth:`get_soon` for a GET already encoded (:func:`get_command`): a caller that
+        asks for the same keys again keeps their commands rather than encode them anew."""
         protocol = self._protocol
         if protocol is None or protocol.lost:
             # (lost since ``connected`` was asked: a variant's read after its index's reply)
             raise ReadChannelError("Redis connection lost; reconnecting on the next read")
-        return self._queue(protocol, _command(b"GET", key), join=True)
+        return self._queue(protocol, command, join=True)
 
     async def ping(self) -> bool:
         """Connect now if not connected (start-up), and check that Redis answers.
