@@ -302,7 +302,10 @@ def start_targets(
     origin_url: str,
     redis_url: str | None,
     server_cpu: str | None,
+    startup_timeout: float = 30.0,
 ) -> dict[str, Target]:
+    """Start the targets ``names``; a tierproxy target gets ``startup_timeout`` seconds to
+    answer its health check."""
     out: dict[str, Target] = {}
     origin_hostport = origin_url.split("//", 1)[1]
     lifetime = str(int(ns.rounds * len(names) * (ns.duration + 10) + 600))
@@ -365,6 +368,7 @@ def start_targets(
                 name=f"proxy-{name}",
                 cmd_override=ns.proxy_cmd,
                 taskset=server_cpu,
+                timeout=startup_timeout,
             )
             out[name] = Target(name, f"http://{LOOPBACK}:{port}{BENCH_PATH}", p, admin)
         elif name == "nginx":

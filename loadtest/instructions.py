@@ -42,9 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from loadtest import bench, procs
 from loadtest import environment as envinfo
-from loadtest import procs
 from loadtest.procs import LOOPBACK, ProcGroup, StartupError
 
 PATH = "/bench/1"
@@ -173,25 +174,32 @@ def measure(
     label: str,
     command: str,
     target: str,
-    env: dict[str, str],
+    origin_url: str,
+    redis_url: str | None,
     warmup: int,
     requests: int,
 ) -> dict[str, Any]:
-    """One build's proxy under callgrind, one target: instructions per hit and the dumps.
-    Its log goes to ``logs``, callgrind's dumps (large) to ``work``."""
-    name = f"{target}-{label}"
-    out_file = work / f"callgrind-{name}.out"
-    proc, port, _ = procs.start_proxy(
-        group,
-        logs,
-        env,
-        name=f"proxy-{name}",
-        cmd_override=valgrind_command(command, out_file),
-        timeout=180.0,
+    """One build's proxy under callgrind, one target set up as the bench sets it up
+    (:func:`loadtest.bench.start_targets`): instructions per hit and the dumps. Its log goes
+    to ``logs``, its L3 file and callgrind's dumps (large) to ``work``."""
+    out_file = work / f"callgrind-{target}-{label}.out"
+    (logs / label).mkdir(parents=True, exist_ok=True)
+    setup = argparse.Namespace(
+        rounds=1,
+        duration=0,
+        bare_loop="auto",
+        proxy_env=[],
+        proxy_cmd=valgrind_command(command, out_file),
     )
+    started = bench.start_targets(
+        group, work, logs / label, [target], setup, origin_url, redis_url, None, 180.0
+    )[target]
+    proc = started.proc
+    port = urlsplit(started.url).port
+    assert port is not None
     expect = f"HIT-{target.upper()}"
     try:
-        _wait_for_hit(f"http://{LOOPBACK}:{port}{PATH}", expect)
+        _wait_for_hit(started.url, expect)
         send_hits(port, warmup, expect)
         dumps: list[dict[str, int]] = []
         for seq, hits in enumerate((requests, 3 * requests), start=1):
@@ -243,25 +251,24 @@ def main(argv: list[str] | None = None) -> int:
             _, oport = procs.start_origin(
                 group, work, ["--body-size", f"fixed:{ns.size}", "--max-age", "86400"]
             )
-            redis_port = 0
+            redis_url = None
             if "l2" in targets:
                 _, redis_port = procs.start_redis(group, work)
+                redis_url = f"redis://{LOOPBACK}:{redis_port}/0"
             environment = envinfo.collect()
             for target in targets:
                 for label, command in builds.items():
-                    env = {
-                        "TIERPROXY_ORIGIN": f"http://{LOOPBACK}:{oport}",
-                        "TIERPROXY_ACCESS_LOG": "off",
-                        "TIERPROXY_SQLITE_PATH": "off",
-                    }
-                    if target != "l1":
-                        env["TIERPROXY_L1_MAX_BYTES"] = "0"
-                    if target == "l2":
-                        env["TIERPROXY_REDIS_URL"] = f"redis://{LOOPBACK}:{redis_port}/0"
-                    if target == "l3":
-                        env["TIERPROXY_SQLITE_PATH"] = str(work / f"l3-{label}.sqlite3")
                     result = measure(
-                        group, ns.out, work, label, command, target, env, ns.warmup, ns.requests
+                        group,
+                        ns.out,
+                        work,
+                        label,
+                        command,
+                        target,
+                        f"http://{LOOPBACK}:{oport}",
+                        redis_url,
+                        ns.warmup,
+                        ns.requests,
                     )
                     results[target][label] = result
                     print(
